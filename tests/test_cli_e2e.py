@@ -1,0 +1,157 @@
+"""The whole loop through the CLI: init -> query -> ingest x rounds -> export, on real tissue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import shapely
+import shapely.geometry
+from typer.testing import CliRunner
+
+from wsi_il.cli import app
+from wsi_il.truth import fill_labels_from_truth
+
+runner = CliRunner()
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def write_region(path: Path, x0: float, y0: float, x1: float, y1: float, name: str = "query") -> Path:
+    feature = {"type": "Feature", "id": "q", "geometry": shapely.geometry.mapping(shapely.box(x0, y0, x1, y1)),
+               "properties": {"objectType": "annotation", "name": name,
+                              "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return path
+
+
+def mask_of(path: Path, name: str) -> shapely.Geometry:
+    data = json.loads(path.read_text())
+    shapes = [shapely.geometry.shape(f["geometry"]) for f in data["features"]
+              if f["properties"].get("classification", {}).get("name") == name
+              and f["properties"]["objectType"] == "annotation"]
+    return shapely.union_all(shapes) if shapes else shapely.Polygon()
+
+
+def iou(a, b) -> float:
+    return a.intersection(b).area / max(a.union(b).area, 1e-9)
+
+
+def run_session(project: Path, truth: Path, rounds: int, offset=(0.0, 0.0), session: str = "s1") -> None:
+    for r in range(1, rounds + 1):
+        batch = project / "batches" / f"{session}-r{r}"
+        fill_labels_from_truth(batch, truth, offset)
+        output = run("ingest", project, batch / "labels.csv", "--device", "cpu")
+        assert "recorded" in output
+
+
+def test_loop_on_block_slide_finds_the_tumour(block_slide, tmp_path, qupath_valid):
+    project = tmp_path / "proj"
+    out = run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random",
+              "--epochs", "15", "--device", "cpu")
+    assert "RANDOM" in out or "random" in out.lower()
+    x0, y0, x1, y1 = block_slide.tumour.bounds
+    region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
+    run("query", project, "--region", region, "--label", "tumor", "-k", "8", "--rounds", "4", "--device", "cpu")
+    batch = project / "batches" / "s1-r1"
+    for name in ("labels.csv", "contact_sheet.png", "batch.geojson", "README.txt", "batch.json"):
+        assert (batch / name).is_file(), name
+    assert len(list(batch.glob("*.png"))) == 8 + 1
+    qupath_valid(batch / "batch.geojson")
+    run_session(project, block_slide.truth_path, 4)
+    status = json.loads(run("status", project, "--json"))
+    assert status["n_labels"] == 32 and status["sessions"][0]["state"] == "done"
+    assert status["weights"]["kind"] == "random"
+    mask_path = tmp_path / "out" / "tumor.geojson"
+    run("export", project, "--out", mask_path, "--detections")
+    assert (tmp_path / "out" / "tumor.png").is_file()
+    qupath_valid(mask_path)
+    predicted = mask_of(mask_path, "Tumor")
+    score = iou(predicted, block_slide.tumour)
+    assert score > 0.5, f"IoU of the exported tumour mask with the known block: {score:.2f}"
+    props = json.loads(mask_path.read_text())["features"][0]["properties"]
+    assert props["wsi_il"]["weights"] == "random" and "RANDOM" in props["wsi_il"]["warning"]
+
+
+def test_example_slide_loop(example_slide, tmp_path, qupath_valid):
+    project = tmp_path / "cmu"
+    examples = example_slide.parent
+    run("init", project, "--slide", example_slide, "--tile-size", "128", "--weights", "random", "--epochs", "10",
+        "--device", "cpu")
+    run("query", project, "--region", examples / "query.geojson", "-k", "6", "--rounds", "2", "--device", "cpu")
+    run_session(project, examples / "truth.geojson", 2)
+    mask_path = tmp_path / "cmu.geojson"
+    run("export", project, "--out", mask_path, "--label", "Tumor")
+    qupath_valid(mask_path)
+    predicted = mask_of(mask_path, "Tumor")
+    truth = shapely.union_all([shapely.geometry.shape(f["geometry"])
+                               for f in json.loads((examples / "truth.geojson").read_text())["features"]])
+    assert predicted.intersects(truth)
+    assert predicted.bounds[2] <= 2220 + 1e-6 and predicted.bounds[3] <= 2967 + 1e-6  # level-0 frame
+
+
+def test_ingest_twice_changes_nothing(block_slide, tmp_path):
+    project = tmp_path / "p"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
+        "--device", "cpu")
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
+    run("query", project, "--region", region, "-k", "4", "--rounds", "2", "--device", "cpu")
+    batch = project / "batches" / "s1-r1"
+    fill_labels_from_truth(batch, block_slide.truth_path)
+    run("ingest", project, batch / "labels.csv", "--device", "cpu")
+    ledger = (project / "labels.jsonl").read_bytes()
+    session = (project / "sessions" / "s1.json").read_bytes()
+    out = run("ingest", project, batch / "labels.csv", "--device", "cpu")
+    assert "already ingested" in out and "nothing changed" in out
+    assert (project / "labels.jsonl").read_bytes() == ledger
+    assert (project / "sessions" / "s1.json").read_bytes() == session
+    assert not (project / "batches" / "s1-r3").exists()
+
+
+def test_multi_slide_query_searches_both(block_slide, second_block_slide, tmp_path, qupath_valid):
+    project = tmp_path / "multi"
+    run("init", project, "--slide", block_slide.path, "--slide", second_block_slide.path, "--tile-size", "256",
+        "--weights", "random", "--epochs", "5", "--device", "cpu")
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
+    run("query", project, "--region", region, "--slide", "block", "-k", "4", "--rounds", "2", "--device", "cpu")
+    status = json.loads(run("status", project, "--json"))
+    n_patches = status["patches"]
+    per_slide = {s["id"]: s["patches"] for s in status["slides"]}
+    assert set(per_slide) == {"block", "other"} and min(per_slide.values()) > 0
+    history = status["sessions"][0]["rounds_detail"]
+    assert history[0]["candidates"] == n_patches - status["sessions"][0]["query_patches"]  # both slides searched
+    for r in (1, 2):
+        batch = project / "batches" / f"s1-r{r}"
+        _label_by_slide(batch, {"block": block_slide.truth_path, "other": second_block_slide.truth_path})
+        run("ingest", project, batch / "labels.csv", "--device", "cpu")
+    out_path = tmp_path / "multi" / "mask.geojson"
+    out = run("export", project, "--out", out_path)
+    written = sorted(p.name for p in out_path.parent.glob("mask.*.geojson"))
+    assert written == ["mask.block.geojson", "mask.other.geojson"], out
+    for path in out_path.parent.glob("mask.*.geojson"):
+        qupath_valid(path)
+
+
+def _label_by_slide(batch: Path, truths: dict[str, Path]) -> None:
+    """Label a batch whose patches come from several slides with each slide's own truth."""
+    import csv
+    import io
+
+    from wsi_il.truth import truth_mask
+
+    rows = list(csv.DictReader(io.StringIO((batch / "labels.csv").read_text())))
+    for row in rows:
+        box = np.array([[int(row["x"]), int(row["y"]), int(row["width"]), int(row["height"])]])
+        row["label"] = "yes" if truth_mask(box, truths[row["slide"]])[0] else "no"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (batch / "labels.csv").write_text(buffer.getvalue())

@@ -1,0 +1,156 @@
+"""Tests for wsi_il.mosaic: pyramidal TIFFs that OpenSlide opens, and mosaic slides with known truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from shapely.geometry import box, shape
+
+from wsi_il.errors import InputError
+from wsi_il.mosaic import MosaicSlide, bach_images, make_block_slide, write_pyramidal_tiff
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+DATA_DIR = SHARED_DIR / "data"
+QUPATH_CHECK = SHARED_DIR / "tools" / "qupath-check" / "check.sh"
+QUPATH_CHECK_JARS = (Path("/usr/share/java/jts-core.jar"), Path("/usr/share/java/gson.jar"))
+SIZE_PX = (1536, 1024)
+BLOCK = (512, 512, 1024, 768)
+
+
+@pytest.fixture(scope="module")
+def bach() -> tuple[list[Path], list[Path]]:
+    try:
+        return bach_images(DATA_DIR)
+    except FileNotFoundError as exc:
+        pytest.skip(f"BACH sample not available: {exc}")
+
+
+@pytest.fixture(scope="module")
+def mosaic(tmp_path_factory: pytest.TempPathFactory, bach: tuple[list[Path], list[Path]]) -> MosaicSlide:
+    tumour, normal = bach
+    path = tmp_path_factory.mktemp("mosaic") / "block.tiff"
+    return make_block_slide(path, tumour, normal, size_px=SIZE_PX, mpp=0.42, seed=3)
+
+
+def _rgb(slide: openslide.OpenSlide, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(slide.read_region(location, 0, size).convert("RGB"), dtype=np.float64)
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+def test_bach_images_splits_classes() -> None:
+    if not (DATA_DIR / "bach-iciar2018-1536jpeg-sample").is_dir():
+        pytest.skip("BACH sample not available")
+    tumour, normal = bach_images(DATA_DIR)
+    assert {p.parent.name for p in tumour} == {"Invasive", "InSitu"}
+    assert {p.parent.name for p in normal} == {"Normal"}
+
+
+def test_bach_images_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        bach_images(tmp_path)
+
+
+def test_mosaic_opens_in_openslide(mosaic: MosaicSlide) -> None:
+    with openslide.OpenSlide(mosaic.path) as slide:
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+        assert slide.level_count >= 2
+        assert slide.dimensions == SIZE_PX == (mosaic.width, mosaic.height)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.42)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_Y]) == pytest.approx(0.42)
+
+
+def test_mosaic_truth_is_the_block(mosaic: MosaicSlide) -> None:
+    collection = json.loads(mosaic.truth_path.read_text(encoding="utf-8"))
+    assert mosaic.truth_path.name == "block.truth.geojson"
+    [feature] = collection["features"]
+    assert shape(feature["geometry"]).equals(box(*BLOCK))
+    assert mosaic.tumour.equals(box(*BLOCK))
+    assert mosaic.tissue.contains(mosaic.tumour)
+    props = feature["properties"]
+    assert props["objectType"] == "annotation" and props["name"] == "truth" and props["isLocked"] is False
+    assert props["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
+
+
+def test_mosaic_truth_passes_qupath_check(mosaic: MosaicSlide) -> None:
+    if (
+        not QUPATH_CHECK.is_file()
+        or shutil.which("javac") is None
+        or not all(jar.is_file() for jar in QUPATH_CHECK_JARS)
+    ):
+        pytest.skip("QuPath import check (java, JTS, Gson) not available")
+    result = subprocess.run(
+        ["bash", str(QUPATH_CHECK), str(mosaic.truth_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 objects, 0 problems" in result.stdout
+
+
+def test_mosaic_tumour_differs_from_normal(mosaic: MosaicSlide) -> None:
+    with openslide.OpenSlide(mosaic.path) as slide:
+        tumour = _rgb(slide, (512, 512), (512, 256)).mean(axis=(0, 1))
+        normal = _rgb(slide, (256, 256), (1024, 256)).mean(axis=(0, 1))
+    assert np.abs(tumour - normal).max() > 10
+
+
+def test_mosaic_background_is_near_white(mosaic: MosaicSlide) -> None:
+    with openslide.OpenSlide(mosaic.path) as slide:
+        background = _rgb(slide, (0, 0), (SIZE_PX[0], 200))
+    assert background.mean() > 230 and background.min() > 220
+
+
+def test_mosaic_is_deterministic(tmp_path: Path, bach: tuple[list[Path], list[Path]]) -> None:
+    tumour, normal = bach
+    first, second = (
+        make_block_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(768, 768), tile_px=128, seed=7)
+        for name in ("a.tiff", "b.tiff")
+    )
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.truth_path.read_text() == second.truth_path.read_text()
+
+
+def test_mosaic_rejects_block_outside_tissue(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not inside the tissue"):
+        make_block_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], block=(0, 0, 512, 512))
+
+
+def test_pyramidal_tiff_lossless_round_trip(tmp_path: Path) -> None:
+    rgb = _gradient(700, 900)
+    write_pyramidal_tiff(tmp_path / "exact.tiff", rgb, mpp=0.25, tile_px=256, jpeg_quality=None)
+    with openslide.OpenSlide(tmp_path / "exact.tiff") as slide:
+        assert slide.level_dimensions[:2] == ((900, 700), (450, 350))
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.25)
+        np.testing.assert_array_equal(_rgb(slide, (0, 0), (900, 700)), rgb)
+
+
+def test_pyramidal_tiff_jpeg_round_trip(tmp_path: Path) -> None:
+    rgb = _gradient(600, 520)
+    write_pyramidal_tiff(tmp_path / "jpeg.tiff", rgb, tile_px=128, jpeg_quality=90)
+    with openslide.OpenSlide(tmp_path / "jpeg.tiff") as slide:
+        assert slide.level_count == 4
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+        assert np.abs(_rgb(slide, (0, 0), (520, 600)) - rgb).mean() < 3
+
+
+def test_pyramidal_tiff_has_two_levels_when_small(tmp_path: Path) -> None:
+    write_pyramidal_tiff(tmp_path / "small.tiff", _gradient(100, 120), tile_px=256)
+    with openslide.OpenSlide(tmp_path / "small.tiff") as slide:
+        assert slide.level_dimensions == ((120, 100), (60, 50))
+
+
+def test_pyramidal_tiff_rejects_non_rgb(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not RGB uint8"):
+        write_pyramidal_tiff(tmp_path / "bad.tiff", np.zeros((64, 64), dtype=np.uint8))

@@ -1,0 +1,81 @@
+"""Settings of each stage, as frozen dataclasses saved in the project (METHOD.md's options)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+STRATEGIES = ("random", "topk", "fme", "cnfp", "hybrid", "entropy")
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """How slides are cut into patches and which patches count as tissue."""
+
+    tile_size_px: int = 256
+    """Side of the square level-0 grid tile."""
+    thumbnail_px: int = 2048
+    """Longest side of the thumbnail used for the coarse tissue mask."""
+    min_mask_fraction: float = 0.05
+    """A tile is a candidate when at least this share of it lies in the thumbnail tissue mask."""
+    white_level: int = 210
+    """A pixel is white when all of R, G, B exceed this (METHOD.md)."""
+    black_level: int = 5
+    """A pixel is black when all of R, G, B are below this."""
+    max_blank_fraction: float = 0.8
+    """A tile is blank when more than this share of its pixels are white or black."""
+    min_components: int = 10
+    """A blank tile is still kept when its binarised image has at least this many components."""
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The frozen trunk and the feature cache."""
+
+    arch: str = "resnet18"
+    """Backbone architecture (torchvision name)."""
+    weights: str = "imagenet"
+    """'imagenet', 'random', or the path of a local state dict."""
+    weights_sha256: str | None = None
+    """SHA-256 of the weights file that made the features (None for random init)."""
+    input_px: int = 224
+    """Tiles are resized to this side before the trunk."""
+    batch_size: int = 32
+    """Patches per trunk batch (also the resume granularity)."""
+    seed: int = 0
+    """Seed of the random initialisation when weights == 'random'."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How both heads are trained each round (METHOD.md: Adam, lr 1e-4, 50 epochs, margin 0.2)."""
+
+    epochs: int = 50
+    lr: float = 1e-4
+    margin: float = 0.2
+    batch_size: int = 64
+    warm_start: bool = False
+    """Start each round from the previous round's heads instead of the pretrained layer4[1]."""
+    refine_query: bool = True
+    """Move the query vector towards the patches labelled relevant (METHOD.md round step 2)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """One query session."""
+
+    strategy: str = "cnfp"
+    k: int = 10
+    rounds: int = 5
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    """Turn a settings dataclass into a JSON-ready dict."""
+    return asdict(settings)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a settings dataclass from a dict, ignoring keys this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})

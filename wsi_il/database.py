@@ -1,0 +1,355 @@
+"""The search database: register slides or patch folders, tile them, and cache their features.
+
+Every step is resumable: tiling results and feature batches are written as they finish, so a
+command that is interrupted picks up where it stopped when it is run again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+from wsi_il.errors import InputError
+from wsi_il.events import Reporter
+from wsi_il.features import (
+    FEATURE_SHAPE,
+    FeatureExtractor,
+    Weights,
+    build_resnet,
+    channel_sums,
+    default_workers,
+    mean_std,
+    prefetch,
+    resize_tile,
+    resolve_weights,
+)
+from wsi_il.project import Project, SlideRecord, safe_id
+from wsi_il.slide import TileReader, read_info, read_thumbnail
+from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass(frozen=True)
+class PatchTable:
+    """Every patch of the project in global order (slides in manifest order)."""
+
+    slide_index: np.ndarray  # (N,) index into ``slides``
+    boxes: np.ndarray  # (N, 4) x, y, width, height in level-0 px
+    ids: list[str]
+    slides: list[SlideRecord]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self) -> dict[str, int]:
+        return {pid: i for i, pid in enumerate(self.ids)}
+
+    def of_slide(self, slide_id: str) -> np.ndarray:
+        position = [s.id for s in self.slides].index(slide_id)
+        return np.flatnonzero(self.slide_index == position)
+
+
+# ---- registering ------------------------------------------------------------------------------
+def _unique_id(stem: str, manifest: dict[str, Any]) -> str:
+    base = safe_id(stem)
+    taken = {s["id"] for s in manifest["slides"]}
+    candidate, n = base, 2
+    while candidate in taken:
+        candidate, n = f"{base}-{n}", n + 1
+    return candidate
+
+
+def register_slide(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Add a slide to the manifest (not yet tiled); checks that OpenSlide can read it."""
+    path = Path(path).resolve()
+    if any(Path(s["path"]) == path for s in manifest["slides"]):
+        raise InputError(f"{path} is already in the project", "each slide is added once")
+    info = read_info(path)
+    record = {"id": _unique_id(path.stem, manifest), "kind": "slide", "path": str(path),
+              "width": info.width, "height": info.height, "mpp": info.mpp, "offset": list(info.offset),
+              "n_patches": 0, "tiled": False, "extracted": False}
+    manifest["slides"].append(record)
+    return record
+
+
+def register_patch_folder(manifest: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Add a folder of patch images (optionally in class subfolders) as a database."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise InputError(f"patch folder {folder} does not exist or is not a folder", "check the path")
+    record = {"id": _unique_id(folder.name, manifest), "kind": "patches", "path": str(folder),
+              "width": 0, "height": 0, "mpp": None, "offset": [0.0, 0.0], "n_patches": 0,
+              "tiled": False, "extracted": False}
+    manifest["slides"].append(record)
+    return record
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """Return the class subfolders of a patch folder that hold images (empty when unlabelled)."""
+    return sorted(d.name for d in Path(folder).iterdir()
+                  if d.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*")))
+
+
+# ---- tiling -----------------------------------------------------------------------------------
+def tile_slide(project: Project, record: dict[str, Any], settings: TilingSettings, reporter: Reporter,
+               workers: int) -> None:
+    """Find the tissue tiles of a slide and accumulate their colour statistics."""
+    info = read_info(Path(record["path"]))
+    thumb, scale = read_thumbnail(info.path, settings.thumbnail_px)
+    mask = tissue_mask(thumb, settings)
+    corners = candidate_tiles(grid(info.bounds, settings.tile_size_px), mask, scale, settings.tile_size_px,
+                              settings.min_mask_fraction)
+    reader = TileReader(info.path)
+    tile = settings.tile_size_px
+    advance = reporter.task(f"tiling {record['id']}", len(corners), "tiles")
+
+    def check(i: int) -> np.ndarray:
+        rgb = reader.read(int(corners[i, 0]), int(corners[i, 1]), tile, tile)
+        if not is_tissue_tile(rgb, settings):
+            return np.full(7, np.nan)
+        return channel_sums(resize_tile(rgb, 224))
+
+    keep, sums = [], np.zeros(7)
+    batches = [range(s, min(s + 64, len(corners))) for s in range(0, len(corners), 64)]
+    try:
+        for start, stats in zip((b.start for b in batches), prefetch(check, batches, workers), strict=True):
+            for j, row in enumerate(stats):
+                if not np.isnan(row[0]):
+                    keep.append(start + j)
+                    sums += row
+            advance(len(stats))
+    finally:
+        reader.close()
+    boxes = np.zeros((len(keep), 4), dtype=np.int64)
+    if keep:
+        boxes[:, :2] = corners[keep]
+        boxes[:, 2:] = tile
+    _finish_tiling(project, record, boxes, sums)
+
+
+def tile_patch_folder(project: Project, record: dict[str, Any], reporter: Reporter, workers: int) -> None:
+    """List the images of a patch folder, with their folder labels, and their colour statistics."""
+    folder = Path(record["path"])
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"patch folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                         "point --patches at a folder of patch images or of class subfolders")
+    classes = set(folder_classes(folder))
+    advance = reporter.task(f"reading {record['id']}", len(files), "images")
+
+    def load(i: int) -> np.ndarray:
+        rgb = load_image(files[i])
+        return np.concatenate([[rgb.shape[1], rgb.shape[0]], channel_sums(resize_tile(rgb, 224))])
+
+    rows = []
+    batches = [range(s, min(s + 64, len(files))) for s in range(0, len(files), 64)]
+    for stats in prefetch(load, batches, workers):
+        rows.extend(stats)
+        advance(len(stats))
+    table = np.array(rows)
+    boxes = np.zeros((len(files), 4), dtype=np.int64)
+    boxes[:, 2:] = table[:, :2]
+    relative = [p.relative_to(folder) for p in files]
+    labels = [r.parts[0] if len(r.parts) > 1 and r.parts[0] in classes else None for r in relative]
+    ids = _image_ids(record["id"], relative)
+    project.write_json(project.images_path(record["id"]),
+                       {"files": [str(r) for r in relative], "labels": labels, "ids": ids})
+    _finish_tiling(project, record, boxes, table[:, 2:].sum(0))
+
+
+def _image_ids(prefix: str, relative: list[Path]) -> list[str]:
+    ids, seen = [], set()
+    for rel in relative:
+        base = f"{prefix}_" + "".join(c if c.isalnum() or c in "-." else "-" for c in str(rel.with_suffix("")))
+        candidate, n = base, 2
+        while candidate in seen:
+            candidate, n = f"{base}-{n}", n + 1
+        seen.add(candidate)
+        ids.append(candidate)
+    return ids
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as RGB uint8."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read as an image: {exc}", "remove or replace the file") from exc
+
+
+def _finish_tiling(project: Project, record: dict[str, Any], boxes: np.ndarray, sums: np.ndarray) -> None:
+    project.write_array(project.patches_path(record["id"]), boxes)
+    project.write_json(project.tiling_path(record["id"]), {"channel_sums": sums.tolist()})
+    record["n_patches"] = int(len(boxes))
+    record["tiled"] = True
+
+
+# ---- features ---------------------------------------------------------------------------------
+def reader_for(project: Project, record: SlideRecord, input_px: int):  # type: ignore[no-untyped-def]
+    """Return (load(i) -> resized RGB tile, close()) for a slide or patch folder."""
+    boxes = project.read_array(project.patches_path(record.id))
+    if record.kind == "patches":
+        files = project.read_json(project.images_path(record.id))["files"]
+        root = Path(record.path)
+        return (lambda i: resize_tile(load_image(root / files[i]), input_px)), (lambda: None)
+    reader = TileReader(Path(record.path))
+
+    def load(i: int) -> np.ndarray:
+        x, y, w, h = (int(v) for v in boxes[i])
+        return resize_tile(reader.read(x, y, w, h), input_px)
+
+    return load, reader.close
+
+
+def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtractor,
+                  settings: FeatureSettings, reporter: Reporter, workers: int) -> None:
+    """Compute the features of every patch of a slide, resuming after the last finished batch."""
+    n = record.n_patches
+    path = project.features_path(record.id)
+    progress = project.read_json(project.progress_path(record.id), {"done": 0})
+    done = int(progress["done"]) if path.is_file() else 0
+    if done == 0:
+        store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, *FEATURE_SHAPE))
+    else:
+        store = np.load(path, mmap_mode="r+")
+    load, close = reader_for(project, record, settings.input_px)
+    step = settings.batch_size
+    batches = [range(s, min(s + step, n)) for s in range(done, n, step)]
+    advance = reporter.task(f"features {record.id}", n, "patches")
+    advance(done)
+    try:
+        for batch, tiles in zip(batches, prefetch(load, batches, workers), strict=True):
+            store[batch.start:batch.stop] = extractor(tiles)
+            store.flush()
+            project.write_json(project.progress_path(record.id), {"done": batch.stop})
+            advance(len(batch))
+    finally:
+        close()
+        del store
+
+
+def build_database(project: Project, manifest: dict[str, Any], reporter: Reporter, device: str,
+                   weights: Weights | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Tile and extract every slide of the project that is not done yet; returns the manifest."""
+    workers = workers or default_workers()
+    tiling = from_dict(TilingSettings, manifest["tiling"])
+    for record in manifest["slides"]:
+        if not record["tiled"]:
+            if record["kind"] == "patches":
+                tile_patch_folder(project, record, reporter, workers)
+            else:
+                tile_slide(project, record, tiling, reporter, workers)
+            project.write_manifest(manifest)
+    if manifest.get("normalisation") is None:
+        sums = sum(np.array(project.read_json(project.tiling_path(s["id"]))["channel_sums"])
+                   for s in manifest["slides"])
+        if sums[6] == 0:
+            raise InputError("no tissue patch was found in the project's slides",
+                             "check the slides, or lower the tissue filter's thresholds")
+        mean, std = mean_std(sums)
+        manifest["normalisation"] = {"mean": mean, "std": std}
+        project.write_manifest(manifest)
+    pending = [s for s in project.slides(manifest) if not s.extracted and s.n_patches > 0]
+    if not pending:
+        return manifest
+    settings = from_dict(FeatureSettings, manifest["features"])
+    weights = weights or load_project_weights(settings)
+    model = build_resnet(weights, settings.seed)
+    _save_init_block(project, model)
+    extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
+                                 device)
+    for record in pending:
+        extract_slide(project, record, extractor, settings, reporter, workers)
+        for entry in manifest["slides"]:
+            if entry["id"] == record.id:
+                entry["extracted"] = True
+        project.write_manifest(manifest)
+    return manifest
+
+
+def load_project_weights(settings: FeatureSettings) -> Weights:
+    """Load the weights that made the project's features, checking the file has not changed."""
+    weights = resolve_weights(settings.weights)
+    if settings.weights_sha256 and weights.sha256 and weights.sha256 != settings.weights_sha256:
+        raise InputError(
+            f"the weights {weights.source} have changed since the project's features were made "
+            f"(sha256 {weights.sha256[:12]} != {settings.weights_sha256[:12]})",
+            "restore the original weights file")
+    return weights
+
+
+def _save_init_block(project: Project, model) -> None:  # type: ignore[no-untyped-def]
+    path = project.init_model_path()
+    if path.is_file():
+        return
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.layer4[1].state_dict(), buffer)
+    from wsi_il.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def patch_table(project: Project, manifest: dict[str, Any]) -> PatchTable:
+    """Load the patch coordinates and ids of every slide."""
+    slides = project.slides(manifest)
+    index, boxes, ids = [], [], []
+    for position, record in enumerate(slides):
+        if not record.tiled:
+            continue
+        slide_boxes = project.read_array(project.patches_path(record.id))
+        boxes.append(slide_boxes)
+        index.append(np.full(len(slide_boxes), position, dtype=np.int64))
+        if record.kind == "patches":
+            ids.extend(project.read_json(project.images_path(record.id))["ids"])
+        else:
+            ids.extend(f"{record.id}_x{x}_y{y}" for x, y in slide_boxes[:, :2].tolist())
+    if not boxes:
+        return PatchTable(np.zeros(0, np.int64), np.zeros((0, 4), np.int64), [], slides)
+    return PatchTable(np.concatenate(index), np.concatenate(boxes), ids, slides)
+
+
+class FeatureStore:
+    """Read-only access to every patch's cached features, memory-mapped, in global order."""
+
+    def __init__(self, project: Project, manifest: dict[str, Any]) -> None:
+        self.parts = [np.load(project.features_path(s.id), mmap_mode="r")
+                      for s in project.slides(manifest) if s.tiled and s.n_patches > 0]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Return float16 features of the given global indices, in order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *FEATURE_SHAPE), dtype=np.float16)
+        part = np.searchsorted(self.offsets, indices, side="right") - 1
+        for p in np.unique(part):
+            where = np.flatnonzero(part == p)
+            local = indices[where] - self.offsets[p]
+            order = np.argsort(local)
+            out[where[order]] = self.parts[p][local[order]]
+        return out
+
+    def chunks(self, size: int):  # type: ignore[no-untyped-def]
+        """Yield (start, float16 block) over all patches in global order."""
+        for p, part in enumerate(self.parts):
+            for start in range(0, len(part), size):
+                yield int(self.offsets[p]) + start, np.asarray(part[start:start + size])
+
+
+def replace_record(record: SlideRecord, **changes: Any) -> SlideRecord:
+    """Return a copy of a slide record with some fields changed."""
+    return replace(record, **changes)

@@ -1,0 +1,210 @@
+"""The frozen trunk (ResNet-18 up to layer4[0]), its weights, and batched feature extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_il.config import FeatureSettings
+from wsi_il.errors import WeightsError
+
+FEATURE_SHAPE = (512, 7, 7)
+IMAGENET_FILE = "resnet18-f37072fd.pth"
+_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Backbone weights and where they came from."""
+
+    state: dict[str, Any] | None
+    kind: str  # "imagenet", "file" or "random"
+    source: str
+    sha256: str | None
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return "RANDOM initialisation (no pretrained weights: retrieval quality will be poor)"
+        return f"{self.kind}: {self.source} (sha256 {str(self.sha256)[:12]})"
+
+
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(spec: str) -> Weights:
+    """Load the weights named by ``spec``: 'imagenet', 'random', or a state-dict file."""
+    if spec == "random":
+        return Weights(None, "random", "random", None)
+    if spec == "imagenet":
+        return _imagenet_weights()
+    return _file_weights(Path(spec))
+
+
+def _imagenet_weights() -> Weights:
+    import torch
+    from torchvision.models import ResNet18_Weights
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+    try:
+        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as exc:  # noqa: BLE001 - urllib, SSL, HTTP and disk errors alike
+        raise WeightsError(
+            f"the ImageNet weights of ResNet-18 are not in torch's cache ({cached}) and could not be "
+            f"downloaded ({type(exc).__name__}: {str(exc)[:120]})",
+            f"on a machine with internet, download {ResNet18_Weights.IMAGENET1K_V1.url} and copy it to "
+            f"{cached}, or pass --weights PATH_TO_FILE (or --weights random for a demo)") from exc
+    sha = file_sha256(cached) if cached.is_file() else None
+    return Weights(dict(state), "imagenet", "torchvision ResNet18_Weights.IMAGENET1K_V1", sha)
+
+
+def _file_weights(path: Path) -> Weights:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist",
+                           "give a state dict saved with torch.save(model.state_dict(), PATH), "
+                           "'imagenet' or 'random'")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            import torch
+
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle refusals, corrupt zips, missing safetensors
+        raise WeightsError(f"{path} cannot be loaded as a state dict ({type(exc).__name__}: {str(exc)[:160]})",
+                           "save plain tensors with torch.save(model.state_dict(), PATH); "
+                           "pickled objects are refused for safety") from exc
+    return Weights(_unwrap(state, path), "file", str(path.resolve()), file_sha256(path))
+
+
+def _unwrap(state: Any, path: Path) -> dict[str, Any]:
+    for key in ("state_dict", "model", "teacher", "student"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict", "save model.state_dict()")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def build_resnet(weights: Weights, seed: int):  # type: ignore[no-untyped-def]
+    """Build torchvision's ResNet-18 with the given weights (seeded init when random)."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    model = resnet18(weights=None)
+    if weights.state is not None:
+        state = {k: v for k, v in weights.state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise WeightsError(
+                f"{weights.source} does not fit ResNet-18: {len(missing)} missing keys "
+                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
+                "give a torchvision ResNet-18 state dict")
+    return model.eval()
+
+
+def trunk_of(model):  # type: ignore[no-untyped-def]
+    """Return the frozen part of a ResNet: conv1 ... layer4[0]."""
+    import torch
+
+    trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
+                                model.layer2, model.layer3, model.layer4[0])
+    for param in trunk.parameters():
+        param.requires_grad_(False)
+    return trunk.eval()
+
+
+def resize_tile(rgb: np.ndarray, input_px: int) -> np.ndarray:
+    """Resize an RGB tile to the trunk's input size (antialiased bilinear)."""
+    if rgb.shape[0] == input_px and rgb.shape[1] == input_px:
+        return rgb
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((input_px, input_px), Image.Resampling.BILINEAR))
+
+
+def channel_sums(rgb: np.ndarray) -> np.ndarray:
+    """Return per-channel sum, sum of squares and pixel count of a tile scaled to [0, 1]."""
+    values = rgb.reshape(-1, 3).astype(np.float64) / 255.0
+    return np.concatenate([values.sum(0), (values**2).sum(0), [len(values)]])
+
+
+def mean_std(sums: np.ndarray) -> tuple[list[float], list[float]]:
+    """Turn accumulated channel sums into per-channel mean and std."""
+    count = max(sums[6], 1.0)
+    mean = sums[:3] / count
+    std = np.sqrt(np.maximum(sums[3:6] / count - mean**2, 1e-8))
+    return mean.tolist(), std.tolist()
+
+
+def default_workers() -> int:
+    """Return how many reader threads to use: every core, at least two."""
+    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
+
+
+def prefetch(load: Callable[[int], np.ndarray], batches: list[range], workers: int) -> Iterator[np.ndarray]:
+    """Yield stacked batches of loaded tiles, reading the next batch while the caller computes."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[list[Future]] = []
+        for batch in batches[:2]:
+            pending.append([pool.submit(load, i) for i in batch])
+        for index in range(len(batches)):
+            futures = pending.pop(0)
+            if index + 2 < len(batches):
+                pending.append([pool.submit(load, i) for i in batches[index + 2]])
+            yield np.stack([f.result() for f in futures])
+
+
+class FeatureExtractor:
+    """Normalise resized tiles and run them through the frozen trunk."""
+
+    def __init__(self, model, mean: list[float], std: list[float], device: str) -> None:  # type: ignore[no-untyped-def]
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.trunk = trunk_of(model).to(self.device).to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        if self.device.type == "cpu":
+            torch.set_num_threads(default_workers())
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """Return float16 features (B, 512, 7, 7) of uint8 tiles (B, H, W, 3)."""
+        torch = self.torch
+        with torch.inference_mode():
+            batch = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float()
+            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = self.trunk(batch)
+            else:
+                out = self.trunk(batch)
+            return out.float().contiguous().cpu().numpy().astype(np.float16)
+
+
+def settings_weights(settings: FeatureSettings) -> Weights:
+    """Resolve the weights that a project's feature settings name."""
+    return resolve_weights(settings.weights)

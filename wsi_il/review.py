@@ -1,0 +1,759 @@
+"""Write a review batch (patch images, contact sheet, labels.csv, batch GeoJSON); read the labels back.
+
+A batch folder is complete when it holds ``batch.json``, which is written last. The pathologist fills
+``labels.csv`` (in any spreadsheet program) or classifies the patch objects of ``batch.geojson`` in QuPath
+and exports them; ``read_labels`` accepts either file and checks it against the batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import re
+import shlex
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from wsi_il.errors import LabelsError, ProjectStateError, WsiIlError
+from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from wsi_il.qupath import QuPathObject
+
+BATCH_JSON = "batch.json"
+LABELS_CSV = "labels.csv"
+CONTACT_SHEET = "contact_sheet.png"
+BATCH_GEOJSON = "batch.geojson"
+README = "README.txt"
+BATCH_FORMAT = "wsi-il review batch"
+BATCH_FORMAT_VERSION = 1
+CSV_COLUMNS = (
+    "n", "patch_id", "slide", "x", "y", "width", "height", "image",
+    "label", "suggestion", "suggestion_probability", "rank", "batch",
+)  # fmt: skip
+SKIP = "skip"
+NOT_PREFIX = "not:"
+
+_YES = frozenset({"yes", "y", "1", "true", "relevant", "positive", "+"})
+_NO = frozenset({"no", "n", "0", "false", "irrelevant", "negative", "-"})
+_BINARY_SHOWN = ("yes", "no", "1", "0", "relevant", "irrelevant")
+_STRIP_CHARS = "\u200b\ufeff"
+_UNSAFE_ID = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+_CSV_SUFFIXES = frozenset({".csv", ".tsv", ".txt"})
+_GEOJSON_SUFFIXES = frozenset({".geojson", ".json", ".gz"})
+_DELIMITERS = (",", ";", "\t")
+_MAX_LISTED = 5
+
+_TILE_PX = 256
+_PAD_PX = 8
+_CAPTION_FONT_PX = 15
+_TITLE_FONT_PX = 20
+_MAX_COLUMNS = 5
+
+
+@dataclass(frozen=True)
+class BatchPatch:
+    """One patch shown to the expert: where it is, and what the model suggests."""
+
+    patch_id: str
+    """Filename-safe id, e.g. ``CMU-1_x1024_y512``."""
+    slide: str
+    """Slide id (or dataset id for a patch-folder database)."""
+    x: int
+    """Level-0 x of the top-left corner, px."""
+    y: int
+    """Level-0 y of the top-left corner, px."""
+    width: int
+    """Level-0 width, px."""
+    height: int
+    """Level-0 height, px."""
+    suggestion: str | None = None
+    """The model's suggested class; None when there is no classifier yet."""
+    suggestion_probability: float | None = None
+    """The model's probability of ``suggestion``."""
+    rank: int | None = None
+    """1-based position in the ranked list; None when the patch does not come from a ranking."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a batch belongs to: project, session, round, and what the session looks for."""
+
+    batch_id: str
+    """``<session>-r<round>``, e.g. ``s1-r2``."""
+    project_uid: str
+    """UUID of the project."""
+    session: str
+    """Session id, e.g. ``s1``."""
+    round: int
+    """1-based round number."""
+    rounds: int
+    """Rounds in this session."""
+    query_label: str
+    """The class the session looks for, e.g. ``tumor``."""
+    classes: tuple[str, ...]
+    """The project's classes, e.g. ``("tumor", "normal")``."""
+    strategy: str
+    """The sampling strategy that chose the patches."""
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def accepted_labels(info: BatchInfo) -> list[str]:
+    """List the labels an expert may write: class names, binary answers, then ``skip``."""
+    return [*info.classes, *_BINARY_SHOWN, SKIP]
+
+
+def normalize_label(raw: str, info: BatchInfo, where: str = "") -> str | None:
+    """Turn what the expert wrote into a class name, ``not:<query>``, ``skip``, or None when empty."""
+    text = _clean(raw)
+    if not text:
+        return None
+    key = text.casefold()
+    for name in info.classes:
+        if name.casefold() == key:
+            return name
+    if key in _YES:
+        return info.query_label
+    if key in _NO:
+        return _negative_label(info)
+    if key == SKIP:
+        return SKIP
+    prefix = f"{where}: " if where else ""
+    raise LabelsError(
+        f"{prefix}label {_short(text)!r} is not one of {', '.join(accepted_labels(info))}",
+        f"yes/no answer 'is this {info.query_label}?'; skip leaves the patch out",
+    )
+
+
+def _negative_label(info: BatchInfo) -> str:
+    others = [name for name in info.classes if name != info.query_label]
+    if len(info.classes) == 2 and len(others) == 1:
+        return others[0]
+    return NOT_PREFIX + info.query_label
+
+
+def _clean(raw: str) -> str:
+    return raw.strip().strip(_STRIP_CHARS).strip()
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------- write_batch
+
+
+def write_batch(
+    folder: Path,
+    info: BatchInfo,
+    patches: list[BatchPatch],
+    images: list[Image.Image],
+    offsets: dict[str, tuple[float, float]] | None = None,
+    project_hint: str = "PROJECT",
+) -> None:
+    """Write the batch folder: patch PNGs, labels.csv, contact sheet, batch.geojson, README, batch.json.
+
+    Raises ValueError when the arguments do not describe one batch (a caller bug), ProjectStateError when
+    ``folder`` already holds another batch.
+    """
+    folder = Path(folder)
+    _check_batch_args(patches, images)
+    _check_folder_free(folder, info)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = image_names(patches)
+    for name, image in zip(names, images, strict=True):
+        atomic_write_bytes(folder / name, _png_bytes(image.convert("RGB")))
+    atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names))
+    atomic_write_bytes(folder / CONTACT_SHEET, _png_bytes(render_contact_sheet(info, patches, images)))
+    _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
+    atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint))
+    atomic_write_text(folder / BATCH_JSON, _batch_json_text(info, patches))
+
+
+def image_names(patches: list[BatchPatch]) -> list[str]:
+    """Name each patch's PNG ``NN_<patch_id>.png``, NN numbered from 01 in batch order."""
+    return [f"{_number(n, len(patches))}_{p.patch_id}.png" for n, p in enumerate(patches, start=1)]
+
+
+def _number(n: int, count: int) -> str:
+    return str(n).zfill(max(2, len(str(count))))
+
+
+def _check_batch_args(patches: list[BatchPatch], images: list[Image.Image]) -> None:
+    if not patches:
+        raise ValueError("a review batch needs at least one patch")
+    if len(patches) != len(images):
+        raise ValueError(f"{len(patches)} patches but {len(images)} images")
+    ids = [p.patch_id for p in patches]
+    if len(set(ids)) != len(ids):
+        raise ValueError("patch ids in a batch must be unique")
+    bad = [i for i in ids if not i or i.startswith(".") or _UNSAFE_ID.search(i)]
+    if bad:
+        raise ValueError(f"patch id {bad[0]!r} is not filename-safe")
+
+
+def _check_folder_free(folder: Path, info: BatchInfo) -> None:
+    if not (folder / BATCH_JSON).exists():
+        return
+    try:
+        existing, _ = read_batch(folder)
+    except WsiIlError:
+        return  # a broken batch.json is overwritten by the new batch
+    if existing.batch_id != info.batch_id:
+        raise ProjectStateError(
+            f"{folder} already holds batch {existing.batch_id}, not {info.batch_id}",
+            "choose another folder or remove that one",
+        )
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for n, (patch, name) in enumerate(zip(patches, names, strict=True), start=1):
+        writer.writerow(_csv_row(n, len(patches), patch, name, info.batch_id))
+    return buffer.getvalue()
+
+
+def _csv_row(n: int, count: int, patch: BatchPatch, image: str, batch_id: str) -> list[str]:
+    probability = patch.suggestion_probability
+    return [
+        _number(n, count), patch.patch_id, patch.slide, str(patch.x), str(patch.y),
+        str(patch.width), str(patch.height), image, "", patch.suggestion or "",
+        "" if probability is None else f"{probability:.3f}",
+        "" if patch.rank is None else str(patch.rank), batch_id,
+    ]  # fmt: skip
+
+
+def _write_batch_geojson(
+    path: Path, info: BatchInfo, patches: list[BatchPatch], offsets: dict[str, tuple[float, float]]
+) -> None:
+    from shapely.geometry import box
+
+    from wsi_il import qupath
+
+    features = []
+    for n, patch in enumerate(patches, start=1):
+        tag = {"batch": info.batch_id, "patch_id": patch.patch_id, "n": _number(n, len(patches))}
+        features.append(
+            qupath.make_feature(
+                box(patch.x, patch.y, patch.x + patch.width, patch.y + patch.height),
+                object_type="annotation",
+                name=patch.patch_id,
+                measurements=_suggestion_measurements(patch),
+                properties={"wsi_il": tag},
+                offset=offsets.get(patch.slide, (0.0, 0.0)),
+            )
+        )
+    qupath.write_features(path, features)
+
+
+def _suggestion_measurements(patch: BatchPatch) -> dict[str, float] | None:
+    if patch.suggestion is None or patch.suggestion_probability is None:
+        return None
+    return {"Suggestion probability": float(patch.suggestion_probability)}
+
+
+def _batch_json_text(info: BatchInfo, patches: list[BatchPatch]) -> str:
+    document = {
+        "format": BATCH_FORMAT,
+        "version": BATCH_FORMAT_VERSION,
+        "info": {**dataclasses.asdict(info), "classes": list(info.classes)},
+        "patches": [dataclasses.asdict(p) for p in patches],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str) -> str:
+    labels = ", ".join(accepted_labels(info))
+    negative = _negative_label(info)
+    return f"""\
+wsi-il review batch {info.batch_id}
+Session {info.session}, round {info.round} of {info.rounds}: looking for "{info.query_label}".
+{len(patches)} patches, chosen by the {info.strategy} strategy.
+
+WHAT TO DO
+Open {CONTACT_SHEET}: it shows every patch with its number (NN) and patch id; the single
+patches are the NN_<patch_id>.png files. Then either
+
+A) fill the "label" column of {LABELS_CSV} (one row per patch; keep the other columns):
+   accepted labels: {labels}
+   - a class name says what the patch shows;
+   - yes / no (also 1 / 0, relevant / irrelevant) answer "is this {info.query_label}?";
+     no is recorded as "{negative}";
+   - skip: the patch is not informative (blurred, background, unsure).
+   Any spreadsheet program will do; save as CSV (comma, semicolon or tab).
+
+B) or use QuPath: open the slide, File > Import objects > {BATCH_GEOJSON} (or drag the file
+   onto the image), set a class on each patch object (named by its patch id), then
+   File > Object data > Export as GeoJSON (all objects) and give that file instead of
+   {LABELS_CSV} in the command below.
+
+THEN RUN
+   {_ingest_command(project_hint, folder / LABELS_CSV)}
+(add --partial to ingest a batch in which some labels are still empty)
+"""
+
+
+def _ingest_command(project_hint: str, labels: Path) -> str:
+    return f"wsi-il ingest {shlex.quote(project_hint)} {shlex.quote(str(labels))}"
+
+
+# -------------------------------------------------------------------------------------- contact sheet
+
+
+def render_contact_sheet(
+    info: BatchInfo, patches: list[BatchPatch], images: list[Image.Image]
+) -> Image.Image:
+    """Draw all patches in a numbered grid with captions and a title line."""
+    columns = min(_MAX_COLUMNS, math.ceil(math.sqrt(len(patches))))
+    rows = math.ceil(len(patches) / columns)
+    caption_font = ImageFont.load_default(size=_CAPTION_FONT_PX)
+    title_font = ImageFont.load_default(size=_TITLE_FONT_PX)
+    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
+    title_px = 2 * (_TITLE_FONT_PX + 6) + 2 * _PAD_PX
+    cell_w, cell_h = _TILE_PX + _PAD_PX, _TILE_PX + caption_px + _PAD_PX
+    sheet = Image.new("RGB", (columns * cell_w + _PAD_PX, title_px + rows * cell_h + _PAD_PX), "white")
+    draw = ImageDraw.Draw(sheet)
+    _draw_title(draw, info, len(patches), title_font, sheet.width - 2 * _PAD_PX)
+    for i, (patch, image) in enumerate(zip(patches, images, strict=True)):
+        left = _PAD_PX + (i % columns) * cell_w
+        top = title_px + (i // columns) * cell_h
+        _draw_tile(sheet, draw, (left, top), image, _caption_lines(i + 1, len(patches), patch), caption_font)
+    return sheet
+
+
+def _draw_title(draw: ImageDraw.ImageDraw, info: BatchInfo, count: int, font: Any, width_px: int) -> None:
+    first = f"Batch {info.batch_id}: is this {info.query_label}?"
+    second = f"round {info.round} of {info.rounds}, {count} patches - fill labels.csv (column 'label')"
+    draw.text((_PAD_PX, _PAD_PX), _fit(first, font, width_px), fill="black", font=font)
+    draw.text((_PAD_PX, _PAD_PX + _TITLE_FONT_PX + 6), _fit(second, font, width_px), fill="black", font=font)
+
+
+def _caption_lines(n: int, count: int, patch: BatchPatch) -> list[str]:
+    lines = [f"{_number(n, count)}  {patch.patch_id}"]
+    if patch.suggestion is not None:
+        probability = patch.suggestion_probability
+        lines.append(f"model: {patch.suggestion}" + ("" if probability is None else f" {probability:.2f}"))
+    return lines
+
+
+def _draw_tile(
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    corner: tuple[int, int],
+    image: Image.Image,
+    lines: list[str],
+    font: Any,
+) -> None:
+    left, top = corner
+    thumb = ImageOps.contain(image.convert("RGB"), (_TILE_PX, _TILE_PX))
+    sheet.paste(thumb, (left + (_TILE_PX - thumb.width) // 2, top + (_TILE_PX - thumb.height) // 2))
+    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
+    draw.rectangle((left - 1, top - 1, left + _TILE_PX, top + _TILE_PX + caption_px), outline=(150, 150, 150))
+    for k, line in enumerate(lines):
+        y = top + _TILE_PX + 3 + k * (_CAPTION_FONT_PX + 4)
+        draw.text((left + 4, y), _fit(line, font, _TILE_PX - 8), fill="black", font=font)
+
+
+def _fit(text: str, font: Any, width_px: int) -> str:
+    """Shorten ``text`` with an ellipsis until it fits ``width_px``."""
+    if font.getlength(text) <= width_px:
+        return text
+    while len(text) > 1 and font.getlength(text + "...") > width_px:
+        text = text[:-1]
+    return text + "..."
+
+
+# ------------------------------------------------------------------------------------------ read_batch
+
+
+def read_batch(folder: Path) -> tuple[BatchInfo, list[BatchPatch]]:
+    """Read a batch folder's batch.json back into its info and patches."""
+    path = Path(folder) / BATCH_JSON
+    if not path.is_file():
+        raise ProjectStateError(
+            f"{folder} is not a complete review batch: {BATCH_JSON} is missing",
+            "give the folder that the last round wrote, or write the batch again",
+        )
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return _info_from_dict(document["info"]), [_patch_from_dict(p) for p in document["patches"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ProjectStateError(
+            f"{path} is corrupt: {exc}", "write the batch again (the labels you filled are kept elsewhere)"
+        ) from exc
+
+
+def _info_from_dict(data: dict[str, Any]) -> BatchInfo:
+    info = BatchInfo(**{**data, "classes": tuple(data["classes"])})
+    _check_types(info)
+    return info
+
+
+def _patch_from_dict(data: dict[str, Any]) -> BatchPatch:
+    patch = BatchPatch(**data)
+    _check_types(patch)
+    if not patch.patch_id or (patch.width <= 0 or patch.height <= 0):
+        raise ValueError(f"patch {patch.patch_id!r} has no id or an empty size")
+    return patch
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
+    "float | None": (float, int, type(None)),
+    "tuple[str, ...]": (tuple,),
+}
+
+
+def _check_types(obj: Any) -> None:
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, bool) or not isinstance(value, _TYPES[str(field.type)]):
+            raise TypeError(f"{field.name} = {_short(repr(value))} has the wrong type")
+        if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{field.name} must hold strings")
+
+
+# ----------------------------------------------------------------------------------------- read_labels
+
+
+def read_labels(
+    path: Path,
+    info: BatchInfo,
+    patches: list[BatchPatch],
+    *,
+    allow_partial: bool = False,
+    offsets: dict[str, tuple[float, float]] | None = None,
+    max_bytes: int = 64 * 2**20,
+) -> dict[str, str]:
+    """Read a filled labels CSV or a GeoJSON exported from QuPath; return {patch_id: label}.
+
+    Only labelled patches are returned, in batch order; raises LabelsError for anything the expert
+    must fix.
+    """
+    path = Path(path)
+    head = _read_head(path, max_bytes)
+    if _is_geojson(path, head):
+        return _labels_from_geojson(path, info, patches, allow_partial, offsets or {}, max_bytes)
+    return _labels_from_csv(path, info, patches, allow_partial)
+
+
+def _read_head(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise LabelsError(
+                f"{path} is not a file", "give the labels.csv or the GeoJSON exported from QuPath"
+            )
+        with path.open("rb") as handle:
+            head = handle.read(64)
+    except FileNotFoundError as exc:
+        raise LabelsError(f"{path} does not exist", "check the path of the labels file") from exc
+    except OSError as exc:
+        raise LabelsError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if size > max_bytes:
+        raise LabelsError(
+            f"{path.name} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.1f} MiB a labels file "
+            "may have",
+            "give the labels.csv of the batch or the GeoJSON exported from QuPath",
+        )
+    return head
+
+
+def _is_geojson(path: Path, head: bytes) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in _GEOJSON_SUFFIXES:
+        return True
+    if head.startswith(b"\x1f\x8b"):
+        return True
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
+
+
+# ----------------------------------------------------------------------------------------- CSV route
+
+
+def _labels_from_csv(
+    path: Path, info: BatchInfo, patches: list[BatchPatch], allow_partial: bool
+) -> dict[str, str]:
+    records = _csv_records(path)
+    start = next((i for i, record in enumerate(records) if any(_clean(f) for f in record)), len(records))
+    columns = _column_positions(path, records[start] if records[start:] else [])
+    rows = _data_rows(path, records, start, columns)
+    _check_batch_column(path, rows, info)
+    labels = _labels_by_patch(path, rows, info, patches)
+    _check_no_missing_rows(path, labels, patches)
+    if not allow_partial:
+        _check_filled(path, labels, patches)
+    return _filled(path, labels, patches)
+
+
+def _csv_records(path: Path) -> list[list[str]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LabelsError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    text = _decode(data)
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(header)))
+    except csv.Error as exc:
+        raise LabelsError(f"{path.name} is not a readable CSV file: {exc}", _CSV_HINT) from exc
+
+
+_CSV_HINT = (
+    "save the sheet again as CSV (comma, semicolon or tab separated) with the columns patch_id and label"
+)
+
+
+def _decode(data: bytes) -> str:
+    """Decode what spreadsheet programs write: UTF-8 (with or without BOM), UTF-16, else Windows-1252."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _delimiter(header: str) -> str:
+    """Pick the delimiter that splits the header into the required columns, else the most fields."""
+    best, best_fields = ",", 0
+    for delimiter in _DELIMITERS:
+        try:
+            fields = [_column_key(f) for f in next(csv.reader([header], delimiter=delimiter), [])]
+        except csv.Error:
+            continue
+        if "patch_id" in fields and "label" in fields:
+            return delimiter
+        if len(fields) > best_fields:
+            best, best_fields = delimiter, len(fields)
+    return best
+
+
+def _column_key(name: str) -> str:
+    return re.sub(r"[\s\-]+", "_", _clean(name).casefold())
+
+
+def _column_positions(path: Path, header: list[str]) -> dict[str, int]:
+    keys = [_column_key(h) for h in header]
+    missing = [c for c in ("patch_id", "label") if c not in keys]
+    if missing:
+        raise LabelsError(
+            f"{path.name} has no {' and no '.join(repr(m) for m in missing)} column in its first line",
+            "keep the header line of the labels.csv the batch came with and fill its 'label' column",
+        )
+    positions: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        positions.setdefault(key, i)
+    return positions
+
+
+@dataclass(frozen=True)
+class _Row:
+    where: str
+    patch_id: str
+    label: str
+    batch: str
+
+
+def _data_rows(path: Path, records: list[list[str]], start: int, columns: dict[str, int]) -> list[_Row]:
+    """Turn the records after the header into rows, numbered as a spreadsheet numbers them."""
+    rows = []
+    for number, record in enumerate(records[start + 1 :], start=start + 2):
+        if not any(_clean(field) for field in record):
+            continue
+        row = _Row(
+            where=f"{path.name} row {number}",
+            patch_id=_clean(_field(record, columns.get("patch_id"))),
+            label=_field(record, columns.get("label")),
+            batch=_clean(_field(record, columns.get("batch"))),
+        )
+        if not row.patch_id:
+            raise LabelsError(f"{row.where} has no patch_id", "delete the row or restore its patch_id")
+        rows.append(row)
+    return rows
+
+
+def _field(record: list[str], index: int | None) -> str:
+    return record[index] if index is not None and index < len(record) else ""
+
+
+def _check_batch_column(path: Path, rows: list[_Row], info: BatchInfo) -> None:
+    for row in rows:
+        if row.batch and row.batch != info.batch_id:
+            raise LabelsError(
+                f"{row.where}: this is the labels file of batch {_short(row.batch)}, not {info.batch_id}",
+                f"give the labels.csv from the folder of batch {info.batch_id}",
+            )
+
+
+def _labels_by_patch(
+    path: Path, rows: list[_Row], info: BatchInfo, patches: list[BatchPatch]
+) -> dict[str, str | None]:
+    known = {p.patch_id for p in patches}
+    if rows and not any(row.patch_id in known for row in rows):
+        raise LabelsError(
+            f"{path.name} holds none of the patches of batch {info.batch_id}",
+            f"give the labels.csv from the folder of batch {info.batch_id}",
+        )
+    labels: dict[str, str | None] = {}
+    for row in rows:
+        if row.patch_id not in known:
+            raise LabelsError(
+                f"{row.where}: patch {_short(row.patch_id)!r} is not in batch {info.batch_id}",
+                "delete the row; add no rows to labels.csv",
+            )
+        _merge(labels, row.patch_id, normalize_label(row.label, info, row.where), row.where)
+    return labels
+
+
+def _merge(labels: dict[str, str | None], patch_id: str, label: str | None, where: str) -> None:
+    """Record ``label`` for ``patch_id``; an empty label never overrides nor conflicts with a filled one."""
+    earlier = labels.get(patch_id)
+    if earlier is not None and label is not None and earlier != label:
+        raise LabelsError(
+            f"{where}: patch {patch_id!r} is labelled both {earlier!r} and {label!r}",
+            "keep one label per patch",
+        )
+    labels[patch_id] = earlier if label is None else label
+
+
+def _check_filled(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> None:
+    empty = [p.patch_id for p in patches if labels.get(p.patch_id) is None]
+    if empty:
+        raise LabelsError(
+            f"{len(empty)} of {len(patches)} patches have no label in {path.name} ({_listing(empty)})",
+            "fill them (skip for a patch that is not informative) or pass --partial",
+        )
+
+
+def _filled(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> dict[str, str]:
+    """Return the filled labels in batch order; raise when there are none."""
+    filled: dict[str, str] = {}
+    for patch in patches:
+        label = labels.get(patch.patch_id)
+        if label is not None:
+            filled[patch.patch_id] = label
+    if not filled:
+        raise LabelsError(f"{path.name} has no labels filled in", "fill the label of at least one patch")
+    return filled
+
+
+def _check_no_missing_rows(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> None:
+    missing = [p.patch_id for p in patches if p.patch_id not in labels]
+    if missing:
+        raise LabelsError(
+            f"{path.name} lacks the rows of {len(missing)} patches of the batch ({_listing(missing)})",
+            "restore the rows (leave the label empty and pass --partial for patches you did not label)",
+        )
+
+
+def _listing(items: Iterable[str]) -> str:
+    items = list(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+# ------------------------------------------------------------------------------------- GeoJSON route
+
+
+def _labels_from_geojson(
+    path: Path,
+    info: BatchInfo,
+    patches: list[BatchPatch],
+    allow_partial: bool,
+    offsets: dict[str, tuple[float, float]],
+    max_bytes: int,
+) -> dict[str, str]:
+    slide_offsets = {offsets.get(p.slide, (0.0, 0.0)) for p in patches}
+    by_geometry = len(slide_offsets) == 1
+    objects = _read_qupath_objects(path, next(iter(slide_offsets)) if by_geometry else (0.0, 0.0), max_bytes)
+    matches = [(obj, _match(obj, patches, by_geometry)) for obj in objects]
+    matched = [(obj, patch_id) for obj, patch_id in matches if patch_id is not None]
+    if not matched:
+        raise LabelsError(
+            f"{path.name} holds none of the patches of batch {info.batch_id}",
+            f"import {BATCH_GEOJSON} of batch {info.batch_id} in QuPath, classify its patch objects, "
+            "and export all objects as GeoJSON",
+        )
+    labels: dict[str, str | None] = {}
+    for obj, patch_id in matched:
+        where = f"{path.name} object {obj.index + 1} ({_short(obj.name or patch_id)})"
+        _merge(labels, patch_id, normalize_label(obj.classification or "", info, where), where)
+    if not allow_partial:
+        _check_classified(path, labels, patches)
+    return _filled(path, labels, patches)
+
+
+def _read_qupath_objects(path: Path, offset: tuple[float, float], max_bytes: int) -> list[QuPathObject]:
+    from wsi_il import qupath
+
+    try:
+        return qupath.read_objects(path, offset=offset, max_bytes=max_bytes)
+    except LabelsError:
+        raise
+    except WsiIlError as exc:
+        raise LabelsError(exc.message, exc.hint) from exc
+    except (ValueError, OSError, EOFError, RecursionError, zlib.error) as exc:  # undecodable data
+        raise LabelsError(f"{path.name} is not a readable GeoJSON file: {exc}", _GEOJSON_HINT) from exc
+
+
+_GEOJSON_HINT = "export the objects again from QuPath (File > Object data > Export as GeoJSON)"
+
+
+def _match(obj: QuPathObject, patches: list[BatchPatch], by_geometry: bool) -> str | None:
+    """Find the patch an object stands for: by name, else by where its representative point lies."""
+    name = _clean(obj.name or "")
+    if any(p.patch_id == name for p in patches):
+        return name
+    if not by_geometry or obj.geometry is None or obj.geometry.is_empty:
+        return None
+    point = obj.geometry.representative_point()
+    inside = [p.patch_id for p in patches if _covers(p, point.x, point.y)]
+    return inside[0] if len(inside) == 1 else None
+
+
+def _covers(patch: BatchPatch, x: float, y: float) -> bool:
+    return patch.x <= x <= patch.x + patch.width and patch.y <= y <= patch.y + patch.height
+
+
+def _check_classified(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> None:
+    unclassified = [p.patch_id for p in patches if p.patch_id in labels and labels[p.patch_id] is None]
+    absent = [p.patch_id for p in patches if p.patch_id not in labels]
+    if unclassified:
+        raise LabelsError(
+            f"{len(unclassified)} objects in {path.name} have no classification ({_listing(unclassified)})",
+            "classify every patch in QuPath (or pass --partial)",
+        )
+    if absent:
+        raise LabelsError(
+            f"{len(absent)} patches of the batch are not in {path.name} ({_listing(absent)})",
+            "export all objects from QuPath, not a selection (or pass --partial)",
+        )

@@ -1,0 +1,462 @@
+"""Sessions and rounds: query -> rank -> sample -> review batch; labels -> train -> next batch.
+
+``simulate`` and the CLI both drive these functions; nothing here prints.
+Crash safety: labels are appended to the ledger first, the session file is rewritten last; a command
+killed in between is completed by running it again (training is seeded, so the result is the same).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_il.config import SessionSettings, TrainSettings, from_dict
+from wsi_il.database import FeatureStore, PatchTable, load_image, patch_table
+from wsi_il.errors import InputError, ProjectStateError
+from wsi_il.events import Reporter
+from wsi_il.fsutil import atomic_write_bytes
+from wsi_il.project import Project, now_iso
+from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
+
+EMBED_CHUNK = 256
+
+
+@dataclass
+class Context:
+    """An opened project, ready for a session command."""
+
+    project: Project
+    manifest: dict[str, Any]
+    table: PatchTable
+    store: FeatureStore
+    device: str
+    reporter: Reporter
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    def class_index(self, name: str) -> int:
+        lowered = [c.lower() for c in self.classes]
+        if name.lower() not in lowered:
+            raise InputError(f"label {name!r} is not one of the project's classes: {', '.join(self.classes)}",
+                             "pick one of them with --label")
+        return lowered.index(name.lower())
+
+    def offsets(self) -> dict[str, tuple[float, float]]:
+        return {s.id: s.offset for s in self.table.slides}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a session command did: the batch written (if any) and what to tell the user."""
+
+    session: str
+    round: int
+    rounds: int
+    batch_dir: Path | None
+    rule: str | None
+    seconds: float
+    changed: bool
+    message: str
+
+
+def open_context(project: Project, device: str, reporter: Reporter) -> Context:
+    """Open a project whose features are complete."""
+    manifest = project.read_manifest()
+    unfinished = [s["id"] for s in manifest["slides"] if not s["extracted"] and s["n_patches"] > 0]
+    if unfinished or not manifest["slides"]:
+        raise ProjectStateError(f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
+                                f"run `wsi-il init {project.root}` again to finish them")
+    table = patch_table(project, manifest)
+    return Context(project, manifest, table, FeatureStore(project, manifest), device, reporter)
+
+
+# ---- model state ------------------------------------------------------------------------------
+def _init_state(ctx: Context) -> dict[str, Any]:
+    import torch
+
+    return torch.load(ctx.project.init_model_path(), map_location="cpu", weights_only=True)
+
+
+def _state(ctx: Context) -> dict[str, Any]:
+    return ctx.project.read_json(ctx.project.state_path(), {"model": None, "embeddings": None})
+
+
+def _load_model(ctx: Context, model_id: str) -> dict[str, Any]:
+    import torch
+
+    return torch.load(ctx.project.model_path(model_id), map_location="cpu", weights_only=True)
+
+
+def _save_model(ctx: Context, model_id: str, data: dict[str, Any]) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    atomic_write_bytes(ctx.project.model_path(model_id), buffer.getvalue())
+
+
+def current_embeddings(ctx: Context) -> np.ndarray:
+    """Return every patch's embedding under the current retrieval head (computed once per model)."""
+    from wsi_il.heads import embed, pretrained_retrieval
+
+    state = _state(ctx)
+    key = state["model"] or "pretrained"
+    path = ctx.project.embeddings_path()
+    if state.get("embeddings") == key and path.is_file():
+        return ctx.project.read_array(path)
+    init = _init_state(ctx)
+    retrieval = _load_model(ctx, key)["retrieval"] if state["model"] else pretrained_retrieval(init)
+    advance = ctx.reporter.task("embedding the database", len(ctx.store))
+    embeddings = embed(retrieval, init, _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
+                       ctx.device)
+    ctx.project.write_array(path, embeddings)
+    ctx.project.write_json(ctx.project.state_path(), {**state, "embeddings": key})
+    return embeddings
+
+
+def _counted(chunks, advance):  # type: ignore[no-untyped-def]
+    for start, block in chunks:
+        yield start, block
+        advance(len(block))
+
+
+def current_predictions(ctx: Context) -> np.ndarray | None:
+    """Return every patch's class probabilities under the current classifier, or None before one."""
+    state = _state(ctx)
+    path = ctx.project.predictions_path()
+    if not state["model"] or state.get("predictions") != state["model"] or not path.is_file():
+        return None
+    return ctx.project.read_array(path)
+
+
+def _embed_features(ctx: Context, features: np.ndarray) -> np.ndarray:
+    from wsi_il.heads import embed, pretrained_retrieval
+
+    state = _state(ctx)
+    init = _init_state(ctx)
+    retrieval = _load_model(ctx, state["model"])["retrieval"] if state["model"] else pretrained_retrieval(init)
+    return embed(retrieval, init, [(0, features)], len(features), ctx.device)
+
+
+# ---- sessions ---------------------------------------------------------------------------------
+def list_sessions(project: Project) -> list[dict[str, Any]]:
+    """Return every session of the project, oldest first."""
+    folder = project.root / "sessions"
+    sessions = [project.read_json(p) for p in folder.glob("s*.json")] if folder.is_dir() else []
+    return sorted(sessions, key=lambda s: int(s["id"][1:]))
+
+
+def _open_session(project: Project) -> dict[str, Any] | None:
+    return next((s for s in list_sessions(project) if s["state"] == "reviewing"), None)
+
+
+def reviewed_ids(project: Project) -> set[str]:
+    """Patches that never come back: every labelled patch and every query patch."""
+    seen = {e["patch_id"] for e in project.read_ledger()}
+    for session in list_sessions(project):
+        seen.update(session["query"]["patch_ids"])
+    return seen
+
+
+def query_from_region(ctx: Context, region_path: Path, slide_id: str | None) -> tuple[np.ndarray, str, list[str]]:
+    """Return the global indices of the tissue patches at least half inside a QuPath region."""
+    from wsi_il.qupath import read_region
+    from wsi_il.regions import patches_inside
+
+    slides = [s for s in ctx.table.slides if s.kind == "slide"]
+    if slide_id is None:
+        if len(slides) != 1:
+            raise InputError(f"the project has {len(slides)} slides; say which one the region was drawn on",
+                             f"add --slide with one of: {', '.join(s.id for s in slides)}")
+        slide = slides[0]
+    else:
+        matches = [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
+        if not matches:
+            raise InputError(f"slide {slide_id!r} is not in the project",
+                             f"use one of: {', '.join(s.id for s in slides)}")
+        slide = matches[0]
+    region, warnings = read_region(region_path, offset=slide.offset)
+    minx, miny, maxx, maxy = region.bounds
+    if maxx <= 0 or maxy <= 0 or minx >= slide.width or miny >= slide.height:
+        raise InputError(f"{region_path}: the region ({minx:.0f}, {miny:.0f})-({maxx:.0f}, {maxy:.0f}) lies "
+                         f"outside slide {slide.id} ({slide.width} x {slide.height} px)",
+                         "export the annotation from the same image in QuPath, or pick the slide with --slide")
+    indices = ctx.table.of_slide(slide.id)
+    inside = indices[patches_inside(ctx.table.boxes[indices], region)]
+    if len(inside) == 0:
+        raise InputError(f"{region_path}: no tissue patch of slide {slide.id} lies at least 50% inside the region",
+                         "draw a larger region over tissue (a patch is "
+                         f"{int(ctx.table.boxes[indices[0], 2]) if len(indices) else 0} px wide)")
+    return inside, slide.id, warnings
+
+
+def query_from_patch_ids(ctx: Context, patch_ids: list[str]) -> np.ndarray:
+    """Return the global indices of database patches named by id."""
+    index = ctx.table.index_of()
+    unknown = [p for p in patch_ids if p not in index]
+    if unknown:
+        raise InputError(f"patch ids not in the project: {', '.join(unknown[:5])}",
+                         "take ids from a batch's labels.csv or `wsi-il status --json`")
+    return np.array([index[p] for p in patch_ids], dtype=np.int64)
+
+
+def extract_query_images(ctx: Context, paths: list[Path]) -> np.ndarray:
+    """Compute trunk features of query images from outside the database."""
+    from wsi_il.config import FeatureSettings
+    from wsi_il.database import load_project_weights
+    from wsi_il.features import FeatureExtractor, build_resnet, resize_tile
+
+    settings = from_dict(FeatureSettings, ctx.manifest["features"])
+    model = build_resnet(load_project_weights(settings), settings.seed)
+    norm = ctx.manifest["normalisation"]
+    extractor = FeatureExtractor(model, norm["mean"], norm["std"], ctx.device)
+    tiles = np.stack([resize_tile(load_image(p), settings.input_px) for p in paths])
+    return extractor(tiles)
+
+
+def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_indices: np.ndarray | None = None,
+                  query_features: np.ndarray | None = None, source: str = "", slide: str | None = None,
+                  abandon: bool = False) -> RoundResult:
+    """Start a query session and write its first review batch."""
+    started = time.perf_counter()
+    project = ctx.project
+    label_index = ctx.class_index(label)
+    open_session = _open_session(project)
+    if open_session is not None:
+        if not abandon:
+            batch = f"{open_session['id']}-r{open_session['round']}"
+            raise ProjectStateError(
+                f"session {open_session['id']} is waiting for the labels of batch {batch}",
+                f"ingest them with `wsi-il ingest {project.root} {project.batch_dir(batch)}/labels.csv`, "
+                "or pass --abandon to close that session")
+        open_session["state"] = "abandoned"
+        project.write_json(project.session_path(open_session["id"]), open_session)
+    ids: list[str] = []
+    if query_indices is not None:
+        ids = [ctx.table.ids[i] for i in query_indices]
+        query_features = ctx.store.take(query_indices)
+    if query_features is None or len(query_features) == 0:
+        raise InputError("the query is empty", "give a region, patch ids or query images")
+    session_id = f"s{len(list_sessions(project)) + 1}"
+    project.write_array(project.query_features_path(session_id), query_features.astype(np.float16))
+    q = _embed_features(ctx, query_features).mean(axis=0)
+    session = {"id": session_id, "label": ctx.classes[label_index], "strategy": settings.strategy,
+               "k": settings.k, "rounds": settings.rounds, "round": 1, "state": "reviewing",
+               "query": {"source": source, "slide": slide, "patch_ids": ids, "n": int(len(query_features))},
+               "q": q.tolist(), "created": now_iso(), "history": []}
+    rule = _write_next_batch(ctx, session)
+    session["history"][-1]["seconds"] = round(time.perf_counter() - started, 3)
+    project.write_json(project.session_path(session_id), session)
+    batch_dir = project.batch_dir(f"{session_id}-r1")
+    return RoundResult(session_id, 1, settings.rounds, batch_dir, rule, time.perf_counter() - started, True,
+                       f"session {session_id} started with {len(query_features)} query patches")
+
+
+def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
+    """Rank the unreviewed patches, sample K with the session's strategy and write the batch."""
+    from wsi_il.index import rank_by_distance
+    from wsi_il.sampling import sample
+
+    embeddings = current_embeddings(ctx)
+    predictions = current_predictions(ctx)
+    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
+    candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
+    if len(candidates) == 0:
+        raise ProjectStateError("every patch of the project has been reviewed",
+                                f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`")
+    ranked, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), candidates)
+    seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    rng = np.random.default_rng(seed)
+    probs = predictions[ranked] if predictions is not None else None
+    positions, rule = sample(session["strategy"], session["k"], len(ranked), rng, probs,
+                             ctx.class_index(session["label"]))
+    chosen = ranked[positions]
+    batch_id = f"{session['id']}-r{session['round']}"
+    _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule)
+    session["history"].append({"round": session["round"], "batch": batch_id, "rule": rule,
+                               "written": now_iso(), "candidates": int(len(ranked))})
+    return rule
+
+
+def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, chosen: np.ndarray,
+                       positions: np.ndarray, predictions: np.ndarray | None, rule: str) -> None:
+    info = BatchInfo(batch_id=batch_id, project_uid=ctx.manifest["uid"], session=session["id"],
+                     round=session["round"], rounds=session["rounds"], query_label=session["label"],
+                     classes=tuple(ctx.classes), strategy=rule)
+    patches, images = [], []
+    for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
+        slide = ctx.table.slides[int(ctx.table.slide_index[index])]
+        x, y, w, h = (int(v) for v in ctx.table.boxes[index])
+        suggestion, probability = None, None
+        if predictions is not None:
+            best = int(predictions[index].argmax())
+            suggestion, probability = ctx.classes[best], float(predictions[index, best])
+        patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
+                                  None if rule == "random" else position + 1))
+        images.append(_patch_image(ctx, index))
+    write_batch(ctx.project.batch_dir(batch_id), info, patches, images, ctx.offsets(),
+                project_hint=str(ctx.project.root))
+
+
+def _patch_image(ctx: Context, index: int):  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from wsi_il.slide import TileReader
+
+    slide = ctx.table.slides[int(ctx.table.slide_index[index])]
+    if slide.kind == "patches":
+        local = index - int(np.flatnonzero(ctx.table.slide_index == ctx.table.slide_index[index])[0])
+        files = ctx.project.read_json(ctx.project.images_path(slide.id))["files"]
+        return Image.fromarray(load_image(Path(slide.path) / files[local]))
+    reader = TileReader(Path(slide.path))
+    try:
+        x, y, w, h = (int(v) for v in ctx.table.boxes[index])
+        return Image.fromarray(reader.read(x, y, w, h))
+    finally:
+        reader.close()
+
+
+# ---- ingest -----------------------------------------------------------------------------------
+def find_batch_dir(project: Project, labels_path: Path) -> Path:
+    """Return the batch folder that a labels file belongs to (its own folder, or named in it)."""
+    labels_path = Path(labels_path)
+    if labels_path.is_dir():
+        return labels_path
+    if (labels_path.parent / "batch.json").is_file():
+        return labels_path.parent
+    raise InputError(f"{labels_path} is not inside a review batch folder (no batch.json beside it)",
+                     f"give the labels.csv inside {project.root / 'batches'}/<batch>/, or copy the file back there")
+
+
+def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> RoundResult:
+    """Record a batch's labels, train both heads, refine the query and write the next batch."""
+    started = time.perf_counter()
+    project = ctx.project
+    labels_path = Path(labels_path)
+    batch_dir = find_batch_dir(project, labels_path)
+    if labels_path.is_dir():
+        labels_path = batch_dir / "labels.csv"
+    info, patches = read_batch(batch_dir)
+    if info.project_uid != ctx.manifest["uid"]:
+        raise InputError(f"{labels_path} belongs to another project (uid {info.project_uid[:8]})",
+                         "ingest it into the project that wrote the batch")
+    labels = read_labels(labels_path, info, patches, allow_partial=allow_partial, offsets=ctx.offsets())
+    session = project.read_json(project.session_path(info.session))
+    if session is None:
+        raise ProjectStateError(f"session {info.session} of batch {info.batch_id} is not in the project",
+                                "the project folder may be incomplete")
+    recorded = _record_labels(ctx, info, labels)
+    entry = session["history"][info.round - 1] if len(session["history"]) >= info.round else None
+    if entry is not None and entry.get("ingested"):
+        return RoundResult(session["id"], info.round, session["rounds"], None, None, 0.0, False,
+                           f"batch {info.batch_id} was already ingested; nothing changed")
+    if session["state"] != "reviewing" or session["round"] != info.round:
+        raise ProjectStateError(f"batch {info.batch_id} is not the batch session {session['id']} waits for "
+                                f"(state {session['state']}, round {session['round']})",
+                                "ingest the newest batch of the open session")
+    train_seconds = _train_round(ctx, info.batch_id)
+    relevant = [pid for pid, lab in labels.items() if lab == session["label"]]
+    session["q"] = _refined_query(ctx, session, relevant).tolist()
+    entry["ingested"] = now_iso()
+    entry["labels"] = len(labels)
+    entry["train_seconds"] = round(train_seconds, 3)
+    batch_out, rule = None, None
+    if session["round"] < session["rounds"]:
+        session["round"] += 1
+        rule = _write_next_batch(ctx, session)
+        batch_out = project.batch_dir(f"{session['id']}-r{session['round']}")
+        message = f"{recorded} labels recorded; batch {session['id']}-r{session['round']} is ready"
+    else:
+        session["state"] = "done"
+        message = (f"{recorded} labels recorded; session {session['id']} is complete "
+                   f"({session['rounds']} rounds)")
+    entry["round_seconds"] = round(time.perf_counter() - started, 3)
+    project.write_json(project.session_path(session["id"]), session)
+    return RoundResult(session["id"], info.round, session["rounds"], batch_out, rule,
+                       time.perf_counter() - started, True, message)
+
+
+def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int:
+    """Append a batch's labels to the ledger once; the same labels again change nothing."""
+    previous = {e["patch_id"]: e["label"] for e in ctx.project.read_ledger() if e["batch"] == info.batch_id}
+    if previous:
+        if previous != labels:
+            changed = sorted(p for p in set(previous) | set(labels) if previous.get(p) != labels.get(p))
+            raise ProjectStateError(
+                f"batch {info.batch_id} was already ingested with other labels (differences: {', '.join(changed[:5])})",
+                "labels already given are kept; to correct one, contact the project owner")
+        return len(previous)
+    when = now_iso()
+    ctx.project.append_ledger([{"patch_id": pid, "label": label, "batch": info.batch_id, "session": info.session,
+                                "round": info.round, "time": when} for pid, label in labels.items()])
+    return len(labels)
+
+
+def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """Return features and targets of every label so far plus every session's query patches."""
+    index = ctx.table.index_of()
+    entries = [e for e in ctx.project.read_ledger() if e["label"] != "skip" and e["patch_id"] in index]
+    targets = [_target(ctx, e["label"]) for e in entries]
+    features = [ctx.store.take(np.array([index[e["patch_id"]] for e in entries], dtype=np.int64))]
+    for session in list_sessions(ctx.project):
+        query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
+        features.append(query)
+        targets.extend([ctx.class_index(session["label"])] * len(query))
+    return np.concatenate(features), np.array(targets, dtype=np.int64)
+
+
+def _target(ctx: Context, label: str) -> int:
+    if label.startswith("not:"):
+        return -(ctx.class_index(label[4:]) + 1)
+    return ctx.class_index(label)
+
+
+def _train_round(ctx: Context, model_id: str) -> float:
+    """Train both heads on all labels, then embed and predict every patch with them."""
+    from wsi_il.heads import TrainedHeads, embed, predict, train_heads
+
+    started = time.perf_counter()
+    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    features, targets = training_set(ctx)
+    init = _init_state(ctx)
+    state = _state(ctx)
+    start = None
+    if settings.warm_start and state["model"]:
+        previous = _load_model(ctx, state["model"])
+        start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
+    advance = ctx.reporter.task(f"training on {len(targets)} labels", settings.epochs, "epochs")
+    heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance)
+    _save_model(ctx, model_id, {"retrieval": heads.retrieval, "classifier": heads.classifier,
+                                "classes": ctx.classes, "n_labels": int(len(targets)),
+                                "losses": heads.losses})
+    train_seconds = time.perf_counter() - started
+    advance = ctx.reporter.task("re-embedding and predicting", 2 * len(ctx.store))
+    embeddings = embed(heads.retrieval, init, _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
+                       ctx.device)
+    predictions = predict(heads.classifier, init, len(ctx.classes),
+                          _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store), ctx.device)
+    ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
+    ctx.project.write_array(ctx.project.predictions_path(), predictions)
+    ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,
+                                                      "predictions": model_id, "n_labels": int(len(targets))})
+    return train_seconds
+
+
+def _refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
+    """Recompute q with the new head; with refinement, average it with this round's relevant patches."""
+    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
+    q = _embed_features(ctx, query).mean(axis=0)
+    if not settings.refine_query or not relevant:
+        return q
+    embeddings = current_embeddings(ctx)
+    index = ctx.table.index_of()
+    vectors = np.vstack([q[None, :], embeddings[[index[p] for p in relevant]]])
+    return vectors.mean(axis=0)

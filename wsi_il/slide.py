@@ -1,0 +1,143 @@
+"""Open slides and read their pixels: the only module that imports openslide."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from wsi_il.errors import SlideError
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What wsi-il needs to know about a slide; sizes and positions in level-0 px."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float | None
+    bounds: tuple[int, int, int, int]
+    """The scanned area (x, y, width, height); the whole image when the slide has no bounds."""
+    offset: tuple[float, float]
+    """QuPath coordinate = wsi-il coordinate - offset (QuPath crops to OpenSlide's bounds)."""
+    vendor: str
+
+
+def _openslide():  # type: ignore[no-untyped-def]
+    try:
+        import openslide
+    except (ImportError, OSError) as exc:  # OSError: the shared library is missing
+        raise SlideError(f"OpenSlide cannot be loaded: {exc}",
+                         "install it with `pip install openslide-python openslide-bin`") from exc
+    return openslide
+
+
+def open_slide(path: Path):  # type: ignore[no-untyped-def]
+    """Open a slide with OpenSlide, turning every failure into a SlideError."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"slide {path} does not exist", "check the path")
+    if path.is_dir():
+        raise SlideError(f"slide {path} is a folder", "give the slide file (for a patch folder use --patches)")
+    openslide = _openslide()
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        raise SlideError(f"{path} is not a slide format OpenSlide reads",
+                         "convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)") from exc
+    except (openslide.OpenSlideError, OSError) as exc:
+        raise SlideError(f"{path} cannot be opened: {exc}", "the file may be truncated or corrupt") from exc
+
+
+def read_info(path: Path, use_bounds: bool = True) -> SlideInfo:
+    """Read a slide's size, resolution and bounds."""
+    slide = open_slide(path)
+    try:
+        props = slide.properties
+        width, height = slide.dimensions
+        mpp = _float(props.get("openslide.mpp-x"))
+        bounds = (0, 0, width, height)
+        offset = (0.0, 0.0)
+        if use_bounds and "openslide.bounds-x" in props:
+            bx = int(props.get("openslide.bounds-x", 0))
+            by = int(props.get("openslide.bounds-y", 0))
+            bw = int(props.get("openslide.bounds-width", width - bx))
+            bh = int(props.get("openslide.bounds-height", height - by))
+            bounds = (bx, by, bw, bh)
+            offset = (float(bx), float(by))
+        return SlideInfo(Path(path), width, height, mpp, bounds, offset, props.get("openslide.vendor", "unknown"))
+    finally:
+        slide.close()
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_thumbnail(path: Path, max_px: int) -> tuple[np.ndarray, float]:
+    """Return an RGB thumbnail whose longest side is at most ``max_px`` and its level-0 px per pixel."""
+    slide = open_slide(path)
+    try:
+        width, height = slide.dimensions
+        thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+        return thumb, width / thumb.shape[1]
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the slide's
+        if isinstance(exc, SlideError):
+            raise
+        raise SlideError(f"{path}: cannot read a thumbnail: {exc}", "the file may be corrupt") from exc
+    finally:
+        slide.close()
+
+
+def _flatten(rgba: np.ndarray) -> np.ndarray:
+    """Composite OpenSlide's RGBA onto white (transparent = outside the scanned area)."""
+    if rgba.shape[-1] == 3:
+        return rgba
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    rgb = rgba[..., :3].astype(np.uint16)
+    # OpenSlide returns premultiplied colour: add white for the missing coverage.
+    out = rgb + (255 - alpha)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+class TileReader:
+    """Read level-0 regions of one slide from many threads, one OpenSlide handle per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._handles: list = []
+        self._lock = threading.Lock()
+        open_slide(self.path).close()  # fail early, in the caller's thread
+
+    def _handle(self):  # type: ignore[no-untyped-def]
+        handle = getattr(self._local, "slide", None)
+        if handle is None:
+            handle = open_slide(self.path)
+            self._local.slide = handle
+            with self._lock:
+                self._handles.append(handle)
+        return handle
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Return the RGB pixels of a level-0 region."""
+        try:
+            region = self._handle().read_region((int(x), int(y)), 0, (int(width), int(height)))
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
+            raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}): {exc}",
+                             "the slide file may be damaged") from exc
+        return _flatten(np.asarray(region))
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._handles:
+                handle.close()
+            self._handles.clear()

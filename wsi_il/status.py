@@ -1,0 +1,62 @@
+"""Summarise a project for `wsi-il status`: slides, sessions, labels, weights, what to do next."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from wsi_il.project import Project
+from wsi_il.session import list_sessions
+
+
+def _weights(features: dict[str, Any]) -> dict[str, Any]:
+    kind = features["weights"] if features["weights"] in ("imagenet", "random") else "file"
+    if kind == "random":
+        text = "RANDOM initialisation (--weights random): features are not pretrained"
+    elif kind == "imagenet":
+        text = "torchvision ImageNet ResNet-18 (IMAGENET1K_V1)"
+    else:
+        text = f"file {features['weights']}"
+    sha = features.get("weights_sha256")
+    return {"kind": kind, "source": features["weights"], "sha256": sha,
+            "description": text + (f", sha256 {sha[:12]}" if sha else "")}
+
+
+def _session_row(session: dict[str, Any]) -> dict[str, Any]:
+    timed = [h["round_seconds"] for h in session["history"] if "round_seconds" in h]
+    return {"id": session["id"], "label": session["label"], "strategy": session["strategy"], "k": session["k"],
+            "round": session["round"], "rounds": session["rounds"], "state": session["state"],
+            "query_patches": session["query"]["n"], "query_source": session["query"]["source"],
+            "seconds_per_round": sum(timed) / len(timed) if timed else None,
+            "rounds_detail": session["history"]}
+
+
+def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, Any]], model: str | None) -> str:
+    if any(not s["extracted"] and s["n_patches"] for s in manifest["slides"]) or manifest["normalisation"] is None:
+        return f"finish the feature cache: wsi-il init {root}"
+    open_session = next((s for s in sessions if s["state"] == "reviewing"), None)
+    if open_session:
+        batch = root / "batches" / f"{open_session['id']}-r{open_session['round']}"
+        return f"fill {batch / 'labels.csv'}, then: wsi-il ingest {root} {batch / 'labels.csv'}"
+    if model:
+        return f"export the mask (wsi-il export {root} --out mask.geojson) or start another query (wsi-il query)"
+    return f"start a session: wsi-il query {root} --region QUERY.geojson --label {manifest['classes'][0]}"
+
+
+def project_status(root: Path) -> dict[str, Any]:
+    """Collect everything `wsi-il status` shows, as a JSON-ready dict."""
+    project = Project(root)
+    manifest = project.read_manifest()
+    sessions = list_sessions(project)
+    ledger = project.read_ledger()
+    state = project.read_json(project.state_path(), {"model": None})
+    counts = Counter(e["label"] for e in ledger)
+    slides = [{"id": s["id"], "kind": s["kind"], "path": s["path"], "width": s["width"], "height": s["height"],
+               "mpp": s["mpp"], "patches": s["n_patches"], "tiled": s["tiled"], "extracted": s["extracted"]}
+              for s in manifest["slides"]]
+    return {"project": str(root), "uid": manifest["uid"], "classes": manifest["classes"],
+            "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
+            "slides": slides, "patches": sum(s["patches"] for s in slides),
+            "sessions": [_session_row(s) for s in sessions], "n_labels": len(ledger), "labels": dict(counts),
+            "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model"))}
