@@ -155,3 +155,21 @@ def _label_by_slide(batch: Path, truths: dict[str, Path]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     (batch / "labels.csv").write_text(buffer.getvalue())
+
+
+def test_add_slide_after_a_session(block_slide, second_block_slide, tmp_path):
+    project = tmp_path / "grow"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
+        "--device", "cpu")
+    before = json.loads((project / "project.json").read_text())["normalisation"]
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
+    run("query", project, "--region", region, "-k", "4", "--rounds", "1", "--device", "cpu")
+    run_session(project, block_slide.truth_path, 1)
+    run("add-slide", project, "--slide", second_block_slide.path, "--device", "cpu")
+    status = json.loads(run("status", project, "--json"))
+    assert [s["id"] for s in status["slides"]] == ["block", "other"] and all(s["extracted"] for s in status["slides"])
+    assert json.loads((project / "project.json").read_text())["normalisation"] == before  # frozen at init
+    run("export", project, "--out", tmp_path / "m.geojson")
+    assert (tmp_path / "m.other.geojson").is_file() and (tmp_path / "m.block.geojson").is_file()
+    run("add-slide", project, "--slide", second_block_slide.path, code=3)  # the same slide twice

@@ -15,7 +15,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -28,7 +27,7 @@ from wsi_il.errors import InputError, WsiIlError
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Annotate whole slide images by reviewing a few well-chosen patches (QuPath-compatible).")
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
@@ -53,10 +52,9 @@ class RichReporter:
 
 @contextlib.contextmanager
 def _reporter() -> Iterator[RichReporter]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TaskProgressColumn(), TextColumn("{task.fields[unit]}"), _SpeedColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console, transient=False)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                        TextColumn("{task.fields[unit]}"), _SpeedColumn(), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
     with progress:
         yield RichReporter(progress)
 
@@ -125,7 +123,7 @@ def init(
     classes: Annotated[str | None, typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the "
                                                 "class subfolders of --patches].")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
-    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a state-dict file.")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
@@ -219,8 +217,8 @@ def add_slide(
 def query(
     project: ProjectArg,
     region: Annotated[Path | None, typer.Option(help="QuPath GeoJSON of the query region.")] = None,
-    slide: Annotated[str | None, typer.Option(help="The slide the region was drawn on (slide id or file name).")] = None,
-    patch: Annotated[list[str] | None, typer.Option("--patch", help="A database patch id as query (repeatable).")] = None,
+    slide: Annotated[str | None, typer.Option(help="The slide the region was drawn on (id or file name).")] = None,
+    patch: Annotated[list[str] | None, typer.Option("--patch", help="A database patch id (repeatable).")] = None,
     images: Annotated[list[Path] | None, typer.Option("--images", help="Query image files or folders.")] = None,
     label: Annotated[str | None, typer.Option(help="The class to look for [default: the first class].")] = None,
     strategy: Annotated[str, typer.Option(help="random, topk, fme, cnfp, hybrid or entropy.")] = "cnfp",

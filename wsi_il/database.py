@@ -6,7 +6,7 @@ command that is interrupted picks up where it stopped when it is run again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +349,3 @@ class FeatureStore:
             for start in range(0, len(part), size):
                 yield int(self.offsets[p]) + start, np.asarray(part[start:start + size])
 
-
-def replace_record(record: SlideRecord, **changes: Any) -> SlideRecord:
-    """Return a copy of a slide record with some fields changed."""
-    return replace(record, **changes)

@@ -86,7 +86,7 @@ def batch_hard_triplet_loss(embeddings, targets, margin: float):  # type: ignore
     same, different = triplet_masks(targets)
     valid = same.any(1) & different.any(1)
     if not valid.any():
-        return embeddings.sum() * 0.0
+        return embeddings.new_zeros(())  # no valid triplet: nothing to learn from
     hardest_pos = torch.where(same, dist, torch.zeros_like(dist)).max(1).values
     hardest_neg = torch.where(different, dist, torch.full_like(dist, float("inf"))).min(1).values
     return torch.relu(hardest_pos - hardest_neg + margin)[valid].mean()
@@ -119,7 +119,10 @@ class TrainedHeads:
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
                 on_epoch: Callable[[int], None] | None = None) -> TrainedHeads:
-    """Train the retrieval and classifier heads on labelled features (float16 (n, 512, 7, 7))."""
+    """Train the retrieval and classifier heads on labelled features (float16 (n, 512, 7, 7)).
+
+    ``on_epoch(1)`` is called after every epoch (a progress advance).
+    """
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -138,24 +141,27 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     opt_r = torch.optim.Adam(retrieval.parameters(), lr=settings.lr)
     opt_c = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
     losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
-    for epoch in range(settings.epochs):
+    for _ in range(settings.epochs):
         order = torch.randperm(len(y_all), generator=generator)
         sums = [0.0, 0.0]
         for batch in order.split(settings.batch_size):
             x, y = x_all[batch].to(dev), y_all[batch].to(dev)
-            for opt, loss_fn, slot in ((opt_r, lambda: batch_hard_triplet_loss(retrieval(x), y, settings.margin), 0),
-                                       (opt_c, lambda: classifier_loss(classifier(x), y), 1)):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                if loss.requires_grad:
-                    loss.backward()
-                    opt.step()
-                sums[slot] += float(loss.detach()) * len(batch)
+            sums[0] += _step(opt_r, batch_hard_triplet_loss(retrieval(x), y, settings.margin)) * len(batch)
+            sums[1] += _step(opt_c, classifier_loss(classifier(x), y)) * len(batch)
         losses["triplet"].append(sums[0] / len(y_all))
         losses["cross_entropy"].append(sums[1] / len(y_all))
         if on_epoch:
-            on_epoch(epoch + 1)
+            on_epoch(1)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
+
+
+def _step(optimizer, loss) -> float:  # type: ignore[no-untyped-def]
+    """Take one optimiser step on ``loss`` (skipped when no triplet was valid) and return its value."""
+    optimizer.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
 
 
 def _cpu_state(module) -> dict[str, Any]:  # type: ignore[no-untyped-def]

@@ -110,7 +110,9 @@ def current_embeddings(ctx: Context) -> np.ndarray:
     key = state["model"] or "pretrained"
     path = ctx.project.embeddings_path()
     if state.get("embeddings") == key and path.is_file():
-        return ctx.project.read_array(path)
+        cached = ctx.project.read_array(path)
+        if len(cached) == len(ctx.store):  # slides added since then make it stale
+            return cached
     init = _init_state(ctx)
     retrieval = _load_model(ctx, key)["retrieval"] if state["model"] else pretrained_retrieval(init)
     advance = ctx.reporter.task("embedding the database", len(ctx.store))
@@ -129,11 +131,23 @@ def _counted(chunks, advance):  # type: ignore[no-untyped-def]
 
 def current_predictions(ctx: Context) -> np.ndarray | None:
     """Return every patch's class probabilities under the current classifier, or None before one."""
+    from wsi_il.heads import predict
+
     state = _state(ctx)
-    path = ctx.project.predictions_path()
-    if not state["model"] or state.get("predictions") != state["model"] or not path.is_file():
+    if not state["model"]:
         return None
-    return ctx.project.read_array(path)
+    path = ctx.project.predictions_path()
+    if state.get("predictions") == state["model"] and path.is_file():
+        cached = ctx.project.read_array(path)
+        if len(cached) == len(ctx.store):
+            return cached
+    classifier = _load_model(ctx, state["model"])["classifier"]
+    advance = ctx.reporter.task("predicting the database", len(ctx.store))
+    predictions = predict(classifier, _init_state(ctx), len(ctx.classes),
+                          _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store), ctx.device)
+    ctx.project.write_array(path, predictions)
+    ctx.project.write_json(ctx.project.state_path(), {**_state(ctx), "predictions": state["model"]})
+    return predictions
 
 
 def _embed_features(ctx: Context, features: np.ndarray) -> np.ndarray:
