@@ -173,3 +173,15 @@ def test_add_slide_after_a_session(block_slide, second_block_slide, tmp_path):
     run("export", project, "--out", tmp_path / "m.geojson")
     assert (tmp_path / "m.other.geojson").is_file() and (tmp_path / "m.block.geojson").is_file()
     run("add-slide", project, "--slide", second_block_slide.path, code=3)  # the same slide twice
+
+
+def test_init_with_weights_that_do_not_fit_writes_nothing(block_slide, tmp_path):
+    import torch
+    from torchvision.models import resnet50
+
+    weights = tmp_path / "r50.pt"
+    torch.save(resnet50().state_dict(), weights)
+    result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
+                                 str(weights)])
+    assert result.exit_code == 3 and "does not fit ResNet-18" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "p").exists()

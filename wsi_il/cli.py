@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,12 +35,16 @@ DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when 
 
 
 class RichReporter:
-    """Show library progress as Rich progress bars and messages on stderr."""
+    """Show library progress as Rich progress bars and messages on stderr (the bars start on first use)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
+        self.started = False
 
     def task(self, description: str, total: int, unit: str = "patches") -> Callable[[int], None]:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         task_id = self.progress.add_task(description, total=max(total, 0), unit=unit)
         return lambda n: self.progress.advance(task_id, n)
 
@@ -55,8 +60,12 @@ def _reporter() -> Iterator[RichReporter]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                         TextColumn("{task.fields[unit]}"), _SpeedColumn(), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
-    with progress:
-        yield RichReporter(progress)
+    reporter = RichReporter(progress)
+    try:
+        yield reporter
+    finally:
+        if reporter.started:
+            progress.stop()
 
 
 class _SpeedColumn(TextColumn):
@@ -94,11 +103,23 @@ def _fail(exc: WsiIlError) -> None:
 def _errors() -> Iterator[None]:
     try:
         yield
+    except (typer.Exit, typer.Abort):
+        raise
     except WsiIlError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/]: nothing finished was lost; run the same command again to go on")
         raise typer.Exit(130) from None
+    except OSError as exc:  # disk full, permissions, a file removed underneath us
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(WsiIlError(f"{exc.strerror or exc}{where}", "check free disk space and permissions, then run the "
+                         "same command again"))
+    except Exception as exc:
+        if os.environ.get("WSI_IL_DEBUG"):
+            raise
+        _fail(WsiIlError(f"unexpected {type(exc).__name__}: {exc}",
+                         "this is a bug in wsi-il: please report it with the command you ran "
+                         "(WSI_IL_DEBUG=1 shows the traceback)"))
 
 
 def _random_warning(manifest: dict[str, Any]) -> None:
@@ -139,7 +160,7 @@ def init(
     """
     from wsi_il.config import FeatureSettings, TilingSettings, TrainSettings, to_dict
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
-    from wsi_il.features import resolve_weights
+    from wsi_il.features import build_resnet, resolve_weights
     from wsi_il.project import Project
 
     with _errors():
@@ -157,6 +178,7 @@ def init(
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
             weights_obj = resolve_weights(weights)
+            build_resnet(weights_obj, seed)  # a file that does not fit fails here, before anything is written
             names = [c.strip() for c in classes.split(",")] if classes else (
                 folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
             names = [n for n in names if n]

@@ -115,13 +115,17 @@ def build_resnet(weights: Weights, seed: int):  # type: ignore[no-untyped-def]
     model = resnet18(weights=None)
     if weights.state is not None:
         state = {k: v for k, v in weights.state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
+        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        misshapen = sorted(k for k in set(state) & set(expected)
+                           if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape))
+        if missing or unexpected or misshapen:
             raise WeightsError(
-                f"{weights.source} does not fit ResNet-18: {len(missing)} missing keys "
-                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
-                "give a torchvision ResNet-18 state dict")
+                f"{weights.source} does not fit ResNet-18: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(misshapen)} of another shape "
+                f"(e.g. {misshapen[:2]})", "give a torchvision ResNet-18 state dict")
+        model.load_state_dict(state, strict=False)
     return model.eval()
 
 

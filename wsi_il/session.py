@@ -58,6 +58,7 @@ class RoundResult:
 
     session: str
     round: int
+    """The round of the batch written, else of the batch ingested."""
     rounds: int
     batch_dir: Path | None
     rule: str | None
@@ -393,7 +394,7 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                    f"({session['rounds']} rounds)")
     entry["round_seconds"] = round(time.perf_counter() - started, 3)
     project.write_json(project.session_path(session["id"]), session)
-    return RoundResult(session["id"], info.round, session["rounds"], batch_out, rule,
+    return RoundResult(session["id"], session["round"], session["rounds"], batch_out, rule,
                        time.perf_counter() - started, True, message)
 
 
