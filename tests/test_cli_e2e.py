@@ -182,6 +182,11 @@ def test_init_with_weights_that_do_not_fit_writes_nothing(block_slide, tmp_path)
     weights = tmp_path / "r50.pt"
     torch.save(resnet50().state_dict(), weights)
     result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
-                                 str(weights)])
+                                 str(weights), "--arch", "resnet18"])
     assert result.exit_code == 3 and "does not fit ResNet-18" in result.output
+    assert "looks like a resnet50" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "p").exists()
+    torch.save({"features.0.weight": torch.zeros(3)}, weights)  # no ResNet at all
+    result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
+                                 str(weights)])
+    assert result.exit_code == 3 and "holds no ResNet" in result.output and not (tmp_path / "p").exists()

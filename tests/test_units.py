@@ -251,14 +251,16 @@ def test_resnet34_weights_do_not_fit():
 
 
 def test_imagenet_weights_offline_say_how_to_provide_them(tmp_path, monkeypatch):
-    from wsi_il.features import IMAGENET_FILE, resolve_weights
+    from wsi_il.features import resolve_weights
+
+    imagenet_file = "resnet18-f37072fd.pth"
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     try:
         resolve_weights("imagenet")
     except WeightsError as exc:
         text = str(exc)
-        assert IMAGENET_FILE in text and str(tmp_path / "torch-home") in text
+        assert imagenet_file in text and str(tmp_path / "torch-home") in text
         assert "--weights" in text and "download" in text
     else:
         pytest.skip("the ImageNet weights could be downloaded: this machine is online")

@@ -16,12 +16,13 @@ from wsi_il.config import FeatureSettings, TilingSettings, from_dict
 from wsi_il.errors import InputError
 from wsi_il.events import Reporter
 from wsi_il.features import (
-    FEATURE_SHAPE,
     FeatureExtractor,
     Weights,
     build_resnet,
     channel_sums,
     default_workers,
+    feature_shape,
+    head_block_of,
     mean_std,
     prefetch,
     resize_tile,
@@ -210,14 +211,19 @@ def reader_for(project: Project, record: SlideRecord, input_px: int):  # type: i
 
 
 def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtractor,
-                  settings: FeatureSettings, reporter: Reporter, workers: int) -> None:
-    """Compute the features of every patch of a slide, resuming after the last finished batch."""
+                  settings: FeatureSettings, reporter: Reporter, workers: int, staged: bool = False) -> None:
+    """Compute the features of every patch of a slide, resuming after the last finished batch.
+
+    ``staged`` writes the next features (new weights) beside the current ones.
+    """
     n = record.n_patches
-    path = project.features_path(record.id)
-    progress = project.read_json(project.progress_path(record.id), {"done": 0})
+    path = project.next_features_path(record.id) if staged else project.features_path(record.id)
+    progress_path = project.next_progress_path(record.id) if staged else project.progress_path(record.id)
+    progress = project.read_json(progress_path, {"done": 0})
     done = int(progress["done"]) if path.is_file() else 0
     if done == 0:
-        store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, *FEATURE_SHAPE))
+        store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                             shape=(n, *feature_shape(settings.arch)))
     else:
         store = np.load(path, mmap_mode="r+")
     load, close = reader_for(project, record, settings.input_px)
@@ -229,7 +235,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
         for batch, tiles in zip(batches, prefetch(load, batches, workers), strict=True):
             store[batch.start:batch.stop] = extractor(tiles)
             store.flush()
-            project.write_json(project.progress_path(record.id), {"done": batch.stop})
+            project.write_json(progress_path, {"done": batch.stop})
             advance(len(batch))
     finally:
         close()
@@ -262,7 +268,7 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
         return manifest
     settings = from_dict(FeatureSettings, manifest["features"])
     weights = weights or load_project_weights(settings)
-    model = build_resnet(weights, settings.seed)
+    model = build_resnet(weights, settings.seed, settings.arch)
     _save_init_block(project, model)
     extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
                                  device)
@@ -277,7 +283,7 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
 
 def load_project_weights(settings: FeatureSettings) -> Weights:
     """Load the weights that made the project's features, checking the file has not changed."""
-    weights = resolve_weights(settings.weights)
+    weights = resolve_weights(settings.weights, settings.arch)
     if settings.weights_sha256 and weights.sha256 and weights.sha256 != settings.weights_sha256:
         raise InputError(
             f"the weights {weights.source} have changed since the project's features were made "
@@ -295,7 +301,7 @@ def _save_init_block(project: Project, model) -> None:  # type: ignore[no-untype
     import torch
 
     buffer = io.BytesIO()
-    torch.save(model.layer4[1].state_dict(), buffer)
+    torch.save(head_block_of(model).state_dict(), buffer)
     from wsi_il.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())
@@ -327,6 +333,7 @@ class FeatureStore:
         self.parts = [np.load(project.features_path(s.id), mmap_mode="r")
                       for s in project.slides(manifest) if s.tiled and s.n_patches > 0]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = tuple(self.parts[0].shape[1:]) if self.parts else (512, 7, 7)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -334,7 +341,7 @@ class FeatureStore:
     def take(self, indices: np.ndarray) -> np.ndarray:
         """Return float16 features of the given global indices, in order."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), *FEATURE_SHAPE), dtype=np.float16)
+        out = np.empty((len(indices), *self.shape), dtype=np.float16)
         part = np.searchsorted(self.offsets, indices, side="right") - 1
         for p in np.unique(part):
             where = np.flatnonzero(part == p)

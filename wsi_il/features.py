@@ -1,4 +1,9 @@
-"""The frozen trunk (ResNet-18 up to layer4[0]), its weights, and batched feature extraction."""
+"""The frozen trunk, its weights, and batched feature extraction.
+
+Per architecture the split is the same: the last residual block of ``layer4`` is trainable (the
+heads), everything before it is the frozen trunk whose output (C x 7 x 7) is cached. For ResNet-18
+that is METHOD.md's split (trunk up to ``layer4[0]``, heads from ``layer4[1]``).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,48 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings
 from wsi_il.errors import WeightsError
 
-FEATURE_SHAPE = (512, 7, 7)
-IMAGENET_FILE = "resnet18-f37072fd.pth"
-_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.")
+_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.", "resnet.", "net.")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A supported backbone: its torchvision builder, cached feature channels and ImageNet weights."""
+
+    name: str
+    channels: int
+    imagenet: str  # the torchvision weights enum member
+
+
+ARCHES = {
+    "resnet18": Arch("resnet18", 512, "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet34": Arch("resnet34", 512, "ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet50": Arch("resnet50", 2048, "ResNet50_Weights.IMAGENET1K_V1"),
+}
+
+
+def get_arch(name: str) -> Arch:
+    """Return a supported architecture by name."""
+    if name not in ARCHES:
+        raise WeightsError(f"architecture {name!r} is not supported", f"use one of {', '.join(ARCHES)}")
+    return ARCHES[name]
+
+
+def feature_shape(arch: str) -> tuple[int, int, int]:
+    """Shape of one cached feature map for an architecture."""
+    return (get_arch(arch).channels, 7, 7)
+
+
+def detect_arch(state: dict[str, Any]) -> str | None:
+    """Guess the ResNet a state dict belongs to from its keys (None when it is no known ResNet)."""
+    if "layer4.0.conv3.weight" in state:
+        blocks = {k.split(".")[1] for k in state if k.startswith("layer3.")}
+        return "resnet50" if len(blocks) == 6 else None
+    if "layer4.0.conv1.weight" in state:
+        blocks = {k.split(".")[1] for k in state if k.startswith("layer3.")}
+        return {2: "resnet18", 6: "resnet34"}.get(len(blocks))
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,30 +85,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_weights(spec: str) -> Weights:
+def resolve_weights(spec: str, arch: str = "resnet18") -> Weights:
     """Load the weights named by ``spec``: 'imagenet', 'random', or a state-dict file."""
     if spec == "random":
         return Weights(None, "random", "random", None)
     if spec == "imagenet":
-        return _imagenet_weights()
+        return _imagenet_weights(get_arch(arch))
     return _file_weights(Path(spec))
 
 
-def _imagenet_weights() -> Weights:
+def _imagenet_weights(arch: Arch) -> Weights:
     import torch
-    from torchvision.models import ResNet18_Weights
+    import torchvision.models as tvm
 
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / IMAGENET_FILE
+    enum_name, member = arch.imagenet.split(".")
+    spec = getattr(getattr(tvm, enum_name), member)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
     try:
-        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        state = spec.get_state_dict(progress=False)
     except Exception as exc:  # noqa: BLE001 - urllib, SSL, HTTP and disk errors alike
         raise WeightsError(
-            f"the ImageNet weights of ResNet-18 are not in torch's cache ({cached}) and could not be "
+            f"the ImageNet weights of {arch.name} are not in torch's cache ({cached}) and could not be "
             f"downloaded ({type(exc).__name__}: {str(exc)[:120]})",
-            f"on a machine with internet, download {ResNet18_Weights.IMAGENET1K_V1.url} and copy it to "
-            f"{cached}, or pass --weights PATH_TO_FILE (or --weights random for a demo)") from exc
+            f"on a machine with internet, download {spec.url} and copy it to {cached}, "
+            "or pass --weights PATH_TO_FILE (or --weights random for a demo)") from exc
     sha = file_sha256(cached) if cached.is_file() else None
-    return Weights(dict(state), "imagenet", "torchvision ResNet18_Weights.IMAGENET1K_V1", sha)
+    return Weights(dict(state), "imagenet", f"torchvision {arch.imagenet}", sha)
 
 
 def _file_weights(path: Path) -> Weights:
@@ -106,13 +149,13 @@ def _unwrap(state: Any, path: Path) -> dict[str, Any]:
     return cleaned
 
 
-def build_resnet(weights: Weights, seed: int):  # type: ignore[no-untyped-def]
-    """Build torchvision's ResNet-18 with the given weights (seeded init when random)."""
+def build_resnet(weights: Weights, seed: int, arch: str = "resnet18"):  # type: ignore[no-untyped-def]
+    """Build a torchvision ResNet with the given weights (seeded init when random)."""
     import torch
-    from torchvision.models import resnet18
+    import torchvision.models as tvm
 
     torch.manual_seed(seed)
-    model = resnet18(weights=None)
+    model = getattr(tvm, get_arch(arch).name)(weights=None)
     if weights.state is not None:
         state = {k: v for k, v in weights.state.items() if not k.startswith("fc.")}
         expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
@@ -121,23 +164,35 @@ def build_resnet(weights: Weights, seed: int):  # type: ignore[no-untyped-def]
         misshapen = sorted(k for k in set(state) & set(expected)
                            if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape))
         if missing or unexpected or misshapen:
+            found = detect_arch(state)
+            hint = f"it looks like a {found}: pass --arch {found}" if found and found != arch else (
+                f"give a torchvision or timm {arch} state dict")
             raise WeightsError(
-                f"{weights.source} does not fit ResNet-18: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                f"{weights.source} does not fit {_pretty(arch)}: {len(missing)} missing keys (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(misshapen)} of another shape "
-                f"(e.g. {misshapen[:2]})", "give a torchvision ResNet-18 state dict")
+                f"(e.g. {misshapen[:2]})", hint)
         model.load_state_dict(state, strict=False)
     return model.eval()
 
 
+def _pretty(arch: str) -> str:
+    return arch.replace("resnet", "ResNet-")
+
+
 def trunk_of(model):  # type: ignore[no-untyped-def]
-    """Return the frozen part of a ResNet: conv1 ... layer4[0]."""
+    """Return the frozen part of a ResNet: conv1 ... layer4 without its last block."""
     import torch
 
     trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
-                                model.layer2, model.layer3, model.layer4[0])
+                                model.layer2, model.layer3, *list(model.layer4)[:-1])
     for param in trunk.parameters():
         param.requires_grad_(False)
     return trunk.eval()
+
+
+def head_block_of(model):  # type: ignore[no-untyped-def]
+    """Return the trainable block of a ResNet: the last block of layer4."""
+    return model.layer4[-1]
 
 
 def resize_tile(rgb: np.ndarray, input_px: int) -> np.ndarray:
@@ -196,7 +251,7 @@ class FeatureExtractor:
             torch.set_num_threads(default_workers())
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """Return float16 features (B, 512, 7, 7) of uint8 tiles (B, H, W, 3)."""
+        """Return float16 features (B, C, 7, 7) of uint8 tiles (B, H, W, 3)."""
         torch = self.torch
         with torch.inference_mode():
             batch = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float()
@@ -209,6 +264,3 @@ class FeatureExtractor:
             return out.float().contiguous().cpu().numpy().astype(np.float16)
 
 
-def settings_weights(settings: FeatureSettings) -> Weights:
-    """Resolve the weights that a project's feature settings name."""
-    return resolve_weights(settings.weights)

@@ -1,7 +1,9 @@
-"""The two trainable heads on cached layer4[0] features (METHOD.md "Two trainable heads").
+"""The two trainable heads on cached trunk features (METHOD.md "Two trainable heads").
 
 - retrieval head: layer4[1] + global average pooling -> 512-d, L2-normalised; batch-hard triplet loss.
 - classifier head: layer4[1] + GAP + linear -> C logits; cross-entropy.
+
+(For ResNet-18; other backbones use their own last block of layer4, and its width.)
 
 Targets are class indices; a binary "no" in a project of more than two classes is stored as
 ``-(c + 1)`` ("not class c"): it is a negative for class c in the triplet loss and is trained with
@@ -27,12 +29,23 @@ def _torch():  # type: ignore[no-untyped-def]
 
 
 def make_block(init_state: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Return a fresh copy of ResNet's layer4[1] BasicBlock loaded with ``init_state``."""
-    from torchvision.models.resnet import BasicBlock
+    """Return a fresh residual block shaped like ``init_state`` (Basic or Bottleneck) loaded with it."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    block = BasicBlock(512, 512)
+    if "conv3.weight" in init_state:
+        width = int(init_state["conv3.weight"].shape[0])
+        block = Bottleneck(width, width // Bottleneck.expansion)
+    else:
+        width = int(init_state["conv1.weight"].shape[0])
+        block = BasicBlock(width, width)
     block.load_state_dict(init_state)
     return block
+
+
+def block_width(init_state: dict[str, Any]) -> int:
+    """Output channels of the block (the embedding size)."""
+    key = "conv3.weight" if "conv3.weight" in init_state else "conv2.weight"
+    return int(init_state[key].shape[0])
 
 
 class RetrievalHead(_torch().nn.Module):  # type: ignore[misc]
@@ -53,7 +66,7 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
     def __init__(self, init_state: dict[str, Any], n_classes: int) -> None:
         super().__init__()
         self.block = make_block(init_state)
-        self.fc = _torch().nn.Linear(512, n_classes)
+        self.fc = _torch().nn.Linear(block_width(init_state), n_classes)
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.fc(self.block(x).mean(dim=(2, 3)))
@@ -119,7 +132,7 @@ class TrainedHeads:
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
                 on_epoch: Callable[[int], None] | None = None) -> TrainedHeads:
-    """Train the retrieval and classifier heads on labelled features (float16 (n, 512, 7, 7)).
+    """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
 
     ``on_epoch(1)`` is called after every epoch (a progress advance).
     """
@@ -175,10 +188,10 @@ def pretrained_retrieval(init_state: dict[str, Any]) -> dict[str, Any]:
 
 def embed(retrieval_state: dict[str, Any], init_state: dict[str, Any], chunks: Iterable[tuple[int, np.ndarray]],
           n: int, device: str) -> np.ndarray:
-    """Embed features (chunks of (start, float16 block)) with a retrieval head: float32 (n, 512)."""
+    """Embed features (chunks of (start, float16 block)) with a retrieval head: float32 (n, width)."""
     head = RetrievalHead(init_state)
     head.load_state_dict(retrieval_state)
-    return _run(head, chunks, n, 512, device)
+    return _run(head, chunks, n, block_width(init_state), device)
 
 
 def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_classes: int,

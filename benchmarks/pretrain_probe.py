@@ -1,0 +1,180 @@
+"""Does self-supervised pretraining (`wsi-il pretrain`) make the features useful? A linear probe.
+
+Builds two mosaic slides of real breast tissue (BACH fields from ../shared/data: tumour block =
+Invasive + InSitu, the rest Normal), makes a project with RANDOM weights, pretrains the backbone on the
+project's own tissue, re-extracts, and compares, on the global-average-pooled trunk features:
+- a linear probe (logistic regression): 5-fold cross-validation over all patches, and inter-slide
+  (train on slide A, test on slide B and back), tumour F1 and Jaccard;
+- retrieval P@10 (share of a patch's 10 nearest neighbours with its label), per class;
+- the same for plain colour statistics (mean and std of RGB) as a floor.
+
+usage: python benchmarks/pretrain_probe.py [--out DIR] [--steps N] [--batch B] [--crop PX] [--device cpu|cuda]
+Prints a table and writes DIR/pretrain_probe.json. Caveat: the mosaic slides are built from 36 BACH fields,
+so patches of both slides (and of CV folds) share source fields: absolute scores are optimistic; the
+comparison between feature sets is what this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def cli(*args: str) -> float:
+    """Run a wsi-il command, return its wall time."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "wsi_il", *args], check=True)
+    return time.perf_counter() - started
+
+
+def gap_features(project: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return pooled features, patch boxes and slide index of every patch of a project."""
+    from wsi_il.database import FeatureStore, patch_table
+    from wsi_il.project import Project
+
+    proj = Project(project)
+    manifest = proj.read_manifest()
+    table = patch_table(proj, manifest)
+    store = FeatureStore(proj, manifest)
+    pooled = np.concatenate([block.astype(np.float32).mean(axis=(2, 3)) for _, block in store.chunks(512)])
+    return pooled, table.boxes, table.slide_index
+
+
+def colour_features(project: Path) -> np.ndarray:
+    """Mean and std of RGB per patch (the floor any learnt feature should beat)."""
+    from wsi_il.database import patch_table, reader_for
+    from wsi_il.project import Project
+
+    proj = Project(project)
+    manifest = proj.read_manifest()
+    rows = []
+    for record in proj.slides(manifest):
+        load, close = reader_for(proj, record, 64)
+        rows.extend(np.concatenate([t.reshape(-1, 3).mean(0), t.reshape(-1, 3).std(0)])
+                    for t in (load(i).astype(np.float32) for i in range(record.n_patches)))
+        close()
+    assert len(rows) == len(patch_table(proj, manifest))
+    return np.array(rows)
+
+
+def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Fit an L2-regularised logistic regression (L-BFGS) and predict the test set."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x = torch.from_numpy((train_x - mean) / std).float()
+    y = torch.from_numpy(train_y).float()
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():  # type: ignore[no-untyped-def]
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    test = torch.from_numpy((test_x - mean) / std).float()
+    return ((test @ w + b) > 0).detach().numpy()
+
+
+def f1_jaccard(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    tp = float((truth & pred).sum())
+    fp = float((~truth & pred).sum())
+    fn = float((truth & ~pred).sum())
+    return 2 * tp / max(2 * tp + fp + fn, 1), tp / max(tp + fp + fn, 1)
+
+
+def cross_validated(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> tuple[float, float]:
+    order = np.random.default_rng(seed).permutation(len(y))
+    pred = np.zeros(len(y), dtype=bool)
+    for part in np.array_split(order, folds):
+        train = np.setdiff1d(order, part)
+        pred[part] = logistic_probe(x[train], y[train], x[part])
+    return f1_jaccard(y, pred)
+
+
+def inter_slide(x: np.ndarray, y: np.ndarray, slide: np.ndarray) -> tuple[float, float]:
+    pred = np.zeros(len(y), dtype=bool)
+    for s in np.unique(slide):
+        test = slide == s
+        pred[test] = logistic_probe(x[~test], y[~test], x[test])
+    return f1_jaccard(y, pred)
+
+
+def precision_at_10(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-9
+    sims = z @ z.T
+    np.fill_diagonal(sims, -np.inf)
+    neighbours = np.argsort(-sims, axis=1)[:, :10]
+    hits = (y[neighbours] == y[:, None]).mean(axis=1)
+    return {"tumour": float(hits[y].mean()), "normal": float(hits[~y].mean())}
+
+
+def evaluate(name: str, x: np.ndarray, y: np.ndarray, slide: np.ndarray) -> dict[str, object]:
+    f1, jac = cross_validated(x, y)
+    f1_is, jac_is = inter_slide(x, y, slide)
+    return {"features": name, "cv_f1": f1, "cv_jaccard": jac, "inter_slide_f1": f1_is,
+            "inter_slide_jaccard": jac_is, "p_at_10": precision_at_10(x, y)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-pretrain"))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=7680, help="side of each mosaic slide in px")
+    args = parser.parse_args()
+    from wsi_il.mosaic import bach_images, make_block_slide
+    from wsi_il.truth import truth_mask
+
+    tumour, normal = bach_images(DATA)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slides = []
+    for i, block in enumerate([(1280, 1280, 4352, 3840), (3328, 3840, 6400, 6400)]):
+        slides.append(make_block_slide(args.out / f"mosaic{i + 1}.tiff", tumour, normal,
+                                       size_px=(args.size, args.size), block=block, seed=11 + i))
+    project = args.out / "project"
+    if not (project / "project.json").is_file():
+        cli("init", str(project), "--slide", str(slides[0].path), "--slide", str(slides[1].path),
+            "--weights", "random", "--device", "cpu")
+    x_random, boxes, slide_index = gap_features(project)
+    y = np.zeros(len(boxes), dtype=bool)
+    for i, s in enumerate(slides):
+        y[slide_index == i] = truth_mask(boxes[slide_index == i], s.truth_path)
+    results = [evaluate("colour statistics", colour_features(project), y, slide_index),
+               evaluate("random ResNet-18", x_random, y, slide_index)]
+    options = [f"--{k} {v}" for k, v in (("steps", args.steps), ("batch", args.batch), ("crop", args.crop)) if v]
+    weights = args.out / "pretrained.pt"
+    seconds = cli("pretrain", str(project), "--start", "random", "--out", str(weights), "--device", args.device,
+                  *" ".join(options).split())
+    cli("reextract", str(project), "--weights", str(weights), "--device", args.device)
+    x_pre, _, _ = gap_features(project)
+    results.append(evaluate("SimCLR-pretrained ResNet-18", x_pre, y, slide_index))
+    summary = {"patches": int(len(y)), "tumour_patches": int(y.sum()), "pretrain_seconds": seconds,
+               "pretrain_options": options or ["defaults"], "device": args.device,
+               "torch_threads": torch.get_num_threads(), "results": results}
+    (args.out / "pretrain_probe.json").write_text(json.dumps(summary, indent=2))
+    print(f"{len(y)} patches ({int(y.sum())} tumour); pretraining took {seconds / 60:.1f} min")
+    print(f"{'features':30} {'CV F1':>6} {'CV Jac':>6} {'A<->B F1':>8} {'A<->B Jac':>9} {'P@10 tum/norm':>14}")
+    for r in results:
+        p = r["p_at_10"]
+        print(f"{r['features']:30} {r['cv_f1']:6.3f} {r['cv_jaccard']:6.3f} {r['inter_slide_f1']:8.3f} "
+              f"{r['inter_slide_jaccard']:9.3f} {p['tumour']:7.2f}/{p['normal']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

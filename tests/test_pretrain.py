@@ -1,0 +1,157 @@
+"""Self-supervised pretraining, re-extraction with new weights, and other ResNet backbones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wsi_il.cli import app
+from wsi_il.pretrain import PretrainSettings, pretrain
+from wsi_il.project import Project
+
+runner = CliRunner()
+
+
+def run(*args: object, code: int = 0) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def small_project(block_slide, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pre") / "p"
+    run("init", root, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
+        "--device", "cpu")
+    return root
+
+
+def _copy(project: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(project, target)
+    return target
+
+
+SMALL = PretrainSettings(steps=12, batch=16, crop_px=64, checkpoint_every=4, lr=1e-3)
+
+
+def test_pretraining_lowers_the_loss_and_changes_the_features(small_project, block_slide, tmp_path):
+    project = _copy(small_project, tmp_path)
+    result = pretrain(Project(project), SMALL, "cpu", tmp_path / "w.pt")
+    assert result.steps == 12 and len(result.losses) == 12
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])
+    state = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert "conv1.weight" in state and not any(k.startswith("fc.") or k.startswith("projection") for k in state)
+    # the weights load back, as a new project and into this one
+    before = np.load(project / "slides" / "block" / "features.npy")
+    run("reextract", project, "--weights", tmp_path / "w.pt", "--device", "cpu")
+    after = np.load(project / "slides" / "block" / "features.npy")
+    assert after.shape == before.shape and not np.array_equal(after, before)
+    status = json.loads(run("status", project, "--json"))
+    assert status["weights"]["kind"] == "file" and status["weights"]["sha256"]
+    run("init", tmp_path / "new", "--slide", block_slide.path, "--weights", tmp_path / "w.pt", "--tile-size", "256",
+        "--device", "cpu")
+    fresh = np.load(tmp_path / "new" / "slides" / "block" / "features.npy")
+    assert np.array_equal(fresh, after)  # same weights, same tiles, same normalisation -> same features
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path):
+    settings = PretrainSettings(steps=6, batch=8, crop_px=64, checkpoint_every=2)
+    whole = _copy(small_project, tmp_path / "a")
+    pretrain(Project(whole), settings, "cpu", tmp_path / "whole.pt")
+    broken = _copy(small_project, tmp_path / "b")
+
+    def stop_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt", on_step=stop_at_3)
+    result = pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt")
+    assert result.resumed_from == 2  # the last checkpoint before the interruption
+    a = torch.load(tmp_path / "whole.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    other = PretrainSettings(steps=6, batch=16, crop_px=64, checkpoint_every=2)
+    with pytest.raises(Exception, match="other settings"):
+        pretrain(Project(broken), other, "cpu", tmp_path / "x.pt")
+
+
+def test_reextract_keeps_labels_and_retrains(block_slide, tmp_path):
+    from wsi_il.truth import fill_labels_from_truth
+
+    project = tmp_path / "p"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
+        "--device", "cpu")
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = tmp_path / "q.geojson"
+    region.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
+        [x0, y0], [x0 + 512, y0], [x0 + 512, y0 + 512], [x0, y0 + 512], [x0, y0]]]}, "properties": {}}))
+    run("query", project, "--region", region, "-k", "4", "--rounds", "2", "--device", "cpu")
+    fill_labels_from_truth(project / "batches" / "s1-r1", block_slide.truth_path)
+    run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
+    ledger = (project / "labels.jsonl").read_bytes()
+    torch.manual_seed(5)
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "other.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in resnet18().state_dict().items()}}, weights)
+    run("reextract", project, "--weights", weights, "--device", "cpu")
+    assert (project / "labels.jsonl").read_bytes() == ledger
+    assert (project / "models" / "reextract-1.pt").is_file()
+    state = json.loads((project / "state" / "state.json").read_text())
+    assert state["model"] == "reextract-1"
+    # the open session goes on with the new features
+    fill_labels_from_truth(project / "batches" / "s1-r2", block_slide.truth_path)
+    run("ingest", project, project / "batches" / "s1-r2" / "labels.csv", "--device", "cpu")
+    run("export", project, "--out", tmp_path / "mask.geojson")
+    run("reextract", project, "--weights", weights, code=3)  # already these weights
+
+
+@pytest.mark.parametrize(("arch", "channels"), [("resnet34", 512), ("resnet50", 2048)])
+def test_other_backbones_run_the_loop(block_slide, tmp_path, arch, channels):
+    from wsi_il.truth import fill_labels_from_truth
+
+    project = tmp_path / arch
+    run("init", project, "--slide", block_slide.path, "--tile-size", "512", "--arch", arch, "--weights", "random",
+        "--epochs", "1", "--device", "cpu")
+    features = np.load(project / "slides" / "block" / "features.npy", mmap_mode="r")
+    assert features.shape[1:] == (channels, 7, 7)
+    x0, y0, _, _ = block_slide.tumour.bounds
+    run("query", project, "--patch", f"block_x{int(x0)}_y{int(y0)}", "-k", "3", "--rounds", "1", "--device", "cpu")
+    fill_labels_from_truth(project / "batches" / "s1-r1", block_slide.truth_path)
+    run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
+
+
+def test_weights_files_name_their_architecture(block_slide, tmp_path):
+    from torchvision.models import resnet34
+
+    weights = tmp_path / "r34.pt"
+    torch.save({f"backbone.{k}": v for k, v in resnet34().state_dict().items()}, weights)  # a timm/lab-style dict
+    run("init", tmp_path / "p", "--slide", block_slide.path, "--tile-size", "512", "--weights", weights,
+        "--device", "cpu")
+    manifest = json.loads((tmp_path / "p" / "project.json").read_text())
+    assert manifest["features"]["arch"] == "resnet34" and manifest["features"]["weights_sha256"]
+    out = run("init", tmp_path / "q", "--slide", block_slide.path, "--weights", weights, "--arch", "resnet18",
+              code=3)
+    assert "looks like a resnet34" in out and not (tmp_path / "q").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pretrain_and_extract_on_cuda(small_project, tmp_path):
+    project = _copy(small_project, tmp_path)
+    result = pretrain(Project(project), PretrainSettings(steps=4, batch=32, crop_px=128), "cuda", tmp_path / "w.pt")
+    assert np.isfinite(result.losses).all()
+    run("reextract", project, "--weights", tmp_path / "w.pt", "--device", "cuda")
+    cuda = np.load(project / "slides" / "block" / "features.npy")
+    run("init", tmp_path / "cpu", "--slide", json.loads((project / "project.json").read_text())["slides"][0]["path"],
+        "--tile-size", "256", "--weights", tmp_path / "w.pt", "--device", "cpu")
+    cpu = np.load(tmp_path / "cpu" / "slides" / "block" / "features.npy")
+    assert np.abs(cuda.astype(np.float32) - cpu.astype(np.float32)).mean() < 0.05 * np.abs(cpu).mean()

@@ -1,0 +1,297 @@
+"""Self-supervised pretraining of the backbone on a project's own tissue (SimCLR, no labels).
+
+Two augmented views of random fields anywhere in the tissue of the project's slides are pulled
+together and pushed away from the other fields of the batch (NT-Xent loss). The augmentations run
+as batched tensor operations on the training device (the GPU when there is one): random resized crop,
+flips and 90-degree rotations in one affine resampling, H&E stain jitter in optical-density space,
+brightness/contrast/saturation jitter, grayscale and Gaussian blur.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+from wsi_il.database import load_image, load_project_weights
+from wsi_il.errors import InputError, ProjectStateError
+from wsi_il.features import Weights, build_resnet, default_workers, prefetch
+from wsi_il.fsutil import atomic_write_bytes
+from wsi_il.project import Project
+
+# Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), optical density per RGB.
+_STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """One pretraining run (recorded in its checkpoint so that a resumed run is the same run)."""
+
+    steps: int
+    batch: int
+    crop_px: int
+    """Side of the views fed to the network."""
+    field_scale: float = 1.5
+    """Side of the field read around a random tissue point, in project tiles."""
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    temperature: float = 0.2
+    checkpoint_every: int = 25
+    seed: int = 0
+    start: str = "project"
+    """'project' (the weights that made the project's features) or 'random'."""
+
+    @staticmethod
+    def for_device(device: str, steps: int | None, batch: int | None, crop_px: int | None) -> PretrainSettings:
+        """The default setting of a device: the paper-sized GPU run, or a small honest CPU run."""
+        if device == "cuda":
+            return PretrainSettings(steps or 500, batch or 512, crop_px or 224)
+        return PretrainSettings(steps or 200, batch or 64, crop_px or 96)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a pretraining run produced."""
+
+    weights: Path
+    steps: int
+    seconds: float
+    losses: list[float]
+    resumed_from: int
+
+
+class TissueSampler:
+    """Draw random level-0 fields inside the tissue of a project's slides (or its patch images)."""
+
+    def __init__(self, project: Project, manifest: dict[str, Any], field_px: int) -> None:
+        from wsi_il.slide import TileReader, read_thumbnail
+        from wsi_il.tiling import tissue_mask
+
+        tiling = from_dict(TilingSettings, manifest["tiling"])
+        self.field_px = field_px
+        self.sources: list[tuple[str, Any, np.ndarray, float]] = []
+        for record in project.slides(manifest):
+            if record.kind == "patches":
+                files = project.read_json(project.images_path(record.id))["files"]
+                self.sources.append(("patches", [Path(record.path) / f for f in files], np.zeros((0, 2)), 1.0))
+                continue
+            thumb, scale = read_thumbnail(Path(record.path), tiling.thumbnail_px)
+            points = np.argwhere(tissue_mask(thumb, tiling))[:, ::-1].astype(np.float64)  # (x, y) thumbnail px
+            if len(points):
+                self.sources.append(("slide", TileReader(Path(record.path)), points, scale))
+        if not self.sources:
+            raise ProjectStateError("the project has no tissue to pretrain on", "add slides with tissue")
+        weights = np.array([len(p) if kind == "slide" else len(r) for kind, r, p, _ in self.sources], float)
+        self.source_p = weights / weights.sum()
+
+    def field(self, rng: np.random.Generator) -> np.ndarray:
+        """Return one RGB field (field_px x field_px) centred on a random tissue point."""
+        kind, reader, points, scale = self.sources[rng.choice(len(self.sources), p=self.source_p)]
+        if kind == "patches":
+            from wsi_il.features import resize_tile
+
+            return resize_tile(load_image(reader[rng.integers(len(reader))]), self.field_px)
+        x, y = (points[rng.integers(len(points))] + rng.random(2)) * scale
+        half = self.field_px // 2
+        return reader.read(int(x) - half, int(y) - half, self.field_px, self.field_px)
+
+    def close(self) -> None:
+        for kind, reader, _, _ in self.sources:
+            if kind == "slide":
+                reader.close()
+
+
+# ---- augmentations (batched tensor operations on the device) --------------------------------
+def augment(fields, crop_px: int, generator, mean, std):  # type: ignore[no-untyped-def]
+    """Return one augmented, normalised view (B, 3, crop, crop) of uint8 fields (B, 3, H, W) in [0, 255]."""
+    b = fields.shape[0]
+    dev = fields.device
+
+    def uniform(lo: float, hi: float, *shape: int):  # type: ignore[no-untyped-def]
+        return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=generator, device="cpu").to(dev)
+
+    x = fields.float() / 255.0
+    # random resized crop (area 0.25-1, aspect 3/4-4/3) + flip + 90-degree rotation as one affine map
+    area, log_ratio = uniform(0.25, 1.0), uniform(math.log(3 / 4), math.log(4 / 3))
+    ratio = log_ratio.exp()
+    sx, sy = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    tx, ty = (1 - sx) * uniform(-1, 1), (1 - sy) * uniform(-1, 1)
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    quarter = torch.randint(0, 4, (b,), generator=generator).to(dev).float() * (math.pi / 2)
+    cos, sin = quarter.cos().round(), quarter.sin().round()
+    theta = torch.stack([torch.stack([sx * cos * flip, -sy * sin, tx], 1),
+                         torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, [b, 3, crop_px, crop_px], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    x = _stain_jitter(x, uniform(0.9, 1.1, b, 3), uniform(-0.04, 0.04, b, 3))
+    x = _colour_jitter(x, uniform(0.75, 1.25), uniform(0.75, 1.25), uniform(0.75, 1.25))
+    gray = (uniform(0, 1) < 0.2).view(b, 1, 1, 1)
+    x = torch.where(gray, _luma(x).expand_as(x), x)
+    blur = (uniform(0, 1) < 0.5).view(b, 1, 1, 1)
+    sigma = float(uniform(0.1, 1.5, 1)[0])
+    x = torch.where(blur, gaussian_blur(x, [7, 7], [sigma, sigma]), x)
+    return (x.clamp(0, 1) - mean) / std
+
+
+def _luma(x):  # type: ignore[no-untyped-def]
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _colour_jitter(x, brightness, contrast, saturation):  # type: ignore[no-untyped-def]
+    x = x * brightness.view(-1, 1, 1, 1)
+    mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast.view(-1, 1, 1, 1) + mean
+    gray = _luma(x)
+    return (x - gray) * saturation.view(-1, 1, 1, 1) + gray
+
+
+def _stain_jitter(x, alpha, beta):  # type: ignore[no-untyped-def]
+    """Scale and shift the haematoxylin, eosin and DAB concentrations (optical-density space)."""
+    stains = torch.from_numpy(_STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)).to(x.device)
+    od = -torch.log(x.clamp(min=1e-3))  # (B, 3, H, W)
+    conc = torch.einsum("bchw,cs->bshw", od, torch.linalg.inv(stains))
+    conc = conc * alpha.view(-1, 3, 1, 1) + beta.view(-1, 3, 1, 1)
+    od = torch.einsum("bshw,sc->bchw", conc, stains)
+    return torch.exp(-od)
+
+
+def nt_xent(z1, z2, temperature: float):  # type: ignore[no-untyped-def]
+    """SimCLR's normalised temperature-scaled cross-entropy over 2B views."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = z @ z.t() / temperature
+    n = z1.shape[0]
+    logits.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, targets)
+
+
+# ---- the run --------------------------------------------------------------------------------
+class SimCLR(torch.nn.Module):
+    """A ResNet without its classifier, plus SimCLR's two-layer projection head."""
+
+    def __init__(self, backbone) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        width = backbone.fc.in_features
+        backbone.fc = torch.nn.Identity()
+        self.backbone = backbone
+        self.projection = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(inplace=True),
+                                              torch.nn.Linear(width, 128))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.projection(self.backbone(x))
+
+
+def checkpoint_path(project: Project) -> Path:
+    return project.root / "pretrain" / "checkpoint.pt"
+
+
+def pretrain(project: Project, settings: PretrainSettings, device: str, out: Path,
+             on_step: Callable[[int, float], None] | None = None,
+             on_estimate: Callable[[float], None] | None = None, workers: int | None = None) -> PretrainResult:
+    """Train the project's backbone self-supervised; resumes from its checkpoint when there is one."""
+    manifest = project.read_manifest()
+    features = from_dict(FeatureSettings, manifest["features"])
+    if manifest.get("normalisation") is None:
+        raise ProjectStateError("the project has no normalisation statistics yet", f"run `wsi-il init {project.root}`")
+    weights = load_project_weights(features) if settings.start == "project" else None
+    model = SimCLR(build_resnet(weights or Weights(None, "random", "random", None), settings.seed, features.arch))
+    dev = torch.device(device)
+    model = model.to(dev).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.steps))
+    step, losses = _resume(project, settings, model, optimizer, schedule)
+    resumed_from = step
+    norm = manifest["normalisation"]
+    mean = torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"], device=dev).view(1, 3, 1, 1)
+    tile = int(manifest["tiling"]["tile_size_px"])
+    sampler = TissueSampler(project, manifest, max(int(tile * settings.field_scale), settings.crop_px))
+    workers = workers or default_workers()
+    started = time.perf_counter()
+    try:
+        batches = [range(s * settings.batch, (s + 1) * settings.batch) for s in range(step, settings.steps)]
+
+        def load(i: int) -> np.ndarray:
+            return sampler.field(np.random.default_rng([settings.seed, i]))
+
+        model.train()
+        fields_iter = prefetch(load, batches, workers)
+        for fields in fields_iter:
+            loss = _train_step(model, optimizer, schedule, fields, settings, step, dev, mean, std)
+            losses.append(loss)
+            step += 1
+            if on_step:
+                on_step(step, loss)
+            if on_estimate and step == resumed_from + 2:
+                per_step = (time.perf_counter() - started) / 2
+                on_estimate(per_step * (settings.steps - step))
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                _save_checkpoint(project, settings, model, optimizer, schedule, step, losses)
+    finally:
+        if "fields_iter" in locals():
+            fields_iter.close()  # stop the readers before their slides are closed
+        sampler.close()
+    state = {f"{k}": v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
+    return PretrainResult(out, step, time.perf_counter() - started, losses, resumed_from)
+
+
+def _lr_factor(step: int, total: int) -> float:
+    warmup = max(1, total // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: PretrainSettings, step: int,  # type: ignore[no-untyped-def]
+                dev, mean, std) -> float:
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+    batch = torch.from_numpy(fields).to(dev, non_blocking=True).permute(0, 3, 1, 2)
+    views = [augment(batch, settings.crop_px, generator, mean, std).contiguous(memory_format=torch.channels_last)
+             for _ in range(2)]
+    optimizer.zero_grad(set_to_none=True)
+    if dev.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            z1, z2 = model(views[0]), model(views[1])
+    else:
+        z1, z2 = model(views[0]), model(views[1])
+    loss = nt_xent(z1, z2, settings.temperature)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return float(loss.detach())
+
+
+def _save_checkpoint(project: Project, settings: PretrainSettings, model, optimizer, schedule, step: int,  # type: ignore[no-untyped-def]
+                     losses: list[float]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"settings": asdict(settings), "step": step, "losses": losses, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+    atomic_write_bytes(checkpoint_path(project), buffer.getvalue())
+
+
+def _resume(project: Project, settings: PretrainSettings, model, optimizer, schedule) -> tuple[int, list[float]]:  # type: ignore[no-untyped-def]
+    path = checkpoint_path(project)
+    if not path.is_file():
+        return 0, []
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["settings"] != asdict(settings):
+        changed = [k for k, v in asdict(settings).items() if saved["settings"].get(k) != v]
+        raise InputError(f"{path} is a pretraining run with other settings ({', '.join(changed)})",
+                         "run with the same settings to resume it, or pass --restart to start over")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    return int(saved["step"]), list(saved["losses"])
