@@ -490,3 +490,33 @@ def test_fuzz_mutated_batch_files(
         at = position % (len(data) + 1)
         data[at : at + len(replacement)] = replacement
     _read_or_reject(fuzz_batch[0] / ("fuzz.csv" if which == 1 else "fuzz.geojson"), bytes(data), partial)
+
+
+_SPELLINGS = st.sampled_from([str.upper, str.lower, str.title, str])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    delimiter=st.sampled_from([",", ";", "\t"]),
+    terminator=st.sampled_from(["\n", "\r\n"]),
+    quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL]),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "cp1252", "utf-16"]),
+    spellings=st.lists(_SPELLINGS, min_size=K, max_size=K),
+    padding=st.lists(st.sampled_from(["", " ", "  ", "\t"]), min_size=2 * K, max_size=2 * K),
+    order=st.permutations(list(range(13))),
+    blank_lines=st.integers(0, 3),
+)
+def test_every_spreadsheet_dialect_of_a_filled_batch_is_accepted(
+    fuzz_batch: tuple[Path, bytes, bytes], delimiter: str, terminator: str, quoting: int, encoding: str,
+    spellings: list, padding: list[str], order: list[int], blank_lines: int,
+) -> None:
+    """What Excel, LibreOffice or Numbers write (BOM, ; or tab, CRLF, quotes, case, spaces) reads the same."""
+    folder = fuzz_batch[0]
+    answers = [padding[2 * i] + spellings[i](label) + padding[2 * i + 1] for i, label in enumerate(LABELS)]
+    rows = _filled(folder, answers)
+    columns = [list(rows[0])[i] for i in order]
+    path = _write_rows(folder / "dialect.csv", rows, columns, delimiter=delimiter, lineterminator=terminator,
+                       quoting=quoting, encoding=encoding)
+    path.write_bytes(path.read_bytes() + (terminator * blank_lines).encode(encoding if encoding != "utf-16"
+                                                                                else "utf-16-le"))
+    assert read_labels(path, _info(), _patches()) == _expected(_patches(), LABELS)

@@ -33,6 +33,7 @@ from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MAX_IMAGE_PIXELS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,11 @@ def load_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path} is {image.width} x {image.height} px, more than a patch image may have "
+                                 f"({MAX_IMAGE_PIXELS // 1_000_000} megapixels)", "tile large images into patches")
             return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path} cannot be read as an image: {exc}", "remove or replace the file") from exc
 
 

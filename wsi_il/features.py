@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,8 +128,12 @@ def _file_weights(path: Path) -> Weights:
             import torch
 
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle refusals, corrupt zips, missing safetensors
-        raise WeightsError(f"{path} cannot be loaded as a state dict ({type(exc).__name__}: {str(exc)[:160]})",
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path} holds pickled Python objects; only plain tensors are loaded",
+                           "save the weights with torch.save(model.state_dict(), PATH) or as .safetensors") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt zips, missing safetensors
+        first_line = " ".join(str(exc).split())[:160]
+        raise WeightsError(f"{path} cannot be loaded as a state dict ({type(exc).__name__}: {first_line})",
                            "save plain tensors with torch.save(model.state_dict(), PATH); "
                            "pickled objects are refused for safety") from exc
     return Weights(_unwrap(state, path), "file", str(path.resolve()), file_sha256(path))

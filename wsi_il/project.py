@@ -3,14 +3,17 @@
 Layout::
 
     PROJECT/
-      project.json                 manifest: settings, classes, slides, normalisation, weights
-      lock                         held by the command that writes the project
-      labels.jsonl                 the label ledger (append-only, one JSON object a line)
+      project.json                 manifest: settings, classes, slides, normalisation, weights, and the
+                                   provenance of the features (package versions, settings as recorded)
+      lock                         held by the command that writes the project (pid, host, command)
+      labels.jsonl                 the label ledger (append-only, fsync'ed, one JSON object a line)
       slides/<id>/patches.npy      int64 (N, 4): x, y, width, height in level-0 px
       slides/<id>/tiling.json      tiling result: channel sums for the normalisation statistics
       slides/<id>/features.npy     float16 (N, 512, 7, 7), memory-mapped
       slides/<id>/progress.json    how many patches of features.npy are final
       slides/<id>/images.json      patch-folder databases: image paths and folder labels
+      slides/<id>/features.next.npy  features under new weights while `reextract` runs
+      pretrain/                    self-supervised pretraining checkpoint and weights
       sessions/<sid>.json          one query session and its rounds
       sessions/<sid>.query.npy     the session's query features (float16)
       models/init.pt               the pretrained layer4[1] every round starts from
@@ -37,10 +40,11 @@ import numpy as np
 
 from wsi_il import __version__
 from wsi_il.errors import InputError, ProjectStateError
-from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "project.json"
+_LEDGER_KEYS = ("patch_id", "label", "batch")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,115 @@ class SlideRecord:
 def now_iso() -> str:
     """Return the current UTC time as an ISO 8601 string."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- versions and settings that made the features ----------------------------------------------
+_REQUIRED_KEYS = frozenset({"format", "uid", "classes", "slides", "tiling", "features", "train"})
+_PROTECTED = ("classes", "tiling", "features")
+"""Manifest sections the cached features, patches and models depend on: never changed once recorded."""
+_VERSIONED = ("torch", "torchvision", "numpy", "openslide-python", "openslide-bin", "pillow")
+_FEATURE_VERSIONS = ("torch", "torchvision", "openslide-bin")
+"""Packages whose version can change the features (numerics, image decoding): a difference is warned about."""
+
+
+def current_versions() -> dict[str, str | None]:
+    """Return the versions of wsi-il, Python and the packages that compute features (without importing them)."""
+    import platform
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"wsi-il": __version__, "python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _settings_snapshot(manifest: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({key: manifest.get(key) for key in _PROTECTED}))
+
+
+def _stamp_provenance(manifest: dict[str, Any]) -> None:
+    """Record the protected settings, and the package versions whenever the feature settings change.
+
+    Only wsi-il writes the manifest, after checking it (``check_settings``), so the record is what the
+    features, patches and models were made with; a later hand edit of project.json shows up as a difference.
+    """
+    snapshot = _settings_snapshot(manifest)
+    record = manifest.get("provenance")
+    if isinstance(record, dict) and record.get("settings") == snapshot:
+        return
+    if not isinstance(record, dict) or record.get("settings", {}).get("features") != snapshot["features"]:
+        legacy = record is None and manifest.get("normalisation") is not None  # made before versions were kept
+        record = {"versions": None if legacy else current_versions(), "since": now_iso()}
+    manifest["provenance"] = {**record, "settings": snapshot}
+
+
+def _major(version: Any) -> str | None:
+    return str(version).split(".")[0] if version else None
+
+
+def _check_format(path: Path, manifest: dict[str, Any]) -> None:
+    made_with = manifest.get("wsi_il_version")
+    fmt = manifest.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT_VERSION:
+        raise ProjectStateError(
+            f"{path} was written by a newer wsi-il ({made_with}, project format {fmt}); this is wsi-il "
+            f"{__version__}, which reads format {FORMAT_VERSION}",
+            f"upgrade wsi-il to {made_with} or later (pip install -U wsi-il)")
+    if fmt != FORMAT_VERSION:
+        raise ProjectStateError(
+            f"{path} has project format {fmt!r}; this wsi-il {__version__} reads format {FORMAT_VERSION}",
+            f"use the wsi-il version that made the project ({made_with})")
+    if _major(made_with) != _major(__version__):
+        raise ProjectStateError(
+            f"{path} was made by wsi-il {made_with}, whose major version differs from this wsi-il {__version__}",
+            f"use wsi-il {_major(made_with)}.x for this project (pip install 'wsi-il=={_major(made_with)}.*')")
+
+
+def check_settings(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Refuse a manifest whose protected settings were edited; return warnings about other package versions."""
+    record = manifest.get("provenance")
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return []
+    changed = _differences(record["settings"], _settings_snapshot(manifest))
+    if changed:
+        raise ProjectStateError(
+            f"{path} was edited after the features were made: {'; '.join(changed[:3])}"
+            + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""),
+            "restore the recorded values (provenance.settings in project.json); other settings need a new "
+            "project (`wsi-il init`), other weights `wsi-il reextract`")
+    recorded = record.get("versions") or {}
+    now = current_versions()
+    differ = [f"{name} {recorded[name]} (now {now.get(name)})" for name in _FEATURE_VERSIONS
+              if recorded.get(name) and now.get(name) and recorded[name] != now[name]]
+    if not differ:
+        return []
+    return [f"the project's features were computed with {', '.join(differ)}: features computed now (new "
+            "slides, query images) may differ slightly from the cached ones; install the recorded versions "
+            "to match them exactly"]
+
+
+def _differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        old, new = recorded.get(key), current.get(key)
+        if old == new or (prefix == "features." and key == "weights" and _same_weights_file(recorded, current)):
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            out.extend(_differences(old, new, f"{prefix}{key}."))
+        else:
+            out.append(f"{prefix}{key} is {json.dumps(new)}, was {json.dumps(old)}")
+    return out
+
+
+def _same_weights_file(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """A weights file may move: the path may change while its recorded SHA-256 stays the same."""
+    named = ("imagenet", "random")
+    return (recorded.get("weights") not in named and current.get("weights") not in named
+            and recorded.get("weights_sha256") is not None
+            and recorded.get("weights_sha256") == current.get("weights_sha256"))
 
 
 class Project:
@@ -91,6 +204,16 @@ class Project:
 
     def images_path(self, slide_id: str) -> Path:
         return self.slide_dir(slide_id) / "images.json"
+
+    def next_features_path(self, slide_id: str) -> Path:
+        """Features being computed with new weights (``wsi-il reextract``), swapped in when all are done."""
+        return self.slide_dir(slide_id) / "features.next.npy"
+
+    def next_progress_path(self, slide_id: str) -> Path:
+        return self.slide_dir(slide_id) / "progress.next.json"
+
+    def pretrain_dir(self) -> Path:
+        return self.root / "pretrain"
 
     def ledger_path(self) -> Path:
         return self.root / "labels.jsonl"
@@ -124,7 +247,7 @@ class Project:
         return self.manifest_path().is_file()
 
     def create(self, manifest: dict[str, Any]) -> None:
-        """Create the folder and write its first manifest."""
+        """Create the folder and write its first manifest (with the versions that will make the features)."""
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_VERSION, "uid": uuid.uuid4().hex, "created": now_iso(),
                     "wsi_il_version": __version__, "slides": [], **manifest}
@@ -141,13 +264,15 @@ class Project:
         except (OSError, ValueError) as exc:
             raise ProjectStateError(f"{path} cannot be read: {exc}",
                                     "restore it from a backup; the project cannot be used without it") from exc
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ProjectStateError(
-                f"{path} has format {manifest.get('format')!r}, this wsi-il reads format {FORMAT_VERSION}",
-                "use the wsi-il version that made the project (see wsi_il_version in project.json)")
+        if not isinstance(manifest, dict) or not _REQUIRED_KEYS <= set(manifest):
+            raise ProjectStateError(f"{path} is not a wsi-il project manifest (keys missing)",
+                                    "restore it from a backup; the project cannot be used without it")
+        _check_format(path, manifest)
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write project.json atomically, recording the settings the features are made with (see provenance)."""
+        _stamp_provenance(manifest)
         atomic_write_text(self.manifest_path(), json.dumps(manifest, indent=2) + "\n")
 
     def slides(self, manifest: dict[str, Any] | None = None) -> list[SlideRecord]:
@@ -158,7 +283,12 @@ class Project:
     def read_json(self, path: Path, default: Any = None) -> Any:
         if not path.is_file():
             return default
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProjectStateError(f"{path} is damaged: {exc}",
+                                    "restore it from a backup (wsi-il writes it whole, so something else changed "
+                                    "it)") from exc
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
@@ -181,17 +311,22 @@ class Project:
         if not path.is_file():
             return []
         entries = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill mid-write: it was never acknowledged
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in _LEDGER_KEYS):
+                raise ProjectStateError(f"{path} line {number} is not a label entry: {line[:80]!r}",
+                                        "restore labels.jsonl from a backup (wsi-il only ever appends to it)")
+            entries.append(entry)
         return entries
 
     def append_ledger(self, entries: list[dict[str, Any]]) -> None:
         """Append entries to the ledger and make them durable before returning."""
         path = self.ledger_path()
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+        new = not path.exists()
         with open(path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
@@ -201,54 +336,166 @@ class Project:
             handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
+        if new:
+            fsync_dir(path.parent)
 
     # ---- lock --------------------------------------------------------------------------------
+    def lock_path(self) -> Path:
+        return self.root / "lock"
+
     @contextlib.contextmanager
-    def lock(self, command: str) -> Iterator[None]:
-        """Hold the project's write lock for the duration of a command."""
-        path = self.root / "lock"
+    def lock(self, command: str, create: bool = False) -> Iterator[None]:
+        """Hold the project's write lock for the duration of a command.
+
+        The lock file names the holder (pid, host, command); it appears whole (written aside, then
+        hard-linked into place), and a lock whose process is gone is taken over. ``create`` allows a
+        project folder that does not exist yet (``init``). Leftover temporary files of killed commands
+        are removed once the lock is held.
+        """
+        if not create and not self.root.is_dir():
+            self.read_manifest()  # says that this is not a wsi-il project, and creates nothing
         self.root.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": now_iso()}
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._lock_is_stale(path):
-                    raise ProjectStateError(self._lock_message(path),
-                                            "wait for it to finish, or stop it first") from None
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(info, handle)
-            break
+        path = self.lock_path()
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": now_iso(),
+                "started": _process_start(os.getpid())}
+        self._acquire(path, json.dumps(info).encode("utf-8"))
         try:
+            self._remove_temporaries()
             yield
         finally:
-            path.unlink(missing_ok=True)
+            if self._lock_is_ours(path, info):
+                path.unlink(missing_ok=True)
+
+    def _acquire(self, path: Path, data: bytes) -> None:
+        for _ in range(3):
+            if _create_whole(path, data):
+                return
+            with _directory_guard(self.root):  # one taker at a time decides that a lock is stale
+                if not self._lock_is_stale(path):
+                    raise ProjectStateError(self._lock_message(path), _LOCK_HINT)
+                path.unlink(missing_ok=True)
+        raise ProjectStateError(self._lock_message(path), _LOCK_HINT)
 
     def _lock_message(self, path: Path) -> str:
         try:
             other = json.loads(path.read_text())
             return (f"{self.root} is in use by `wsi-il {other.get('command')}` (pid {other.get('pid')} "
                     f"on {other.get('host')}, since {other.get('since')})")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return f"{self.root} is in use by another wsi-il command (lock file {path})"
+
+    @staticmethod
+    def _lock_is_ours(path: Path, info: dict[str, Any]) -> bool:
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(other, dict) and all(other.get(k) == info[k] for k in ("pid", "host", "started"))
 
     @staticmethod
     def _lock_is_stale(path: Path) -> bool:
         try:
             other = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return True  # a lock file torn by a kill
-        if other.get("host") != socket.gethostname():
-            return False
+            pid, host = int(other["pid"]), other.get("host")
+        except FileNotFoundError:
+            return True  # released meanwhile
+        except (OSError, ValueError, TypeError, KeyError):
+            return True  # a lock file torn or damaged: no process can be named as its holder
+        if host != socket.gethostname():
+            return False  # another machine's process cannot be checked from here
         try:
-            os.kill(int(other["pid"]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        except (PermissionError, KeyError, ValueError):
+        except (PermissionError, OverflowError, ValueError):
             return False
-        return False
+        started = other.get("started")
+        now = _process_start(pid)
+        return started is not None and now is not None and started != now  # the pid was reused
+
+    def _remove_temporaries(self) -> None:
+        """Delete the temporary files that killed commands left (``.<name>.<random>.tmp``, lock claims)."""
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                if (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".claim"):
+                    Path(folder, name).unlink(missing_ok=True)
+
+    # ---- what a command created ------------------------------------------------------------------
+    def remove_slide_files(self, slide_id: str) -> None:
+        """Delete a slide's cached files (tiling, features): a slide whose adding failed."""
+        import shutil
+
+        shutil.rmtree(self.slide_dir(slide_id), ignore_errors=True)
+
+    def entries(self) -> set[str] | None:
+        """Return the names in the project folder (None when it does not exist)."""
+        return set(os.listdir(self.root)) if self.root.is_dir() else None
+
+    def remove_created(self, before: set[str] | None) -> None:
+        """Remove what a failed first ``init`` created: the folder if it was new, else only the new entries."""
+        import shutil
+
+        if before is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for name in sorted((self.entries() or set()) - before):
+            target = self.root / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+
+
+_LOCK_HINT = ("wait for it to finish, or stop it; a lock left by a command that was killed is taken over "
+              "automatically")
+
+
+def _create_whole(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; readers never see it empty."""
+    claim = path.with_name(f"{path.name}-{os.getpid()}.claim")
+    try:
+        claim.write_bytes(data)
+        try:
+            os.link(claim, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: create exclusively, then fill
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _directory_guard(folder: Path) -> Iterator[None]:
+    """Serialise lock takeovers between processes (flock on the folder; released by the kernel on exit)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: go on unguarded
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _process_start(pid: int) -> int | None:
+    """Return when a process started (clock ticks since boot, Linux), to tell a reused pid; else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def open_project(root: Path) -> tuple[Project, dict[str, Any]]:

@@ -208,8 +208,9 @@ def _gunzip(path: Path, data: bytes, max_bytes: int) -> bytes:
 
 def _too_big(path: Path, what: str, max_bytes: int) -> GeoJsonError:
     """Build the error for a file over the size limit."""
-    hint = "export only the objects you need (e.g. the annotations, not the detections), or raise max_bytes"
-    return GeoJsonError(f"{path}: {what} the limit of {max_bytes:,} bytes", hint)
+    hint = ("export only the objects you need: select them in QuPath, then File > Export objects as GeoJSON "
+            "(the annotations, not thousands of detections)")
+    return GeoJsonError(f"{path}: {what} the limit of {max_bytes:,} bytes ({max_bytes / 2**20:g} MiB)", hint)
 
 
 def _decode(path: Path, data: bytes) -> str:

@@ -164,16 +164,19 @@ def write_batch(
     """Write the batch folder: patch PNGs, labels.csv, contact sheet, batch.geojson, README, batch.json.
 
     Raises ValueError when the arguments do not describe one batch (a caller bug), ProjectStateError when
-    ``folder`` already holds another batch.
+    ``folder`` already holds another batch. Writing the same batch again (a command rerun after a kill)
+    replaces what a killed run left, but keeps a labels.csv the expert may have started to fill.
     """
     folder = Path(folder)
     _check_batch_args(patches, images)
-    _check_folder_free(folder, info)
+    same = _check_folder_free(folder, info, patches)
     folder.mkdir(parents=True, exist_ok=True)
     names = image_names(patches)
+    _remove_stale_images(folder, names)
     for name, image in zip(names, images, strict=True):
         atomic_write_bytes(folder / name, _png_bytes(image.convert("RGB")))
-    atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names))
+    if not (same and (folder / LABELS_CSV).is_file()):
+        atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names))
     atomic_write_bytes(folder / CONTACT_SHEET, _png_bytes(render_contact_sheet(info, patches, images)))
     _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
     atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint))
@@ -202,18 +205,33 @@ def _check_batch_args(patches: list[BatchPatch], images: list[Image.Image]) -> N
         raise ValueError(f"patch id {bad[0]!r} is not filename-safe")
 
 
-def _check_folder_free(folder: Path, info: BatchInfo) -> None:
+def _check_folder_free(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> bool:
+    """Refuse a folder that holds another batch; return True when it holds this very batch, complete."""
     if not (folder / BATCH_JSON).exists():
-        return
+        return False
     try:
-        existing, _ = read_batch(folder)
+        existing, existing_patches = read_batch(folder)
     except WsiIlError:
-        return  # a broken batch.json is overwritten by the new batch
+        return False  # a broken batch.json is overwritten by the new batch
     if existing.batch_id != info.batch_id:
         raise ProjectStateError(
             f"{folder} already holds batch {existing.batch_id}, not {info.batch_id}",
             "choose another folder or remove that one",
         )
+    return existing == info and [p.patch_id for p in existing_patches] == [p.patch_id for p in patches]
+
+
+_IMAGE_NAME = re.compile(r"^\d{2,}_.+\.png$")
+
+
+def _remove_stale_images(folder: Path, names: list[str]) -> None:
+    """Delete patch images a killed run wrote for other patches, so that the folder shows this batch only."""
+    if not folder.is_dir():
+        return
+    keep = set(names)
+    for path in folder.iterdir():
+        if _IMAGE_NAME.match(path.name) and path.name not in keep and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -8,6 +8,7 @@ killed in between is completed by running it again (training is seeded, so the r
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,14 @@ from wsi_il.database import FeatureStore, PatchTable, load_image, patch_table
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
 from wsi_il.fsutil import atomic_write_bytes
-from wsi_il.project import Project, now_iso
+from wsi_il.project import Project, check_settings, current_versions, now_iso
 from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
 
 EMBED_CHUNK = 256
+REGION_MAX_BYTES = 64 * 2**20
+"""The largest query GeoJSON read (after decompression): a few annotations take kilobytes."""
+QUERY_IMAGE_MAX_PX = 25_000_000
+"""The largest query image decoded (query images are patches of a few hundred px)."""
 
 
 @dataclass
@@ -68,21 +73,54 @@ class RoundResult:
 
 
 def open_context(project: Project, device: str, reporter: Reporter) -> Context:
-    """Open a project whose features are complete."""
+    """Open a project whose features are complete, made with the settings it records."""
     manifest = project.read_manifest()
+    for warning in check_settings(project.manifest_path(), manifest):
+        reporter.warn(warning)
     unfinished = [s["id"] for s in manifest["slides"] if not s["extracted"] and s["n_patches"] > 0]
     if unfinished or not manifest["slides"]:
         raise ProjectStateError(f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
                                 f"run `wsi-il init {project.root}` again to finish them")
-    table = patch_table(project, manifest)
-    return Context(project, manifest, table, FeatureStore(project, manifest), device, reporter)
+    try:
+        table = patch_table(project, manifest)
+        store = FeatureStore(project, manifest)
+    except (ValueError, EOFError) as exc:  # numpy's words for a cut or overwritten .npy file
+        raise ProjectStateError(f"the patch or feature cache of {project.root} is damaged ({exc})",
+                                "restore the project folder from a backup (wsi-il writes these files whole or "
+                                "resumably, so something else changed them)") from exc
+    if len(store) != len(table):
+        raise ProjectStateError(f"the feature cache of {project.root} holds {len(store)} patches, its patch table "
+                                f"{len(table)}", "restore the project folder from a backup")
+    return Context(project, manifest, table, store, device, reporter)
 
 
 # ---- model state ------------------------------------------------------------------------------
 def _init_state(ctx: Context) -> dict[str, Any]:
+    return load_tensors(ctx.project.init_model_path())
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """Load a model file of the project as plain tensors (``weights_only``: a pickled object is never run)."""
+    import pickle
+
     import torch
 
-    return torch.load(ctx.project.init_model_path(), map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise ProjectStateError(f"{path} is missing", "restore the project folder from a backup; "
+                                "a model file is only ever replaced whole")
+    hint = ("it was replaced or damaged outside wsi-il: restore it from a backup, or delete it and ingest the "
+            "last batch again")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ProjectStateError(f"{path} holds pickled Python objects, not plain tensors: it was not loaded "
+                                "(wsi-il writes only tensors)", hint) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().split("\n")[0] or type(exc).__name__
+        raise ProjectStateError(f"{path} is damaged and was not loaded ({first[:160]})", hint) from exc
+    if not isinstance(data, dict):
+        raise ProjectStateError(f"{path} does not hold a wsi-il model", "restore it from a backup")
+    return data
 
 
 def _state(ctx: Context) -> dict[str, Any]:
@@ -90,16 +128,21 @@ def _state(ctx: Context) -> dict[str, Any]:
 
 
 def _load_model(ctx: Context, model_id: str) -> dict[str, Any]:
-    import torch
-
-    return torch.load(ctx.project.model_path(model_id), map_location="cpu", weights_only=True)
+    path = ctx.project.model_path(model_id)
+    data = load_tensors(path)
+    if data.get("classes") not in (None, ctx.classes):
+        raise ProjectStateError(f"{path} was trained for the classes {', '.join(map(str, data['classes']))}, "
+                                f"not this project's {', '.join(ctx.classes)}",
+                                "restore the model file that belongs to this project")
+    return data
 
 
 def _save_model(ctx: Context, model_id: str, data: dict[str, Any]) -> None:
     import torch
 
+    made_with = {"train": ctx.manifest["train"], "versions": current_versions()}
     buffer = io.BytesIO()
-    torch.save(data, buffer)
+    torch.save({**data, "made_with": made_with}, buffer)
     atomic_write_bytes(ctx.project.model_path(model_id), buffer.getvalue())
 
 
@@ -182,6 +225,8 @@ def reviewed_ids(project: Project) -> set[str]:
 
 def query_from_region(ctx: Context, region_path: Path, slide_id: str | None) -> tuple[np.ndarray, str, list[str]]:
     """Return the global indices of the tissue patches at least half inside a QuPath region."""
+    from shapely.geometry import box
+
     from wsi_il.qupath import read_region
     from wsi_il.regions import patches_inside
 
@@ -197,7 +242,7 @@ def query_from_region(ctx: Context, region_path: Path, slide_id: str | None) -> 
             raise InputError(f"slide {slide_id!r} is not in the project",
                              f"use one of: {', '.join(s.id for s in slides)}")
         slide = matches[0]
-    region, warnings = read_region(region_path, offset=slide.offset)
+    region, warnings = read_region(region_path, offset=slide.offset, max_bytes=REGION_MAX_BYTES)
     minx, miny, maxx, maxy = region.bounds
     if maxx <= 0 or maxy <= 0 or minx >= slide.width or miny >= slide.height:
         raise InputError(f"{region_path}: the region ({minx:.0f}, {miny:.0f})-({maxx:.0f}, {maxy:.0f}) lies "
@@ -205,6 +250,11 @@ def query_from_region(ctx: Context, region_path: Path, slide_id: str | None) -> 
                          "export the annotation from the same image in QuPath, or pick the slide with --slide")
     indices = ctx.table.of_slide(slide.id)
     inside = indices[patches_inside(ctx.table.boxes[indices], region)]
+    if len(inside) == 0 and region.difference(box(0, 0, slide.width, slide.height)).area > region.area / 2:
+        raise InputError(f"{region_path}: no tissue patch of slide {slide.id} lies inside the region, and most of "
+                         f"the region lies outside the slide ({slide.width} x {slide.height} px): was it drawn on "
+                         "another slide?", "export the annotation from the same image in QuPath, or pick the slide "
+                         "with --slide")
     if len(inside) == 0:
         raise InputError(f"{region_path}: no tissue patch of slide {slide.id} lies at least 50% inside the region",
                          "draw a larger region over tissue (a patch is "
@@ -229,16 +279,35 @@ def extract_query_images(ctx: Context, paths: list[Path]) -> np.ndarray:
     from wsi_il.features import FeatureExtractor, build_resnet, resize_tile
 
     settings = from_dict(FeatureSettings, ctx.manifest["features"])
-    model = build_resnet(load_project_weights(settings), settings.seed)
+    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
     norm = ctx.manifest["normalisation"]
     extractor = FeatureExtractor(model, norm["mean"], norm["std"], ctx.device)
+    for path in paths:
+        _check_image_size(path)
     tiles = np.stack([resize_tile(load_image(p), settings.input_px) for p in paths])
     return extractor(tiles)
 
 
+def _check_image_size(path: Path) -> None:
+    """Refuse a query image too large to be a patch before it is decoded (its header says its size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    hint = "crop the patches you look for (a few hundred px each), or draw a region with --region"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path} is far too large for a query image ({exc})", hint) from exc
+    except (OSError, UnidentifiedImageError, ValueError):
+        return  # load_image says what is wrong with it
+    if width * height > QUERY_IMAGE_MAX_PX:
+        raise InputError(f"{path} is {width} x {height} px, more than a query image may have "
+                         f"({QUERY_IMAGE_MAX_PX / 1e6:g} megapixels)", hint)
+
+
 def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_indices: np.ndarray | None = None,
                   query_features: np.ndarray | None = None, source: str = "", slide: str | None = None,
-                  abandon: bool = False) -> RoundResult:
+                  abandon: bool = False, images: list[str] | None = None) -> RoundResult:
     """Start a query session and write its first review batch."""
     started = time.perf_counter()
     project = ctx.project
@@ -251,8 +320,6 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
                 f"session {open_session['id']} is waiting for the labels of batch {batch}",
                 f"ingest them with `wsi-il ingest {project.root} {project.batch_dir(batch)}/labels.csv`, "
                 "or pass --abandon to close that session")
-        open_session["state"] = "abandoned"
-        project.write_json(project.session_path(open_session["id"]), open_session)
     ids: list[str] = []
     if query_indices is not None:
         ids = [ctx.table.ids[i] for i in query_indices]
@@ -260,14 +327,20 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
     if query_features is None or len(query_features) == 0:
         raise InputError("the query is empty", "give a region, patch ids or query images")
     session_id = f"s{len(list_sessions(project)) + 1}"
-    project.write_array(project.query_features_path(session_id), query_features.astype(np.float16))
     q = _embed_features(ctx, query_features).mean(axis=0)
     session = {"id": session_id, "label": ctx.classes[label_index], "strategy": settings.strategy,
                "k": settings.k, "rounds": settings.rounds, "round": 1, "state": "reviewing",
-               "query": {"source": source, "slide": slide, "patch_ids": ids, "n": int(len(query_features))},
+               "query": {"source": source, "slide": slide, "patch_ids": ids, "n": int(len(query_features)),
+                         "images": images or []},
                "q": q.tolist(), "created": now_iso(), "history": []}
     rule = _write_next_batch(ctx, session)
     session["history"][-1]["seconds"] = round(time.perf_counter() - started, 3)
+    # Nothing is recorded before the batch is written: a refusal or a kill up to here leaves the project as it
+    # was (a half-written batch folder has no batch.json and is overwritten by the next try).
+    if open_session is not None:
+        open_session["state"] = "abandoned"
+        project.write_json(project.session_path(open_session["id"]), open_session)
+    project.write_array(project.query_features_path(session_id), query_features.astype(np.float16))
     project.write_json(project.session_path(session_id), session)
     batch_dir = project.batch_dir(f"{session_id}-r1")
     return RoundResult(session_id, 1, settings.rounds, batch_dir, rule, time.perf_counter() - started, True,
@@ -367,15 +440,25 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
     if session is None:
         raise ProjectStateError(f"session {info.session} of batch {info.batch_id} is not in the project",
                                 "the project folder may be incomplete")
-    recorded = _record_labels(ctx, info, labels)
     entry = session["history"][info.round - 1] if len(session["history"]) >= info.round else None
     if entry is not None and entry.get("ingested"):
+        previous = _ledger_labels(project, info.batch_id)
+        if previous != labels:
+            changed = sorted(p for p in set(previous) | set(labels) if previous.get(p) != labels.get(p))
+            raise ProjectStateError(
+                f"batch {info.batch_id} was already ingested with other labels (differences: "
+                f"{', '.join(changed[:5])})", "labels already given are kept; to correct one, contact the "
+                "project owner")
         return RoundResult(session["id"], info.round, session["rounds"], None, None, 0.0, False,
                            f"batch {info.batch_id} was already ingested; nothing changed")
     if session["state"] != "reviewing" or session["round"] != info.round:
         raise ProjectStateError(f"batch {info.batch_id} is not the batch session {session['id']} waits for "
                                 f"(state {session['state']}, round {session['round']})",
                                 "ingest the newest batch of the open session")
+    # Crash safety: the labels are made durable first, the session file is rewritten last. A command killed
+    # in between is finished by running it again: the ledger is completed, not duplicated, and training is
+    # seeded, so the round comes out as it would have.
+    recorded = _record_labels(ctx, info, labels)
     train_seconds = _train_round(ctx, info.batch_id)
     relevant = [pid for pid, lab in labels.items() if lab == session["label"]]
     session["q"] = _refined_query(ctx, session, relevant).tolist()
@@ -398,19 +481,25 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                        time.perf_counter() - started, True, message)
 
 
+def _ledger_labels(project: Project, batch_id: str) -> dict[str, str]:
+    return {e["patch_id"]: e["label"] for e in project.read_ledger() if e.get("batch") == batch_id}
+
+
 def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int:
-    """Append a batch's labels to the ledger once; the same labels again change nothing."""
-    previous = {e["patch_id"]: e["label"] for e in ctx.project.read_ledger() if e["batch"] == info.batch_id}
-    if previous:
-        if previous != labels:
-            changed = sorted(p for p in set(previous) | set(labels) if previous.get(p) != labels.get(p))
-            raise ProjectStateError(
-                f"batch {info.batch_id} was already ingested with other labels (differences: {', '.join(changed[:5])})",
-                "labels already given are kept; to correct one, contact the project owner")
-        return len(previous)
-    when = now_iso()
-    ctx.project.append_ledger([{"patch_id": pid, "label": label, "batch": info.batch_id, "session": info.session,
-                                "round": info.round, "time": when} for pid, label in labels.items()])
+    """Append a batch's labels to the ledger once; an append cut short by a kill is completed, never repeated."""
+    previous = _ledger_labels(ctx.project, info.batch_id)
+    changed = sorted(p for p in previous if labels.get(p) != previous[p])
+    if changed:
+        raise ProjectStateError(
+            f"batch {info.batch_id}'s labels were recorded by an ingest that did not finish, with other labels "
+            f"for {', '.join(changed[:5])}", "labels already given are kept: restore them in the labels file and "
+            "run the same ingest again to finish the round")
+    missing = [(pid, label) for pid, label in labels.items() if pid not in previous]
+    if missing:
+        when = now_iso()
+        ctx.project.append_ledger([{"patch_id": pid, "label": label, "batch": info.batch_id,
+                                    "session": info.session, "round": info.round, "time": when}
+                                   for pid, label in missing])
     return len(labels)
 
 
@@ -442,9 +531,11 @@ def _train_round(ctx: Context, model_id: str) -> float:
     features, targets = training_set(ctx)
     init = _init_state(ctx)
     state = _state(ctx)
+    # A rerun after a kill may find this round's own model already current: start from the one before it.
+    base = state.get("previous") if state["model"] == model_id else state["model"]
     start = None
-    if settings.warm_start and state["model"]:
-        previous = _load_model(ctx, state["model"])
+    if settings.warm_start and base:
+        previous = _load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
     advance = ctx.reporter.task(f"training on {len(targets)} labels", settings.epochs, "epochs")
     heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance)
@@ -460,7 +551,8 @@ def _train_round(ctx: Context, model_id: str) -> float:
     ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
     ctx.project.write_array(ctx.project.predictions_path(), predictions)
     ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,
-                                                      "predictions": model_id, "n_labels": int(len(targets))})
+                                                      "predictions": model_id, "n_labels": int(len(targets)),
+                                                      "previous": base})
     return train_seconds
 
 

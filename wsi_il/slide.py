@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from wsi_il.errors import SlideError
+
+SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                            ".dcm"})
+"""File name suffixes of the formats OpenSlide reads."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ def open_slide(path: Path):  # type: ignore[no-untyped-def]
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
+        if path.suffix.lower() in SLIDE_SUFFIXES:  # the right name, unreadable content: cut short or damaged
+            raise SlideError(f"{path} cannot be read by OpenSlide although it is named like a slide: it is "
+                             "truncated (an interrupted copy), damaged, or not a tiled pyramidal slide",
+                             "copy it again and compare its size with the original; convert a plain image with "
+                             "`vips tiffsave IN OUT.tif --tile --pyramid`") from exc
         raise SlideError(f"{path} is not a slide format OpenSlide reads",
                          "convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)") from exc
     except (openslide.OpenSlideError, OSError) as exc:
@@ -56,21 +66,31 @@ def read_info(path: Path, use_bounds: bool = True) -> SlideInfo:
     """Read a slide's size, resolution and bounds."""
     slide = open_slide(path)
     try:
-        props = slide.properties
+        props = dict(slide.properties)
         width, height = slide.dimensions
         mpp = _float(props.get("openslide.mpp-x"))
-        bounds = (0, 0, width, height)
-        offset = (0.0, 0.0)
-        if use_bounds and "openslide.bounds-x" in props:
-            bx = int(props.get("openslide.bounds-x", 0))
-            by = int(props.get("openslide.bounds-y", 0))
-            bw = int(props.get("openslide.bounds-width", width - bx))
-            bh = int(props.get("openslide.bounds-height", height - by))
-            bounds = (bx, by, bw, bh)
-            offset = (float(bx), float(by))
+        bounds, offset = bounds_and_offset(props, width, height, use_bounds)
         return SlideInfo(Path(path), width, height, mpp, bounds, offset, props.get("openslide.vendor", "unknown"))
+    except (ValueError, TypeError) as exc:
+        raise SlideError(f"{path} has unreadable properties: {exc}", "the file may be damaged") from exc
     finally:
         slide.close()
+
+
+def bounds_and_offset(props: Mapping[str, str], width: int, height: int,
+                      use_bounds: bool = True) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
+    """Return the scanned area (x, y, width, height) and QuPath's offset from OpenSlide's properties.
+
+    QuPath crops a slide with ``openslide.bounds-*`` properties (MRXS, some others) to those bounds, so its
+    coordinates are OpenSlide's minus (bounds-x, bounds-y); a slide without them has no offset.
+    """
+    if not use_bounds or "openslide.bounds-x" not in props:
+        return (0, 0, width, height), (0.0, 0.0)
+    bx = int(props.get("openslide.bounds-x", 0))
+    by = int(props.get("openslide.bounds-y", 0))
+    bw = int(props.get("openslide.bounds-width", width - bx))
+    bh = int(props.get("openslide.bounds-height", height - by))
+    return (bx, by, bw, bh), (float(bx), float(by))
 
 
 def _float(value: str | None) -> float | None:

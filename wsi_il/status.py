@@ -59,4 +59,5 @@ def project_status(root: Path) -> dict[str, Any]:
             "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
             "slides": slides, "patches": sum(s["patches"] for s in slides),
             "sessions": [_session_row(s) for s in sessions], "n_labels": len(ledger), "labels": dict(counts),
-            "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model"))}
+            "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),
+            "versions": (manifest.get("provenance") or {}).get("versions")}
