@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
-from shapely.geometry import box, shape
+from shapely.geometry import Point, box, shape
 
 from wsi_il.errors import InputError
-from wsi_il.mosaic import MosaicSlide, bach_images, make_block_slide, write_pyramidal_tiff
+from wsi_il.mosaic import (
+    MosaicSlide,
+    bach_images,
+    make_block_slide,
+    make_island_slide,
+    random_blob,
+    rasterise,
+    write_pyramidal_tiff,
+)
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 DATA_DIR = SHARED_DIR / "data"
@@ -154,3 +162,63 @@ def test_pyramidal_tiff_has_two_levels_when_small(tmp_path: Path) -> None:
 def test_pyramidal_tiff_rejects_non_rgb(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not RGB uint8"):
         write_pyramidal_tiff(tmp_path / "bad.tiff", np.zeros((64, 64), dtype=np.uint8))
+
+
+# ---- island slides ------------------------------------------------------------------------------
+ISLAND_SIZE = (1536, 1280)
+
+
+@pytest.fixture(scope="module")
+def islands(tmp_path_factory: pytest.TempPathFactory, bach: tuple[list[Path], list[Path]]) -> MosaicSlide:
+    tumour, normal = bach
+    path = tmp_path_factory.mktemp("islands") / "islands.tiff"
+    return make_island_slide(path, tumour, normal, size_px=ISLAND_SIZE, tile_px=128, islands=4, seed=5)
+
+
+def test_island_slide_opens_in_openslide(islands: MosaicSlide) -> None:
+    with openslide.OpenSlide(islands.path) as slide:
+        assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+        assert slide.dimensions == ISLAND_SIZE and slide.level_count >= 2
+
+
+def test_island_truth_is_irregular_and_inside_tissue(islands: MosaicSlide, qupath_valid) -> None:  # noqa: ANN001
+    qupath_valid(islands.truth_path)
+    [feature] = json.loads(islands.truth_path.read_text(encoding="utf-8"))["features"]
+    truth = shape(feature["geometry"])
+    assert truth.is_valid and truth.geom_type in ("Polygon", "MultiPolygon")
+    assert truth.symmetric_difference(islands.tumour).area < 1e-4 * truth.area  # the file holds the geometry
+    assert islands.tissue.buffer(1).contains(truth)
+    assert 0.03 < truth.area / islands.tissue.area < 0.6
+    assert truth.area < 0.9 * truth.envelope.area  # not a rectangle
+    assert islands.tissue.area < 0.9 * islands.width * islands.height  # background around the tissue
+    assert feature["properties"]["classification"]["name"] == "Tumor"
+
+
+def test_island_pixels_follow_the_layout(islands: MosaicSlide) -> None:
+    with openslide.OpenSlide(islands.path) as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, ISLAND_SIZE).convert("RGB"), dtype=np.float64)
+    inside = rasterise(islands.tissue, ISLAND_SIZE)
+    assert rgb[~inside].mean() > 230  # background
+    assert rgb[inside].mean() < 215  # stained tissue
+
+
+def test_island_slide_is_deterministic(tmp_path: Path, bach: tuple[list[Path], list[Path]]) -> None:
+    tumour, normal = bach
+    first, second = (make_island_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(640, 640), tile_px=128,
+                                       seed=2) for name in ("a.tiff", "b.tiff"))
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.truth_path.read_text() == second.truth_path.read_text()
+
+
+def test_random_blob_and_rasterise() -> None:
+    blob = random_blob((50.0, 50.0), 20.0, np.random.default_rng(0))
+    assert blob.is_valid and blob.contains(Point(50, 50)) and 200 < blob.area < 2500
+    mask = rasterise(box(10, 20, 30, 25), (40, 40))
+    assert abs(int(mask.sum()) - 20 * 5) <= 30 and mask[22, 20] and not mask[27, 20]  # borders within a pixel
+
+
+def test_island_slide_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="too small"):
+        make_island_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], size_px=(512, 512))
+    with pytest.raises(InputError, match="tumour share"):
+        make_island_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], tumour_share=1.5)

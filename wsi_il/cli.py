@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from wsi_il import __version__
-from wsi_il.errors import InputError, WsiIlError
+from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Annotate whole slide images by reviewing a few well-chosen patches (QuPath-compatible).")
@@ -49,10 +49,19 @@ class RichReporter:
         return lambda n: self.progress.advance(task_id, n)
 
     def info(self, message: str) -> None:
-        self.progress.console.print(message)
+        from rich.markup import escape
+
+        self.progress.console.print(escape(message), soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.progress.console.print(f"[bold yellow]warning:[/] {message}")
+        _warn(message, self.progress.console)
+
+
+def _warn(message: str, where: Console | None = None) -> None:
+    """Print a warning on one line (it may hold file names with brackets: no markup)."""
+    from rich.markup import escape
+
+    (where or console).print(f"[bold yellow]warning:[/] {escape(' '.join(message.split()))}", soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -94,8 +103,11 @@ def _device(choice: str) -> str:
 def _fail(exc: WsiIlError) -> None:
     from rich.markup import escape
 
-    hint = f" [dim]({escape(exc.hint)})[/]" if exc.hint else ""
-    console.print(f"[bold red]error:[/] {escape(exc.message)}{hint}", soft_wrap=True)
+    def one_line(text: str) -> str:  # messages may quote a file's or a library's multi-line text
+        return escape(" ".join(str(text).split()))
+
+    hint = f" [dim]({one_line(exc.hint)})[/]" if exc.hint else ""
+    console.print(f"[bold red]error:[/] {one_line(exc.message)}{hint}", soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -126,7 +138,77 @@ def _random_warning(manifest: dict[str, Any]) -> None:
     if manifest["features"]["weights"] == "random":
         console.print("[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
                       "initialised ResNet-18 (--weights random): fine for tests and demos, useless for real "
-                      "annotation. Re-create the project with ImageNet or your own weights.[/]")
+                      "annotation. Re-create the project with ImageNet or your own weights.[/]", soft_wrap=True)
+
+
+def _warn_unknown_mpp(record: dict[str, Any], tile_size_px: int) -> None:
+    if record.get("kind") == "slide" and record.get("mpp") is None:
+        _warn(f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
+              f"unknown. Tiles are {tile_size_px} px of level 0 whatever the magnification: put only slides "
+              "scanned at the same magnification in one project")
+
+
+# `init` options that are recorded in project.json: parameter -> (flag, where it is recorded)
+_INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "classes": ("--classes", ("classes",)),
+    "tile_size": ("--tile-size", ("tiling", "tile_size_px")),
+    "weights": ("--weights", ("features", "weights")),
+    "arch": ("--arch", ("features", "arch")),
+    "batch_size": ("--batch-size", ("features", "batch_size")),
+    "epochs": ("--epochs", ("train", "epochs")),
+    "lr": ("--lr", ("train", "lr")),
+    "margin": ("--margin", ("train", "margin")),
+    "warm_start": ("--warm-start", ("train", "warm_start")),
+    "refine_query": ("--refine-query", ("train", "refine_query")),
+    "seed": ("--seed", ("train", "seed")),
+}
+
+
+def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[str, Any]) -> None:
+    """Refuse `init` on an existing project with options (given explicitly) other than those it recorded."""
+    asked, recorded = [], []
+    for name, (flag, keys) in _INIT_SETTINGS.items():
+        source = typer_ctx.get_parameter_source(name) if name in typer_ctx.params else None
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # not given: keeps what is recorded
+            continue
+        value, stored = typer_ctx.params[name], manifest
+        for key in keys:
+            stored = stored.get(key) if isinstance(stored, dict) else None
+        if not _same_setting(name, value, stored, manifest):
+            asked.append(_option_text(flag, value))
+            recorded.append(_option_text(flag, stored))
+    if asked:
+        raise ProjectStateError(f"{project} was created with {', '.join(recorded)}, not {', '.join(asked)}",
+                                f"run `wsi-il init {project}` without these options to resume it; other settings "
+                                "need a new project (other weights: `wsi-il reextract`)")
+
+
+def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
+    import math
+
+    if name == "classes":
+        wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
+        return wanted == [str(c).casefold() for c in stored or []]
+    if name == "weights" and value not in ("imagenet", "random"):
+        path = Path(value)
+        if stored in ("imagenet", "random") or not path.is_file():
+            return False
+        if str(path.resolve()) == stored:
+            return True
+        from wsi_il.features import file_sha256
+
+        return file_sha256(path) == manifest["features"].get("weights_sha256")
+    if isinstance(value, float) and isinstance(stored, int | float) and not isinstance(stored, bool):
+        return math.isclose(value, stored, rel_tol=1e-9)
+    return value == stored
+
+
+def _option_text(flag: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 @app.callback(invoke_without_command=True)
@@ -138,6 +220,7 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Show the vers
 
 @app.command()
 def init(
+    typer_ctx: typer.Context,
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images (class subfolders optional).")] = None,
@@ -145,6 +228,8 @@ def init(
                                                 "class subfolders of --patches].")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
+    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34 or resnet50 [default: "
+                                             "resnet18, or what a --weights file holds].")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
@@ -160,11 +245,13 @@ def init(
     """
     from wsi_il.config import FeatureSettings, TilingSettings, TrainSettings, to_dict
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
-    from wsi_il.features import build_resnet, resolve_weights
-    from wsi_il.project import Project
+    from wsi_il.features import build_resnet
+    from wsi_il.project import Project, check_settings
 
     with _errors():
         proj = Project(project)
+        before = proj.entries()
+        dev = _device(device)
         if proj.exists():
             manifest = proj.read_manifest()
             known = {Path(s["path"]) for s in manifest["slides"]}
@@ -172,20 +259,23 @@ def init(
             if asked - known:
                 raise InputError(f"{project} already exists with other slides",
                                  f"add slides with `wsi-il add-slide {project} --slide FILE`")
-            console.print(f"resuming {project}")
+            _check_init_options(typer_ctx, project, manifest)
+            for warning in check_settings(proj.manifest_path(), manifest):
+                _warn(warning)
             weights_obj = None
         else:
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
-            weights_obj = resolve_weights(weights)
-            build_resnet(weights_obj, seed)  # a file that does not fit fails here, before anything is written
+            weights_obj, arch = _weights_and_arch(weights, arch)
+            build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
             names = [c.strip() for c in classes.split(",")] if classes else (
                 folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
             names = [n for n in names if n]
             if len(names) < 2 or len({n.lower() for n in names}) != len(names):
                 raise InputError(f"--classes {classes!r} must name at least two different classes",
                                  "e.g. --classes Tumor,Normal")
-            feature_settings = FeatureSettings(weights=weights if weights_obj.kind != "file" else weights_obj.source,
+            feature_settings = FeatureSettings(arch=arch,
+                                               weights=weights if weights_obj.kind != "file" else weights_obj.source,
                                                weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed)
             manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size)),
                         "features": to_dict(feature_settings),
@@ -193,14 +283,26 @@ def init(
                                                        refine_query=refine_query, seed=seed)),
                         "normalisation": None, "slides": []}
             for path in slide or []:
-                register_slide(manifest, path)
+                _warn_unknown_mpp(register_slide(manifest, path), tile_size)
             if patches is not None:
                 register_patch_folder(manifest, patches)
-            proj.create(manifest)
-            manifest = proj.read_manifest()
         _random_warning(manifest)
-        with proj.lock("init"), _reporter() as reporter:
-            manifest = build_database(proj, manifest, reporter, _device(device), weights_obj)
+        with proj.lock("init", create=True), _reporter() as reporter:
+            created = weights_obj is not None
+            if created:
+                if proj.exists():
+                    raise ProjectStateError(f"{project} was created by another command meanwhile",
+                                            f"run `wsi-il init {project}` to resume it")
+                proj.create(manifest)
+                manifest = proj.read_manifest()
+            else:
+                console.print(f"resuming {project}")
+            try:
+                manifest = build_database(proj, manifest, reporter, dev, weights_obj)
+            except InputError:
+                if created:  # a slide that cannot be read, no tissue: leave no half-made project behind
+                    proj.remove_created(before)
+                raise
         total = sum(s["n_patches"] for s in manifest["slides"])
         out.print(f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
                   f"source(s); classes {', '.join(manifest['classes'])}")
@@ -215,23 +317,37 @@ def add_slide(
     device: DeviceOpt = "auto",
 ) -> None:
     """Add slides to a project and cache their features (with the project's normalisation)."""
+    import copy
+
     from wsi_il.database import build_database, register_patch_folder, register_slide
-    from wsi_il.project import Project
+    from wsi_il.project import Project, check_settings
 
     with _errors():
         proj = Project(project)
-        manifest = proj.read_manifest()
+        proj.read_manifest()
         if not slide and patches is None:
             raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
+        dev = _device(device)
         with proj.lock("add-slide"):
+            manifest = proj.read_manifest()
+            for warning in check_settings(proj.manifest_path(), manifest):
+                _warn(warning)
+            before = copy.deepcopy(manifest)
             for path in slide or []:
-                register_slide(manifest, path)
+                _warn_unknown_mpp(register_slide(manifest, path), manifest["tiling"]["tile_size_px"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
+            added = [s["id"] for s in manifest["slides"][len(before["slides"]):]]
             proj.write_manifest(manifest)
             _random_warning(manifest)
-            with _reporter() as reporter:
-                manifest = build_database(proj, manifest, reporter, _device(device))
+            try:
+                with _reporter() as reporter:
+                    manifest = build_database(proj, manifest, reporter, dev)
+            except InputError:  # a slide that cannot be read: the project goes back to what it was
+                proj.write_manifest(before)
+                for slide_id in added:
+                    proj.remove_slide_files(slide_id)
+                raise
         out.print(f"[green]added:[/] the project now holds {sum(s['n_patches'] for s in manifest['slides'])} patches")
 
 
@@ -288,7 +404,8 @@ def query(
                          if f.suffix.lower() in IMAGE_SUFFIXES]
                 if not files:
                     raise InputError("--images names no image files", "give image files or a folder of them")
-                kwargs = {"query_features": extract_query_images(ctx, files), "source": f"{len(files)} images"}
+                kwargs = {"query_features": extract_query_images(ctx, files), "source": f"{len(files)} images",
+                          "images": [str(f.resolve()) for f in files]}
             result = start_session(ctx, label, SessionSettings(strategy, k, rounds), abandon=abandon, **kwargs)
         n = kwargs.get("query_indices")
         n = len(n) if isinstance(n, np.ndarray) else len(kwargs.get("query_features", []))
@@ -392,6 +509,246 @@ def export(
             counts = ", ".join(f"{k}: {v}" for k, v in item.patches_per_class.items())
             out.print(f"[green]wrote[/] {item.geojson} ({counts} patches)"
                       + (f" and {item.overview}" if item.overview else ""))
+
+
+def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-def]
+    """Resolve --weights and --arch together: a weights file names its own architecture."""
+    from wsi_il.features import ARCHES, detect_arch, get_arch, resolve_weights
+
+    if arch is not None:
+        get_arch(arch)
+    if spec in ("imagenet", "random"):
+        return resolve_weights(spec, arch or "resnet18"), arch or "resnet18"
+    weights = resolve_weights(spec)
+    found = detect_arch(weights.state or {})
+    if arch is None and found is None:
+        raise InputError(f"{spec} holds no ResNet that wsi-il knows ({', '.join(ARCHES)})",
+                         "give a torchvision or timm ResNet state dict, or name it with --arch")
+    return weights, arch or found
+
+
+@app.command()
+def pretrain(
+    project: ProjectArg,
+    steps: Annotated[int | None, typer.Option(help="Training steps [default: 500 on CUDA, 200 on CPU].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Fields per step [default: 512 on CUDA, 64 on CPU].")] = None,
+    crop: Annotated[int | None, typer.Option(help="View side in px [default: 224 on CUDA, 96 on CPU].")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule, 10% warm-up).")] = 1e-3,
+    start: Annotated[str, typer.Option(help="Start from the project's weights ('project') or 'random'.")] = "project",
+    weights_out: Annotated[Path | None, typer.Option("--out", help="Weights file to write "
+                                                     "[default: PROJECT/pretrain/weights.pt].")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoint and start over.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the backbone self-supervised (SimCLR) on the project's own tissue; no labels are used.
+
+    Interrupted runs resume from their checkpoint. Then use the weights with
+    `wsi-il reextract PROJECT --weights FILE` or `wsi-il init NEW --weights FILE`.
+    """
+    from wsi_il.pretrain import PretrainSettings, checkpoint_path
+    from wsi_il.pretrain import pretrain as run_pretrain
+    from wsi_il.project import Project
+
+    with _errors():
+        if start not in ("project", "random"):
+            raise InputError(f"--start {start!r} is not 'project' or 'random'", "pick one of them")
+        proj = Project(project)
+        proj.read_manifest()
+        dev = _device(device)
+        base = PretrainSettings.for_device(dev, steps, batch, crop)
+        settings = PretrainSettings(base.steps, base.batch, base.crop_px, lr=lr, seed=seed, start=start)
+        target = weights_out or proj.pretrain_dir() / "weights.pt"
+        with proj.lock("pretrain"):
+            if restart:
+                checkpoint_path(proj).unlink(missing_ok=True)
+            console.print(f"SimCLR on {dev}: {settings.steps} steps of {settings.batch} fields, "
+                          f"{settings.crop_px} px views")
+            progress = Progress(TextColumn("pretraining"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=console)
+            with progress:
+                task = progress.add_task("pretrain", total=settings.steps, loss="-")
+
+                def on_step(step: int, loss: float) -> None:
+                    progress.update(task, completed=step, loss=f"{loss:.3f}")
+
+                def on_estimate(seconds: float) -> None:
+                    text = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+                    progress.console.print(f"expected duration: about {text} more")
+
+                result = run_pretrain(proj, settings, dev, target, on_step, on_estimate)
+        losses = f"; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
+        out.print(f"[green]wrote[/] {result.weights} ({result.steps} steps, {result.seconds / 60:.1f} min{losses})")
+        out.print(f"next: wsi-il reextract {project} --weights {result.weights}")
+
+
+@app.command()
+def reextract(
+    project: ProjectArg,
+    weights: Annotated[str, typer.Option(help="imagenet, random, or a weights file (e.g. from wsi-il pretrain).")],
+    arch: Annotated[str | None, typer.Option(help="resnet18, resnet34 or resnet50 [default: what the file "
+                                             "holds, else the project's].")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Recompute the project's features with other weights; labels are kept and the heads retrained."""
+    from wsi_il.project import Project, check_settings
+    from wsi_il.rebuild import reextract as run_reextract
+
+    with _errors():
+        proj = Project(project)
+        manifest = proj.read_manifest()
+        for warning in check_settings(proj.manifest_path(), manifest):
+            console.print(f"[bold yellow]warning:[/] {warning}")
+        weights_obj, arch_name = _weights_and_arch(weights, arch or (
+            manifest["features"]["arch"] if weights in ("imagenet", "random") else None))
+        with proj.lock("reextract"), _reporter() as reporter:
+            manifest = run_reextract(proj, weights_obj, arch_name, reporter, _device(device))
+        _random_warning(manifest)
+        retrained = "labels kept, heads retrained on them" if proj.read_ledger() else "no labels yet"
+        out.print(f"[green]features recomputed[/] with {manifest['features']['weights']} ({arch_name}); {retrained}")
+
+
+@app.command()
+def simulate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (results.csv, summary.json, plots, runs).")],
+    slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide (repeatable; with --truth).")] = None,
+    truth: Annotated[list[Path] | None, typer.Option("--truth", help="The slide's tumour truth, QuPath GeoJSON "
+                                                     "(repeatable, in --slide order).")] = None,
+    query_slide: Annotated[Path | None, typer.Option(help="Inter-slide mode: take the queries from this slide's "
+                                                     "tumour and annotate each --slide.")] = None,
+    query_truth: Annotated[Path | None, typer.Option(help="The tumour truth of --query-slide.")] = None,
+    patches: Annotated[Path | None, typer.Option(help="Patch dataset: a folder of class subfolders.")] = None,
+    test: Annotated[Path | None, typer.Option(help="Held-out test folder (class subfolders) for --patches.")] = None,
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: random, topk, fme, cnfp, hybrid, "
+                                          "entropy.")] = "cnfp,entropy,random",
+    seeds: Annotated[int, typer.Option(help="Seeds per strategy (0 .. N-1).")] = 1,
+    sessions: Annotated[int, typer.Option(help="Query sessions per run.")] = 10,
+    k: Annotated[int | None, typer.Option("-k", "--k", help="Patches per batch [default: 5 for slides, 10 for "
+                                          "patches].")] = None,
+    rounds: Annotated[int, typer.Option(help="Review rounds per session.")] = 5,
+    queries: Annotated[int, typer.Option(help="Query set size (per class for patches); one per session.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Training epochs per round (the paper: 50).")] = 50,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
+    warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
+    refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
+    tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
+    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Measure what the expert gains: run strategies with ground truth as the expert (the paper's experiments).
+
+    Every run goes through the same code as `query` and `ingest`: real review batches, filled from the truth.
+    """
+    from wsi_il.config import STRATEGIES
+    from wsi_il.simulate import (
+        REFERENCE,
+        SimulationSettings,
+        SlideCase,
+        simulate_patches,
+        simulate_slides,
+        total_rounds,
+    )
+    from wsi_il.simulate import Progress as SimProgress
+
+    with _errors():
+        names = tuple(s.strip().lower() for s in strategy.split(",") if s.strip())
+        if (patches is None) == (not slide):
+            raise InputError("give either --slide with --truth, or --patches with --test",
+                             "e.g. --slide s.tiff --truth s.truth.geojson")
+        if slide and len(truth or []) != len(slide):
+            raise InputError(f"{len(slide)} --slide but {len(truth or [])} --truth", "give one --truth per --slide")
+        if patches is not None and test is None:
+            raise InputError("--patches needs a held-out --test folder", "e.g. --test CRC-VAL-HE-7K/")
+        if (query_slide is None) != (query_truth is None):
+            raise InputError("--query-slide needs --query-truth (and the other way round)", "give both")
+        unknown = [s for s in names if s not in STRATEGIES]
+        if unknown:
+            raise InputError(f"--strategy {', '.join(unknown)} is not one of {', '.join(STRATEGIES)}", "pick them")
+        settings = SimulationSettings(strategies=names, seeds=seeds, sessions=sessions,
+                                      k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
+                                      epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
+                                      refine_query=refine_query, tile_size_px=tile_size, weights=weights)
+        settings.check()
+        if weights == "random":
+            console.print("[bold yellow on red] WARNING [/] [bold yellow]--weights random: features of a RANDOMLY "
+                          "initialised ResNet-18; the numbers say nothing about pretrained features.[/]",
+                          soft_wrap=True)
+        dev = _device(device)
+        source = SlideCase(query_slide, query_truth) if query_slide and query_truth else None
+        cases = [SlideCase(s, t, source) for s, t in zip(slide or [], truth or [], strict=True)]
+        progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                            TextColumn("rounds"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=console)
+        with progress:
+            task = progress.add_task("simulate", total=total_rounds(settings, max(1, len(cases))))
+            hooks = SimProgress(advance=lambda n: progress.advance(task, n),
+                                describe=lambda text: progress.update(task, description=text))
+            with _reporter() as reporter:
+                if patches is not None:
+                    outcome = simulate_patches(patches, test, out_dir, settings, dev, hooks, reporter)  # type: ignore[arg-type]
+                else:
+                    outcome = simulate_slides(cases, out_dir, settings, dev, hooks, reporter)
+        metrics = outcome.summary["metrics"]
+        table = Table("strategy", "labels", *[f"final {m}" for m in metrics], f"labels to 95% ({metrics[0]})")
+        for name, entry in outcome.summary["strategies"].items():
+            if name == REFERENCE:
+                table.add_row(name, "all", *[_mean_std(entry[m]) for m in metrics], "-")
+                continue
+            reach = entry[metrics[0]]["labels_to_95pct"]
+            reached = f"{_mean_std(reach)} ({reach['reached']}/{entry['seeds']} seeds)" if reach["reached"] else \
+                f"not reached (0/{entry['seeds']} seeds)"
+            table.add_row(name, _mean_std(entry["final_labels"], 0), *[_mean_std(entry[m]["final"]) for m in metrics],
+                          reached)
+        out.print(table)
+        out.print(f"[green]wrote[/] {out_dir / 'results.csv'}, {out_dir / 'summary.json'} and "
+                  f"{', '.join(p.name for p in outcome.plots)}")
+
+
+def _mean_std(spread: dict[str, Any], digits: int = 3) -> str:
+    if spread.get("mean") is None:
+        return "-"
+    if spread.get("n", 1) > 1:
+        return f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}"
+    return f"{spread['mean']:.{digits}f}"
+
+
+@app.command()
+def evaluate(
+    project: ProjectArg,
+    truth: Annotated[Path, typer.Option(help="The truth annotation, QuPath GeoJSON.")],
+    slide: Annotated[str | None, typer.Option(help="The slide the truth belongs to (id or file name).")] = None,
+    label: Annotated[str | None, typer.Option(help="The class the truth marks [default: the first class].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, pixel IoU."""
+    from wsi_il.project import Project
+    from wsi_il.session import open_context
+    from wsi_il.simulate import evaluate_project
+
+    with _errors():
+        proj = Project(project)
+        with proj.lock("evaluate"), _reporter() as reporter:
+            ctx = open_context(proj, _device(device), reporter)
+            _random_warning(ctx.manifest)
+            result = evaluate_project(ctx, truth, slide, label)
+        for warning in result["warnings"]:
+            _warn(warning)
+        if as_json:
+            out.print_json(json.dumps(result))
+            return
+        table = Table("patches", "precision", "recall", "F1", "Jaccard", "n")
+        for name, key, n in (("all tissue", "patch", result["patches"]),
+                             ("not labelled", "patch_unlabelled", result["patches"] - result["labelled_patches"])):
+            s = result[key]
+            table.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
+                          f"{s['jaccard']:.3f}", str(n))
+        out.print(f"{result['slide']}: {result['label']} predicted on {result['predicted_patches']} patches, "
+                  f"{result['truth_patches']} in the truth")
+        out.print(table)
+        out.print(f"pixel-level IoU of the mask polygons with the truth: {result['pixel_iou']:.3f}")
 
 
 def main() -> None:

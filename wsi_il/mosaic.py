@@ -1,9 +1,11 @@
 """Synthetic slides with known truth: real labelled H&E fields pasted into a pyramidal TIFF.
 
-A mosaic slide is white background around a rectangle of tissue; a tile-aligned block of that tissue
-is made of tumour fields and the rest of normal fields, so the tumour region is known exactly. The
-slide is a tiled, JPEG-compressed, pyramidal TIFF that OpenSlide opens as ``generic-tiff`` with
-``openslide.mpp-x/-y`` taken from the TIFF resolution tags.
+Two kinds of mosaic slide. A *block* slide is white background around a rectangle of tissue; a
+tile-aligned block of that tissue is made of tumour fields and the rest of normal fields. An *island*
+slide (``make_island_slide``) has an irregular tissue outline with irregular tumour islands inside it,
+their borders crossing patches at any angle, as in a real slide. Either way the tumour region is known
+exactly and written as QuPath GeoJSON. The slide is a tiled, JPEG-compressed, pyramidal TIFF that
+OpenSlide opens as ``generic-tiff`` with ``openslide.mpp-x/-y`` taken from the TIFF resolution tags.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
-from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
@@ -243,6 +245,7 @@ def _fill(
     piece_px: int,
     scale: float,
     rng: np.random.Generator,
+    stain_jitter: float = 0.0,
 ) -> None:
     """Fill ``region`` of ``rgb`` in place with a grid of random crops of ``images``."""
     x0, y0, x1, y1 = region
@@ -253,6 +256,8 @@ def _fill(
             if image not in cache:
                 cache[image] = _load_rgb(image)
             piece = _random_piece(cache[image], piece_px, scale, rng)
+            if stain_jitter > 0:
+                piece = _jitter_stain(piece, stain_jitter, rng)
             height, width = min(piece_px, y1 - top), min(piece_px, x1 - left)
             rgb[top : top + height, left : left + width] = piece[:height, :width]
 
@@ -292,3 +297,164 @@ def _truth_geojson(block: tuple[int, int, int, int], feature_id: uuid.UUID) -> s
         },
     }
     return json.dumps({"type": "FeatureCollection", "features": [feature]}) + "\n"
+
+
+def _jitter_stain(piece: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Scale each channel's optical density by a random factor near 1 (a mild stain variation)."""
+    density = -np.log((piece.astype(np.float64) + 1.0) / 256.0)
+    factors = 1.0 + rng.normal(0.0, strength, size=3)
+    return np.clip(256.0 * np.exp(-density * factors) - 1.0, 0, 255).astype(np.uint8)
+
+
+# ---- island slides ------------------------------------------------------------------------------
+def random_blob(center: tuple[float, float], radius: float, rng: np.random.Generator,
+                roughness: float = 0.3, points: int = 128) -> Polygon:
+    """A smooth irregular closed shape: a circle whose radius varies with a few random harmonics."""
+    theta = np.linspace(0.0, 2 * np.pi, points, endpoint=False)
+    r = np.ones(points)
+    for k in range(2, 7):
+        r += rng.normal(0.0, roughness / k) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    r = radius * np.clip(r, 0.3, None)
+    shape = Polygon(np.column_stack([center[0] + r * np.cos(theta), center[1] + r * np.sin(theta)]))
+    return shape if shape.is_valid else shape.buffer(0)
+
+
+def island_layout(
+    size_px: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    islands: int = 6,
+    tumour_share: float = 0.25,
+    margin_px: int = 128,
+) -> tuple[Polygon | MultiPolygon, Polygon | MultiPolygon]:
+    """Return (tissue, tumour) in level-0 px: an irregular tissue piece holding irregular tumour islands.
+
+    The tumour islands cover about ``tumour_share`` of the tissue; some may touch or merge.
+    """
+    import shapely
+    from shapely import affinity, union_all
+
+    width, height = size_px
+    side = min(width, height)
+    outline = random_blob((width / 2, height / 2), side * 0.46, rng, roughness=0.35)
+    outline = affinity.scale(outline, xfact=width / side, yfact=height / side)
+    tissue = outline.intersection(box(margin_px, margin_px, width - margin_px, height - margin_px))
+    tissue = _largest_parts(tissue)
+    mean_radius = np.sqrt(tumour_share * tissue.area / islands / np.pi)
+    blobs = []
+    inner = tissue.buffer(-mean_radius * 0.6)
+    inner = inner if not inner.is_empty else tissue
+    minx, miny, maxx, maxy = inner.bounds
+    attempts = 0
+    while len(blobs) < islands and attempts < 1000:
+        attempts += 1
+        x, y = rng.uniform(minx, maxx), rng.uniform(miny, maxy)
+        if inner.contains(Point(x, y)):
+            blobs.append(random_blob((x, y), mean_radius * float(rng.lognormal(0.0, 0.3)), rng, roughness=0.45))
+    tumour = union_all(blobs).intersection(tissue)
+    if tumour.is_empty:
+        raise InputError(f"no tumour island fits in a {width}x{height} px slide", "make size_px larger")
+    tumour = _largest_parts(shapely.set_precision(tumour, 0.01), min_area=1.0)  # QuPath's 0.01 px grid
+    return _largest_parts(shapely.set_precision(tissue, 0.01)), tumour
+
+
+def _largest_parts(shape, min_area: float = 0.0):  # type: ignore[no-untyped-def]
+    """Keep the polygonal parts of a shapely result (and drop slivers smaller than ``min_area``)."""
+    parts = [p for p in getattr(shape, "geoms", [shape]) if isinstance(p, Polygon) and p.area > min_area]
+    if not parts:
+        return Polygon()
+    return parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def rasterise(shape: Polygon | MultiPolygon, size_px: tuple[int, int]) -> np.ndarray:
+    """Return a boolean (height, width) mask of the pixels whose centres lie inside ``shape``."""
+    from PIL import ImageDraw
+
+    mask = Image.new("1", size_px, 0)
+    draw = ImageDraw.Draw(mask)
+    for polygon in getattr(shape, "geoms", [shape]):
+        if polygon.is_empty:
+            continue
+        draw.polygon([(x - 0.5, y - 0.5) for x, y in polygon.exterior.coords], fill=1)
+        for hole in polygon.interiors:
+            draw.polygon([(x - 0.5, y - 0.5) for x, y in hole.coords], fill=0)
+    return np.asarray(mask, dtype=bool)
+
+
+def make_island_slide(
+    path: Path,
+    tumour_images: list[Path],
+    normal_images: list[Path],
+    *,
+    size_px: tuple[int, int] = (4096, 4096),
+    islands: int = 6,
+    tumour_share: float = 0.25,
+    tile_px: int = 256,
+    mpp: float = 0.5,
+    seed: int = 0,
+    source_mpp: float | None = None,
+    stain_jitter: float = 0.03,
+) -> MosaicSlide:
+    """Compose and write a slide with irregular tumour islands inside irregular normal tissue.
+
+    Tissue is a smooth random blob inside a background margin; tumour is a union of smaller random blobs
+    inside it, covering about ``tumour_share`` of the tissue. Both are filled with randomly flipped, rotated
+    and mildly stain-jittered crops of real fields (``stain_jitter``: the spread of the per-channel
+    optical-density factor; 0 turns it off). The truth GeoJSON is one valid (Multi)Polygon annotation.
+    The same seed gives the same slide.
+    """
+    from wsi_il.qupath import make_feature, write_features
+
+    if not tumour_images or not normal_images:
+        raise InputError("no tumour or no normal images to build a mosaic from", "pass both lists")
+    if not 0 < tumour_share < 1 or islands < 1:
+        raise InputError(f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
+                         "e.g. tumour_share=0.25, islands=6")
+    if min(size_px) < 4 * tile_px:
+        raise InputError(f"slide {size_px[0]}x{size_px[1]} px is too small for islands of {tile_px} px tiles",
+                         f"make both sides at least {4 * tile_px} px")
+    rng = np.random.default_rng(seed)
+    tissue, tumour = island_layout(size_px, rng, islands=islands, tumour_share=tumour_share,
+                                   margin_px=tile_px // 2)
+    scale = 1.0 if source_mpp is None else source_mpp / mpp
+    rgb = _background(size_px, rng)
+    for shape, images in ((tissue, normal_images), (tumour, tumour_images)):
+        x0, y0, x1, y1 = (int(v) for v in np.round(shape.bounds))
+        texture = np.zeros_like(rgb)
+        _fill(texture, (x0, y0, x1, y1), images, 2 * tile_px, scale, rng, stain_jitter)
+        inside = rasterise(shape, size_px)
+        rgb[inside] = texture[inside]
+        del texture
+    path = Path(path)
+    write_pyramidal_tiff(path, rgb, mpp=mpp, tile_px=tile_px)
+    truth_path = path.with_name(f"{path.stem}.truth.geojson")
+    feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
+                           feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
+    feature["properties"]["isLocked"] = False
+    write_features(truth_path, [feature])
+    return MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
+                       tumour=tumour, tissue=tissue, mpp=mpp)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write an island mosaic slide from the BACH sample: ``python -m wsi_il.mosaic OUT.tiff --data DIR``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m wsi_il.mosaic", description=main.__doc__)
+    parser.add_argument("out", type=Path, help="the pyramidal TIFF to write (the truth goes beside it)")
+    parser.add_argument("--data", type=Path, required=True, help="folder holding bach-iciar2018-1536jpeg-sample/")
+    parser.add_argument("--size", default="4096x4096", help="level-0 WIDTHxHEIGHT in px")
+    parser.add_argument("--islands", type=int, default=6)
+    parser.add_argument("--tumour-share", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mpp", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    tumour, normal = bach_images(args.data)
+    slide = make_island_slide(args.out, tumour, normal, size_px=(width, height), islands=args.islands,
+                              tumour_share=args.tumour_share, seed=args.seed, mpp=args.mpp)
+    print(f"wrote {slide.path} ({slide.width}x{slide.height} px) and {slide.truth_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""`wsi-il simulate` and `wsi-il evaluate`: the engine's own loop with ground truth as the expert."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wsi_il.cli import app
+from wsi_il.simulate import COLUMNS, REFERENCE, _macro_average, summarise
+
+runner = CliRunner()
+FAST = ["--epochs", "1", "--weights", "random", "--device", "cpu", "--tile-size", "256"]
+
+
+def run(*args: object, code: int = 0) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def run_json(*args: object) -> dict:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+@pytest.fixture(scope="module")
+def island_slide(shared_data, tmp_path_factory):  # noqa: ANN001, ANN201
+    from wsi_il.mosaic import bach_images, make_island_slide
+
+    tumour, normal = bach_images(shared_data)
+    folder = tmp_path_factory.mktemp("island")
+    return make_island_slide(folder / "island.tiff", tumour, normal, size_px=(1792, 1536), islands=3,
+                             tumour_share=0.35, seed=4)
+
+
+@pytest.fixture(scope="module")
+def slide_run(island_slide, tmp_path_factory):  # noqa: ANN001, ANN201
+    out = tmp_path_factory.mktemp("sim") / "slide"
+    output = run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--strategy",
+                 "random,topk,fme,cnfp,hybrid,entropy", "--sessions", "1", "--rounds", "1", "-k", "3", *FAST,
+                 "--out", out)
+    return out, output
+
+
+def test_simulate_slide_runs_all_six_strategies(slide_run) -> None:  # noqa: ANN001
+    out, output = slide_run
+    rows = read_rows(out / "results.csv")
+    assert list(rows[0]) == list(COLUMNS)
+    strategies = [r["strategy"] for r in rows]
+    assert strategies == [REFERENCE, "random", "topk", "fme", "cnfp", "hybrid", "entropy"]
+    for row in rows[1:]:
+        assert row["session"] == "1" and row["labels"] == str(1 + 3)  # the query patch counts
+        assert row["accuracy"] == "" and row["p_at_10"] == ""  # patch-dataset metrics do not apply
+        assert 0 <= float(row["jaccard"]) <= float(row["f1"]) <= 1 and float(row["seconds"]) > 0
+        assert row["f1_unlabelled"] != ""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "slides" and set(summary["strategies"]) == {REFERENCE, *strategies[1:]}
+    assert "labels_to_95pct" in summary["strategies"]["cnfp"]["jaccard"]
+    for metric in ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled"):
+        assert (out / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cnfp" in output and "wrote" in output
+
+
+def test_simulate_drives_the_real_review_loop(slide_run) -> None:  # noqa: ANN001
+    """Each run is a project whose batches were written by start_session/ingest and filled from the truth."""
+    out, _ = slide_run
+    project = out / "runs" / "island" / "cnfp-seed0"
+    session = json.loads((project / "sessions" / "s1.json").read_text())
+    assert session["strategy"] == "cnfp" and session["state"] == "done" and session["k"] == 3
+    assert [h["rule"] for h in session["history"]] == ["fme"]  # no classifier before the first labels
+    labels = read_rows(project / "batches" / "s1-r1" / "labels.csv")
+    assert len(labels) == 3 and {row["label"] for row in labels} <= {"Tumor", "Normal"}
+    ledger = (project / "labels.jsonl").read_text().splitlines()
+    assert len(ledger) == 3
+    status = run_json("status", project, "--json")
+    assert status["n_labels"] == 3 and status["model"] == "s1-r1"
+
+
+def test_evaluate_scores_a_project(slide_run, island_slide) -> None:  # noqa: ANN001
+    out, _ = slide_run
+    project = out / "runs" / "island" / "cnfp-seed0"
+    result = run_json("evaluate", project, "--truth", island_slide.truth_path, "--json")
+    assert result["label"] == "Tumor" and result["labelled_patches"] == 4  # 3 reviewed + 1 query
+    assert result["truth_patches"] > 0 and result["patches"] > result["truth_patches"]
+    for key in ("precision", "recall", "f1", "jaccard"):
+        assert 0 <= result["patch"][key] <= 1
+    assert 0 <= result["pixel_iou"] <= 1
+    text = run("evaluate", project, "--truth", island_slide.truth_path)
+    assert "pixel-level IoU" in text and "not labelled" in text
+
+
+def test_evaluate_needs_a_trained_model(slide_run, island_slide) -> None:  # noqa: ANN001
+    out, _ = slide_run
+    output = run("evaluate", out / "base" / "island", "--truth", island_slide.truth_path, code=4)
+    assert "no classifier" in output
+
+
+@pytest.mark.slow
+def test_simulate_inter_slide(island_slide, block_slide, tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "inter"
+    run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--query-slide",
+        block_slide.path, "--query-truth", block_slide.truth_path, "--strategy", "cnfp", "--sessions", "1",
+        "--rounds", "1", "-k", "2", *FAST, "--out", out)
+    session = json.loads((out / "runs" / "island" / "cnfp-seed0" / "sessions" / "s1.json").read_text())
+    assert session["query"]["patch_ids"] == [] and len(session["query"]["images"]) == 1  # from the other slide
+    assert len(read_rows(out / "results.csv")) == 2
+
+
+@pytest.fixture()
+def tiny_split(shared_data, tmp_path) -> tuple[Path, Path]:  # noqa: ANN001
+    source = shared_data / "lc25000-lung-224-dedup"
+    if not source.is_dir():
+        pytest.skip("LC25000 sample not found")
+    for cls in ("lung_aca", "lung_n", "lung_scc"):
+        images = sorted((source / cls).glob("*.jpeg"))
+        for part, chosen in (("db", images[:4]), ("test", images[-2:])):
+            (tmp_path / part / cls).mkdir(parents=True)
+            for image in chosen:
+                shutil.copy(image, tmp_path / part / cls / image.name)
+    return tmp_path / "db", tmp_path / "test"
+
+
+def test_simulate_patches(tiny_split, tmp_path) -> None:  # noqa: ANN001
+    database, test = tiny_split
+    out = tmp_path / "patches"
+    run("simulate", "--patches", database, "--test", test, "--strategy", "cnfp,random", "--sessions", "2",
+        "--rounds", "1", "-k", "2", "--queries", "1", *FAST[:-2], "--out", out)
+    rows = read_rows(out / "results.csv")
+    assert [(r["strategy"], r["seed"], r["session"]) for r in rows] == [
+        (REFERENCE, "0", "0"), ("cnfp", "0", "1"), ("cnfp", "0", "2"), ("random", "0", "1"), ("random", "0", "2")]
+    assert rows[0]["labels"] == "12" and rows[2]["labels"] == "6"
+    for row in rows:
+        assert 0 <= float(row["accuracy"]) <= 1 and 0 <= float(row["p_at_10"]) <= 1 and row["f1"] == ""
+    project = out / "runs" / "db" / "cnfp-seed0"
+    labels = read_rows(project / "batches" / "s1-r1" / "labels.csv")
+    assert {row["label"] for row in labels} <= {"lung_aca", "lung_n", "lung_scc"}  # explicit class labels
+    first = json.loads((project / "sessions" / "s1.json").read_text())
+    second = json.loads((project / "sessions" / "s2.json").read_text())
+    assert first["label"] != second["label"]  # sessions go round the classes
+    assert second["history"][0]["rule"] == "cnfp"  # the classifier of session 1 drives CNFP from then on
+    assert (out / "accuracy.png").is_file() and (out / "p_at_10.png").is_file()
+
+
+def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001
+    assert "either --slide" in run("simulate", "--out", tmp_path, code=3)
+    assert "not one of" in run("simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best",
+                               "--out", tmp_path, code=3)
+    assert "one --truth per --slide" in run("simulate", "--slide", tmp_path / "a.tiff", "--out", tmp_path, code=3)
+
+
+def _row(strategy: str, seed: int, session: int, labels: int, value: float) -> dict[str, object]:
+    return {"strategy": strategy, "seed": seed, "session": session, "labels": labels, "jaccard": value}
+
+
+def test_summary_labels_to_reach_the_reference() -> None:
+    rows = [_row(REFERENCE, 0, 0, 100, 0.8), _row(REFERENCE, 1, 0, 100, 0.8),
+            _row("cnfp", 0, 1, 10, 0.5), _row("cnfp", 0, 2, 20, 0.77), _row("cnfp", 0, 3, 30, 0.8),
+            _row("cnfp", 1, 1, 10, 0.76), _row("cnfp", 1, 2, 20, 0.7), _row("cnfp", 1, 3, 30, 0.75)]
+    summary = summarise(rows, ("jaccard",))
+    assert summary[REFERENCE]["jaccard"]["mean"] == pytest.approx(0.8)
+    cnfp = summary["cnfp"]["jaccard"]
+    assert cnfp["labels_to_95pct"]["per_seed"] == [20.0, 10.0]  # 0.95 * 0.8 = 0.76
+    assert cnfp["labels_to_100pct"]["per_seed"] == [30.0, None] and cnfp["labels_to_100pct"]["reached"] == 1
+    assert cnfp["final"]["mean"] == pytest.approx(0.775) and cnfp["final"]["n"] == 2
+    assert summary["cnfp"]["final_labels"]["mean"] == 30
+
+
+def test_macro_average_over_slides() -> None:
+    per_slide = [{**_row("cnfp", 0, 1, 10, 0.4), "slide": "a", "f1": ""},
+                 {**_row("cnfp", 0, 1, 12, 0.8), "slide": "b", "f1": ""}]
+    [row] = _macro_average(per_slide)
+    assert row["jaccard"] == pytest.approx(0.6) and row["labels"] == 11 and row["f1"] == ""
+
+
+def test_fill_labels_from_classes(tmp_path) -> None:  # noqa: ANN001
+    from wsi_il.simulate import fill_labels_from_classes
+
+    batch = tmp_path / "b"
+    batch.mkdir()
+    (batch / "labels.csv").write_text("n,patch_id,label,rank\n1,p1,,3\n2,p2,,9\n")
+    assert fill_labels_from_classes(batch, {"p1": "TUM", "p2": "STR", "p3": "ADI"}) == {"p1": "TUM", "p2": "STR"}
+    assert (batch / "labels.csv").read_text() == "n,patch_id,label,rank\n1,p1,TUM,3\n2,p2,STR,9\n"

@@ -1,0 +1,682 @@
+"""Pseudo-feedback experiments (METHOD.md "How the paper measured it"): the expert replaced by ground truth.
+
+Every run drives the same engine as ``wsi-il query`` / ``wsi-il ingest``: ``session.start_session`` writes a
+real review batch, its labels.csv is filled from the truth, ``session.ingest`` records it, trains both heads
+and writes the next batch. Nothing here ranks, samples or trains the interactive loop itself; the only
+training done here is the full-supervision reference (the same heads on every database label).
+
+Layout of an output folder::
+
+    base/<name>/                 one project per slide (or patch dataset): features computed once
+    runs/<name>/<strategy>-seed<n>/  a copy of the base project per run, with its batches and models
+    results.csv  per_slide.csv  summary.json  <metric>.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_il.config import (
+    STRATEGIES,
+    FeatureSettings,
+    SessionSettings,
+    TilingSettings,
+    TrainSettings,
+    to_dict,
+)
+from wsi_il.errors import InputError, ProjectStateError
+from wsi_il.events import Reporter, SilentReporter
+from wsi_il.fsutil import atomic_write_text
+from wsi_il.metrics import accuracy, area_under_curve, binary_scores, labels_to_reach, precision_at_k
+from wsi_il.project import Project
+
+TUMOUR, NORMAL = "Tumor", "Normal"
+COLUMNS = ("strategy", "seed", "session", "labels", "label_share", "accuracy", "p_at_10", "f1", "jaccard",
+           "precision", "recall", "f1_unlabelled", "jaccard_unlabelled", "seconds")
+PATCH_METRICS = ("accuracy", "p_at_10")
+SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled")
+REFERENCE = "full-supervision"
+"""The strategy name of the reference rows: both heads trained on every database label, session 0."""
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """One simulate run: which strategies and seeds, and the engine's settings (METHOD.md options)."""
+
+    strategies: tuple[str, ...] = ("cnfp", "entropy", "random")
+    seeds: int = 1
+    """Seeds 0 .. seeds-1; each seeds the query set, sampling and training of a run."""
+    sessions: int = 10
+    k: int = 5
+    """Patches per review batch (the paper: 5 for slides, 10 for CRC)."""
+    rounds: int = 5
+    queries: int = 10
+    """Size of the query set (per class for patch datasets); each session draws one patch of it."""
+    epochs: int = 50
+    lr: float = 1e-4
+    margin: float = 0.2
+    warm_start: bool = False
+    refine_query: bool = True
+    tile_size_px: int = 256
+    weights: str = "imagenet"
+
+    def check(self) -> None:
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise InputError(f"unknown strategy {', '.join(unknown) or '(none)'}",
+                             f"use a comma-separated list of {', '.join(STRATEGIES)}")
+        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1, not {getattr(self, name)}", "e.g. 1 or more")
+
+    def train(self, seed: int) -> TrainSettings:
+        return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
+                             refine_query=self.refine_query, seed=seed)
+
+
+@dataclass(frozen=True)
+class SlideCase:
+    """A slide with its tumour truth; ``query_from`` names another case whose tumour gives the queries."""
+
+    slide: Path
+    truth: Path
+    query_from: SlideCase | None = None
+
+
+@dataclass
+class Progress:
+    """Callbacks a front end passes in: one step per ingested round, and every finished row."""
+
+    advance: Callable[[int], None] = lambda n: None
+    on_row: Callable[[dict[str, Any]], None] = lambda row: None
+    describe: Callable[[str], None] = lambda text: None
+
+
+@dataclass
+class Outcome:
+    """What a simulation produced."""
+
+    rows: list[dict[str, Any]]
+    per_slide: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+
+
+# ---- projects -----------------------------------------------------------------------------------
+def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, device: str, *,
+               slide: Path | None = None, patches: Path | None = None) -> Project:
+    """Create (or finish) a project over one slide or one patch folder; reused when already complete."""
+    from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
+    from wsi_il.features import resolve_weights
+
+    project = Project(folder)
+    if project.exists():
+        manifest = project.read_manifest()
+        build_database(project, manifest, reporter, device)
+        return project
+    weights = resolve_weights(settings.weights)
+    classes = folder_classes(patches) if patches is not None else [TUMOUR, NORMAL]
+    if len(classes) < 2:
+        raise InputError(f"{patches} has fewer than two class subfolders", "give a folder of class subfolders")
+    features = FeatureSettings(weights=settings.weights if weights.kind != "file" else weights.source,
+                               weights_sha256=weights.sha256)
+    manifest: dict[str, Any] = {"classes": classes,
+                                "tiling": to_dict(TilingSettings(tile_size_px=settings.tile_size_px)),
+                                "features": to_dict(features), "train": to_dict(settings.train(0)),
+                                "normalisation": None, "slides": []}
+    if slide is not None:
+        register_slide(manifest, slide)
+    else:
+        register_patch_folder(manifest, patches)  # type: ignore[arg-type]
+    project.create(manifest)
+    build_database(project, project.read_manifest(), reporter, device, weights)
+    return project
+
+
+def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
+    """Copy a project made before any session, with its own uid and training settings (features shared)."""
+    if target.exists():
+        shutil.rmtree(target)
+    if (base.root / "sessions").exists() or base.ledger_path().exists():
+        raise ProjectStateError(f"{base.root} already has sessions", "fork a project before its first session")
+    shutil.copytree(base.root, target, ignore=shutil.ignore_patterns("lock"))
+    project = Project(target)
+    manifest = project.read_manifest()
+    manifest["uid"] = uuid.uuid4().hex
+    manifest["train"] = to_dict(train)
+    project.write_manifest(manifest)
+    return project
+
+
+def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str, str]:
+    """Fill a review batch's labels.csv with each patch's true class name, as an expert would."""
+    from wsi_il.fsutil import atomic_write_text as write
+
+    path = Path(batch_dir) / "labels.csv"
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    for row in rows:
+        row["label"] = truth[row["patch_id"]]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write(path, buffer.getvalue())
+    return {row["patch_id"]: row["label"] for row in rows}
+
+
+# ---- one run: sessions through the engine ---------------------------------------------------------
+def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings: SimulationSettings,
+                  strategy: str, label_batch: Callable[[Path], None], score: Callable[[Any], dict[str, Any]],
+                  progress: Progress) -> list[dict[str, Any]]:
+    """Run one session per query through start_session/ingest, scoring after each; returns the rows."""
+    from wsi_il.session import ingest, start_session
+
+    rows, labels = [], 0
+    for number, (label, query) in enumerate(queries, start=1):
+        started = time.perf_counter()
+        try:
+            result = start_session(ctx, label, SessionSettings(strategy, settings.k, settings.rounds),
+                                   source="simulate", **query)
+        except ProjectStateError as exc:  # every patch reviewed: the curve ends here
+            if not _exhausted(exc):
+                raise
+            break
+        labels += len(query.get("query_indices", query.get("query_features", [])))
+        rounds_done = 0
+        while result.batch_dir is not None:
+            label_batch(result.batch_dir)
+            labels += _batch_size(result.batch_dir)
+            try:
+                result = ingest(ctx, result.batch_dir / "labels.csv")
+            except ProjectStateError as exc:  # the last candidates were used: no next batch to write
+                if not _exhausted(exc):
+                    raise
+                result = None  # type: ignore[assignment]
+                break
+            rounds_done += 1
+            progress.advance(1)
+        progress.advance(settings.rounds - rounds_done)
+        seconds = time.perf_counter() - started
+        row = {"strategy": strategy, "session": number, "labels": labels, "seconds": round(seconds, 3),
+               **score(ctx)}
+        rows.append(row)
+        progress.on_row(row)
+        if result is None:
+            break
+    return rows
+
+
+def _exhausted(exc: ProjectStateError) -> bool:
+    return "every patch of the project has been reviewed" in exc.message
+
+
+def _batch_size(batch_dir: Path) -> int:
+    from wsi_il.review import read_batch
+
+    return len(read_batch(batch_dir)[1])
+
+
+def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    from wsi_il.session import load_tensors
+
+    state = ctx.project.read_json(ctx.project.state_path(), {})
+    model = load_tensors(ctx.project.model_path(state["model"]))
+    return model["retrieval"], model["classifier"], load_tensors(ctx.project.init_model_path())
+
+
+# ---- slides ---------------------------------------------------------------------------------------
+def _slide_truth(ctx: Any, truth: Path) -> np.ndarray:
+    from wsi_il.truth import truth_mask
+
+    slide = ctx.table.slides[0]
+    return truth_mask(ctx.table.boxes, truth, slide.offset)
+
+
+def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
+    from wsi_il.session import current_predictions, reviewed_ids
+
+    predicted = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
+    seen = reviewed_ids(ctx.project)
+    unlabelled = np.array([pid not in seen for pid in ctx.table.ids])
+    every, rest = binary_scores(predicted, truth), binary_scores(predicted[unlabelled], truth[unlabelled])
+    return {"f1": every.f1, "jaccard": every.jaccard, "precision": every.precision, "recall": every.recall,
+            "f1_unlabelled": rest.f1, "jaccard_unlabelled": rest.jaccard}
+
+
+def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings) -> dict[str, Any]:
+    """Both heads trained on every patch of the slide with its true label; scored on every patch."""
+    from wsi_il.heads import predict, train_heads
+    from wsi_il.session import load_tensors
+
+    init = load_tensors(ctx.project.init_model_path())
+    everything = np.arange(len(ctx.table))
+    targets = np.where(truth, ctx.class_index(TUMOUR), ctx.class_index(NORMAL)).astype(np.int64)
+    heads = train_heads(ctx.store.take(everything), targets, init, len(ctx.classes), train, ctx.device)
+    probs = predict(heads.classifier, init, len(ctx.classes), ctx.store.chunks(256), len(ctx.store), ctx.device)
+    scores = binary_scores(probs.argmax(axis=1) == ctx.class_index(TUMOUR), truth)
+    return {"f1": scores.f1, "jaccard": scores.jaccard, "precision": scores.precision, "recall": scores.recall,
+            "f1_unlabelled": scores.f1, "jaccard_unlabelled": scores.jaccard}
+
+
+def _tumour_query_images(case: SlideCase, base: Project, count: int, rng: np.random.Generator,
+                         folder: Path) -> list[Path]:
+    """Save ``count`` random tumour patches of a query slide as PNG files (inter-slide queries)."""
+    from PIL import Image
+
+    from wsi_il.database import patch_table
+    from wsi_il.slide import TileReader
+    from wsi_il.truth import truth_mask
+
+    table = patch_table(base, base.read_manifest())
+    tumour = np.flatnonzero(truth_mask(table.boxes, case.truth, table.slides[0].offset))
+    if len(tumour) == 0:
+        raise InputError(f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% tumour",
+                         "check that the truth belongs to the query slide")
+    chosen = rng.choice(tumour, size=min(count, len(tumour)), replace=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    reader = TileReader(case.slide)
+    paths = []
+    try:
+        for i in chosen:
+            x, y, w, h = (int(v) for v in table.boxes[i])
+            paths.append(folder / f"query_{x}_{y}.png")
+            Image.fromarray(reader.read(x, y, w, h)).save(paths[-1])
+    finally:
+        reader.close()
+    return paths
+
+
+def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSettings, device: str,
+                    progress: Progress | None = None, reporter: Reporter | None = None) -> Outcome:
+    """Run every strategy and seed on every slide; rows are macro-averaged over slides per session."""
+    from wsi_il.session import current_embeddings, extract_query_images, open_context
+
+    settings.check()
+    progress, reporter = progress or Progress(), reporter or SilentReporter()
+    names = _unique_names([c.slide for c in cases])
+    bases: dict[Path, Project] = {}
+    for case in cases:
+        for source in (case, case.query_from) if case.query_from else (case,):
+            if source.slide.resolve() not in bases:
+                progress.describe(f"features of {source.slide.name}")
+                bases[source.slide.resolve()] = build_base(out / "base" / _unique_names([source.slide])[0],
+                                                           settings, reporter, device, slide=source.slide)
+    per_slide: list[dict[str, Any]] = []
+    for case, name in zip(cases, names, strict=True):
+        base = bases[case.slide.resolve()]
+        current_embeddings(open_context(base, device, SilentReporter()))  # the pretrained embeddings, once
+        for seed in range(settings.seeds):
+            train = settings.train(seed)
+            ctx = open_context(base, device, SilentReporter())
+            truth = _slide_truth(ctx, case.truth)
+            if not truth.any():
+                raise InputError(f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% inside the "
+                                 "truth", "check that the truth GeoJSON belongs to the slide")
+            rng = np.random.default_rng(seed)
+            if case.query_from is None:
+                pool = np.flatnonzero(truth)
+                chosen = rng.choice(pool, size=min(settings.queries, len(pool)), replace=False)
+                queries = [(TUMOUR, {"query_indices": np.array([i]), "slide": ctx.table.slides[0].id})
+                           for i in chosen]
+            else:
+                images = _tumour_query_images(case.query_from, bases[case.query_from.slide.resolve()],
+                                              settings.queries, rng, out / "runs" / name / f"queries-seed{seed}")
+                features = extract_query_images(ctx, images)
+                queries = [(TUMOUR, {"query_features": features[i:i + 1], "images": [str(images[i])]})
+                           for i in range(len(images))]
+            queries = [queries[i % len(queries)] for i in range(settings.sessions)]
+            n = len(ctx.table)
+            progress.describe(f"{name}: reference, seed {seed}")
+            reference = _slide_reference(ctx, truth, train)
+            per_slide.append({"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n,
+                              "label_share": 1.0, "seconds": "", **reference})
+            for strategy in settings.strategies:
+                progress.describe(f"{name}: {strategy}, seed {seed}")
+                project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
+                run_ctx = open_context(project, device, SilentReporter())
+                offset = run_ctx.table.slides[0].offset
+
+                def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> None:  # noqa: ANN001
+                    from wsi_il.truth import fill_labels_from_truth
+
+                    fill_labels_from_truth(batch, truth_path, offset)
+
+                rows = _run_sessions(run_ctx, queries, settings, strategy, label_batch,
+                                     lambda c, t=truth: _slide_scores(c, t), progress)
+                for row in rows:
+                    per_slide.append({"slide": name, "seed": seed, "label_share": row["labels"] / n, **row})
+    rows = _macro_average(per_slide)
+    outcome = Outcome(rows, per_slide if len(cases) > 1 else [])
+    return finish(out, outcome, SLIDE_METRICS, settings, {"mode": "slides", "slides": names})
+
+
+def _macro_average(per_slide: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Average the rows of several slides per (strategy, seed, session)."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for row in per_slide:
+        groups.setdefault((row["strategy"], row["seed"], row["session"]), []).append(row)
+    out = []
+    for (strategy, seed, session), rows in groups.items():
+        merged: dict[str, Any] = {"strategy": strategy, "seed": seed, "session": session}
+        for column in COLUMNS[3:]:
+            values = [r[column] for r in rows if r.get(column) not in (None, "")]
+            merged[column] = float(np.mean(values)) if values else ""
+        out.append(merged)
+    return out
+
+
+def _unique_names(paths: Iterable[Path]) -> list[str]:
+    from wsi_il.project import safe_id
+
+    names: list[str] = []
+    for path in paths:
+        stem = Path(path).name.split(".")[0]
+        base, n = safe_id(stem), 2
+        candidate = base
+        while candidate in names:
+            candidate, n = f"{base}-{n}", n + 1
+        names.append(candidate)
+    return names
+
+
+# ---- patch datasets -------------------------------------------------------------------------------
+def _test_set(ctx: Any, test: Path, base: Project) -> tuple[np.ndarray, np.ndarray]:
+    """Trunk features and class indices of a held-out folder of class subfolders (cached in the base)."""
+    from wsi_il.database import IMAGE_SUFFIXES
+    from wsi_il.session import extract_query_images
+
+    files, labels = [], []
+    for c, name in enumerate(ctx.classes):
+        found = sorted(p for p in (Path(test) / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files.extend(found)
+        labels.extend([c] * len(found))
+    if not files:
+        raise InputError(f"the test folder {test} has no images in subfolders named {', '.join(ctx.classes)}",
+                         "give a held-out folder with the same class subfolders as --patches")
+    cache = base.root / "simulate-test.npz"
+    names = np.array([str(p.resolve()) for p in files])
+    if cache.is_file():
+        with np.load(cache) as stored:
+            if stored["names"].tolist() == names.tolist():
+                return stored["features"], stored["labels"]
+    features = np.concatenate([extract_query_images(ctx, files[i:i + 64]) for i in range(0, len(files), 64)])
+    np.savez(cache, names=names, features=features, labels=np.array(labels))
+    return features, np.array(labels)
+
+
+def _patch_truth(ctx: Any) -> np.ndarray:
+    """Class index of every database patch, from its class subfolder."""
+    slide = ctx.table.slides[0]
+    labels = ctx.project.read_json(ctx.project.images_path(slide.id))["labels"]
+    if any(label is None for label in labels):
+        raise InputError(f"{slide.path} holds images outside class subfolders",
+                         "simulate needs every database patch in a class subfolder")
+    return np.array([ctx.class_index(label) for label in labels], dtype=np.int64)
+
+
+def _head_scores(retrieval: dict[str, Any], classifier: dict[str, Any], init: dict[str, Any], ctx: Any,
+                 database_embeddings: np.ndarray, database_y: np.ndarray, test_x: np.ndarray,
+                 test_y: np.ndarray) -> dict[str, Any]:
+    from wsi_il.heads import embed, predict
+
+    probs = predict(classifier, init, len(ctx.classes), [(0, test_x)], len(test_x), ctx.device)
+    test_embeddings = embed(retrieval, init, [(0, test_x)], len(test_x), ctx.device)
+    return {"accuracy": accuracy(probs.argmax(axis=1), test_y),
+            "p_at_10": precision_at_k(test_embeddings, test_y, database_embeddings, database_y, 10)}
+
+
+def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+    from wsi_il.session import current_embeddings
+
+    retrieval, classifier, init = _current_heads(ctx)
+    return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y)
+
+
+def _patch_reference(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                     train: TrainSettings) -> dict[str, Any]:
+    """Both heads trained on every database patch with its class (full supervision), scored on the test set."""
+    from wsi_il.heads import embed, train_heads
+    from wsi_il.session import load_tensors
+
+    init = load_tensors(ctx.project.init_model_path())
+    heads = train_heads(ctx.store.take(np.arange(len(ctx.table))), database_y, init, len(ctx.classes), train,
+                        ctx.device)
+    database_embeddings = embed(heads.retrieval, init, ctx.store.chunks(256), len(ctx.store), ctx.device)
+    return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x,
+                        test_y)
+
+
+def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationSettings, device: str,
+                     progress: Progress | None = None, reporter: Reporter | None = None) -> Outcome:
+    """Run every strategy and seed on a patch dataset with explicit class labels, scored on a held-out set."""
+    from wsi_il.session import current_embeddings, open_context
+
+    settings.check()
+    progress, reporter = progress or Progress(), reporter or SilentReporter()
+    progress.describe(f"features of {Path(patches).name}")
+    name = _unique_names([patches])[0]
+    base = build_base(out / "base" / name, settings, reporter, device, patches=patches)
+    ctx = open_context(base, device, SilentReporter())
+    current_embeddings(ctx)
+    progress.describe(f"features of {Path(test).name}")
+    test_x, test_y = _test_set(ctx, test, base)
+    database_y = _patch_truth(ctx)
+    classes = ctx.classes
+    if settings.sessions > settings.queries * len(classes):
+        raise InputError(f"{settings.sessions} sessions need more than the {settings.queries} x {len(classes)} "
+                         "query patches", f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}")
+    rows: list[dict[str, Any]] = []
+    for seed in range(settings.seeds):
+        train = settings.train(seed)
+        rng = np.random.default_rng(seed)
+        query_sets = [rng.permutation(np.flatnonzero(database_y == c))[:settings.queries] for c in range(len(classes))]
+        order = [int(c) for _ in range(math.ceil(settings.sessions / len(classes)))
+                 for c in rng.permutation(len(classes))]
+        taken = [0] * len(classes)
+        queries = []
+        for c in order[:settings.sessions]:
+            if taken[c] < len(query_sets[c]):
+                queries.append((classes[c], {"query_indices": query_sets[c][taken[c]:taken[c] + 1]}))
+                taken[c] += 1
+        truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
+        progress.describe(f"{name}: reference, seed {seed}")
+        reference = _patch_reference(ctx, database_y, test_x, test_y, train)
+        rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
+                     "label_share": 1.0, "seconds": "", **reference})
+        for strategy in settings.strategies:
+            progress.describe(f"{name}: {strategy}, seed {seed}")
+            project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
+            run_ctx = open_context(project, device, SilentReporter())
+            found = _run_sessions(run_ctx, queries, settings, strategy,
+                                  lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
+                                  lambda c: _patch_scores(c, database_y, test_x, test_y), progress)
+            rows.extend({"seed": seed, "label_share": r["labels"] / len(ctx.table), **r} for r in found)
+    return finish(out, Outcome(rows), PATCH_METRICS, settings, {"mode": "patches", "patches": str(patches),
+                                                                "test": str(test)})
+
+
+def total_rounds(settings: SimulationSettings, cases: int = 1) -> int:
+    """The number of progress steps a simulation takes (one per review round)."""
+    return cases * settings.seeds * len(settings.strategies) * settings.sessions * settings.rounds
+
+
+# ---- reports --------------------------------------------------------------------------------------
+def finish(out: Path, outcome: Outcome, metrics: tuple[str, ...], settings: SimulationSettings,
+           about: dict[str, Any]) -> Outcome:
+    """Write results.csv (and per_slide.csv), summary.json and one plot per metric."""
+    write_rows(out / "results.csv", outcome.rows, COLUMNS)
+    if outcome.per_slide:
+        write_rows(out / "per_slide.csv", outcome.per_slide, ("slide", *COLUMNS))
+    outcome.summary = {**about, "settings": {**asdict(settings), "strategies": list(settings.strategies)},
+                       "metrics": list(metrics), "strategies": summarise(outcome.rows, metrics)}
+    atomic_write_text(out / "summary.json", json.dumps(outcome.summary, indent=2, default=_json_default) + "\n")
+    outcome.plots = [plot_metric(outcome.rows, metric, out / f"{metric}.png") for metric in metrics]
+    return outcome
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """Write rows as CSV with fixed columns; a metric that does not apply is left empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.6g}"
+    return str(value)
+
+
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    if not clean:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(np.mean(clean)), "std": float(np.std(clean)), "min": float(np.min(clean)),
+            "max": float(np.max(clean)), "n": len(clean)}
+
+
+def summarise(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
+    """Per strategy: final metrics, labels to reach 95% / 100% of the reference, area under the curve."""
+    reference = {m: _spread([float(r[m]) for r in rows if r["strategy"] == REFERENCE and r.get(m) != ""])
+                 for m in metrics}
+    out: dict[str, Any] = {REFERENCE: {m: reference[m] for m in metrics}}
+    for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != REFERENCE):
+        entry: dict[str, Any] = {}
+        seeds = sorted({r["seed"] for r in rows if r["strategy"] == strategy})
+        curves = {s: sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == s),
+                            key=lambda r: r["session"]) for s in seeds}
+        entry["seeds"] = len(seeds)
+        entry["final_labels"] = _spread([float(c[-1]["labels"]) for c in curves.values() if c])
+        for m in metrics:
+            finals = [float(c[-1][m]) for c in curves.values() if c]
+            target = reference[m]["mean"]
+            reach: dict[str, Any] = {}
+            for share in (0.95, 1.0):
+                needed = [labels_to_reach(np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]),
+                                          share * target) if target is not None else None
+                          for c in curves.values()]
+                reach[f"labels_to_{round(share * 100)}pct"] = {
+                    "per_seed": needed, "reached": sum(n is not None for n in needed), **_spread(
+                        [n for n in needed if n is not None])}
+            auc = [area_under_curve(np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]))
+                   for c in curves.values() if c]
+            entry[m] = {"final": _spread(finals), "auc": _spread(auc), **reach}
+        out[strategy] = entry
+    return out
+
+
+def curve(rows: list[dict[str, Any]], strategy: str, metric: str) -> tuple[np.ndarray, ...]:
+    """Mean labels, mean, min and max of a metric per session over seeds."""
+    sessions = sorted({r["session"] for r in rows if r["strategy"] == strategy})
+    labels, mean, low, high = [], [], [], []
+    for s in sessions:
+        chosen = [r for r in rows if r["strategy"] == strategy and r["session"] == s and r.get(metric) != ""]
+        if not chosen:
+            continue
+        values = np.array([float(r[metric]) for r in chosen])
+        labels.append(np.mean([r["labels"] for r in chosen]))
+        mean.append(values.mean())
+        low.append(values.min())
+        high.append(values.max())
+    return np.array(labels), np.array(mean), np.array(low), np.array(high)
+
+
+def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    """Plot a metric against the number of labels: one line per strategy, a band over seeds (min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != REFERENCE))
+    for strategy in strategies:
+        labels, mean, low, high = curve(rows, strategy, metric)
+        if len(labels) == 0:
+            continue
+        line = axes.plot(labels, mean, marker="o", markersize=3, label=strategy,
+                         linewidth=2.2 if strategy == "cnfp" else 1.4)[0]
+        axes.fill_between(labels, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    reference = [float(r[metric]) for r in rows if r["strategy"] == REFERENCE and r.get(metric) != ""]
+    if reference:
+        axes.axhline(float(np.mean(reference)), color="black", linestyle="--", linewidth=1,
+                     label="full supervision")
+    seeds = len({r["seed"] for r in rows})
+    axes.set_xlabel("labels (query patches + reviewed patches)")
+    axes.set_ylabel(metric.replace("_", " "))
+    axes.set_title(f"{metric.replace('_', ' ')} vs labels ({seeds} seed{'s' if seeds != 1 else ''}, band: min-max)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+# ---- evaluate a real project ------------------------------------------------------------------------
+def evaluate_project(ctx: Any, truth_path: Path, slide_id: str | None = None,
+                     label: str | None = None) -> dict[str, Any]:
+    """Score a project's current mask of one slide against a truth annotation (patch- and pixel-level).
+
+    Patch level: a patch is truly ``label`` when at least half of it lies in the truth; scored on all tissue
+    patches and on those nobody labelled. Pixel level: IoU of the union of the predicted squares (the
+    exported mask) with the truth polygons.
+    """
+    from wsi_il.metrics import polygon_iou
+    from wsi_il.qupath import read_region, union_squares
+    from wsi_il.regions import fraction_inside
+    from wsi_il.session import current_predictions, reviewed_ids
+
+    predictions = current_predictions(ctx)
+    if predictions is None:
+        raise ProjectStateError("no classifier has been trained yet",
+                                f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)")
+    slides = [s for s in ctx.table.slides if s.kind == "slide"]
+    if slide_id is not None:
+        slides = [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
+    if len(slides) != 1:
+        known = ", ".join(s.id for s in ctx.table.slides if s.kind == "slide") or "none"
+        raise InputError("say which slide the truth belongs to" if slide_id is None and len(slides) > 1
+                         else f"slide {slide_id!r} is not a slide of the project",
+                         f"add --slide with one of: {known}")
+    slide = slides[0]
+    label = ctx.classes[ctx.class_index(label or ctx.classes[0])]
+    region, warnings = read_region(Path(truth_path), offset=slide.offset)
+    indices = ctx.table.of_slide(slide.id)
+    boxes = ctx.table.boxes[indices]
+    predicted = predictions[indices].argmax(axis=1) == ctx.class_index(label)
+    truth = fraction_inside(boxes, region) >= 0.5
+    seen = reviewed_ids(ctx.project)
+    unlabelled = np.array([ctx.table.ids[i] not in seen for i in indices], dtype=bool)
+    mask = (union_squares(boxes[predicted, 0], boxes[predicted, 1], int(boxes[0, 2]), int(boxes[0, 3]))
+            if predicted.any() else region.difference(region))
+    return {"slide": slide.id, "label": label, "patches": int(len(indices)), "truth_patches": int(truth.sum()),
+            "predicted_patches": int(predicted.sum()), "labelled_patches": int((~unlabelled).sum()),
+            "patch": binary_scores(predicted, truth).as_dict(),
+            "patch_unlabelled": binary_scores(predicted[unlabelled], truth[unlabelled]).as_dict(),
+            "pixel_iou": polygon_iou(mask, region), "warnings": warnings}
