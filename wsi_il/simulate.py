@@ -162,18 +162,9 @@ def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
 
 def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str, str]:
     """Fill a review batch's labels.csv with each patch's true class name, as an expert would."""
-    from wsi_il.fsutil import atomic_write_text as write
+    from wsi_il.truth import write_batch_labels
 
-    path = Path(batch_dir) / "labels.csv"
-    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
-    for row in rows:
-        row["label"] = truth[row["patch_id"]]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write(path, buffer.getvalue())
-    return {row["patch_id"]: row["label"] for row in rows}
+    return write_batch_labels(batch_dir, truth)
 
 
 # ---- one run: sessions through the engine ---------------------------------------------------------

@@ -32,6 +32,11 @@ def fill_labels_from_truth(batch_dir: Path, truth_path: Path,
     positive = info.query_label
     negative = next(c for c in info.classes if c != positive) if len(info.classes) == 2 else "no"
     labels = {p.patch_id: positive if hit else negative for p, hit in zip(patches, inside, strict=True)}
+    return write_batch_labels(batch_dir, labels)
+
+
+def write_batch_labels(batch_dir: Path, labels: dict[str, str]) -> dict[str, str]:
+    """Fill the label column of a batch's labels.csv from {patch_id: label}; returns what was written."""
     path = Path(batch_dir) / "labels.csv"
     rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     for row in rows:
@@ -41,4 +46,4 @@ def fill_labels_from_truth(batch_dir: Path, truth_path: Path,
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
-    return labels
+    return {row["patch_id"]: row["label"] for row in rows}
