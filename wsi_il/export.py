@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from wsi_il import __version__
-from wsi_il.errors import InputError, ProjectStateError
+from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
 from wsi_il.project import SlideRecord
-from wsi_il.session import Context, _state, current_predictions
+from wsi_il.session import Context, _state, require_predictions, slides_matching
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,9 @@ def _out_path(out: Path, slide: str, several: bool, suffix: str) -> Path:
 def export_masks(ctx: Context, out: Path, slide_id: str | None = None, label: str | None = None,
                  detections: bool = False, overview: bool = True) -> list[ExportedSlide]:
     """Write one GeoJSON per slide with one MultiPolygon annotation per predicted class."""
-    predictions = current_predictions(ctx)
-    if predictions is None:
-        raise ProjectStateError("no classifier has been trained yet",
-                                f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)")
-    slides = [s for s in ctx.table.slides if s.kind == "slide"]
+    predictions = require_predictions(ctx)
+    slides = slides_matching(ctx, slide_id)
     if slide_id is not None:
-        slides = [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
         if not slides:
             raise InputError(f"slide {slide_id!r} is not in the project",
                              f"use one of: {', '.join(s.id for s in ctx.table.slides)}")
@@ -146,9 +142,7 @@ def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted:
 
 def export_table(ctx: Context, out: Path) -> Path:
     """Write every patch's prediction as CSV (for patch-folder databases, or on request)."""
-    predictions = current_predictions(ctx)
-    if predictions is None:
-        raise ProjectStateError("no classifier has been trained yet", "review and ingest at least one batch")
+    predictions = require_predictions(ctx)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["patch_id", "slide", "x", "y", "width", "height", "predicted",

@@ -194,6 +194,23 @@ def current_predictions(ctx: Context) -> np.ndarray | None:
     return predictions
 
 
+def require_predictions(ctx: Context) -> np.ndarray:
+    """Return the current classifier's predictions, refusing when no classifier exists yet."""
+    predictions = current_predictions(ctx)
+    if predictions is None:
+        raise ProjectStateError("no classifier has been trained yet",
+                                f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)")
+    return predictions
+
+
+def slides_matching(ctx: Context, slide_id: str | None) -> list[Any]:
+    """Return the project's slides (not patch folders), only the one named by id or file name when given."""
+    slides = [s for s in ctx.table.slides if s.kind == "slide"]
+    if slide_id is None:
+        return slides
+    return [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
+
+
 def _embed_features(ctx: Context, features: np.ndarray) -> np.ndarray:
     from wsi_il.heads import embed, pretrained_retrieval
 

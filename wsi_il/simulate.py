@@ -641,15 +641,10 @@ def evaluate_project(ctx: Any, truth_path: Path, slide_id: str | None = None,
     from wsi_il.metrics import polygon_iou
     from wsi_il.qupath import read_region, union_squares
     from wsi_il.regions import fraction_inside
-    from wsi_il.session import current_predictions, reviewed_ids
+    from wsi_il.session import require_predictions, reviewed_ids, slides_matching
 
-    predictions = current_predictions(ctx)
-    if predictions is None:
-        raise ProjectStateError("no classifier has been trained yet",
-                                f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)")
-    slides = [s for s in ctx.table.slides if s.kind == "slide"]
-    if slide_id is not None:
-        slides = [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
+    predictions = require_predictions(ctx)
+    slides = slides_matching(ctx, slide_id)
     if len(slides) != 1:
         known = ", ".join(s.id for s in ctx.table.slides if s.kind == "slide") or "none"
         raise InputError("say which slide the truth belongs to" if slide_id is None and len(slides) > 1
