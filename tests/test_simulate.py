@@ -152,6 +152,25 @@ def test_simulate_patches(tiny_split, tmp_path) -> None:  # noqa: ANN001
     assert (out / "accuracy.png").is_file() and (out / "p_at_10.png").is_file()
 
 
+def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # noqa: ANN001
+    from wsi_il.session import load_tensors
+
+    database, test = tiny_split
+    for schedule in ("paper", "fast"):
+        out = tmp_path / schedule
+        run("simulate", "--patches", database, "--test", test, "--strategy", "cnfp", "--sessions", "1",
+            "--rounds", "2", "-k", "2", "--queries", "1", "--seeds", "2", "--schedule", schedule, "--no-reference",
+            *FAST[:-2], "--out", out)
+        rows = read_rows(out / "results.csv")
+        assert [(r["strategy"], r["seed"]) for r in rows] == [("cnfp", "0"), ("cnfp", "1")]  # no reference row
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["settings"]["schedule"] == schedule and summary["settings"]["reference"] is False
+        model = load_tensors(out / "runs" / "db" / "cnfp-seed0" / "models" / "s1-r2.pt")
+        assert model["schedule"] == schedule and model["shared"] == (schedule == "fast")
+        if schedule == "fast":  # one block for both heads
+            assert all(model["retrieval"][k].equal(model["classifier"][k]) for k in model["retrieval"])
+
+
 def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001
     assert "either --slide" in run("simulate", "--out", tmp_path, code=3)
     assert "not one of" in run("simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best",

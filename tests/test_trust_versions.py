@@ -105,6 +105,7 @@ OPTIONS = {
     "--epochs": (("--epochs", "7"), "created with --epochs 2, not --epochs 7"),
     "--no-refine-query and --lr": (("--no-refine-query", "--lr", "0.001"),
                                    "created with --lr 0.0001, --refine-query, not --lr 0.001, --no-refine-query"),
+    "--schedule": (("--schedule", "paper"), "created with --schedule auto, not --schedule paper"),
 }
 
 

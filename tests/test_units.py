@@ -335,11 +335,12 @@ def test_classifier_loss_for_not_class_targets():
     assert mixed == pytest.approx((ce - np.log(1 - p0)) / 2, rel=1e-5)
 
 
-def test_train_heads_learns_two_shifted_distributions():
+@pytest.mark.parametrize("schedule", ["paper", "fast"])
+def test_train_heads_learns_two_shifted_distributions(schedule):
     import torch
     from torchvision.models import resnet18
 
-    from wsi_il.heads import predict, train_heads
+    from wsi_il.heads import embed, embed_and_predict, predict, train_heads
 
     torch.manual_seed(0)
     init = resnet18().layer4[1].state_dict()
@@ -351,14 +352,45 @@ def test_train_heads_learns_two_shifted_distributions():
     features[targets == 1, 256:] += 0.25  # class 1: in the second half
     features = features.astype(np.float16)
     ticks = []
-    heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, seed=0), "cpu", on_epoch=ticks.append)
-    assert sum(ticks) == 20 and len(heads.losses["triplet"]) == 20
+    heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, seed=0, schedule=schedule), "cpu",
+                        on_epoch=ticks.append)
+    epochs = len(heads.losses["triplet"])
+    assert sum(ticks) == epochs
+    assert epochs == 20 if schedule == "paper" else 2 <= epochs <= 20  # fast: early stopping may end it sooner
+    assert heads.shared == (schedule == "fast") and heads.schedule == schedule
     triplet, ce = heads.losses["triplet"], heads.losses["cross_entropy"]
     assert triplet[0] > 0.05 and triplet[-1] < triplet[0] / 2, triplet
     assert ce[-1] < ce[0] * 0.7, ce
     probs = predict(heads.classifier, init, 2, [(0, features)], n, "cpu")
     assert probs.shape == (n, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == targets).mean() > 0.9
+    # one pass gives what the two heads give separately (bf16 where native: agreement to its precision)
+    embeddings, both = embed_and_predict(heads.model(), init, 2, [(0, features[:16]), (16, features[16:])], n, "cpu")
+    assert np.allclose(both, probs, atol=2e-2)
+    assert np.allclose(embeddings, embed(heads.retrieval, init, [(0, features)], n, "cpu"), atol=2e-2)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-4)
+
+
+def test_fast_schedule_bounds_its_passes_and_warm_starts():
+    from wsi_il.config import resolve_schedule
+    from wsi_il.heads import planned_epochs
+
+    settings = TrainSettings(epochs=50, fast_budget=2500)
+    assert planned_epochs(settings, 20, "fast") == 50  # few labels: the paper's epochs fit the budget
+    assert planned_epochs(settings, 250, "fast") == 10
+    assert planned_epochs(settings, 10_000, "fast") == 1
+    assert planned_epochs(settings, 10_000, "paper") == 50
+    assert resolve_schedule(TrainSettings(), "cpu") == "fast"
+    assert resolve_schedule(TrainSettings(), "cuda") == "paper"
+    assert resolve_schedule(TrainSettings(schedule="paper"), "cpu") == "paper"
+
+
+def test_projects_written_before_the_schedule_setting_keep_the_papers():
+    from wsi_il.config import from_dict, to_dict
+
+    old = {k: v for k, v in to_dict(TrainSettings()).items() if k not in ("schedule", "fast_budget")}
+    assert from_dict(TrainSettings, old).schedule == "paper"
+    assert from_dict(TrainSettings, to_dict(TrainSettings())).schedule == "auto"
 
 
 # ---- project files ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -161,7 +162,23 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "warm_start": ("--warm-start", ("train", "warm_start")),
     "refine_query": ("--refine-query", ("train", "refine_query")),
     "seed": ("--seed", ("train", "seed")),
+    "schedule": ("--schedule", ("train", "schedule")),
+    "trainable": ("--trainable", ("features", "trainable")),
 }
+
+
+def _schedule(value: str) -> str:
+    from wsi_il.config import SCHEDULES
+
+    if value.lower() not in SCHEDULES:
+        raise InputError(f"--schedule {value!r} is not one of {', '.join(SCHEDULES)}", "e.g. --schedule paper")
+    return value.lower()
+
+
+def _trainable(value: str) -> str:
+    from wsi_il.features import check_trainable
+
+    return check_trainable(value.lower())
 
 
 def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[str, Any]) -> None:
@@ -186,6 +203,8 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
     import math
 
+    if name == "trainable":  # a project made before the setting existed trains the last block
+        return str(value).lower() == (stored or "last")
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
@@ -235,8 +254,14 @@ def init(
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
+    schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
+                                          "pretrained block), fast (one shared block, warm start, early stopping) "
+                                          "or auto (paper on a GPU, fast on CPU).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
+    trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
+                                           "or layer4 (all of layer4, METHOD.md's ablation; features are cached "
+                                           "after layer3, 4x larger).")] = "last",
     device: DeviceOpt = "auto",
 ) -> None:
     """Create a project: tile the slides, compute normalisation statistics and cache the features.
@@ -276,11 +301,13 @@ def init(
                                  "e.g. --classes Tumor,Normal")
             feature_settings = FeatureSettings(arch=arch,
                                                weights=weights if weights_obj.kind != "file" else weights_obj.source,
-                                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed)
+                                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
+                                               trainable=_trainable(trainable))
             manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size)),
                         "features": to_dict(feature_settings),
                         "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
-                                                       refine_query=refine_query, seed=seed)),
+                                                       refine_query=refine_query, seed=seed,
+                                                       schedule=_schedule(schedule))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path), tile_size)
@@ -464,6 +491,8 @@ def _print_status(info: dict[str, Any]) -> None:
     style = "bold yellow on red" if weights["kind"] == "random" else "green"
     out.print(f"[bold]{info['project']}[/]  wsi-il project {info['uid'][:8]}  classes: {', '.join(info['classes'])}")
     out.print(f"weights: [{style}]{weights['description']}[/]")
+    if info.get("trainable", "last") != "last":
+        out.print(f"trainable: {info['trainable']} (the heads train all of layer4; features cached after layer3)")
     table = Table("slide", "kind", "size (px)", "mpp", "patches", "features")
     for s in info["slides"]:
         table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", str(s["mpp"] or "-"), str(s["patches"]),
@@ -633,8 +662,15 @@ def simulate(
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
+    schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
+                                          "pretrained block), fast (one shared block, warm start, early stopping) "
+                                          "or auto (paper on a GPU, fast on CPU).")] = "auto",
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
+    trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
+                                           "or layer4 (all of layer4, METHOD.md's ablation).")] = "last",
+    reference: Annotated[bool, typer.Option(help="Train the full-supervision reference (all labels; slow on "
+                                            "big data).")] = True,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure what the expert gains: run strategies with ground truth as the expert (the paper's experiments).
@@ -669,7 +705,9 @@ def simulate(
         settings = SimulationSettings(strategies=names, seeds=seeds, sessions=sessions,
                                       k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
                                       epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
-                                      refine_query=refine_query, tile_size_px=tile_size, weights=weights)
+                                      refine_query=refine_query, schedule=_schedule(schedule),
+                                      tile_size_px=tile_size, weights=weights, trainable=_trainable(trainable),
+                                      reference=reference)
         settings.check()
         if weights == "random":
             console.print("[bold yellow on red] WARNING [/] [bold yellow]--weights random: features of a RANDOMLY "
@@ -749,6 +787,68 @@ def evaluate(
                   f"{result['truth_patches']} in the truth")
         out.print(table)
         out.print(f"pixel-level IoU of the mask polygons with the truth: {result['pixel_iou']:.3f}")
+
+
+@app.command()
+def bench(
+    slide: Annotated[Path | None, typer.Option(help="A slide to measure on [default: build an island mosaic of "
+                                               "real BACH fields with --patches tissue patches].")] = None,
+    truth: Annotated[Path | None, typer.Option(help="The slide's tumour truth (QuPath GeoJSON), for the round's "
+                                               "labels [default: random labels; latency only].")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder holding bach-iciar2018-1536jpeg-sample/ (to build "
+                                              "the mosaic) [default: $WSI_IL_DATA or ../shared/data].")] = None,
+    patches: Annotated[int, typer.Option(help="About this many tissue patches in the built slide.")] = 12_500,
+    labels: Annotated[int, typer.Option(help="Labels in the project when the round is timed.")] = 250,
+    paper: Annotated[bool, typer.Option(help="Also time a round with the paper's settings (slow on CPU).")] = True,
+    weights: Annotated[str, typer.Option(help="random (same compute as ImageNet), imagenet or a weights "
+                                         "file.")] = "random",
+    out_dir: Annotated[Path, typer.Option("--out", help="Working folder (slide, project, exports).")] = Path(
+        "wsi-il-bench"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Measure extraction, round latency, export and memory on this machine, next to limits and a naive baseline."""
+    from wsi_il.bench import BenchSettings, result_json, run_bench
+    from wsi_il.fsutil import atomic_write_text
+
+    with _errors():
+        if patches < 100 or labels < 30:
+            raise InputError(f"--patches {patches} / --labels {labels} are too small to measure",
+                             "use at least 100 patches and 30 labels")
+        dev = _device(device)
+        settings = BenchSettings(out=out_dir, slide=slide, truth=truth, data=data, patches=patches, labels=labels,
+                                 weights=weights, device=dev, paper=paper)
+        started = time.perf_counter()
+        with console.status("measuring") as status:
+            result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
+        table = Table("stage", "measured", "reference", "ratio", title=f"wsi-il bench on {result.device_name} "
+                      f"({result.device}, {result.precision}, {result.torch_threads} threads)")
+        table.add_row("extraction, end to end", f"{result.extract_patches_per_s:.1f} patches/s",
+                      f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
+                      f"{result.extract_ratio_to_limit:.2f} of the limit")
+        table.add_row("", f"({result.patches:,} patches: tiling {result.tiling_seconds:.1f} s, features "
+                      f"{result.features_seconds:.1f} s)", f"naive {result.naive_patches_per_s:.1f}/s",
+                      f"{result.extract_ratio_to_naive:.2f}x naive")
+        paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"
+                      if result.round_seconds_paper_settings is not None else "paper's settings: not run")
+        ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
+                 else "")
+        table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
+                      f"({result.round_schedule} schedule)", paper_text, ratio)
+        table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
+                      f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
+                      "synthetic patches", "")
+        table.add_row("memory", f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
+                      f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped)", "")
+        if result.gpu_utilisation is not None:
+            table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0f}% during extraction", "", "")
+        out.print(table)
+        for note in result.notes:
+            _warn(note)
+        if json_path is not None:
+            atomic_write_text(json_path, result_json(result))
+            out.print(f"wrote {json_path}")
+        console.print(f"[dim]bench took {time.perf_counter() - started:.0f} s[/]")
 
 
 def main() -> None:

@@ -44,6 +44,10 @@ class FeatureSettings:
     """Patches per trunk batch (also the resume granularity)."""
     seed: int = 0
     """Seed of the random initialisation when weights == 'random'."""
+    trainable: str = "last"
+    """What the heads train: 'last' (the last block of layer4, the paper; the cache is the output of the rest
+    of layer4, C x 7 x 7) or 'layer4' (METHOD.md's ablation: all of layer4 trains, the cache stops after layer3,
+    C/2 x 14 x 14). Projects made before this setting existed read as 'last'."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ class TrainSettings:
     refine_query: bool = True
     """Move the query vector towards the patches labelled relevant (METHOD.md round step 2)."""
     seed: int = 0
+    schedule: str = "auto"
+    """'paper': two heads, each its own layer4[1], trained ``epochs`` epochs from the pretrained block (or warm)
+    every round; 'fast': one layer4[1] shared by both heads, warm start, early stopping and at most
+    ``fast_budget`` patch passes per round; 'auto': paper on CUDA, fast on CPU (see docs/speed.md)."""
+    fast_budget: int = 2500
+    """Fast schedule: the most training patch passes (labels x epochs) per round."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,21 @@ def to_dict(settings: Any) -> dict[str, Any]:
     return asdict(settings)
 
 
+SCHEDULES = ("auto", "paper", "fast")
+
+_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper"}}
+"""Values a setting had before it existed: a project written then keeps behaving as it did."""
+
+
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a settings dataclass from a dict, ignoring keys this version does not know."""
     known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+    values = {k: v for k, v in _LEGACY.get(cls.__name__, {}).items() if k not in data}
+    return cls(**values, **{k: v for k, v in data.items() if k in known})
+
+
+def resolve_schedule(settings: TrainSettings, device: str) -> str:
+    """Return the schedule a round runs on ``device``: 'paper' or 'fast'."""
+    if settings.schedule == "auto":
+        return "paper" if str(device).startswith("cuda") else "fast"
+    return settings.schedule

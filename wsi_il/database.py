@@ -227,7 +227,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     done = int(progress["done"]) if path.is_file() else 0
     if done == 0:
         store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                             shape=(n, *feature_shape(settings.arch)))
+                                             shape=(n, *feature_shape(settings.arch, settings.trainable)))
     else:
         store = np.load(path, mmap_mode="r+")
     load, close = reader_for(project, record, settings.input_px)
@@ -273,14 +273,15 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     settings = from_dict(FeatureSettings, manifest["features"])
     weights = weights or load_project_weights(settings)
     model = build_resnet(weights, settings.seed, settings.arch)
-    _save_init_block(project, model)
+    _save_init_block(project, model, settings.trainable)
     extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
-                                 device)
+                                 device, settings.trainable)
     for record in pending:
         extract_slide(project, record, extractor, settings, reporter, workers)
         for entry in manifest["slides"]:
             if entry["id"] == record.id:
                 entry["extracted"] = True
+                entry["precision"] = extractor.precision
         project.write_manifest(manifest)
     return manifest
 
@@ -296,7 +297,8 @@ def load_project_weights(settings: FeatureSettings) -> Weights:
     return weights
 
 
-def _save_init_block(project: Project, model) -> None:  # type: ignore[no-untyped-def]
+def _save_init_block(project: Project, model, trainable: str = "last") -> None:  # type: ignore[no-untyped-def]
+    """Store the trainable part's pretrained weights (the last block of layer4, or all of layer4)."""
     path = project.init_model_path()
     if path.is_file():
         return
@@ -305,7 +307,7 @@ def _save_init_block(project: Project, model) -> None:  # type: ignore[no-untype
     import torch
 
     buffer = io.BytesIO()
-    torch.save(head_block_of(model).state_dict(), buffer)
+    torch.save(head_block_of(model, trainable).state_dict(), buffer)
     from wsi_il.fsutil import atomic_write_bytes
 
     atomic_write_bytes(path, buffer.getvalue())

@@ -3,6 +3,9 @@
 Per architecture the split is the same: the last residual block of ``layer4`` is trainable (the
 heads), everything before it is the frozen trunk whose output (C x 7 x 7) is cached. For ResNet-18
 that is METHOD.md's split (trunk up to ``layer4[0]``, heads from ``layer4[1]``).
+
+``FeatureSettings.trainable == "layer4"`` is METHOD.md's ablation: the whole of ``layer4`` is trainable and
+the cache stops after ``layer3`` (256 x 14 x 14 for ResNet-18/34, 1024 x 14 x 14 for ResNet-50).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.errors import WeightsError
+from wsi_il.errors import InputError, WeightsError
+from wsi_il.precision import autocast, precision_name
 
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.", "resnet.", "net.")
 
@@ -46,9 +50,24 @@ def get_arch(name: str) -> Arch:
     return ARCHES[name]
 
 
-def feature_shape(arch: str) -> tuple[int, int, int]:
-    """Shape of one cached feature map for an architecture."""
-    return (get_arch(arch).channels, 7, 7)
+TRAINABLE = ("last", "layer4")
+"""What the heads train: the last block of layer4 (the paper) or the whole of layer4 (METHOD.md's ablation)."""
+
+
+def check_trainable(trainable: str) -> str:
+    """Return ``trainable`` when it names a known split, else raise an InputError."""
+    if trainable not in TRAINABLE:
+        raise InputError(f"trainable part {trainable!r} is not one of {', '.join(TRAINABLE)}",
+                         "use --trainable last (the paper) or --trainable layer4")
+    return trainable
+
+
+def feature_shape(arch: str, trainable: str = "last") -> tuple[int, int, int]:
+    """Shape of one cached feature map for an architecture (after layer3 when all of layer4 trains)."""
+    channels = get_arch(arch).channels
+    if check_trainable(trainable) == "layer4":
+        return (channels // 2, 14, 14)
+    return (channels, 7, 7)
 
 
 def detect_arch(state: dict[str, Any]) -> str | None:
@@ -184,19 +203,23 @@ def _pretty(arch: str) -> str:
     return arch.replace("resnet", "ResNet-")
 
 
-def trunk_of(model):  # type: ignore[no-untyped-def]
-    """Return the frozen part of a ResNet: conv1 ... layer4 without its last block."""
+def trunk_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
+    """Return the frozen part of a ResNet: conv1 ... layer4 without its last block (``trainable='last'``),
+    or conv1 ... layer3 (``trainable='layer4'``)."""
     import torch
 
+    kept = [] if check_trainable(trainable) == "layer4" else list(model.layer4)[:-1]
     trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
-                                model.layer2, model.layer3, *list(model.layer4)[:-1])
+                                model.layer2, model.layer3, *kept)
     for param in trunk.parameters():
         param.requires_grad_(False)
     return trunk.eval()
 
 
-def head_block_of(model):  # type: ignore[no-untyped-def]
-    """Return the trainable block of a ResNet: the last block of layer4."""
+def head_block_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
+    """Return the trainable part of a ResNet: the last block of layer4, or all of layer4 (a Sequential)."""
+    if check_trainable(trainable) == "layer4":
+        return model.layer4
     return model.layer4[-1]
 
 
@@ -244,27 +267,27 @@ def prefetch(load: Callable[[int], np.ndarray], batches: list[range], workers: i
 class FeatureExtractor:
     """Normalise resized tiles and run them through the frozen trunk."""
 
-    def __init__(self, model, mean: list[float], std: list[float], device: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, mean: list[float], std: list[float], device: str,  # type: ignore[no-untyped-def]
+                 trainable: str = "last") -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
-        self.trunk = trunk_of(model).to(self.device).to(memory_format=torch.channels_last)
+        self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.precision = precision_name(self.device)
+        """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features)."""
         if self.device.type == "cpu":
             torch.set_num_threads(default_workers())
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """Return float16 features (B, C, 7, 7) of uint8 tiles (B, H, W, 3)."""
+        """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3)."""
         torch = self.torch
         with torch.inference_mode():
             batch = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float()
             batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    out = self.trunk(batch)
-            else:
+            with autocast(self.device):
                 out = self.trunk(batch)
             return out.float().contiguous().cpu().numpy().astype(np.float16)
 

@@ -5,6 +5,12 @@
 
 (For ResNet-18; other backbones use their own last block of layer4, and its width.)
 
+Two schedules (``TrainSettings.schedule``): 'paper' trains the two heads separately, each from its own copy
+of layer4[1], as METHOD.md; 'fast' trains one layer4[1] shared by both heads (the sum of both losses), from
+the previous round's weights, with early stopping and a bounded number of patch passes, and embeds and
+predicts every patch in one pass. Forward passes run in bfloat16 where the hardware does so natively
+(``wsi_il.precision``).
+
 Targets are class indices; a binary "no" in a project of more than two classes is stored as
 ``-(c + 1)`` ("not class c"): it is a negative for class c in the triplet loss and is trained with
 -log(1 - p_c) in the classifier.
@@ -13,13 +19,20 @@ Targets are class indices; a binary "no" in a project of more than two classes i
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from wsi_il.config import TrainSettings
+from wsi_il.config import TrainSettings, resolve_schedule
+from wsi_il.precision import autocast
+
+FAST_PATIENCE = 3
+"""Fast schedule: stop after this many epochs without a new lowest loss."""
+FAST_FITTED_LOSS = 0.02
+"""Fast schedule: stop once the epoch's loss (cross-entropy + triplet) is below this (every label fitted)."""
 
 
 def _torch():  # type: ignore[no-untyped-def]
@@ -29,22 +42,63 @@ def _torch():  # type: ignore[no-untyped-def]
 
 
 def make_block(init_state: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Return a fresh residual block shaped like ``init_state`` (Basic or Bottleneck) loaded with it."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+    """Return a fresh trainable part shaped like ``init_state``, loaded with it.
 
-    if "conv3.weight" in init_state:
-        width = int(init_state["conv3.weight"].shape[0])
-        block = Bottleneck(width, width // Bottleneck.expansion)
+    One residual block (Basic or Bottleneck; keys ``conv1.weight`` ...), or a whole ``layer4`` (keys ``0.conv1.weight``,
+    ``1.conv1.weight`` ...: a Sequential of blocks, the first strided with a downsample when the state holds one).
+    """
+    torch = _torch()
+    stages = _stage_indices(init_state)
+    if not stages:
+        block = _block_like(init_state, "", stride=1)
     else:
-        width = int(init_state["conv1.weight"].shape[0])
-        block = BasicBlock(width, width)
+        block = torch.nn.Sequential(*[
+            _block_like(init_state, f"{i}.", stride=2 if f"{i}.downsample.0.weight" in init_state else 1)
+            for i in stages])
     block.load_state_dict(init_state)
     return block
 
 
+def _stage_indices(init_state: dict[str, Any]) -> list[int]:
+    """The block indices of a whole-layer state (keys ``0.conv1.weight`` ...); empty for a single block."""
+    heads = {key.split(".", 1)[0] for key in init_state}
+    if not heads or not all(h.isdigit() for h in heads):
+        return []
+    indices = sorted(int(h) for h in heads)
+    if indices != list(range(len(indices))):
+        raise ValueError(f"the trainable layer's blocks are numbered {indices}, not 0 .. {len(indices) - 1}")
+    return indices
+
+
+def _block_like(state: dict[str, Any], prefix: str, stride: int):  # type: ignore[no-untyped-def]
+    """A fresh torchvision BasicBlock or Bottleneck shaped like the weights under ``prefix`` (not loaded)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch = _torch()
+    conv1 = state[f"{prefix}conv1.weight"]
+    inplanes = int(conv1.shape[1])
+    if f"{prefix}conv3.weight" in state:
+        cls = Bottleneck
+        out = int(state[f"{prefix}conv3.weight"].shape[0])
+        planes, width = out // Bottleneck.expansion, int(conv1.shape[0])
+        groups = width // int(state[f"{prefix}conv2.weight"].shape[1])
+        extra = {"groups": groups, "base_width": 64 * width // (planes * groups)}
+    else:
+        cls = BasicBlock
+        planes = out = int(conv1.shape[0])
+        extra = {}
+    downsample = None
+    if f"{prefix}downsample.0.weight" in state:
+        downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+                                         torch.nn.BatchNorm2d(out))
+    return cls(inplanes, planes, stride=stride, downsample=downsample, **extra)
+
+
 def block_width(init_state: dict[str, Any]) -> int:
-    """Output channels of the block (the embedding size)."""
-    key = "conv3.weight" if "conv3.weight" in init_state else "conv2.weight"
+    """Output channels of the trainable part (its last block's; the embedding size)."""
+    stages = _stage_indices(init_state)
+    prefix = f"{stages[-1]}." if stages else ""
+    key = f"{prefix}conv3.weight" if f"{prefix}conv3.weight" in init_state else f"{prefix}conv2.weight"
     return int(init_state[key].shape[0])
 
 
@@ -56,7 +110,7 @@ class RetrievalHead(_torch().nn.Module):  # type: ignore[misc]
         self.block = make_block(init_state)
 
     def forward(self, x):  # type: ignore[no-untyped-def]
-        pooled = self.block(x).mean(dim=(2, 3))
+        pooled = self.block(x).float().mean(dim=(2, 3))  # pooled and normalised in float32 under autocast too
         return _torch().nn.functional.normalize(pooled, dim=1)
 
 
@@ -68,8 +122,17 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
         self.block = make_block(init_state)
         self.fc = _torch().nn.Linear(block_width(init_state), n_classes)
 
+    def pooled(self, x):  # type: ignore[no-untyped-def]
+        """The block's globally average-pooled output, float32 (the retrieval embedding before normalisation)."""
+        return self.block(x).float().mean(dim=(2, 3))
+
+    def logits(self, pooled):  # type: ignore[no-untyped-def]
+        """The linear layer on pooled features, in float32 even under autocast (it costs nothing)."""
+        with _torch().autocast(pooled.device.type, enabled=False):
+            return self.fc(pooled)
+
     def forward(self, x):  # type: ignore[no-untyped-def]
-        return self.fc(self.block(x).mean(dim=(2, 3)))
+        return self.logits(self.pooled(x))
 
 
 def _freeze_batchnorm(module) -> None:  # type: ignore[no-untyped-def]
@@ -127,15 +190,37 @@ class TrainedHeads:
     classifier: dict[str, Any]
     n_classes: int
     losses: dict[str, list[float]]
+    shared: bool = False
+    """True when both heads share one block (the fast schedule): one pass gives embedding and prediction."""
+    schedule: str = "paper"
+
+    def model(self) -> dict[str, Any]:
+        """The model-file fields of these heads."""
+        return {"retrieval": self.retrieval, "classifier": self.classifier, "shared": self.shared,
+                "schedule": self.schedule, "losses": self.losses, "epochs_run": len(self.losses["triplet"])}
+
+
+def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int:
+    """The most epochs a round runs: ``epochs``; the fast schedule also caps labels x epochs at ``fast_budget``."""
+    if schedule != "fast":
+        return settings.epochs
+    return max(1, min(settings.epochs, settings.fast_budget // max(1, n_labels)))
 
 
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> TrainedHeads:
+                on_epoch: Callable[[int], None] | None = None, schedule: str | None = None,
+                early_stopping: bool = True) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
 
-    ``on_epoch(1)`` is called after every epoch (a progress advance).
+    ``schedule`` overrides the settings' (resolved for ``device`` when 'auto'). ``on_epoch(1)`` is called
+    after every epoch (a progress advance). ``early_stopping=False`` makes the fast schedule run all its
+    planned epochs (the paper's never stops early).
     """
+    schedule = schedule or resolve_schedule(settings, device)
+    if schedule == "fast":
+        return _train_shared(features, targets, init_state, n_classes, settings, device, start, on_epoch,
+                             early_stopping)
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -159,13 +244,64 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
         sums = [0.0, 0.0]
         for batch in order.split(settings.batch_size):
             x, y = x_all[batch].to(dev), y_all[batch].to(dev)
-            sums[0] += _step(opt_r, batch_hard_triplet_loss(retrieval(x), y, settings.margin)) * len(batch)
-            sums[1] += _step(opt_c, classifier_loss(classifier(x), y)) * len(batch)
+            with autocast(dev):
+                embedded, logits = retrieval(x), classifier(x)
+            sums[0] += _step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin)) * len(batch)
+            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * len(batch)
         losses["triplet"].append(sums[0] / len(y_all))
         losses["cross_entropy"].append(sums[1] / len(y_all))
         if on_epoch:
             on_epoch(1)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
+
+
+def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
+                  settings: TrainSettings, device: str, start: TrainedHeads | None,
+                  on_epoch: Callable[[int], None] | None, early_stopping: bool = True) -> TrainedHeads:
+    """The fast schedule: one block for both heads, warm-started, early-stopped, bounded passes."""
+    torch = _torch()
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    dev = torch.device(device)
+    x_all = torch.from_numpy(np.ascontiguousarray(features)).float()
+    y_all = torch.from_numpy(targets.astype(np.int64))
+    head = ClassifierHead(init_state, n_classes)
+    if start is not None:  # the previous classifier holds the shared block (or, after a paper round, its own)
+        head.load_state_dict(start.classifier)
+    head.to(dev).train()
+    _freeze_batchnorm(head)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
+    best, stale = math.inf, 0
+    for _ in range(planned_epochs(settings, len(y_all), "fast")):
+        order = torch.randperm(len(y_all), generator=generator)
+        sums = [0.0, 0.0]
+        for batch in order.split(settings.batch_size):
+            x, y = x_all[batch].to(dev), y_all[batch].to(dev)
+            with autocast(dev):
+                pooled = head.pooled(x)
+            logits = head.logits(pooled)
+            triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
+            cross_entropy = classifier_loss(logits, y)
+            _step(optimizer, triplet + cross_entropy)
+            sums[0] += float(triplet.detach()) * len(batch)
+            sums[1] += float(cross_entropy.detach()) * len(batch)
+        losses["triplet"].append(sums[0] / len(y_all))
+        losses["cross_entropy"].append(sums[1] / len(y_all))
+        if on_epoch:
+            on_epoch(1)
+        total = losses["triplet"][-1] + losses["cross_entropy"][-1]
+        if not early_stopping:
+            continue
+        if total < FAST_FITTED_LOSS:
+            break
+        stale = 0 if total < best else stale + 1
+        best = min(best, total)
+        if stale >= FAST_PATIENCE:
+            break
+    classifier = _cpu_state(head)
+    retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
+    return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast")
 
 
 def _step(optimizer, loss) -> float:  # type: ignore[no-untyped-def]
@@ -204,6 +340,45 @@ def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_clas
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
+def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_classes: int,
+                      chunks: Iterable[tuple[int, np.ndarray]], n: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (embeddings (n, width), probabilities (n, C)) of features under a model's two heads.
+
+    One pass over the features; one block evaluation per patch when the heads share their block.
+    """
+    torch = _torch()
+    dev = torch.device(device)
+    classifier = ClassifierHead(init_state, n_classes)
+    classifier.load_state_dict(model["classifier"])
+    classifier.to(dev).eval()
+    retrieval = None
+    if not model.get("shared"):
+        retrieval = RetrievalHead(init_state)
+        retrieval.load_state_dict(model["retrieval"])
+        retrieval.to(dev).eval()
+    embeddings = np.zeros((n, block_width(init_state)), dtype=np.float32)
+    probabilities = np.zeros((n, n_classes), dtype=np.float32)
+    with torch.inference_mode():
+        for start, block in chunks:
+            x = _as_input(block, dev)
+            with autocast(dev):
+                pooled = classifier.pooled(x)
+                embedded = retrieval(x) if retrieval is not None else None
+            logits = classifier.logits(pooled)
+            if embedded is None:
+                embedded = torch.nn.functional.normalize(pooled, dim=1)
+            end = start + len(block)
+            embeddings[start:end] = embedded.float().cpu().numpy()
+            probabilities[start:end] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return embeddings, probabilities
+
+
+def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
+    torch = _torch()
+    x = torch.from_numpy(np.array(block, dtype=np.float32)).to(dev)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str) -> np.ndarray:  # type: ignore[no-untyped-def]
     torch = _torch()
     dev = torch.device(device)
@@ -211,6 +386,7 @@ def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, dev
     out = np.zeros((n, width), dtype=np.float32)
     with torch.inference_mode():
         for start, block in chunks:
-            x = torch.from_numpy(np.array(block, dtype=np.float32)).to(dev)
-            out[start:start + len(block)] = head(x).float().cpu().numpy()
+            with autocast(dev):
+                result = head(_as_input(block, dev))
+            out[start:start + len(block)] = result.float().cpu().numpy()
     return out

@@ -233,9 +233,15 @@ def _check_block(block: tuple[int, int, int, int], tissue: tuple[int, int, int, 
 
 
 def _background(size_px: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Near-white background with faint noise, made in strips (a few bytes per pixel at most)."""
     width, height = size_px
-    noise = rng.normal(0.0, _BACKGROUND_NOISE, size=(height, width, 1))
-    return np.clip(np.asarray(BACKGROUND_RGB, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    base = np.asarray(BACKGROUND_RGB, dtype=np.float32)
+    for top in range(0, height, 512):
+        rows = min(512, height - top)
+        noise = rng.normal(0.0, _BACKGROUND_NOISE, size=(rows, width, 1)).astype(np.float32)
+        out[top:top + rows] = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return out
 
 
 def _fill(
@@ -434,6 +440,72 @@ def make_island_slide(
     write_features(truth_path, [feature])
     return MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
                        tumour=tumour, tissue=tissue, mpp=mpp)
+
+
+def write_mirrored_tiling(path: Path, small: MosaicSlide, copies: int, jpeg_quality: int = 90) -> MosaicSlide:
+    """Write a large slide made of ``copies`` x ``copies`` mirror images of a small mosaic, tile by tile.
+
+    Copy (i, j) is flipped left-right when j is odd and top-bottom when i is odd, so neighbours join
+    seamlessly and a patch appears in four orientations. Memory stays that of the small slide: tiles are
+    cut from its levels as they are written. For speed and memory benchmarks of large slides, not for
+    measuring annotation quality (the same tissue repeats).
+    """
+    from shapely import affinity
+
+    from wsi_il.qupath import make_feature, write_features
+
+    with tifffile.TiffFile(small.path) as tif:
+        levels = [page.asarray() for page in tif.pages]
+    tile = small.tile_px
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    big = levels[0].shape[0] * copies * levels[0].shape[1] * copies * 3
+    with tifffile.TiffWriter(partial, bigtiff=big > _BIGTIFF_BYTES) as writer:
+        for index, level in enumerate(levels):
+            height, width = level.shape[0] * copies, level.shape[1] * copies
+            writer.write(
+                _mirrored_tiles(level, copies, tile), shape=(height, width, 3), dtype=np.uint8,
+                photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": jpeg_quality},
+                resolution=(10_000.0 / (small.mpp * 2**index),) * 2, resolutionunit="CENTIMETER",
+                subfiletype=0 if index == 0 else 1, description="wsi-il synthetic slide" if index == 0 else None,
+                software=False, metadata=None)
+    partial.replace(path)
+    w, h = small.width, small.height
+    parts = []
+    for i in range(copies):
+        for j in range(copies):
+            shape = small.tumour
+            if j % 2:
+                shape = affinity.scale(shape, xfact=-1, yfact=1, origin=(w / 2, 0))
+            if i % 2:
+                shape = affinity.scale(shape, xfact=1, yfact=-1, origin=(0, h / 2))
+            parts.append(affinity.translate(shape, xoff=j * w, yoff=i * h))
+    from shapely import union_all
+
+    tumour = union_all(parts)
+    truth_path = path.with_name(f"{path.stem}.truth.geojson")
+    feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
+                           feature_id=str(uuid.uuid4()))
+    feature["properties"]["isLocked"] = False
+    write_features(truth_path, [feature])
+    return MosaicSlide(path=path, truth_path=truth_path, width=w * copies, height=h * copies, tile_px=tile,
+                       tumour=tumour, tissue=small.tissue, mpp=small.mpp)
+
+
+def _mirrored_tiles(level: np.ndarray, copies: int, tile: int):  # type: ignore[no-untyped-def]
+    """Yield the tiles (row by row) of ``level`` repeated copies x copies times with mirrored neighbours."""
+    h, w = level.shape[:2]
+
+    def mirrored(positions: np.ndarray, size: int) -> np.ndarray:
+        copy, local = np.divmod(positions, size)
+        return np.where(copy % 2 == 1, size - 1 - local, local)
+
+    height, width = h * copies, w * copies
+    for y in range(0, height, tile):
+        rows = mirrored(np.minimum(np.arange(y, y + tile), height - 1), h)
+        for x in range(0, width, tile):
+            cols = mirrored(np.minimum(np.arange(x, x + tile), width - 1), w)
+            yield level[np.ix_(rows, cols)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,14 +9,14 @@ Layout::
       labels.jsonl                 the label ledger (append-only, fsync'ed, one JSON object a line)
       slides/<id>/patches.npy      int64 (N, 4): x, y, width, height in level-0 px
       slides/<id>/tiling.json      tiling result: channel sums for the normalisation statistics
-      slides/<id>/features.npy     float16 (N, 512, 7, 7), memory-mapped
+      slides/<id>/features.npy     float16 (N, 512, 7, 7), memory-mapped ((N, 256, 14, 14) with --trainable layer4)
       slides/<id>/progress.json    how many patches of features.npy are final
       slides/<id>/images.json      patch-folder databases: image paths and folder labels
       slides/<id>/features.next.npy  features under new weights while `reextract` runs
       pretrain/                    self-supervised pretraining checkpoint and weights
       sessions/<sid>.json          one query session and its rounds
       sessions/<sid>.query.npy     the session's query features (float16)
-      models/init.pt               the pretrained layer4[1] every round starts from
+      models/init.pt               the pretrained layer4[1] every round starts from (--trainable layer4: all of layer4)
       models/<sid>-r<n>.pt         both heads after a round
       state/embeddings.npy         retrieval embeddings of every patch under the current model
       state/predictions.npy        classifier probabilities of every patch under the current model
@@ -61,6 +61,8 @@ class SlideRecord:
     n_patches: int
     tiled: bool
     extracted: bool
+    precision: str | None = None
+    """What the trunk computed in: 'bf16' or 'fp32' (None: not recorded, before wsi-il 0.2)."""
 
 
 def now_iso() -> str:

@@ -39,11 +39,11 @@ def reextract(project: Project, weights: Weights, arch: str, reporter: Reporter,
     project.write_manifest(manifest)
     settings = from_dict(FeatureSettings, target)
     norm = manifest["normalisation"]
-    extractor = FeatureExtractor(model, norm["mean"], norm["std"], device)
+    extractor = FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable)
     for record in project.slides(manifest):
         if record.n_patches > 0:
             extract_slide(project, record, extractor, settings, reporter, workers or default_workers(), staged=True)
-    _save_block(project, model, staged=True)
+    _save_block(project, model, staged=True, trainable=settings.trainable)
     manifest["reextract"] = {**target, "switch": True}
     project.write_manifest(manifest)
     finish_switch(project, manifest)
@@ -76,11 +76,12 @@ def _drop_staged(project: Project, manifest: dict[str, Any]) -> None:
         project.next_progress_path(record.id).unlink(missing_ok=True)
 
 
-def _save_block(project: Project, model, staged: bool) -> None:  # type: ignore[no-untyped-def]
+def _save_block(project: Project, model, staged: bool,  # type: ignore[no-untyped-def]
+                trainable: str = "last") -> None:
     import torch
 
     buffer = io.BytesIO()
-    torch.save(head_block_of(model).state_dict(), buffer)
+    torch.save(head_block_of(model, trainable).state_dict(), buffer)
     path = project.init_model_path()
     atomic_write_bytes(path.with_suffix(".next.pt") if staged else path, buffer.getvalue())
 

@@ -298,7 +298,7 @@ def extract_query_images(ctx: Context, paths: list[Path]) -> np.ndarray:
     settings = from_dict(FeatureSettings, ctx.manifest["features"])
     model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
     norm = ctx.manifest["normalisation"]
-    extractor = FeatureExtractor(model, norm["mean"], norm["std"], ctx.device)
+    extractor = FeatureExtractor(model, norm["mean"], norm["std"], ctx.device, settings.trainable)
     for path in paths:
         _check_image_size(path)
     tiles = np.stack([resize_tile(load_image(p), settings.input_px) for p in paths])
@@ -540,31 +540,31 @@ def _target(ctx: Context, label: str) -> int:
 
 
 def _train_round(ctx: Context, model_id: str) -> float:
-    """Train both heads on all labels, then embed and predict every patch with them."""
-    from wsi_il.heads import TrainedHeads, embed, predict, train_heads
+    """Train both heads on all labels, then embed and predict every patch with them (one pass)."""
+    from wsi_il.config import resolve_schedule
+    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads
 
     started = time.perf_counter()
     settings = from_dict(TrainSettings, ctx.manifest["train"])
+    schedule = resolve_schedule(settings, ctx.device)
     features, targets = training_set(ctx)
     init = _init_state(ctx)
     state = _state(ctx)
     # A rerun after a kill may find this round's own model already current: start from the one before it.
     base = state.get("previous") if state["model"] == model_id else state["model"]
     start = None
-    if settings.warm_start and base:
+    if (settings.warm_start or schedule == "fast") and base:
         previous = _load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
-    advance = ctx.reporter.task(f"training on {len(targets)} labels", settings.epochs, "epochs")
-    heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance)
-    _save_model(ctx, model_id, {"retrieval": heads.retrieval, "classifier": heads.classifier,
-                                "classes": ctx.classes, "n_labels": int(len(targets)),
-                                "losses": heads.losses})
+    advance = ctx.reporter.task(f"training on {len(targets)} labels ({schedule} schedule)",
+                                planned_epochs(settings, len(targets), schedule), "epochs")
+    heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance, schedule)
+    _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     train_seconds = time.perf_counter() - started
-    advance = ctx.reporter.task("re-embedding and predicting", 2 * len(ctx.store))
-    embeddings = embed(heads.retrieval, init, _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
-                       ctx.device)
-    predictions = predict(heads.classifier, init, len(ctx.classes),
-                          _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store), ctx.device)
+    advance = ctx.reporter.task("re-embedding and predicting", len(ctx.store))
+    embeddings, predictions = embed_and_predict(heads.model(), init, len(ctx.classes),
+                                                _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
+                                                ctx.device)
     ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
     ctx.project.write_array(ctx.project.predictions_path(), predictions)
     ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.config import (
+    SCHEDULES,
     STRATEGIES,
     FeatureSettings,
     SessionSettings,
@@ -69,21 +70,32 @@ class SimulationSettings:
     margin: float = 0.2
     warm_start: bool = False
     refine_query: bool = True
+    schedule: str = "auto"
+    """The rounds' training schedule (TrainSettings.schedule): auto, paper or fast."""
+    reference: bool = True
+    """Train the full-supervision reference (once, seed 0); without it the 95%/100% columns stay empty."""
     tile_size_px: int = 256
     weights: str = "imagenet"
+    trainable: str = "last"
+    """FeatureSettings.trainable of the base projects: last (the paper) or layer4 (METHOD.md's ablation)."""
 
     def check(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise InputError(f"unknown strategy {', '.join(unknown) or '(none)'}",
                              f"use a comma-separated list of {', '.join(STRATEGIES)}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        from wsi_il.features import check_trainable
+
+        check_trainable(self.trainable)
         for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be at least 1, not {getattr(self, name)}", "e.g. 1 or more")
 
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
-                             refine_query=self.refine_query, seed=seed)
+                             refine_query=self.refine_query, seed=seed, schedule=self.schedule)
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,9 @@ def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, d
     project = Project(folder)
     if project.exists():
         manifest = project.read_manifest()
+        if manifest["features"].get("trainable", "last") != settings.trainable:
+            raise InputError(f"{folder} caches features for --trainable {manifest['features'].get('trainable', 'last')}"
+                             f", not {settings.trainable}", "use another --out folder for the other setting")
         build_database(project, manifest, reporter, device)
         return project
     weights = resolve_weights(settings.weights)
@@ -131,7 +146,7 @@ def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, d
     if len(classes) < 2:
         raise InputError(f"{patches} has fewer than two class subfolders", "give a folder of class subfolders")
     features = FeatureSettings(weights=settings.weights if weights.kind != "file" else weights.source,
-                               weights_sha256=weights.sha256)
+                               weights_sha256=weights.sha256, trainable=settings.trainable)
     manifest: dict[str, Any] = {"classes": classes,
                                 "tiling": to_dict(TilingSettings(tile_size_px=settings.tile_size_px)),
                                 "features": to_dict(features), "train": to_dict(settings.train(0)),
@@ -248,17 +263,32 @@ def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
 
 def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings) -> dict[str, Any]:
     """Both heads trained on every patch of the slide with its true label; scored on every patch."""
-    from wsi_il.heads import predict, train_heads
-    from wsi_il.session import load_tensors
+    from wsi_il.heads import predict
 
-    init = load_tensors(ctx.project.init_model_path())
-    everything = np.arange(len(ctx.table))
     targets = np.where(truth, ctx.class_index(TUMOUR), ctx.class_index(NORMAL)).astype(np.int64)
-    heads = train_heads(ctx.store.take(everything), targets, init, len(ctx.classes), train, ctx.device)
+    heads, init = _full_supervision(ctx, targets, train)
     probs = predict(heads.classifier, init, len(ctx.classes), ctx.store.chunks(256), len(ctx.store), ctx.device)
     scores = binary_scores(probs.argmax(axis=1) == ctx.class_index(TUMOUR), truth)
     return {"f1": scores.f1, "jaccard": scores.jaccard, "precision": scores.precision, "recall": scores.recall,
             "f1_unlabelled": scores.f1, "jaccard_unlabelled": scores.jaccard}
+
+
+def _full_supervision(ctx: Any, targets: np.ndarray, train: TrainSettings) -> tuple[Any, dict[str, Any]]:
+    """Both heads trained on every database patch with its true class, with the runs' schedule.
+
+    The fast schedule's per-round pass budget and early stopping are lifted here: the reference trains its
+    full epochs, so it is a ceiling for the runs, not a peer.
+    """
+    from dataclasses import replace
+
+    from wsi_il.heads import train_heads
+    from wsi_il.session import load_tensors
+
+    init = load_tensors(ctx.project.init_model_path())
+    unbounded = replace(train, fast_budget=max(train.fast_budget, train.epochs * len(targets)))
+    heads = train_heads(ctx.store.take(np.arange(len(ctx.table))), targets, init, len(ctx.classes), unbounded,
+                        ctx.device, early_stopping=False)
+    return heads, init
 
 
 def _tumour_query_images(case: SlideCase, base: Project, count: int, rng: np.random.Generator,
@@ -329,10 +359,11 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                            for i in range(len(images))]
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
-            progress.describe(f"{name}: reference, seed {seed}")
-            reference = _slide_reference(ctx, truth, train)
-            per_slide.append({"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n,
-                              "label_share": 1.0, "seconds": "", **reference})
+            if seed == 0 and settings.reference:  # trained once per slide (its seed spread is not the question)
+                progress.describe(f"{name}: full-supervision reference")
+                reference = _slide_reference(ctx, truth, train)
+                per_slide.append({"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n,
+                                  "label_share": 1.0, "seconds": "", **reference})
             for strategy in settings.strategies:
                 progress.describe(f"{name}: {strategy}, seed {seed}")
                 project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
@@ -438,12 +469,9 @@ def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: 
 def _patch_reference(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                      train: TrainSettings) -> dict[str, Any]:
     """Both heads trained on every database patch with its class (full supervision), scored on the test set."""
-    from wsi_il.heads import embed, train_heads
-    from wsi_il.session import load_tensors
+    from wsi_il.heads import embed
 
-    init = load_tensors(ctx.project.init_model_path())
-    heads = train_heads(ctx.store.take(np.arange(len(ctx.table))), database_y, init, len(ctx.classes), train,
-                        ctx.device)
+    heads, init = _full_supervision(ctx, database_y, train)
     database_embeddings = embed(heads.retrieval, init, ctx.store.chunks(256), len(ctx.store), ctx.device)
     return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x,
                         test_y)
@@ -482,10 +510,11 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
                 queries.append((classes[c], {"query_indices": query_sets[c][taken[c]:taken[c] + 1]}))
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
-        progress.describe(f"{name}: reference, seed {seed}")
-        reference = _patch_reference(ctx, database_y, test_x, test_y, train)
-        rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
-                     "label_share": 1.0, "seconds": "", **reference})
+        if seed == 0 and settings.reference:  # trained once (its seed spread is not the question)
+            progress.describe(f"{name}: full-supervision reference")
+            reference = _patch_reference(ctx, database_y, test_x, test_y, train)
+            rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
+                         "label_share": 1.0, "seconds": "", **reference})
         for strategy in settings.strategies:
             progress.describe(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)

@@ -57,6 +57,7 @@ def project_status(root: Path) -> dict[str, Any]:
               for s in manifest["slides"]]
     return {"project": str(root), "uid": manifest["uid"], "classes": manifest["classes"],
             "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
+            "trainable": manifest["features"].get("trainable", "last"),
             "slides": slides, "patches": sum(s["patches"] for s in slides),
             "sessions": [_session_row(s) for s in sessions], "n_labels": len(ledger), "labels": dict(counts),
             "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),

@@ -1,0 +1,486 @@
+"""``wsi-il bench``: how fast each stage runs on this machine, next to its limit and a naive baseline.
+
+Stages (each measured in the same run, on the same device):
+
+- **extraction**, end to end: tiling (read the thumbnail and every candidate tile, tissue filter) and features
+  (read, decode, resize, normalise, trunk, write float16), as ``wsi-il init`` runs them;
+- **trunk limit**: the trunk alone on batches already in memory (the compute limit of extraction);
+- **naive baseline**: one OpenSlide handle, tiles read one after another, then the trunk in float32, no
+  overlap between reading and computing;
+- **round latency**: one ``ingest`` of a filled batch until the next batch is written, at ``labels`` labels,
+  with the default schedule of the device and with the paper's settings;
+- **export**: the project's mask (``export_masks``) and, separately, the geometry + GeoJSON stage on a
+  synthetic grid of 100,000 patches (the union of the predicted squares is what grows with slide size);
+- **memory**: peak RSS of the extraction (run in a child process, so the figure is that of ``init``) and bytes
+  per patch of the memory-mapped feature cache.
+
+Nothing here is a separate implementation: every stage calls the functions the commands call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, to_dict
+from wsi_il.errors import InputError
+from wsi_il.events import SilentReporter
+from wsi_il.project import Project
+
+TUMOUR, NORMAL = "Tumor", "Normal"
+TISSUE_SHARE = 0.45
+"""About this share of an island mosaic is tissue (used to size the slide for a number of patches)."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``wsi-il bench`` measures and at which size (defaults: the issue's 12,500 patches, 250 labels)."""
+
+    out: Path
+    slide: Path | None = None
+    truth: Path | None = None
+    data: Path | None = None
+    """Folder holding bach-iciar2018-1536jpeg-sample/ (to build the benchmark slide when no --slide)."""
+    patches: int = 12_500
+    labels: int = 250
+    k: int = 10
+    queries: int = 10
+    weights: str = "random"
+    device: str = "cpu"
+    paper: bool = True
+    """Also time a round with the paper's settings (two heads, 50 epochs, full re-embedding)."""
+    export_patches: int = 100_000
+    sample: int = 0
+    """Patches for the trunk-limit and naive-baseline measurements (0: 256 on CPU, 4096 on CUDA)."""
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    """The JSON written by ``wsi-il bench --json``."""
+
+    device: str
+    device_name: str
+    precision: str
+    torch_threads: int
+    cpus: int
+    slide: str
+    patches: int
+    tiling_seconds: float = 0.0
+    features_seconds: float = 0.0
+    extract_patches_per_s: float = 0.0
+    trunk_limit_patches_per_s: float = 0.0
+    extract_ratio_to_limit: float = 0.0
+    naive_patches_per_s: float = 0.0
+    extract_ratio_to_naive: float = 0.0
+    gpu_utilisation: float | None = None
+    round_labels: int = 0
+    round_seconds: float = 0.0
+    round_schedule: str = ""
+    round_seconds_paper_settings: float | None = None
+    round_ratio_paper_to_default: float | None = None
+    export_seconds: float = 0.0
+    export_synthetic_patches: int = 0
+    export_synthetic_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    bytes_per_patch: float = 0.0
+    feature_cache_memory_mapped: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text: None) -> BenchResult:
+    """Run every stage and return the figures (``say`` hears what is being measured)."""
+    import torch
+
+    from wsi_il.features import default_workers
+    from wsi_il.precision import precision_name
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide, truth = settings.slide, settings.truth
+    if slide is None:
+        say(f"building a mosaic slide of about {settings.patches:,} tissue patches")
+        slide, truth = build_bench_slide(out, settings.patches, _data_dir(settings.data), settings.seed)
+    device = settings.device
+    result = BenchResult(device=device, device_name=_device_name(device), precision=precision_name(device),
+                         torch_threads=torch.get_num_threads(), cpus=default_workers(), slide=str(slide), patches=0)
+    project = Project(out / "project")
+    say("extraction, end to end (tiling + features), in a child process")
+    stage = _extract_in_child(project, slide, settings)
+    result.patches = stage["patches"]
+    result.tiling_seconds, result.features_seconds = stage["tiling_seconds"], stage["features_seconds"]
+    result.extract_patches_per_s = result.patches / max(1e-9, stage["tiling_seconds"] + stage["features_seconds"])
+    result.peak_rss_mb = stage["peak_rss_mb"]
+    result.gpu_utilisation = stage.get("gpu_utilisation")
+    result.bytes_per_patch = _bytes_per_patch(project)
+    sample = settings.sample or (4096 if device.startswith("cuda") else 256)
+    say("trunk limit (batches already in memory)")
+    result.trunk_limit_patches_per_s = trunk_limit(project, device, sample)
+    result.extract_ratio_to_limit = result.extract_patches_per_s / result.trunk_limit_patches_per_s
+    say("naive baseline (one handle, float32, no overlap)")
+    result.naive_patches_per_s = naive_baseline(project, slide, device, min(sample, result.patches))
+    result.extract_ratio_to_naive = result.extract_patches_per_s / result.naive_patches_per_s
+    labels = _label_all(project, truth, settings.seed)
+    say(f"round latency at {settings.labels} labels (default schedule)")
+    seconds, schedule = round_latency(project, out / "round-default", labels, settings, TrainSettings())
+    result.round_labels, result.round_seconds, result.round_schedule = settings.labels, seconds, schedule
+    if settings.paper:
+        say(f"round latency at {settings.labels} labels (the paper's settings)")
+        paper_seconds, _ = round_latency(project, out / "round-paper", labels, settings,
+                                         TrainSettings(schedule="paper"))
+        result.round_seconds_paper_settings = paper_seconds
+        result.round_ratio_paper_to_default = paper_seconds / seconds
+    say("export of the project's mask")
+    result.export_seconds = export_latency(out / "round-default", out / "export" / "mask.geojson", device)
+    say(f"export geometry + GeoJSON of {settings.export_patches:,} synthetic patches")
+    result.export_synthetic_patches = settings.export_patches
+    result.export_synthetic_seconds = synthetic_export(out / "export" / "synthetic.geojson",
+                                                      settings.export_patches, settings.seed)
+    if settings.weights == "random":
+        result.notes.append("random weights: the same compute as ImageNet weights (timings are valid), but the "
+                            "predictions are meaningless")
+    if truth is None:
+        result.notes.append("no truth: the round's labels are random (latency only)")
+    return result
+
+
+# ---- the slide ------------------------------------------------------------------------------------------
+def _data_dir(data: Path | None) -> Path:
+    candidates = [data] if data else [Path(os.environ.get("WSI_IL_DATA", "")), Path("../shared/data"),
+                                      Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for folder in candidates:
+        if folder and str(folder) and (folder / "bach-iciar2018-1536jpeg-sample").is_dir():
+            return folder
+    raise InputError("no slide to benchmark and no BACH sample to build one from",
+                     "give --slide YOUR.svs, or --data DIR holding bach-iciar2018-1536jpeg-sample/")
+
+
+def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[Path, Path]:
+    """Write (or reuse) a JPEG pyramidal slide with about ``patches`` tissue tiles of 256 px.
+
+    A slide of tens of thousands of pixels a side would not fit in memory as one image, so an island mosaic
+    of real BACH fields (at most 8192 px a side) is written once and tiled, mirrored, into the large slide.
+    """
+    from wsi_il.mosaic import bach_images, make_island_slide, write_mirrored_tiling
+
+    tile = TilingSettings().tile_size_px
+    side = int(math.ceil(math.sqrt(patches / TISSUE_SHARE))) * tile
+    small_side = min(side, 32 * tile)
+    copies = max(1, math.ceil(side / small_side))
+    path = out / f"bench-{small_side * copies}.tiff"
+    truth = path.with_name(f"{path.stem}.truth.geojson")
+    if not (path.is_file() and truth.is_file()):
+        tumour, normal = bach_images(data)
+        target = out / f"bench-tile-{small_side}.tiff" if copies > 1 else path
+        small = make_island_slide(target, tumour, normal, size_px=(small_side, small_side), seed=seed, tile_px=tile)
+        if copies > 1:
+            write_mirrored_tiling(path, small, copies)
+    return path, truth
+
+
+# ---- extraction ---------------------------------------------------------------------------------------
+class _TimingReporter(SilentReporter):
+    """Remembers when each stage (progress task) started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[tuple[str, float]] = []
+
+    def task(self, description: str, total: int, unit: str = "patches") -> Callable[[int], None]:
+        self.started.append((description, time.perf_counter()))
+        return lambda n: None
+
+
+def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) -> dict[str, Any]:
+    """Run tiling and extraction in a child process (so its peak RSS is that of init, not of the bench)."""
+    if project.root.exists():
+        import shutil
+
+        shutil.rmtree(project.root)
+    args = json.dumps({"project": str(project.root), "slide": str(slide), "weights": settings.weights,
+                       "device": settings.device, "seed": settings.seed})
+    done = subprocess.run([sys.executable, "-m", "wsi_il.bench", args], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the extraction stage failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str, seed: int) -> dict[str, Any]:
+    """Create a project over one slide and build it as ``init`` does; return stage times and peak RSS."""
+    from wsi_il.database import build_database, register_slide
+    from wsi_il.features import resolve_weights
+
+    weights = resolve_weights(weights_spec)
+    project = Project(project_dir)
+    manifest: dict[str, Any] = {
+        "classes": [TUMOUR, NORMAL], "tiling": to_dict(TilingSettings()),
+        "features": to_dict(FeatureSettings(weights=weights_spec if weights.kind != "file" else weights.source,
+                                            weights_sha256=weights.sha256, seed=seed)),
+        "train": to_dict(TrainSettings(seed=seed)), "normalisation": None, "slides": []}
+    register_slide(manifest, slide)
+    project.create(manifest)
+    reporter = _TimingReporter()
+    gpu = _GpuSampler(device)
+    started = time.perf_counter()
+    with gpu:
+        manifest = build_database(project, project.read_manifest(), reporter, device, weights)
+    ended = time.perf_counter()
+    feature_start = next((t for name, t in reporter.started if name.startswith("features")), ended)
+    return {"patches": sum(s["n_patches"] for s in manifest["slides"]),
+            "tiling_seconds": feature_start - started, "features_seconds": ended - feature_start,
+            "peak_rss_mb": peak_rss_mb(),
+            "gpu_utilisation": gpu.mean()}
+
+
+class _GpuSampler:
+    """Samples the GPU's utilisation (NVML through torch) while extraction runs; None without CUDA."""
+
+    def __init__(self, device: str) -> None:
+        self.enabled = str(device).startswith("cuda")
+        self.samples: list[float] = []
+        self._stop = False
+
+    def __enter__(self) -> _GpuSampler:
+        if self.enabled:
+            import threading
+
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop:
+            try:
+                self.samples.append(float(torch.cuda.utilization()))
+            except Exception:  # noqa: BLE001 - NVML missing: utilisation is simply not reported
+                return
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        if self.enabled:
+            self._thread.join(timeout=2)
+
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.samples)), 1) if self.samples else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
+def _bytes_per_patch(project: Project) -> float:
+    manifest = project.read_manifest()
+    files = [project.features_path(s["id"]) for s in manifest["slides"]]
+    n = sum(s["n_patches"] for s in manifest["slides"])
+    return sum(f.stat().st_size for f in files) / max(1, n)
+
+
+def _extractor(project: Project, device: str):  # type: ignore[no-untyped-def]
+    from wsi_il.config import from_dict
+    from wsi_il.database import load_project_weights
+    from wsi_il.features import FeatureExtractor, build_resnet
+
+    manifest = project.read_manifest()
+    settings = from_dict(FeatureSettings, manifest["features"])
+    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
+    norm = manifest["normalisation"]
+    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable), settings
+
+
+def trunk_limit(project: Project, device: str, sample: int) -> float:
+    """Patches/s of normalisation + trunk + float16 on in-memory batches (no reading): the compute limit."""
+    extractor, settings = _extractor(project, device)
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (settings.batch_size, settings.input_px, settings.input_px, 3), dtype=np.uint8)
+    extractor(tiles)  # warm-up (kernel selection, CUDA context)
+    _sync(device)
+    batches = max(3, sample // settings.batch_size)
+    started = time.perf_counter()
+    for _ in range(batches):
+        extractor(tiles)
+    _sync(device)
+    return batches * settings.batch_size / (time.perf_counter() - started)
+
+
+def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> float:
+    """Patches/s of a plain loop: read a batch with one handle, then run the trunk in float32 (no overlap)."""
+    from wsi_il.database import patch_table
+    from wsi_il.features import resize_tile
+    from wsi_il.slide import open_slide
+
+    extractor, settings = _extractor(project, device)
+    table = patch_table(project, project.read_manifest())
+    handle = open_slide(slide)
+    previous = os.environ.get("WSI_IL_PRECISION")
+    os.environ["WSI_IL_PRECISION"] = "fp32"
+    try:
+        extractor(np.zeros((1, settings.input_px, settings.input_px, 3), dtype=np.uint8))  # warm-up
+        started = time.perf_counter()
+        for begin in range(0, sample, settings.batch_size):
+            tiles = []
+            for x, y, w, h in table.boxes[begin:min(sample, begin + settings.batch_size)]:
+                region = np.asarray(handle.read_region((int(x), int(y)), 0, (int(w), int(h))).convert("RGB"))
+                tiles.append(resize_tile(region, settings.input_px))
+            extractor(np.stack(tiles))
+        _sync(device)
+        return sample / (time.perf_counter() - started)
+    finally:
+        handle.close()
+        if previous is None:
+            os.environ.pop("WSI_IL_PRECISION", None)
+        else:
+            os.environ["WSI_IL_PRECISION"] = previous
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ---- rounds -------------------------------------------------------------------------------------------
+def _label_all(project: Project, truth: Path | None, seed: int) -> np.ndarray:
+    """True where a patch is tumour (from the truth; random when there is none)."""
+    from wsi_il.database import patch_table
+    from wsi_il.truth import truth_mask
+
+    table = patch_table(project, project.read_manifest())
+    if truth is not None:
+        return truth_mask(table.boxes, truth, table.slides[0].offset)
+    return np.random.default_rng(seed).random(len(table)) < 0.3
+
+
+def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
+                  train: TrainSettings) -> tuple[float, str]:
+    """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels.
+
+    The project holds earlier labels (``labels`` minus the batches ingested here minus the query); for a
+    warm-starting schedule one round is ingested first, so that it has a previous model as it would in real
+    use, and the next is timed.
+    """
+    from wsi_il.config import resolve_schedule
+    from wsi_il.project import now_iso
+    from wsi_il.review import read_batch
+    from wsi_il.session import ingest, open_context, start_session
+    from wsi_il.simulate import fork_project
+    from wsi_il.truth import write_batch_labels
+
+    project = fork_project(base, folder, replace(train, seed=settings.seed))
+    ctx = open_context(project, settings.device, SilentReporter())
+    rng = np.random.default_rng(settings.seed)
+    positives = np.flatnonzero(tumour)
+    query = rng.choice(positives, size=min(settings.queries, len(positives)), replace=False)
+    rest = rng.permutation(np.setdiff1d(np.arange(len(tumour)), query))
+    batches = 2 if resolve_schedule(train, settings.device) == "fast" or train.warm_start else 1
+    prior = rest[:max(0, settings.labels - batches * settings.k - len(query))]
+    if len(prior):
+        project.append_ledger([{"patch_id": ctx.table.ids[i], "label": TUMOUR if tumour[i] else NORMAL,
+                                "batch": "bench-earlier", "session": "bench", "round": 0, "time": now_iso()}
+                               for i in prior])
+    result = start_session(ctx, TUMOUR, SessionSettings("cnfp", settings.k, 3), query_indices=query,
+                           source="bench")
+    index = ctx.table.index_of()
+
+    def fill(batch: Path) -> None:  # the pseudo-expert: each patch's true class
+        ids = [p.patch_id for p in read_batch(batch)[1]]
+        write_batch_labels(batch, {pid: TUMOUR if tumour[index[pid]] else NORMAL for pid in ids})
+
+    schedule = resolve_schedule(train, settings.device)
+    if schedule == "fast" or train.warm_start:  # a round first, so that the timed one starts warm
+        fill(result.batch_dir)
+        result = ingest(ctx, result.batch_dir / "labels.csv")
+    fill(result.batch_dir)
+    timed = ingest(ctx, result.batch_dir / "labels.csv")
+    return timed.seconds, schedule
+
+
+def export_latency(project_dir: Path, out: Path, device: str) -> float:
+    """Seconds of ``export_masks`` (GeoJSON + overview) once the last round's predictions exist."""
+    from wsi_il.export import export_masks
+    from wsi_il.session import open_context
+
+    ctx = open_context(Project(project_dir), device, SilentReporter())
+    started = time.perf_counter()
+    export_masks(ctx, out)
+    return time.perf_counter() - started
+
+
+def synthetic_export(out: Path, patches: int, seed: int) -> float:
+    """Seconds to write the mask GeoJSON of a slide of ``patches`` tissue patches (irregular tumour islands).
+
+    As ``export`` does by default: one valid MultiPolygon annotation per class (tumour and normal), made from
+    the union of the patch squares predicted as that class.
+    """
+    from wsi_il.mosaic import island_layout, rasterise
+    from wsi_il.qupath import class_color, make_feature, union_squares, write_features
+
+    tile = TilingSettings().tile_size_px
+    side = int(math.ceil(math.sqrt(patches / 0.6)))  # the island layout's tissue covers about 60% of the grid
+    rng = np.random.default_rng(seed)
+    tissue, tumour = island_layout((side, side), rng, islands=max(6, patches // 5000), tumour_share=0.3,
+                                   margin_px=1)
+    inside = rasterise(tissue, (side, side))
+    rows, cols = np.nonzero(inside)
+    keep = rng.permutation(len(rows))[:patches]  # exactly ``patches`` tissue squares
+    rows, cols = rows[keep], cols[keep]
+    is_tumour = rasterise(tumour, (side, side))[rows, cols]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    features = []
+    for name, chosen in ((TUMOUR, is_tumour), (NORMAL, ~is_tumour)):
+        shape = union_squares(cols[chosen] * tile, rows[chosen] * tile, tile, tile)
+        features.append(make_feature(shape, name=f"{name} (wsi-il)", classification=name, color=class_color(name),
+                                     measurements={"Patches": float(chosen.sum())}))
+    write_features(out, features)
+    return time.perf_counter() - started
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name
+
+
+def result_json(result: BenchResult) -> str:
+    return json.dumps(asdict(result), indent=2) + "\n"
+
+
+if __name__ == "__main__":  # the extraction stage, run as a child process by run_bench
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(extract_stage(Path(spec["project"]), Path(spec["slide"]), spec["weights"], spec["device"],
+                                   spec["seed"])))

@@ -1,0 +1,52 @@
+"""Mixed precision where the hardware runs it natively: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX.
+
+Elsewhere (older CPUs) bfloat16 is emulated and slower than float32, so everything stays float32 there.
+``WSI_IL_PRECISION=fp32`` forces float32 everywhere (for comparisons and debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def mixed_precision_dtype(device: Any) -> Any:
+    """Return torch.bfloat16 when ``device`` computes it natively, else None (float32)."""
+    import torch
+
+    if os.environ.get("WSI_IL_PRECISION", "auto").lower() == "fp32":
+        return None
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and _cpu_has_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def precision_name(device: Any) -> str:
+    """'bf16' or 'fp32': what the trunk and heads compute in on ``device`` (recorded with results)."""
+    return "bf16" if mixed_precision_dtype(device) is not None else "fp32"
+
+
+@contextlib.contextmanager
+def autocast(device: Any) -> Iterator[None]:
+    """Run the enclosed forward passes in bfloat16 where that is native, else unchanged."""
+    import torch
+
+    dtype = mixed_precision_dtype(device)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        yield
