@@ -39,8 +39,8 @@ from wsi_il.events import SilentReporter
 from wsi_il.project import Project
 
 TUMOUR, NORMAL = "Tumor", "Normal"
-TISSUE_SHARE = 0.45
-"""About this share of an island mosaic is tissue (used to size the slide for a number of patches)."""
+TISSUE_SHARE = 0.65
+"""About this share of an island mosaic is tissue (measured: 18,524 of 28,224 tiles; sizes the slide)."""
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,8 @@ def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[P
 
     tile = TilingSettings().tile_size_px
     side = int(math.ceil(math.sqrt(patches / TISSUE_SHARE))) * tile
-    small_side = min(side, 32 * tile)
-    copies = max(1, math.ceil(side / small_side))
+    copies = max(1, math.ceil(side / (32 * tile)))  # the small mosaic stays at most 32 tiles a side
+    small_side = math.ceil(side / copies / tile) * tile
     path = out / f"bench-{small_side * copies}.tiff"
     truth = path.with_name(f"{path.stem}.truth.geojson")
     if not (path.is_file() and truth.is_file()):

@@ -6,6 +6,7 @@ command that is interrupted picks up where it stopped when it is run again.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.config import FeatureSettings, TilingSettings, from_dict
-from wsi_il.errors import InputError
+from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
 from wsi_il.features import (
     FeatureExtractor,
@@ -225,11 +226,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     progress_path = project.next_progress_path(record.id) if staged else project.progress_path(record.id)
     progress = project.read_json(progress_path, {"done": 0})
     done = int(progress["done"]) if path.is_file() else 0
-    if done == 0:
-        store = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                             shape=(n, *feature_shape(settings.arch, settings.trainable)))
-    else:
-        store = np.load(path, mmap_mode="r+")
+    store = RowWriter(path, (n, *feature_shape(settings.arch, settings.trainable)), np.float16, create=done == 0)
     load, close = reader_for(project, record, settings.input_px)
     step = settings.batch_size
     batches = [range(s, min(s + step, n)) for s in range(done, n, step)]
@@ -237,13 +234,49 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     advance(done)
     try:
         for batch, tiles in zip(batches, prefetch(load, batches, workers), strict=True):
-            store[batch.start:batch.stop] = extractor(tiles)
-            store.flush()
+            store.write(batch.start, extractor(tiles))
             project.write_json(progress_path, {"done": batch.stop})
             advance(len(batch))
     finally:
         close()
-        del store
+        store.close()
+
+
+class RowWriter:
+    """Writes rows of a .npy file in place and durably, without mapping it.
+
+    A writable memory map would keep every written page resident in the process (its RSS would grow with the
+    slide); positioned writes keep extraction's memory flat whatever the slide's size.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: Any, create: bool) -> None:
+        if create:
+            created = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)  # header + sparse body
+            created.flush()
+            del created
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            found_shape, _, found_dtype = read_header(handle)
+            self.offset = handle.tell()
+        if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != np.dtype(dtype):
+            raise ProjectStateError(f"{path} holds {found_shape} {found_dtype}, not {shape} {np.dtype(dtype)}",
+                                    "delete it and run the command again to recompute it")
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write rows from row ``start`` on and make them durable before returning."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        written = os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
+        if written != len(data):
+            raise OSError(f"short write ({written} of {len(data)} bytes)")
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def build_database(project: Project, manifest: dict[str, Any], reporter: Reporter, device: str,

@@ -1,0 +1,47 @@
+"""Compare `wsi-il simulate` runs session by session: mean, min and max over seeds of one metric.
+
+    python benchmarks/compare_runs.py runs/fast/results.csv runs/paper/results.csv --metric jaccard
+
+Prints one row per (run, strategy, session) and, for two runs of the same strategy, the difference of the
+means at equal labels (the check behind docs/speed.md's "gives up no more than 0.02").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+
+def _curves(path: Path, metric: str) -> dict[tuple[str, int], tuple[float, list[float]]]:
+    groups: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row[metric] != "":
+                groups[(row["strategy"], int(row["session"]))].append(row)
+    return {key: (sum(float(r["labels"]) for r in rows) / len(rows), [float(r[metric]) for r in rows])
+            for key, rows in sorted(groups.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="results.csv files of simulate runs")
+    parser.add_argument("--metric", default="jaccard")
+    args = parser.parse_args()
+    curves = {path: _curves(path, args.metric) for path in args.results}
+    print(f"run | strategy | session | labels | {args.metric} mean | min | max | seeds")
+    for path, curve in curves.items():
+        for (strategy, session), (labels, values) in curve.items():
+            print(f"{path.parent.name} | {strategy} | {session} | {labels:.0f} | {sum(values) / len(values):.3f} | "
+                  f"{min(values):.3f} | {max(values):.3f} | {len(values)}")
+    if len(curves) == 2:
+        (name_a, a), (name_b, b) = ((p.parent.name, c) for p, c in curves.items())
+        print(f"\ndifference of the means, {name_a} - {name_b}, at equal sessions (labels)")
+        for key in sorted(set(a) & set(b)):
+            mean_a, mean_b = (sum(v) / len(v) for v in (a[key][1], b[key][1]))
+            print(f"{key[0]} session {key[1]} ({a[key][0]:.0f} labels): {mean_a - mean_b:+.3f}")
+
+
+if __name__ == "__main__":
+    main()

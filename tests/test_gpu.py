@@ -1,0 +1,57 @@
+"""CUDA code paths: both training schedules, one-pass embedding, the bench (skipped without a GPU).
+
+Run on a GPU machine with ``python -m pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_il.config import TrainSettings
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _shifted_features(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    targets = np.arange(n) % 2
+    features = np.maximum(rng.normal(0.0, 1.0, (n, 512, 7, 7)), 0.0)
+    features[targets == 0, :256] += 0.25
+    features[targets == 1, 256:] += 0.25
+    return features.astype(np.float16), targets
+
+
+@pytest.mark.parametrize("schedule", ["paper", "fast"])
+def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule):
+    from torchvision.models import resnet18
+
+    from wsi_il.heads import embed_and_predict, train_heads
+
+    torch.manual_seed(0)
+    init = resnet18().layer4[1].state_dict()
+    features, targets = _shifted_features()
+    heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, schedule=schedule), "cuda")
+    embeddings, probs = embed_and_predict(heads.model(), init, 2, [(0, features)], len(features), "cuda")
+    assert (probs.argmax(1) == targets).mean() > 0.9
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3)
+    _, cpu_probs = embed_and_predict(heads.model(), init, 2, [(0, features)], len(features), "cpu")
+    assert np.abs(probs - cpu_probs).max() < 0.05  # bf16 on both sides: agreement to its precision
+
+
+def test_bench_on_cuda(shared_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi_il.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--patches", "200", "--labels", "40", "--out", str(tmp_path / "b"),
+                                      "--data", str(shared_data), "--json", str(tmp_path / "b.json"),
+                                      "--device", "cuda"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["device"] == "cuda" and figures["round_schedule"] == "paper"
+    assert figures["extract_patches_per_s"] > 0 and figures["trunk_limit_patches_per_s"] > 0
+    assert figures["round_seconds_paper_settings"] > 0
