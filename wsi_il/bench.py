@@ -298,15 +298,9 @@ def _bytes_per_patch(project: Project) -> float:
 
 
 def _extractor(project: Project, device: str):  # type: ignore[no-untyped-def]
-    from wsi_il.config import from_dict
-    from wsi_il.database import load_project_weights
-    from wsi_il.features import FeatureExtractor, build_resnet
+    from wsi_il.database import project_extractor
 
-    manifest = project.read_manifest()
-    settings = from_dict(FeatureSettings, manifest["features"])
-    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
-    norm = manifest["normalisation"]
-    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable), settings
+    return project_extractor(project.read_manifest(), device)
 
 
 def trunk_limit(project: Project, device: str, sample: int) -> float:

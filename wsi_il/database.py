@@ -319,6 +319,14 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     return manifest
 
 
+def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExtractor, FeatureSettings]:
+    """The trunk that made a project's features (its weights, checked), with its normalisation."""
+    settings = from_dict(FeatureSettings, manifest["features"])
+    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
+    norm = manifest["normalisation"]
+    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable), settings
+
+
 def load_project_weights(settings: FeatureSettings) -> Weights:
     """Load the weights that made the project's features, checking the file has not changed."""
     weights = resolve_weights(settings.weights, settings.arch)

@@ -291,14 +291,10 @@ def query_from_patch_ids(ctx: Context, patch_ids: list[str]) -> np.ndarray:
 
 def extract_query_images(ctx: Context, paths: list[Path]) -> np.ndarray:
     """Compute trunk features of query images from outside the database."""
-    from wsi_il.config import FeatureSettings
-    from wsi_il.database import load_project_weights
-    from wsi_il.features import FeatureExtractor, build_resnet, resize_tile
+    from wsi_il.database import project_extractor
+    from wsi_il.features import resize_tile
 
-    settings = from_dict(FeatureSettings, ctx.manifest["features"])
-    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
-    norm = ctx.manifest["normalisation"]
-    extractor = FeatureExtractor(model, norm["mean"], norm["std"], ctx.device, settings.trainable)
+    extractor, settings = project_extractor(ctx.manifest, ctx.device)
     for path in paths:
         _check_image_size(path)
     tiles = np.stack([resize_tile(load_image(p), settings.input_px) for p in paths])
