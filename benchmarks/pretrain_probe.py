@@ -9,6 +9,7 @@ project's own tissue, re-extracts, and compares, on the global-average-pooled tr
 - the same for plain colour statistics (mean and std of RGB) as a floor.
 
 usage: python benchmarks/pretrain_probe.py [--out DIR] [--steps N] [--batch B] [--crop PX] [--device cpu|cuda]
+                                           [--method simclr|moco]
 Prints a table and writes DIR/pretrain_probe.json. Caveat: the mosaic slides are built from 36 BACH fields,
 so patches of both slides (and of CV folds) share source fields: absolute scores are optimistic; the
 comparison between feature sets is what this measures.
@@ -129,12 +130,15 @@ def evaluate(name: str, x: np.ndarray, y: np.ndarray, slide: np.ndarray) -> dict
 
 
 def main() -> int:
+    from wsi_il.pretrain import METHOD_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-pretrain"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--method", choices=list(METHOD_NAMES), default="simclr", help="self-supervised method")
     parser.add_argument("--size", type=int, default=7680, help="side of each mosaic slide in px")
     args = parser.parse_args()
     from wsi_il.mosaic import bach_images, make_block_slide
@@ -159,12 +163,12 @@ def main() -> int:
     options = [f"--{k} {v}" for k, v in (("steps", args.steps), ("batch", args.batch), ("crop", args.crop)) if v]
     weights = args.out / "pretrained.pt"
     seconds = cli("pretrain", str(project), "--start", "random", "--out", str(weights), "--device", args.device,
-                  *" ".join(options).split())
+                  "--method", args.method, *" ".join(options).split())
     cli("reextract", str(project), "--weights", str(weights), "--device", args.device)
     x_pre, _, _ = gap_features(project)
-    results.append(evaluate("SimCLR-pretrained ResNet-18", x_pre, y, slide_index))
-    summary = {"patches": int(len(y)), "tumour_patches": int(y.sum()), "pretrain_seconds": seconds,
-               "pretrain_options": options or ["defaults"], "device": args.device,
+    results.append(evaluate(f"{METHOD_NAMES[args.method]}-pretrained ResNet-18", x_pre, y, slide_index))
+    summary = {"patches": int(len(y)), "tumour_patches": int(y.sum()), "method": args.method,
+               "pretrain_seconds": seconds, "pretrain_options": options or ["defaults"], "device": args.device,
                "torch_threads": torch.get_num_threads(), "results": results}
     (args.out / "pretrain_probe.json").write_text(json.dumps(summary, indent=2))
     print(f"{len(y)} patches ({int(y.sum())} tumour); pretraining took {seconds / 60:.1f} min")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_trust_support import cli, error_line
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.pretrain import PretrainSettings, pretrain
+from wsi_il.pretrain import PretrainSettings, checkpoint_path, pretrain
 from wsi_il.project import Project
 
 runner = CliRunner()
@@ -38,7 +40,8 @@ def _copy(project: Path, tmp_path: Path) -> Path:
     return target
 
 
-SMALL = PretrainSettings(steps=12, batch=16, crop_px=64, checkpoint_every=4, lr=1e-3)
+SMALL = PretrainSettings(steps=12, batch=16, crop_px=64, checkpoint_every=4, lr=1e-3, method="simclr")
+"""SimCLR: its loss falls from the start (MoCo's rises while real keys replace its random queue)."""
 
 
 def test_pretraining_lowers_the_loss_and_changes_the_features(small_project, block_slide, tmp_path):
@@ -61,8 +64,32 @@ def test_pretraining_lowers_the_loss_and_changes_the_features(small_project, blo
     assert np.array_equal(fresh, after)  # same weights, same tiles, same normalisation -> same features
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path):
-    settings = PretrainSettings(steps=6, batch=8, crop_px=64, checkpoint_every=2)
+def test_moco_trains_the_query_encoder_and_fills_its_queue(small_project, tmp_path):
+    project = _copy(small_project, tmp_path)
+    settings = PretrainSettings(steps=6, batch=8, crop_px=64, checkpoint_every=3, method="moco", moco_queue=40)
+    before = np.load(project / "slides" / "block" / "features.npy")
+    result = pretrain(Project(project), settings, "cpu", tmp_path / "w.pt")
+    assert result.steps == 6 and np.isfinite(result.losses).all()
+    saved = torch.load(checkpoint_path(Project(project)), weights_only=True)
+    assert saved["settings"]["method"] == "moco"  # not SimCLR under another name
+    model = saved["model"]
+    assert model["queue"].shape == (40, 128) and int(model["queue_ptr"]) == (6 * 2 * 8) % 40
+    assert torch.allclose(model["queue"].norm(dim=1), torch.ones(40))
+    # the key encoder followed the query encoder without being it
+    query, key = model["query.backbone.conv1.weight"], model["key.backbone.conv1.weight"]
+    assert not torch.equal(query, key)
+    state = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert torch.equal(state["conv1.weight"], query) and not any(k.startswith(("fc.", "projection")) for k in state)
+    run("reextract", project, "--weights", tmp_path / "w.pt", "--device", "cpu")
+    after = np.load(project / "slides" / "block" / "features.npy")
+    assert after.shape == before.shape and not np.array_equal(after, before)
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path, method):
+    settings = PretrainSettings(steps=6, batch=8, crop_px=64, checkpoint_every=2, method=method)
+    if method == "moco":
+        settings = replace(settings, moco_queue=32)
     whole = _copy(small_project, tmp_path / "a")
     pretrain(Project(whole), settings, "cpu", tmp_path / "whole.pt")
     broken = _copy(small_project, tmp_path / "b")
@@ -73,14 +100,25 @@ def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path)
 
     with pytest.raises(KeyboardInterrupt):
         pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt", on_step=stop_at_3)
+    if method == "simclr":  # a checkpoint from before --method resumes as the SimCLR run it was
+        path = checkpoint_path(Project(broken))
+        saved = torch.load(path, weights_only=True)
+        for name in ("method", "moco_momentum", "moco_queue"):
+            del saved["settings"][name]
+        torch.save(saved, path)
     result = pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt")
     assert result.resumed_from == 2  # the last checkpoint before the interruption
     a = torch.load(tmp_path / "whole.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    other = PretrainSettings(steps=6, batch=16, crop_px=64, checkpoint_every=2)
-    with pytest.raises(Exception, match="other settings"):
-        pretrain(Project(broken), other, "cpu", tmp_path / "x.pt")
+    for other in (replace(settings, batch=16), replace(settings, method="moco" if method == "simclr" else "simclr")):
+        with pytest.raises(Exception, match="other settings"):
+            pretrain(Project(broken), other, "cpu", tmp_path / "x.pt")
+
+
+def test_an_unknown_method_is_refused_in_one_line(small_project):
+    line = error_line(cli("pretrain", small_project, "--method", "byol", "--device", "cpu", code=3))
+    assert "--method 'byol'" in line and "simclr or moco" in line
 
 
 def test_reextract_keeps_labels_and_retrains(block_slide, tmp_path):
@@ -145,9 +183,11 @@ def test_weights_files_name_their_architecture(block_slide, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pretrain_and_extract_on_cuda(small_project, tmp_path):
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_pretrain_and_extract_on_cuda(small_project, tmp_path, method):
     project = _copy(small_project, tmp_path)
-    result = pretrain(Project(project), PretrainSettings(steps=4, batch=32, crop_px=128), "cuda", tmp_path / "w.pt")
+    settings = PretrainSettings(steps=4, batch=32, crop_px=128, method=method, moco_queue=256)
+    result = pretrain(Project(project), settings, "cuda", tmp_path / "w.pt")
     assert np.isfinite(result.losses).all()
     run("reextract", project, "--weights", tmp_path / "w.pt", "--device", "cuda")
     cuda = np.load(project / "slides" / "block" / "features.npy")

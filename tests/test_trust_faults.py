@@ -159,7 +159,7 @@ def check_init_kills(init_reference, block_slide, tmp_path: Path, slow: bool) ->
         expected = json.loads((reference / "project.json").read_text())
         for key in ("slides", "normalisation", "tiling", "features", "train", "classes"):
             assert manifest[key] == expected[key], (delay, key)
-        for name in ("features.npy", "patches.npy", "progress.json", "tiling.json"):
+        for name in ("features.npy", "patches.npy", "progress.json", "candidates.npy", "tissue.npy"):
             got, want = project / "slides" / "block" / name, reference / "slides" / "block" / name
             assert got.read_bytes() == want.read_bytes(), (delay, name)
         import torch

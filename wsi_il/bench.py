@@ -78,7 +78,9 @@ class BenchResult:
     slide: str
     patches: int
     tiling_seconds: float = 0.0
+    """Before the trunk runs: the thumbnail tissue mask and the normalisation statistics' sample of tiles."""
     features_seconds: float = 0.0
+    """One read of every candidate tile: pixel rule, resize, normalise, trunk, write."""
     extract_patches_per_s: float = 0.0
     trunk_limit_patches_per_s: float = 0.0
     extract_ratio_to_limit: float = 0.0

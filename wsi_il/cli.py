@@ -153,6 +153,7 @@ def _warn_unknown_mpp(record: dict[str, Any], tile_size_px: int) -> None:
 _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "classes": ("--classes", ("classes",)),
     "tile_size": ("--tile-size", ("tiling", "tile_size_px")),
+    "norm_sample": ("--norm-sample", ("tiling", "normalisation_sample")),
     "weights": ("--weights", ("features", "weights")),
     "arch": ("--arch", ("features", "arch")),
     "batch_size": ("--batch-size", ("features", "batch_size")),
@@ -163,6 +164,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "refine_query": ("--refine-query", ("train", "refine_query")),
     "seed": ("--seed", ("train", "seed")),
     "schedule": ("--schedule", ("train", "schedule")),
+    "fast_budget": ("--fast-budget", ("train", "fast_budget")),
     "trainable": ("--trainable", ("features", "trainable")),
 }
 
@@ -205,6 +207,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
 
     if name == "trainable":  # a project made before the setting existed trains the last block
         return str(value).lower() == (stored or "last")
+    if name == "norm_sample":  # a project made before the setting existed read every tile
+        return value == (0 if stored is None else stored)
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
@@ -246,6 +250,9 @@ def init(
     classes: Annotated[str | None, typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the "
                                                 "class subfolders of --patches].")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
+    norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
+                                             "std; 0 = every tile (the paper's exact statistics; each tile is then "
+                                             "read twice).", min=0)] = 1024,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34 or resnet50 [default: "
                                              "resnet18, or what a --weights file holds].")] = None,
@@ -257,6 +264,8 @@ def init(
     schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
                                           "pretrained block), fast (one shared block, warm start, early stopping) "
                                           "or auto (paper on a GPU, fast on CPU).")] = "auto",
+    fast_budget: Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x "
+                                             "epochs) per round.", min=1)] = 2500,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -303,11 +312,12 @@ def init(
                                                weights=weights if weights_obj.kind != "file" else weights_obj.source,
                                                weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
                                                trainable=_trainable(trainable))
-            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size)),
+            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size,
+                                                                     normalisation_sample=norm_sample)),
                         "features": to_dict(feature_settings),
                         "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                                        refine_query=refine_query, seed=seed,
-                                                       schedule=_schedule(schedule))),
+                                                       schedule=_schedule(schedule), fast_budget=fast_budget)),
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path), tile_size)
@@ -493,6 +503,11 @@ def _print_status(info: dict[str, Any]) -> None:
     out.print(f"weights: [{style}]{weights['description']}[/]")
     if info.get("trainable", "last") != "last":
         out.print(f"trainable: {info['trainable']} (the heads train all of layer4; features cached after layer3)")
+    norm = info.get("normalisation")
+    if norm:
+        source = (f"a random sample of {norm['tiles_read']:,} of {norm['candidate_tiles']:,} candidate tiles"
+                  if norm.get("tiles_read", 0) < norm.get("candidate_tiles", 0) else "every tissue tile")
+        out.print(f"normalisation: mean {_triple(norm['mean'])}, std {_triple(norm['std'])} ({source})")
     table = Table("slide", "kind", "size (px)", "mpp", "patches", "features")
     for s in info["slides"]:
         table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", str(s["mpp"] or "-"), str(s["patches"]),
@@ -507,6 +522,10 @@ def _print_status(info: dict[str, Any]) -> None:
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
     out.print(f"labels: {info['n_labels']} ({labels}); model: {info['model'] or 'none (pretrained head)'}")
     out.print(f"next: {info['next']}")
+
+
+def _triple(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 
 
 @app.command()
@@ -568,30 +587,36 @@ def pretrain(
                                                      "[default: PROJECT/pretrain/weights.pt].")] = None,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoint and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
+    method: Annotated[str, typer.Option(help="Self-supervised method: moco (MoCo v2: momentum encoder + queue of "
+                                        "negatives; measured best, docs/pretraining.md) or simclr (SimCLR, "
+                                        "NT-Xent).")] = "moco",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Train the backbone self-supervised (SimCLR) on the project's own tissue; no labels are used.
+    """Train the backbone self-supervised (SimCLR or MoCo v2) on the project's own tissue; no labels are used.
 
     Interrupted runs resume from their checkpoint. Then use the weights with
     `wsi-il reextract PROJECT --weights FILE` or `wsi-il init NEW --weights FILE`.
     """
-    from wsi_il.pretrain import PretrainSettings, checkpoint_path
+    from wsi_il.pretrain import METHOD_NAMES, PretrainSettings, checkpoint_path
     from wsi_il.pretrain import pretrain as run_pretrain
     from wsi_il.project import Project
 
     with _errors():
         if start not in ("project", "random"):
             raise InputError(f"--start {start!r} is not 'project' or 'random'", "pick one of them")
+        if method not in METHOD_NAMES:
+            raise InputError(f"--method {method!r} is not {' or '.join(METHOD_NAMES)}", "pick one of them")
         proj = Project(project)
         proj.read_manifest()
         dev = _device(device)
         base = PretrainSettings.for_device(dev, steps, batch, crop)
-        settings = PretrainSettings(base.steps, base.batch, base.crop_px, lr=lr, seed=seed, start=start)
+        settings = PretrainSettings(base.steps, base.batch, base.crop_px, lr=lr, seed=seed, start=start,
+                                    method=method)
         target = weights_out or proj.pretrain_dir() / "weights.pt"
         with proj.lock("pretrain"):
             if restart:
                 checkpoint_path(proj).unlink(missing_ok=True)
-            console.print(f"SimCLR on {dev}: {settings.steps} steps of {settings.batch} fields, "
+            console.print(f"{METHOD_NAMES[method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
                           f"{settings.crop_px} px views")
             progress = Progress(TextColumn("pretraining"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                 TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -665,6 +690,8 @@ def simulate(
     schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
                                           "pretrained block), fast (one shared block, warm start, early stopping) "
                                           "or auto (paper on a GPU, fast on CPU).")] = "auto",
+    fast_budget: Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x "
+                                             "epochs) per round.", min=1)] = 2500,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -706,7 +733,8 @@ def simulate(
                                       k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
                                       epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                       refine_query=refine_query, schedule=_schedule(schedule),
-                                      tile_size_px=tile_size, weights=weights, trainable=_trainable(trainable),
+                                      fast_budget=fast_budget, tile_size_px=tile_size, weights=weights,
+                                      trainable=_trainable(trainable),
                                       reference=reference)
         settings.check()
         if weights == "random":
@@ -826,7 +854,7 @@ def bench(
         table.add_row("extraction, end to end", f"{result.extract_patches_per_s:.1f} patches/s",
                       f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
                       f"{result.extract_ratio_to_limit:.2f} of the limit")
-        table.add_row("", f"({result.patches:,} patches: tiling {result.tiling_seconds:.1f} s, features "
+        table.add_row("", f"({result.patches:,} patches: mask + statistics {result.tiling_seconds:.1f} s, features "
                       f"{result.features_seconds:.1f} s)", f"naive {result.naive_patches_per_s:.1f}/s",
                       f"{result.extract_ratio_to_naive:.2f}x naive")
         paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"

@@ -26,6 +26,10 @@ class TilingSettings:
     """A tile is blank when more than this share of its pixels are white or black."""
     min_components: int = 10
     """A blank tile is still kept when its binarised image has at least this many components."""
+    normalisation_sample: int = 1024
+    """Tissue tiles drawn at random (over all slides) for the normalisation mean and std; 0 reads every tile, the
+    paper's exact statistics, at the cost of reading each tile twice (the statistics must exist before the trunk
+    runs). A sample keeps extraction to one read of each tile (docs/speed.md measures what it changes)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,8 @@ def to_dict(settings: Any) -> dict[str, Any]:
 
 SCHEDULES = ("auto", "paper", "fast")
 
-_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper"}}
+_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper"},
+                                      "TilingSettings": {"normalisation_sample": 0}}
 """Values a setting had before it existed: a project written then keeps behaving as it did."""
 
 

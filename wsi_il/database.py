@@ -7,7 +7,7 @@ command that is interrupted picks up where it stopped when it is run again.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from wsi_il.features import (
     resize_tile,
     resolve_weights,
 )
-from wsi_il.project import Project, SlideRecord, safe_id
+from wsi_il.project import Project, SlideRecord, features_pending, safe_id
 from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
@@ -99,40 +99,70 @@ def folder_classes(folder: Path) -> list[str]:
 
 
 # ---- tiling -----------------------------------------------------------------------------------
-def tile_slide(project: Project, record: dict[str, Any], settings: TilingSettings, reporter: Reporter,
-               workers: int) -> None:
-    """Find the tissue tiles of a slide and accumulate their colour statistics."""
-    info = read_info(Path(record["path"]))
+def slide_candidates(project: Project, slide_id: str, slide: Path, settings: TilingSettings) -> np.ndarray:
+    """Return the grid tiles of a slide inside its thumbnail tissue mask (computed once, then read back)."""
+    path = project.candidates_path(slide_id)
+    if path.is_file():
+        return project.read_array(path)
+    info = read_info(slide)
     thumb, scale = read_thumbnail(info.path, settings.thumbnail_px)
-    mask = tissue_mask(thumb, settings)
-    corners = candidate_tiles(grid(info.bounds, settings.tile_size_px), mask, scale, settings.tile_size_px,
-                              settings.min_mask_fraction)
-    reader = TileReader(info.path)
+    corners = candidate_tiles(grid(info.bounds, settings.tile_size_px), tissue_mask(thumb, settings), scale,
+                              settings.tile_size_px, settings.min_mask_fraction)
+    project.write_array(path, corners)
+    return corners
+
+
+def read_tissue_tile(reader: TileReader, corner: np.ndarray, settings: TilingSettings, input_px: int) -> Any:
+    """Read one candidate tile: resized to ``input_px`` when the pixel rule keeps it, else None."""
     tile = settings.tile_size_px
-    advance = reporter.task(f"tiling {record['id']}", len(corners), "tiles")
+    rgb = reader.read(int(corner[0]), int(corner[1]), tile, tile)
+    return resize_tile(rgb, input_px) if is_tissue_tile(rgb, settings) else None
 
-    def check(i: int) -> np.ndarray:
-        rgb = reader.read(int(corners[i, 0]), int(corners[i, 1]), tile, tile)
-        if not is_tissue_tile(rgb, settings):
-            return np.full(7, np.nan)
-        return channel_sums(resize_tile(rgb, 224))
 
-    keep, sums = [], np.zeros(7)
-    batches = [range(s, min(s + 64, len(corners))) for s in range(0, len(corners), 64)]
-    try:
-        for start, stats in zip((b.start for b in batches), prefetch(check, batches, workers), strict=True):
-            for j, row in enumerate(stats):
-                if not np.isnan(row[0]):
-                    keep.append(start + j)
-                    sums += row
-            advance(len(stats))
-    finally:
-        reader.close()
-    boxes = np.zeros((len(keep), 4), dtype=np.int64)
-    if keep:
-        boxes[:, :2] = corners[keep]
-        boxes[:, 2:] = tile
-    _finish_tiling(project, record, boxes, sums)
+def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSettings, seed: int,
+                  reporter: Reporter, workers: int) -> dict[str, Any]:
+    """Per-channel mean and std of the project's tissue tiles (METHOD.md, "Patches and features" 3).
+
+    Patch folders and slides tiled before count whole (their sums were kept). Over the other slides' candidate
+    tiles, ``settings.normalisation_sample`` tiles drawn at random (all of them when there are fewer, or when
+    the setting is 0) are read and put through the pixel rule; their sums are scaled up to all candidates.
+    """
+    sums = np.zeros(7)
+    for record in manifest["slides"]:
+        if record["tiled"]:
+            sums += np.array(project.read_json(project.tiling_path(record["id"]))["channel_sums"])
+    slides = [r for r in manifest["slides"] if not r["tiled"]]
+    candidates = [slide_candidates(project, r["id"], Path(r["path"]), settings) for r in slides]
+    total = sum(len(c) for c in candidates)
+    size = total if settings.normalisation_sample <= 0 else min(total, settings.normalisation_sample)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False)) if total else np.zeros(0, int)
+    advance = reporter.task("tissue statistics", size, "tiles")
+    sampled, starts = np.zeros(7), np.cumsum([0] + [len(c) for c in candidates])
+    for record, corners, first, stop in zip(slides, candidates, starts[:-1], starts[1:], strict=True):
+        local = chosen[(chosen >= first) & (chosen < stop)] - first
+        reader = TileReader(Path(record["path"]))
+
+        def tile_sums(i: int) -> np.ndarray:
+            rgb = read_tissue_tile(reader, corners[local[i]], settings, 224)  # noqa: B023 - used within the loop
+            return np.zeros(7) if rgb is None else channel_sums(rgb)
+
+        batches = [range(s, min(s + 64, len(local))) for s in range(0, len(local), 64)]
+        try:
+            for rows in prefetch(tile_sums, batches, workers):
+                sampled += rows.sum(0)
+                advance(len(rows))
+        finally:
+            reader.close()
+    if size:
+        sums += sampled * (total / size)
+    if sums[6] == 0:
+        if 0 < size < total:  # a sample without tissue says little: look at every tile before giving up
+            return normalisation(project, manifest, replace(settings, normalisation_sample=0), seed, reporter,
+                                 workers)
+        raise InputError("no tissue patch was found in the project's slides",
+                         "check the slides, or lower the tissue filter's thresholds")
+    mean, std = mean_std(sums)
+    return {"mean": mean, "std": std, "tiles_read": int(size), "candidate_tiles": int(total)}
 
 
 def tile_patch_folder(project: Project, record: dict[str, Any], reporter: Reporter, workers: int) -> None:
@@ -242,6 +272,79 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
         store.close()
 
 
+def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings, extractor: FeatureExtractor,
+                   settings: FeatureSettings, reporter: Reporter, workers: int) -> int:
+    """Apply the pixel rule to a slide's candidate tiles and compute the features of those kept, reading each
+    tile once; returns the number of tissue patches.
+
+    Resumable: the pixel rule's verdicts (``tissue.npy``) and the features of the tiles kept so far are written
+    batch by batch before the progress that counts them; at the end the patch list is written and the feature
+    file is cut to the tiles kept.
+    """
+    corners = slide_candidates(project, record.id, Path(record.path), tiling)
+    n = len(corners)
+    features_path, status_path = project.features_path(record.id), project.tissue_path(record.id)
+    progress_path = project.progress_path(record.id)
+    progress = project.read_json(progress_path, {"done": 0})
+    done = int(progress["done"]) if features_path.is_file() and status_path.is_file() else 0
+    advance = reporter.task(f"features {record.id}", n, "tiles")
+    advance(done)
+    if done < n:
+        shape = (n, *feature_shape(settings.arch, settings.trainable))
+        store = RowWriter(features_path, shape, np.float16, create=done == 0)
+        status = RowWriter(status_path, (n,), np.uint8, create=done == 0)
+        kept = int(np.count_nonzero(np.load(status_path)[:done] == 1))
+        reader = TileReader(Path(record.path))
+        step = settings.batch_size
+        batches = [range(s, min(s + step, n)) for s in range(done, n, step)]
+        try:
+            for batch, tiles in zip(batches, prefetch(lambda i: read_tissue_tile(reader, corners[i], tiling,
+                                                                                 settings.input_px),
+                                                      batches, workers, combine=list), strict=True):
+                tissue = [t for t in tiles if t is not None]
+                if tissue:
+                    store.write(kept, extractor(np.stack(tissue)))
+                status.write(batch.start, np.array([1 if t is not None else 2 for t in tiles], np.uint8))
+                kept += len(tissue)
+                project.write_json(progress_path, {"done": batch.stop})
+                advance(len(batch))
+        finally:
+            reader.close()
+            store.close()
+            status.close()
+    keep = np.flatnonzero(np.load(status_path) == 1) if n else np.zeros(0, np.int64)
+    boxes = np.zeros((len(keep), 4), dtype=np.int64)
+    boxes[:, :2] = corners[keep]
+    boxes[:, 2:] = tiling.tile_size_px
+    project.write_array(project.patches_path(record.id), boxes)
+    if len(keep):
+        cut_rows(features_path, len(keep))
+    else:
+        features_path.unlink(missing_ok=True)
+    return len(keep)
+
+
+def cut_rows(path: Path, rows: int) -> None:
+    """Keep the first ``rows`` rows of a .npy file in place: rewrite its shape (same header length), truncate."""
+    with open(path, "r+b") as handle:
+        version = np.lib.format.read_magic(handle)
+        prefix = handle.tell()
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+        if shape[0] != rows:
+            text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+                         "shape": (rows, *shape[1:])})
+            length = offset - prefix - (2 if version == (1, 0) else 4)
+            handle.seek(offset - length)
+            handle.write(text.ljust(length - 1).encode("latin1") + b"\n")
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    os.truncate(path, offset + rows * row_bytes)
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 class RowWriter:
     """Writes rows of a .npy file in place and durably, without mapping it.
 
@@ -284,37 +387,32 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     """Tile and extract every slide of the project that is not done yet; returns the manifest."""
     workers = workers or default_workers()
     tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings = from_dict(FeatureSettings, manifest["features"])
     for record in manifest["slides"]:
-        if not record["tiled"]:
-            if record["kind"] == "patches":
-                tile_patch_folder(project, record, reporter, workers)
-            else:
-                tile_slide(project, record, tiling, reporter, workers)
+        if not record["tiled"] and record["kind"] == "patches":
+            tile_patch_folder(project, record, reporter, workers)
             project.write_manifest(manifest)
     if manifest.get("normalisation") is None:
-        sums = sum(np.array(project.read_json(project.tiling_path(s["id"]))["channel_sums"])
-                   for s in manifest["slides"])
-        if sums[6] == 0:
-            raise InputError("no tissue patch was found in the project's slides",
-                             "check the slides, or lower the tissue filter's thresholds")
-        mean, std = mean_std(sums)
-        manifest["normalisation"] = {"mean": mean, "std": std}
+        manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, workers)
         project.write_manifest(manifest)
-    pending = [s for s in project.slides(manifest) if not s.extracted and s.n_patches > 0]
+    pending = [s for s in project.slides(manifest) if features_pending(asdict(s))]
     if not pending:
         return manifest
-    settings = from_dict(FeatureSettings, manifest["features"])
     weights = weights or load_project_weights(settings)
     model = build_resnet(weights, settings.seed, settings.arch)
     _save_init_block(project, model, settings.trainable)
     extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
                                  device, settings.trainable)
     for record in pending:
-        extract_slide(project, record, extractor, settings, reporter, workers)
+        if record.tiled:
+            extract_slide(project, record, extractor, settings, reporter, workers)
+            n_patches = record.n_patches
+        else:  # the pixel rule and the features in one read of each tile
+            n_patches = extract_tissue(project, record, tiling, extractor, settings, reporter, workers)
         for entry in manifest["slides"]:
             if entry["id"] == record.id:
-                entry["extracted"] = True
-                entry["precision"] = extractor.precision
+                entry.update(tiled=True, n_patches=n_patches, extracted=n_patches > 0,
+                             precision=extractor.precision if n_patches else None)
         project.write_manifest(manifest)
     return manifest
 

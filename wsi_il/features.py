@@ -251,8 +251,9 @@ def default_workers() -> int:
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 
 
-def prefetch(load: Callable[[int], np.ndarray], batches: list[range], workers: int) -> Iterator[np.ndarray]:
-    """Yield stacked batches of loaded tiles, reading the next batch while the caller computes."""
+def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
+             combine: Callable[[list[Any]], Any] = np.stack) -> Iterator[Any]:
+    """Yield batches of loaded tiles (stacked by default), reading the next batches while the caller computes."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: list[list[Future]] = []
         for batch in batches[:2]:
@@ -261,7 +262,7 @@ def prefetch(load: Callable[[int], np.ndarray], batches: list[range], workers: i
             futures = pending.pop(0)
             if index + 2 < len(batches):
                 pending.append([pool.submit(load, i) for i in batches[index + 2]])
-            yield np.stack([f.result() for f in futures])
+            yield combine([f.result() for f in futures])
 
 
 class FeatureExtractor:

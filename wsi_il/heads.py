@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.config import TrainSettings, resolve_schedule
-from wsi_il.precision import autocast
+from wsi_il.precision import autocast, mixed_precision_dtype
 
 FAST_PATIENCE = 3
 """Fast schedule: stop after this many epochs without a new lowest loss (only in rounds whose epochs the pass
@@ -383,9 +383,11 @@ def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_class
 
 
 def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
+    """Cached float16 features as the block's input: moved as float16, converted by torch (all cores) straight
+    to the compute precision, channels-last (a numpy float32 copy took a fifth of the pass)."""
     torch = _torch()
-    x = torch.from_numpy(np.array(block, dtype=np.float32)).to(dev)
-    return x.contiguous(memory_format=torch.channels_last)
+    x = torch.from_numpy(np.array(block, dtype=np.float16)).to(dev)
+    return x.to(mixed_precision_dtype(dev) or torch.float32).contiguous(memory_format=torch.channels_last)
 
 
 def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str) -> np.ndarray:  # type: ignore[no-untyped-def]

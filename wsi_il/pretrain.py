@@ -1,7 +1,10 @@
-"""Self-supervised pretraining of the backbone on a project's own tissue (SimCLR, no labels).
+"""Self-supervised pretraining of the backbone on a project's own tissue (SimCLR or MoCo v2, no labels).
 
 Two augmented views of random fields anywhere in the tissue of the project's slides are pulled
-together and pushed away from the other fields of the batch (NT-Xent loss). The augmentations run
+together and pushed away from other fields. SimCLR pushes them away from the other fields of the
+batch (NT-Xent loss). MoCo v2 matches each view's embedding to the other view's embedding by a
+momentum (EMA) copy of the network, the key encoder, and pushes it away from a queue of keys of
+earlier batches (InfoNCE loss), so its negatives do not depend on the batch size. The augmentations run
 as batched tensor operations on the training device (the GPU when there is one): random resized crop,
 flips and 90-degree rotations in one affine resampling, H&E stain jitter in optical-density space,
 brightness/contrast/saturation jitter, grayscale and Gaussian blur.
@@ -9,6 +12,8 @@ brightness/contrast/saturation jitter, grayscale and Gaussian blur.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import math
 import time
@@ -28,6 +33,9 @@ from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.features import Weights, build_resnet, default_workers, prefetch
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project
+
+METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
+"""The self-supervised methods, by the name that selects them."""
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (rows: haematoxylin, eosin, DAB), optical density per RGB.
 _STAINS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
@@ -50,6 +58,13 @@ class PretrainSettings:
     seed: int = 0
     start: str = "project"
     """'project' (the weights that made the project's features) or 'random'."""
+    method: str = "moco"
+    """'moco' (MoCo v2) or 'simclr', see ``METHOD_NAMES``. MoCo v2 is the default: at equal steps on the CPU
+    setting its features gave a linear probe tumour Jaccard of 0.77 against SimCLR's 0.66 (docs/pretraining.md)."""
+    moco_momentum: float = 0.99
+    """MoCo's key encoder momentum; 0.99 rather than the paper's 0.999, which barely moves in a 200-step run."""
+    moco_queue: int = 4096
+    """MoCo's number of negative keys kept from earlier batches."""
 
     @staticmethod
     def for_device(device: str, steps: int | None, batch: int | None, crop_px: int | None) -> PretrainSettings:
@@ -191,6 +206,61 @@ class SimCLR(torch.nn.Module):
         return self.projection(self.backbone(x))
 
 
+def info_nce(q, k, queue, temperature: float):  # type: ignore[no-untyped-def]
+    """MoCo's InfoNCE: each query against its positive key (normalised) and the queue's negatives."""
+    q = F.normalize(q.float(), dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class MoCo(torch.nn.Module):
+    """MoCo v2: a query encoder like ``SimCLR``, its momentum (EMA) copy as key encoder, a queue of keys.
+
+    The key encoder gets no gradients; after each optimizer step it moves towards the query encoder by
+    ``1 - momentum`` (0.99 by default rather than the paper's 0.999, which would barely move it in a
+    200-step CPU run). MoCo shuffles BatchNorm across GPUs so that a query cannot find its key through
+    shared batch statistics; on one device this is emulated: the query encoder sees the whole batch, the
+    key encoder (in train mode) sees it in a random order, as two halves forwarded separately, and its
+    keys are put back in order.
+    """
+
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
+
+    def __init__(self, backbone, queue_size: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.query = SimCLR(backbone)
+        self.key = copy.deepcopy(self.query).requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, 128, generator=generator), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @property
+    def backbone(self):  # type: ignore[no-untyped-def]
+        return self.query.backbone
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.query(x)
+
+    @torch.no_grad()
+    def keys(self, x, generator):  # type: ignore[no-untyped-def]
+        """Return the normalised keys of a batch, with BatchNorm over two random halves of it."""
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        x = x[order].contiguous(memory_format=torch.channels_last)
+        shuffled = torch.cat([self.key(half) for half in x.chunk(2)])
+        return F.normalize(shuffled[torch.argsort(order)].float(), dim=1)
+
+    @torch.no_grad()
+    def update(self, keys, momentum: float) -> None:  # type: ignore[no-untyped-def]
+        """Move the key encoder towards the query encoder, then replace the oldest keys of the queue."""
+        for k, q in zip(self.key.parameters(), self.query.parameters(), strict=True):
+            k.lerp_(q, 1 - momentum)
+        keys = keys[-len(self.queue):]
+        index = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[index] = keys
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+
+
 def checkpoint_path(project: Project) -> Path:
     return project.root / "pretrain" / "checkpoint.pt"
 
@@ -204,10 +274,12 @@ def pretrain(project: Project, settings: PretrainSettings, device: str, out: Pat
     if manifest.get("normalisation") is None:
         raise ProjectStateError("the project has no normalisation statistics yet", f"run `wsi-il init {project.root}`")
     weights = load_project_weights(features) if settings.start == "project" else None
-    model = SimCLR(build_resnet(weights or Weights(None, "random", "random", None), settings.seed, features.arch))
+    model = _build_model(settings, build_resnet(weights or Weights(None, "random", "random", None), settings.seed,
+                                                features.arch))
     dev = torch.device(device)
     model = model.to(dev).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings.steps))
     step, losses = _resume(project, settings, model, optimizer, schedule)
     resumed_from = step
@@ -248,6 +320,15 @@ def pretrain(project: Project, settings: PretrainSettings, device: str, out: Pat
     return PretrainResult(out, step, time.perf_counter() - started, losses, resumed_from)
 
 
+def _build_model(settings: PretrainSettings, backbone) -> SimCLR | MoCo:  # type: ignore[no-untyped-def]
+    if settings.method == "simclr":
+        return SimCLR(backbone)
+    if settings.method == "moco":
+        return MoCo(backbone, settings.moco_queue, settings.seed)
+    raise InputError(f"pretraining method {settings.method!r} is not one of {', '.join(METHOD_NAMES)}",
+                     "pick one of them")
+
+
 def _lr_factor(step: int, total: int) -> float:
     warmup = max(1, total // 10)
     if step < warmup:
@@ -255,22 +336,41 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: PretrainSettings, step: int,  # type: ignore[no-untyped-def]
-                dev, mean, std) -> float:
+def _views(fields: np.ndarray, settings: PretrainSettings, step: int, dev, mean, std):  # type: ignore[no-untyped-def]
+    """Return the two augmented views of a step's fields, and the step's generator for any further draws."""
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     batch = torch.from_numpy(fields).to(dev, non_blocking=True).permute(0, 3, 1, 2)
     views = [augment(batch, settings.crop_px, generator, mean, std).contiguous(memory_format=torch.channels_last)
              for _ in range(2)]
+    return views, generator
+
+
+def _precision(dev) -> contextlib.AbstractContextManager[Any]:  # type: ignore[no-untyped-def]
+    """bf16 autocast on CUDA, full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: PretrainSettings, step: int,  # type: ignore[no-untyped-def]
+                dev, mean, std) -> float:
+    """One step: SimCLR's NT-Xent over the batch, or MoCo's symmetric InfoNCE (each view's query against the
+    other view's key and the queue), then MoCo's key-encoder and queue update."""
+    views, generator = _views(fields, settings, step, dev, mean, std)
+    moco = isinstance(model, MoCo)
     optimizer.zero_grad(set_to_none=True)
-    if dev.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            z1, z2 = model(views[0]), model(views[1])
-    else:
+    with _precision(dev):
         z1, z2 = model(views[0]), model(views[1])
-    loss = nt_xent(z1, z2, settings.temperature)
+        if moco:
+            k1, k2 = model.keys(views[0], generator), model.keys(views[1], generator)
+    if moco:
+        loss = (info_nce(z1, k2, model.queue, settings.temperature)
+                + info_nce(z2, k1, model.queue, settings.temperature)) / 2
+    else:
+        loss = nt_xent(z1, z2, settings.temperature)
     loss.backward()
     optimizer.step()
     schedule.step()
+    if moco:
+        model.update(torch.cat([k1, k2]), settings.moco_momentum)
     return float(loss.detach())
 
 
@@ -287,8 +387,11 @@ def _resume(project: Project, settings: PretrainSettings, model, optimizer, sche
     if not path.is_file():
         return 0, []
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["settings"] != asdict(settings):
-        changed = [k for k, v in asdict(settings).items() if saved["settings"].get(k) != v]
+    defaults = asdict(PretrainSettings(settings.steps, settings.batch, settings.crop_px))
+    stored = {**defaults, "method": "simclr", **saved["settings"]}  # a checkpoint from before a setting existed
+    # ran that setting's default; before --method, every run was SimCLR
+    if stored != asdict(settings):
+        changed = [k for k, v in asdict(settings).items() if stored.get(k) != v]
         raise InputError(f"{path} is a pretraining run with other settings ({', '.join(changed)})",
                          "run with the same settings to resume it, or pass --restart to start over")
     model.load_state_dict(saved["model"])

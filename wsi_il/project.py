@@ -8,9 +8,12 @@ Layout::
       lock                         held by the command that writes the project (pid, host, command)
       labels.jsonl                 the label ledger (append-only, fsync'ed, one JSON object a line)
       slides/<id>/patches.npy      int64 (N, 4): x, y, width, height in level-0 px
-      slides/<id>/tiling.json      tiling result: channel sums for the normalisation statistics
-      slides/<id>/features.npy     float16 (N, 512, 7, 7), memory-mapped ((N, 256, 14, 14) with --trainable layer4)
-      slides/<id>/progress.json    how many patches of features.npy are final
+      slides/<id>/candidates.npy   int64 (M, 2): grid tiles inside the thumbnail tissue mask (slides)
+      slides/<id>/tissue.npy       uint8 (M,): the pixel rule's verdict on each candidate (0 unread, 1 kept, 2 dropped)
+      slides/<id>/tiling.json      channel sums for the normalisation statistics (patch folders, older slides)
+      slides/<id>/features.npy     float16 (N, 512, 7, 7), memory-mapped ((N, 256, 14, 14) with --trainable layer4);
+                                   while a slide is read it has M rows, the first ones the kept tiles' features
+      slides/<id>/progress.json    how many candidates (patches, for reextract) are done
       slides/<id>/images.json      patch-folder databases: image paths and folder labels
       slides/<id>/features.next.npy  features under new weights while `reextract` runs
       pretrain/                    self-supervised pretraining checkpoint and weights
@@ -63,6 +66,11 @@ class SlideRecord:
     extracted: bool
     precision: str | None = None
     """What the trunk computed in: 'bf16' or 'fp32' (None: not recorded, before wsi-il 0.2)."""
+
+
+def features_pending(slide: dict[str, Any]) -> bool:
+    """True while a manifest slide entry's features are not all cached (not tiled yet, or tiled, not extracted)."""
+    return not slide["extracted"] and (slide["n_patches"] > 0 or not slide["tiled"])
 
 
 def now_iso() -> str:
@@ -203,6 +211,14 @@ class Project:
 
     def progress_path(self, slide_id: str) -> Path:
         return self.slide_dir(slide_id) / "progress.json"
+
+    def candidates_path(self, slide_id: str) -> Path:
+        """Grid tiles inside the thumbnail tissue mask, before the pixel rule (level-0 top-left corners)."""
+        return self.slide_dir(slide_id) / "candidates.npy"
+
+    def tissue_path(self, slide_id: str) -> Path:
+        """The pixel rule's verdict on each candidate tile (0 not read yet, 1 tissue, 2 dropped)."""
+        return self.slide_dir(slide_id) / "tissue.npy"
 
     def images_path(self, slide_id: str) -> Path:
         return self.slide_dir(slide_id) / "images.json"

@@ -21,7 +21,7 @@ from wsi_il.database import FeatureStore, PatchTable, load_image, patch_table
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
 from wsi_il.fsutil import atomic_write_bytes
-from wsi_il.project import Project, check_settings, current_versions, now_iso
+from wsi_il.project import Project, check_settings, current_versions, features_pending, now_iso
 from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
 
 EMBED_CHUNK = 256
@@ -77,7 +77,7 @@ def open_context(project: Project, device: str, reporter: Reporter) -> Context:
     manifest = project.read_manifest()
     for warning in check_settings(project.manifest_path(), manifest):
         reporter.warn(warning)
-    unfinished = [s["id"] for s in manifest["slides"] if not s["extracted"] and s["n_patches"] > 0]
+    unfinished = [s["id"] for s in manifest["slides"] if features_pending(s)]
     if unfinished or not manifest["slides"]:
         raise ProjectStateError(f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
                                 f"run `wsi-il init {project.root}` again to finish them")

@@ -72,6 +72,8 @@ class SimulationSettings:
     refine_query: bool = True
     schedule: str = "auto"
     """The rounds' training schedule (TrainSettings.schedule): auto, paper or fast."""
+    fast_budget: int = TrainSettings.fast_budget
+    """The fast schedule's most training patch passes per round (TrainSettings.fast_budget)."""
     reference: bool = True
     """Train the full-supervision reference (once, seed 0); without it the 95%/100% columns stay empty."""
     tile_size_px: int = 256
@@ -89,13 +91,15 @@ class SimulationSettings:
         from wsi_il.features import check_trainable
 
         check_trainable(self.trainable)
-        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs"):
+        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name} must be at least 1, not {getattr(self, name)}", "e.g. 1 or more")
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}",
+                                 "e.g. 1 or more")
 
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
-                             refine_query=self.refine_query, seed=seed, schedule=self.schedule)
+                             refine_query=self.refine_query, seed=seed, schedule=self.schedule,
+                             fast_budget=self.fast_budget)
 
 
 @dataclass(frozen=True)

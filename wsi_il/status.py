@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wsi_il.project import Project
+from wsi_il.project import Project, features_pending
 from wsi_il.session import list_sessions
 
 
@@ -33,7 +33,7 @@ def _session_row(session: dict[str, Any]) -> dict[str, Any]:
 
 
 def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, Any]], model: str | None) -> str:
-    if any(not s["extracted"] and s["n_patches"] for s in manifest["slides"]) or manifest["normalisation"] is None:
+    if any(features_pending(s) for s in manifest["slides"]) or manifest["normalisation"] is None:
         return f"finish the feature cache: wsi-il init {root}"
     open_session = next((s for s in sessions if s["state"] == "reviewing"), None)
     if open_session:
@@ -57,7 +57,7 @@ def project_status(root: Path) -> dict[str, Any]:
               for s in manifest["slides"]]
     return {"project": str(root), "uid": manifest["uid"], "classes": manifest["classes"],
             "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
-            "trainable": manifest["features"].get("trainable", "last"),
+            "trainable": manifest["features"].get("trainable", "last"), "normalisation": manifest.get("normalisation"),
             "slides": slides, "patches": sum(s["patches"] for s in slides),
             "sessions": [_session_row(s) for s in sessions], "n_labels": len(ledger), "labels": dict(counts),
             "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),

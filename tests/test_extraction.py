@@ -1,0 +1,103 @@
+"""Extraction reads each tile once: the pixel rule and the features in one pass; the normalisation statistics
+come from a random sample of tissue tiles (or from every tile with ``--norm-sample 0``, the paper's way)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_trust_support import cli
+
+from wsi_il.config import TilingSettings
+from wsi_il.database import cut_rows, project_extractor
+from wsi_il.features import channel_sums, mean_std, resize_tile
+from wsi_il.mosaic import bach_images, write_pyramidal_tiff
+from wsi_il.project import Project
+from wsi_il.slide import TileReader
+from wsi_il.tiling import is_tissue_tile
+
+TILE = 128
+
+
+def test_cut_rows_leaves_a_valid_npy_file(tmp_path):
+    array = np.arange(1200 * 3 * 2, dtype=np.float16).reshape(1200, 3, 2)
+    path = tmp_path / "rows.npy"
+    np.save(path, array)
+    cut_rows(path, 7)  # four digits to one: the header keeps its length
+    got = np.load(path, mmap_mode="r")
+    assert got.shape == (7, 3, 2) and got.dtype == np.float16 and np.array_equal(got, array[:7])
+    assert path.stat().st_size == got.offset + 7 * 3 * 2 * 2
+    cut_rows(path, 7)  # again: nothing changes
+    assert np.array_equal(np.load(path), array[:7])
+
+
+@pytest.fixture(scope="module")
+def striped_slide(shared_data, tmp_path_factory) -> Path:
+    """Real tissue on the left; on the right, white with thin pink stripes: the thumbnail mask takes the
+    stripes for tissue, the pixel rule drops their tiles (over 80% white, fewer than 10 components)."""
+    from PIL import Image
+
+    try:
+        tumour, normal = bach_images(shared_data)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    rgb = np.full((768, 1280, 3), 245, np.uint8)
+    with Image.open(normal[0]) as image:
+        rgb[:768, :640] = np.asarray(image.convert("RGB"))[:768, :640]
+    for y in range(0, 768, TILE):
+        rgb[y + 40:y + 46, 640:] = (225, 140, 190)
+    path = tmp_path_factory.mktemp("striped") / "striped.tiff"
+    write_pyramidal_tiff(path, rgb, tile_px=256, jpeg_quality=None)
+    return path
+
+
+def _init(project: Path, slide: Path, *extra: object) -> dict:
+    cli("init", project, "--slide", slide, "--tile-size", TILE, "--batch-size", 8, "--weights", "random",
+        "--device", "cpu", *extra)
+    return json.loads((project / "project.json").read_text())
+
+
+def test_one_read_drops_blank_tiles_and_keeps_features_in_patch_order(striped_slide, tmp_path):
+    manifest = _init(tmp_path / "p", striped_slide, "--norm-sample", 0)
+    project = Project(tmp_path / "p")
+    record = project.slides(manifest)[0]
+    candidates = np.load(project.candidates_path(record.id))
+    verdicts = np.load(project.tissue_path(record.id))
+    settings = TilingSettings(tile_size_px=TILE)
+    reader = TileReader(striped_slide)
+    tiles = [reader.read(int(x), int(y), TILE, TILE) for x, y in candidates]
+    expected = np.array([is_tissue_tile(t, settings) for t in tiles])
+    assert (~expected).sum() >= 4 and expected.sum() >= 4, "the slide should have both kinds of candidate"
+    assert np.array_equal(verdicts, np.where(expected, 1, 2))
+
+    patches = np.load(project.patches_path(record.id))
+    assert np.array_equal(patches[:, :2], candidates[expected]) and (patches[:, 2:] == TILE).all()
+    assert record.n_patches == len(patches) and record.tiled and record.extracted
+
+    features = np.load(project.features_path(record.id), mmap_mode="r")
+    assert features.shape == (len(patches), 512, 7, 7)
+    extractor, _ = project_extractor(manifest, "cpu")
+    kept = [resize_tile(t, 224) for t, keep in zip(tiles, expected, strict=True) if keep]
+    direct = extractor(np.stack(kept))
+    assert np.allclose(features.astype(np.float32), direct.astype(np.float32), atol=2e-2)
+
+    # --norm-sample 0: the paper's statistics, from every tissue tile
+    mean, std = mean_std(sum(channel_sums(t) for t in kept))
+    assert np.allclose(manifest["normalisation"]["mean"], mean) and np.allclose(manifest["normalisation"]["std"], std)
+    assert manifest["normalisation"]["tiles_read"] == len(candidates)
+
+
+def test_a_sample_of_tiles_gives_close_statistics(striped_slide, tmp_path):
+    exact = _init(tmp_path / "exact", striped_slide, "--norm-sample", 0)["normalisation"]
+    sampled = _init(tmp_path / "sample", striped_slide, "--norm-sample", 12)["normalisation"]
+    assert sampled["tiles_read"] == 12 and exact["tiles_read"] == sampled["candidate_tiles"] > 12
+    assert sampled["mean"] != exact["mean"]
+    assert np.allclose(sampled["mean"], exact["mean"], atol=0.06)
+    assert np.allclose(sampled["std"], exact["std"], atol=0.06)
+    again = _init(tmp_path / "again", striped_slide, "--norm-sample", 12)["normalisation"]
+    assert again == sampled, "the sample is seeded: the same project settings give the same statistics"
+    assert f"a random sample of 12 of {sampled['candidate_tiles']} candidate tiles" in cli("status",
+                                                                                         tmp_path / "sample").output
+    assert "(every tissue tile)" in cli("status", tmp_path / "exact").output
