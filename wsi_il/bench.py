@@ -118,7 +118,7 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result = BenchResult(device=device, device_name=_device_name(device), precision=precision_name(device),
                          torch_threads=torch.get_num_threads(), cpus=default_workers(), slide=str(slide), patches=0)
     project = Project(out / "project")
-    say("extraction, end to end (tiling + features), in a child process")
+    say("extraction, end to end (tissue mask, statistics sample, features), in a child process")
     stage = _extract_in_child(project, slide, settings)
     result.patches = stage["patches"]
     result.tiling_seconds, result.features_seconds = stage["tiling_seconds"], stage["features_seconds"]

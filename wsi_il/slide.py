@@ -119,6 +119,8 @@ def _flatten(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's RGBA onto white (transparent = outside the scanned area)."""
     if rgba.shape[-1] == 3:
         return rgba
+    if rgba[..., 3].min() == 255:  # fully inside the scanned area (nearly every tile): nothing to composite
+        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = rgba[..., :3].astype(np.uint16)
     # OpenSlide returns premultiplied colour: add white for the missing coverage.
