@@ -33,6 +33,11 @@ out = Console(highlight=False, soft_wrap=True)
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
+ScheduleOpt = Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the pretrained "
+                                          "block), fast (one shared block, warm start, early stopping) or auto "
+                                          "(paper on a GPU, fast on CPU).")]
+FastBudgetOpt = Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x epochs) "
+                                            "per round.", min=1)]
 
 
 class RichReporter:
@@ -261,11 +266,8 @@ def init(
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
-    schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
-                                          "pretrained block), fast (one shared block, warm start, early stopping) "
-                                          "or auto (paper on a GPU, fast on CPU).")] = "auto",
-    fast_budget: Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x "
-                                             "epochs) per round.", min=1)] = 2500,
+    schedule: ScheduleOpt = "auto",
+    fast_budget: FastBudgetOpt = 2500,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -687,11 +689,8 @@ def simulate(
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
-    schedule: Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the "
-                                          "pretrained block), fast (one shared block, warm start, early stopping) "
-                                          "or auto (paper on a GPU, fast on CPU).")] = "auto",
-    fast_budget: Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x "
-                                             "epochs) per round.", min=1)] = 2500,
+    schedule: ScheduleOpt = "auto",
+    fast_budget: FastBudgetOpt = 2500,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "

@@ -7,7 +7,7 @@ command that is interrupted picks up where it stopped when it is run again.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from wsi_il.events import Reporter
 from wsi_il.features import (
     FeatureExtractor,
     Weights,
+    batch_ranges,
     build_resnet,
     channel_sums,
     default_workers,
@@ -146,7 +147,7 @@ def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSe
             rgb = read_tissue_tile(reader, corners[local[i]], settings, 224)  # noqa: B023 - used within the loop
             return np.zeros(7) if rgb is None else channel_sums(rgb)
 
-        batches = [range(s, min(s + 64, len(local))) for s in range(0, len(local), 64)]
+        batches = batch_ranges(0, len(local), 64)
         try:
             for rows in prefetch(tile_sums, batches, workers):
                 sampled += rows.sum(0)
@@ -180,7 +181,7 @@ def tile_patch_folder(project: Project, record: dict[str, Any], reporter: Report
         return np.concatenate([[rgb.shape[1], rgb.shape[0]], channel_sums(resize_tile(rgb, 224))])
 
     rows = []
-    batches = [range(s, min(s + 64, len(files))) for s in range(0, len(files), 64)]
+    batches = batch_ranges(0, len(files), 64)
     for stats in prefetch(load, batches, workers):
         rows.extend(stats)
         advance(len(stats))
@@ -258,8 +259,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     done = int(progress["done"]) if path.is_file() else 0
     store = RowWriter(path, (n, *feature_shape(settings.arch, settings.trainable)), np.float16, create=done == 0)
     load, close = reader_for(project, record, settings.input_px)
-    step = settings.batch_size
-    batches = [range(s, min(s + step, n)) for s in range(done, n, step)]
+    batches = batch_ranges(done, n, settings.batch_size)
     advance = reporter.task(f"features {record.id}", n, "patches")
     advance(done)
     try:
@@ -295,8 +295,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
         status = RowWriter(status_path, (n,), np.uint8, create=done == 0)
         kept = int(np.count_nonzero(np.load(status_path)[:done] == 1))
         reader = TileReader(Path(record.path))
-        step = settings.batch_size
-        batches = [range(s, min(s + step, n)) for s in range(done, n, step)]
+        batches = batch_ranges(done, n, settings.batch_size)
         try:
             for batch, tiles in zip(batches, prefetch(lambda i: read_tissue_tile(reader, corners[i], tiling,
                                                                                  settings.input_px),
@@ -324,24 +323,26 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     return len(keep)
 
 
+def _npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype, int, int]:
+    """Read a .npy header: (shape, fortran order, dtype, where the header text starts, where the data starts)."""
+    version = np.lib.format.read_magic(handle)
+    text_start = handle.tell() + (2 if version == (1, 0) else 4)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(handle)
+    return tuple(shape), fortran, np.dtype(dtype), text_start, handle.tell()
+
+
 def cut_rows(path: Path, rows: int) -> None:
     """Keep the first ``rows`` rows of a .npy file in place: rewrite its shape (same header length), truncate."""
     with open(path, "r+b") as handle:
-        version = np.lib.format.read_magic(handle)
-        prefix = handle.tell()
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(handle)
-        offset = handle.tell()
+        shape, fortran, dtype, text_start, offset = _npy_header(handle)
         if shape[0] != rows:
             text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
                          "shape": (rows, *shape[1:])})
-            length = offset - prefix - (2 if version == (1, 0) else 4)
-            handle.seek(offset - length)
-            handle.write(text.ljust(length - 1).encode("latin1") + b"\n")
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    os.truncate(path, offset + rows * row_bytes)
-    with open(path, "rb+") as handle:
+            handle.seek(text_start)
+            handle.write(text.ljust(offset - text_start - 1).encode("latin1") + b"\n")
+        handle.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+        handle.flush()
         os.fsync(handle.fileno())
 
 
@@ -358,12 +359,8 @@ class RowWriter:
             created.flush()
             del created
         with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            found_shape, _, found_dtype = read_header(handle)
-            self.offset = handle.tell()
-        if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != np.dtype(dtype):
+            found_shape, _, found_dtype, _, self.offset = _npy_header(handle)
+        if found_shape != tuple(shape) or found_dtype != np.dtype(dtype):
             raise ProjectStateError(f"{path} holds {found_shape} {found_dtype}, not {shape} {np.dtype(dtype)}",
                                     "delete it and run the command again to recompute it")
         self.dtype = np.dtype(dtype)
@@ -395,7 +392,8 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     if manifest.get("normalisation") is None:
         manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, workers)
         project.write_manifest(manifest)
-    pending = [s for s in project.slides(manifest) if features_pending(asdict(s))]
+    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
+               if features_pending(entry)]
     if not pending:
         return manifest
     weights = weights or load_project_weights(settings)

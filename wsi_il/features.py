@@ -251,6 +251,11 @@ def default_workers() -> int:
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 
 
+def batch_ranges(start: int, stop: int, size: int) -> list[range]:
+    """Split the indices start .. stop-1 into consecutive ranges of at most ``size``."""
+    return [range(s, min(s + size, stop)) for s in range(start, stop, size)]
+
+
 def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
              combine: Callable[[list[Any]], Any] = np.stack) -> Iterator[Any]:
     """Yield batches of loaded tiles (stacked by default), reading the next batches while the caller computes."""
