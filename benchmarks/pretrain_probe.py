@@ -9,7 +9,7 @@ project's own tissue, re-extracts, and compares, on the global-average-pooled tr
 - the same for plain colour statistics (mean and std of RGB) as a floor.
 
 usage: python benchmarks/pretrain_probe.py [--out DIR] [--steps N] [--batch B] [--crop PX] [--device cpu|cuda]
-                                           [--method simclr|moco]
+                                           [--method moco|simclr] [--data DIR]
 Prints a table and writes DIR/pretrain_probe.json. Caveat: the mosaic slides are built from 36 BACH fields,
 so patches of both slides (and of CV folds) share source fields: absolute scores are optimistic; the
 comparison between feature sets is what this measures.
@@ -138,13 +138,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--method", choices=list(METHOD_NAMES), default="simclr", help="self-supervised method")
+    parser.add_argument("--method", choices=list(METHOD_NAMES), default="moco",
+                        help="self-supervised method (default: wsi-il pretrain's)")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder holding bach-iciar2018-1536jpeg-sample/")
     parser.add_argument("--size", type=int, default=7680, help="side of each mosaic slide in px")
     args = parser.parse_args()
     from wsi_il.mosaic import bach_images, make_block_slide
     from wsi_il.truth import truth_mask
 
-    tumour, normal = bach_images(DATA)
+    tumour, normal = bach_images(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
     slides = []
     for i, block in enumerate([(1280, 1280, 4352, 3840), (3328, 3840, 6400, 6400)]):

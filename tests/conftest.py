@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("WSI_IL_DATA") or REPO.parent / "shared" / "data")
+"""The real data (WSI_IL_DATA names it where ../shared is not beside the checkout, e.g. on a GPU machine)."""
 EXAMPLES = REPO / "examples"
 
 

@@ -53,7 +53,7 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
         figures["extract_patches_per_s"] / figures["trunk_limit_patches_per_s"])
     assert 0 < figures["extract_ratio_to_limit"] < 2 and figures["naive_patches_per_s"] > 0
     assert figures["round_schedule"] == "fast" and figures["round_labels"] == 40
-    assert figures["round_seconds"] > 0
+    assert 0 < figures["round_train_seconds"] < figures["round_seconds"]
     if paper == "--paper":
         assert figures["round_seconds_paper_settings"] > 0 and figures["round_ratio_paper_to_default"] > 0
     else:
@@ -66,3 +66,15 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
     mask = out / "export" / "mask.geojson"
     assert json.loads(mask.read_text())["type"] == "FeatureCollection"
     assert Path(figures["slide"]).is_file()
+
+
+def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(shared_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi_il.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--patches", "120", "--labels", "250", "--out", str(tmp_path / "b"),
+                                      "--data", str(shared_data), "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert "too few for a round at 250 labels" in result.output and "--labels" in result.output
+    assert "Traceback" not in result.output

@@ -89,6 +89,8 @@ class BenchResult:
     gpu_utilisation: float | None = None
     round_labels: int = 0
     round_seconds: float = 0.0
+    round_train_seconds: float = 0.0
+    """The round's training; the rest is re-embedding and predicting every patch, then writing the batch."""
     round_schedule: str = ""
     round_seconds_paper_settings: float | None = None
     round_ratio_paper_to_default: float | None = None
@@ -121,6 +123,10 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     say("extraction, end to end (tissue mask, statistics sample, features), in a child process")
     stage = _extract_in_child(project, slide, settings)
     result.patches = stage["patches"]
+    if result.patches < settings.labels + 2 * settings.k:  # the timed round needs a next batch to write
+        raise InputError(f"the slide has {result.patches:,} tissue patches, too few for a round at "
+                         f"{settings.labels} labels", f"give --labels {max(1, result.patches - 2 * settings.k)} or "
+                         "less, or a larger slide (--patches, --slide)")
     result.tiling_seconds, result.features_seconds = stage["tiling_seconds"], stage["features_seconds"]
     result.extract_patches_per_s = result.patches / max(1e-9, stage["tiling_seconds"] + stage["features_seconds"])
     result.peak_rss_mb = stage["peak_rss_mb"]
@@ -135,11 +141,12 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result.extract_ratio_to_naive = result.extract_patches_per_s / result.naive_patches_per_s
     labels = _label_all(project, truth, settings.seed)
     say(f"round latency at {settings.labels} labels (default schedule)")
-    seconds, schedule = round_latency(project, out / "round-default", labels, settings, TrainSettings())
+    seconds, result.round_train_seconds, schedule = round_latency(project, out / "round-default", labels, settings,
+                                                                  TrainSettings())
     result.round_labels, result.round_seconds, result.round_schedule = settings.labels, seconds, schedule
     if settings.paper:
         say(f"round latency at {settings.labels} labels (the paper's settings)")
-        paper_seconds, _ = round_latency(project, out / "round-paper", labels, settings,
+        paper_seconds, _, _ = round_latency(project, out / "round-paper", labels, settings,
                                          TrainSettings(schedule="paper"))
         result.round_seconds_paper_settings = paper_seconds
         result.round_ratio_paper_to_default = paper_seconds / seconds
@@ -370,8 +377,9 @@ def _label_all(project: Project, truth: Path | None, seed: int) -> np.ndarray:
 
 
 def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
-                  train: TrainSettings) -> tuple[float, str]:
-    """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels.
+                  train: TrainSettings) -> tuple[float, float, str]:
+    """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels, its training
+    seconds, and the schedule.
 
     The project holds earlier labels (``labels`` minus the batches ingested here minus the query); for a
     warm-starting schedule one round is ingested first, so that it has a previous model as it would in real
@@ -410,7 +418,9 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
         result = ingest(ctx, result.batch_dir / "labels.csv")
     fill(result.batch_dir)
     timed = ingest(ctx, result.batch_dir / "labels.csv")
-    return timed.seconds, schedule
+    history = project.read_json(project.session_path(timed.session))["history"]
+    train_seconds = [entry["train_seconds"] for entry in history if "train_seconds" in entry][-1]
+    return timed.seconds, float(train_seconds), schedule
 
 
 def export_latency(project_dir: Path, out: Path, device: str) -> float:

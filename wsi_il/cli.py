@@ -861,7 +861,8 @@ def bench(
         ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
                  else "")
         table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
-                      f"({result.round_schedule} schedule)", paper_text, ratio)
+                      f"({result.round_schedule} schedule; training {result.round_train_seconds:.1f} s)", paper_text,
+                      ratio)
         table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
                       f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
                       "synthetic patches", "")

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/speed.md and docs/pretraining.md as one prepared run (a lent GPU's time is short):
+# the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
+#
+#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench probe-moco probe-simclr
+#                                                      (default: tests bench probe-moco)
+# Environment: WSI_IL_DATA  folder holding bach-iciar2018-1536jpeg-sample/ (default ../shared/data)
+#              PYTHON       the interpreter that has wsi-il and torch (default python3)
+#              DEVICE       cuda (default); cpu runs the same stages as a dry run
+#              WORK         scratch folder for slides and projects (default /tmp/wsi-il-gpu-checks)
+#              BENCH_ARGS, PROBE_ARGS   extra options, e.g. smaller sizes for a dry run:
+#                  DEVICE=cpu BENCH_ARGS="--patches 150 --labels 40" PROBE_ARGS="--steps 2" bash ... OUT
+# Exit status: 0 when every stage passed; stages.txt in OUT lists each stage's exit status and seconds.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_checks.sh OUT [tests] [bench] [probe-moco] [probe-simclr]}
+shift
+stages=${*:-tests bench probe-moco}
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+data=${WSI_IL_DATA:-../shared/data}
+work=${WORK:-/tmp/wsi-il-gpu-checks}
+export PYTHONUNBUFFERED=1 WSI_IL_DATA=$data
+mkdir -p "$out" "$work"
+: > "$out/stages.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi: not found"
+  "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'; } > "$out/machine.txt" 2>&1
+
+logged() {  # logged NAME COMMAND...: run it, its output to the screen and OUT/NAME.log, and return its status
+    local name=$1
+    shift
+    "$@" 2>&1 | tee "$out/$name.log"
+    return "${PIPESTATUS[0]}"
+}
+
+failed=0
+for stage in $stages; do
+    started=$(date +%s)
+    case $stage in
+        tests)  # without CUDA they are collected and skipped
+            logged tests "$py" -m pytest -q -rs -m gpu tests ;;
+        bench)
+            logged bench "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench" \
+                --json "$out/bench_$device.json" ${BENCH_ARGS:-} ;;
+        probe-moco | probe-simclr)
+            method=${stage#probe-}
+            logged "probe_$method" "$py" benchmarks/pretrain_probe.py --device "$device" --method "$method" \
+                --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
+                cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
+        *)
+            echo "unknown stage '$stage': use tests, bench, probe-moco or probe-simclr" >&2
+            exit 2 ;;
+    esac
+    status=$?
+    echo "$stage: exit $status, $(( $(date +%s) - started )) s" | tee -a "$out/stages.txt"
+    [ "$status" -eq 0 ] || failed=1
+done
+exit "$failed"
