@@ -3,25 +3,40 @@
     python benchmarks/compare_runs.py runs/fast/results.csv runs/paper/results.csv --metric jaccard
 
 Prints one row per (run, strategy, session) and, for two runs of the same strategy, the difference of the
-means at equal labels (the check behind docs/speed.md's "gives up no more than 0.02").
+means at equal labels (the check behind docs/speed.md's "gives up no more than 0.02"). Where both runs hold
+the same seeds, it adds the seed-by-seed (paired) difference: its mean, standard error and range. A seed gives
+both runs the same queries, so pairing removes part of the spread between seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
 
-def _curves(path: Path, metric: str) -> dict[tuple[str, int], tuple[float, list[float]]]:
+def _curves(path: Path, metric: str) -> dict[tuple[str, int], tuple[float, dict[int, float]]]:
+    """(strategy, session) -> (mean labels, {seed: metric})."""
     groups: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             if row[metric] != "":
                 groups[(row["strategy"], int(row["session"]))].append(row)
-    return {key: (sum(float(r["labels"]) for r in rows) / len(rows), [float(r[metric]) for r in rows])
+    return {key: (sum(float(r["labels"]) for r in rows) / len(rows), {int(r["seed"]): float(r[metric]) for r in rows})
             for key, rows in sorted(groups.items())}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> str:
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return ""
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = sum(diffs) / len(diffs)
+    error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return (f"; paired over {len(seeds)} seeds {mean:+.3f} ± {error:.3f} (s.e.), "
+            f"range {min(diffs):+.3f} .. {max(diffs):+.3f}")
 
 
 def main() -> None:
@@ -32,15 +47,18 @@ def main() -> None:
     curves = {path: _curves(path, args.metric) for path in args.results}
     print(f"run | strategy | session | labels | {args.metric} mean | min | max | seeds")
     for path, curve in curves.items():
-        for (strategy, session), (labels, values) in curve.items():
+        for (strategy, session), (labels, by_seed) in curve.items():
+            values = list(by_seed.values())
             print(f"{path.parent.name} | {strategy} | {session} | {labels:.0f} | {sum(values) / len(values):.3f} | "
                   f"{min(values):.3f} | {max(values):.3f} | {len(values)}")
     if len(curves) == 2:
         (name_a, a), (name_b, b) = ((p.parent.name, c) for p, c in curves.items())
         print(f"\ndifference of the means, {name_a} - {name_b}, at equal sessions (labels)")
         for key in sorted(set(a) & set(b)):
-            mean_a, mean_b = (sum(v) / len(v) for v in (a[key][1], b[key][1]))
-            print(f"{key[0]} session {key[1]} ({a[key][0]:.0f} labels): {mean_a - mean_b:+.3f}")
+            values_a, values_b = a[key][1], b[key][1]
+            mean_a, mean_b = (sum(v.values()) / len(v) for v in (values_a, values_b))
+            print(f"{key[0]} session {key[1]} ({a[key][0]:.0f} labels): {mean_a - mean_b:+.3f}"
+                  f"{_paired(values_a, values_b)}")
 
 
 if __name__ == "__main__":
