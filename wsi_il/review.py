@@ -234,9 +234,14 @@ def _remove_stale_images(folder: Path, names: list[str]) -> None:
             path.unlink(missing_ok=True)
 
 
+PNG_COMPRESS_LEVEL = 3
+"""zlib level of the batch's PNGs (lossless at any level): 3 encodes a patch in a third of the time of PIL's
+default 6 for files about 7% larger (a round writes eleven PNGs while the expert waits)."""
+
+
 def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

@@ -392,21 +392,27 @@ def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, cho
                      round=session["round"], rounds=session["rounds"], query_label=session["label"],
                      classes=tuple(ctx.classes), strategy=rule)
     patches, images = [], []
-    for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
-        slide = ctx.table.slides[int(ctx.table.slide_index[index])]
-        x, y, w, h = (int(v) for v in ctx.table.boxes[index])
-        suggestion, probability = None, None
-        if predictions is not None:
-            best = int(predictions[index].argmax())
-            suggestion, probability = ctx.classes[best], float(predictions[index, best])
-        patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
-                                  None if rule == "random" else position + 1))
-        images.append(_patch_image(ctx, index))
+    readers: dict[str, Any] = {}  # one open slide for all the batch's patches of it
+    try:
+        for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
+            slide = ctx.table.slides[int(ctx.table.slide_index[index])]
+            x, y, w, h = (int(v) for v in ctx.table.boxes[index])
+            suggestion, probability = None, None
+            if predictions is not None:
+                best = int(predictions[index].argmax())
+                suggestion, probability = ctx.classes[best], float(predictions[index, best])
+            patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
+                                      None if rule == "random" else position + 1))
+            images.append(_patch_image(ctx, index, readers))
+    finally:
+        for reader in readers.values():
+            reader.close()
     write_batch(ctx.project.batch_dir(batch_id), info, patches, images, ctx.offsets(),
                 project_hint=str(ctx.project.root))
 
 
-def _patch_image(ctx: Context, index: int):  # type: ignore[no-untyped-def]
+def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The patch's pixels; a slide's reader is opened once into ``readers`` (the caller closes them)."""
     from PIL import Image
 
     from wsi_il.slide import TileReader
@@ -416,12 +422,10 @@ def _patch_image(ctx: Context, index: int):  # type: ignore[no-untyped-def]
         local = index - int(np.flatnonzero(ctx.table.slide_index == ctx.table.slide_index[index])[0])
         files = ctx.project.read_json(ctx.project.images_path(slide.id))["files"]
         return Image.fromarray(load_image(Path(slide.path) / files[local]))
-    reader = TileReader(Path(slide.path))
-    try:
-        x, y, w, h = (int(v) for v in ctx.table.boxes[index])
-        return Image.fromarray(reader.read(x, y, w, h))
-    finally:
-        reader.close()
+    if slide.id not in readers:
+        readers[slide.id] = TileReader(Path(slide.path))
+    x, y, w, h = (int(v) for v in ctx.table.boxes[index])
+    return Image.fromarray(readers[slide.id].read(x, y, w, h))
 
 
 # ---- ingest -----------------------------------------------------------------------------------
