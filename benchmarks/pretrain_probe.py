@@ -9,7 +9,7 @@ project's own tissue, re-extracts, and compares, on the global-average-pooled tr
 - the same for plain colour statistics (mean and std of RGB) as a floor.
 
 usage: python benchmarks/pretrain_probe.py [--out DIR] [--steps N] [--batch B] [--crop PX] [--device cpu|cuda]
-                                           [--method moco|simclr] [--data DIR]
+                                           [--method moco|simclr] [--data DIR] [--seed S]
 Prints a table and writes DIR/pretrain_probe.json. Caveat: the mosaic slides are built from 36 BACH fields,
 so patches of both slides (and of CV folds) share source fields: absolute scores are optimistic; the
 comparison between feature sets is what this measures.
@@ -137,6 +137,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the pretraining run (default: 0)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--method", choices=list(METHOD_NAMES), default="moco",
                         help="self-supervised method (default: wsi-il pretrain's)")
@@ -162,7 +163,8 @@ def main() -> int:
         y[slide_index == i] = truth_mask(boxes[slide_index == i], s.truth_path)
     results = [evaluate("colour statistics", colour_features(project), y, slide_index),
                evaluate("random ResNet-18", x_random, y, slide_index)]
-    options = [f"--{k} {v}" for k, v in (("steps", args.steps), ("batch", args.batch), ("crop", args.crop)) if v]
+    chosen = (("steps", args.steps), ("batch", args.batch), ("crop", args.crop), ("seed", args.seed))
+    options = [f"--{k} {v}" for k, v in chosen if v is not None]
     weights = args.out / "pretrained.pt"
     seconds = cli("pretrain", str(project), "--start", "random", "--out", str(weights), "--device", args.device,
                   "--method", args.method, *" ".join(options).split())
