@@ -636,6 +636,9 @@ def pretrain(
                 result = run_pretrain(proj, settings, dev, target, on_step, on_estimate)
         losses = f"; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
         out.print(f"[green]wrote[/] {result.weights} ({result.steps} steps, {result.seconds / 60:.1f} min{losses})")
+        if method == "moco" and len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
+            console.print("[dim]MoCo's loss rises while its queue of negatives fills with real keys (it starts "
+                          "random, so the first steps are easy): expected, not a failed run[/]")
         out.print(f"next: wsi-il reextract {project} --weights {result.weights}")
 
 
