@@ -147,7 +147,7 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     if settings.paper:
         say(f"round latency at {settings.labels} labels (the paper's settings)")
         paper_seconds, _, _ = round_latency(project, out / "round-paper", labels, settings,
-                                         TrainSettings(schedule="paper"))
+                                            TrainSettings(schedule="paper"))
         result.round_seconds_paper_settings = paper_seconds
         result.round_ratio_paper_to_default = paper_seconds / seconds
     say("export of the project's mask")
