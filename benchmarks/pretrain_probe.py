@@ -27,9 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-
 
 def cli(*args: str) -> float:
     """Run a wsi-il command, return its wall time."""
@@ -141,13 +138,15 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--method", choices=list(METHOD_NAMES), default="moco",
                         help="self-supervised method (default: wsi-il pretrain's)")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder holding bach-iciar2018-1536jpeg-sample/")
+    parser.add_argument("--data", type=Path, default=None, help="folder holding bach-iciar2018-1536jpeg-sample/ "
+                        "[default: $WSI_IL_DATA or ../shared/data]")
     parser.add_argument("--size", type=int, default=7680, help="side of each mosaic slide in px")
     args = parser.parse_args()
+    from wsi_il.bench import data_dir
     from wsi_il.mosaic import bach_images, make_block_slide
     from wsi_il.truth import truth_mask
 
-    tumour, normal = bach_images(args.data)
+    tumour, normal = bach_images(data_dir(args.data))
     args.out.mkdir(parents=True, exist_ok=True)
     slides = []
     for i, block in enumerate([(1280, 1280, 4352, 3840), (3328, 3840, 6400, 6400)]):

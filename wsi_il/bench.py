@@ -115,7 +115,8 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     slide, truth = settings.slide, settings.truth
     if slide is None:
         say(f"building a mosaic slide of about {settings.patches:,} tissue patches")
-        slide, truth = build_bench_slide(out, settings.patches, _data_dir(settings.data), settings.seed)
+        data = data_dir(settings.data, "give --slide YOUR.svs, or --data DIR holding bach-iciar2018-1536jpeg-sample/")
+        slide, truth = build_bench_slide(out, settings.patches, data, settings.seed)
     device = settings.device
     result = BenchResult(device=device, device_name=_device_name(device), precision=precision_name(device),
                          torch_threads=torch.get_num_threads(), cpus=default_workers(), slide=str(slide), patches=0)
@@ -165,14 +166,14 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
 
 
 # ---- the slide ------------------------------------------------------------------------------------------
-def _data_dir(data: Path | None) -> Path:
+def data_dir(data: Path | None, fix: str = "give --data DIR holding bach-iciar2018-1536jpeg-sample/") -> Path:
+    """The folder holding the BACH sample: ``data`` when given, else $WSI_IL_DATA, else ../shared/data."""
     candidates = [data] if data else [Path(os.environ.get("WSI_IL_DATA", "")), Path("../shared/data"),
                                       Path(__file__).resolve().parents[2] / "shared" / "data"]
     for folder in candidates:
         if folder and str(folder) and (folder / "bach-iciar2018-1536jpeg-sample").is_dir():
             return folder
-    raise InputError("no slide to benchmark and no BACH sample to build one from",
-                     "give --slide YOUR.svs, or --data DIR holding bach-iciar2018-1536jpeg-sample/")
+    raise InputError("no BACH sample to build a mosaic slide from", fix)
 
 
 def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[Path, Path]:
