@@ -78,3 +78,20 @@ def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(shared_data, tm
     assert result.exit_code == 3, result.output
     assert "too few for a round at 250 labels" in result.output and "--labels" in result.output
     assert "Traceback" not in result.output
+
+
+def test_gpu_sampler_says_why_it_has_no_utilisation(monkeypatch):
+    """Without NVML the sampler takes no sample and keeps the reason (bench turns it into a note)."""
+    import torch
+
+    from wsi_il.bench import _GpuSampler
+
+    def no_nvml(device=None):
+        raise ModuleNotFoundError("No module named 'pynvml'")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    sampler = _GpuSampler("cuda")
+    with sampler:
+        sampler._thread.join(timeout=2)  # the first failed sample ends the thread
+    assert sampler.mean() is None and sampler.error == "ModuleNotFoundError: No module named 'pynvml'"
+    assert _GpuSampler("cpu").error is None and not _GpuSampler("cpu").enabled

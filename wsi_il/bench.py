@@ -132,6 +132,10 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result.extract_patches_per_s = result.patches / max(1e-9, stage["tiling_seconds"] + stage["features_seconds"])
     result.peak_rss_mb = stage["peak_rss_mb"]
     result.gpu_utilisation = stage.get("gpu_utilisation")
+    if device.startswith("cuda") and result.gpu_utilisation is None:
+        why = stage.get("gpu_utilisation_error")
+        result.notes.append(f"GPU utilisation not measured: NVML did not answer ({why}); "
+                            "pip install nvidia-ml-py (or wsi-il[gpu]) and re-run")
     result.bytes_per_patch = _bytes_per_patch(project)
     sample = settings.sample or (4096 if device.startswith("cuda") else 256)
     say("trunk limit (batches already in memory)")
@@ -251,7 +255,7 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
     return {"patches": sum(s["n_patches"] for s in manifest["slides"]),
             "tiling_seconds": feature_start - started, "features_seconds": ended - feature_start,
             "peak_rss_mb": peak_rss_mb(),
-            "gpu_utilisation": gpu.mean()}
+            "gpu_utilisation": gpu.mean(), "gpu_utilisation_error": gpu.error}
 
 
 class _GpuSampler:
@@ -260,6 +264,8 @@ class _GpuSampler:
     def __init__(self, device: str) -> None:
         self.enabled = str(device).startswith("cuda")
         self.samples: list[float] = []
+        self.error: str | None = None
+        """Why no sample could be taken (NVML missing or failing), else None."""
         self._stop = False
 
     def __enter__(self) -> _GpuSampler:
@@ -276,7 +282,8 @@ class _GpuSampler:
         while not self._stop:
             try:
                 self.samples.append(float(torch.cuda.utilization()))
-            except Exception:  # noqa: BLE001 - NVML missing: utilisation is simply not reported
+            except Exception as e:  # noqa: BLE001 - NVML missing or failing: reported as a note, not a failure
+                self.error = f"{type(e).__name__}: {e}"
                 return
             time.sleep(0.2)
 
