@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import shutil
@@ -15,6 +16,8 @@ from wsi_il.cli import app
 from wsi_il.simulate import COLUMNS, REFERENCE, _macro_average, summarise
 
 runner = CliRunner()
+# click before 8.2 mixes stderr (where warnings go) into result.stdout unless told not to
+stdout_runner = CliRunner(**({"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner).parameters else {}))
 FAST = ["--epochs", "1", "--weights", "random", "--device", "cpu", "--tile-size", "256"]
 
 
@@ -25,7 +28,7 @@ def run(*args: object, code: int = 0) -> str:
 
 
 def run_json(*args: object) -> dict:
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    result = stdout_runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

@@ -643,6 +643,8 @@ def _orient(area: Polygon | MultiPolygon) -> Polygon | MultiPolygon:
     """Orient exteriors counter-clockwise and holes clockwise (in x-right, y-up terms)."""
     if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1: vectorised
         return shapely.orient_polygons(area)
+    if area.is_empty:  # shapely 2.0's orient fails on an empty ring
+        return area
     if isinstance(area, Polygon):
         return orient(area)
     return MultiPolygon([orient(part) for part in area.geoms])
@@ -700,8 +702,14 @@ def union_squares(
         raise ValueError("patch corners must be finite")
     x0, y0 = x.min(), y.min()
     on_lattice = np.all((x - x0) % width == 0) and np.all((y - y0) % height == 0)
-    merged = _union_lattice(x, y, width, height) if on_lattice else _union_boxes(x, y, width, height)
+    lattice = on_lattice and shapely.geos_version >= _EXACT_COVERAGE_UNION
+    merged = _union_lattice(x, y, width, height) if lattice else _union_boxes(x, y, width, height)
     return _drop_collinear(_polygonal(merged))
+
+
+_EXACT_COVERAGE_UNION = (3, 14, 0)
+"""GEOS before 3.14 (shapely 2.0 and 2.1) unions a coverage of squares into invalid, self-touching rings, and
+slowly: there the general union, valid and a few times slower, takes its place."""
 
 
 def _union_lattice(x: np.ndarray, y: np.ndarray, width: int, height: int) -> BaseGeometry:
