@@ -475,3 +475,26 @@ def test_fraction_inside_boxes_and_polygon():
     np.testing.assert_allclose(fraction_inside(tri_boxes, triangle), [0.5, 1.0, 0.0, 0.0])
     assert fraction_inside(np.zeros((0, 4)), square).shape == (0,)
     assert fraction_inside(boxes, shapely.Polygon()).tolist() == [0.0] * 4
+
+
+# ---- tools ------------------------------------------------------------------------------------
+
+
+def test_check_floors_pins_every_dependency_at_its_floor(tmp_path) -> None:
+    pytest.importorskip("tomllib")  # the tool runs on the development Python (3.11+), not inside the venv it makes
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / "check_floors.py"
+    spec = importlib.util.spec_from_file_location("check_floors", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["torch>=2.1", "faiss-cpu>=1.7.4", "hypothesis >= 6"]\n'
+                         '[project.optional-dependencies]\ntest = ["pytest>=7.3"]\n', encoding="utf-8")
+    assert tool.floor_pins(pyproject) == ["torch==2.1.*", "faiss-cpu==1.7.4", "hypothesis==6.0.*", "pytest==7.3.*"]
+    pyproject.write_text('[project]\ndependencies = ["torch<3"]\n[project.optional-dependencies]\ntest = []\n',
+                         encoding="utf-8")
+    with pytest.raises(SystemExit, match="not of the form"):
+        tool.floor_pins(pyproject)
+    real = tool.floor_pins(Path(__file__).parents[1] / "pyproject.toml")
+    assert "typer==0.15.4" in real and all("==" in pin for pin in real)
