@@ -42,6 +42,33 @@ def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule):
     assert np.abs(probs - cpu_probs).max() < 0.05  # bf16 on both sides: agreement to its precision
 
 
+@pytest.mark.parametrize("schedule", ["paper", "fast"])
+def test_training_waits_for_the_gpu_once_an_epoch_not_every_step(schedule):
+    """A wait per step stops the host from queueing ahead: eager PyTorch's per-operation cost would set a
+    round's pace (docs/speed.md, "GPU")."""
+    import warnings
+
+    from torchvision.models import resnet18
+
+    from wsi_il.heads import train_heads
+
+    init = resnet18().layer4[1].state_dict()
+    features, targets = _shifted_features(512)  # 8 steps an epoch at the default batch of 64
+
+    def waits(epochs: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_heads(features, targets, init, 2, TrainSettings(epochs=epochs, schedule=schedule), "cuda",
+                            early_stopping=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert waits(4) - waits(1) <= 3 * 3  # three more epochs: at most 3 waits each, not one or more a step (24)
+
+
 def test_bench_on_cuda(shared_data, tmp_path):
     from typer.testing import CliRunner
 

@@ -157,30 +157,40 @@ def triplet_masks(targets):  # type: ignore[no-untyped-def]
 
 
 def batch_hard_triplet_loss(embeddings, targets, margin: float):  # type: ignore[no-untyped-def]
-    """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative."""
+    """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative (0 when no anchor
+    has both).
+
+    Masked sums rather than boolean indexing or ``any()`` tests, which would make the host wait for the GPU at
+    every training step; ``has_triplet`` answers on the host whether there is anything to learn from.
+    """
     torch = _torch()
     dist = torch.cdist(embeddings, embeddings)
     same, different = triplet_masks(targets)
     valid = same.any(1) & different.any(1)
-    if not valid.any():
-        return embeddings.new_zeros(())  # no valid triplet: nothing to learn from
     hardest_pos = torch.where(same, dist, torch.zeros_like(dist)).max(1).values
     hardest_neg = torch.where(different, dist, torch.full_like(dist, float("inf"))).min(1).values
-    return torch.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+    per_anchor = torch.where(valid, torch.relu(hardest_pos - hardest_neg + margin), torch.zeros_like(dist[0]))
+    return per_anchor.sum() / valid.sum().clamp(min=1)
+
+
+def has_triplet(targets) -> bool:  # type: ignore[no-untyped-def]
+    """Whether a batch's targets (a CPU tensor) give any anchor a positive and a negative."""
+    same, different = triplet_masks(targets)
+    return bool((same.any(1) & different.any(1)).any())
 
 
 def classifier_loss(logits, targets):  # type: ignore[no-untyped-def]
-    """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets."""
+    """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets (mean over the batch).
+
+    Both terms are computed for every row and the right one kept, so no step waits for the GPU to say which
+    rows are which.
+    """
     torch = _torch()
     known = targets >= 0
-    loss = logits.new_zeros(())
-    if known.any():
-        loss = loss + torch.nn.functional.cross_entropy(logits[known], targets[known], reduction="sum")
-    if (~known).any():
-        log_p = torch.log_softmax(logits[~known], dim=1)
-        p_c = log_p.gather(1, (-targets[~known] - 1).view(-1, 1)).exp().clamp(max=1 - 1e-6)
-        loss = loss - torch.log1p(-p_c).sum()
-    return loss / len(targets)
+    log_p = torch.log_softmax(logits, dim=1)
+    named = log_p.gather(1, torch.where(known, targets, -targets - 1).view(-1, 1)).squeeze(1)  # log p of the class
+    not_named = torch.log1p(-named.exp().clamp(max=1 - 1e-6))
+    return torch.where(known, -named, -not_named).sum() / len(targets)
 
 
 @dataclass
@@ -227,6 +237,7 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     torch.manual_seed(settings.seed)
     dev = torch.device(device)
     x_all, y_all = _on_device(features, targets, dev)
+    y_host_all = torch.from_numpy(targets.astype(np.int64))
     retrieval = RetrievalHead(init_state)
     classifier = ClassifierHead(init_state, n_classes)
     if start is not None:
@@ -240,16 +251,16 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     opt_c = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
     losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
     for _ in range(settings.epochs):
-        order = torch.randperm(len(y_all), generator=generator)
-        sums = [0.0, 0.0]
-        for batch in order.split(settings.batch_size):
-            x, y = x_all[batch.to(dev)], y_all[batch.to(dev)]
+        sums = torch.zeros(2, device=dev)  # summed on the device, read once an epoch
+        for batch, y_host, x, y in _batches(x_all, y_all, y_host_all, generator, settings.batch_size):
             with autocast(dev):
                 embedded, logits = retrieval(x), classifier(x)
-            sums[0] += _step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin)) * len(batch)
-            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * len(batch)
-        losses["triplet"].append(sums[0] / len(y_all))
-        losses["cross_entropy"].append(sums[1] / len(y_all))
+            triplet = batch_hard_triplet_loss(embedded.float(), y, settings.margin)
+            if has_triplet(y_host):  # no valid triplet: no step (nothing to learn from)
+                _step(opt_r, triplet)
+            sums[0] += triplet.detach() * batch
+            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * batch
+        _append_epoch(losses, sums, len(y_all))
         if on_epoch:
             on_epoch(1)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
@@ -276,20 +287,17 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     # Early stopping only where the pass budget binds: a round within it is cheap and runs the paper's epochs.
     early_stopping = early_stopping and epochs < settings.epochs
     for _ in range(epochs):
-        order = torch.randperm(len(y_all), generator=generator)
-        sums = [0.0, 0.0]
-        for batch in order.split(settings.batch_size):
-            x, y = x_all[batch.to(dev)], y_all[batch.to(dev)]
+        sums = torch.zeros(2, device=dev)
+        for batch, _, x, y in _batches(x_all, y_all, None, generator, settings.batch_size):
             with autocast(dev):
                 pooled = head.pooled(x)
             logits = head.logits(pooled)
             triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
             cross_entropy = classifier_loss(logits, y)
             _step(optimizer, triplet + cross_entropy)
-            sums[0] += float(triplet.detach()) * len(batch)
-            sums[1] += float(cross_entropy.detach()) * len(batch)
-        losses["triplet"].append(sums[0] / len(y_all))
-        losses["cross_entropy"].append(sums[1] / len(y_all))
+            sums[0] += triplet.detach() * batch
+            sums[1] += cross_entropy.detach() * batch
+        _append_epoch(losses, sums, len(y_all))
         if on_epoch:
             on_epoch(1)
         total = losses["triplet"][-1] + losses["cross_entropy"][-1]
@@ -313,13 +321,31 @@ def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[
     return x, torch.from_numpy(targets.astype(np.int64)).to(dev)
 
 
-def _step(optimizer, loss) -> float:  # type: ignore[no-untyped-def]
-    """Take one optimiser step on ``loss`` (skipped when no triplet was valid) and return its value."""
+def _batches(x_all, y_all, y_host_all, generator, batch_size: int):  # type: ignore[no-untyped-def]
+    """Yield (size, host targets or None, features, targets) of one epoch's shuffled batches.
+
+    The order is drawn on the host (the same numbers on every device) and moved to the device once an epoch:
+    a host-to-device copy per batch would make each step wait for the GPU.
+    """
+    order = _torch().randperm(len(y_all), generator=generator)
+    on_device = order.to(y_all.device)
+    for batch, index in zip(order.split(batch_size), on_device.split(batch_size), strict=True):
+        yield len(batch), None if y_host_all is None else y_host_all[batch], x_all[index], y_all[index]
+
+
+def _append_epoch(losses: dict[str, list[float]], sums, n: int) -> None:  # type: ignore[no-untyped-def]
+    """Record an epoch's mean losses from their device-side sums (the epoch's one wait for the GPU)."""
+    triplet, cross_entropy = (sums / n).tolist()
+    losses["triplet"].append(triplet)
+    losses["cross_entropy"].append(cross_entropy)
+
+
+def _step(optimizer, loss):  # type: ignore[no-untyped-def]
+    """Take one optimiser step on ``loss`` and return its detached value (still on the device)."""
     optimizer.zero_grad(set_to_none=True)
-    if loss.requires_grad:
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def _cpu_state(module) -> dict[str, Any]:  # type: ignore[no-untyped-def]
