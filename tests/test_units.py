@@ -266,6 +266,14 @@ def test_imagenet_weights_offline_say_how_to_provide_them(tmp_path, monkeypatch)
         pytest.skip("the ImageNet weights could be downloaded: this machine is online")
 
 
+def test_saturation_of_strong_colours_does_not_wrap():
+    from wsi_il.tiling import saturation
+
+    # HSV saturation = (max - min) * 255 // max; (163 - 15) * 255 = 37,740 is past int16
+    pixels = np.array([[[15, 163, 33], [255, 0, 0], [200, 200, 200], [0, 0, 0]]], np.uint8)
+    assert saturation(pixels).tolist() == [[231, 255, 0, 0]]
+
+
 def test_channel_sums_and_mean_std_match_numpy():
     from wsi_il.features import channel_sums, mean_std
 
@@ -498,3 +506,4 @@ def test_check_floors_pins_every_dependency_at_its_floor(tmp_path) -> None:
         tool.floor_pins(pyproject)
     real = tool.floor_pins(Path(__file__).parents[1] / "pyproject.toml")
     assert "typer==0.15.4" in real and all("==" in pin for pin in real)
+

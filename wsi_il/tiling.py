@@ -26,7 +26,7 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """Return the HSV saturation (0-255) of an RGB uint8 image."""
-    rgb = rgb.astype(np.int16)
+    rgb = rgb.astype(np.int32)  # (high - low) * 255 reaches 65,025: past int16, which wrapped it
     high = rgb.max(axis=-1)
     low = rgb.min(axis=-1)
     return np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
