@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch
 from test_trust_support import cli, error_line
 from typer.testing import CliRunner
 
+from wsi_il import pretrain as pretrain_module
 from wsi_il.cli import app
-from wsi_il.pretrain import PretrainSettings, checkpoint_path, pretrain
+from wsi_il.pretrain import DurationEstimate, PretrainSettings, checkpoint_path, pretrain
 from wsi_il.project import Project
 
 runner = CliRunner()
@@ -115,6 +117,62 @@ def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path,
         with pytest.raises(Exception, match="other settings"):
             pretrain(Project(broken), other, "cpu", tmp_path / "x.pt")
 
+
+def test_the_duration_estimate_leaves_out_slow_first_steps(small_project, tmp_path, monkeypatch):
+    """The first step takes 10 s more than the others (as CUDA's warm-up does on a GPU): the estimate follows
+    the steady steps after it. Timing the first two steps announced about 3 times the H100 run's real duration.
+    The pretraining clock is a fake one that only the steps move, so that a busy test machine cannot move it."""
+    project = _copy(small_project, tmp_path)
+    settings = PretrainSettings(steps=12, batch=4, crop_px=32, checkpoint_every=100, method="simclr")
+    real_step = pretrain_module._train_step
+    clock = [0.0]
+
+    def slow_first_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        clock[0] += 10.5 if clock[0] == 0 else 0.5
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_train_step", slow_first_step)
+    monkeypatch.setattr(pretrain_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    done: list[int] = []
+    estimates: list[tuple[int, float]] = []
+    result = pretrain(Project(project), settings, "cpu", tmp_path / "w.pt", on_step=lambda step, loss: done.append(
+        step), on_estimate=lambda seconds: estimates.append((done[-1], seconds)))
+    assert result.steps == 12 and result.seconds == pytest.approx(10.5 + 11 * 0.5)
+    # the latest report of a 12-step run is after 2 warm-up + 3 steady steps: 7 steps of 0.5 s left
+    # (the first two steps' mean said 10 steps of 5.5 s: 55 s)
+    assert estimates == [(5, pytest.approx(7 * 0.5))]
+
+
+def test_the_duration_estimate_waits_for_a_window_and_reports_once():
+    reports: list[float] = []
+
+    def run_clock(first: int, total: int, step_seconds: list[float]) -> list[tuple[int, float]]:
+        """Feed the estimate steps of the given durations; return (step, seconds) of each report."""
+        reports.clear()
+        seen = []
+        estimate = DurationEstimate(first, total, reports.append, 0.0)
+        now = 0.0
+        for step, duration in zip(range(first + 1, total + 1), step_seconds, strict=True):
+            now += duration
+            estimate.step_done(step, now)
+            seen += [(step, r) for r in reports[len(seen):]]
+        estimate.finish()
+        return seen + [(total, r) for r in reports[len(seen):]]
+
+    # 500 steps of 0.5 s after a 10 s first step: reported after 2 s of steady steps (step 6), 494 steps left
+    assert run_clock(0, 500, [10.0] + [0.5] * 499) == [(6, pytest.approx(0.5 * 494))]
+    # fast steps: at least 3 steady steps and 2 s of them (18 = 2 + 16), but no later than 10% of the run (50)
+    assert run_clock(0, 500, [10.0] + [0.125] * 499) == [(18, pytest.approx(0.125 * 482))]
+    assert run_clock(0, 500, [10.0] + [0.015625] * 499) == [(50, pytest.approx(0.015625 * 450))]
+    # a resumed run counts its warm-up from where it resumed
+    assert run_clock(400, 500, [10.0] + [1.0] * 99) == [(405, pytest.approx(1.0 * 95))]
+    # short runs: reported before the last step, from what there is; no step to do: nothing left
+    assert run_clock(0, 5, [10.0] + [0.25] * 4) == [(4, pytest.approx(0.25 * 1))]
+    assert run_clock(0, 3, [1.0, 2.0, 3.0]) == [(2, pytest.approx(1.5 * 1))]
+    assert run_clock(0, 2, [1.0, 2.0]) == [(1, pytest.approx(1.0 * 1))]
+    assert run_clock(0, 1, [1.0]) == [(1, 0.0)]
+    assert run_clock(7, 7, []) == [(7, 0.0)]
+    DurationEstimate(0, 1, None, 0.0).step_done(1, 1.0)  # no callback: nothing to do
 
 def test_an_unknown_method_is_refused_in_one_line(small_project):
     line = error_line(cli("pretrain", small_project, "--method", "byol", "--device", "cpu", code=3))
