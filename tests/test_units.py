@@ -507,3 +507,23 @@ def test_check_floors_pins_every_dependency_at_its_floor(tmp_path) -> None:
     real = tool.floor_pins(Path(__file__).parents[1] / "pyproject.toml")
     assert "typer==0.15.4" in real and all("==" in pin for pin in real)
 
+
+def test_extraction_commits_unless_the_last_commit_took_a_tenth_of_the_time_since(monkeypatch):
+    from wsi_il import database
+
+    clock = [100.0]
+    monkeypatch.setattr(database.time, "perf_counter", lambda: clock[0])
+    commits = database.Commits()
+    assert commits.due()  # nothing committed yet
+
+    def sync_for(seconds: float):  # type: ignore[no-untyped-def]
+        return lambda: clock.__setitem__(0, clock[0] + seconds)
+
+    commits.commit(sync_for(0.011))  # a slow disk: 11 ms of syncs
+    clock[0] += 0.05  # a fast GPU batch later
+    assert not commits.due()
+    clock[0] += 0.06  # 110 ms since the commit ended: ten times its cost
+    assert commits.due()
+    commits.commit(sync_for(0.001))
+    clock[0] += 0.4  # a CPU batch
+    assert commits.due()

@@ -20,6 +20,9 @@ class WsiIlError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:  # a reader process sends it whole to the parent
+        return type(self), (self.message, self.hint)
+
 
 class InputError(WsiIlError):
     """A file or value the user gave is wrong (exit code 3)."""

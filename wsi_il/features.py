@@ -254,8 +254,13 @@ def mean_std(sums: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
+GPU_BATCH = 256
+"""Fewest patches per trunk batch on a GPU: at the CPU's 32, an H100 ran the trunk at 5,486 patches/s on
+in-memory batches, 5.8 ms a batch for about 0.1 ms of arithmetic (docs/speed.md, "GPU")."""
+
+
 def default_workers() -> int:
-    """Return how many reader threads to use: every core, at least two."""
+    """Return how many readers (processes, or threads) to use: every core, at least two."""
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 
 
@@ -294,6 +299,11 @@ class FeatureExtractor:
         """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features)."""
         if self.device.type == "cpu":
             torch.set_num_threads(default_workers())
+
+    def batch_size(self, configured: int) -> int:
+        """Patches per trunk batch on this device: the project's setting on a CPU, at least ``GPU_BATCH`` on a
+        GPU (there the per-batch cost of ~60 kernel launches and two copies sets the pace of small batches)."""
+        return configured if self.device.type == "cpu" else max(configured, GPU_BATCH)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3)."""

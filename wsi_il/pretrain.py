@@ -30,9 +30,10 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from wsi_il.config import FeatureSettings, TilingSettings, from_dict
 from wsi_il.database import load_image, load_project_weights
 from wsi_il.errors import InputError, ProjectStateError
-from wsi_il.features import Weights, build_resnet, default_workers, prefetch
+from wsi_il.features import Weights, build_resnet, default_workers
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project
+from wsi_il.readers import read_batches
 
 METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
 """The self-supervised methods, by the name that selects them."""
@@ -352,19 +353,20 @@ def pretrain(project: Project, settings: PretrainSettings, device: str, out: Pat
     mean = torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1)
     std = torch.tensor(norm["std"], device=dev).view(1, 3, 1, 1)
     tile = int(manifest["tiling"]["tile_size_px"])
-    sampler = TissueSampler(project, manifest, max(int(tile * settings.field_scale), settings.crop_px))
+    field_px = max(int(tile * settings.field_scale), settings.crop_px)
+    sampler = TissueSampler(project, manifest, field_px)
     workers = workers or default_workers()
     started = time.perf_counter()
     estimate = DurationEstimate(resumed_from, settings.steps, on_estimate, started)
     try:
         batches = [range(s * settings.batch, (s + 1) * settings.batch) for s in range(step, settings.steps)]
 
-        def load(i: int) -> np.ndarray:
-            return sampler.field(np.random.default_rng([settings.seed, i]))
+        def make_load() -> tuple[Callable[[int], np.ndarray], Callable[[], None]]:  # in each reader
+            return (lambda i: sampler.field(np.random.default_rng([settings.seed, i]))), sampler.close
 
         model.train()
-        fields_iter = prefetch(load, batches, workers)
-        for fields in fields_iter:
+        fields_iter = read_batches(make_load, batches, workers, (field_px, field_px, 3))
+        for fields, _ in fields_iter:
             loss = _train_step(model, optimizer, schedule, fields, settings, step, dev, mean, std)
             losses.append(loss)
             step += 1

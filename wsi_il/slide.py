@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -133,12 +134,18 @@ class TileReader:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._forget_handles()
+        open_slide(self.path).close()  # fail early, in the caller's thread
+
+    def _forget_handles(self) -> None:
+        self._pid = os.getpid()
         self._local = threading.local()
         self._handles: list = []
         self._lock = threading.Lock()
-        open_slide(self.path).close()  # fail early, in the caller's thread
 
     def _handle(self):  # type: ignore[no-untyped-def]
+        if self._pid != os.getpid():  # a forked reader process: its own handles, never the parent's
+            self._forget_handles()
         handle = getattr(self._local, "slide", None)
         if handle is None:
             handle = open_slide(self.path)

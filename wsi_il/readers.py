@@ -1,0 +1,204 @@
+"""Reader pools: tiles read and decoded in worker processes, straight into shared memory.
+
+Reading a tile holds Python's global interpreter lock for part of its time (openslide-python's conversion of
+the region, numpy and PIL bookkeeping), so reader *threads* stop scaling at a few cores: on a 16-core H100
+machine sixteen threads read about 800 tiles/s, 3.2 times one thread, while the GPU sat 97% idle
+(docs/speed.md, "GPU"). Worker *processes* each have their own interpreter and their own OpenSlide handles.
+
+Each worker gets ``make_load()`` (called once in the worker, so that slide handles are opened there) and
+writes the tiles it loads into a batch slot of one anonymous shared memory map (no pickling of pixels, no
+/dev/shm size limit); the parent only sends index ranges and receives which tiles were kept. A few batches are
+in flight while the caller computes. Workers are forked (Linux): the parent reads no slide while they run, and
+they never touch CUDA. Elsewhere, or with ``WSI_IL_READERS=threads``, the same interface runs on threads.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import pickle
+import queue
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from wsi_il.errors import WsiIlError
+
+Load = Callable[[int], "np.ndarray | None"]
+"""Load item ``i``: an array of the pool's shape, or None when the item is not kept (a background tile)."""
+MakeLoad = Callable[[], tuple[Load, Callable[[], None]]]
+"""Open what loading needs (in the worker) and return (load, close)."""
+
+READERS_ENV = "WSI_IL_READERS"
+"""'processes' (the default on Linux) or 'threads'."""
+
+
+class ReaderError(WsiIlError):
+    """A reader process stopped without saying why (killed, out of memory, crashed)."""
+
+
+def reader_kind() -> str:
+    """'processes' where fork is available (Linux) unless $WSI_IL_READERS says 'threads'; else 'threads'."""
+    wanted = os.environ.get(READERS_ENV, "").strip().lower()
+    if wanted == "threads" or not sys.platform.startswith("linux"):
+        return "threads"
+    return "processes"
+
+
+def read_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
+                 dtype: Any = np.uint8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (items (len(batch), *shape), kept (len(batch),) bool) for each batch, in order.
+
+    A row whose item was not kept holds stale data. The yielded array is only valid until the next batch is
+    asked for (its slot is then refilled): copy what must outlive that.
+    """
+    if not batches:
+        return
+    if reader_kind() == "threads" or workers < 2:
+        yield from _thread_batches(make_load, batches, workers, shape, dtype)
+        return
+    pool = _ProcessPool(make_load, workers, shape, np.dtype(dtype), max(len(b) for b in batches))
+    finished = False
+    try:
+        yield from pool.run(batches)
+        finished = True
+    finally:
+        pool.stop(abort=not finished)
+
+
+def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
+                    dtype: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    from wsi_il.features import prefetch
+
+    load, close = make_load()
+
+    def combine(items: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+        out = np.zeros((len(items), *shape), dtype)
+        kept = np.array([item is not None for item in items], bool)
+        for row, item in enumerate(items):
+            if item is not None:
+                out[row] = item
+        return out, kept
+
+    try:
+        yield from prefetch(load, batches, max(1, workers), combine=combine)
+    finally:
+        close()
+
+
+class _ProcessPool:
+    """Forked workers filling batch slots of a shared memory map; see the module docstring."""
+
+    def __init__(self, make_load: MakeLoad, workers: int, shape: tuple[int, ...], dtype: np.dtype,
+                 batch_size: int) -> None:
+        import multiprocessing
+
+        # enough batches in flight for every worker to have a few items queued while the caller computes
+        self.depth = max(2, math.ceil(4 * workers / batch_size))
+        self.slots = self.depth + 1
+        self.chunk = max(1, min(32, math.ceil(batch_size / workers)))
+        size = self.slots * batch_size * int(np.prod(shape)) * dtype.itemsize
+        self.memory = mmap.mmap(-1, max(1, size))  # anonymous and shared: the forked workers see the same pages
+        self.items = np.frombuffer(self.memory, dtype, count=size // dtype.itemsize).reshape(
+            self.slots, batch_size, *shape)
+        context = multiprocessing.get_context("fork")
+        self.tasks: Any = context.Queue()
+        self.results: Any = context.Queue()
+        self.workers = [context.Process(target=_work, args=(make_load, self.items, self.tasks, self.results),
+                                        daemon=True, name=f"wsi-il-reader-{n}") for n in range(workers)]
+        for process in self.workers:
+            process.start()
+        self.next_task = 0
+
+    def _submit(self, batch: range, slot: int) -> list[int]:
+        ids = []
+        for start in range(0, len(batch), self.chunk):
+            indices = list(batch[start:start + self.chunk])
+            self.tasks.put((self.next_task, slot, start, indices))
+            ids.append(self.next_task)
+            self.next_task += 1
+        return ids
+
+    def _wait(self, ids: list[int], done: dict[int, np.ndarray]) -> np.ndarray:
+        while any(i not in done for i in ids):
+            try:
+                task, kept, error = self.results.get(timeout=1.0)
+            except queue.Empty:
+                stopped = [p for p in self.workers if not p.is_alive()]
+                if stopped:
+                    raise ReaderError(f"a reader process stopped (exit code {stopped[0].exitcode})",
+                                      "out of memory? run again: finished batches are kept") from None
+                continue
+            if error is not None:
+                raise error
+            done[task] = kept
+        return np.concatenate([done.pop(i) for i in ids])
+
+    def run(self, batches: list[range]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pending: list[list[int]] = [self._submit(batch, k % self.slots) for k, batch in
+                                    enumerate(batches[:self.depth])]
+        done: dict[int, np.ndarray] = {}
+        for k, batch in enumerate(batches):
+            if k + self.depth < len(batches):  # into the slot of batch k - 1, which the caller is done with
+                pending.append(self._submit(batches[k + self.depth], (k + self.depth) % self.slots))
+            kept = self._wait(pending.pop(0), done)
+            yield self.items[k % self.slots, :len(batch)], kept
+
+    def stop(self, abort: bool) -> None:
+        """End the workers: after their last task, or at once when the run was cut short (an error, Ctrl-C)."""
+        if not abort:
+            for _ in self.workers:
+                self.tasks.put(None)
+        for process in self.workers:
+            if abort:
+                process.terminate()  # the tasks still queued are not wanted; a worker holds nothing to save
+            process.join(timeout=5.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for channel in (self.tasks, self.results):
+            channel.cancel_join_thread()  # never block the caller's exit on a queue's last writes
+            channel.close()
+
+
+def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> None:
+    """A worker: load the items of each task into its slot rows; report what was kept, or the error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    results.cancel_join_thread()  # a worker ended early must not wait for the parent to read its last reports
+    try:
+        load, close = make_load()
+    except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+        task = tasks.get()
+        results.put((task[0] if task else -1, None, _portable(exc)))
+        return
+    try:
+        while (task := tasks.get()) is not None:
+            number, slot, start, indices = task
+            try:
+                kept = np.zeros(len(indices), bool)
+                for row, index in enumerate(indices):
+                    item = load(index)
+                    if item is not None:
+                        items[slot, start + row] = item
+                        kept[row] = True
+                results.put((number, kept, None))
+            except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+                results.put((number, None, _portable(exc)))
+    finally:
+        close()
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself where it crosses to the parent whole (ours, and built-in ones), else a RuntimeError
+    with its text: a report that cannot be pickled would never arrive, and the parent would wait for it."""
+    if isinstance(exc, WsiIlError) or type(exc).__module__ == "builtins":
+        try:
+            pickle.dumps(exc)
+            return exc
+        except Exception:  # noqa: BLE001, S110 - its text is sent instead
+            pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
