@@ -268,12 +268,17 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     advance(done)
     commits = Commits()
     px = settings.input_px
+
+    def commit(stop: int) -> None:  # features durable before the count that covers them
+        store.sync()
+        project.write_json(progress_path, {"done": stop})
+
     try:
         for batch, (tiles, _) in zip(batches, read_batches(lambda: reader_for(project, record, px), batches,
                                                             workers, (px, px, 3)), strict=True):
             store.write(batch.start, extractor(tiles), durable=False)
             if batch is batches[-1] or commits.due():
-                commits.commit(lambda: (store.sync(), project.write_json(progress_path, {"done": batch.stop})))  # noqa: B023
+                commits.commit(lambda: commit(batch.stop))  # noqa: B023 - called at once
             advance(len(batch))
     finally:
         store.close()

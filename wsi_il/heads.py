@@ -252,14 +252,14 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
     for _ in range(settings.epochs):
         sums = torch.zeros(2, device=dev)  # summed on the device, read once an epoch
-        for batch, y_host, x, y in _batches(x_all, y_all, y_host_all, generator, settings.batch_size):
+        for size, y_host, x, y in _batches(x_all, y_all, y_host_all, generator, settings.batch_size):
             with autocast(dev):
                 embedded, logits = retrieval(x), classifier(x)
             triplet = batch_hard_triplet_loss(embedded.float(), y, settings.margin)
             if has_triplet(y_host):  # no valid triplet: no step (nothing to learn from)
                 _step(opt_r, triplet)
-            sums[0] += triplet.detach() * batch
-            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * batch
+            sums[0] += triplet.detach() * size
+            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * size
         _append_epoch(losses, sums, len(y_all))
         if on_epoch:
             on_epoch(1)
@@ -288,15 +288,15 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     early_stopping = early_stopping and epochs < settings.epochs
     for _ in range(epochs):
         sums = torch.zeros(2, device=dev)
-        for batch, _, x, y in _batches(x_all, y_all, None, generator, settings.batch_size):
+        for size, _, x, y in _batches(x_all, y_all, None, generator, settings.batch_size):
             with autocast(dev):
                 pooled = head.pooled(x)
             logits = head.logits(pooled)
             triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
             cross_entropy = classifier_loss(logits, y)
             _step(optimizer, triplet + cross_entropy)
-            sums[0] += triplet.detach() * batch
-            sums[1] += cross_entropy.detach() * batch
+            sums[0] += triplet.detach() * size
+            sums[1] += cross_entropy.detach() * size
         _append_epoch(losses, sums, len(y_all))
         if on_epoch:
             on_epoch(1)
