@@ -9,7 +9,10 @@ Each worker gets ``make_load()`` (called once in the worker, so that slide handl
 writes the tiles it loads into a batch slot of one anonymous shared memory map (no pickling of pixels, no
 /dev/shm size limit); the parent only sends index ranges and receives which tiles were kept. A few batches are
 in flight while the caller computes. Workers are forked (Linux): the parent reads no slide while they run, and
-they never touch CUDA. Elsewhere, or with ``WSI_IL_READERS=threads``, the same interface runs on threads.
+they never touch CUDA. Python 3.12+ warns (a DeprecationWarning, hidden by default) that forking a process
+with threads may deadlock the child; the workers only open slides and run numpy and PIL, taking no lock that
+the parent's threads (torch's pools, the progress display) hold, as PyTorch's data-loading workers do.
+Elsewhere, or with ``WSI_IL_READERS=threads``, the same interface runs on threads.
 """
 
 from __future__ import annotations
