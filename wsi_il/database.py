@@ -28,12 +28,11 @@ from wsi_il.features import (
     feature_shape,
     head_block_of,
     mean_std,
-    prefetch,
     resize_tile,
     resolve_weights,
 )
 from wsi_il.project import Project, SlideRecord, features_pending, safe_id
-from wsi_il.readers import read_batches
+from wsi_il.readers import prefetch, read_batches
 from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 

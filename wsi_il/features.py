@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,20 +265,6 @@ def default_workers() -> int:
 def batch_ranges(start: int, stop: int, size: int) -> list[range]:
     """Split the indices start .. stop-1 into consecutive ranges of at most ``size``."""
     return [range(s, min(s + size, stop)) for s in range(start, stop, size)]
-
-
-def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
-             combine: Callable[[list[Any]], Any] = np.stack) -> Iterator[Any]:
-    """Yield batches of loaded tiles (stacked by default), reading the next batches while the caller computes."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list[list[Future]] = []
-        for batch in batches[:2]:
-            pending.append([pool.submit(load, i) for i in batch])
-        for index in range(len(batches)):
-            futures = pending.pop(0)
-            if index + 2 < len(batches):
-                pending.append([pool.submit(load, i) for i in batches[index + 2]])
-            yield combine([f.result() for f in futures])
 
 
 class FeatureExtractor:

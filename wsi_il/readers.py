@@ -25,6 +25,7 @@ import queue
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -75,8 +76,6 @@ def read_batches(make_load: MakeLoad, batches: list[range], workers: int, shape:
 
 def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
                     dtype: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from wsi_il.features import prefetch
-
     load, close = make_load()
 
     def combine(items: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +90,20 @@ def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, sha
         yield from prefetch(load, batches, max(1, workers), combine=combine)
     finally:
         close()
+
+
+def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
+             combine: Callable[[list[Any]], Any] = np.stack) -> Iterator[Any]:
+    """Yield batches of loaded tiles (stacked by default), reading the next batches while the caller computes."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[list[Future]] = []
+        for batch in batches[:2]:
+            pending.append([pool.submit(load, i) for i in batch])
+        for index in range(len(batches)):
+            futures = pending.pop(0)
+            if index + 2 < len(batches):
+                pending.append([pool.submit(load, i) for i in batches[index + 2]])
+            yield combine([f.result() for f in futures])
 
 
 class _ProcessPool:
