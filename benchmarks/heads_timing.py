@@ -2,6 +2,7 @@
 of a round, to compare code versions on one machine.
 
 usage: python benchmarks/heads_timing.py [--device cuda] [--labels 250] [--schedule paper] [--epochs 50]
+                                        [--frozen-conv1 | --no-frozen-conv1]
 
 Prints one JSON line: the seconds of two runs (the first includes CUDA warm-up and kernel selection), the
 first and last epoch's losses (equal across versions that compute the same thing), and which wsi_il was
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=250)
     parser.add_argument("--schedule", choices=["paper", "fast"], default="paper")
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--frozen-conv1", action=argparse.BooleanOptionalAction, default=None,
+                        help="fast schedule: keep the block's first convolution frozen (default: the settings')")
     args = parser.parse_args()
 
     import wsi_il.heads
@@ -37,6 +41,8 @@ def main() -> None:
     targets = (rng.random(args.labels) < 0.4).astype(np.int64)
     features = (rng.standard_normal((args.labels, 512, 7, 7)) + targets[:, None, None, None] * 0.3).astype(np.float16)
     settings = TrainSettings(seed=0, epochs=args.epochs)
+    if args.frozen_conv1 is not None:
+        settings = replace(settings, fast_frozen_conv1=args.frozen_conv1)
     seconds = []
     for _ in range(2):
         if args.device.startswith("cuda"):
@@ -47,7 +53,7 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(round(time.perf_counter() - started, 3))
-    print(json.dumps({"device": args.device, "schedule": args.schedule, "labels": args.labels, "seconds": seconds,
+    print(json.dumps({"device": args.device, "schedule": args.schedule, "frozen_conv1": settings.fast_frozen_conv1, "labels": args.labels, "seconds": seconds,
                       "first_losses": [heads.losses["triplet"][0], heads.losses["cross_entropy"][0]],
                       "last_losses": [heads.losses["triplet"][-1], heads.losses["cross_entropy"][-1]],
                       "wsi_il": wsi_il.heads.__file__}))

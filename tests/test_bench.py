@@ -54,6 +54,9 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
     assert 0 < figures["extract_ratio_to_limit"] < 2 and figures["naive_patches_per_s"] > 0
     assert figures["round_schedule"] == "fast" and figures["round_labels"] == 40
     assert 0 < figures["round_train_seconds"] < figures["round_seconds"]
+    assert figures["round_frozen_conv1"] and 0 < figures["round_train_seconds_full_block"] < figures[
+        "round_seconds_full_block"]
+    assert figures["stem_cache_bytes_per_patch"] == pytest.approx(figures["bytes_per_patch"], rel=0.01)
     if paper == "--paper":
         assert figures["round_seconds_paper_settings"] > 0 and figures["round_ratio_paper_to_default"] > 0
     else:

@@ -190,3 +190,39 @@ def test_init_with_weights_that_do_not_fit_writes_nothing(block_slide, tmp_path)
     result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
                                  str(weights)])
     assert result.exit_code == 3 and "holds no ResNet" in result.output and not (tmp_path / "p").exists()
+
+
+def test_frozen_stem_is_cached_once_and_gives_the_full_blocks_predictions(block_slide, tmp_path):
+    import torch
+
+    from wsi_il.heads import block_stem, make_block, predict
+    from wsi_il.project import Project
+    from wsi_il.session import load_tensors
+
+    project = tmp_path / "frozen"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "3",
+        "--schedule", "fast", "--fast-frozen-conv1", "--device", "cpu")  # on by hand: off by default with random weights
+    assert json.loads((project / "project.json").read_text())["train"]["fast_frozen_conv1"] is True
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
+    run("query", project, "--region", region, "-k", "4", "--rounds", "3", "--device", "cpu")
+    stems_path = project / "state" / "stems.npy"  # the first pass over the database (pretrained head) wrote it
+    written = stems_path.stat()
+    features = np.load(project / "slides" / "block" / "features.npy")
+    init = load_tensors(Project(project).init_model_path())
+    block = make_block(init).eval()
+    with torch.inference_mode():
+        expected = block_stem(block, torch.from_numpy(features).float()).numpy()
+    stems = np.load(stems_path)
+    assert stems.dtype == np.float16 and stems.shape == features.shape
+    assert np.allclose(stems, expected, atol=0.05 * float(np.abs(expected).max()))  # bf16 arithmetic
+    for r in (1, 2, 3):  # every round reads the cache: the same file, and predictions as the whole block gives
+        batch = project / "batches" / f"s1-r{r}"
+        fill_labels_from_truth(batch, block_slide.truth_path)
+        run("ingest", project, batch / "labels.csv", "--device", "cpu")
+        assert stems_path.stat().st_ino == written.st_ino and stems_path.stat().st_mtime_ns == written.st_mtime_ns
+    state = json.loads((project / "state" / "state.json").read_text())
+    model = load_tensors(project / "models" / f"{state['model']}.pt")
+    assert model["frozen_stem"] and torch.equal(model["classifier"]["block.conv1.weight"], init["conv1.weight"])
+    full = predict(model["classifier"], init, 2, [(0, features)], len(features), "cpu")
+    assert np.allclose(np.load(project / "state" / "predictions.npy"), full, atol=2e-2)

@@ -159,11 +159,13 @@ def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # n
     from wsi_il.session import load_tensors
 
     database, test = tiny_split
-    for schedule in ("paper", "fast"):
+    for schedule in ("paper", "fast", "fast-frozen"):
         out = tmp_path / schedule
+        frozen = ["--fast-frozen-conv1"] if schedule == "fast-frozen" else []  # random weights: off by default
+        schedule = schedule.removesuffix("-frozen")
         run("simulate", "--patches", database, "--test", test, "--strategy", "cnfp", "--sessions", "1",
             "--rounds", "2", "-k", "2", "--queries", "1", "--seeds", "2", "--schedule", schedule, "--no-reference",
-            *FAST[:-2], "--out", out)
+            *FAST[:-2], *frozen, "--out", out)
         rows = read_rows(out / "results.csv")
         assert [(r["strategy"], r["seed"]) for r in rows] == [("cnfp", "0"), ("cnfp", "1")]  # no reference row
         summary = json.loads((out / "summary.json").read_text())
@@ -172,6 +174,8 @@ def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # n
         assert model["schedule"] == schedule and model["shared"] == (schedule == "fast")
         if schedule == "fast":  # one block for both heads
             assert all(model["retrieval"][k].equal(model["classifier"][k]) for k in model["retrieval"])
+        assert model["frozen_stem"] == bool(frozen)
+        assert (out / "runs" / "db" / "cnfp-seed0" / "state" / "stems.npy").is_file() == bool(frozen)
 
 
 def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001

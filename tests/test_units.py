@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,22 @@ def test_classifier_loss_for_not_class_targets():
     assert mixed == pytest.approx((ce - np.log(1 - p0)) / 2, rel=1e-5)
 
 
+def _two_classes(n: int, seed: int, shift: float):  # type: ignore[no-untyped-def]
+    """A random layer4[1] and n float16 features of two classes: class 0 a little more in the first half of the
+    channels, class 1 in the second half."""
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    init = resnet18().layer4[1].state_dict()
+    rng = np.random.default_rng(seed)
+    targets = np.arange(n) % 2
+    features = np.maximum(rng.normal(0.0, 1.0, (n, 512, 7, 7)), 0.0)
+    features[targets == 0, :256] += shift
+    features[targets == 1, 256:] += shift
+    return init, targets, features.astype(np.float16)
+
+
 @pytest.mark.parametrize("schedule", ["paper", "fast"])
 def test_train_heads_learns_two_shifted_distributions(schedule):
     import torch
@@ -350,15 +367,8 @@ def test_train_heads_learns_two_shifted_distributions(schedule):
 
     from wsi_il.heads import embed, embed_and_predict, predict, train_heads
 
-    torch.manual_seed(0)
-    init = resnet18().layer4[1].state_dict()
-    rng = np.random.default_rng(0)
     n = 40
-    targets = np.arange(n) % 2
-    features = np.maximum(rng.normal(0.0, 1.0, (n, 512, 7, 7)), 0.0)
-    features[targets == 0, :256] += 0.25  # class 0: a little more in the first half of the channels
-    features[targets == 1, 256:] += 0.25  # class 1: in the second half
-    features = features.astype(np.float16)
+    init, targets, features = _two_classes(n, seed=0, shift=0.25)
     ticks = []
     heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, seed=0, schedule=schedule), "cpu",
                         on_epoch=ticks.append)
@@ -379,6 +389,42 @@ def test_train_heads_learns_two_shifted_distributions(schedule):
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-4)
 
 
+def test_block_stem_and_tail_make_the_block():
+    import torch
+    from torchvision.models import resnet18, resnet50
+
+    from wsi_il.heads import block_stem, block_tail
+
+    torch.manual_seed(0)
+    for block, channels in ((resnet18().layer4[1], 512), (resnet50().layer4[1], 2048), (resnet18().layer4[0], 256)):
+        block.eval()
+        x = torch.randn(3, channels, 7, 7)
+        with torch.inference_mode():
+            assert torch.allclose(block_tail(block, block_stem(block, x), x), block(x), atol=1e-5)
+
+
+def test_fast_schedule_with_a_frozen_first_convolution_trains_only_the_rest():
+    import torch
+
+    from wsi_il.heads import predict, train_heads
+
+    n = 32
+    init, targets, features = _two_classes(n, seed=1, shift=0.5)
+    settings = TrainSettings(epochs=15, seed=0, schedule="fast", fast_frozen_conv1=True)
+    heads = train_heads(features, targets, init, 2, settings, "cpu", early_stopping=False)
+    state = heads.classifier
+    for name in ("conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean"):
+        assert torch.equal(state[f"block.{name}"], init[name]), name  # the stem kept its starting weights
+    for name in ("conv2.weight", "bn2.weight"):
+        assert not torch.equal(state[f"block.{name}"], init[name]), name  # the rest trained
+    assert heads.losses["cross_entropy"][-1] < heads.losses["cross_entropy"][0] * 0.7
+    probabilities = predict(state, init, 2, [(0, features)], n, "cpu")
+    assert (probabilities.argmax(1) == targets).mean() > 0.9
+    # a warm start from this round keeps the stem frozen at the same weights
+    again = train_heads(features, targets, init, 2, replace(settings, epochs=2), "cpu", start=heads)
+    assert torch.equal(again.classifier["block.conv1.weight"], init["conv1.weight"])
+
+
 def test_fast_schedule_bounds_its_passes_and_warm_starts():
     from wsi_il.config import resolve_schedule
     from wsi_il.heads import planned_epochs
@@ -391,6 +437,10 @@ def test_fast_schedule_bounds_its_passes_and_warm_starts():
     assert resolve_schedule(TrainSettings(), "cpu") == "fast"
     assert resolve_schedule(TrainSettings(), "cuda") == "paper"
     assert resolve_schedule(TrainSettings(schedule="paper"), "cpu") == "paper"
+    # the default budget follows the frozen first convolution (each validated with simulate: docs/speed.md)
+    assert planned_epochs(TrainSettings(), 250, "fast") == 30
+    assert planned_epochs(TrainSettings(fast_frozen_conv1=False), 250, "fast") == 10
+    assert planned_epochs(TrainSettings(fast_frozen_conv1=False, fast_budget=5000), 250, "fast") == 20
 
 
 def test_projects_written_before_the_schedule_setting_keep_the_papers():
@@ -399,6 +449,17 @@ def test_projects_written_before_the_schedule_setting_keep_the_papers():
     old = {k: v for k, v in to_dict(TrainSettings()).items() if k not in ("schedule", "fast_budget")}
     assert from_dict(TrainSettings, old).schedule == "paper"
     assert from_dict(TrainSettings, to_dict(TrainSettings())).schedule == "auto"
+
+
+
+def test_projects_written_before_the_frozen_first_convolution_keep_training_it():
+    from wsi_il.config import fast_budget, from_dict, to_dict
+
+    before = {**to_dict(TrainSettings()), "schedule": "fast", "fast_budget": 2500}
+    del before["fast_frozen_conv1"]
+    settings = from_dict(TrainSettings, before)
+    assert not settings.fast_frozen_conv1 and fast_budget(settings) == 2500
+    assert from_dict(TrainSettings, to_dict(TrainSettings())).fast_frozen_conv1
 
 
 # ---- project files ----------------------------------------------------------------------------

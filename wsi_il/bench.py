@@ -94,6 +94,13 @@ class BenchResult:
     round_train_seconds: float = 0.0
     """The round's training; the rest is re-embedding and predicting every patch, then writing the batch."""
     round_schedule: str = ""
+    round_frozen_conv1: bool = False
+    """The default round's block kept its first convolution frozen (the default for pretrained weights; the
+    timing is the same with random ones)."""
+    round_seconds_full_block: float | None = None
+    """The fast schedule training the whole block (``--no-fast-frozen-conv1``, 2,500 passes), where the default
+    is the fast schedule."""
+    round_train_seconds_full_block: float | None = None
     round_seconds_paper_settings: float | None = None
     round_ratio_paper_to_default: float | None = None
     export_seconds: float = 0.0
@@ -101,6 +108,8 @@ class BenchResult:
     export_synthetic_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     bytes_per_patch: float = 0.0
+    stem_cache_bytes_per_patch: float = 0.0
+    """Disk held by the frozen first convolution's output (``wsi_il.stems``) after the default round; 0 without."""
     feature_cache_memory_mapped: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -149,9 +158,17 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result.extract_ratio_to_naive = result.extract_patches_per_s / result.naive_patches_per_s
     labels = _label_all(project, truth, settings.seed)
     say(f"round latency at {settings.labels} labels (default schedule)")
+    default = TrainSettings()  # the default of pretrained weights (random ones cost the same time)
     seconds, result.round_train_seconds, schedule = round_latency(project, out / "round-default", labels, settings,
-                                                                  TrainSettings())
+                                                                  default)
     result.round_labels, result.round_seconds, result.round_schedule = settings.labels, seconds, schedule
+    result.round_frozen_conv1 = schedule == "fast" and default.fast_frozen_conv1
+    stems = Project(out / "round-default").stems_path()
+    result.stem_cache_bytes_per_patch = stems.stat().st_size / result.patches if stems.is_file() else 0.0
+    if result.round_frozen_conv1:
+        say(f"round latency at {settings.labels} labels (fast schedule training the whole block)")
+        result.round_seconds_full_block, result.round_train_seconds_full_block, _ = round_latency(
+            project, out / "round-full-block", labels, settings, replace(default, fast_frozen_conv1=False))
     if settings.paper:
         say(f"round latency at {settings.labels} labels (the paper's settings)")
         paper_seconds, _, _ = round_latency(project, out / "round-paper", labels, settings,

@@ -37,7 +37,13 @@ ScheduleOpt = Annotated[str, typer.Option(help="Training each round: paper (two 
                                           "block), fast (one shared block, warm start, early stopping) or auto "
                                           "(paper on a GPU, fast on CPU).")]
 FastBudgetOpt = Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x epochs) "
-                                            "per round.", min=1)]
+                                            "per round; 0 = 7500 with a frozen first convolution, else 2500.",
+                                            min=0)]
+FrozenConv1Opt = Annotated[bool | None, typer.Option(
+    "--fast-frozen-conv1/--no-fast-frozen-conv1",
+    help="Fast schedule: keep the trained block's first convolution at its starting weights and cache its output "
+         "(as much disk again as the feature cache; shorter rounds) [default: on, off with --weights random].",
+    show_default=False)]
 
 
 class RichReporter:
@@ -170,6 +176,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "seed": ("--seed", ("train", "seed")),
     "schedule": ("--schedule", ("train", "schedule")),
     "fast_budget": ("--fast-budget", ("train", "fast_budget")),
+    "fast_frozen_conv1": ("--fast-frozen-conv1", ("train", "fast_frozen_conv1")),
     "trainable": ("--trainable", ("features", "trainable")),
 }
 
@@ -180,6 +187,12 @@ def _schedule(value: str) -> str:
     if value.lower() not in SCHEDULES:
         raise InputError(f"--schedule {value!r} is not one of {', '.join(SCHEDULES)}", "e.g. --schedule paper")
     return value.lower()
+
+
+def _frozen_conv1(value: bool | None, weights: str) -> bool:
+    from wsi_il.config import frozen_conv1_default
+
+    return frozen_conv1_default(weights) if value is None else value
 
 
 def _trainable(value: str) -> str:
@@ -267,7 +280,8 @@ def init(
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
     schedule: ScheduleOpt = "auto",
-    fast_budget: FastBudgetOpt = 2500,
+    fast_budget: FastBudgetOpt = 0,
+    fast_frozen_conv1: FrozenConv1Opt = None,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -319,7 +333,9 @@ def init(
                         "features": to_dict(feature_settings),
                         "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                                        refine_query=refine_query, seed=seed,
-                                                       schedule=_schedule(schedule), fast_budget=fast_budget)),
+                                                       schedule=_schedule(schedule), fast_budget=fast_budget,
+                                                       fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
+                                                                                        weights))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path), tile_size)
@@ -693,7 +709,8 @@ def simulate(
     warm_start: Annotated[bool, typer.Option(help="Start each round from the previous heads.")] = False,
     refine_query: Annotated[bool, typer.Option(help="Move the query towards relevant patches.")] = True,
     schedule: ScheduleOpt = "auto",
-    fast_budget: FastBudgetOpt = 2500,
+    fast_budget: FastBudgetOpt = 0,
+    fast_frozen_conv1: FrozenConv1Opt = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -735,7 +752,9 @@ def simulate(
                                       k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
                                       epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                       refine_query=refine_query, schedule=_schedule(schedule),
-                                      fast_budget=fast_budget, tile_size_px=tile_size, weights=weights,
+                                      fast_budget=fast_budget,
+                                      fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights),
+                                      tile_size_px=tile_size, weights=weights,
                                       trainable=_trainable(trainable),
                                       reference=reference)
         settings.check()
@@ -864,14 +883,20 @@ def bench(
                       if result.round_seconds_paper_settings is not None else "paper's settings: not run")
         ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
                  else "")
+        frozen = ", first convolution frozen" if result.round_frozen_conv1 else ""
         table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
-                      f"({result.round_schedule} schedule; training {result.round_train_seconds:.1f} s)", paper_text,
-                      ratio)
+                      f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
+                      paper_text, ratio)
+        if result.round_seconds_full_block is not None:
+            table.add_row("", f"{result.round_seconds_full_block:.1f} s training the whole block (training "
+                          f"{result.round_train_seconds_full_block:.1f} s)", "", "")
         table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
                       f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
                       "synthetic patches", "")
+        stems = (f" + {result.stem_cache_bytes_per_patch / 1000:.1f} kB of frozen-convolution cache"
+                 if result.stem_cache_bytes_per_patch else "")
         table.add_row("memory", f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
-                      f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped)", "")
+                      f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped){stems}", "")
         if result.gpu_utilisation is not None:
             table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0f}% during extraction", "", "")
         out.print(table)

@@ -71,8 +71,14 @@ class TrainSettings:
     """'paper': two heads, each its own layer4[1], trained ``epochs`` epochs from the pretrained block (or warm)
     every round; 'fast': one layer4[1] shared by both heads, warm start, early stopping and at most
     ``fast_budget`` patch passes per round; 'auto': paper on CUDA, fast on CPU (see docs/speed.md)."""
-    fast_budget: int = 2500
-    """Fast schedule: the most training patch passes (labels x epochs) per round."""
+    fast_budget: int = 0
+    """Fast schedule: the most training patch passes (labels x epochs) per round; 0: the validated default for
+    ``fast_frozen_conv1`` (``fast_budget``: 7,500 with it, 2,500 without; docs/speed.md)."""
+    fast_frozen_conv1: bool = True
+    """Fast schedule: the trained block's first convolution (with its BatchNorm) keeps its starting weights, so
+    each training step runs and trains only the rest of the block and the heads, and the database's pass reads
+    the first convolution's output from a cache (``wsi_il.stems``) instead of computing it. (With a whole layer
+    of trainable blocks, ``--trainable layer4``, everything trains.)"""
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,26 @@ def to_dict(settings: Any) -> dict[str, Any]:
 
 SCHEDULES = ("auto", "paper", "fast")
 
-_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper"},
+FAST_BUDGET_FROZEN = 7500
+"""The fast schedule's default pass budget with a frozen first convolution (a pass costs about 40% of one that
+trains the whole block)."""
+FAST_BUDGET_FULL = 2500
+"""The fast schedule's default pass budget when the whole block trains."""
+
+
+def frozen_conv1_default(weights: str) -> bool:
+    """Whether a project with these feature weights keeps the first convolution frozen unless told otherwise: yes
+    for pretrained weights (validated with them, docs/speed.md); no for random ones, whose frozen convolution is a
+    random projection that only training makes useful."""
+    return weights != "random"
+
+
+def fast_budget(settings: TrainSettings) -> int:
+    """The fast schedule's pass budget: the recorded one, or the default for its ``fast_frozen_conv1``."""
+    return settings.fast_budget or (FAST_BUDGET_FROZEN if settings.fast_frozen_conv1 else FAST_BUDGET_FULL)
+
+
+_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False},
                                       "TilingSettings": {"normalisation_sample": 0}}
 """Values a setting had before it existed: a project written then keeps behaving as it did."""
 

@@ -22,11 +22,11 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from wsi_il.config import TrainSettings, resolve_schedule
+from wsi_il.config import TrainSettings, fast_budget, resolve_schedule
 from wsi_il.precision import autocast, mixed_precision_dtype
 
 FAST_PATIENCE = 3
@@ -95,6 +95,11 @@ def _block_like(state: dict[str, Any], prefix: str, stride: int):  # type: ignor
     return cls(inplanes, planes, stride=stride, downsample=downsample, **extra)
 
 
+def single_block(init_state: dict[str, Any]) -> bool:
+    """Whether the trainable part is one residual block (not a whole layer of them)."""
+    return not _stage_indices(init_state)
+
+
 def block_width(init_state: dict[str, Any]) -> int:
     """Output channels of the trainable part (its last block's; the embedding size)."""
     stages = _stage_indices(init_state)
@@ -110,9 +115,9 @@ class RetrievalHead(_torch().nn.Module):  # type: ignore[misc]
         super().__init__()
         self.block = make_block(init_state)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
-        pooled = self.block(x).float().mean(dim=(2, 3))  # pooled and normalised in float32 under autocast too
-        return _torch().nn.functional.normalize(pooled, dim=1)
+    def forward(self, x, stem=None):  # type: ignore[no-untyped-def]
+        """The embeddings of features ``x``; ``stem``: the block's stem output for them, when known."""
+        return _torch().nn.functional.normalize(_pooled(self.block, x, stem), dim=1)
 
 
 class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
@@ -123,9 +128,10 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
         self.block = make_block(init_state)
         self.fc = _torch().nn.Linear(block_width(init_state), n_classes)
 
-    def pooled(self, x):  # type: ignore[no-untyped-def]
-        """The block's globally average-pooled output, float32 (the retrieval embedding before normalisation)."""
-        return self.block(x).float().mean(dim=(2, 3))
+    def pooled(self, x, stem=None):  # type: ignore[no-untyped-def]
+        """The block's globally average-pooled output, float32 (the retrieval embedding before normalisation);
+        ``stem``: the block's stem output for ``x``, when known (``block_tail``)."""
+        return _pooled(self.block, x, stem)
 
     def logits(self, pooled):  # type: ignore[no-untyped-def]
         """The linear layer on pooled features, in float32 even under autocast (it costs nothing)."""
@@ -134,6 +140,13 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.logits(self.pooled(x))
+
+
+def _pooled(block, x, stem):  # type: ignore[no-untyped-def]
+    """A block's output for ``x`` (from its stem's output when given), average-pooled in float32 (under autocast
+    too)."""
+    out = block(x) if stem is None else block_tail(block, stem, x)
+    return out.float().mean(dim=(2, 3))
 
 
 def _freeze_batchnorm(module) -> None:  # type: ignore[no-untyped-def]
@@ -204,18 +217,21 @@ class TrainedHeads:
     shared: bool = False
     """True when both heads share one block (the fast schedule): one pass gives embedding and prediction."""
     schedule: str = "paper"
+    frozen_stem: bool = False
+    """True when the block's stem (``block_stem``) kept its starting weights: its output can be cached."""
 
     def model(self) -> dict[str, Any]:
         """The model-file fields of these heads."""
         return {"retrieval": self.retrieval, "classifier": self.classifier, "shared": self.shared,
-                "schedule": self.schedule, "losses": self.losses, "epochs_run": len(self.losses["triplet"])}
+                "schedule": self.schedule, "frozen_stem": self.frozen_stem, "losses": self.losses,
+                "epochs_run": len(self.losses["triplet"])}
 
 
 def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int:
-    """The most epochs a round runs: ``epochs``; the fast schedule also caps labels x epochs at ``fast_budget``."""
+    """The most epochs a round runs: ``epochs``; the fast schedule also caps labels x epochs at its pass budget."""
     if schedule != "fast":
         return settings.epochs
-    return max(1, min(settings.epochs, settings.fast_budget // max(1, n_labels)))
+    return max(1, min(settings.epochs, fast_budget(settings) // max(1, n_labels)))
 
 
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
@@ -252,7 +268,7 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
     for _ in range(settings.epochs):
         sums = torch.zeros(2, device=dev)  # summed on the device, read once an epoch
-        for size, y_host, x, y in _batches(x_all, y_all, y_host_all, generator, settings.batch_size):
+        for size, y_host, (x,), y in _batches((x_all,), y_all, y_host_all, generator, settings.batch_size):
             with autocast(dev):
                 embedded, logits = retrieval(x), classifier(x)
             triplet = batch_hard_triplet_loss(embedded.float(), y, settings.margin)
@@ -280,7 +296,13 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
         head.load_state_dict(start.classifier)
     head.to(dev).train()
     _freeze_batchnorm(head)
-    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    stem_all = None
+    if settings.fast_frozen_conv1 and not isinstance(head.block, torch.nn.Sequential):
+        for parameter in (*head.block.conv1.parameters(), *head.block.bn1.parameters()):
+            parameter.requires_grad_(False)
+        with torch.no_grad(), autocast(dev):
+            stem_all = block_stem(head.block, x_all)  # the frozen part's output, once a round
+    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=settings.lr)
     losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
     best, stale = math.inf, 0
     epochs = planned_epochs(settings, len(y_all), "fast")
@@ -288,9 +310,9 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     early_stopping = early_stopping and epochs < settings.epochs
     for _ in range(epochs):
         sums = torch.zeros(2, device=dev)
-        for size, _, x, y in _batches(x_all, y_all, None, generator, settings.batch_size):
+        for size, _, (x, stem), y in _batches((x_all, stem_all), y_all, None, generator, settings.batch_size):
             with autocast(dev):
-                pooled = head.pooled(x)
+                pooled = head.pooled(x, stem)
             logits = head.logits(pooled)
             triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
             cross_entropy = classifier_loss(logits, y)
@@ -311,7 +333,8 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
             break
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
-    return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast")
+    return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast",
+                        frozen_stem=stem_all is not None)
 
 
 def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[no-untyped-def]
@@ -321,8 +344,9 @@ def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[
     return x, torch.from_numpy(targets.astype(np.int64)).to(dev)
 
 
-def _batches(x_all, y_all, y_host_all, generator, batch_size: int):  # type: ignore[no-untyped-def]
-    """Yield (size, host targets or None, features, targets) of one epoch's shuffled batches.
+def _batches(inputs, y_all, y_host_all, generator, batch_size: int):  # type: ignore[no-untyped-def]
+    """Yield (size, host targets or None, inputs' rows (None for a None input), targets) of one epoch's
+    shuffled batches.
 
     The order is drawn on the host (the same numbers on every device) and moved to the device once an epoch:
     a host-to-device copy per batch would make each step wait for the GPU.
@@ -330,7 +354,23 @@ def _batches(x_all, y_all, y_host_all, generator, batch_size: int):  # type: ign
     order = _torch().randperm(len(y_all), generator=generator)
     on_device = order.to(y_all.device)
     for batch, index in zip(order.split(batch_size), on_device.split(batch_size), strict=True):
-        yield len(batch), None if y_host_all is None else y_host_all[batch], x_all[index], y_all[index]
+        rows = tuple(None if tensor is None else tensor[index] for tensor in inputs)
+        yield len(batch), None if y_host_all is None else y_host_all[batch], rows, y_all[index]
+
+
+def block_stem(block, x):  # type: ignore[no-untyped-def]
+    """The output of a residual block's first convolution, BatchNorm and ReLU (torchvision BasicBlock or
+    Bottleneck): what ``block_tail`` continues from."""
+    return block.relu(block.bn1(block.conv1(x)))
+
+
+def block_tail(block, stem, x):  # type: ignore[no-untyped-def]
+    """The rest of a residual block after ``block_stem``: ``block_tail(b, block_stem(b, x), x) == b(x)``."""
+    out = block.bn2(block.conv2(stem))
+    if hasattr(block, "conv3"):  # Bottleneck
+        out = block.bn3(block.conv3(block.relu(out)))
+    identity = x if block.downsample is None else block.downsample(x)
+    return block.relu(out + identity)
 
 
 def _append_epoch(losses: dict[str, list[float]], sums, n: int) -> None:  # type: ignore[no-untyped-def]
@@ -352,17 +392,30 @@ def _cpu_state(module) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+class StemCache(Protocol):
+    """Where the one-pass embedding keeps a frozen stem's output (``block_stem``, float16) of every patch."""
+
+    def get(self, start: int, count: int) -> np.ndarray | None:
+        """The stem outputs of patches ``start`` .. ``start + count - 1``, or None when they are not cached."""
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        """Cache the stem outputs of patches from ``start`` on."""
+
+
 def pretrained_retrieval(init_state: dict[str, Any]) -> dict[str, Any]:
     """Return the retrieval head's state before any training (the pretrained layer4[1])."""
     return _cpu_state(RetrievalHead(copy.deepcopy(init_state)))
 
 
 def embed(retrieval_state: dict[str, Any], init_state: dict[str, Any], chunks: Iterable[tuple[int, np.ndarray]],
-          n: int, device: str) -> np.ndarray:
-    """Embed features (chunks of (start, float16 block)) with a retrieval head: float32 (n, width)."""
+          n: int, device: str, stems: StemCache | None = None) -> np.ndarray:
+    """Embed features (chunks of (start, float16 block)) with a retrieval head: float32 (n, width).
+
+    ``stems``: the cache of this block's stem outputs (a block whose stem is frozen), as in ``embed_and_predict``.
+    """
     head = RetrievalHead(init_state)
     head.load_state_dict(retrieval_state)
-    return _run(head, chunks, n, block_width(init_state), device)
+    return _run(head, chunks, n, block_width(init_state), device, stems)
 
 
 def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_classes: int,
@@ -376,10 +429,13 @@ def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_clas
 
 
 def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_classes: int,
-                      chunks: Iterable[tuple[int, np.ndarray]], n: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+                      chunks: Iterable[tuple[int, np.ndarray]], n: int, device: str,
+                      stems: StemCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (embeddings (n, width), probabilities (n, C)) of features under a model's two heads.
 
-    One pass over the features; one block evaluation per patch when the heads share their block.
+    One pass over the features; one block evaluation per patch when the heads share their block. With
+    ``stems`` (a model whose shared block's stem stayed frozen, ``model["frozen_stem"]``), cached stem outputs
+    replace the block's first convolution (half the pass), and those not cached yet are computed and put there.
     """
     torch = _torch()
     dev = torch.device(device)
@@ -391,13 +447,15 @@ def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_class
         retrieval = RetrievalHead(init_state)
         retrieval.load_state_dict(model["retrieval"])
         retrieval.to(dev).eval()
+    if stems is not None and not (model.get("shared") and model.get("frozen_stem")):
+        raise ValueError("a stem cache needs a model whose shared block's stem is frozen")
     embeddings = np.zeros((n, block_width(init_state)), dtype=np.float32)
     probabilities = np.zeros((n, n_classes), dtype=np.float32)
     with torch.inference_mode():
         for start, block in chunks:
             x = _as_input(block, dev)
             with autocast(dev):
-                pooled = classifier.pooled(x)
+                pooled = classifier.pooled(x, None if stems is None else _stem_of(classifier.block, x, start, stems))
                 embedded = retrieval(x) if retrieval is not None else None
             logits = classifier.logits(pooled)
             if embedded is None:
@@ -408,6 +466,17 @@ def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_class
     return embeddings, probabilities
 
 
+def _stem_of(block, x, start: int, stems: StemCache):  # type: ignore[no-untyped-def]
+    """The stem outputs of a chunk's patches: from the cache, else computed and cached (float16, as the features;
+    a bfloat16 stem output is exact in float16 at magnitudes from 6e-5 to 65504)."""
+    cached = stems.get(start, len(x))
+    if cached is not None:
+        return _as_input(cached, x.device)
+    stem = block_stem(block, x)
+    stems.put(start, stem.to(_torch().float16).cpu().numpy())
+    return stem
+
+
 def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
     """Cached float16 features as the block's input: moved as float16, converted by torch (all cores) straight
     to the compute precision, channels-last (a numpy float32 copy took a fifth of the pass)."""
@@ -416,14 +485,16 @@ def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
     return x.to(mixed_precision_dtype(dev) or torch.float32).contiguous(memory_format=torch.channels_last)
 
 
-def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str,  # type: ignore[no-untyped-def]
+         stems: StemCache | None = None) -> np.ndarray:
     torch = _torch()
     dev = torch.device(device)
     head = head.to(dev).eval()
     out = np.zeros((n, width), dtype=np.float32)
     with torch.inference_mode():
         for start, block in chunks:
+            x = _as_input(block, dev)
             with autocast(dev):
-                result = head(_as_input(block, dev))
+                result = head(x) if stems is None else head(x, _stem_of(head.block, x, start, stems))
             out[start:start + len(block)] = result.float().cpu().numpy()
     return out

@@ -257,6 +257,13 @@ class Project:
     def state_path(self) -> Path:
         return self.root / "state" / "state.json"
 
+    def stems_path(self) -> Path:
+        """The frozen stem's output of every patch (``wsi_il.stems``): float16, shaped as the features."""
+        return self.root / "state" / "stems.npy"
+
+    def stems_meta_path(self) -> Path:
+        return self.root / "state" / "stems.json"
+
     def batch_dir(self, batch_id: str) -> Path:
         return self.root / "batches" / batch_id
 

@@ -23,6 +23,7 @@ from wsi_il.events import Reporter
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project, check_settings, current_versions, features_pending, now_iso
 from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
+from wsi_il.stems import ProjectStems, stem_key
 
 EMBED_CHUNK = 256
 REGION_MAX_BYTES = 64 * 2**20
@@ -158,13 +159,34 @@ def current_embeddings(ctx: Context) -> np.ndarray:
         if len(cached) == len(ctx.store):  # slides added since then make it stale
             return cached
     init = _init_state(ctx)
-    retrieval = _load_model(ctx, key)["retrieval"] if state["model"] else pretrained_retrieval(init)
-    advance = ctx.reporter.task("embedding the database", len(ctx.store))
+    model = _load_model(ctx, key) if state["model"] else None
+    retrieval = model["retrieval"] if model else pretrained_retrieval(init)
+    stems = _stem_cache(ctx, retrieval, init) if model is None or model.get("frozen_stem") else None
+    advance = ctx.reporter.task(_pass_title("embedding the database", stems), len(ctx.store))
     embeddings = embed(retrieval, init, _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
-                       ctx.device)
+                       ctx.device, stems)
+    if stems is not None:
+        stems.finish()
     ctx.project.write_array(path, embeddings)
     ctx.project.write_json(ctx.project.state_path(), {**state, "embeddings": key})
     return embeddings
+
+
+def _stem_cache(ctx: Context, block_state: dict[str, Any], init: dict[str, Any]) -> ProjectStems | None:
+    """The stem cache for a block (keys ``block.conv1.weight`` ...) in a project whose rounds keep the stem frozen
+    (the fast schedule with ``fast_frozen_conv1`` on this device, one trainable block); None elsewhere."""
+    from wsi_il.config import resolve_schedule
+    from wsi_il.heads import single_block
+
+    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    if not (settings.fast_frozen_conv1 and resolve_schedule(settings, ctx.device) == "fast" and single_block(init)):
+        return None
+    return ProjectStems(ctx.project, stem_key(block_state, ctx.project, ctx.manifest), len(ctx.store),
+                        ctx.store.shape)
+
+
+def _pass_title(title: str, stems: ProjectStems | None) -> str:
+    return title if stems is None or stems.complete else f"{title} (caching the frozen stem)"
 
 
 def _counted(chunks, advance):  # type: ignore[no-untyped-def]
@@ -561,10 +583,13 @@ def _train_round(ctx: Context, model_id: str) -> float:
     heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance, schedule)
     _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     train_seconds = time.perf_counter() - started
-    advance = ctx.reporter.task("re-embedding and predicting", len(ctx.store))
+    stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
+    advance = ctx.reporter.task(_pass_title("re-embedding and predicting", stems), len(ctx.store))
     embeddings, predictions = embed_and_predict(heads.model(), init, len(ctx.classes),
                                                 _counted(ctx.store.chunks(EMBED_CHUNK), advance), len(ctx.store),
-                                                ctx.device)
+                                                ctx.device, stems)
+    if stems is not None:
+        stems.finish()
     ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
     ctx.project.write_array(ctx.project.predictions_path(), predictions)
     ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,

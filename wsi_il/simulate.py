@@ -73,7 +73,10 @@ class SimulationSettings:
     schedule: str = "auto"
     """The rounds' training schedule (TrainSettings.schedule): auto, paper or fast."""
     fast_budget: int = TrainSettings.fast_budget
-    """The fast schedule's most training patch passes per round (TrainSettings.fast_budget)."""
+    """The fast schedule's most training patch passes per round; 0: its default (TrainSettings.fast_budget)."""
+    fast_frozen_conv1: bool | None = None
+    """The fast schedule keeps the block's first convolution frozen (TrainSettings.fast_frozen_conv1); None: as
+    ``init`` decides for ``weights`` (``config.frozen_conv1_default``)."""
     reference: bool = True
     """Train the full-supervision reference (once, seed 0); without it the 95%/100% columns stay empty."""
     tile_size_px: int = 256
@@ -92,14 +95,17 @@ class SimulationSettings:
 
         check_trainable(self.trainable)
         for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}",
-                                 "e.g. 1 or more")
+            least = 0 if name == "fast_budget" else 1  # a budget of 0 is the default
+            if getattr(self, name) < least:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}",
+                                 f"e.g. {least} or more")
 
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
                              refine_query=self.refine_query, seed=seed, schedule=self.schedule,
-                             fast_budget=self.fast_budget)
+                             fast_budget=self.fast_budget,
+                             fast_frozen_conv1=(frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None
+                                                else self.fast_frozen_conv1))
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, d
 
 
 def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
-    """Copy a project made before any session, with its own uid and training settings (features shared)."""
+    """Copy a project made before any session (its feature files too), with its own uid and training settings."""
     if target.exists():
         shutil.rmtree(target)
     if (base.root / "sessions").exists() or base.ledger_path().exists():
@@ -285,11 +291,12 @@ def _full_supervision(ctx: Any, targets: np.ndarray, train: TrainSettings) -> tu
     """
     from dataclasses import replace
 
+    from wsi_il.config import fast_budget
     from wsi_il.heads import train_heads
     from wsi_il.session import load_tensors
 
     init = load_tensors(ctx.project.init_model_path())
-    unbounded = replace(train, fast_budget=max(train.fast_budget, train.epochs * len(targets)))
+    unbounded = replace(train, fast_budget=max(fast_budget(train), train.epochs * len(targets)))
     heads = train_heads(ctx.store.take(np.arange(len(ctx.table))), targets, init, len(ctx.classes), unbounded,
                         ctx.device, early_stopping=False)
     return heads, init
