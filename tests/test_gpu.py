@@ -25,8 +25,24 @@ def _shifted_features(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return features.astype(np.float16), targets
 
 
-@pytest.mark.parametrize("schedule", ["paper", "fast"])
-def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule):
+class _MemoryStems:
+    """A stem cache in memory (``heads.StemCache``)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, np.ndarray] = {}
+        self.puts = 0
+
+    def get(self, start: int, count: int) -> np.ndarray | None:
+        rows = self.rows.get(start)
+        return None if rows is None or len(rows) != count else rows
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        self.rows[start] = rows
+        self.puts += 1
+
+
+@pytest.mark.parametrize(("schedule", "frozen"), [("paper", False), ("fast", False), ("fast", True)])
+def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule, frozen):
     from torchvision.models import resnet18
 
     from wsi_il.heads import embed_and_predict, train_heads
@@ -34,12 +50,19 @@ def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule):
     torch.manual_seed(0)
     init = resnet18().layer4[1].state_dict()
     features, targets = _shifted_features()
-    heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, schedule=schedule), "cuda")
+    settings = TrainSettings(epochs=20, schedule=schedule, fast_frozen_conv1=frozen)
+    heads = train_heads(features, targets, init, 2, settings, "cuda")
+    assert heads.frozen_stem == frozen
     embeddings, probs = embed_and_predict(heads.model(), init, 2, [(0, features)], len(features), "cuda")
     assert (probs.argmax(1) == targets).mean() > 0.9
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-3)
     _, cpu_probs = embed_and_predict(heads.model(), init, 2, [(0, features)], len(features), "cpu")
     assert np.abs(probs - cpu_probs).max() < 0.05  # bf16 on both sides: agreement to its precision
+    if frozen:  # the stem cache on the GPU: filled by one pass, read by the next, the same predictions
+        stems, chunks = _MemoryStems(), [(0, features[:40]), (40, features[40:])]
+        for _ in range(2):
+            _, cached = embed_and_predict(heads.model(), init, 2, chunks, len(features), "cuda", stems)
+            assert stems.puts == 2 and np.abs(cached - probs).max() < 0.02  # the second pass only read
 
 
 @pytest.mark.parametrize("schedule", ["paper", "fast"])
