@@ -33,6 +33,8 @@ def test_a_cache_is_read_only_when_complete_and_for_its_own_key(tmp_path):
     rebuilt.finish()
     assert np.array_equal(ProjectStems(project, "key-b", 7, (4, 2, 2)).get(0, 7), rows[::-1])
     assert sorted(p.name for p in project.stems_path().parent.iterdir()) == ["stems.json", "stems.npy"]
+    project.stems_meta_path().write_text("{not json")  # a damaged key: rebuilt, not an error
+    assert not ProjectStems(project, "key-b", 7, (4, 2, 2)).complete
 
 
 def test_the_key_follows_the_stem_weights_and_the_feature_files(tmp_path):

@@ -8,7 +8,9 @@ block (``heads.block_tail``): half the arithmetic of re-embedding.
 One float16 array in ``state/`` laid out as the feature store (a patch's stem output has the shape of its
 features), plus a key: the stem's weights and the identity of every features file. A change of either (new
 weights, ``reextract``, ``add-slide``) makes the cache stale and the next pass rebuilds it. The array is
-written under a temporary name and renamed when complete, so a killed pass leaves no half cache behind.
+written under a temporary name with positioned writes (as the features: a writable memory map would keep every
+page in memory, and a full disk would kill the process instead of raising an error) and renamed when complete,
+so a killed pass leaves no half cache behind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.database import RowWriter
+from wsi_il.errors import ProjectStateError
 from wsi_il.fsutil import atomic_write_text, fsync_dir
 from wsi_il.project import Project
 
@@ -58,9 +62,12 @@ class ProjectStems:
         self.path, self.meta_path = project.stems_path(), project.stems_meta_path()
         self.key, self.n, self.shape = key, n, shape
         self.rows: np.ndarray | None = None
-        self.writer: np.memmap | None = None
-        meta = project.read_json(self.meta_path, default={}) if self.meta_path.is_file() else {}
-        if meta.get("key") == key and self.path.is_file():
+        self.writer: RowWriter | None = None
+        try:
+            meta = project.read_json(self.meta_path, default={})
+        except ProjectStateError:  # a damaged key: the cache is rebuilt, nothing is lost
+            meta = {}
+        if isinstance(meta, dict) and meta.get("key") == key and self.path.is_file():
             rows = np.load(self.path, mmap_mode="r", allow_pickle=False)
             if rows.shape == (n, *shape) and rows.dtype == np.float16:
                 self.rows = rows
@@ -80,17 +87,15 @@ class ProjectStems:
             self.meta_path.unlink(missing_ok=True)  # the old cache is stale from now on
             self.path.unlink(missing_ok=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = np.lib.format.open_memmap(self._partial(), mode="w+", dtype=np.float16,
-                                                    shape=(self.n, *self.shape))
-        self.writer[start:start + len(rows)] = rows
+            self.writer = RowWriter(self._partial(), (self.n, *self.shape), np.float16, create=True)
+        self.writer.write(start, rows, durable=False)
 
     def finish(self) -> None:
         """Make a cache written in this pass durable and current (call after the pass covered every patch)."""
         if self.writer is None:
             return
-        self.writer.flush()
-        with open(self._partial(), "rb+") as handle:
-            os.fsync(handle.fileno())
+        self.writer.sync()
+        self.writer.close()
         self.writer = None
         os.replace(self._partial(), self.path)
         fsync_dir(self.path.parent)
