@@ -8,7 +8,9 @@
 Two schedules (``TrainSettings.schedule``): 'paper' trains the two heads separately, each from its own copy
 of layer4[1], as METHOD.md; 'fast' trains one layer4[1] shared by both heads (the sum of both losses), from
 the previous round's weights, with early stopping and a bounded number of patch passes, and embeds and
-predicts every patch in one pass. Forward passes run in bfloat16 where the hardware does so natively
+predicts every patch in one pass. With ``fast_frozen_conv1`` the block's stem (first convolution, BatchNorm,
+ReLU: ``block_stem``) keeps its weights: training runs only the rest (``block_tail``), and the pass reads the
+stem's output from a cache (``StemCache``) once it has been computed. Forward passes run in bfloat16 where the hardware does so natively
 (``wsi_il.precision``).
 
 Targets are class indices; a binary "no" in a project of more than two classes is stored as
