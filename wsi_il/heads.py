@@ -140,8 +140,8 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
         with _torch().autocast(pooled.device.type, enabled=False):
             return self.fc(pooled)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
-        return self.logits(self.pooled(x))
+    def forward(self, x, stem=None):  # type: ignore[no-untyped-def]
+        return self.logits(self.pooled(x, stem))
 
 
 def _pooled(block, x, stem):  # type: ignore[no-untyped-def]
@@ -497,6 +497,6 @@ def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, dev
         for start, block in chunks:
             x = _as_input(block, dev)
             with autocast(dev):
-                result = head(x) if stems is None else head(x, _stem_of(head.block, x, start, stems))
+                result = head(x, None if stems is None else _stem_of(head.block, x, start, stems))
             out[start:start + len(block)] = result.float().cpu().numpy()
     return out
