@@ -299,7 +299,7 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     head.to(dev).train()
     _freeze_batchnorm(head)
     stem_all = None
-    if settings.fast_frozen_conv1 and not isinstance(head.block, torch.nn.Sequential):
+    if settings.fast_frozen_conv1 and single_block(init_state):
         for parameter in (*head.block.conv1.parameters(), *head.block.bn1.parameters()):
             parameter.requires_grad_(False)
         with torch.no_grad(), autocast(dev):

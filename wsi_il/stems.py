@@ -38,21 +38,15 @@ def stem_key(classifier_state: dict[str, Any], project: Project, manifest: dict[
     for name in sorted(classifier_state):
         local = name.removeprefix("block.")
         if name.startswith("block.") and local.startswith(STEM_KEYS):
-            tensor = classifier_state[name].detach().cpu().contiguous()
+            tensor = classifier_state[name].detach().cpu()
             digest.update(f"{local}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+            digest.update(np.ascontiguousarray(tensor.float().numpy()).tobytes())
     for slide in project.slides(manifest):
         path = project.features_path(slide.id)
         if slide.tiled and slide.n_patches > 0 and path.is_file():
             stat = path.stat()
             digest.update(f"{slide.id}:{slide.n_patches}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
-
-
-def _byte_dtype():  # type: ignore[no-untyped-def]
-    import torch
-
-    return torch.uint8
 
 
 class ProjectStems:
