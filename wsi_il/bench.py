@@ -86,6 +86,8 @@ class BenchResult:
     extract_patches_per_s: float = 0.0
     trunk_limit_patches_per_s: float = 0.0
     extract_ratio_to_limit: float = 0.0
+    read_limit_patches_per_s: float = 0.0
+    """Reading alone (read, decode, resize in extraction's reader pool, no trunk): the other limit of extraction."""
     naive_patches_per_s: float = 0.0
     extract_ratio_to_naive: float = 0.0
     gpu_utilisation: float | None = None
@@ -153,6 +155,8 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     say("trunk limit (batches already in memory)")
     result.trunk_limit_patches_per_s = trunk_limit(project, device, sample)
     result.extract_ratio_to_limit = result.extract_patches_per_s / result.trunk_limit_patches_per_s
+    say("reading limit (the reader pool alone, no trunk)")
+    result.read_limit_patches_per_s = read_limit(project, device, min(4 * sample, result.patches))
     say("naive baseline (one handle, float32, no overlap)")
     result.naive_patches_per_s = naive_baseline(project, slide, device, min(sample, result.patches))
     result.extract_ratio_to_naive = result.extract_patches_per_s / result.naive_patches_per_s
@@ -378,6 +382,25 @@ def trunk_limit(project: Project, device: str, sample: int) -> float:
         _sync(device)
         rates.append(batches * size / (time.perf_counter() - started))
     return max(rates)
+
+
+def read_limit(project: Project, device: str, sample: int) -> float:
+    """Patches/s of extraction's reader pool alone over the first ``sample`` patches (read, decode, resize into
+    shared memory; no trunk): with the trunk limit, the two ceilings of end-to-end extraction."""
+    from wsi_il.config import from_dict
+    from wsi_il.database import patch_table, reader_for
+    from wsi_il.features import batch_ranges, default_workers, trunk_batch_size
+    from wsi_il.readers import read_batches
+
+    manifest = project.read_manifest()
+    settings = from_dict(FeatureSettings, manifest["features"])
+    record = patch_table(project, manifest).slides[0]
+    px = settings.input_px
+    batches = batch_ranges(0, min(sample, record.n_patches), trunk_batch_size(device, settings.batch_size))
+    started = time.perf_counter()
+    read = sum(len(tiles) for tiles, _ in read_batches(lambda: reader_for(project, record, px), batches,
+                                                        default_workers(), (px, px, 3)))
+    return read / (time.perf_counter() - started)
 
 
 def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> float:

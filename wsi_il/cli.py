@@ -879,6 +879,7 @@ def bench(
                       f"{result.features_seconds:.1f} s; setup before it {result.setup_seconds:.1f} s)",
                       f"naive {result.naive_patches_per_s:.1f}/s",
                       f"{result.extract_ratio_to_naive:.2f}x naive")
+        table.add_row("", "", f"reading limit {result.read_limit_patches_per_s:.1f}/s", "")
         paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"
                       if result.round_seconds_paper_settings is not None else "paper's settings: not run")
         ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default

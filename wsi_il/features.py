@@ -257,6 +257,12 @@ GPU_BATCH = 256
 in-memory batches, 5.8 ms a batch for about 0.1 ms of arithmetic (docs/speed.md, "GPU")."""
 
 
+def trunk_batch_size(device: Any, configured: int) -> int:
+    """Patches per trunk batch on a device: the project's setting on a CPU, at least ``GPU_BATCH`` on a GPU (there
+    the per-batch cost of ~60 kernel launches and two copies sets the pace of small batches)."""
+    return configured if str(device).startswith("cpu") else max(configured, GPU_BATCH)
+
+
 def default_workers() -> int:
     """Return how many readers (processes, or threads) to use: every core, at least two."""
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
@@ -285,9 +291,8 @@ class FeatureExtractor:
             torch.set_num_threads(default_workers())
 
     def batch_size(self, configured: int) -> int:
-        """Patches per trunk batch on this device: the project's setting on a CPU, at least ``GPU_BATCH`` on a
-        GPU (there the per-batch cost of ~60 kernel launches and two copies sets the pace of small batches)."""
-        return configured if self.device.type == "cpu" else max(configured, GPU_BATCH)
+        """Patches per trunk batch on this device (``trunk_batch_size``)."""
+        return trunk_batch_size(self.device, configured)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3)."""
