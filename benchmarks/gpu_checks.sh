@@ -2,8 +2,11 @@
 # The GPU checks of docs/speed.md and docs/pretraining.md as one prepared run (a lent GPU's time is short):
 # the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
 #
-#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench probe-moco probe-simclr
+#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench graphs-ab profile probe-moco probe-simclr
 #                                                      (default: tests bench probe-moco)
+# graphs-ab: training and the round with and without CUDA graphs (WSI_IL_CUDA_GRAPHS), interleaved;
+# profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats). Both need
+# the project that the bench stage leaves in WORK.
 # Environment: WSI_IL_DATA  folder holding bach-iciar2018-1536jpeg-sample/ (default ../shared/data)
 #              PYTHON       the interpreter that has wsi-il and torch (default python3)
 #              DEVICE       cuda (default); cpu runs the same stages as a dry run
@@ -41,13 +44,25 @@ for stage in $stages; do
         bench)
             logged bench "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench" \
                 --json "$out/bench_$device.json" ${BENCH_ARGS:-} ;;
+        graphs-ab)
+            logged graphs_ab bash -c "for graphs in --graphs --no-graphs; do
+                    $py benchmarks/heads_timing.py --device $device --schedule paper \$graphs || exit; done
+                for graphs in 1 0 1 0; do
+                    WSI_IL_CUDA_GRAPHS=\$graphs $py benchmarks/round_timing.py $work/bench --runs 1 \
+                        --device $device --variant paper | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit; done" ;;
+        profile)
+            spec="{\"project\": \"$work/profile-project\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
+            rm -rf "$work/profile-project"
+            logged profile bash -c "$py -m cProfile -o $out/round.prof benchmarks/round_timing.py $work/bench \
+                    --runs 2 --device $device --variant paper &&
+                $py -m cProfile -o $out/extract.prof -m wsi_il.bench '$spec'" ;;
         probe-moco | probe-simclr)
             method=${stage#probe-}
             logged "probe_$method" "$py" benchmarks/pretrain_probe.py --device "$device" --method "$method" \
                 --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
                 cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
         *)
-            echo "unknown stage '$stage': use tests, bench, probe-moco or probe-simclr" >&2
+            echo "unknown stage '$stage': use tests, bench, graphs-ab, profile, probe-moco or probe-simclr" >&2
             exit 2 ;;
     esac
     status=$?

@@ -2,7 +2,7 @@
 of a round, to compare code versions on one machine.
 
 usage: python benchmarks/heads_timing.py [--device cuda] [--labels 250] [--schedule paper] [--epochs 50]
-                                        [--frozen-conv1 | --no-frozen-conv1]
+                                        [--frozen-conv1 | --no-frozen-conv1] [--graphs | --no-graphs]
 
 Prints one JSON line: the seconds of two runs (the first includes CUDA warm-up and kernel selection), the
 first and last epoch's losses (equal across versions that compute the same thing), and which wsi_il was
@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--frozen-conv1", action=argparse.BooleanOptionalAction, default=None,
                         help="fast schedule: keep the block's first convolution frozen (default: the settings')")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="CUDA: each training step one captured graph (default: on CUDA, unless "
+                             "$WSI_IL_CUDA_GRAPHS=0)")
     args = parser.parse_args()
 
     import wsi_il.heads
@@ -49,11 +52,12 @@ def main() -> None:
             torch.cuda.synchronize()
         started = time.perf_counter()
         heads = wsi_il.heads.train_heads(features, targets, init, 2, settings, args.device, schedule=args.schedule,
-                                         early_stopping=False)
+                                         early_stopping=False, graphs=args.graphs)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(round(time.perf_counter() - started, 3))
-    print(json.dumps({"device": args.device, "schedule": args.schedule, "frozen_conv1": settings.fast_frozen_conv1, "labels": args.labels, "seconds": seconds,
+    print(json.dumps({"device": args.device, "schedule": args.schedule, "frozen_conv1": settings.fast_frozen_conv1,
+                      "graphs": args.graphs, "labels": args.labels, "seconds": seconds,
                       "first_losses": [heads.losses["triplet"][0], heads.losses["cross_entropy"][0]],
                       "last_losses": [heads.losses["triplet"][-1], heads.losses["cross_entropy"][-1]],
                       "wsi_il": wsi_il.heads.__file__}))

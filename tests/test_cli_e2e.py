@@ -201,7 +201,7 @@ def test_frozen_stem_is_cached_once_and_gives_the_full_blocks_predictions(block_
 
     project = tmp_path / "frozen"
     run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "3",
-        "--schedule", "fast", "--fast-frozen-conv1", "--device", "cpu")  # on by hand: off by default with random weights
+        "--schedule", "fast", "--fast-frozen-conv1", "--device", "cpu")  # by hand: off by default with random weights
     assert json.loads((project / "project.json").read_text())["train"]["fast_frozen_conv1"] is True
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)

@@ -65,6 +65,40 @@ def test_heads_train_and_predict_on_cuda_as_on_cpu(schedule, frozen):
             assert stems.puts == 2 and np.abs(cached - probs).max() < 0.02  # the second pass only read
 
 
+@pytest.mark.parametrize(("schedule", "frozen"), [("paper", False), ("fast", False), ("fast", True)])
+@pytest.mark.parametrize("few", [False, True])
+def test_graphed_training_steps_train_as_eager_ones(schedule, frozen, few):
+    """Each training step one captured CUDA graph (the default on CUDA, here captured without a warning): the
+    same losses and weights as step-by-step training, over both captured batch sizes (64 and the epoch's last
+    22), "not class 0" targets and, with ``few`` class-1 rows, batches with no triplet (no retrieval step)."""
+    import warnings
+
+    from torchvision.models import resnet18
+
+    from wsi_il.heads import train_heads
+
+    torch.manual_seed(0)
+    init = resnet18().layer4[1].state_dict()
+    features, targets = _shifted_features(150)
+    targets[::5] = -1
+    if few:
+        targets[:] = 0
+        targets[:3] = 1
+    settings = TrainSettings(epochs=3, schedule=schedule, fast_frozen_conv1=frozen)
+    eager = train_heads(features, targets, init, 2, settings, "cuda", early_stopping=False, graphs=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = train_heads(features, targets, init, 2, settings, "cuda", early_stopping=False)
+    assert not [w for w in caught if "graph" in str(w.message) or "capturable" in str(w.message)], \
+        [str(w.message) for w in caught]  # a failed capture warns and falls back: here it must not
+    for key in ("triplet", "cross_entropy"):
+        np.testing.assert_allclose(graphed.losses[key], eager.losses[key], rtol=2e-3, atol=1e-4)
+    for state in ("retrieval", "classifier"):
+        for name, value in getattr(eager, state).items():
+            other = getattr(graphed, state)[name]
+            assert torch.allclose(other.float(), value.float(), rtol=1e-2, atol=2e-3), (state, name)
+
+
 @pytest.mark.parametrize("schedule", ["paper", "fast"])
 def test_training_waits_for_the_gpu_once_an_epoch_not_every_step(schedule):
     """A wait per step stops the host from queueing ahead: eager PyTorch's per-operation cost would set a

@@ -362,9 +362,6 @@ def _two_classes(n: int, seed: int, shift: float):  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize("schedule", ["paper", "fast"])
 def test_train_heads_learns_two_shifted_distributions(schedule):
-    import torch
-    from torchvision.models import resnet18
-
     from wsi_il.heads import embed, embed_and_predict, predict, train_heads
 
     n = 40
@@ -588,3 +585,20 @@ def test_extraction_commits_unless_the_last_commit_took_a_tenth_of_the_time_sinc
     commits.commit(sync_for(0.001))
     clock[0] += 0.4  # a CPU batch
     assert commits.due()
+
+
+def test_has_triplet_agrees_with_the_loss_masks():
+    """The host-side test (numpy) says what the batch-hard loss's masks say, over mixed targets ("not c" as -c-1)."""
+    import torch
+
+    from wsi_il.heads import has_triplet, triplet_masks
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(400):
+        targets = rng.integers(-3, 3, int(rng.integers(1, 7)))
+        same, different = triplet_masks(torch.from_numpy(targets))
+        expected = bool((same.any(1) & different.any(1)).any())
+        assert has_triplet(targets) == expected, targets
+        seen.add(expected)
+    assert seen == {True, False}

@@ -10,8 +10,9 @@ of layer4[1], as METHOD.md; 'fast' trains one layer4[1] shared by both heads (th
 the previous round's weights, with early stopping and a bounded number of patch passes, and embeds and
 predicts every patch in one pass. With ``fast_frozen_conv1`` the block's stem (first convolution, BatchNorm,
 ReLU: ``block_stem``) keeps its weights: training runs only the rest (``block_tail``), and the pass reads the
-stem's output from a cache (``StemCache``) once it has been computed. Forward passes run in bfloat16 where the hardware does so natively
-(``wsi_il.precision``).
+stem's output from a cache (``StemCache``) once it has been computed. Forward passes run in bfloat16 where the
+hardware does so natively (``wsi_il.precision``). On CUDA each training step is one captured graph
+(``_StepGraphs``).
 
 Targets are class indices; a binary "no" in a project of more than two classes is stored as
 ``-(c + 1)`` ("not class c"): it is a negative for class c in the triplet loss and is trained with
@@ -188,10 +189,17 @@ def batch_hard_triplet_loss(embeddings, targets, margin: float):  # type: ignore
     return per_anchor.sum() / valid.sum().clamp(min=1)
 
 
-def has_triplet(targets) -> bool:  # type: ignore[no-untyped-def]
-    """Whether a batch's targets (a CPU tensor) give any anchor a positive and a negative."""
-    same, different = triplet_masks(targets)
-    return bool((same.any(1) & different.any(1)).any())
+def has_triplet(targets: np.ndarray) -> bool:
+    """Whether a batch's targets give any anchor a positive and a negative (as ``triplet_masks`` says; from numpy
+    on the host: microseconds, where the masks on CPU tensors took a quarter of a millisecond a step).
+
+    An anchor is of a class c; it has a positive when another row is of c, and a negative when a row is of
+    another class or says "not c".
+    """
+    known = targets[targets >= 0]
+    classes, counts = np.unique(known, return_counts=True)
+    return any(count < len(known) or bool(np.any(targets == -c - 1))
+               for c, count in zip(classes, counts, strict=True) if count >= 2)
 
 
 def classifier_loss(logits, targets):  # type: ignore[no-untyped-def]
@@ -239,23 +247,24 @@ def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
                 on_epoch: Callable[[int], None] | None = None, schedule: str | None = None,
-                early_stopping: bool = True) -> TrainedHeads:
+                early_stopping: bool = True, graphs: bool | None = None) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
 
     ``schedule`` overrides the settings' (resolved for ``device`` when 'auto'). ``on_epoch(1)`` is called
     after every epoch (a progress advance). ``early_stopping=False`` makes the fast schedule run all its
-    planned epochs (the paper's never stops early).
+    planned epochs (the paper's never stops early). ``graphs``: run each training step as a captured CUDA graph
+    (``_StepGraphs``); None: on CUDA unless ``$WSI_IL_CUDA_GRAPHS`` is 0, falling back to eager steps (with a
+    warning) where capture fails; True: graphs, or the capture's error.
     """
     schedule = schedule or resolve_schedule(settings, device)
     if schedule == "fast":
         return _train_shared(features, targets, init_state, n_classes, settings, device, start, on_epoch,
-                             early_stopping)
+                             early_stopping, graphs)
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     dev = torch.device(device)
     x_all, y_all = _on_device(features, targets, dev)
-    y_host_all = torch.from_numpy(targets.astype(np.int64))
     retrieval = RetrievalHead(init_state)
     classifier = ClassifierHead(init_state, n_classes)
     if start is not None:
@@ -265,28 +274,30 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     classifier.to(dev).train()
     _freeze_batchnorm(retrieval)
     _freeze_batchnorm(classifier)
-    opt_r = torch.optim.Adam(retrieval.parameters(), lr=settings.lr)
-    opt_c = torch.optim.Adam(classifier.parameters(), lr=settings.lr)
-    losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
-    for _ in range(settings.epochs):
-        sums = torch.zeros(2, device=dev)  # summed on the device, read once an epoch
-        for size, y_host, (x,), y in _batches((x_all,), y_all, y_host_all, generator, settings.batch_size):
-            with autocast(dev):
-                embedded, logits = retrieval(x), classifier(x)
-            triplet = batch_hard_triplet_loss(embedded.float(), y, settings.margin)
-            if has_triplet(y_host):  # no valid triplet: no step (nothing to learn from)
-                _step(opt_r, triplet)
-            sums[0] += triplet.detach() * size
-            sums[1] += _step(opt_c, classifier_loss(logits.float(), y)) * size
-        _append_epoch(losses, sums, len(y_all))
-        if on_epoch:
-            on_epoch(1)
+    opt_r = _adam(retrieval.parameters(), settings.lr, _want_graphs(graphs, dev))
+    opt_c = _adam(classifier.parameters(), settings.lr, _want_graphs(graphs, dev))
+
+    def retrieval_step(rows, y):  # type: ignore[no-untyped-def]
+        with autocast(dev, cache=False):
+            embedded = retrieval(rows[0])
+        return (_step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin)),)
+
+    def classifier_step(rows, y):  # type: ignore[no-untyped-def]
+        with autocast(dev, cache=False):
+            logits = classifier(rows[0])
+        return (_step(opt_c, classifier_loss(logits.float(), y)),)
+
+    updates = [_Update(retrieval_step, (0,), retrieval, opt_r, needs_triplet=True),  # no triplet: no step
+               _Update(classifier_step, (1,), classifier, opt_c)]
+    losses = _train_epochs(updates, (x_all,), y_all, targets, settings.batch_size, settings.epochs, generator,
+                           on_epoch, graphs)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
 
 
 def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                   settings: TrainSettings, device: str, start: TrainedHeads | None,
-                  on_epoch: Callable[[int], None] | None, early_stopping: bool = True) -> TrainedHeads:
+                  on_epoch: Callable[[int], None] | None, early_stopping: bool = True,
+                  graphs: bool | None = None) -> TrainedHeads:
     """The fast schedule: one block for both heads, warm-started, early-stopped, bounded passes."""
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
@@ -304,39 +315,215 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
             parameter.requires_grad_(False)
         with torch.no_grad(), autocast(dev):
             stem_all = block_stem(head.block, x_all)  # the frozen part's output, once a round
-    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=settings.lr)
-    losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
-    best, stale = math.inf, 0
+    optimizer = _adam([p for p in head.parameters() if p.requires_grad], settings.lr, _want_graphs(graphs, dev))
+
+    def shared_step(rows, y):  # type: ignore[no-untyped-def]
+        x, stem = rows
+        with autocast(dev, cache=False):
+            pooled = head.pooled(x, stem)
+        logits = head.logits(pooled)
+        triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
+        cross_entropy = classifier_loss(logits, y)
+        _step(optimizer, triplet + cross_entropy)
+        return triplet.detach(), cross_entropy.detach()
+
     epochs = planned_epochs(settings, len(y_all), "fast")
     # Early stopping only where the pass budget binds: a round within it is cheap and runs the paper's epochs.
-    early_stopping = early_stopping and epochs < settings.epochs
-    for _ in range(epochs):
-        sums = torch.zeros(2, device=dev)
-        for size, _, (x, stem), y in _batches((x_all, stem_all), y_all, None, generator, settings.batch_size):
-            with autocast(dev):
-                pooled = head.pooled(x, stem)
-            logits = head.logits(pooled)
-            triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
-            cross_entropy = classifier_loss(logits, y)
-            _step(optimizer, triplet + cross_entropy)
-            sums[0] += triplet.detach() * size
-            sums[1] += cross_entropy.detach() * size
-        _append_epoch(losses, sums, len(y_all))
-        if on_epoch:
-            on_epoch(1)
-        total = losses["triplet"][-1] + losses["cross_entropy"][-1]
-        if not early_stopping:
-            continue
-        if total < FAST_FITTED_LOSS:
-            break
-        stale = 0 if total < best else stale + 1
-        best = min(best, total)
-        if stale >= FAST_PATIENCE:
-            break
+    stopping = _EarlyStop() if early_stopping and epochs < settings.epochs else None
+    losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all), y_all, targets,
+                           settings.batch_size, epochs, generator, on_epoch, graphs, stopping)
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
     return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast",
                         frozen_stem=stem_all is not None)
+
+
+class _EarlyStop:
+    """The fast schedule's stopping rule: every label fitted, or ``FAST_PATIENCE`` epochs without a new low."""
+
+    def __init__(self) -> None:
+        self.best, self.stale = math.inf, 0
+
+    def __call__(self, losses: dict[str, list[float]]) -> bool:
+        total = losses["triplet"][-1] + losses["cross_entropy"][-1]
+        if total < FAST_FITTED_LOSS:
+            return True
+        self.stale = 0 if total < self.best else self.stale + 1
+        self.best = min(self.best, total)
+        return self.stale >= FAST_PATIENCE
+
+
+def _adam(parameters, lr: float, capturable: bool):  # type: ignore[no-untyped-def]
+    """Adam; ``capturable``: its state on the device, so that its step can be part of a captured graph."""
+    return _torch().optim.Adam(parameters, lr=lr, capturable=capturable)
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One optimiser update of a training step: ``step(rows, y)`` runs forward, loss, backward and the step of
+    ``optimizer`` on ``module`` for a batch (``rows``: one tensor, or None, per training input) and returns its
+    detached losses, which the epoch sums into ``slots`` (0: triplet, 1: cross-entropy)."""
+
+    step: Callable[[tuple[Any, ...], Any], tuple[Any, ...]]
+    slots: tuple[int, ...]
+    module: Any
+    optimizer: Any
+    needs_triplet: bool = False
+    """Skipped (no step, a loss of 0) for a batch where no anchor has both a positive and a negative."""
+
+
+def _apply(updates: list[_Update], rows: tuple[Any, ...], y, sums, size: int) -> None:  # type: ignore[no-untyped-def]
+    for update in updates:
+        for slot, loss in zip(update.slots, update.step(rows, y), strict=True):
+            sums[slot] += loss * size
+
+
+def _train_epochs(updates: list[_Update], inputs: tuple[Any, ...], y_all, targets: np.ndarray,  # type: ignore[no-untyped-def]
+                  batch_size: int, epochs: int, generator, on_epoch: Callable[[int], None] | None,
+                  graphs: bool | None, stop: Callable[[dict[str, list[float]]], bool] | None = None,
+                  ) -> dict[str, list[float]]:
+    """Run up to ``epochs`` epochs of shuffled batches (until ``stop(losses)``); return the per-epoch mean losses.
+
+    The order is drawn on the host (the same numbers on every device) and moved to the device once an epoch;
+    losses are summed on the device and read once an epoch: a wait for the GPU per step would stop the host
+    from queueing ahead.
+    """
+    torch = _torch()
+    dev, n = y_all.device, len(y_all)
+    sums = torch.zeros(2, device=dev)
+    runner = _step_graphs(updates, inputs, y_all, sums, batch_size, graphs)
+    losses: dict[str, list[float]] = {"triplet": [], "cross_entropy": []}
+    for _ in range(epochs):
+        sums.zero_()
+        order = torch.randperm(n, generator=generator)
+        for batch, index in zip(order.split(batch_size), order.to(dev).split(batch_size), strict=True):
+            chosen = [k for k, update in enumerate(updates)
+                      if not update.needs_triplet or has_triplet(targets[batch.numpy()])]
+            if runner is not None:
+                runner.run(chosen, index)
+            else:
+                rows = tuple(None if tensor is None else tensor[index] for tensor in inputs)
+                _apply([updates[k] for k in chosen], rows, y_all[index], sums, len(batch))
+        _append_epoch(losses, sums, n)
+        if on_epoch:
+            on_epoch(1)
+        if stop is not None and stop(losses):
+            break
+    return losses
+
+
+GRAPHS_ENV = "WSI_IL_CUDA_GRAPHS"
+"""'0': train step by step on CUDA too (for comparison, or where capture fails)."""
+
+
+def _want_graphs(graphs: bool | None, dev) -> bool:  # type: ignore[no-untyped-def]
+    """Whether training steps are to be captured: ``graphs`` when said, else on CUDA unless $WSI_IL_CUDA_GRAPHS
+    is 0."""
+    import os
+
+    if graphs is not None:
+        return graphs
+    return dev.type == "cuda" and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+
+
+def _step_graphs(updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, batch_size: int,  # type: ignore[no-untyped-def]
+                 graphs: bool | None) -> _StepGraphs | None:
+    """The captured steps where ``graphs`` asks for them (see ``train_heads``), else None (eager steps)."""
+    import warnings
+
+    if not _want_graphs(graphs, y_all.device):
+        return None
+    n = len(y_all)
+    sizes = sorted({min(batch_size, n)} | ({n % batch_size} if n > batch_size and n % batch_size else set()))
+    saved = _Snapshot(updates, sums)
+    try:
+        return _StepGraphs(updates, inputs, y_all, sums, sizes, saved)
+    except RuntimeError as exc:
+        saved.restore()
+        if graphs:
+            raise
+        warnings.warn(f"training steps could not be captured as CUDA graphs ({str(exc).splitlines()[0][:160]}); "
+                      f"they run one by one, slower (set {GRAPHS_ENV}=0 to skip the attempt)", stacklevel=3)
+        return None
+
+
+class _Snapshot:
+    """The weights, optimiser state and loss sums before the warm-up steps of a capture, to put back after it."""
+
+    def __init__(self, updates: list[_Update], sums) -> None:  # type: ignore[no-untyped-def]
+        self.updates, self.sums = updates, sums
+        self.weights = [(p, p.detach().clone()) for u in updates for p in u.module.parameters()]
+
+    def restore(self) -> None:
+        torch = _torch()
+        with torch.no_grad():
+            for parameter, value in self.weights:
+                parameter.copy_(value)
+            for update in self.updates:  # a fresh optimiser: the state it creates at its first step, zeroed
+                update.optimizer.zero_grad(set_to_none=True)
+                for state in update.optimizer.state.values():
+                    for value in state.values():
+                        if torch.is_tensor(value):
+                            value.zero_()
+            self.sums.zero_()
+
+
+class _StepGraphs:
+    """Each update of a training step captured as one CUDA graph per batch size (an epoch has at most two: the
+    batch size and its last, smaller batch), the batch's rows gathered inside it from a fixed index tensor.
+
+    A replay launches the whole step (gather, forward, loss, backward, Adam) at once: eager PyTorch spent about
+    3.4 ms of host time on each head's step on an H100 for a fraction of a millisecond of GPU work (docs/speed.md,
+    "GPU"). Capture needs warm-up steps, which change the weights and the optimiser's state: both are put back
+    (``_Snapshot``), so training starts where eager training would.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, sizes: list[int],  # type: ignore[no-untyped-def]
+                 saved: _Snapshot) -> None:
+        import warnings
+
+        torch = _torch()
+        self.updates, self.inputs, self.y_all, self.sums = updates, inputs, y_all, sums
+        self.index = {size: torch.arange(size, device=y_all.device) for size in sizes}
+        stream = torch.cuda.Stream(y_all.device)
+        stream.wait_stream(torch.cuda.current_stream(y_all.device))
+        with torch.cuda.stream(stream), warnings.catch_warnings():
+            # (Adam warns when a step built for capture runs uncaptured: these are the steps capture needs)
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            for _ in range(self.WARMUP):
+                for size in sizes:
+                    for update in updates:
+                        self._body(update, size)
+        torch.cuda.current_stream(y_all.device).wait_stream(stream)
+        saved.restore()
+        stream.wait_stream(torch.cuda.current_stream(y_all.device))
+        torch.cuda.synchronize(y_all.device)
+        # capture_begin/end rather than the torch.cuda.graph context, which collects Python's garbage at every
+        # capture (tens of milliseconds each in a process that has imported torch)
+        self.graphs: dict[tuple[int, int], Any] = {}
+        with torch.cuda.stream(stream):
+            for size in sizes:
+                for k, update in enumerate(updates):
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        self._body(update, size)
+                    finally:
+                        graph.capture_end()
+                    self.graphs[k, size] = graph
+
+    def _body(self, update: _Update, size: int) -> None:
+        index = self.index[size]
+        rows = tuple(None if tensor is None else tensor[index] for tensor in self.inputs)
+        _apply([update], rows, self.y_all[index], self.sums, size)
+
+    def run(self, chosen: list[int], index) -> None:  # type: ignore[no-untyped-def]
+        """One training step on the rows ``index`` (a device tensor): the chosen updates' graphs, replayed."""
+        self.index[len(index)].copy_(index)
+        for k in chosen:
+            self.graphs[k, len(index)].replay()
 
 
 def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[no-untyped-def]
@@ -344,20 +531,6 @@ def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[
     torch = _torch()
     x = torch.from_numpy(np.ascontiguousarray(features)).to(dev).float()
     return x, torch.from_numpy(targets.astype(np.int64)).to(dev)
-
-
-def _batches(inputs, y_all, y_host_all, generator, batch_size: int):  # type: ignore[no-untyped-def]
-    """Yield (size, host targets or None, inputs' rows (None for a None input), targets) of one epoch's
-    shuffled batches.
-
-    The order is drawn on the host (the same numbers on every device) and moved to the device once an epoch:
-    a host-to-device copy per batch would make each step wait for the GPU.
-    """
-    order = _torch().randperm(len(y_all), generator=generator)
-    on_device = order.to(y_all.device)
-    for batch, index in zip(order.split(batch_size), on_device.split(batch_size), strict=True):
-        rows = tuple(None if tensor is None else tensor[index] for tensor in inputs)
-        yield len(batch), None if y_host_all is None else y_host_all[batch], rows, y_all[index]
 
 
 def block_stem(block, x):  # type: ignore[no-untyped-def]

@@ -40,13 +40,16 @@ def precision_name(device: Any) -> str:
 
 
 @contextlib.contextmanager
-def autocast(device: Any) -> Iterator[None]:
-    """Run the enclosed forward passes in bfloat16 where that is native, else unchanged."""
+def autocast(device: Any, cache: bool = True) -> Iterator[None]:
+    """Run the enclosed forward passes in bfloat16 where that is native, else unchanged.
+
+    ``cache=False`` casts weights anew at each use, as a captured CUDA graph needs (training steps): a cast
+    cached from before the capture would not follow the weights' updates."""
     import torch
 
     dtype = mixed_precision_dtype(device)
     if dtype is None:
         yield
         return
-    with torch.autocast(torch.device(device).type, dtype=dtype):
+    with torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache):
         yield

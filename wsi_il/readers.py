@@ -184,6 +184,8 @@ class _ProcessPool:
 def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> None:
     """A worker: load the items of each task into its slot rows; report what was kept, or the error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    if "torch" in sys.modules:  # one thread a worker (the workers are the parallelism), and no OpenMP pool
+        sys.modules["torch"].set_num_threads(1)  # forked from the parent's, which can hang a forked child
     results.cancel_join_thread()  # a worker ended early must not wait for the parent to read its last reports
     try:
         load, close = make_load()

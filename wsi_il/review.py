@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import shlex
 import zlib
@@ -173,11 +174,13 @@ def write_batch(
     folder.mkdir(parents=True, exist_ok=True)
     names = image_names(patches)
     _remove_stale_images(folder, names)
-    for name, image in zip(names, images, strict=True):
-        atomic_write_bytes(folder / name, _png_bytes(image.convert("RGB")))
+    *encoded, sheet = _png_encoded([image.convert("RGB") for image in images]
+                                   + [render_contact_sheet(info, patches, images)])
+    for name, data in zip(names, encoded, strict=True):
+        atomic_write_bytes(folder / name, data)
     if not (same and (folder / LABELS_CSV).is_file()):
         atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names))
-    atomic_write_bytes(folder / CONTACT_SHEET, _png_bytes(render_contact_sheet(info, patches, images)))
+    atomic_write_bytes(folder / CONTACT_SHEET, sheet)
     _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
     atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint))
     atomic_write_text(folder / BATCH_JSON, _batch_json_text(info, patches))
@@ -243,6 +246,14 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+def _png_encoded(images: list[Image.Image]) -> list[bytes]:
+    """The PNG bytes of each image, encoded on every core (PIL's encoder leaves the interpreter lock free)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_png_bytes, images))
 
 
 def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:

@@ -35,6 +35,7 @@ from wsi_il.config import (
     SessionSettings,
     TilingSettings,
     TrainSettings,
+    frozen_conv1_default,
     to_dict,
 )
 from wsi_il.errors import InputError, ProjectStateError

@@ -163,6 +163,8 @@ class TileReader:
         except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
             raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}): {exc}",
                              "the slide file may be damaged") from exc
+        if region.mode == "RGBA" and region.getextrema()[3][0] == 255:  # inside the scanned area: drop alpha
+            return np.array(region.convert("RGB"))  # half the time of numpy's copy of the three channels
         return _flatten(np.asarray(region))
 
     def close(self) -> None:
