@@ -26,10 +26,11 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """Return the HSV saturation (0-255) of an RGB uint8 image."""
-    rgb = rgb.astype(np.int32)  # (high - low) * 255 reaches 65,025: past int16, which wrapped it
-    high = rgb.max(axis=-1)
-    low = rgb.min(axis=-1)
-    return np.where(high > 0, (high - low) * 255 // np.maximum(high, 1), 0).astype(np.uint8)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]  # per channel: the reductions over the last axis
+    high = np.maximum(np.maximum(red, green), blue).astype(np.uint16)  # were most of a thumbnail's mask time
+    low = np.minimum(np.minimum(red, green), blue)
+    spread = (high - low) * np.uint16(255)  # at most 65,025: fits uint16 (int16 wrapped it)
+    return np.where(high > 0, spread // np.maximum(high, 1), 0).astype(np.uint8)
 
 
 def tissue_mask(thumbnail: np.ndarray, settings: TilingSettings) -> np.ndarray:
@@ -37,8 +38,9 @@ def tissue_mask(thumbnail: np.ndarray, settings: TilingSettings) -> np.ndarray:
     sat = saturation(thumbnail)
     threshold = max(otsu_threshold(sat), 15.0)  # a floor so that a blank slide is not split in two
     mask = sat > threshold
-    white = (thumbnail > settings.white_level).all(axis=-1)
-    black = (thumbnail < settings.black_level).all(axis=-1)
+    red, green, blue = thumbnail[..., 0], thumbnail[..., 1], thumbnail[..., 2]
+    white = (red > settings.white_level) & (green > settings.white_level) & (blue > settings.white_level)
+    black = (red < settings.black_level) & (green < settings.black_level) & (blue < settings.black_level)
     mask &= ~white & ~black
     mask = ndimage.binary_closing(mask, iterations=2)
     return ndimage.binary_opening(mask, iterations=1)
