@@ -147,3 +147,45 @@ def test_stopping_early_ends_the_workers_at_once():
             break  # the generator is closed here, as on Ctrl-C or an error in the caller
     assert time.perf_counter() - started < 10
     assert not multiprocessing.active_children()
+
+
+_KILLED_PARENT = """
+import os, signal, sys, time
+import numpy as np
+from wsi_il.readers import read_batches
+
+def make_load():
+    return (lambda i: time.sleep(0.05) or np.zeros(2)), (lambda: None)
+
+batches = [range(k, k + 4) for k in range(0, 400, 4)]
+for _ in read_batches(make_load, batches, 2, (2,)):
+    children = [int(p) for p in os.popen(f"pgrep -P {os.getpid()}").read().split()]
+    print(" ".join(map(str, children)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_readers_end_when_their_parent_is_killed(tmp_path):
+    """A command killed with SIGKILL (or by the out-of-memory killer) cannot stop its readers: they notice and end,
+    rather than wait for tasks for ever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_PARENT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    children = [int(p) for p in done.stdout.split()]
+    assert len(children) >= 2, done.stdout
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in children), "reader processes outlived their killed parent"

@@ -467,12 +467,17 @@ def query(
         _report_round(project, result, f"session {result.session}: {n} query patches, looking for {label}")
 
 
-def _report_round(project: Path, result: Any, headline: str) -> None:
+def _report_round(project: Path, result: Any, headline: str, watching: bool = False) -> None:
     out.print(f"[green]{headline}[/]")
     if result.batch_dir is not None:
         out.print(f"review batch {result.round}/{result.rounds} ({result.rule}): {result.batch_dir}")
-        out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv, then:")
-        out.print(f"  wsi-il ingest {project} {result.batch_dir / 'labels.csv'}")
+        if watching:
+            out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv and "
+                      "save it: it is ingested as soon as every row is labelled")
+        else:
+            out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv, "
+                      "then:")
+            out.print(f"  wsi-il ingest {project} {result.batch_dir / 'labels.csv'}")
     else:
         out.print(f"next: wsi-il export {project} --out mask.geojson   (or start another query with wsi-il query)")
     out.print(f"[dim]{result.seconds:.1f} s[/]")
@@ -496,6 +501,47 @@ def ingest(
             ctx = open_context(proj, _device(device), reporter)
             result = ingest_labels(ctx, labels, allow_partial=partial)
         _report_round(project, result, result.message)
+
+
+@app.command()
+def watch(
+    project: ProjectArg,
+    interval: Annotated[float, typer.Option(help="Seconds between looks at the labels files.")] = 1.0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Ingest each review batch as soon as its labels.csv is filled in and saved: every round in one process
+    (no start-up between rounds). Stops when every session is complete; Ctrl-C stops it, losing nothing."""
+    from rich.markup import escape
+
+    from wsi_il.project import Project
+    from wsi_il.session import ingest as ingest_labels
+    from wsi_il.session import open_context
+    from wsi_il.watch import waiting_batches
+    from wsi_il.watch import watch as watch_batches
+
+    with _errors():
+        if not interval > 0:
+            raise InputError(f"--interval {interval} is not a positive number of seconds", "e.g. --interval 1")
+        proj = Project(project)
+        proj.read_manifest()
+        dev = _device(device)
+        waiting = waiting_batches(proj)
+        if not waiting:
+            raise ProjectStateError(f"no review batch of {project} waits for labels",
+                                    f"start a session with `wsi-il query {project} ...`, or export the mask")
+        for batch in waiting:
+            out.print(f"watching {batch.labels}")
+        out.print("[dim]fill in the label column and save; each batch is ingested once every row is labelled "
+                  "(Ctrl-C stops watching; nothing is lost)[/]")
+
+        def ingest_batch(labels: Path) -> None:
+            with proj.lock("watch"), _reporter() as reporter:
+                result = ingest_labels(open_context(proj, dev, reporter), labels)
+            _report_round(project, result, result.message, watching=True)
+
+        rounds = watch_batches(proj, ingest_batch, lambda text: out.print(f"[dim]{escape(text)}[/]"), interval)
+        out.print(f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
+                  f"wsi-il export {project} --out mask.geojson")
 
 
 @app.command()

@@ -193,8 +193,9 @@ def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> N
         task = tasks.get()
         results.put((task[0] if task else -1, None, _portable(exc)))
         return
+    parent = os.getppid()
     try:
-        while (task := tasks.get()) is not None:
+        while (task := _next_task(tasks, parent)) is not None:
             number, slot, start, indices = task
             try:
                 kept = np.zeros(len(indices), bool)
@@ -208,6 +209,17 @@ def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> N
                 results.put((number, None, _portable(exc)))
     finally:
         close()
+
+
+def _next_task(tasks: Any, parent: int) -> Any:
+    """The next task, or None to stop: when told, or when the parent process is gone (killed with SIGKILL, or by
+    the out-of-memory killer, it could not stop its workers, which would otherwise wait for tasks forever)."""
+    while True:
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
 
 
 def _portable(exc: Exception) -> Exception:

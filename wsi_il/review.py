@@ -477,19 +477,22 @@ def read_labels(
     patches: list[BatchPatch],
     *,
     allow_partial: bool = False,
+    allow_empty: bool = False,
     offsets: dict[str, tuple[float, float]] | None = None,
     max_bytes: int = 64 * 2**20,
 ) -> dict[str, str]:
     """Read a filled labels CSV or a GeoJSON exported from QuPath; return {patch_id: label}.
 
     Only labelled patches are returned, in batch order; raises LabelsError for anything the expert
-    must fix.
+    must fix (with ``allow_partial``, also a file without any label, unless ``allow_empty``).
     """
     path = Path(path)
     head = _read_head(path, max_bytes)
     if _is_geojson(path, head):
-        return _labels_from_geojson(path, info, patches, allow_partial, offsets or {}, max_bytes)
-    return _labels_from_csv(path, info, patches, allow_partial)
+        labels = _labels_from_geojson(path, info, patches, allow_partial, offsets or {}, max_bytes)
+    else:
+        labels = _labels_from_csv(path, info, patches, allow_partial)
+    return _filled(path, labels, patches, allow_empty)
 
 
 def _read_head(path: Path, max_bytes: int) -> bytes:
@@ -528,7 +531,7 @@ def _is_geojson(path: Path, head: bytes) -> bool:
 
 def _labels_from_csv(
     path: Path, info: BatchInfo, patches: list[BatchPatch], allow_partial: bool
-) -> dict[str, str]:
+) -> dict[str, str | None]:
     records = _csv_records(path)
     start = next((i for i, record in enumerate(records) if any(_clean(f) for f in record)), len(records))
     columns = _column_positions(path, records[start] if records[start:] else [])
@@ -538,7 +541,7 @@ def _labels_from_csv(
     _check_no_missing_rows(path, labels, patches)
     if not allow_partial:
         _check_filled(path, labels, patches)
-    return _filled(path, labels, patches)
+    return labels
 
 
 def _csv_records(path: Path) -> list[list[str]]:
@@ -688,14 +691,15 @@ def _check_filled(path: Path, labels: dict[str, str | None], patches: list[Batch
         )
 
 
-def _filled(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> dict[str, str]:
-    """Return the filled labels in batch order; raise when there are none."""
+def _filled(path: Path, labels: dict[str, str | None], patches: list[BatchPatch],
+            allow_empty: bool = False) -> dict[str, str]:
+    """Return the filled labels in batch order; raise when there are none (unless ``allow_empty``)."""
     filled: dict[str, str] = {}
     for patch in patches:
         label = labels.get(patch.patch_id)
         if label is not None:
             filled[patch.patch_id] = label
-    if not filled:
+    if not filled and not allow_empty:
         raise LabelsError(f"{path.name} has no labels filled in", "fill the label of at least one patch")
     return filled
 
@@ -725,7 +729,7 @@ def _labels_from_geojson(
     allow_partial: bool,
     offsets: dict[str, tuple[float, float]],
     max_bytes: int,
-) -> dict[str, str]:
+) -> dict[str, str | None]:
     slide_offsets = {offsets.get(p.slide, (0.0, 0.0)) for p in patches}
     by_geometry = len(slide_offsets) == 1
     objects = _read_qupath_objects(path, next(iter(slide_offsets)) if by_geometry else (0.0, 0.0), max_bytes)
@@ -743,7 +747,7 @@ def _labels_from_geojson(
         _merge(labels, patch_id, normalize_label(obj.classification or "", info, where), where)
     if not allow_partial:
         _check_classified(path, labels, patches)
-    return _filled(path, labels, patches)
+    return labels
 
 
 def _read_qupath_objects(path: Path, offset: tuple[float, float], max_bytes: int) -> list[QuPathObject]:

@@ -1,0 +1,107 @@
+"""``wsi-il watch``: each batch ingested as soon as its labels file is complete, in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_cli_e2e import run, write_region
+from typer.testing import CliRunner
+
+from wsi_il.cli import app
+from wsi_il.truth import fill_labels_from_truth, write_batch_labels
+
+
+@pytest.fixture()
+def waiting_project(block_slide, tmp_path) -> Path:
+    """A project whose first session (2 rounds of 6 patches) waits for its first batch's labels."""
+    project = tmp_path / "proj"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random", "--epochs", "2",
+        "--device", "cpu")
+    x0, y0, _, _ = block_slide.tumour.bounds
+    region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
+    run("query", project, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", "cpu")
+    return project
+
+
+def _wait_for(condition, what: str, seconds: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _fill(batch: Path, truth: Path, keep: int | None = None, typo: bool = False) -> None:
+    """The pseudo-expert's labels for the first ``keep`` rows (all by default), one mistyped with ``typo``."""
+    labels = fill_labels_from_truth(batch, truth)
+    for n, patch in enumerate(labels):
+        if keep is not None and n >= keep:
+            labels[patch] = ""
+    if typo:
+        labels[next(iter(labels))] = "tumuor"
+    write_batch_labels(batch, labels)
+
+
+def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_slide):
+    """Empty, half-filled, mistyped, then complete: only the complete file is ingested; the watcher says what it
+    waits for and what is wrong, and ends with the session."""
+    from wsi_il.events import SilentReporter
+    from wsi_il.project import Project
+    from wsi_il.session import ingest, open_context
+    from wsi_il.watch import watch
+
+    project = Project(waiting_project)
+    said: list[str] = []
+    ingested: list[str] = []
+
+    def ingest_batch(labels: Path) -> None:
+        ingested.append(labels.parent.name)
+        ingest(open_context(project, "cpu", SilentReporter()), labels)
+
+    rounds: list[int] = []
+    stopped = threading.Event()
+    watcher = threading.Thread(target=lambda: rounds.append(watch(project, ingest_batch, said.append, 0.05,
+                                                                  stopped.is_set)))
+    watcher.start()
+    try:
+        first = waiting_project / "batches" / "s1-r1"
+        _wait_for(lambda: any("0 of 6" in s for s in said), "the empty batch to be reported")
+        _fill(first, block_slide.truth_path, keep=3)
+        _wait_for(lambda: any("3 of 6" in s for s in said), "the half-filled batch to be reported")
+        _fill(first, block_slide.truth_path, typo=True)
+        _wait_for(lambda: any("tumuor" in s for s in said), "the mistyped label to be reported")
+        assert ingested == []
+        _fill(first, block_slide.truth_path)
+        second = waiting_project / "batches" / "s1-r2"
+        _wait_for(lambda: ingested == ["s1-r1"] and (second / "batch.json").is_file(), "the first round")
+        _fill(second, block_slide.truth_path)
+        watcher.join(timeout=120)
+    finally:
+        stopped.set()  # (after a failed wait: the thread ends with the test)
+        watcher.join(timeout=120)
+    assert rounds == [2] and ingested == ["s1-r1", "s1-r2"]
+    assert run("status", waiting_project, "--json").count('"done"') == 1
+
+
+def test_watch_command_runs_the_rounds_and_says_what_comes_next(waiting_project, block_slide):
+    results = []
+    command = threading.Thread(target=lambda: results.append(CliRunner().invoke(
+        app, ["watch", str(waiting_project), "--interval", "0.05", "--device", "cpu"], catch_exceptions=False)))
+    command.start()
+    for batch in ("s1-r1", "s1-r2"):
+        path = waiting_project / "batches" / batch
+        _wait_for(lambda: (path / "batch.json").is_file(), f"batch {batch}")  # noqa: B023 - (written last)
+        _fill(path, block_slide.truth_path)
+    command.join(timeout=180)
+    assert results and results[0].exit_code == 0, results and results[0].output
+    output = results[0].output
+    assert "is ingested as soon as every row is labelled" in output and "wsi-il export" in output
+
+
+def test_watch_without_a_waiting_batch_says_how_to_start_one(tmp_path, block_slide):
+    project = tmp_path / "proj"
+    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--device", "cpu")
+    output = run("watch", project, code=4)  # a project-state error
+    assert "no review batch" in output and "wsi-il query" in output

@@ -1,0 +1,110 @@
+"""``wsi-il watch``: ingest each review batch as soon as its labels are filled in, in one long-lived process.
+
+The expert fills ``labels.csv`` (in a spreadsheet or an editor, over SSH or a mounted folder) and saves it; the
+watcher notices, and once every row holds a label it ingests the batch and writes the next one, as ``wsi-il
+ingest`` would. Between saves it says how many rows are labelled, and a mistyped label as ``ingest`` would say
+it, then waits for the next save. It ends when no session waits for labels any more.
+
+Why a process that stays: each ``wsi-il ingest`` starts Python, imports torch and, on a GPU, creates a CUDA
+context and loads the kernels training needs: seconds before the round starts, and a first training in a
+process costs about twice the next on an H100 (docs/speed.md, "GPU"). Nothing is kept in memory between
+rounds that the project folder does not hold: the context is opened anew for each round, so a command run
+beside the watcher (``status``, ``query``) is seen, and a killed watcher loses nothing.
+
+A file is read once it has not changed for one polling interval (an editor may write it in several steps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_il.errors import WsiIlError
+from wsi_il.project import Project
+from wsi_il.review import LABELS_CSV, read_batch, read_labels
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A batch that waits for labels: its folder and labels file."""
+
+    session: str
+    batch_dir: Path
+
+    @property
+    def labels(self) -> Path:
+        return self.batch_dir / LABELS_CSV
+
+
+def waiting_batches(project: Project) -> list[Waiting]:
+    """The batches of the sessions that wait for labels (one a session: its current round's)."""
+    from wsi_il.session import list_sessions
+
+    return [Waiting(s["id"], project.batch_dir(f"{s['id']}-r{s['round']}"))
+            for s in list_sessions(project) if s["state"] == "reviewing"]
+
+
+def labelled(batch: Waiting) -> tuple[int, int]:
+    """(rows labelled, rows) of a batch's labels file; raises the LabelsError ``ingest`` would for a bad file."""
+    info, patches = read_batch(batch.batch_dir)
+    return len(read_labels(batch.labels, info, patches, allow_partial=True, allow_empty=True)), len(patches)
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def watch(project: Project, ingest_batch: Callable[[Path], object], say: Callable[[str], None],
+          interval: float = 1.0, stop: Callable[[], bool] = lambda: False) -> int:
+    """Call ``ingest_batch(labels_path)`` for each waiting batch once its labels file is complete; return how
+    many batches were ingested.
+
+    ``say`` hears, once each, what is waited for and what is wrong with a file (or with an ingest, which is
+    tried again at the next poll). Ends when no batch waits (or when ``stop()``).
+    """
+    examined: dict[Path, tuple[int, int] | None] = {}
+    settling: dict[Path, tuple[int, int] | None] = {}
+    said: dict[Path, str] = {}
+
+    def tell(path: Path, text: str) -> None:
+        if said.get(path) != text:
+            said[path] = text
+            say(text)
+
+    rounds = 0
+    while not stop():
+        batches = waiting_batches(project)
+        if not batches:
+            return rounds
+        for batch in batches:
+            signature = _signature(batch.labels)
+            if signature is None or examined.get(batch.labels) == signature:
+                continue
+            if batch.labels in examined and settling.get(batch.labels) != signature:
+                settling[batch.labels] = signature  # changed since the last poll: read it once it settles
+                continue
+            examined[batch.labels] = signature
+            try:
+                done, total = labelled(batch)
+            except WsiIlError as exc:
+                tell(batch.labels, f"{batch.labels}: {exc}")
+                continue
+            if done < total:
+                tell(batch.labels, f"batch {batch.batch_dir.name}: {done} of {total} patches labelled; waiting for "
+                     f"the rest ({batch.labels})")
+                continue
+            try:
+                ingest_batch(batch.labels)
+            except WsiIlError as exc:  # e.g. another command holds the project: try again at the next poll
+                examined.pop(batch.labels, None)
+                tell(batch.labels, f"{batch.labels}: {exc}")
+                continue
+            rounds += 1
+        time.sleep(interval)
+    return rounds
