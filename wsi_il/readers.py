@@ -113,6 +113,9 @@ class _ProcessPool:
                  batch_size: int) -> None:
         import multiprocessing
 
+        import torch  # noqa: F401 - the workers' loads resize with it (features.resize_tile): imported once, here,
+        # before forking, rather than by every worker at its first tile (seconds each)
+
         # enough batches in flight for every worker to have a few items queued while the caller computes
         self.depth = max(2, math.ceil(4 * workers / batch_size))
         self.slots = self.depth + 1
