@@ -44,7 +44,7 @@ def main() -> None:
     for run in range(args.runs):
         for variant in args.variant or ["frozen", "whole-block"]:
             folder = args.bench_out / f"round-timing-{variant}"
-            total, train, schedule = round_latency(project, folder, labels, bench, settings_of[variant])
+            total, train, schedule, _ = round_latency(project, folder, labels, bench, settings_of[variant])
             shutil.rmtree(folder)
             seconds.setdefault(variant, []).append(round(total, 2))
             print(json.dumps({"run": run, "variant": variant, "schedule": schedule, "round_seconds": round(total, 2),

@@ -52,7 +52,7 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
     assert figures["extract_ratio_to_limit"] == pytest.approx(
         figures["extract_patches_per_s"] / figures["trunk_limit_patches_per_s"])
     assert 0 < figures["extract_ratio_to_limit"] < 2 and figures["naive_patches_per_s"] > 0
-    assert figures["read_limit_patches_per_s"] > 0
+    assert figures["read_limit_patches_per_s"] > 0 and figures["round_seconds_next"] > 0
     assert figures["round_schedule"] == "fast" and figures["round_labels"] == 40
     assert 0 < figures["round_train_seconds"] < figures["round_seconds"]
     assert figures["round_frozen_conv1"] and 0 < figures["round_train_seconds_full_block"] < figures[

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,6 +96,9 @@ class BenchResult:
     round_train_seconds: float = 0.0
     """The round's training; the rest is re-embedding and predicting every patch, then writing the batch."""
     round_schedule: str = ""
+    round_seconds_next: float | None = None
+    """The round after the timed one, in the same process (at ``labels`` + ``k`` labels): what each round after
+    the first costs under ``wsi-il watch``, which keeps one process (no start-up, a GPU's first-use costs paid)."""
     round_frozen_conv1: bool = False
     """The default round's block kept its first convolution frozen (the default for pretrained weights; the
     timing is the same with random ones)."""
@@ -163,20 +166,22 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     labels = _label_all(project, truth, settings.seed)
     say(f"round latency at {settings.labels} labels (default schedule)")
     default = TrainSettings()  # the default of pretrained weights (random ones cost the same time)
-    seconds, result.round_train_seconds, schedule = round_latency(project, out / "round-default", labels, settings,
-                                                                  default)
+    timing = round_latency(project, out / "round-default", labels, settings, default, next_round=True)
+    seconds, result.round_train_seconds, schedule = timing.seconds, timing.train_seconds, timing.schedule
+    result.round_seconds_next = timing.next_seconds
     result.round_labels, result.round_seconds, result.round_schedule = settings.labels, seconds, schedule
     result.round_frozen_conv1 = schedule == "fast" and default.fast_frozen_conv1
     stems = Project(out / "round-default").stems_path()
     result.stem_cache_bytes_per_patch = stems.stat().st_size / result.patches if stems.is_file() else 0.0
     if result.round_frozen_conv1:
         say(f"round latency at {settings.labels} labels (fast schedule training the whole block)")
-        result.round_seconds_full_block, result.round_train_seconds_full_block, _ = round_latency(
-            project, out / "round-full-block", labels, settings, replace(default, fast_frozen_conv1=False))
+        full = round_latency(project, out / "round-full-block", labels, settings,
+                             replace(default, fast_frozen_conv1=False))
+        result.round_seconds_full_block, result.round_train_seconds_full_block = full.seconds, full.train_seconds
     if settings.paper:
         say(f"round latency at {settings.labels} labels (the paper's settings)")
-        paper_seconds, _, _ = round_latency(project, out / "round-paper", labels, settings,
-                                            TrainSettings(schedule="paper"))
+        paper_seconds = round_latency(project, out / "round-paper", labels, settings,
+                                      TrainSettings(schedule="paper")).seconds
         result.round_seconds_paper_settings = paper_seconds
         result.round_ratio_paper_to_default = paper_seconds / seconds
     say("export of the project's mask")
@@ -452,10 +457,17 @@ def _label_all(project: Project, truth: Path | None, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(len(table)) < 0.3
 
 
+class RoundTiming(NamedTuple):
+    seconds: float
+    train_seconds: float
+    schedule: str
+    next_seconds: float | None = None
+
+
 def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
-                  train: TrainSettings) -> tuple[float, float, str]:
+                  train: TrainSettings, next_round: bool = False) -> RoundTiming:
     """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels, its training
-    seconds, and the schedule.
+    seconds, the schedule, and with ``next_round`` the seconds of the ingest after it, in the same process.
 
     The project holds earlier labels (``labels`` minus the batches ingested here minus the query); for a
     warm-starting schedule one round is ingested first, so that it has a previous model as it would in real
@@ -480,7 +492,8 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
         project.append_ledger([{"patch_id": ctx.table.ids[i], "label": TUMOUR if tumour[i] else NORMAL,
                                 "batch": "bench-earlier", "session": "bench", "round": 0, "time": now_iso()}
                                for i in prior])
-    result = start_session(ctx, TUMOUR, SessionSettings("cnfp", settings.k, 3), query_indices=query,
+    rounds = 4 if next_round else 3  # the next round must write a batch too
+    result = start_session(ctx, TUMOUR, SessionSettings("cnfp", settings.k, rounds), query_indices=query,
                            source="bench")
     index = ctx.table.index_of()
 
@@ -496,7 +509,11 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
     timed = ingest(ctx, result.batch_dir / "labels.csv")
     history = project.read_json(project.session_path(timed.session))["history"]
     train_seconds = [entry["train_seconds"] for entry in history if "train_seconds" in entry][-1]
-    return timed.seconds, float(train_seconds), schedule
+    next_seconds = None
+    if next_round and timed.batch_dir is not None:
+        fill(timed.batch_dir)
+        next_seconds = ingest(ctx, timed.batch_dir / "labels.csv").seconds
+    return RoundTiming(timed.seconds, float(train_seconds), schedule, next_seconds)
 
 
 def export_latency(project_dir: Path, out: Path, device: str) -> float:

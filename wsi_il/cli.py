@@ -934,6 +934,9 @@ def bench(
         table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
                       f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
                       paper_text, ratio)
+        if result.round_seconds_next is not None:
+            table.add_row("", f"{result.round_seconds_next:.1f} s for the round after it, in the same process "
+                          "(as under wsi-il watch)", "", "")
         if result.round_seconds_full_block is not None:
             table.add_row("", f"{result.round_seconds_full_block:.1f} s training the whole block (training "
                           f"{result.round_train_seconds_full_block:.1f} s)", "", "")

@@ -29,16 +29,17 @@ EMBED_CHUNK = 256
 """Patches per block of a pass over the database (embedding, prediction) on a CPU."""
 GPU_EMBED_CHUNK = 2048
 """The same on a GPU, where each block's fixed cost (kernel launches, a wait for its results) would otherwise
-set the pace: 12,500 patches are six blocks, not fifty."""
+set the pace: 12,500 patches are seven blocks, not forty-nine."""
+
+REGION_MAX_BYTES = 64 * 2**20
+"""The largest query GeoJSON read (after decompression): a few annotations take kilobytes."""
+QUERY_IMAGE_MAX_PX = 25_000_000
+"""The largest query image decoded (query images are patches of a few hundred px)."""
 
 
 def embed_chunk(device: Any) -> int:
     """Patches per block of a pass over the database on ``device``."""
     return EMBED_CHUNK if str(device).startswith("cpu") else GPU_EMBED_CHUNK
-REGION_MAX_BYTES = 64 * 2**20
-"""The largest query GeoJSON read (after decompression): a few annotations take kilobytes."""
-QUERY_IMAGE_MAX_PX = 25_000_000
-"""The largest query image decoded (query images are patches of a few hundred px)."""
 
 
 @dataclass

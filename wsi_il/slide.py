@@ -131,7 +131,7 @@ def _flatten(rgba: np.ndarray) -> np.ndarray:
 
 class TileReader:
     """Read level-0 regions of one slide from many threads, one OpenSlide handle per thread; where the slide's
-    JPEG tiles can be decoded directly, bit-identical to OpenSlide and four times faster, from those
+    JPEG tiles can be decoded directly (bit-identical to OpenSlide, 2-7 times faster), from those
     (``wsi_il.tifftiles``)."""
 
     def __init__(self, path: Path) -> None:
