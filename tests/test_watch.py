@@ -105,3 +105,47 @@ def test_watch_without_a_waiting_batch_says_how_to_start_one(tmp_path, block_sli
     run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--device", "cpu")
     output = run("watch", project, code=4)  # a project-state error
     assert "no review batch" in output and "wsi-il query" in output
+
+
+def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(waiting_project, block_slide):
+    """The QuPath route: the batch's objects classified and exported into its folder, as ``ingest`` takes them."""
+    import json
+
+    from wsi_il.events import SilentReporter
+    from wsi_il.project import Project
+    from wsi_il.session import ingest, open_context
+    from wsi_il.watch import watch
+
+    project = Project(waiting_project)
+    batch = waiting_project / "batches" / "s1-r1"
+    truth = fill_labels_from_truth(batch, block_slide.truth_path)  # the labels, to copy into the export
+    write_batch_labels(batch, dict.fromkeys(truth, ""))  # the CSV stays empty: the export brings them
+    exported = json.loads((batch / "batch.geojson").read_text())
+    for n, feature in enumerate(exported["features"]):
+        feature["properties"].pop("wsi_il", None)
+        if n:  # the first object left unclassified: a partial export first
+            feature["properties"]["classification"] = {"name": truth[feature["properties"]["name"]],
+                                                       "color": [200, 0, 0]}
+    said: list[str] = []
+    ingested: list[Path] = []
+    stopped = threading.Event()
+
+    def ingest_batch(labels: Path) -> None:
+        ingested.append(labels)
+        ingest(open_context(project, "cpu", SilentReporter()), labels)
+        stopped.set()
+
+    (batch / "qupath-export.geojson").write_text(json.dumps(exported))
+    watcher = threading.Thread(target=lambda: watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+    watcher.start()
+    try:
+        _wait_for(lambda: any("5 of 6" in s and "qupath-export" in s for s in said), "the partial export")
+        first = exported["features"][0]["properties"]
+        first["classification"] = {"name": truth[first["name"]], "color": [200, 0, 0]}
+        (batch / "qupath-export.geojson").write_text(json.dumps(exported))
+        _wait_for(stopped.is_set, "the export to be ingested")
+    finally:
+        stopped.set()
+        watcher.join(timeout=120)
+    assert ingested == [batch / "qupath-export.geojson"]
+    assert (waiting_project / "batches" / "s1-r2" / "batch.json").is_file()

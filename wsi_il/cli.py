@@ -509,8 +509,9 @@ def watch(
     interval: Annotated[float, typer.Option(help="Seconds between looks at the labels files.")] = 1.0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Ingest each review batch as soon as its labels.csv is filled in and saved: every round in one process
-    (no start-up between rounds). Stops when every session is complete; Ctrl-C stops it, losing nothing."""
+    """Ingest each review batch as soon as its labels.csv is filled in and saved (or a GeoJSON exported from
+    QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
+    is complete; Ctrl-C stops it, losing nothing."""
     from rich.markup import escape
 
     from wsi_il.project import Project
@@ -531,8 +532,9 @@ def watch(
                                     f"start a session with `wsi-il query {project} ...`, or export the mask")
         for batch in waiting:
             out.print(f"watching {batch.labels}")
-        out.print("[dim]fill in the label column and save; each batch is ingested once every row is labelled "
-                  "(Ctrl-C stops watching; nothing is lost)[/]")
+        out.print("[dim]fill in the label column and save (or export the classified batch from QuPath into its "
+                  "folder); each batch is ingested once every patch is labelled (Ctrl-C stops watching; nothing "
+                  "is lost)[/]")
 
         def ingest_batch(labels: Path) -> None:
             with proj.lock("watch"), _reporter() as reporter:

@@ -1,8 +1,9 @@
 """``wsi-il watch``: ingest each review batch as soon as its labels are filled in, in one long-lived process.
 
-The expert fills ``labels.csv`` (in a spreadsheet or an editor, over SSH or a mounted folder) and saves it; the
-watcher notices, and once every row holds a label it ingests the batch and writes the next one, as ``wsi-il
-ingest`` would. Between saves it says how many rows are labelled, and a mistyped label as ``ingest`` would say
+The expert fills ``labels.csv`` (in a spreadsheet or an editor, over SSH or a mounted folder) and saves it, or
+classifies the batch's objects in QuPath and exports them as GeoJSON into the batch folder; the watcher
+notices, and once every patch holds a label it ingests the batch and writes the next one, as ``wsi-il ingest``
+would. Between saves it says how many rows are labelled, and a mistyped label as ``ingest`` would say
 it, then waits for the next save. It ends when no session waits for labels any more.
 
 Why a process that stays: each ``wsi-il ingest`` starts Python, imports torch and, on a GPU, creates a CUDA
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from wsi_il.errors import WsiIlError
 from wsi_il.project import Project
-from wsi_il.review import LABELS_CSV, read_batch, read_labels
+from wsi_il.review import BATCH_GEOJSON, LABELS_CSV, read_batch, read_labels
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class Waiting:
     def labels(self) -> Path:
         return self.batch_dir / LABELS_CSV
 
+    def files(self) -> list[Path]:
+        """The files that may hold its labels: ``labels.csv``, and GeoJSON exported from QuPath into the folder."""
+        exports = sorted(p for p in self.batch_dir.glob("*.geojson") if p.name != BATCH_GEOJSON and p.is_file())
+        return [self.labels, *exports]
+
 
 def waiting_batches(project: Project) -> list[Waiting]:
     """The batches of the sessions that wait for labels (one a session: its current round's)."""
@@ -46,10 +52,12 @@ def waiting_batches(project: Project) -> list[Waiting]:
             for s in list_sessions(project) if s["state"] == "reviewing"]
 
 
-def labelled(batch: Waiting) -> tuple[int, int]:
-    """(rows labelled, rows) of a batch's labels file; raises the LabelsError ``ingest`` would for a bad file."""
+def labelled(batch: Waiting, path: Path, offsets: dict[str, tuple[float, float]]) -> tuple[int, int]:
+    """(patches labelled, patches) of a batch in a labels file (``offsets``: each slide's QuPath offset, for a
+    GeoJSON export); raises the LabelsError ``ingest`` would for a bad file."""
     info, patches = read_batch(batch.batch_dir)
-    return len(read_labels(batch.labels, info, patches, allow_partial=True, allow_empty=True)), len(patches)
+    labels = read_labels(path, info, patches, allow_partial=True, allow_empty=True, offsets=offsets)
+    return len(labels), len(patches)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -82,29 +90,31 @@ def watch(project: Project, ingest_batch: Callable[[Path], object], say: Callabl
         batches = waiting_batches(project)
         if not batches:
             return rounds
-        for batch in batches:
-            signature = _signature(batch.labels)
-            if signature is None or examined.get(batch.labels) == signature:
+        offsets = {slide.id: slide.offset for slide in project.slides(project.read_manifest())}
+        for batch, path in [(waiting, path) for waiting in batches for path in waiting.files()]:
+            signature = _signature(path)
+            if signature is None or examined.get(path) == signature:
                 continue
-            if batch.labels in examined and settling.get(batch.labels) != signature:
-                settling[batch.labels] = signature  # changed since the last poll: read it once it settles
+            if settling.get(path) != signature:
+                settling[path] = signature  # new, or changed since the last poll: read it once it settles
                 continue
-            examined[batch.labels] = signature
+            examined[path] = signature
             try:
-                done, total = labelled(batch)
+                done, total = labelled(batch, path, offsets)
             except WsiIlError as exc:
-                tell(batch.labels, f"{batch.labels}: {exc}")
+                tell(path, f"{path}: {exc}")
                 continue
             if done < total:
-                tell(batch.labels, f"batch {batch.batch_dir.name}: {done} of {total} patches labelled; waiting for "
-                     f"the rest ({batch.labels})")
+                tell(path, f"batch {batch.batch_dir.name}: {done} of {total} patches labelled; waiting for the rest "
+                     f"({path})")
                 continue
             try:
-                ingest_batch(batch.labels)
+                ingest_batch(path)
             except WsiIlError as exc:  # e.g. another command holds the project: try again at the next poll
-                examined.pop(batch.labels, None)
-                tell(batch.labels, f"{batch.labels}: {exc}")
+                examined.pop(path, None)
+                tell(path, f"{path}: {exc}")
                 continue
             rounds += 1
+            break  # this batch is done: look at the sessions anew
         time.sleep(interval)
     return rounds
