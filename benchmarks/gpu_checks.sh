@@ -2,9 +2,11 @@
 # The GPU checks of docs/speed.md and docs/pretraining.md as one prepared run (a lent GPU's time is short):
 # the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
 #
-#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench graphs-ab profile probe-moco probe-simclr
+#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench graphs-ab reading-ab profile probe-moco
+#                                                      probe-simclr
 #                                                      (default: tests bench probe-moco)
 # graphs-ab: training and the round with and without CUDA graphs (WSI_IL_CUDA_GRAPHS), interleaved;
+# reading-ab: the reader pool alone with JPEG tiles decoded directly and through OpenSlide (WSI_IL_DIRECT_TILES);
 # profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats). Both need
 # the project that the bench stage leaves in WORK.
 # Environment: WSI_IL_DATA  folder holding bach-iciar2018-1536jpeg-sample/ (default ../shared/data)
@@ -50,6 +52,8 @@ for stage in $stages; do
                 for graphs in 1 0 1 0; do
                     WSI_IL_CUDA_GRAPHS=\$graphs $py benchmarks/round_timing.py $work/bench --runs 1 \
                         --device $device --variant paper | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit; done" ;;
+        reading-ab)
+            logged reading_ab "$py" benchmarks/reading_ab.py "$work/bench" --device "$device" ;;
         profile)
             spec="{\"project\": \"$work/profile-project\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
             rm -rf "$work/profile-project"
@@ -62,7 +66,7 @@ for stage in $stages; do
                 --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
                 cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
         *)
-            echo "unknown stage '$stage': use tests, bench, graphs-ab, profile, probe-moco or probe-simclr" >&2
+            echo "unknown stage '$stage': use tests, bench, graphs-ab, reading-ab, profile, probe-moco or probe-simclr" >&2
             exit 2 ;;
     esac
     status=$?
