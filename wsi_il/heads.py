@@ -22,6 +22,7 @@ Targets are class indices; a binary "no" in a project of more than two classes i
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -690,21 +691,24 @@ def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
     return x.to(mixed_precision_dtype(dev) or torch.float32).contiguous(memory_format=torch.channels_last)
 
 
-_COPY_THREADS: list[Any] = []
-
-
 def _parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
     """``target[...] = source`` (as float16) in slices of rows, one a core (numpy's copy leaves the interpreter
     lock free)."""
+    from wsi_il.features import default_workers
+
+    bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
+    list(_copy_pool().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
+                          bounds[:-1], bounds[1:]))
+
+
+@functools.cache
+def _copy_pool():  # type: ignore[no-untyped-def]
+    """The threads of ``_parallel_copy``, started once a process."""
     from concurrent.futures import ThreadPoolExecutor
 
     from wsi_il.features import default_workers
 
-    if not _COPY_THREADS:
-        _COPY_THREADS.append(ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-copy"))
-    pool = _COPY_THREADS[0]
-    bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
-    list(pool.map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"), bounds[:-1], bounds[1:]))
+    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-copy")
 
 
 def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str,  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,12 +117,13 @@ def read_thumbnail(path: Path, max_px: int) -> tuple[np.ndarray, float]:
         slide.close()
 
 
-def _flatten(rgba: np.ndarray) -> np.ndarray:
-    """Composite OpenSlide's RGBA onto white (transparent = outside the scanned area)."""
+def _flatten(region: Any) -> np.ndarray:
+    """OpenSlide's RGBA region as RGB, composited onto white (transparent = outside the scanned area)."""
+    if region.mode == "RGBA" and region.getextrema()[3][0] == 255:  # inside the scanned area (nearly every tile)
+        return np.array(region.convert("RGB"))  # nothing to composite: PIL drops alpha in half numpy's time
+    rgba = np.asarray(region)
     if rgba.shape[-1] == 3:
         return rgba
-    if rgba[..., 3].min() == 255:  # fully inside the scanned area (nearly every tile): nothing to composite
-        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.uint16)
     rgb = rgba[..., :3].astype(np.uint16)
     # OpenSlide returns premultiplied colour: add white for the missing coverage.
@@ -178,9 +180,7 @@ class TileReader:
         except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
             raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}): {exc}",
                              "the slide file may be damaged") from exc
-        if region.mode == "RGBA" and region.getextrema()[3][0] == 255:  # inside the scanned area: drop alpha
-            return np.array(region.convert("RGB"))  # half the time of numpy's copy of the three channels
-        return _flatten(np.asarray(region))
+        return _flatten(region)
 
     def close(self) -> None:
         with self._lock:

@@ -76,9 +76,8 @@ class JpegTiles:
             return None
         cols = range(x // self.tile_w, (x + width - 1) // self.tile_w + 1)
         rows = range(y // self.tile_h, (y + height - 1) // self.tile_h + 1)
-        if len(cols) == 1 and len(rows) == 1 and width == self.tile_w and height == self.tile_h \
-                and x % self.tile_w == 0 and y % self.tile_h == 0:  # a region that is one tile
-            return self._tile(rows[0] * self.across + cols[0])
+        if (width, height) == (self.tile_w, self.tile_h) and x % self.tile_w == 0 and y % self.tile_h == 0:
+            return self._tile(rows[0] * self.across + cols[0])  # a region that is one tile
         out = np.empty((height, width, 3), np.uint8)
         for row in rows:
             for col in cols:
