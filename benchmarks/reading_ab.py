@@ -1,4 +1,4 @@
-"""Patches/s of extraction's reader pool alone (read, decode, resize; no trunk) with the slide's JPEG tiles
+"""Patches/s of extraction's reader pool alone (read, decode, the pixel rule; no trunk) with the slide's JPEG tiles
 decoded directly (``wsi_il.tifftiles``) and through OpenSlide, interleaved, on a project `wsi-il bench` left
 behind: what direct decoding changes on this machine's cores.
 

@@ -101,3 +101,67 @@ def test_a_sample_of_tiles_gives_close_statistics(striped_slide, tmp_path):
     assert f"a random sample of 12 of {sampled['candidate_tiles']} candidate tiles" in cli("status",
                                                                                          tmp_path / "sample").output
     assert "(every tissue tile)" in cli("status", tmp_path / "exact").output
+
+
+def test_the_extractor_resizes_raw_tiles_as_the_readers_did(shared_data):
+    """Readers hand slides' tiles over at their own size; the extractor's batched resize gives the values the
+    readers' per-tile resize gave (on a CPU, to the bit), so the features are the same."""
+    import torch
+
+    from wsi_il.features import FeatureExtractor, build_resnet, resize_batch, resolve_weights
+
+    try:
+        tumour, _ = bach_images(shared_data)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    from PIL import Image
+
+    with Image.open(tumour[0]) as image:
+        field = np.asarray(image.convert("RGB"))
+    tiles = np.stack([field[y:y + 256, x:x + 256] for y, x in ((0, 0), (300, 500), (700, 1000), (1100, 200))])
+    resized = np.stack([resize_tile(t, 224) for t in tiles])
+    pixels = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    assert np.array_equal(resize_batch(pixels, 224).permute(0, 2, 3, 1).numpy(), resized)
+    # the float kernel a GPU runs (no uint8 kernel there), rounded: within one grey level
+    floated = torch.nn.functional.interpolate(pixels.float(), size=(224, 224), mode="bilinear", antialias=True)
+    gap = np.abs(floated.round().permute(0, 2, 3, 1).numpy() - resized.astype(np.float32))
+    assert gap.max() <= 1.0
+
+    model = build_resnet(resolve_weights("random"), 0)
+    extractor = FeatureExtractor(model, [0.7, 0.5, 0.7], [0.15, 0.2, 0.15], "cpu")
+    assert np.array_equal(extractor(tiles), extractor(resized))
+    keep = np.array([True, False, True, False])
+    assert np.array_equal(extractor(tiles, keep), extractor(resized[keep]))
+
+
+def test_one_behind_hands_each_batch_over_after_the_next_is_submitted():
+    from wsi_il.database import one_behind
+
+    events = []
+
+    class Recorder:
+        def submit(self, tiles, keep):
+            events.append(("submit", int(tiles[0, 0, 0, 0])))
+            return int(tiles[0, 0, 0, 0])
+
+    batches = [range(0, 2), range(2, 4), range(4, 5)]
+    loaded = [(np.full((len(b), 1, 1, 3), k, np.uint8), np.array([k != 1] * len(b))) for k, b in enumerate(batches)]
+    for batch, features, kept in one_behind(Recorder(), zip(batches, loaded, strict=True)):
+        events.append(("handed", batch.start, features, bool(kept.any())))
+    assert events == [("submit", 0), ("handed", 0, 0, True), ("submit", 2), ("handed", 2, None, False),
+                      ("handed", 4, 2, True)]
+
+
+def test_blank_pixels_is_the_three_channel_rule():
+    from wsi_il.tiling import blank_pixels
+
+    settings = TilingSettings()
+    rng = np.random.default_rng(0)
+    levels = np.array([0, settings.black_level - 1, settings.black_level, settings.black_level + 1,
+                       settings.white_level - 1, settings.white_level, settings.white_level + 1, 255], np.uint8)
+    rgb = np.concatenate([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                          rng.choice(levels, (64, 64, 3)).astype(np.uint8)])
+    white = (rgb > settings.white_level).all(axis=-1)
+    black = (rgb < settings.black_level).all(axis=-1)
+    assert np.array_equal(blank_pixels(rgb, settings), white | black)
+    assert (white | black).sum() > 100

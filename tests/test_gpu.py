@@ -139,3 +139,29 @@ def test_bench_on_cuda(shared_data, tmp_path):
     assert figures["device"] == "cuda" and figures["round_schedule"] == "paper"
     assert figures["extract_patches_per_s"] > 0 and figures["trunk_limit_patches_per_s"] > 0
     assert figures["round_seconds_paper_settings"] > 0
+
+
+def test_extraction_on_cuda_resizes_picks_and_returns_features_as_on_cpu():
+    """Raw 256 px tiles resized on the GPU (float kernel, rounded), the kept rows picked out there, the features
+    copied back asynchronously: the same features as the CPU path within bfloat16's precision."""
+    from wsi_il.features import FeatureExtractor, build_resnet, resize_batch, resolve_weights
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (6, 256, 256, 3), dtype=np.uint8)
+    tiles[:, 64:192] //= 2  # structure, not only noise
+    pixels = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    on_cpu = resize_batch(pixels, 224)
+    on_gpu = resize_batch(pixels.cuda(), 224).cpu()
+    assert on_gpu.dtype == torch.uint8 and (on_gpu.int() - on_cpu.int()).abs().max() <= 1
+
+    model = build_resnet(resolve_weights("random"), 0)
+    cpu = FeatureExtractor(model, [0.7, 0.5, 0.7], [0.15, 0.2, 0.15], "cpu")
+    gpu = FeatureExtractor(build_resnet(resolve_weights("random"), 0), [0.7, 0.5, 0.7], [0.15, 0.2, 0.15], "cuda")
+    keep = np.array([True, False, True, True, False, True])
+    pending = [gpu.submit(tiles, keep), gpu.submit(tiles)]  # two in flight, collected in order
+    picked, whole = (p.result() for p in pending)
+    assert picked.dtype == np.float16 and picked.shape == (4, 512, 7, 7) and whole.shape == (6, 512, 7, 7)
+    gap = np.abs(picked.astype(np.float32) - whole[keep].astype(np.float32))  # other batch sizes: other kernels
+    assert gap.mean() < 0.01 * np.abs(whole.astype(np.float32)).mean()
+    expected = cpu(tiles, keep).astype(np.float32)
+    assert np.abs(picked.astype(np.float32) - expected).mean() < 0.05 * np.abs(expected).mean()

@@ -87,7 +87,8 @@ class BenchResult:
     trunk_limit_patches_per_s: float = 0.0
     extract_ratio_to_limit: float = 0.0
     read_limit_patches_per_s: float = 0.0
-    """Reading alone (read, decode, resize in extraction's reader pool, no trunk): the other limit of extraction."""
+    """Reading alone (read, decode and the pixel rule in extraction's reader pool; no resize, no trunk): the other
+    limit of extraction."""
     naive_patches_per_s: float = 0.0
     extract_ratio_to_naive: float = 0.0
     gpu_utilisation: float | None = None
@@ -390,22 +391,25 @@ def trunk_limit(project: Project, device: str, sample: int) -> float:
 
 
 def read_limit(project: Project, device: str, sample: int) -> float:
-    """Patches/s of extraction's reader pool alone over the first ``sample`` patches (read, decode, resize into
-    shared memory; no trunk): with the trunk limit, the two ceilings of end-to-end extraction."""
+    """Patches/s of extraction's reader pool alone over the slide's first ``sample`` candidate tiles (read,
+    decode and the pixel rule, into shared memory; no trunk): with the trunk limit, the two ceilings of
+    end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
     from wsi_il.config import from_dict
-    from wsi_il.database import patch_table, reader_for
+    from wsi_il.database import tissue_loader
     from wsi_il.features import batch_ranges, default_workers, trunk_batch_size
     from wsi_il.readers import read_batches
 
     manifest = project.read_manifest()
     settings = from_dict(FeatureSettings, manifest["features"])
-    record = patch_table(project, manifest).slides[0]
-    px = settings.input_px
-    batches = batch_ranges(0, min(sample, record.n_patches), trunk_batch_size(device, settings.batch_size))
+    tiling = from_dict(TilingSettings, manifest["tiling"])
+    record = project.slides(manifest)[0]
+    corners = project.read_array(project.candidates_path(record.id))[:sample]
+    px = tiling.tile_size_px
+    batches = batch_ranges(0, len(corners), trunk_batch_size(device, settings.batch_size))
     started = time.perf_counter()
-    read = sum(len(tiles) for tiles, _ in read_batches(lambda: reader_for(project, record, px), batches,
-                                                        default_workers(), (px, px, 3)))
-    return read / (time.perf_counter() - started)
+    kept = sum(int(tissue.sum()) for _, tissue in read_batches(tissue_loader(Path(record.path), corners, tiling),
+                                                               batches, default_workers(), (px, px, 3)))
+    return kept / (time.perf_counter() - started)
 
 
 def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
 from wsi_il.features import (
     FeatureExtractor,
+    Features,
     Weights,
     batch_ranges,
     build_resnet,
@@ -32,7 +33,7 @@ from wsi_il.features import (
     resolve_weights,
 )
 from wsi_il.project import Project, SlideRecord, features_pending, safe_id
-from wsi_il.readers import prefetch, read_batches
+from wsi_il.readers import MakeLoad, prefetch, read_batches
 from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
@@ -115,11 +116,25 @@ def slide_candidates(project: Project, slide_id: str, slide: Path, settings: Til
     return corners
 
 
-def read_tissue_tile(reader: TileReader, corner: np.ndarray, settings: TilingSettings, input_px: int) -> Any:
-    """Read one candidate tile: resized to ``input_px`` when the pixel rule keeps it, else None."""
+def read_tissue_tile(reader: TileReader, corner: np.ndarray, settings: TilingSettings,
+                     input_px: int | None = None) -> Any:
+    """Read one candidate tile: when the pixel rule keeps it, the tile (resized to ``input_px`` where given),
+    else None."""
     tile = settings.tile_size_px
     rgb = reader.read(int(corner[0]), int(corner[1]), tile, tile)
-    return resize_tile(rgb, input_px) if is_tissue_tile(rgb, settings) else None
+    if not is_tissue_tile(rgb, settings):
+        return None
+    return rgb if input_px is None else resize_tile(rgb, input_px)
+
+
+def tissue_loader(path: Path, corners: np.ndarray, settings: TilingSettings) -> MakeLoad:
+    """Extraction's reader work for a slide's candidate tiles: read, decode, the pixel rule (in each reader)."""
+
+    def make_load() -> tuple[Callable[[int], np.ndarray | None], Callable[[], None]]:
+        reader = TileReader(path)
+        return (lambda i: read_tissue_tile(reader, corners[i], settings)), reader.close
+
+    return make_load
 
 
 def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSettings, seed: int,
@@ -234,18 +249,27 @@ def _finish_tiling(project: Project, record: dict[str, Any], boxes: np.ndarray, 
 
 
 # ---- features ---------------------------------------------------------------------------------
-def reader_for(project: Project, record: SlideRecord, input_px: int):  # type: ignore[no-untyped-def]
-    """Return (load(i) -> resized RGB tile, close()) for a slide or patch folder."""
+def loaded_px(project: Project, record: SlideRecord, input_px: int) -> int:
+    """The side of the tiles extraction's readers load: a slide's own tile size where its patches all have one
+    (the extractor resizes them on its device), else ``input_px`` (patch images vary in size)."""
+    if record.kind == "patches":
+        return input_px
+    sizes = np.unique(project.read_array(project.patches_path(record.id))[:, 2:])
+    return int(sizes[0]) if len(sizes) == 1 else input_px
+
+
+def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[no-untyped-def]
+    """Return (load(i) -> RGB tile ``px`` a side, close()) for a slide or patch folder."""
     boxes = project.read_array(project.patches_path(record.id))
     if record.kind == "patches":
         files = project.read_json(project.images_path(record.id))["files"]
         root = Path(record.path)
-        return (lambda i: resize_tile(load_image(root / files[i]), input_px)), (lambda: None)
+        return (lambda i: resize_tile(load_image(root / files[i]), px)), (lambda: None)
     reader = TileReader(Path(record.path))
 
     def load(i: int) -> np.ndarray:
         x, y, w, h = (int(v) for v in boxes[i])
-        return resize_tile(reader.read(x, y, w, h), input_px)
+        return resize_tile(reader.read(x, y, w, h), px)
 
     return load, reader.close
 
@@ -266,16 +290,16 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     advance = reporter.task(f"features {record.id}", n, "patches")
     advance(done)
     commits = Commits()
-    px = settings.input_px
+    px = loaded_px(project, record, settings.input_px)
 
     def commit(stop: int) -> None:  # features durable before the count that covers them
         store.sync()
         project.write_json(progress_path, {"done": stop})
 
     try:
-        for batch, (tiles, _) in zip(batches, read_batches(lambda: reader_for(project, record, px), batches,
-                                                            workers, (px, px, 3)), strict=True):
-            store.write(batch.start, extractor(tiles), durable=False)
+        loaded = read_batches(lambda: reader_for(project, record, px), batches, workers, (px, px, 3))
+        for batch, features, _ in one_behind(extractor, zip(batches, loaded, strict=True)):
+            store.write(batch.start, features.result(), durable=False)
             if batch is batches[-1] or commits.due():
                 commits.commit(lambda: commit(batch.stop))  # noqa: B023 - called at once
             advance(len(batch))
@@ -305,12 +329,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
         store = RowWriter(features_path, shape, np.float16, create=done == 0)
         status = RowWriter(status_path, (n,), np.uint8, create=done == 0)
         kept = int(np.count_nonzero(np.load(status_path)[:done] == 1))
-        path, px = Path(record.path), settings.input_px
-
-        def make_load() -> tuple[Callable[[int], np.ndarray | None], Callable[[], None]]:  # in each reader
-            reader = TileReader(path)
-            return (lambda i: read_tissue_tile(reader, corners[i], tiling, px)), reader.close
-
+        px, loads = tiling.tile_size_px, tissue_loader(Path(record.path), corners, tiling)
         batches = batch_ranges(done, n, extractor.batch_size(settings.batch_size))
         commits = Commits()
 
@@ -320,10 +339,10 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
             project.write_json(progress_path, {"done": stop})
 
         try:
-            for batch, (tiles, tissue) in zip(batches, read_batches(make_load, batches, workers, (px, px, 3)),
-                                              strict=True):
-                if tissue.any():
-                    store.write(kept, extractor(tiles[tissue]), durable=False)
+            loaded = read_batches(loads, batches, workers, (px, px, 3))
+            for batch, features, tissue in one_behind(extractor, zip(batches, loaded, strict=True)):
+                if features is not None:
+                    store.write(kept, features.result(), durable=False)
                 status.write(batch.start, np.where(tissue, 1, 2).astype(np.uint8), durable=False)
                 kept += int(tissue.sum())
                 if batch is batches[-1] or commits.due():
@@ -342,6 +361,21 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     else:
         features_path.unlink(missing_ok=True)
     return len(keep)
+
+
+def one_behind(extractor: FeatureExtractor, loaded: Iterable[tuple[range, tuple[np.ndarray, np.ndarray]]]
+               ) -> Iterator[tuple[range, Features | None, np.ndarray]]:
+    """Yield (batch, its features on their way (None where no tile was kept), kept) one batch behind the readers:
+    a batch's features are handed over once the next batch's are submitted, so that on a GPU the trunk computes
+    one batch while the host writes the one before and waits for the next (on a CPU nothing changes)."""
+    previous = None
+    for batch, (tiles, kept) in loaded:
+        current = (batch, extractor.submit(tiles, kept) if kept.any() else None, kept)
+        if previous is not None:
+            yield previous
+        previous = current
+    if previous is not None:
+        yield previous
 
 
 def _npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype, int, int]:
@@ -450,7 +484,7 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     model = build_resnet(weights, settings.seed, settings.arch)
     _save_init_block(project, model, settings.trainable)
     extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
-                                 device, settings.trainable)
+                                 device, settings.trainable, settings.input_px)
     for record in pending:
         if record.tiled:
             extract_slide(project, record, extractor, settings, reporter, workers)
@@ -470,7 +504,7 @@ def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExt
     settings = from_dict(FeatureSettings, manifest["features"])
     model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
     norm = manifest["normalisation"]
-    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable), settings
+    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable, settings.input_px), settings
 
 
 def load_project_weights(settings: FeatureSettings) -> Weights:

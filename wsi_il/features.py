@@ -232,8 +232,24 @@ def resize_tile(rgb: np.ndarray, input_px: int) -> np.ndarray:
     import torch
 
     pixels = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1).unsqueeze(0)
-    resized = torch.nn.functional.interpolate(pixels, size=(input_px, input_px), mode="bilinear", antialias=True)
-    return resized[0].permute(1, 2, 0).contiguous().numpy()
+    return resize_batch(pixels, input_px)[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def resize_batch(batch, input_px: int):  # type: ignore[no-untyped-def]
+    """Resize a uint8 batch (B, 3, H, W) to ``input_px`` a side (antialiased bilinear); uint8 out.
+
+    On a CPU, torch's uint8 kernel: per tile the same values as before (``resize_tile`` is this), and batched it
+    costs half as much a tile as one call per tile (0.19 against 0.37 ms on one core of the development CPU).
+    Elsewhere (CUDA has no uint8 kernel) in float32, rounded back to whole grey levels: within one level of the
+    CPU's values (its fixed-point weights round differently).
+    """
+    import torch
+
+    size = (input_px, input_px)
+    if batch.device.type == "cpu":
+        return torch.nn.functional.interpolate(batch, size=size, mode="bilinear", antialias=True)
+    resized = torch.nn.functional.interpolate(batch.float(), size=size, mode="bilinear", antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
 _LEVELS = np.arange(256, dtype=np.float64)
@@ -280,13 +296,18 @@ def batch_ranges(start: int, stop: int, size: int) -> list[range]:
 
 
 class FeatureExtractor:
-    """Normalise resized tiles and run them through the frozen trunk."""
+    """Resize tiles on the device, normalise them and run them through the frozen trunk.
+
+    Slides' tiles come to it at their own size (256 px by default): resizing them here, batched and on the
+    device, takes the resize off the readers, whose speed bounds extraction on a GPU machine.
+    """
 
     def __init__(self, model, mean: list[float], std: list[float], device: str,  # type: ignore[no-untyped-def]
-                 trainable: str = "last") -> None:
+                 trainable: str = "last", input_px: int = 224) -> None:
         import torch
 
         self.torch = torch
+        self.input_px = input_px
         self.device = torch.device(device)
         self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -300,16 +321,49 @@ class FeatureExtractor:
         """Patches per trunk batch on this device (``trunk_batch_size``)."""
         return trunk_batch_size(self.device, configured)
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3)."""
+    def __call__(self, tiles: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3) of
+        any one size (resized to ``input_px`` first where they are not at it); of the rows ``keep`` marks only,
+        where given."""
+        return self.submit(tiles, keep).result()
+
+    def submit(self, tiles: np.ndarray, keep: np.ndarray | None = None) -> Features:
+        """Start computing ``self(tiles, keep)``; ``tiles`` may be reused as soon as this returns.
+
+        On a GPU the features come back while the caller gets the next batch ready: the copy to the host is
+        asynchronous (into pinned memory) and ``result()`` waits for it. On a CPU they are computed here.
+        """
         torch = self.torch
         with torch.inference_mode():
-            batch = torch.from_numpy(tiles).to(self.device).permute(0, 3, 1, 2).float()
-            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            batch = torch.from_numpy(tiles).to(self.device)  # the host's pages are read before this returns
+            if keep is not None and not keep.all():  # the tiles the pixel rule kept, picked out on the device
+                batch = batch[torch.from_numpy(np.flatnonzero(keep)).to(self.device)]
+            batch = batch.permute(0, 3, 1, 2)
+            if batch.shape[-2:] != (self.input_px, self.input_px):
+                batch = resize_batch(batch, self.input_px)
+            batch = ((batch.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             with autocast(self.device):
                 out = self.trunk(batch)
             # float16 on the device: half the bytes to copy back, and no conversion on the host (1.9 s of a
             # 12,358-patch extraction on an H100 machine); the same values as numpy's conversion, bit for bit
-            return out.to(torch.float16).contiguous().cpu().numpy()
+            out = out.to(torch.float16).contiguous()
+            if self.device.type != "cuda":
+                return Features(out.cpu())
+            host = torch.empty(out.shape, dtype=torch.float16, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return Features(host, done)
 
 
+class Features:
+    """Features on their way to the host: ``result()`` returns them (numpy float16) once they are there."""
+
+    def __init__(self, values: Any, done: Any = None) -> None:
+        self.values, self.done = values, done
+
+    def result(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        return self.values.numpy()

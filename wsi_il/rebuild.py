@@ -39,7 +39,7 @@ def reextract(project: Project, weights: Weights, arch: str, reporter: Reporter,
     project.write_manifest(manifest)
     settings = from_dict(FeatureSettings, target)
     norm = manifest["normalisation"]
-    extractor = FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable)
+    extractor = FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable, settings.input_px)
     for record in project.slides(manifest):
         if record.n_patches > 0:
             extract_slide(project, record, extractor, settings, reporter, workers or default_workers(), staged=True)
