@@ -606,11 +606,11 @@ def test_has_triplet_agrees_with_the_loss_masks():
 
 def test_parallel_copy_fills_the_target_in_slices():
     """The staging copy of a block on its way to a GPU: every row, in order, whatever the block's length."""
-    from wsi_il.heads import _parallel_copy
+    from wsi_il.features import parallel_copy
 
     rng = np.random.default_rng(0)
     for rows in (1, 3, 257):
         source = rng.normal(size=(rows, 4, 2, 2)).astype(np.float16)
         target = np.zeros_like(source)
-        _parallel_copy(target, source)
+        parallel_copy(target, source)
         assert np.array_equal(target, source)

@@ -10,6 +10,7 @@ the cache stops after ``layer3`` (256 x 14 x 14 for ResNet-18/34, 1024 x 14 x 14
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -290,6 +291,33 @@ def default_workers() -> int:
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 
 
+def upload(array: np.ndarray, dev: Any):  # type: ignore[no-untyped-def]
+    """A host array on a GPU, asynchronously: copied by every core into pinned memory (from torch's cache, which
+    keeps it until the copy to the device is done), then to the device by DMA. ``array`` may be reused as soon as
+    this returns. A copy from pageable memory is one thread's memcpy into the driver's buffers, on the caller's
+    time."""
+    import torch
+
+    staging = torch.empty(array.shape, dtype=getattr(torch, array.dtype.name), pin_memory=True)
+    parallel_copy(staging.numpy(), array)
+    return staging.to(dev, non_blocking=True)
+
+
+def parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` in slices of rows, one a core (numpy's copy leaves the interpreter lock free)."""
+    bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
+    list(_copy_pool().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
+                          bounds[:-1], bounds[1:]))
+
+
+@functools.cache
+def _copy_pool():  # type: ignore[no-untyped-def]
+    """The threads of ``parallel_copy``, started once a process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-copy")
+
+
 def batch_ranges(start: int, stop: int, size: int) -> list[range]:
     """Split the indices start .. stop-1 into consecutive ranges of at most ``size``."""
     return [range(s, min(s + size, stop)) for s in range(start, stop, size)]
@@ -335,7 +363,7 @@ class FeatureExtractor:
         """
         torch = self.torch
         with torch.inference_mode():
-            batch = torch.from_numpy(tiles).to(self.device)  # the host's pages are read before this returns
+            batch = upload(tiles, self.device) if self.device.type == "cuda" else torch.from_numpy(tiles)
             if keep is not None and not keep.all():  # the tiles the pixel rule kept, picked out on the device
                 batch = batch[torch.from_numpy(np.flatnonzero(keep)).to(self.device)]
             batch = batch.permute(0, 3, 1, 2)

@@ -22,7 +22,6 @@ Targets are class indices; a binary "no" in a project of more than two classes i
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from wsi_il.config import TrainSettings, fast_budget, resolve_schedule
+from wsi_il.features import upload
 from wsi_il.precision import autocast, mixed_precision_dtype
 
 FAST_PATIENCE = 3
@@ -678,37 +678,16 @@ def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
     """Cached float16 features as the block's input: moved as float16, converted by torch (all cores) straight
     to the compute precision, channels-last (a numpy float32 copy took a fifth of the pass).
 
-    To a GPU through pinned memory, filled from the memory-mapped cache by every core: one thread's copy and a
-    copy from pageable memory took 27 ms a block of 2,048 on an H100 machine, a third of a round.
+    To a GPU through pinned memory, filled from the memory-mapped cache by every core (``features.upload``): one
+    thread's copy and a copy from pageable memory took 27 ms a block of 2,048 on an H100 machine, a third of a
+    round.
     """
     torch = _torch()
     if dev.type == "cuda":
-        staging = torch.empty(block.shape, dtype=torch.float16, pin_memory=True)  # reused from torch's cache
-        _parallel_copy(staging.numpy(), block)
-        x = staging.to(dev, non_blocking=True)  # (the cache keeps the buffer until the copy is done)
+        x = upload(block, dev)
     else:
         x = torch.from_numpy(np.array(block, dtype=np.float16)).to(dev)
     return x.to(mixed_precision_dtype(dev) or torch.float32).contiguous(memory_format=torch.channels_last)
-
-
-def _parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
-    """``target[...] = source`` (as float16) in slices of rows, one a core (numpy's copy leaves the interpreter
-    lock free)."""
-    from wsi_il.features import default_workers
-
-    bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
-    list(_copy_pool().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
-                          bounds[:-1], bounds[1:]))
-
-
-@functools.cache
-def _copy_pool():  # type: ignore[no-untyped-def]
-    """The threads of ``_parallel_copy``, started once a process."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from wsi_il.features import default_workers
-
-    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-copy")
 
 
 def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str,  # type: ignore[no-untyped-def]
