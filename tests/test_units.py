@@ -543,6 +543,22 @@ def test_fraction_inside_boxes_and_polygon():
     assert fraction_inside(boxes, shapely.Polygon()).tolist() == [0.0] * 4
 
 
+def test_fraction_inside_matches_intersecting_every_box():
+    """Boxes wholly inside, outside, across the boundary, in and across a hole, touching the boundary: the
+    shortcut for boxes wholly inside or apart gives each box's intersection share, as intersecting every box."""
+    from wsi_il.regions import fraction_inside
+
+    outer = [(0, 0), (1000, 0), (1000, 700), (400, 900), (0, 700)]
+    region = shapely.Polygon(outer, [[(300, 300), (500, 300), (500, 500), (300, 500)]])
+    xs, ys = np.meshgrid(np.arange(-100, 1100, 50), np.arange(-100, 1000, 50))
+    boxes = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, 100), np.full(xs.size, 100)], axis=1)
+    squares = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 0] + 100, boxes[:, 1] + 100)
+    expected = shapely.area(shapely.intersection(squares, region)) / 100**2
+    got = fraction_inside(boxes, region)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert (got == 1).sum() > 20 and (got == 0).sum() > 20 and ((got > 0) & (got < 1)).sum() > 20
+
+
 # ---- tools ------------------------------------------------------------------------------------
 
 

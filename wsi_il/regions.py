@@ -21,8 +21,14 @@ def fraction_inside(boxes: np.ndarray, region: BaseGeometry) -> np.ndarray:
     b = boxes[near]
     squares = shapely.box(b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3])
     shapely.prepare(region)
-    inside = shapely.area(shapely.intersection(squares, region))
-    out[near] = inside / np.maximum(b[:, 2] * b[:, 3], 1e-9)
+    # only boxes across the region's boundary need an intersection (5.7 s for 12,882 boxes and a real truth
+    # region, against milliseconds for the two tests with the prepared region)
+    whole = shapely.contains_properly(region, squares)
+    edge = np.flatnonzero(~whole & shapely.intersects(region, squares))
+    share = whole.astype(np.float64)
+    share[edge] = shapely.area(shapely.intersection(squares[edge], region)) / np.maximum(
+        b[edge, 2] * b[edge, 3], 1e-9)
+    out[near] = share
     return out
 
 
