@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -465,26 +466,31 @@ class RowWriter:
 
 def build_database(project: Project, manifest: dict[str, Any], reporter: Reporter, device: str,
                    weights: Weights | None = None, workers: int | None = None) -> dict[str, Any]:
-    """Tile and extract every slide of the project that is not done yet; returns the manifest."""
+    """Tile and extract every slide of the project that is not done yet; returns the manifest.
+
+    The trunk gets ready (weights loaded, network built, on a GPU its first batch run) in a thread while the
+    slides' thumbnails are read and masked; the thread ends before any reader process is forked.
+    """
     workers = workers or default_workers()
     tiling = from_dict(TilingSettings, manifest["tiling"])
     settings = from_dict(FeatureSettings, manifest["features"])
-    for record in manifest["slides"]:
-        if not record["tiled"] and record["kind"] == "patches":
-            tile_patch_folder(project, record, reporter, workers)
-            project.write_manifest(manifest)
+    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
+               if features_pending(entry)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk") as ahead:
+        trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if pending else None
+        for record in manifest["slides"]:
+            if not record["tiled"] and record["kind"] == "patches":
+                tile_patch_folder(project, record, reporter, workers)
+                project.write_manifest(manifest)
+            elif not record["tiled"]:
+                slide_candidates(project, record["id"], Path(record["path"]), tiling)
+        extractor = trunk.result() if trunk is not None else None
     if manifest.get("normalisation") is None:
         manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, workers)
         project.write_manifest(manifest)
-    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
-               if features_pending(entry)]
-    if not pending:
+    if extractor is None:
         return manifest
-    weights = weights or load_project_weights(settings)
-    model = build_resnet(weights, settings.seed, settings.arch)
-    _save_init_block(project, model, settings.trainable)
-    extractor = FeatureExtractor(model, manifest["normalisation"]["mean"], manifest["normalisation"]["std"],
-                                 device, settings.trainable, settings.input_px)
+    extractor.normalise_with(manifest["normalisation"]["mean"], manifest["normalisation"]["std"])
     for record in pending:
         if record.tiled:
             extract_slide(project, record, extractor, settings, reporter, workers)
@@ -497,6 +503,18 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                              precision=extractor.precision if n_patches else None)
         project.write_manifest(manifest)
     return manifest
+
+
+def _ready_trunk(project: Project, settings: FeatureSettings, weights: Weights | None, device: str,
+                 tile_px: int) -> FeatureExtractor:
+    """The project's trunk on its device, its first batch run (its normalisation is set once it is known)."""
+    weights = weights or load_project_weights(settings)
+    model = build_resnet(weights, settings.seed, settings.arch)
+    _save_init_block(project, model, settings.trainable)
+    extractor = FeatureExtractor(model, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], device, settings.trainable,
+                                 settings.input_px)
+    extractor.warm_up(extractor.batch_size(settings.batch_size), tile_px)
+    return extractor
 
 
 def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExtractor, FeatureSettings]:

@@ -338,12 +338,23 @@ class FeatureExtractor:
         self.input_px = input_px
         self.device = torch.device(device)
         self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.normalise_with(mean, std)
         self.precision = precision_name(self.device)
         """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features)."""
-        if self.device.type == "cpu":
-            torch.set_num_threads(default_workers())
+        self.threads = default_workers() if self.device.type == "cpu" else 0
+        """Threads the trunk computes with on a CPU: every core (set in the thread that computes: OpenMP's count is
+        a thread's own, and ``build_database`` builds the extractor in another)."""
+
+    def normalise_with(self, mean: list[float], std: list[float]) -> None:
+        """Set the per-channel mean and std (of pixels scaled to [0, 1]) the tiles are normalised with."""
+        self.mean = self.torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = self.torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def warm_up(self, batch: int, tile_px: int) -> None:
+        """On a GPU, run one batch of blank tiles: the first use of each kernel (loading it, cuDNN's choice of
+        algorithm) then happens here, ahead of the slides' first batch, not on it. Nothing to do on a CPU."""
+        if self.device.type == "cuda":
+            self(np.zeros((batch, tile_px, tile_px, 3), np.uint8))
 
     def batch_size(self, configured: int) -> int:
         """Patches per trunk batch on this device (``trunk_batch_size``)."""
@@ -362,6 +373,8 @@ class FeatureExtractor:
         asynchronous (into pinned memory) and ``result()`` waits for it. On a CPU they are computed here.
         """
         torch = self.torch
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             batch = upload(tiles, self.device) if self.device.type == "cuda" else torch.from_numpy(tiles)
             if keep is not None and not keep.all():  # the tiles the pixel rule kept, picked out on the device
