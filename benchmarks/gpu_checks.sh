@@ -2,17 +2,20 @@
 # The GPU checks of docs/speed.md and docs/pretraining.md as one prepared run (a lent GPU's time is short):
 # the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
 #
-#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench graphs-ab reading-ab profile probe-moco
-#                                                      probe-simclr
+#   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench bench-large graphs-ab reading-ab profile
+#                                                      probe-moco probe-simclr
 #                                                      (default: tests bench probe-moco)
+# bench-large: the bench on a slide of about 50,000 patches (a large 20x slide; the fixed tiling stage weighs less),
+# without the paper's round;
 # graphs-ab: training and the round with and without CUDA graphs (WSI_IL_CUDA_GRAPHS), interleaved;
 # reading-ab: the reader pool alone with JPEG tiles decoded directly and through OpenSlide (WSI_IL_DIRECT_TILES);
-# profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats). Both need
-# the project that the bench stage leaves in WORK.
+# profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats).
+# graphs-ab, reading-ab and profile need the project that the bench stage leaves in WORK.
 # Environment: WSI_IL_DATA  folder holding bach-iciar2018-1536jpeg-sample/ (default ../shared/data)
 #              PYTHON       the interpreter that has wsi-il and torch (default python3)
 #              DEVICE       cuda (default); cpu runs the same stages as a dry run
 #              WORK         scratch folder for slides and projects (default /tmp/wsi-il-gpu-checks)
+#              LARGE_PATCHES  patches of bench-large's slide (default 50000)
 #              BENCH_ARGS, PROBE_ARGS   extra options, e.g. smaller sizes for a dry run:
 #                  DEVICE=cpu BENCH_ARGS="--patches 150 --labels 40" PROBE_ARGS="--steps 2" bash ... OUT
 # Exit status: 0 when every stage passed; stages.txt in OUT lists each stage's exit status and seconds.
@@ -46,6 +49,9 @@ for stage in $stages; do
         bench)
             logged bench "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench" \
                 --json "$out/bench_$device.json" ${BENCH_ARGS:-} ;;
+        bench-large)
+            logged bench_large "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench-large" \
+                --patches "${LARGE_PATCHES:-50000}" --no-paper --json "$out/bench_large_$device.json" ;;
         graphs-ab)
             logged graphs_ab bash -c "for graphs in --graphs --no-graphs; do
                     $py benchmarks/heads_timing.py --device $device --schedule paper \$graphs || exit; done
@@ -66,7 +72,8 @@ for stage in $stages; do
                 --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
                 cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
         *)
-            echo "unknown stage '$stage': use tests, bench, graphs-ab, reading-ab, profile, probe-moco or probe-simclr" >&2
+            echo "unknown stage '$stage': use tests, bench, bench-large, graphs-ab, reading-ab, profile, probe-moco or" \
+                "probe-simclr" >&2
             exit 2 ;;
     esac
     status=$?

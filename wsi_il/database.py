@@ -474,10 +474,9 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     workers = workers or default_workers()
     tiling = from_dict(TilingSettings, manifest["tiling"])
     settings = from_dict(FeatureSettings, manifest["features"])
-    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
-               if features_pending(entry)]
+    needed = any(features_pending(entry) for entry in manifest["slides"])
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk") as ahead:
-        trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if pending else None
+        trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if needed else None
         for record in manifest["slides"]:
             if not record["tiled"] and record["kind"] == "patches":
                 tile_patch_folder(project, record, reporter, workers)
@@ -490,6 +489,8 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
         project.write_manifest(manifest)
     if extractor is None:
         return manifest
+    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
+               if features_pending(entry)]  # read now: tiling a patch folder changed its record
     extractor.normalise_with(manifest["normalisation"]["mean"], manifest["normalisation"]["std"])
     for record in pending:
         if record.tiled:
