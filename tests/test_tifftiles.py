@@ -104,3 +104,39 @@ def test_a_decoded_tile_cannot_be_changed_in_place(tmp_path):
     before = assembled.copy()
     assembled[:] = 0  # the caller's own copy: the cached tiles are untouched
     assert np.array_equal(reader.read(10, 10, 128, 128), before)
+
+
+@pytest.mark.parametrize("max_px", [1000, 300, 100])
+def test_thumbnails_from_the_level_tiles_are_openslides(tmp_path, max_px):
+    """``read_thumbnail`` decodes the level OpenSlide would pick and shrinks it as ``get_thumbnail`` does: the same
+    pixels, at level 0 (no pyramid level small enough) and below, with partial tiles at the edges."""
+    import openslide
+
+    from wsi_il.slide import read_thumbnail
+    from wsi_il.tifftiles import read_level
+
+    path = tmp_path / "jpeg.tiff"
+    write_pyramidal_tiff(path, _image(1100, 1500), tile_px=128, jpeg_quality=85)
+    slide = openslide.OpenSlide(str(path))
+    expected = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+    level = slide.get_best_level_for_downsample(max(dim / max_px for dim in slide.dimensions))
+    assert read_level(path, slide, level) is not None, "the level should be decoded directly"
+    thumb, scale = read_thumbnail(path, max_px)
+    assert np.array_equal(thumb, expected) and scale == 1500 / expected.shape[1]
+    assert {slide.get_best_level_for_downsample(1500 / px) for px in (1000, 300, 100)} == {0, 2, 3}
+
+
+def test_the_example_slides_thumbnail_is_openslides(example_slide, monkeypatch):
+    import openslide
+
+    from wsi_il.slide import read_thumbnail
+    from wsi_il.tifftiles import read_level
+
+    slide = openslide.OpenSlide(str(example_slide))
+    assert read_level(example_slide, slide, 0) is not None
+    direct, _ = read_thumbnail(example_slide, 512)
+    monkeypatch.setenv(DIRECT_ENV, "0")
+    assert read_level(example_slide, slide, 0) is None
+    plain, _ = read_thumbnail(example_slide, 512)
+    assert np.array_equal(direct, plain)
+    assert np.array_equal(plain, np.asarray(slide.get_thumbnail((512, 512)).convert("RGB")))

@@ -107,7 +107,9 @@ def read_thumbnail(path: Path, max_px: int) -> tuple[np.ndarray, float]:
     slide = open_slide(path)
     try:
         width, height = slide.dimensions
-        thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
+        thumb = _direct_thumbnail(path, slide, max_px)
+        if thumb is None:
+            thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
         return thumb, width / thumb.shape[1]
     except Exception as exc:  # noqa: BLE001 - any reader failure is the slide's
         if isinstance(exc, SlideError):
@@ -115,6 +117,24 @@ def read_thumbnail(path: Path, max_px: int) -> tuple[np.ndarray, float]:
         raise SlideError(f"{path}: cannot read a thumbnail: {exc}", "the file may be corrupt") from exc
     finally:
         slide.close()
+
+
+def _direct_thumbnail(path: Path, slide: Any, max_px: int) -> np.ndarray | None:
+    """OpenSlide's thumbnail (``get_thumbnail``: the level it picks, shrunk with PIL's Lanczos filter) from the
+    level's own JPEG tiles where ``tifftiles`` reads them (the same pixels), else None. Half the thumbnail's time
+    on the development CPU (0.08 of 0.2 s went to OpenSlide's reading and compositing of the level), before
+    the trunk can start."""
+    from PIL import Image
+
+    from wsi_il.tifftiles import read_level
+
+    downsample = max(dim / max_px for dim in slide.dimensions)
+    rgb = read_level(Path(path), slide, slide.get_best_level_for_downsample(downsample))
+    if rgb is None:
+        return None
+    image = Image.fromarray(rgb)
+    image.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return np.asarray(image)
 
 
 def _flatten(region: Any) -> np.ndarray:

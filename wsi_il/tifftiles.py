@@ -91,27 +91,48 @@ class JpegTiles:
         return out
 
 
-def open_direct(path: Path, slide: Any) -> JpegTiles | None:
-    """A ``JpegTiles`` for a slide OpenSlide has open (``slide``), or None where its tiles are not read directly."""
+def open_direct(path: Path, slide: Any, level: int = 0) -> JpegTiles | None:
+    """A ``JpegTiles`` for OpenSlide level ``level`` of a slide OpenSlide has open (``slide``), or None where its
+    tiles are not read directly."""
     if os.environ.get(DIRECT_ENV, "1").strip() == "0":
         return None
     if slide.properties.get("openslide.vendor") not in VENDORS:
         return None
+    dimensions = tuple(slide.level_dimensions[level])
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tiff:
-            page = tiff.pages.first if hasattr(tiff.pages, "first") else tiff.pages[0]
-            if not _eligible(page, slide.dimensions):
+            if level == 0:
+                page = tiff.pages.first if hasattr(tiff.pages, "first") else tiff.pages[0]
+            else:  # the tiled page of the level's size (Aperio keeps stripped thumbnail, label and macro pages)
+                page = next((p for p in tiff.pages if p.is_tiled and (p.imagewidth, p.imagelength) == dimensions),
+                            None)
+            if page is None or not _eligible(page, dimensions):
                 return None
             tiles = JpegTiles(path, page)
     except Exception:  # noqa: BLE001 - anything unexpected about the file: OpenSlide reads it, as before
         return None
-    if not _agrees(tiles, slide):
+    if not _agrees(tiles, slide, level):
         tiles.close()
         return None
     tiles.cache.clear()
     return tiles
+
+
+def read_level(path: Path, slide: Any, level: int) -> np.ndarray | None:
+    """The whole of OpenSlide level ``level`` as RGB decoded from the file's tiles (what ``read_region`` gives
+    where every tile is there), or None where OpenSlide must read it (``tifftiles`` does not read the slide, a
+    tile is missing)."""
+    tiles = open_direct(path, slide, level)
+    if tiles is None:
+        return None
+    try:
+        return tiles.read(0, 0, tiles.width, tiles.height)
+    except Exception:  # noqa: BLE001 - a tile that does not decode: OpenSlide reads the level (and says why)
+        return None
+    finally:
+        tiles.close()
 
 
 def _eligible(page: Any, dimensions: tuple[int, int]) -> bool:
@@ -122,15 +143,19 @@ def _eligible(page: Any, dimensions: tuple[int, int]) -> bool:
             and (int(page.imagewidth), int(page.imagelength)) == tuple(dimensions))
 
 
-def _agrees(tiles: JpegTiles, slide: Any) -> bool:
+def _agrees(tiles: JpegTiles, slide: Any, level: int = 0) -> bool:
     """Whether a whole tile near the middle of the page decodes exactly as OpenSlide reads that region."""
     full_cols, full_rows = tiles.width // tiles.tile_w, tiles.height // tiles.tile_h
     if full_cols == 0 or full_rows == 0:
         return False
     x, y = (full_cols // 2) * tiles.tile_w, (full_rows // 2) * tiles.tile_h
+    scale = slide.level_downsamples[level]
+    if scale != round(scale):  # (OpenSlide's level-0 coordinates of that tile would be rounded; not of the first)
+        x = y = 0
     try:
         mine = tiles.read(x, y, tiles.tile_w, tiles.tile_h)
-        theirs = np.asarray(slide.read_region((x, y), 0, (tiles.tile_w, tiles.tile_h)))
+        theirs = np.asarray(slide.read_region((round(x * scale), round(y * scale)), level,
+                                              (tiles.tile_w, tiles.tile_h)))
     except Exception:  # noqa: BLE001 - a tile that does not decode: OpenSlide reads the slide
         return False
     if mine is None or theirs.shape[-1] != 4 or theirs[..., 3].min() != 255:
