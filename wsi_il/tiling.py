@@ -57,8 +57,9 @@ def candidate_tiles(corners: np.ndarray, mask: np.ndarray, scale: float, tile_px
     """Keep the grid tiles of which at least ``min_fraction`` lies in the thumbnail tissue mask."""
     if len(corners) == 0:
         return corners
-    counts = mask.astype(np.int32).cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)  # int32: any thumbnail
-    integral = np.pad(counts, ((1, 0), (1, 0)))  # under 46,341 px a side, at 0.6 the time of int64
+    # int32 holds the counts of a thumbnail under 46,341 px a side (2,048 by default), in 0.6 the time of int64
+    counts = mask.astype(np.int32).cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+    integral = np.pad(counts, ((1, 0), (1, 0)))
     h, w = mask.shape
     x0 = np.clip(np.floor(corners[:, 0] / scale).astype(int), 0, w)
     y0 = np.clip(np.floor(corners[:, 1] / scale).astype(int), 0, h)
