@@ -16,8 +16,9 @@
 #              DEVICE       cuda (default); cpu runs the same stages as a dry run
 #              WORK         scratch folder for slides and projects (default /tmp/wsi-il-gpu-checks)
 #              LARGE_PATCHES  patches of bench-large's slide (default 50000)
-#              BENCH_ARGS, PROBE_ARGS   extra options, e.g. smaller sizes for a dry run:
-#                  DEVICE=cpu BENCH_ARGS="--patches 150 --labels 40" PROBE_ARGS="--steps 2" bash ... OUT
+#              BENCH_ARGS, ROUND_ARGS, PROBE_ARGS   extra options of the bench, of round_timing.py (graphs-ab,
+#                  profile) and of the probe, e.g. smaller sizes for a dry run:
+#                  DEVICE=cpu BENCH_ARGS="--patches 150 --labels 40" ROUND_ARGS="--labels 40" PROBE_ARGS="--steps 2"
 # Exit status: 0 when every stage passed; stages.txt in OUT lists each stage's exit status and seconds.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_checks.sh OUT [tests] [bench] [probe-moco] [probe-simclr]}
@@ -57,14 +58,14 @@ for stage in $stages; do
                     $py benchmarks/heads_timing.py --device $device --schedule paper \$graphs || exit; done
                 for graphs in 1 0 1 0; do
                     WSI_IL_CUDA_GRAPHS=\$graphs $py benchmarks/round_timing.py $work/bench --runs 1 \
-                        --device $device --variant paper | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit; done" ;;
+                        --device $device --variant paper ${ROUND_ARGS:-} | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit; done" ;;
         reading-ab)
             logged reading_ab "$py" benchmarks/reading_ab.py "$work/bench" --device "$device" ;;
         profile)
             spec="{\"project\": \"$work/profile-project\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
             rm -rf "$work/profile-project"
             logged profile bash -c "$py -m cProfile -o $out/round.prof benchmarks/round_timing.py $work/bench \
-                    --runs 2 --device $device --variant paper &&
+                    --runs 2 --device $device --variant paper ${ROUND_ARGS:-} &&
                 $py -m cProfile -o $out/extract.prof -m wsi_il.bench '$spec'" ;;
         probe-moco | probe-simclr)
             method=${stage#probe-}
