@@ -306,16 +306,17 @@ def upload(array: np.ndarray, dev: Any):  # type: ignore[no-untyped-def]
 def parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
     """``target[...] = source`` in slices of rows, one a core (numpy's copy leaves the interpreter lock free)."""
     bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
-    list(_copy_pool().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
-                          bounds[:-1], bounds[1:]))
+    list(core_threads().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
+                            bounds[:-1], bounds[1:]))
 
 
 @functools.cache
-def _copy_pool():  # type: ignore[no-untyped-def]
-    """The threads of ``parallel_copy``, started once a process."""
+def core_threads():  # type: ignore[no-untyped-def]
+    """A thread a core, started once a process, for work that leaves the interpreter lock free (copies to a GPU's
+    staging memory, PNG encoding)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-copy")
+    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-core")
 
 
 def batch_ranges(start: int, stop: int, size: int) -> list[range]:
@@ -376,11 +377,9 @@ class FeatureExtractor:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            gpu = self.device.type == "cuda"
-            batch = upload(tiles, self.device) if gpu else torch.from_numpy(tiles)
+            batch = self._on_device(tiles)
             if keep is not None and not keep.all():  # the tiles the pixel rule kept, picked out on the device
-                rows = np.flatnonzero(keep)  # (from pageable memory even this would wait for the previous batch)
-                batch = batch[upload(rows, self.device) if gpu else torch.from_numpy(rows)]
+                batch = batch[self._on_device(np.flatnonzero(keep))]
             batch = batch.permute(0, 3, 1, 2)
             if batch.shape[-2:] != (self.input_px, self.input_px):
                 batch = resize_batch(batch, self.input_px)
@@ -390,13 +389,19 @@ class FeatureExtractor:
             # float16 on the device: half the bytes to copy back, and no conversion on the host (1.9 s of a
             # 12,358-patch extraction on an H100 machine); the same values as numpy's conversion, bit for bit
             out = out.to(torch.float16).contiguous()
-            if not gpu:
+            if self.device.type != "cuda":
                 return Features(out.cpu())
             host = torch.empty(out.shape, dtype=torch.float16, pin_memory=True)
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             return Features(host, done)
+
+
+    def _on_device(self, array: np.ndarray):  # type: ignore[no-untyped-def]
+        """``array`` as a tensor on the extractor's device: on a GPU through pinned memory (``upload``; from pageable
+        memory even a small copy would wait for the previous batch's trunk), on a CPU the same memory."""
+        return upload(array, self.device) if self.device.type == "cuda" else self.torch.from_numpy(array)
 
 
 class Features:

@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import re
 import shlex
 import zlib
@@ -250,10 +249,9 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _png_encoded(images: list[Image.Image]) -> list[bytes]:
     """The PNG bytes of each image, encoded on every core (PIL's encoder leaves the interpreter lock free)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from wsi_il.features import core_threads
 
-    with ThreadPoolExecutor(max_workers=min(len(images), os.cpu_count() or 1)) as pool:
-        return list(pool.map(_png_bytes, images))
+    return list(core_threads().map(_png_bytes, images))
 
 
 def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:
