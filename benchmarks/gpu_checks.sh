@@ -3,10 +3,10 @@
 # the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
 #
 #   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench bench-large graphs-ab reading-ab profile
-#                                                      probe-moco probe-simclr
+#                                                      large-slide probe-moco probe-simclr
 #                                                      (default: tests bench probe-moco)
 # bench-large: the bench on a slide of about 50,000 patches (a large 20x slide; the fixed tiling stage weighs less),
-# without the paper's round;
+# without the paper's round (large-slide builds that slide alone, which bench-large would otherwise do first);
 # graphs-ab: training and the round with and without CUDA graphs (WSI_IL_CUDA_GRAPHS), interleaved;
 # reading-ab: the reader pool alone with JPEG tiles decoded directly and through OpenSlide (WSI_IL_DIRECT_TILES);
 # profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats).
@@ -16,6 +16,7 @@
 #              DEVICE       cuda (default); cpu runs the same stages as a dry run
 #              WORK         scratch folder for slides and projects (default /tmp/wsi-il-gpu-checks)
 #              LARGE_PATCHES  patches of bench-large's slide (default 50000)
+#              TEST_ARGS    extra options of pytest in the tests stage, e.g. -k "not bench" (the bench stage covers it)
 #              BENCH_ARGS, ROUND_ARGS, PROBE_ARGS   extra options of the bench, of round_timing.py (graphs-ab,
 #                  profile) and of the probe, e.g. smaller sizes for a dry run:
 #                  DEVICE=cpu BENCH_ARGS="--patches 150 --labels 40" ROUND_ARGS="--labels 40" PROBE_ARGS="--steps 2"
@@ -46,10 +47,14 @@ for stage in $stages; do
     started=$(date +%s)
     case $stage in
         tests)  # without CUDA they are collected and skipped
-            logged tests "$py" -m pytest -q -rs -m gpu tests ;;
+            logged tests "$py" -m pytest -q -rs -m gpu ${TEST_ARGS:-} tests ;;
         bench)
             logged bench "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench" \
                 --json "$out/bench_$device.json" ${BENCH_ARGS:-} ;;
+        large-slide)  # only build bench-large's slide (e.g. in the background while other stages run)
+            logged large_slide "$py" -c "import sys; from pathlib import Path; from wsi_il.bench import build_bench_slide
+print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 0))" \
+                "$work/bench-large" "${LARGE_PATCHES:-50000}" "$data" ;;
         bench-large)
             logged bench_large "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench-large" \
                 --patches "${LARGE_PATCHES:-50000}" --no-paper --json "$out/bench_large_$device.json" ;;
@@ -73,7 +78,7 @@ for stage in $stages; do
                 --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
                 cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
         *)
-            echo "unknown stage '$stage': use tests, bench, bench-large, graphs-ab, reading-ab, profile, probe-moco or" \
+            echo "unknown stage '$stage': use tests, bench, large-slide, bench-large, graphs-ab, reading-ab, profile, probe-moco or" \
                 "probe-simclr" >&2
             exit 2 ;;
     esac
