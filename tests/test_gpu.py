@@ -165,3 +165,31 @@ def test_extraction_on_cuda_resizes_picks_and_returns_features_as_on_cpu():
     assert gap.mean() < 0.01 * np.abs(whole.astype(np.float32)).mean()
     expected = cpu(tiles, keep).astype(np.float32)
     assert np.abs(picked.astype(np.float32) - expected).mean() < 0.05 * np.abs(expected).mean()
+
+
+def test_graphed_extraction_gives_the_eager_features(monkeypatch):
+    """The trunk captured as a CUDA graph (``warm_up``): the eager path's features for full batches, picked rows
+    too, several batches in flight, the normalisation set after the capture taking effect; other shapes eager."""
+    from wsi_il.features import FeatureExtractor, build_resnet, resolve_weights
+
+    def extractor():  # type: ignore[no-untyped-def]
+        made = FeatureExtractor(build_resnet(resolve_weights("random"), 0), [0.0] * 3, [1.0] * 3, "cuda")
+        made.warm_up(8, 256)
+        made.normalise_with([0.7, 0.5, 0.7], [0.15, 0.2, 0.15])
+        return made
+
+    graphed = extractor()
+    monkeypatch.setenv("WSI_IL_CUDA_GRAPHS", "0")
+    eager = extractor()
+    assert graphed.graph is not None and eager.graph is None
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8) for _ in range(3)]
+    keep = np.array([True, False, True, True, True, False, True, True])
+    pending = [graphed.submit(tiles, k) for tiles, k in zip(batches, [None, keep, None], strict=True)]
+    results = [p.result() for p in pending]
+    for tiles, k, got in zip(batches, [None, keep, None], results, strict=True):
+        expected = eager(tiles) if k is None else eager(tiles)[k]  # the graph computes every row, as eager here
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=0, atol=1e-3)
+    partial = batches[0][:5]  # not the graph's shape: eager
+    np.testing.assert_array_equal(graphed(partial), eager(partial))

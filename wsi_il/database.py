@@ -292,6 +292,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     advance(done)
     commits = Commits()
     px = loaded_px(project, record, settings.input_px)
+    extractor.warm_up(extractor.batch_size(settings.batch_size), px)
 
     def commit(stop: int) -> None:  # features durable before the count that covers them
         store.sync()

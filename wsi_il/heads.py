@@ -31,7 +31,7 @@ import numpy as np
 
 from wsi_il.config import TrainSettings, fast_budget, resolve_schedule
 from wsi_il.features import upload
-from wsi_il.precision import autocast, mixed_precision_dtype
+from wsi_il.precision import GRAPHS_ENV, autocast, cuda_graphs_wanted, mixed_precision_dtype
 
 FAST_PATIENCE = 3
 """Fast schedule: stop after this many epochs without a new lowest loss (only in rounds whose epochs the pass
@@ -414,18 +414,9 @@ def _train_epochs(updates: list[_Update], inputs: tuple[Any, ...], y_all, target
     return losses
 
 
-GRAPHS_ENV = "WSI_IL_CUDA_GRAPHS"
-"""'0': train step by step on CUDA too (for comparison, or where capture fails)."""
-
-
 def _want_graphs(graphs: bool | None, dev) -> bool:  # type: ignore[no-untyped-def]
-    """Whether training steps are to be captured: ``graphs`` when said, else on CUDA unless $WSI_IL_CUDA_GRAPHS
-    is 0."""
-    import os
-
-    if graphs is not None:
-        return graphs
-    return dev.type == "cuda" and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+    """Whether training steps are to be captured: ``graphs`` when said, else ``cuda_graphs_wanted``."""
+    return graphs if graphs is not None else cuda_graphs_wanted(dev)
 
 
 def _step_graphs(updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, batch_size: int,  # type: ignore[no-untyped-def]

@@ -39,6 +39,18 @@ def precision_name(device: Any) -> str:
     return "bf16" if mixed_precision_dtype(device) is not None else "fp32"
 
 
+GRAPHS_ENV = "WSI_IL_CUDA_GRAPHS"
+"""'0': no CUDA graphs (extraction's trunk and training steps run kernel by kernel), for comparison, or where
+capture fails."""
+
+
+def cuda_graphs_wanted(dev: Any) -> bool:
+    """Whether work on ``dev`` is to be captured as CUDA graphs: on CUDA unless $WSI_IL_CUDA_GRAPHS is 0."""
+    import torch
+
+    return torch.device(dev).type == "cuda" and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+
+
 @contextlib.contextmanager
 def autocast(device: Any, cache: bool = True) -> Iterator[None]:
     """Run the enclosed forward passes in bfloat16 where that is native, else unchanged.
