@@ -83,6 +83,9 @@ class BenchResult:
     """Before the trunk runs: the thumbnail tissue mask and the normalisation statistics' sample of tiles."""
     features_seconds: float = 0.0
     """One read of every candidate tile: pixel rule, resize, normalise, trunk, write."""
+    extract_timeline: dict[str, list[float]] = field(default_factory=dict)
+    """Each stage of extraction (progress task): seconds from the start of extraction to its start, its first
+    progress and its end. The statistics sample starts once the thumbnails are masked and the trunk is ready."""
     extract_patches_per_s: float = 0.0
     trunk_limit_patches_per_s: float = 0.0
     extract_ratio_to_limit: float = 0.0
@@ -147,6 +150,7 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
                          "less, or a larger slide (--patches, --slide)")
     result.setup_seconds = stage["setup_seconds"]
     result.tiling_seconds, result.features_seconds = stage["tiling_seconds"], stage["features_seconds"]
+    result.extract_timeline = stage["timeline"]
     result.extract_patches_per_s = result.patches / max(1e-9, stage["tiling_seconds"] + stage["features_seconds"])
     result.peak_rss_mb = stage["peak_rss_mb"]
     result.gpu_utilisation = stage.get("gpu_utilisation")
@@ -235,15 +239,28 @@ def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[P
 
 # ---- extraction ---------------------------------------------------------------------------------------
 class _TimingReporter(SilentReporter):
-    """Remembers when each stage (progress task) started."""
+    """Remembers when each stage (progress task) started, first advanced and last advanced."""
 
     def __init__(self) -> None:
         super().__init__()
         self.started: list[tuple[str, float]] = []
+        self.times: dict[str, list[float]] = {}
 
     def task(self, description: str, total: int, unit: str = "patches") -> Callable[[int], None]:
-        self.started.append((description, time.perf_counter()))
-        return lambda n: None
+        now = time.perf_counter()
+        self.started.append((description, now))
+        times = self.times[description] = [now, now, now]
+
+        def advance(n: int) -> None:
+            if n:
+                now = time.perf_counter()
+                times[1:] = [now if times[1] == times[0] else times[1], now]
+
+        return advance
+
+    def timeline(self, origin: float) -> dict[str, list[float]]:
+        """``times`` in seconds from ``origin``."""
+        return {name: [round(t - origin, 3) for t in times] for name, times in self.times.items()}
 
 
 def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) -> dict[str, Any]:
@@ -286,7 +303,7 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
     feature_start = next((t for name, t in reporter.started if name.startswith("features")), ended)
     return {"patches": sum(s["n_patches"] for s in manifest["slides"]), "setup_seconds": started - setup_started,
             "tiling_seconds": feature_start - started, "features_seconds": ended - feature_start,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(), "timeline": reporter.timeline(started),
             "gpu_utilisation": gpu.mean(), "gpu_utilisation_error": gpu.error}
 
 
@@ -371,20 +388,28 @@ a fifth between runs on a shared CPU, and the limit is what the machine can do a
 
 
 def trunk_limit(project: Project, device: str, sample: int) -> float:
-    """Patches/s of normalisation + trunk + float16 on in-memory batches (no reading): the compute limit (the
-    fastest of ``TRUNK_REPEATS`` timings, so that the ratio to it errs low)."""
+    """Patches/s of normalisation + trunk + float16 on in-memory batches of tiles already at the trunk's input
+    size (no reading, no resize): the compute limit (the fastest of ``TRUNK_REPEATS`` timings, so that the ratio
+    to it errs low). As in extraction, on a GPU the batches run as a captured graph, one batch in flight while
+    the previous one's features come back."""
     extractor, settings = _extractor(project, device)
     size = extractor.batch_size(settings.batch_size)  # the batch extraction uses on this device
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (size, settings.input_px, settings.input_px, 3), dtype=np.uint8)
-    extractor(tiles)  # warm-up (kernel selection, CUDA context)
+    extractor.warm_up(size, settings.input_px)  # on a GPU: kernel selection, CUDA context, the graph
+    extractor(tiles)
     _sync(device)
     batches = max(3, sample // size)
     rates = []
     for _ in range(TRUNK_REPEATS):
         started = time.perf_counter()
+        previous = None
         for _ in range(batches):
-            extractor(tiles)
+            current = extractor.submit(tiles)
+            if previous is not None:
+                previous.result()
+            previous = current
+        previous.result()
         _sync(device)
         rates.append(batches * size / (time.perf_counter() - started))
     return max(rates)
