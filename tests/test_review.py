@@ -233,6 +233,61 @@ def test_write_batch_rejects_mismatched_arguments(
         write_batch(tmp_path / "b", info, bad, _images()[:1])
 
 
+def test_write_batch_makes_every_file_durable_before_batch_json(
+    tmp_path: Path, info: BatchInfo, patches: list[BatchPatch], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batch.json marks a complete batch: its rename comes last, after a sync of the folder that makes every
+    other rename durable, and is itself followed by one; the other files share few folder syncs."""
+    import os
+
+    from wsi_il import fsutil, review
+
+    events: list[str] = []
+    replace, sync = os.replace, fsutil.fsync_dir
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(Path(dst).name), replace(src, dst)))
+    for module in (fsutil, review):
+        monkeypatch.setattr(module, "fsync_dir", lambda folder: (events.append("<sync>"), sync(folder)))
+    folder = tmp_path / "b"
+    write_batch(folder, info, patches, _images())
+    renamed = [event for event in events if event != "<sync>"]
+    assert sorted(renamed) == sorted(path.name for path in folder.iterdir())
+    assert events[-2:] == ["batch.json", "<sync>"] and events[-3] == "<sync>"
+    assert events.count("<sync>") < len(renamed) / 2
+
+
+def test_write_batch_reports_a_failed_image_and_writes_no_batch_json(
+    tmp_path: Path, info: BatchInfo, patches: list[BatchPatch], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsi_il import review
+
+    encode = review._png_bytes
+
+    def failing(image: Image.Image) -> bytes:  # the contact sheet's write fails, the patches' go on
+        if image.size != (224, 224):
+            raise OSError("disk full")
+        return encode(image)
+
+    monkeypatch.setattr(review, "_png_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_batch(tmp_path / "b", info, patches, _images())
+    assert not (tmp_path / "b" / "batch.json").exists()
+    assert not list((tmp_path / "b").glob(".*.tmp"))
+
+
+def test_atomic_write_without_folder_sync_leaves_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wsi_il import fsutil
+
+    synced: list[Path] = []
+    monkeypatch.setattr(fsutil, "fsync_dir", synced.append)
+    fsutil.atomic_write_bytes(tmp_path / "a.bin", b"old")
+    fsutil.atomic_write_bytes(tmp_path / "a.bin", b"new" * 1000, sync_dir=False)
+    fsutil.atomic_write_text(tmp_path / "b.txt", "text", sync_dir=False)
+    assert (tmp_path / "a.bin").read_bytes() == b"new" * 1000 and (tmp_path / "b.txt").read_text() == "text"
+    assert synced == [tmp_path] and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.txt"]
+
+
 def test_read_batch_reports_missing_and_corrupt(tmp_path: Path, folder: Path) -> None:
     with pytest.raises(ProjectStateError, match="batch.json is missing"):
         read_batch(tmp_path)

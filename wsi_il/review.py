@@ -16,6 +16,7 @@ import re
 import shlex
 import zlib
 from collections.abc import Iterable
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from wsi_il.errors import LabelsError, ProjectStateError, WsiIlError
-from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:
     from wsi_il.qupath import QuPathObject
@@ -173,15 +174,21 @@ def write_batch(
     folder.mkdir(parents=True, exist_ok=True)
     names = image_names(patches)
     _remove_stale_images(folder, names)
-    *encoded, sheet = _png_encoded([image.convert("RGB") for image in images]
-                                   + [render_contact_sheet(info, patches, images)])
-    for name, data in zip(names, encoded, strict=True):
-        atomic_write_bytes(folder / name, data)
-    if not (same and (folder / LABELS_CSV).is_file()):
-        atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names))
-    atomic_write_bytes(folder / CONTACT_SHEET, sheet)
-    _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
-    atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint))
+    # The contact sheet first: its encoding, the longest (one zlib stream), bounds the batch on many cores.
+    writes = _write_pngs(folder, [CONTACT_SHEET, *names],
+                         [render_contact_sheet(info, patches, images), *images])
+    try:
+        if not (same and (folder / LABELS_CSV).is_file()):
+            atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names), sync_dir=False)
+        _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
+        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint), sync_dir=False)
+    finally:
+        futures.wait(writes)  # none outlives the call: a caller may remove the folder after an error
+    for write in writes:
+        write.result()
+    # The other files' renames are durable before batch.json's can be, whatever order a file system
+    # persists renames in; batch.json's own write syncs the folder again.
+    fsync_dir(folder)
     atomic_write_text(folder / BATCH_JSON, _batch_json_text(info, patches))
 
 
@@ -247,11 +254,20 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _png_encoded(images: list[Image.Image]) -> list[bytes]:
-    """The PNG bytes of each image, encoded on every core (PIL's encoder leaves the interpreter lock free)."""
+def _write_pngs(folder: Path, names: list[str], images: list[Image.Image]) -> list[futures.Future[None]]:
+    """Start encoding and writing each image as ``folder / name`` on every core, in the order given (PIL's encoder
+    and the writes leave the interpreter lock free). One task a file overlaps one file's fsync with another's
+    encoding; the renames are left for one sync of the folder by the caller."""
     from wsi_il.features import core_threads
 
-    return list(core_threads().map(_png_bytes, images))
+    pool = core_threads()
+    # Each task gets its own RGB copy: no image is shared with this thread or another task.
+    return [pool.submit(_write_png, folder / name, image.convert("RGB"))
+            for name, image in zip(names, images, strict=True)]
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    atomic_write_bytes(path, _png_bytes(image), sync_dir=False)
 
 
 def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:
