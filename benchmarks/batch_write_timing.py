@@ -63,7 +63,7 @@ def _build_slide(work: Path, data: Path | None) -> Path:
 def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str, list[float]]:
     """Time every part once untimed (imports, fonts, the slide's first opening), then ``runs`` times."""
     from wsi_il.fsutil import atomic_write_bytes
-    from wsi_il.review import _png_bytes, render_contact_sheet, write_batch
+    from wsi_il.review import SHEET_COMPRESS_LEVEL, _png_bytes, render_contact_sheet, write_batch
     from wsi_il.session import _write_batch_files
     from wsi_il.slide import TileReader
 
@@ -86,7 +86,7 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
         timed("write_batch_s", write_batch, work / f"write-batch-{run + 1}", info, patches, images)
         encoded = timed("single_thread_encode_patches_s", lambda pictures: [_png_bytes(p) for p in pictures], images)
         sheet = timed("single_thread_render_sheet_s", render_contact_sheet, info, patches, images)
-        encoded.append(timed("single_thread_encode_sheet_s", _png_bytes, sheet))
+        encoded.append(timed("single_thread_encode_sheet_s", _png_bytes, sheet, SHEET_COMPRESS_LEVEL))
         folder = work / f"writes-{run + 1}"
         timed("single_thread_write_fsync_pngs_s", _write_each, folder, encoded, atomic_write_bytes)
     return times

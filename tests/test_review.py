@@ -262,10 +262,10 @@ def test_write_batch_reports_a_failed_image_and_writes_no_batch_json(
 
     encode = review._png_bytes
 
-    def failing(image: Image.Image) -> bytes:  # the contact sheet's write fails, the patches' go on
+    def failing(image: Image.Image, level: int) -> bytes:  # the contact sheet's write fails, the patches' go on
         if image.size != (224, 224):
             raise OSError("disk full")
-        return encode(image)
+        return encode(image, level)
 
     monkeypatch.setattr(review, "_png_bytes", failing)
     with pytest.raises(OSError, match="disk full"):
