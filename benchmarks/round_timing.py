@@ -44,11 +44,12 @@ def main() -> None:
     for run in range(args.runs):
         for variant in args.variant or ["frozen", "whole-block"]:
             folder = args.bench_out / f"round-timing-{variant}"
-            total, train, schedule, _ = round_latency(project, folder, labels, bench, settings_of[variant])
+            timing = round_latency(project, folder, labels, bench, settings_of[variant])
             shutil.rmtree(folder)
-            seconds.setdefault(variant, []).append(round(total, 2))
-            print(json.dumps({"run": run, "variant": variant, "schedule": schedule, "round_seconds": round(total, 2),
-                              "train_seconds": round(train, 2)}), flush=True)
+            seconds.setdefault(variant, []).append(round(timing.seconds, 2))
+            print(json.dumps({"run": run, "variant": variant, "schedule": timing.schedule,
+                              "round_seconds": round(timing.seconds, 2),
+                              "train_seconds": round(timing.train_seconds, 2), "phases": timing.phases}), flush=True)
     print(json.dumps({"labels": args.labels, "patches": len(labels), "device": args.device, "seconds": seconds}))
 
 

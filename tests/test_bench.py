@@ -55,6 +55,13 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
     assert figures["read_limit_patches_per_s"] > 0 and figures["round_seconds_next"] > 0
     assert figures["round_schedule"] == "fast" and figures["round_labels"] == 40
     assert 0 < figures["round_train_seconds"] < figures["round_seconds"]
+    for phases, seconds in ((figures["round_phases"], figures["round_seconds"]),
+                            (figures["round_phases_next"], figures["round_seconds_next"])):
+        assert set(phases) == {"train", "pass", "batch", "rest"} and min(phases["pass"], phases["batch"]) > 0
+        assert sum(phases.values()) == pytest.approx(seconds, abs=0.01) and phases["rest"] >= 0
+    assert set(figures["extract_timeline"]) >= {"tissue statistics"}
+    starts = [times[0] for times in figures["extract_timeline"].values()]
+    assert all(0 <= s <= f <= e for s, f, e in figures["extract_timeline"].values()) and starts == sorted(starts)
     assert figures["round_frozen_conv1"] and 0 < figures["round_train_seconds_full_block"] < figures[
         "round_seconds_full_block"]
     assert figures["stem_cache_bytes_per_patch"] == pytest.approx(figures["bytes_per_patch"], rel=0.01)

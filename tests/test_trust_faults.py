@@ -37,7 +37,8 @@ INIT_ARGS = ("--tile-size", "128", "--batch-size", "4", "--weights", "random", "
 FAST = {"init": (0.3, 0.7), "ingest": (0.3, 0.8), "export": (0.4, 0.9)}
 """Where the default run kills, as a fraction of the time from taking the lock to the end."""
 SLOW = {"init": 14, "ingest": 16, "export": 10}
-_VOLATILE = {"created", "written", "ingested", "seconds", "train_seconds", "round_seconds", "time"}
+_VOLATILE = {"created", "written", "ingested", "seconds", "train_seconds", "pass_seconds", "batch_seconds",
+             "round_seconds", "time"}
 BATCH_FILES = ("labels.csv", "contact_sheet.png", "batch.geojson", "README.txt", "batch.json")
 
 

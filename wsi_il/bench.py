@@ -103,6 +103,10 @@ class BenchResult:
     round_seconds_next: float | None = None
     """The round after the timed one, in the same process (at ``labels`` + ``k`` labels): what each round after
     the first costs under ``wsi-il watch``, which keeps one process (no start-up, a GPU's first-use costs paid)."""
+    round_phases: dict[str, float] = field(default_factory=dict)
+    """The timed round's seconds by phase: train (with saving the heads), pass (embedding and predicting every
+    patch, saving both), batch (ranking, sampling, writing the next batch), rest."""
+    round_phases_next: dict[str, float] | None = None
     round_frozen_conv1: bool = False
     """The default round's block kept its first convolution frozen (the default for pretrained weights; the
     timing is the same with random ones)."""
@@ -174,6 +178,7 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     timing = round_latency(project, out / "round-default", labels, settings, default, next_round=True)
     seconds, result.round_train_seconds, schedule = timing.seconds, timing.train_seconds, timing.schedule
     result.round_seconds_next = timing.next_seconds
+    result.round_phases, result.round_phases_next = timing.phases or {}, timing.next_phases
     result.round_labels, result.round_seconds, result.round_schedule = settings.labels, seconds, schedule
     result.round_frozen_conv1 = schedule == "fast" and default.fast_frozen_conv1
     stems = Project(out / "round-default").stems_path()
@@ -491,6 +496,18 @@ class RoundTiming(NamedTuple):
     train_seconds: float
     schedule: str
     next_seconds: float | None = None
+    phases: dict[str, float] | None = None
+    next_phases: dict[str, float] | None = None
+
+
+def round_phases(history: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    """The seconds of the last ingested round's phases, from the session's history: training (with saving the
+    heads), the pass over every patch (embedding, predicting, saving both), writing the next batch, and the rest
+    (reading the labels, recording them, refining the query, saving the session)."""
+    entry = [e for e in history if "train_seconds" in e][-1]
+    phases = {name: float(entry.get(f"{name}_seconds", 0.0)) for name in ("train", "pass", "batch")}
+    phases["rest"] = round(seconds - sum(phases.values()), 3)
+    return phases
 
 
 def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
@@ -536,13 +553,14 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
         result = ingest(ctx, result.batch_dir / "labels.csv")
     fill(result.batch_dir)
     timed = ingest(ctx, result.batch_dir / "labels.csv")
-    history = project.read_json(project.session_path(timed.session))["history"]
-    train_seconds = [entry["train_seconds"] for entry in history if "train_seconds" in entry][-1]
-    next_seconds = None
+    phases = round_phases(project.read_json(project.session_path(timed.session))["history"], timed.seconds)
+    next_seconds, next_phases = None, None
     if next_round and timed.batch_dir is not None:
         fill(timed.batch_dir)
-        next_seconds = ingest(ctx, timed.batch_dir / "labels.csv").seconds
-    return RoundTiming(timed.seconds, float(train_seconds), schedule, next_seconds)
+        after = ingest(ctx, timed.batch_dir / "labels.csv")
+        next_seconds = after.seconds
+        next_phases = round_phases(project.read_json(project.session_path(after.session))["history"], after.seconds)
+    return RoundTiming(timed.seconds, phases["train"], schedule, next_seconds, phases, next_phases)
 
 
 def export_latency(project_dir: Path, out: Path, device: str) -> float:

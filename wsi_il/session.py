@@ -508,16 +508,19 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
     # in between is finished by running it again: the ledger is completed, not duplicated, and training is
     # seeded, so the round comes out as it would have.
     recorded = _record_labels(ctx, info, labels)
-    train_seconds = _train_round(ctx, info.batch_id)
+    train_seconds, pass_seconds = _train_round(ctx, info.batch_id)
     relevant = [pid for pid, lab in labels.items() if lab == session["label"]]
     session["q"] = _refined_query(ctx, session, relevant).tolist()
     entry["ingested"] = now_iso()
     entry["labels"] = len(labels)
     entry["train_seconds"] = round(train_seconds, 3)
+    entry["pass_seconds"] = round(pass_seconds, 3)
     batch_out, rule = None, None
     if session["round"] < session["rounds"]:
         session["round"] += 1
+        batch_started = time.perf_counter()
         rule = _write_next_batch(ctx, session)
+        entry["batch_seconds"] = round(time.perf_counter() - batch_started, 3)
         batch_out = project.batch_dir(f"{session['id']}-r{session['round']}")
         message = f"{recorded} labels recorded; batch {session['id']}-r{session['round']} is ready"
     else:
@@ -571,8 +574,9 @@ def _target(ctx: Context, label: str) -> int:
     return ctx.class_index(label)
 
 
-def _train_round(ctx: Context, model_id: str) -> float:
-    """Train both heads on all labels, then embed and predict every patch with them (one pass)."""
+def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
+    """Train both heads on all labels, then embed and predict every patch with them (one pass); returns the
+    seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
     from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads
 
@@ -592,7 +596,7 @@ def _train_round(ctx: Context, model_id: str) -> float:
                                 planned_epochs(settings, len(targets), schedule), "epochs")
     heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance, schedule)
     _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
-    train_seconds = time.perf_counter() - started
+    trained = time.perf_counter()
     stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
     advance = ctx.reporter.task(_pass_title("re-embedding and predicting", stems), len(ctx.store))
     chunks = _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance)
@@ -605,7 +609,7 @@ def _train_round(ctx: Context, model_id: str) -> float:
     ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,
                                                       "predictions": model_id, "n_labels": int(len(targets)),
                                                       "previous": base})
-    return train_seconds
+    return trained - started, time.perf_counter() - trained
 
 
 def _refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
