@@ -189,3 +189,35 @@ def test_readers_end_when_their_parent_is_killed(tmp_path):
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(pid) for pid in children), "reader processes outlived their killed parent"
+
+
+def _by_spec() -> tuple:  # type: ignore[type-arg]
+    """A ReaderPool's load: spec ('block', i) -> _numbered(i); ('sums', i) -> 3 floats, never dropped."""
+    def load(spec):  # type: ignore[no-untyped-def]
+        kind, i = spec
+        return _numbered(i) if kind == "block" else np.array([i, i / 2, -i], np.float64)
+
+    return load, lambda: None
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_one_reader_pool_serves_reads_of_other_items_in_turn(monkeypatch, kind):
+    """Started once (``ReaderPool``): a read of small float rows, then one of int blocks, from the same
+    readers, each item what its spec says, in order; a read cut short stops the readers."""
+    from wsi_il.readers import ReaderPool
+
+    monkeypatch.setenv(READERS_ENV, kind)
+    with ReaderPool(_by_spec, 3, 10, 10 * 4 * 4 * 4) as pool:
+        sums = [rows.copy() for rows, kept in pool.read(batch_ranges(0, 23, 7), (3,), np.float64,
+                                                         lambda i: ("sums", i))]
+        assert np.concatenate(sums).tolist() == [[i, i / 2, -i] for i in range(23)]
+        for batch, (items, kept) in zip(batch_ranges(5, 48, 10), pool.read(batch_ranges(5, 48, 10), (4, 4),
+                                        np.int32, lambda i: ("block", i)), strict=True):
+            assert (kept == np.array([i % 3 != 2 for i in batch])).all()
+            assert (items[kept] == np.array(batch)[kept][:, None, None]).all()
+        if kind == "processes":
+            with pytest.raises(ValueError, match="exceeds"):  # more than a slot holds
+                next(pool.read(batch_ranges(0, 20, 20), (4, 4), np.int32, lambda i: ("block", i)))
+            with pytest.raises(RuntimeError, match="stopped"):
+                next(pool.read(batch_ranges(0, 5, 5), (4, 4), np.int32, lambda i: ("block", i)))
+    assert not multiprocessing.active_children()

@@ -425,20 +425,20 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     decode and the pixel rule, into shared memory; no trunk): with the trunk limit, the two ceilings of
     end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
     from wsi_il.config import from_dict
-    from wsi_il.database import tissue_loader
+    from wsi_il.database import slide_readers, tile_spec
     from wsi_il.features import batch_ranges, default_workers, trunk_batch_size
-    from wsi_il.readers import read_batches
 
     manifest = project.read_manifest()
     settings = from_dict(FeatureSettings, manifest["features"])
     tiling = from_dict(TilingSettings, manifest["tiling"])
     record = project.slides(manifest)[0]
     corners = project.read_array(project.candidates_path(record.id))[:sample]
-    px = tiling.tile_size_px
-    batches = batch_ranges(0, len(corners), trunk_batch_size(device, settings.batch_size))
-    started = time.perf_counter()
-    kept = sum(int(tissue.sum()) for _, tissue in read_batches(tissue_loader(Path(record.path), corners, tiling),
-                                                               batches, default_workers(), (px, px, 3)))
+    px, path, size = tiling.tile_size_px, Path(record.path), trunk_batch_size(device, settings.batch_size)
+    batches = batch_ranges(0, len(corners), size)
+    started = time.perf_counter()  # the readers' start counted, as in extraction
+    with slide_readers(tiling, default_workers(), size) as readers:
+        kept = sum(int(tissue.sum()) for _, tissue in readers.read(batches, (px, px, 3), np.uint8,
+                                                                   lambda i: tile_spec(path, "tile", corners[i])))
     return kept / (time.perf_counter() - started)
 
 

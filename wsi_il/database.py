@@ -6,6 +6,8 @@ command that is interrupted picks up where it stopped when it is run again.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,9 +34,10 @@ from wsi_il.features import (
     mean_std,
     resize_tile,
     resolve_weights,
+    trunk_batch_size,
 )
 from wsi_il.project import Project, SlideRecord, features_pending, safe_id
-from wsi_il.readers import MakeLoad, prefetch, read_batches
+from wsi_il.readers import ReaderPool, prefetch, read_batches
 from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
@@ -117,7 +120,7 @@ def slide_candidates(project: Project, slide_id: str, slide: Path, settings: Til
     return corners
 
 
-def read_tissue_tile(reader: TileReader, corner: np.ndarray, settings: TilingSettings,
+def read_tissue_tile(reader: TileReader, corner: Any, settings: TilingSettings,
                      input_px: int | None = None) -> Any:
     """Read one candidate tile: when the pixel rule keeps it, the tile (resized to ``input_px`` where given),
     else None."""
@@ -128,18 +131,43 @@ def read_tissue_tile(reader: TileReader, corner: np.ndarray, settings: TilingSet
     return rgb if input_px is None else resize_tile(rgb, input_px)
 
 
-def tissue_loader(path: Path, corners: np.ndarray, settings: TilingSettings) -> MakeLoad:
-    """Extraction's reader work for a slide's candidate tiles: read, decode, the pixel rule (in each reader)."""
+def slide_readers(settings: TilingSettings, workers: int, batch_size: int) -> ReaderPool:
+    """The readers of slides' candidate tiles, started once for the statistics sample and the features (made
+    before the trunk's thread and its GPU start: ``build_database``). Items are ``tile_spec`` tuples."""
+    px = settings.tile_size_px
+    return ReaderPool(functools.partial(_slide_loads, settings), workers, batch_size, batch_size * px * px * 3)
 
-    def make_load() -> tuple[Callable[[int], np.ndarray | None], Callable[[], None]]:
-        reader = TileReader(path)
-        return (lambda i: read_tissue_tile(reader, corners[i], settings)), reader.close
 
-    return make_load
+def tile_spec(path: Path, kind: str, corner: np.ndarray) -> tuple[str, str, int, int]:
+    """A candidate tile for ``slide_readers``: kind 'tile' (its pixels where the pixel rule keeps it) or 'sums'
+    (its channel sums at the trunk's 224 px, zeros where the rule drops it)."""
+    return str(path), kind, int(corner[0]), int(corner[1])
+
+
+def _slide_loads(settings: TilingSettings) -> tuple[Callable[[Any], np.ndarray | None], Callable[[], None]]:
+    """In each reader: the load of ``tile_spec`` items, one slide open at a time (read, decode, the pixel rule)."""
+    open_slides: dict[str, TileReader] = {}
+
+    def close() -> None:
+        for reader in open_slides.values():
+            reader.close()
+        open_slides.clear()
+
+    def load(item: tuple[str, str, int, int]) -> np.ndarray | None:
+        path, kind, x, y = item
+        if path not in open_slides:
+            close()
+            open_slides[path] = TileReader(Path(path))
+        rgb = read_tissue_tile(open_slides[path], (x, y), settings, 224 if kind == "sums" else None)
+        if kind == "sums":
+            return np.zeros(7) if rgb is None else channel_sums(rgb)
+        return rgb
+
+    return load, close
 
 
 def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSettings, seed: int,
-                  reporter: Reporter, workers: int) -> dict[str, Any]:
+                  reporter: Reporter, readers: ReaderPool | None) -> dict[str, Any]:
     """Per-channel mean and std of the project's tissue tiles (METHOD.md, "Patches and features" 3).
 
     Patch folders and slides tiled before count whole (their sums were kept). Over the other slides' candidate
@@ -158,28 +186,21 @@ def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSe
     advance = reporter.task("tissue statistics", size, "tiles")
     sampled, starts = np.zeros(7), np.cumsum([0] + [len(c) for c in candidates])
     for record, corners, first, stop in zip(slides, candidates, starts[:-1], starts[1:], strict=True):
-        local = chosen[(chosen >= first) & (chosen < stop)] - first
+        picked = corners[chosen[(chosen >= first) & (chosen < stop)] - first]
         path = Path(record["path"])
-
-        def make_load() -> tuple[Callable[[int], np.ndarray], Callable[[], None]]:  # in each reader
-            reader = TileReader(path)  # noqa: B023 - each slide's readers end within its loop turn
-
-            def tile_sums(i: int) -> np.ndarray:
-                rgb = read_tissue_tile(reader, corners[local[i]], settings, 224)  # noqa: B023
-                return np.zeros(7) if rgb is None else channel_sums(rgb)
-
-            return tile_sums, reader.close
-
-        batches = batch_ranges(0, len(local), 64)
-        for rows, _ in read_batches(make_load, batches, workers, (7,), np.float64):
-            sampled += rows.sum(0)
+        if readers is None:
+            raise ValueError("normalisation over slides needs their readers (slide_readers)")
+        batches = batch_ranges(0, len(picked), 64)
+        for rows, kept in readers.read(batches, (7,), np.float64,
+                                       lambda i: tile_spec(path, "sums", picked[i])):  # noqa: B023 - used at once
+            sampled += rows[kept].sum(0)
             advance(len(rows))
     if size:
         sums += sampled * (total / size)
     if sums[6] == 0:
         if 0 < size < total:  # a sample without tissue says little: look at every tile before giving up
             return normalisation(project, manifest, replace(settings, normalisation_sample=0), seed, reporter,
-                                 workers)
+                                 readers)
         raise InputError("no tissue patch was found in the project's slides",
                          "check the slides, or lower the tissue filter's thresholds")
     mean, std = mean_std(sums)
@@ -310,7 +331,7 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
 
 
 def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings, extractor: FeatureExtractor,
-                   settings: FeatureSettings, reporter: Reporter, workers: int) -> int:
+                   settings: FeatureSettings, reporter: Reporter, readers: ReaderPool) -> int:
     """Apply the pixel rule to a slide's candidate tiles and compute the features of those kept, reading each
     tile once; returns the number of tissue patches.
 
@@ -331,7 +352,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
         store = RowWriter(features_path, shape, np.float16, create=done == 0)
         status = RowWriter(status_path, (n,), np.uint8, create=done == 0)
         kept = int(np.count_nonzero(np.load(status_path)[:done] == 1))
-        px, loads = tiling.tile_size_px, tissue_loader(Path(record.path), corners, tiling)
+        px, path = tiling.tile_size_px, Path(record.path)
         batches = batch_ranges(done, n, extractor.batch_size(settings.batch_size))
         commits = Commits()
 
@@ -341,7 +362,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
             project.write_json(progress_path, {"done": stop})
 
         try:
-            loaded = read_batches(loads, batches, workers, (px, px, 3))
+            loaded = readers.read(batches, (px, px, 3), np.uint8, lambda i: tile_spec(path, "tile", corners[i]))
             for batch, features, tissue in one_behind(extractor, zip(batches, loaded, strict=True)):
                 if features is not None:
                     store.write(kept, features.result(), durable=False)
@@ -469,14 +490,20 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                    weights: Weights | None = None, workers: int | None = None) -> dict[str, Any]:
     """Tile and extract every slide of the project that is not done yet; returns the manifest.
 
-    The trunk gets ready (weights loaded, network built, on a GPU its first batch run) in a thread while the
-    slides' thumbnails are read and masked; the thread ends before any reader process is forked.
+    The slides' readers start first (``slide_readers``: forked once for the statistics sample and the features,
+    before the trunk's thread and the GPU start, from a smaller process). The trunk then gets ready (weights
+    loaded, network built, on a GPU its graph captured) in a thread while the slides' thumbnails are read and
+    masked and the statistics sample is read.
     """
     workers = workers or default_workers()
     tiling = from_dict(TilingSettings, manifest["tiling"])
     settings = from_dict(FeatureSettings, manifest["features"])
     needed = any(features_pending(entry) for entry in manifest["slides"])
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk") as ahead:
+    slides_to_read = any(not entry["tiled"] and entry["kind"] != "patches" for entry in manifest["slides"])
+    with contextlib.ExitStack() as stack:
+        readers = (stack.enter_context(slide_readers(tiling, workers, trunk_batch_size(device, settings.batch_size)))
+                   if slides_to_read else None)
+        ahead = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk"))
         trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if needed else None
         for record in manifest["slides"]:
             if not record["tiled"] and record["kind"] == "patches":
@@ -484,26 +511,32 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                 project.write_manifest(manifest)
             elif not record["tiled"]:
                 slide_candidates(project, record["id"], Path(record["path"]), tiling)
+        if manifest.get("normalisation") is None:
+            manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, readers)
+            project.write_manifest(manifest)
+        # the trunk's thread ends before any other reader is forked (a patch folder's, a tiled slide's; on an
+        # error above, leaving the ExitStack waits for it the same way), and before the trunk computes: kept idle
+        # to the end, it slowed a CPU's features stage by 5-10% (three interleaved runs each; the thread that
+        # built the network keeps its own pool of compute threads)
         extractor = trunk.result() if trunk is not None else None
-    if manifest.get("normalisation") is None:
-        manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, workers)
-        project.write_manifest(manifest)
-    if extractor is None:
-        return manifest
-    pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
-               if features_pending(entry)]  # read now: tiling a patch folder changed its record
-    extractor.normalise_with(manifest["normalisation"]["mean"], manifest["normalisation"]["std"])
-    for record in pending:
-        if record.tiled:
-            extract_slide(project, record, extractor, settings, reporter, workers)
-            n_patches = record.n_patches
-        else:  # the pixel rule and the features in one read of each tile
-            n_patches = extract_tissue(project, record, tiling, extractor, settings, reporter, workers)
-        for entry in manifest["slides"]:
-            if entry["id"] == record.id:
-                entry.update(tiled=True, n_patches=n_patches, extracted=n_patches > 0,
-                             precision=extractor.precision if n_patches else None)
-        project.write_manifest(manifest)
+        ahead.shutdown()
+        if extractor is None:
+            return manifest
+        pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
+                   if features_pending(entry)]  # read now: tiling a patch folder changed its record
+        extractor.normalise_with(manifest["normalisation"]["mean"], manifest["normalisation"]["std"])
+        for record in pending:
+            if record.tiled:
+                extract_slide(project, record, extractor, settings, reporter, workers)
+                n_patches = record.n_patches
+            else:  # the pixel rule and the features in one read of each tile
+                assert readers is not None  # an untiled slide made them
+                n_patches = extract_tissue(project, record, tiling, extractor, settings, reporter, readers)
+            for entry in manifest["slides"]:
+                if entry["id"] == record.id:
+                    entry.update(tiled=True, n_patches=n_patches, extracted=n_patches > 0,
+                                 precision=extractor.precision if n_patches else None)
+            project.write_manifest(manifest)
     return manifest
 
 

@@ -65,13 +65,69 @@ def read_batches(make_load: MakeLoad, batches: list[range], workers: int, shape:
     if reader_kind() == "threads" or workers < 2:
         yield from _thread_batches(make_load, batches, workers, shape, dtype)
         return
-    pool = _ProcessPool(make_load, workers, shape, np.dtype(dtype), max(len(b) for b in batches))
+    dtype, size = np.dtype(dtype), max(len(b) for b in batches)
+    pool = _ProcessPool(make_load, workers, size, size * _item_bytes(shape, dtype))
     finished = False
     try:
-        yield from pool.run(batches)
+        yield from pool.run(batches, shape, dtype)
         finished = True
     finally:
         pool.stop(abort=not finished)
+
+
+class ReaderPool:
+    """Readers started once for several reads (``read``), each of its own items: the processes are forked when
+    the pool is made, so that it can be made early, before the parent starts threads or a GPU (whose context
+    makes each fork slower), and then serve every stage that reads the same kind of item.
+
+    ``make_load()`` runs in each reader; its ``load`` takes the item specs that each read's ``spec`` maps the
+    batches' indices to (picklable: they travel to the readers). A batch of a read may hold at most
+    ``slot_bytes`` of items; ``batch_size`` (the main reads' batches) sets how many batches are in flight. With
+    ``$WSI_IL_READERS=threads``, or fewer than 2 workers, threads read instead.
+    """
+
+    def __init__(self, make_load: MakeLoad, workers: int, batch_size: int, slot_bytes: int) -> None:
+        self.make_load, self.workers = make_load, workers
+        self.threads = reader_kind() == "threads" or workers < 2
+        self.pool = None if self.threads else _ProcessPool(make_load, workers, batch_size, slot_bytes)
+
+    def read(self, batches: list[range], shape: tuple[int, ...], dtype: Any,
+             spec: Callable[[int], Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """As ``read_batches``, item ``i`` being ``load(spec(i))``."""
+        if not batches:
+            return
+        if self.threads:
+            def make_load() -> tuple[Load, Callable[[], None]]:
+                load, close = self.make_load()
+                return (lambda i: load(spec(i))), close
+
+            yield from _thread_batches(make_load, batches, self.workers, shape, dtype)
+            return
+        if self.pool is None:
+            raise RuntimeError("the readers were stopped (a read before was cut short)")
+        finished = False
+        try:
+            yield from self.pool.run(batches, shape, np.dtype(dtype), spec)
+            finished = True
+        finally:
+            if not finished:  # cut short (an error, Ctrl-C): tasks of this read may still be queued
+                self.close(abort=True)
+
+    def close(self, abort: bool = False) -> None:
+        """End the readers (at once with ``abort``)."""
+        if self.pool is not None:
+            self.pool.stop(abort)
+            self.pool = None
+
+    def __enter__(self) -> ReaderPool:
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        self.close(abort=kind is not None)
+
+
+def _item_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
@@ -109,35 +165,35 @@ def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
 class _ProcessPool:
     """Forked workers filling batch slots of a shared memory map; see the module docstring."""
 
-    def __init__(self, make_load: MakeLoad, workers: int, shape: tuple[int, ...], dtype: np.dtype,
-                 batch_size: int) -> None:
+    def __init__(self, make_load: MakeLoad, workers: int, batch_size: int, slot_bytes: int) -> None:
         import multiprocessing
 
-        import torch  # noqa: F401 - the workers' loads resize with it (features.resize_tile): imported once, here,
-        # before forking, rather than by every worker at its first tile (seconds each)
+        import torch  # noqa: F401 - imported once, here, before forking, rather than by every worker that needs it
+        # (seconds each)
 
         # enough batches in flight for every worker to have a few items queued while the caller computes
+        self.workers_count = workers
         self.depth = max(2, math.ceil(4 * workers / batch_size))
         self.slots = self.depth + 1
-        self.chunk = max(1, min(32, math.ceil(batch_size / workers)))
-        size = self.slots * batch_size * int(np.prod(shape)) * dtype.itemsize
-        self.memory = mmap.mmap(-1, max(1, size))  # anonymous and shared: the forked workers see the same pages
-        self.items = np.frombuffer(self.memory, dtype, count=size // dtype.itemsize).reshape(
-            self.slots, batch_size, *shape)
+        self.slot_bytes = max(1, slot_bytes)
+        self.memory = mmap.mmap(-1, self.slots * self.slot_bytes)  # anonymous and shared: the forked workers see
+        # the same pages
+        self.raw = np.frombuffer(self.memory, np.uint8).reshape(self.slots, self.slot_bytes)
         context = multiprocessing.get_context("fork")
         self.tasks: Any = context.Queue()
         self.results: Any = context.Queue()
-        self.workers = [context.Process(target=_work, args=(make_load, self.items, self.tasks, self.results),
+        self.workers = [context.Process(target=_work, args=(make_load, self.raw, self.tasks, self.results),
                                         daemon=True, name=f"wsi-il-reader-{n}") for n in range(workers)]
         for process in self.workers:
             process.start()
         self.next_task = 0
 
-    def _submit(self, batch: range, slot: int) -> list[int]:
+    def _submit(self, batch: range, slot: int, shape: tuple[int, ...], dtype: np.dtype, chunk: int,
+                spec: Callable[[int], Any] | None) -> list[int]:
         ids = []
-        for start in range(0, len(batch), self.chunk):
-            indices = list(batch[start:start + self.chunk])
-            self.tasks.put((self.next_task, slot, start, indices))
+        for start in range(0, len(batch), chunk):
+            items = [i if spec is None else spec(i) for i in batch[start:start + chunk]]
+            self.tasks.put((self.next_task, slot, start, shape, dtype.str, items))
             ids.append(self.next_task)
             self.next_task += 1
         return ids
@@ -157,15 +213,27 @@ class _ProcessPool:
             done[task] = kept
         return np.concatenate([done.pop(i) for i in ids])
 
-    def run(self, batches: list[range]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        pending: list[list[int]] = [self._submit(batch, k % self.slots) for k, batch in
-                                    enumerate(batches[:self.depth])]
+    def run(self, batches: list[range], shape: tuple[int, ...], dtype: np.dtype,
+            spec: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        size = max(len(b) for b in batches)
+        item = _item_bytes(shape, dtype)
+        if size * item > self.slot_bytes:
+            raise ValueError(f"a batch of {size} items of {item} bytes exceeds the readers' {self.slot_bytes}-byte "
+                             "slots")
+        depth, slots = self.depth, self.slots
+        chunk = max(1, min(32, math.ceil(size / self.workers_count)))
+
+        def submit(k: int) -> list[int]:
+            return self._submit(batches[k], k % slots, shape, dtype, chunk, spec)
+
+        pending: list[list[int]] = [submit(k) for k in range(min(depth, len(batches)))]
         done: dict[int, np.ndarray] = {}
         for k, batch in enumerate(batches):
-            if k + self.depth < len(batches):  # into the slot of batch k - 1, which the caller is done with
-                pending.append(self._submit(batches[k + self.depth], (k + self.depth) % self.slots))
+            if k + depth < len(batches):  # into the slot of batch k - 1, which the caller is done with
+                pending.append(submit(k + depth))
             kept = self._wait(pending.pop(0), done)
-            yield self.items[k % self.slots, :len(batch)], kept
+            view = self.raw[k % slots, :len(batch) * item].view(dtype).reshape(len(batch), *shape)
+            yield view, kept
 
     def stop(self, abort: bool) -> None:
         """End the workers: after their last task, or at once when the run was cut short (an error, Ctrl-C)."""
@@ -184,7 +252,7 @@ class _ProcessPool:
             channel.close()
 
 
-def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> None:
+def _work(make_load: MakeLoad, raw: np.ndarray, tasks: Any, results: Any) -> None:
     """A worker: load the items of each task into its slot rows; report what was kept, or the error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     if "torch" in sys.modules:  # one thread a worker (the workers are the parallelism), and no OpenMP pool
@@ -199,13 +267,15 @@ def _work(make_load: MakeLoad, items: np.ndarray, tasks: Any, results: Any) -> N
     parent = os.getppid()
     try:
         while (task := _next_task(tasks, parent)) is not None:
-            number, slot, start, indices = task
+            number, slot, start, shape, dtype, items = task
             try:
-                kept = np.zeros(len(indices), bool)
-                for row, index in enumerate(indices):
-                    item = load(index)
+                size = _item_bytes(shape, np.dtype(dtype))
+                rows = raw[slot, start * size:(start + len(items)) * size].view(dtype).reshape(len(items), *shape)
+                kept = np.zeros(len(items), bool)
+                for row, spec in enumerate(items):
+                    item = load(spec)
                     if item is not None:
-                        items[slot, start + row] = item
+                        rows[row] = item
                         kept[row] = True
                 results.put((number, kept, None))
             except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
