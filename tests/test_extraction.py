@@ -165,3 +165,20 @@ def test_blank_pixels_is_the_three_channel_rule():
     black = (rgb < settings.black_level).all(axis=-1)
     assert np.array_equal(blank_pixels(rgb, settings), white | black)
     assert (white | black).sum() > 100
+
+
+def test_reader_threads_give_the_project_reader_processes_give(striped_slide, tmp_path, monkeypatch):
+    """The slides' readers (one start for the statistics sample and the features) as threads
+    (``WSI_IL_READERS=threads``): the same statistics, verdicts and features as the processes, to the bit."""
+    from wsi_il.readers import READERS_ENV
+
+    made = {}
+    for kind in ("processes", "threads"):
+        monkeypatch.setenv(READERS_ENV, kind)
+        manifest = _init(tmp_path / kind, striped_slide, "--norm-sample", 12)
+        project = Project(tmp_path / kind)
+        record = project.slides(manifest)[0]
+        made[kind] = (manifest["normalisation"], np.load(project.tissue_path(record.id)),
+                      np.load(project.features_path(record.id)))
+    (stats, verdicts, features), (stats_t, verdicts_t, features_t) = made["processes"], made["threads"]
+    assert stats == stats_t and np.array_equal(verdicts, verdicts_t) and np.array_equal(features, features_t)
