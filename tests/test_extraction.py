@@ -182,3 +182,26 @@ def test_reader_threads_give_the_project_reader_processes_give(striped_slide, tm
                       np.load(project.features_path(record.id)))
     (stats, verdicts, features), (stats_t, verdicts_t, features_t) = made["processes"], made["threads"]
     assert stats == stats_t and np.array_equal(verdicts, verdicts_t) and np.array_equal(features, features_t)
+
+
+def test_a_changed_weights_file_is_refused_in_one_line_and_stops_the_readers(striped_slide, tmp_path):
+    """The trunk gets ready in a thread while the readers (forked first) read: its failure (here the project's
+    weights file changed since init) is the command's one-line error, and no reader outlives it."""
+    import multiprocessing
+    import shutil
+
+    import torch
+    from test_trust_support import error_line
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(3)
+    torch.save(resnet18().state_dict(), weights)
+    cli("init", tmp_path / "p", "--slide", striped_slide, "--tile-size", TILE, "--batch-size", 8, "--weights",
+        weights, "--device", "cpu")
+    torch.manual_seed(4)
+    torch.save(resnet18().state_dict(), weights)
+    other = shutil.copy(striped_slide, tmp_path / "other.tiff")
+    line = error_line(cli("add-slide", tmp_path / "p", "--slide", other, "--device", "cpu", code=3))
+    assert "have changed since the project's features were made" in line and "restore the original" in line
+    assert not multiprocessing.active_children()

@@ -511,6 +511,8 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                 project.write_manifest(manifest)
             elif not record["tiled"]:
                 slide_candidates(project, record["id"], Path(record["path"]), tiling)
+        if trunk is not None and trunk.done():
+            trunk.result()  # a trunk that failed already (its weights, most often) is reported before the sample
         if manifest.get("normalisation") is None:
             manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, readers)
             project.write_manifest(manifest)
