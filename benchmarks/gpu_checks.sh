@@ -45,6 +45,10 @@ logged() {  # logged NAME COMMAND...: run it, its output to the screen and OUT/N
     return "${PIPESTATUS[0]}"
 }
 
+stage_spec() {  # stage_spec PROJECT: the bench's extraction stage over the bench's slide into PROJECT, as JSON
+    echo "{\"project\": \"$1\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
+}
+
 failed=0
 for stage in $stages; do
     started=$(date +%s)
@@ -68,14 +72,14 @@ print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 
                     WSI_IL_CUDA_GRAPHS=\$graphs $py benchmarks/round_timing.py $work/bench --runs 1 \
                         --device $device --variant paper ${ROUND_ARGS:-} | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit; done" ;;
         extract-ab)
-            spec="{\"project\": \"$work/ab-project\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
+            spec=$(stage_spec "$work/ab-project")
             logged extract_ab bash -c "for graphs in 1 0 1 0; do rm -rf $work/ab-project
                     WSI_IL_CUDA_GRAPHS=\$graphs $py -m wsi_il.bench '$spec' | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit
                 done" ;;
         reading-ab)
             logged reading_ab "$py" benchmarks/reading_ab.py "$work/bench" --device "$device" ;;
         profile)
-            spec="{\"project\": \"$work/profile-project\", \"slide\": \"$(ls "$work"/bench/bench-*[0-9].tiff | head -1)\", \"weights\": \"random\", \"device\": \"$device\", \"seed\": 0}"
+            spec=$(stage_spec "$work/profile-project")
             rm -rf "$work/profile-project"
             logged profile bash -c "$py -m cProfile -o $out/round.prof benchmarks/round_timing.py $work/bench \
                     --runs 2 --device $device --variant paper ${ROUND_ARGS:-} &&

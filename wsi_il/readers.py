@@ -62,17 +62,9 @@ def read_batches(make_load: MakeLoad, batches: list[range], workers: int, shape:
     """
     if not batches:
         return
-    if reader_kind() == "threads" or workers < 2:
-        yield from _thread_batches(make_load, batches, workers, shape, dtype)
-        return
-    dtype, size = np.dtype(dtype), max(len(b) for b in batches)
-    pool = _ProcessPool(make_load, workers, size, size * _item_bytes(shape, dtype))
-    finished = False
-    try:
-        yield from pool.run(batches, shape, dtype)
-        finished = True
-    finally:
-        pool.stop(abort=not finished)
+    size = max(len(b) for b in batches)
+    with ReaderPool(make_load, workers, size, size * _item_bytes(shape, dtype)) as pool:
+        yield from pool.read(batches, shape, dtype)
 
 
 class ReaderPool:
@@ -92,14 +84,14 @@ class ReaderPool:
         self.pool = None if self.threads else _ProcessPool(make_load, workers, batch_size, slot_bytes)
 
     def read(self, batches: list[range], shape: tuple[int, ...], dtype: Any,
-             spec: Callable[[int], Any]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """As ``read_batches``, item ``i`` being ``load(spec(i))``."""
+             spec: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """As ``read_batches``, item ``i`` being ``load(spec(i))`` (``load(i)`` without ``spec``)."""
         if not batches:
             return
         if self.threads:
             def make_load() -> tuple[Load, Callable[[], None]]:
                 load, close = self.make_load()
-                return (lambda i: load(spec(i))), close
+                return (load if spec is None else lambda i: load(spec(i))), close
 
             yield from _thread_batches(make_load, batches, self.workers, shape, dtype)
             return
