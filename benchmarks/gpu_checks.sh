@@ -3,16 +3,18 @@
 # the `gpu`-marked tests, `wsi-il bench` on CUDA, and the pretraining probe, each stage's log and JSON under OUT.
 #
 #   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench bench-large graphs-ab reading-ab profile
-#                                                      extract-ab large-slide probe-moco probe-simclr
+#                                                      extract-ab rehearse-ab large-slide probe-moco probe-simclr
 #                                                      (default: tests bench probe-moco)
 # bench-large: the bench on a slide of about 50,000 patches (a large 20x slide; the fixed tiling stage weighs less),
 # without the paper's round (large-slide builds that slide alone, which bench-large would otherwise do first);
 # graphs-ab: training and the round with and without CUDA graphs (WSI_IL_CUDA_GRAPHS), interleaved;
 # extract-ab: the extraction stage alone (tissue mask, statistics sample, features) on the bench's slide with the
 # trunk as a CUDA graph and kernel by kernel (WSI_IL_CUDA_GRAPHS), interleaved;
+# rehearse-ab: the paper's first round in a fresh process, after `wsi-il watch`'s warm-up (session.rehearse) and
+# without it, interleaved (and what importing torch._dynamo costs, which an optimiser's first step does);
 # reading-ab: the reader pool alone with JPEG tiles decoded directly and through OpenSlide (WSI_IL_DIRECT_TILES);
 # profile: cProfile of a round and of extraction (round.prof, extract.prof: read them with pstats).
-# graphs-ab, extract-ab, reading-ab and profile need the project that the bench stage leaves in WORK.
+# graphs-ab, extract-ab, rehearse-ab, reading-ab and profile need the project that the bench stage leaves in WORK.
 # Environment: WSI_IL_DATA  folder holding bach-iciar2018-1536jpeg-sample/ (default ../shared/data)
 #              PYTHON       the interpreter that has wsi-il and torch (default python3)
 #              DEVICE       cuda (default); cpu runs the same stages as a dry run
@@ -76,6 +78,12 @@ print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 
             logged extract_ab bash -c "for graphs in 1 0 1 0; do rm -rf $work/ab-project
                     WSI_IL_CUDA_GRAPHS=\$graphs $py -m wsi_il.bench '$spec' | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit
                 done" ;;
+        rehearse-ab)
+            logged rehearse_ab bash -c "$py -c 'import time, torch; started = time.perf_counter(); import torch._dynamo
+print(\"import torch._dynamo:\", round(time.perf_counter() - started, 3), \"s\")' || exit
+                for rehearse in --rehearse '' --rehearse ''; do
+                    $py benchmarks/round_timing.py $work/bench --runs 1 --device $device --variant paper \$rehearse \
+                        ${ROUND_ARGS:-} | sed -n 1p || exit; done" ;;
         reading-ab)
             logged reading_ab "$py" benchmarks/reading_ab.py "$work/bench" --device "$device" ;;
         profile)
@@ -90,7 +98,7 @@ print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 
                 --data "$data" --out "$work/probe-$method" ${PROBE_ARGS:-} &&
                 cp "$work/probe-$method/pretrain_probe.json" "$out/pretrain_probe_${device}_$method.json" ;;
         *)
-            echo "unknown stage '$stage': use tests, bench, large-slide, bench-large, graphs-ab, extract-ab, reading-ab, profile, probe-moco or" \
+            echo "unknown stage '$stage': use tests, bench, large-slide, bench-large, graphs-ab, extract-ab, rehearse-ab, reading-ab, profile, probe-moco or" \
                 "probe-simclr" >&2
             exit 2 ;;
     esac

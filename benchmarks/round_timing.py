@@ -4,10 +4,13 @@ settings on one machine without re-extracting.
 
 usage: python benchmarks/round_timing.py BENCH_OUT [--truth T] [--runs 2] [--labels 250] [--device cpu]
                                          [--variant frozen] [--variant whole-block] [--variant paper]
+                                         [--rehearse]
 
 BENCH_OUT is the folder given to `wsi-il bench --out` (it holds `project/`, the extracted slide). Variants:
 ``frozen`` (the fast schedule's default for pretrained weights), ``whole-block`` (``--no-fast-frozen-conv1``)
-and ``paper``. Prints one JSON line per round and a summary line with each variant's seconds.
+and ``paper``. Prints one JSON line per round and a summary line with each variant's seconds. ``--rehearse``: each
+timed round after ``session.rehearse``, as under ``wsi-il watch`` (compare the first run's round in a fresh process
+with and without it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=250)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", action="append", choices=VARIANTS)
+    parser.add_argument("--rehearse", action="store_true", help="rehearse before each timed round (wsi-il watch)")
     args = parser.parse_args()
 
     from wsi_il.bench import BenchSettings, _label_all, round_latency
@@ -44,10 +48,10 @@ def main() -> None:
     for run in range(args.runs):
         for variant in args.variant or ["frozen", "whole-block"]:
             folder = args.bench_out / f"round-timing-{variant}"
-            timing = round_latency(project, folder, labels, bench, settings_of[variant])
+            timing = round_latency(project, folder, labels, bench, settings_of[variant], rehearsed=args.rehearse)
             shutil.rmtree(folder)
             seconds.setdefault(variant, []).append(round(timing.seconds, 2))
-            print(json.dumps({"run": run, "variant": variant, "schedule": timing.schedule,
+            print(json.dumps({"run": run, "variant": variant, "schedule": timing.schedule, "rehearsed": args.rehearse,
                               "round_seconds": round(timing.seconds, 2),
                               "train_seconds": round(timing.train_seconds, 2), "phases": timing.phases}), flush=True)
     print(json.dumps({"labels": args.labels, "patches": len(labels), "device": args.device, "seconds": seconds}))

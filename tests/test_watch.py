@@ -149,3 +149,54 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
         watcher.join(timeout=120)
     assert ingested == [batch / "qupath-export.geojson"]
     assert (waiting_project / "batches" / "s1-r2" / "batch.json").is_file()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(waiting_project, block_slide, tmp_path):
+    """``rehearse`` (the watcher's warm-up) trains and discards: the project's files are unchanged, and the round
+    ingested after it gives the embeddings and predictions a round without it gives."""
+    import shutil
+
+    import numpy as np
+
+    from wsi_il.events import SilentReporter
+    from wsi_il.project import Project
+    from wsi_il.session import ingest, open_context, rehearse
+
+    twin = tmp_path / "twin"
+    shutil.copytree(waiting_project, twin)
+    project = Project(waiting_project)
+    before = _files(waiting_project)
+    assert rehearse(open_context(project, "cpu", SilentReporter()), waiting_project / "batches" / "s1-r1") > 0
+    assert _files(waiting_project) == before
+    results = []
+    for root in (waiting_project, twin):
+        _fill(root / "batches" / "s1-r1", block_slide.truth_path)
+        done = Project(root)
+        ingest(open_context(done, "cpu", SilentReporter()), root / "batches" / "s1-r1" / "labels.csv")
+        results.append((np.load(done.embeddings_path()), np.load(done.predictions_path())))
+    assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_the_watcher_warms_up_while_the_batch_waits_and_not_once_it_is_labelled(waiting_project, block_slide,
+                                                                                  capsys):
+    from wsi_il.cli import _rehearse
+    from wsi_il.project import Project
+    from wsi_il.watch import waiting_batches
+
+    project = Project(waiting_project)
+    _rehearse(project, "cpu", waiting_batches(project)[0])
+    assert "warmed up for the first round in" in capsys.readouterr().out
+    _fill(waiting_project / "batches" / "s1-r1", block_slide.truth_path)
+    _rehearse(project, "cpu", waiting_batches(project)[0])
+    assert capsys.readouterr().out == ""
+    _fill(waiting_project / "batches" / "s1-r1", block_slide.truth_path, keep=2)
+    with project.lock("other command"):  # it writes nothing, so it needs no lock (taking it removes temporaries)
+        _rehearse(project, "cpu", waiting_batches(project)[0])
+    assert "warmed up for the first round in" in capsys.readouterr().out
+    (waiting_project / "project.json").write_text("{")  # a rehearsal that fails: the watcher goes on, unwarmed
+    _rehearse(project, "cpu", waiting_batches(project)[0])
+    assert "not warmed up for the first round" in capsys.readouterr().out

@@ -511,18 +511,19 @@ def round_phases(history: list[dict[str, Any]], seconds: float) -> dict[str, flo
 
 
 def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
-                  train: TrainSettings, next_round: bool = False) -> RoundTiming:
+                  train: TrainSettings, next_round: bool = False, rehearsed: bool = False) -> RoundTiming:
     """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels, its training
     seconds, the schedule, and with ``next_round`` the seconds of the ingest after it, in the same process.
 
     The project holds earlier labels (``labels`` minus the batches ingested here minus the query); for a
     warm-starting schedule one round is ingested first, so that it has a previous model as it would in real
-    use, and the next is timed.
+    use, and the next is timed. ``rehearsed``: ``session.rehearse`` runs before the timed ingest, as ``wsi-il
+    watch`` does while the expert labels.
     """
     from wsi_il.config import resolve_schedule
     from wsi_il.project import now_iso
     from wsi_il.review import read_batch
-    from wsi_il.session import ingest, open_context, start_session
+    from wsi_il.session import ingest, open_context, rehearse, start_session
     from wsi_il.simulate import fork_project
     from wsi_il.truth import write_batch_labels
 
@@ -551,6 +552,8 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
     if schedule == "fast" or train.warm_start:  # a round first, so that the timed one starts warm
         fill(result.batch_dir)
         result = ingest(ctx, result.batch_dir / "labels.csv")
+    if rehearsed:
+        rehearse(ctx, result.batch_dir)
     fill(result.batch_dir)
     timed = ingest(ctx, result.batch_dir / "labels.csv")
     phases = round_phases(project.read_json(project.session_path(timed.session))["history"], timed.seconds)

@@ -536,6 +536,8 @@ def watch(
                   "folder); each batch is ingested once every patch is labelled (Ctrl-C stops watching; nothing "
                   "is lost)[/]")
 
+        _rehearse(proj, dev, waiting[0])
+
         def ingest_batch(labels: Path) -> None:
             with proj.lock("watch"), _reporter() as reporter:
                 result = ingest_labels(open_context(proj, dev, reporter), labels)
@@ -544,6 +546,29 @@ def watch(
         rounds = watch_batches(proj, ingest_batch, lambda text: out.print(f"[dim]{escape(text)}[/]"), interval)
         out.print(f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
                   f"wsi-il export {project} --out mask.geojson")
+
+
+def _rehearse(proj: Any, dev: str, batch: Any) -> None:
+    """Warm the device up for the first round while the expert labels (``session.rehearse``), not when the batch
+    is labelled already (the round would only wait for it). Without the project's lock: the rehearsal writes
+    nothing, and taking the lock removes temporary files, which would race with a labels file being saved."""
+    from wsi_il.events import SilentReporter
+    from wsi_il.session import open_context, rehearse
+    from wsi_il.watch import labelled
+
+    try:
+        done, total = labelled(batch, batch.labels, {s.id: s.offset for s in proj.slides(proj.read_manifest())})
+    except WsiIlError:
+        done, total = 0, 1  # the rehearsal or the watcher will say what is wrong
+    if done == total:
+        return
+    try:
+        with out.status("warming up for the first round ..."):
+            seconds = rehearse(open_context(proj, dev, SilentReporter()), batch.batch_dir)
+    except WsiIlError as exc:
+        out.print(f"[dim]not warmed up for the first round ({exc})[/]")
+        return
+    out.print(f"[dim]warmed up for the first round in {seconds:.1f} s (its own start-up, paid while you label)[/]")
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -610,6 +610,34 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
                                                       "predictions": model_id, "n_labels": int(len(targets)),
                                                       "previous": base})
     return trained - started, time.perf_counter() - trained
+
+
+def rehearse(ctx: Context, batch_dir: Path) -> float:
+    """Train the heads for one epoch on the training set the ingest of ``batch_dir`` will have (every label so
+    far and the queries, and the batch's patches with placeholder classes), put one block of features through
+    the result, and discard it all: nothing is written. Returns its seconds.
+
+    What the first training of a process pays once is then paid before the labels arrive (``wsi-il watch``
+    rehearses while the expert labels): the optimiser's first step imports ``torch._dynamo`` (about a second on
+    a 2-core machine), and on a GPU the kernels load and the steps' graphs are captured at these batch sizes for
+    the first time (about half of a first round on an H100, docs/speed.md).
+    """
+    from wsi_il.heads import embed_and_predict, train_heads
+
+    started = time.perf_counter()
+    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    features, targets = training_set(ctx)
+    index = ctx.table.index_of()
+    rows = np.array([index[p.patch_id] for p in read_batch(batch_dir)[1] if p.patch_id in index], dtype=np.int64)
+    features = np.concatenate([features, ctx.store.take(rows)])
+    targets = np.concatenate([targets, np.arange(len(rows)) % len(ctx.classes)])
+    init = _init_state(ctx)
+    heads = train_heads(features, targets, init, len(ctx.classes), replace(settings, epochs=1), ctx.device,
+                        early_stopping=False)
+    chunk = min(len(ctx.store), embed_chunk(ctx.device))
+    embed_and_predict(heads.model(), init, len(ctx.classes), [(0, ctx.store.take(np.arange(chunk)))], chunk,
+                      ctx.device)
+    return time.perf_counter() - started
 
 
 def _refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
