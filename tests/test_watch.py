@@ -17,9 +17,13 @@ from wsi_il.truth import fill_labels_from_truth, write_batch_labels
 @pytest.fixture()
 def waiting_project(block_slide, tmp_path) -> Path:
     """A project whose first session (2 rounds of 6 patches) waits for its first batch's labels."""
+    return _waiting_project(block_slide, tmp_path)
+
+
+def _waiting_project(block_slide, tmp_path: Path, *init_options: str) -> Path:  # type: ignore[no-untyped-def]
     project = tmp_path / "proj"
     run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+        "--device", "cpu", *init_options)
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
     run("query", project, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", "cpu")
@@ -155,9 +159,11 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(waiting_project, block_slide, tmp_path):
+@pytest.mark.parametrize("options", [(), ("--schedule", "fast", "--fast-frozen-conv1")])
+def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(block_slide, tmp_path, options):
     """``rehearse`` (the watcher's warm-up) trains and discards: the project's files are unchanged, and the round
-    ingested after it gives the embeddings and predictions a round without it gives."""
+    ingested after it gives the embeddings and predictions a round without it gives (also with the fast
+    schedule's frozen stem, whose cache the round writes)."""
     import shutil
 
     import numpy as np
@@ -166,6 +172,7 @@ def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(waiting_
     from wsi_il.project import Project
     from wsi_il.session import ingest, open_context, rehearse
 
+    waiting_project = _waiting_project(block_slide, tmp_path, *options)
     twin = tmp_path / "twin"
     shutil.copytree(waiting_project, twin)
     project = Project(waiting_project)
@@ -178,6 +185,7 @@ def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(waiting_
         done = Project(root)
         ingest(open_context(done, "cpu", SilentReporter()), root / "batches" / "s1-r1" / "labels.csv")
         results.append((np.load(done.embeddings_path()), np.load(done.predictions_path())))
+        assert done.stems_path().is_file() == bool(options)  # the frozen stem's round ran as such
     assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))
 
 
