@@ -554,10 +554,10 @@ def _rehearse(proj: Any, dev: str, batch: Any) -> None:
     nothing, and taking the lock removes temporary files, which would race with a labels file being saved."""
     from wsi_il.events import SilentReporter
     from wsi_il.session import open_context, rehearse
-    from wsi_il.watch import labelled
+    from wsi_il.watch import labelled, slide_offsets
 
     try:
-        done, total = labelled(batch, batch.labels, {s.id: s.offset for s in proj.slides(proj.read_manifest())})
+        done, total = labelled(batch, batch.labels, slide_offsets(proj))
     except WsiIlError:
         done, total = 0, 1  # the rehearsal or the watcher will say what is wrong
     if done == total:

@@ -54,6 +54,11 @@ def waiting_batches(project: Project) -> list[Waiting]:
             for s in list_sessions(project) if s["state"] == "reviewing"]
 
 
+def slide_offsets(project: Project) -> dict[str, tuple[float, float]]:
+    """Each slide's QuPath offset, which reading a GeoJSON export of a batch needs (``labelled``)."""
+    return {slide.id: slide.offset for slide in project.slides(project.read_manifest())}
+
+
 def labelled(batch: Waiting, path: Path, offsets: dict[str, tuple[float, float]]) -> tuple[int, int]:
     """(patches labelled, patches) of a batch in a labels file (``offsets``: each slide's QuPath offset, for a
     GeoJSON export); raises the LabelsError ``ingest`` would for a bad file."""
@@ -92,7 +97,7 @@ def watch(project: Project, ingest_batch: Callable[[Path], object], say: Callabl
         batches = waiting_batches(project)
         if not batches:
             return rounds
-        offsets = {slide.id: slide.offset for slide in project.slides(project.read_manifest())}
+        offsets = slide_offsets(project)
         for batch, path in [(waiting, path) for waiting in batches for path in waiting.files()]:
             signature = _signature(path)
             if signature is None or examined.get(path) == signature:
