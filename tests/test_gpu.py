@@ -197,18 +197,13 @@ def test_graphed_extraction_gives_the_eager_features(monkeypatch):
 
 def test_a_rehearsal_on_cuda_writes_nothing_and_the_round_after_it_runs(block_slide, tmp_path):
     """The watcher's warm-up on a GPU (graphs captured, discarded), then a round on the same process's GPU."""
-    from test_cli_e2e import run, write_region
-    from test_watch import _files, _fill
+    from test_watch import _files, _fill, _waiting_project
 
     from wsi_il.events import SilentReporter
     from wsi_il.project import Project
     from wsi_il.session import ingest, open_context, rehearse
 
-    root = tmp_path / "proj"
-    run("init", root, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random", "--device", "cuda")
-    x0, y0, _, _ = block_slide.tumour.bounds
-    region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
-    run("query", root, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", "cuda")
+    root = _waiting_project(block_slide, tmp_path, device="cuda")
     project, batch = Project(root), root / "batches" / "s1-r1"
     before = _files(root)
     assert rehearse(open_context(project, "cuda", SilentReporter()), batch) > 0

@@ -20,13 +20,14 @@ def waiting_project(block_slide, tmp_path) -> Path:
     return _waiting_project(block_slide, tmp_path)
 
 
-def _waiting_project(block_slide, tmp_path: Path, *init_options: str) -> Path:  # type: ignore[no-untyped-def]
+def _waiting_project(block_slide, tmp_path: Path, *init_options: str,  # type: ignore[no-untyped-def]
+                     device: str = "cpu") -> Path:
     project = tmp_path / "proj"
     run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random", "--epochs", "2",
-        "--device", "cpu", *init_options)
+        "--device", device, *init_options)
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
-    run("query", project, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", "cpu")
+    run("query", project, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", device)
     return project
 
 
