@@ -504,6 +504,57 @@ def ingest(
 
 
 @app.command()
+def relabel(
+    project: ProjectArg,
+    patch: Annotated[str | None, typer.Argument(help="The patch id (as in labels.csv or the contact sheet).",
+                                                show_default=False)] = None,
+    label: Annotated[str | None, typer.Argument(help="Its new label: a class name, yes/no or skip.",
+                                                show_default=False)] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="A batch's corrected labels.csv (or QuPath GeoJSON): every filled row that differs from "
+        "the label recorded becomes a correction.", show_default=False)] = None,
+) -> None:
+    """Correct labels already given: the ledger keeps every answer, the newest wins, the next round trains on it."""
+    from wsi_il.corrections import correct_labels
+    from wsi_il.database import patch_table
+    from wsi_il.project import Project
+
+    with _errors():
+        if (labels is None) == (patch is None) or (patch is not None and label is None):
+            raise InputError("give either PATCH LABEL or --labels FILE",
+                             f"e.g. wsi-il relabel {project} CMU-1_x1024_y512 Tumor")
+        proj = Project(project)
+        with proj.lock("relabel"):
+            manifest = proj.read_manifest()
+            ids = set(patch_table(proj, manifest).ids)
+            answers = [(patch, label)] if patch is not None else _answers_in(proj, manifest, labels)
+            written = correct_labels(proj, manifest, ids, answers, via="cli")
+        for entry in written:
+            out.print(f"[green]corrected[/] {entry['patch_id']}: {entry['label']}")
+        if not written:
+            out.print("nothing to correct: every label given is already the one recorded")
+        else:
+            out.print("the next round (wsi-il ingest) trains on the corrected labels")
+
+
+def _answers_in(proj: Any, manifest: dict[str, Any], labels: Path) -> list[tuple[str, str]]:
+    """The filled rows of a batch's labels file, as (patch id, label) answers."""
+    from wsi_il.review import read_batch, read_labels
+    from wsi_il.session import find_batch_dir
+    from wsi_il.watch import slide_offsets
+
+    batch_dir = find_batch_dir(proj, labels)
+    if labels.is_dir():
+        labels = batch_dir / "labels.csv"
+    info, patches = read_batch(batch_dir)
+    if info.project_uid != manifest["uid"]:
+        raise InputError(f"{labels} belongs to another project (uid {info.project_uid[:8]})",
+                         "correct it in the project that wrote the batch")
+    read = read_labels(labels, info, patches, allow_partial=True, offsets=slide_offsets(proj))
+    return [(pid, lab) for pid, lab in read.items()]
+
+
+@app.command()
 def watch(
     project: ProjectArg,
     interval: Annotated[float, typer.Option(help="Seconds between looks at the labels files.")] = 1.0,
@@ -612,6 +663,12 @@ def _print_status(info: dict[str, Any]) -> None:
         out.print(sessions)
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
     out.print(f"labels: {info['n_labels']} ({labels}); model: {info['model'] or 'none (pretrained head)'}")
+    fixes = info.get("corrections") or []
+    if fixes:
+        out.print(f"corrections: {len(fixes)} (newest last; the ledger keeps every answer)")
+        for fix in fixes[-5:]:
+            out.print(f"  {fix['patch_id']}: {fix['previous'] or 'unlabelled'} -> {fix['label']}  "
+                      f"({fix['via']}, {fix['time']})")
     out.print(f"next: {info['next']}")
 
 

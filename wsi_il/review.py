@@ -108,6 +108,15 @@ class BatchInfo:
 
 # ---------------------------------------------------------------------------------------------- labels
 
+UNCERTAIN_BELOW = 0.75
+"""A suggestion whose probability is below this is shown as uncertain (contact sheet, labels.csv, review page)."""
+
+
+def suggestion_is_uncertain(probability: float | None) -> bool:
+    """Whether the model's suggestion is too close to a coin toss to be shown like a decision."""
+    return probability is not None and probability < UNCERTAIN_BELOW
+
+
 
 def accepted_labels(info: BatchInfo) -> list[str]:
     """List the labels an expert may write: class names, binary answers, then ``skip``."""

@@ -491,13 +491,13 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                                 "the project folder may be incomplete")
     entry = session["history"][info.round - 1] if len(session["history"]) >= info.round else None
     if entry is not None and entry.get("ingested"):
-        previous = _ledger_labels(project, info.batch_id)
+        previous = _labels_now(project, info.batch_id)
         if previous != labels:
             changed = sorted(p for p in set(previous) | set(labels) if previous.get(p) != labels.get(p))
             raise ProjectStateError(
                 f"batch {info.batch_id} was already ingested with other labels (differences: "
-                f"{', '.join(changed[:5])})", "labels already given are kept; to correct one, contact the "
-                "project owner")
+                f"{', '.join(changed[:5])})", "labels already given are kept; to correct them run "
+                f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)")
         return RoundResult(session["id"], info.round, session["rounds"], None, None, 0.0, False,
                            f"batch {info.batch_id} was already ingested; nothing changed")
     if session["state"] != "reviewing" or session["round"] != info.round:
@@ -533,8 +533,19 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                        time.perf_counter() - started, True, message)
 
 
-def _ledger_labels(project: Project, batch_id: str) -> dict[str, str]:
-    return {e["patch_id"]: e["label"] for e in project.read_ledger() if e.get("batch") == batch_id}
+def _ledger_labels(project: Project, batch_id: str, ledger: list[dict[str, Any]] | None = None) -> dict[str, str]:
+    """The labels a batch's ingest recorded (corrections made since are entries of their own)."""
+    return {e["patch_id"]: e["label"] for e in (project.read_ledger() if ledger is None else ledger)
+            if e.get("batch") == batch_id and e.get("source") != "correction"}
+
+
+def _labels_now(project: Project, batch_id: str) -> dict[str, str]:
+    """A batch's patches with their labels as they stand now (corrections made since included)."""
+    from wsi_il.corrections import current_labels
+
+    ledger = project.read_ledger()
+    now = current_labels(ledger)
+    return {pid: now[pid]["label"] for pid in _ledger_labels(project, batch_id, ledger)}
 
 
 def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int:
@@ -556,9 +567,13 @@ def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int
 
 
 def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """Return features and targets of every label so far plus every session's query patches."""
+    """Return features and targets of every label as it stands (newest answer wins) plus every session's query
+    patches."""
+    from wsi_il.corrections import current_labels
+
     index = ctx.table.index_of()
-    entries = [e for e in ctx.project.read_ledger() if e["label"] != "skip" and e["patch_id"] in index]
+    labelled = current_labels(ctx.project.read_ledger()).values()  # a corrected patch counts once, as corrected
+    entries = [e for e in labelled if e["label"] != "skip" and e["patch_id"] in index]
     targets = [_target(ctx, e["label"]) for e in entries]
     features = [ctx.store.take(np.array([index[e["patch_id"]] for e in entries], dtype=np.int64))]
     for session in list_sessions(ctx.project):

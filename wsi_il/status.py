@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from wsi_il.corrections import corrections, current_labels
 from wsi_il.project import Project, features_pending
 from wsi_il.session import list_sessions
 
@@ -51,7 +52,8 @@ def project_status(root: Path) -> dict[str, Any]:
     sessions = list_sessions(project)
     ledger = project.read_ledger()
     state = project.read_json(project.state_path(), {"model": None})
-    counts = Counter(e["label"] for e in ledger)
+    labelled = current_labels(ledger)
+    counts = Counter(e["label"] for e in labelled.values())
     slides = [{"id": s["id"], "kind": s["kind"], "path": s["path"], "width": s["width"], "height": s["height"],
                "mpp": s["mpp"], "patches": s["n_patches"], "tiled": s["tiled"], "extracted": s["extracted"]}
               for s in manifest["slides"]]
@@ -59,6 +61,7 @@ def project_status(root: Path) -> dict[str, Any]:
             "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
             "trainable": manifest["features"].get("trainable", "last"), "normalisation": manifest.get("normalisation"),
             "slides": slides, "patches": sum(s["patches"] for s in slides),
-            "sessions": [_session_row(s) for s in sessions], "n_labels": len(ledger), "labels": dict(counts),
+            "sessions": [_session_row(s) for s in sessions], "n_labels": len(labelled), "labels": dict(counts),
+            "corrections": corrections(ledger),
             "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),
             "versions": (manifest.get("provenance") or {}).get("versions")}
