@@ -75,7 +75,9 @@ def test_loop_on_block_slide_finds_the_tumour(block_slide, tmp_path, qupath_vali
     score = iou(predicted, block_slide.tumour)
     assert score > 0.5, f"IoU of the exported tumour mask with the known block: {score:.2f}"
     props = json.loads(mask_path.read_text())["features"][0]["properties"]
-    assert props["wsi_il"]["weights"] == "random" and "RANDOM" in props["wsi_il"]["warning"]
+    meta = props["metadata"]  # QuPath's map of strings: the provenance survives an import into QuPath
+    assert meta["wsi_il.weights"] == "random" and "RANDOM" in meta["wsi_il.warning"]
+    assert all(isinstance(v, str) for v in meta.values()) and "wsi_il" not in props
 
 
 def test_example_slide_loop(example_slide, tmp_path, qupath_valid):

@@ -98,7 +98,8 @@ def test_make_feature_writes_what_qupath_writes() -> None:
     feature = make_feature(box(0, 0, 10, 10), classification="Tumor", measurements={"x": math.inf})
     props = feature["properties"]
     assert feature["type"] == "Feature" and len(feature["id"]) == 36
-    assert props["objectType"] == "annotation" and props["isLocked"] is False
+    assert props["objectType"] == "annotation" and "isLocked" not in props  # QuPath writes it only when true
+    assert make_feature(box(0, 0, 1, 1), locked=True)["properties"]["isLocked"] is True
     assert props["classification"] == {"name": "Tumor", "color": [200, 0, 0]}
     assert props["measurements"] == {"x": "Infinity"}
     assert "name" not in props
@@ -119,8 +120,10 @@ def test_make_feature_repairs_rounds_and_uses_plain_floats() -> None:
     geometry = shapely.geometry.shape(feature["geometry"])
     assert geometry.is_valid and geometry.area == pytest.approx(50)
     fine = make_feature(box(0.123456, 0, 10.987654, 5))["geometry"]["coordinates"][0]
-    assert all(type(v) is float for xy in fine for v in xy)
+    assert {type(v) for xy in fine for v in xy} == {float, int}  # 0.12 and 10.99, but 0 and 5 as QuPath writes
     assert {round(v, 2) for xy in fine for v in xy} == {v for xy in fine for v in xy}
+    whole = json.dumps(make_feature(box(896, 512, 1024, 640))["geometry"])
+    assert "896," in whole and ".0" not in whole
     with pytest.raises(ValueError, match="empty"):
         make_feature(box(0, 0, 0.001, 0.001))
 
@@ -234,8 +237,8 @@ def test_reader_accepts_qupath_export_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 BAD_FEATURES: list[tuple[Any, str]] = [
-    (_feature(None), "feature 0 has no geometry"),
-    ({"type": "Feature", "properties": {}}, "feature 0 has no geometry"),
+    (_feature(None), "feature 1 has no geometry"),
+    ({"type": "Feature", "properties": {}}, "feature 1 has no geometry"),
     (_feature({"type": "Circle", "coordinates": [0, 0]}), "unknown geometry type 'Circle'"),
     (_feature({"type": "Polygon"}), "without 'coordinates'"),
     (_feature({"type": "Polygon", "coordinates": SQUARE[0]}), "check the nesting"),
@@ -253,8 +256,8 @@ BAD_FEATURES: list[tuple[Any, str]] = [
     (_feature(_polygon_json(), measurements={"a": "high"}), "not a number"),
     (_feature(_polygon_json(), objectType="blob"), "unknown objectType"),
     ({"type": "Feature", "geometry": _polygon_json(), "properties": [1]}, "properties"),
-    ([1, 2], "feature 0 is not a GeoJSON Feature"),
-    ([_feature(_polygon_json()), {"type": "Polygon"}], "feature 1 is not a GeoJSON Feature"),
+    ([1, 2], "feature 1 is not a GeoJSON Feature"),
+    ([_feature(_polygon_json()), {"type": "Polygon"}], "feature 2 is not a GeoJSON Feature"),
 ]
 
 BAD_FILES: list[tuple[Any, str]] = [
@@ -363,7 +366,7 @@ def test_read_region_repairs_a_bow_tie_with_a_warning(tmp_path: Path) -> None:
     region, warnings = read_region(_write_json(tmp_path / "q.geojson", features), offset=(100, 0))
     assert isinstance(region, MultiPolygon) and region.is_valid and region.area == pytest.approx(100 + 50)
     assert region.bounds == (100, 0, 130, 10)
-    assert warnings == ["feature 1 ('q') was not a valid polygon (Self-intersection at 105,5); repaired"]
+    assert warnings == ["feature 2 ('q') was not a valid polygon (Self-intersection at 105,5); repaired"]
 
 
 def test_read_region_rejects_only_points(tmp_path: Path) -> None:
@@ -379,7 +382,7 @@ def test_read_region_ignores_points_next_to_a_polygon(tmp_path: Path) -> None:
     )
     region, warnings = read_region(path)
     assert region.equals(DONUT)
-    assert len(warnings) == 1 and "feature 0 ('dot')" in warnings[0] and "ignored" in warnings[0]
+    assert len(warnings) == 1 and "feature 1 ('dot')" in warnings[0] and "ignored" in warnings[0]
 
 
 def test_read_region_rejects_polygons_without_area(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import csv
 import gzip
 import io
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,11 +196,12 @@ def test_batch_geojson_holds_unclassified_patch_squares(folder: Path, patches: l
 
     raw = json.loads((folder / "batch.geojson").read_text(encoding="utf-8"))
     features = raw["features"] if isinstance(raw, dict) else raw
-    assert features[0]["properties"]["wsi_il"] == {
-        "batch": "s1-r2",
-        "patch_id": patches[0].patch_id,
-        "n": "01",
+    assert features[0]["properties"]["metadata"] == {  # QuPath's own map of strings: it survives QuPath
+        "wsi_il.batch": "s1-r2",
+        "wsi_il.patch_id": patches[0].patch_id,
+        "wsi_il.n": "01",
     }
+    assert "wsi_il" not in features[0]["properties"] and "isLocked" not in features[0]["properties"]
     assert features[0]["properties"]["measurements"] == {"Suggestion probability": pytest.approx(0.8712)}
     assert "classification" not in features[0]["properties"]
     at_file = qupath.read_objects(folder / "batch.geojson")
@@ -368,7 +370,8 @@ def _rejected(path: Path, info: BatchInfo, patches: list[BatchPatch], **kw: obje
 def test_rejects_unknown_label(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     path = _write_rows(folder / "labels.csv", _filled(folder, [*LABELS[:4], "tumour", *LABELS[5:]]))
     message = _rejected(path, info, patches)
-    assert "labels.csv row 6: label 'tumour' is not one of tumor, normal, yes, no" in message
+    assert "labels.csv patch 05 (row 6): label 'tumour' is not one of tumor, normal, yes, no" in message
+    assert "did you mean 'tumor'?" in message  # the sheet's number, the spreadsheet's row, and a near miss
     assert "skip" in message
 
 
@@ -474,6 +477,9 @@ def test_geojson_matches_by_geometry_and_ignores_other_objects(
     folder: Path, info: BatchInfo, patches: list[BatchPatch]
 ) -> None:
     features = _classified(folder, GEO_LABELS, drop_names=True)
+    for feature in features:  # only the squares say which patch is which
+        feature["properties"].pop("metadata")
+        feature["id"] = str(uuid.uuid4())
     own = {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]},
@@ -484,6 +490,59 @@ def test_geojson_matches_by_geometry_and_ignores_other_objects(
     assert result == _expected(patches, GEO_EXPECTED)
     wrong = {"CMU-1": (-5000.0, 0.0)}
     assert "none of the patches of batch s1-r2" in _rejected(path, info, patches, offsets=wrong)
+
+
+def test_geojson_matches_by_metadata_or_object_id_whatever_the_name_and_place(
+    folder: Path, info: BatchInfo, patches: list[BatchPatch]
+) -> None:
+    by_metadata = _classified(folder, GEO_LABELS, drop_names=True)
+    for feature in by_metadata:
+        feature["id"] = str(uuid.uuid4())
+    by_id = _classified(folder, GEO_LABELS, drop_names=True)
+    for feature in by_id:
+        feature["properties"].pop("metadata")
+    wrong = {"CMU-1": (-5000.0, 0.0)}  # the squares match nothing: the objects themselves say which patch
+    for features in (by_metadata, by_id):
+        path = _export(folder / "export.geojson", features)
+        assert read_labels(path, info, patches, offsets=wrong) == _expected(patches, GEO_EXPECTED)
+
+
+def _as_qupath_06_exports(features: list[dict]) -> list[dict]:
+    """What QuPath 0.6 writes after importing batch.geojson and classifying it: ids, names, measurements and
+    its metadata map kept, other properties dropped, derived classes as ``names``."""
+    kept = ("objectType", "name", "classification", "measurements", "metadata")
+    return [{"type": "Feature", "id": f["id"], "geometry": f["geometry"],
+             "properties": {k: v for k, v in f["properties"].items() if k in kept}} for f in features]
+
+
+def test_geojson_all_objects_export_takes_labels_from_the_patches_only(
+    folder: Path, info: BatchInfo, patches: list[BatchPatch]
+) -> None:
+    features = _as_qupath_06_exports(_classified(folder, GEO_LABELS))
+    extra = []
+    for n, patch in enumerate(patches):  # cell detection run inside every patch, classified Positive/Negative
+        x, y = patch.x - OFFSET[0] + 20, patch.y - OFFSET[1] + 20
+        extra.append({"type": "Feature", "id": str(uuid.uuid4()),
+                      "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + 12, y], [x + 12, y + 12],
+                                                                       [x, y + 12], [x, y]]]},
+                      "properties": {"objectType": "cell", "classification": {
+                          "name": "Positive" if n % 2 else "Negative", "color": [200, 50, 50]}}})
+    whole = {"type": "Feature", "id": str(uuid.uuid4()),  # a detection covering every patch
+             "geometry": {"type": "Polygon", "coordinates": [[[-1e4, -1e4], [1e5, -1e4], [1e5, 1e5], [-1e4, 1e5],
+                                                              [-1e4, -1e4]]]},
+             "properties": {"objectType": "detection", "classification": {"name": "tumor", "color": [1, 2, 3]}}}
+    path = _export(folder / "export.geojson", [*extra, *features, whole])
+    assert read_labels(path, info, patches, offsets={"CMU-1": OFFSET}) == _expected(patches, GEO_EXPECTED)
+
+
+def test_geojson_legacy_derived_class_is_not_read_as_an_answer(
+    folder: Path, info: BatchInfo, patches: list[BatchPatch]
+) -> None:
+    features = _classified(folder, GEO_LABELS)
+    features[0]["properties"]["classification"] = {"name": "Positive", "colorRGB": -3394765,
+                                                   "parentClass": {"name": "Tumor", "colorRGB": -3670016}}
+    path = _export(folder / "export.geojson", features)
+    assert "label 'Tumor: Positive' is not one of" in _rejected(path, info, patches)
 
 
 def test_geojson_rejects_unknown_class_and_garbage(

@@ -38,6 +38,11 @@ def provenance(ctx: Context) -> dict[str, object]:
     return info
 
 
+def _metadata(info: dict[str, object]) -> dict[str, str]:
+    """Provenance as QuPath's metadata map (strings, kept by QuPath), e.g. ``wsi_il.weights``; None is left out."""
+    return {f"wsi_il.{key}": str(value) for key, value in info.items() if value is not None}
+
+
 def _out_path(out: Path, slide: str, several: bool, suffix: str) -> Path:
     base = out.name[: -len("".join(out.suffixes))] if out.suffixes else out.name
     name = f"{base}.{slide}{suffix}" if several else f"{base}{suffix}"
@@ -80,7 +85,7 @@ def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, cla
         shape = union_squares(boxes[chosen, 0], boxes[chosen, 1], int(boxes[0, 2]), int(boxes[0, 3]))
         features.append(make_feature(shape, name=f"{name} (wsi-il)", classification=name, color=class_color(name),
                                      measurements={"Patches": float(chosen.sum())},
-                                     properties={"wsi_il": {**info, "slide": slide.id}}, offset=slide.offset))
+                                     metadata=_metadata({**info, "slide": slide.id}), offset=slide.offset))
     if detections:
         features.extend(_detections(ctx, boxes, probs, slide.offset))
     path = _out_path(out, slide.id, several, ".geojson")

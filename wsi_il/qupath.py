@@ -16,6 +16,7 @@ import re
 import reprlib
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,13 @@ DEFAULT_COLORS: dict[str, Color] = {
 _EXPORT_HINT = "export the objects again from QuPath (File > Object data > Export as GeoJSON)"
 _AREA_HINT = "draw the query as an area (rectangle, polygon or brush) in QuPath"
 _OBJECT_TYPES = {t.lower(): t for t in ("annotation", "detection", "cell", "tile", "tmaCore", "root")}
+_OBJECT_TYPES["tma_core"] = "tmaCore"
+_LEGACY_TYPE_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                    "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tmaCore",
+                    "PathRootObject": "root"}
+"""QuPath 0.2 wrote the object's type as the Feature's ``id``."""
+REGION_TYPES = frozenset({"annotation"})
+"""The object types that make a region (or carry a patch's label): what a pathologist draws."""
 _GEOMETRY_TYPES = frozenset(
     ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon", "GeometryCollection")
 )
@@ -92,8 +100,10 @@ class QuPathObject:
     color: Color | None = None
     id: str | None = None
     measurements: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    """QuPath's ``metadata`` map of strings (kept by QuPath on import and export)."""
     index: int = 0
-    """Position of the feature in the file (0-based), for messages."""
+    """Position of the feature in the file (0-based; messages say ``index + 1``)."""
 
 
 class _Invalid(Exception):
@@ -129,6 +139,7 @@ def read_objects(
     path = Path(path)
     root = _load_json(path, max_bytes)
     items = _guarded(path, None, _feature_items, root)
+    items = _with_children(items)
     if not items:
         raise GeoJsonError(
             f"{path}: contains no objects", "draw or select objects in QuPath, then export again"
@@ -139,10 +150,17 @@ def read_objects(
 def read_region(
     path: Path, offset: Offset = (0.0, 0.0), max_bytes: int = DEFAULT_MAX_BYTES
 ) -> tuple[Polygon | MultiPolygon, list[str]]:
-    """Read the union of the areas drawn in a QuPath GeoJSON file, and warnings about what was changed."""
-    objects = read_objects(path, offset, max_bytes)
+    """Read the union of the areas drawn in a QuPath GeoJSON file, and warnings about what was changed.
+
+    A region is made of annotations (objects without a type count as annotations, as in QuPath); cells,
+    detections, tiles and TMA cores that an "all objects" export carries are left out, with one warning."""
+    objects, left_out = drawn_objects(read_objects(path, offset, max_bytes))
+    if not objects:
+        raise GeoJsonError(f"{path}: holds no annotations, only {left_out}",
+                           "draw the region as an annotation in QuPath and export it (File > Export objects as "
+                           "GeoJSON)")
+    warnings = [f"left out {left_out} (only annotations make a region)"] if left_out else []
     areas: list[BaseGeometry] = []
-    warnings: list[str] = []
     not_areas: list[str] = []
     for obj in objects:
         area, warning = _object_area(obj)
@@ -160,6 +178,18 @@ def read_region(
     if region.is_empty:
         raise GeoJsonError(f"{path}: its polygons enclose no area", _AREA_HINT)
     return region, warnings
+
+
+def drawn_objects(objects: list[QuPathObject]) -> tuple[list[QuPathObject], str]:
+    """Keep the annotations; also return how many objects of other types were left out, in words ('' if none),
+    e.g. '12 cells, 3 detections'."""
+    kept = [obj for obj in objects if obj.object_type in REGION_TYPES]
+    left = Counter(obj.object_type for obj in objects if obj.object_type not in REGION_TYPES)
+    return kept, ", ".join(f"{n} {_TYPE_WORDS.get(kind, kind)}{'' if n == 1 else 's'}"
+                           for kind, n in sorted(left.items()))
+
+
+_TYPE_WORDS = {"tmaCore": "TMA core", "root": "root object"}
 
 
 def _load_json(path: Path, max_bytes: int) -> Any:
@@ -225,7 +255,7 @@ def _decode(path: Path, data: bytes) -> str:
 
 def _guarded(path: Path, index: int | None, func: Callable[..., _T], *args: Any) -> _T:
     """Call ``func``; turn any failure on malformed input into a GeoJsonError naming the file and feature."""
-    where = f"{path}:" if index is None else f"{path}: feature {index}"
+    where = f"{path}:" if index is None else f"{path}: feature {index + 1}"
     try:
         return func(*args)
     except _Invalid as exc:
@@ -257,6 +287,18 @@ def _feature_items(root: Any) -> list[Any]:
     raise _Invalid(f"is JSON but not GeoJSON: the top-level object {what}")
 
 
+def _with_children(items: list[Any]) -> list[Any]:
+    """Each feature followed by its child objects (QuPath's hierarchy export nests them in the properties)."""
+    flat: list[Any] = []
+    for item in items:
+        flat.append(item)
+        props = item.get("properties") if isinstance(item, dict) else None
+        children = props.get("childObjects", props.get("children")) if isinstance(props, dict) else None
+        if isinstance(children, list):
+            flat.extend(_with_children(children))
+    return flat
+
+
 def _parse_feature(item: Any, index: int, offset: Offset) -> QuPathObject:
     """Parse one GeoJSON Feature into a QuPathObject."""
     if not isinstance(item, dict) or item.get("type") != "Feature":
@@ -267,14 +309,17 @@ def _parse_feature(item: Any, index: int, offset: Offset) -> QuPathObject:
     if offset[0] or offset[1]:
         geometry = shapely.affinity.translate(geometry, offset[0], offset[1])
     classification, color = _parse_classification(props.get("classification"))
+    feature_id = _parse_text(item.get("id"), "id")
+    legacy_type = _LEGACY_TYPE_IDS.get(feature_id or "")
     return QuPathObject(
         geometry=geometry,
-        object_type=_parse_object_type(props),
+        object_type=_parse_object_type(props, legacy_type),
         name=_parse_text(props.get("name"), "name"),
         classification=classification,
         color=color or _parse_color(props.get("color"), "color"),
-        id=_parse_text(item.get("id"), "id"),
+        id=None if legacy_type else feature_id,
         measurements=_parse_measurements(props.get("measurements")),
+        metadata=_parse_metadata(props.get("metadata")),
         index=index,
     )
 
@@ -385,8 +430,9 @@ _COORDINATES: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _parse_object_type(props: dict[str, Any]) -> str:
-    """Return the object type from ``objectType``, older ``object_type`` or ``type``; default annotation."""
+def _parse_object_type(props: dict[str, Any], legacy: str | None = None) -> str:
+    """Return the object type from ``objectType``, older ``object_type`` or ``type``, else from a v0.2 type id
+    (``legacy``); default annotation."""
     for key in ("objectType", "object_type"):
         value = props.get(key)
         if value is None:
@@ -396,10 +442,10 @@ def _parse_object_type(props: dict[str, Any]) -> str:
         raise _Invalid(
             f"has an unknown {key} {_show(value)}", f"use one of {', '.join(_OBJECT_TYPES.values())}"
         )
-    legacy = props.get("type")
-    if isinstance(legacy, str) and legacy.lower() in _OBJECT_TYPES:
-        return _OBJECT_TYPES[legacy.lower()]
-    return "annotation"
+    alias = props.get("type")
+    if isinstance(alias, str) and alias.lower() in _OBJECT_TYPES:
+        return _OBJECT_TYPES[alias.lower()]
+    return legacy or "annotation"
 
 
 def _parse_text(value: Any, what: str) -> str | None:
@@ -412,19 +458,36 @@ def _parse_text(value: Any, what: str) -> str | None:
 
 
 def _parse_classification(value: Any) -> tuple[str | None, Color | None]:
-    """Return the class name (derived classes joined by ': ') and its colour."""
+    """Return the class name (derived classes joined by ': ', as QuPath names them) and its colour.
+
+    Besides the current forms, QuPath reads those it wrote before 0.4: ``{}`` for "unclassified", and a class
+    with ``colorRGB`` (one packed integer) whose parents nest as ``parentClass`` objects."""
     if value is None or isinstance(value, str):
         return (value or None), None
     if not isinstance(value, dict):
         raise _Invalid(f"has a classification that is {_json_kind(value)}, not an object or a name")
+    if not value:
+        return None, None
     names = value.get("names")
     if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
         name = ": ".join(names)
     elif isinstance(value.get("name"), str):
-        name = value["name"]
+        name = ": ".join([*_parent_names(value.get("parentClass")), value["name"]])
     else:
         raise _Invalid("has a classification without a 'name' (or a 'names' list of text)")
-    return (name or None), _parse_color(value.get("color"), "classification color")
+    color = _parse_color(value.get("color"), "classification color")
+    return (name or None), color or _parse_color(value.get("colorRGB"), "classification colorRGB")
+
+
+def _parent_names(parent: Any, depth: int = 0) -> list[str]:
+    """The names of a legacy class's ancestors, the outermost first."""
+    if parent is None:
+        return []
+    if not isinstance(parent, dict) or not isinstance(parent.get("name"), str):
+        raise _Invalid(f"has a parentClass {_show(parent)} without a 'name'")
+    if depth >= _MAX_COLLECTION_DEPTH:
+        raise _Invalid(f"has classes nested more than {_MAX_COLLECTION_DEPTH} deep")
+    return [*_parent_names(parent.get("parentClass"), depth + 1), parent["name"]]
 
 
 def _parse_color(value: Any, what: str) -> Color | None:
@@ -443,6 +506,14 @@ def _is_channel(value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     return float(value).is_integer() and 0 <= value <= 255
+
+
+def _parse_metadata(value: Any) -> dict[str, str]:
+    """Return QuPath's metadata map; like QuPath, keep the entries whose values are text, numbers or booleans."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()
+            if isinstance(item, str | int | float | bool)}
 
 
 def _parse_measurements(value: Any) -> dict[str, float]:
@@ -524,8 +595,8 @@ def _polygonal(geometry: BaseGeometry) -> Polygon | MultiPolygon:
 
 
 def _label(obj: QuPathObject) -> str:
-    """Name an object in messages: 'feature 2' or "feature 2 ('query 1')"."""
-    return f"feature {obj.index}" + (f" ({obj.name!r})" if obj.name else "")
+    """Name an object in messages, counting from 1: 'feature 2' or "feature 2 ('query 1')"."""
+    return f"feature {obj.index + 1}" + (f" ({obj.name!r})" if obj.name else "")
 
 
 def _short_list(labels: Sequence[str], limit: int = 5) -> str:
@@ -546,10 +617,15 @@ def make_feature(
     color: Color | None = None,
     measurements: dict[str, float] | None = None,
     properties: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
     offset: Offset = (0.0, 0.0),
     feature_id: str | None = None,
+    locked: bool = False,
 ) -> dict[str, Any]:
-    """Return a GeoJSON Feature as QuPath writes it, with valid geometry rounded to 0.01 px."""
+    """Return a GeoJSON Feature as QuPath writes it, with valid geometry rounded to 0.01 px.
+
+    ``metadata`` goes into QuPath's own map of strings, which QuPath keeps through import and export (other
+    properties it drops); ``isLocked`` is written only when true, as QuPath does."""
     props: dict[str, Any] = {"objectType": object_type}
     if name is not None:
         props["name"] = name
@@ -560,15 +636,18 @@ def make_feature(
         }
     elif color is not None:
         props["color"] = _color_json(color)
-    props["isLocked"] = False
+    if locked:
+        props["isLocked"] = True
     if measurements is not None:
         props["measurements"] = {str(key): _measurement_json(value) for key, value in measurements.items()}
-    clash = sorted(set(properties or {}) & set(props))
+    clash = sorted(set(properties or {}) & {*props, "metadata", "isLocked"})
     if clash:
         raise ValueError(
             f"properties {clash} would overwrite the ones make_feature writes; use its arguments"
         )
     props.update(properties or {})
+    if metadata:
+        props["metadata"] = {str(key): str(value) for key, value in metadata.items()}
     geometry_json = _geometry_json(_prepare_geometry(geometry, offset))
     return {
         "type": "Feature",
@@ -675,12 +754,14 @@ def _polygon_json(polygon: Polygon) -> list[list[list[float]]]:
     return [_coordinates_json(polygon.exterior), *(_coordinates_json(ring) for ring in polygon.interiors)]
 
 
-def _coordinates_json(geometry: BaseGeometry) -> list[list[float]]:
-    """Return the ``[x, y]`` coordinates of a simple geometry as plain floats."""
+def _coordinates_json(geometry: BaseGeometry) -> list[list[float | int]]:
+    """Return the ``[x, y]`` coordinates of a simple geometry, rounded to 0.01 px; whole numbers as integers
+    (``896``, not ``896.0``), as QuPath writes them."""
     coordinates = shapely.get_coordinates(geometry)
     if not np.all(np.isfinite(coordinates)):
         raise ValueError("geometry has NaN or infinite coordinates")
-    return np.round(coordinates, 2).tolist()
+    rounded = np.round(coordinates, 2)
+    return [[int(v) if v.is_integer() else v for v in pair] for pair in rounded.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------- patches

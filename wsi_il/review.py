@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import io
 import json
 import math
 import re
 import shlex
+import uuid
 import zlib
 from collections.abc import Iterable
 from concurrent import futures
@@ -139,9 +141,11 @@ def normalize_label(raw: str, info: BatchInfo, where: str = "") -> str | None:
     if key == SKIP:
         return SKIP
     prefix = f"{where}: " if where else ""
+    near = difflib.get_close_matches(key, [c.casefold() for c in info.classes], n=1, cutoff=0.6)
+    guess = f"did you mean {info.classes[[c.casefold() for c in info.classes].index(near[0])]!r}? " if near else ""
     raise LabelsError(
         f"{prefix}label {_short(text)!r} is not one of {', '.join(accepted_labels(info))}",
-        f"yes/no answer 'is this {info.query_label}?'; skip leaves the patch out",
+        f"{guess}yes/no answer 'is this {info.query_label}?'; skip leaves the patch out",
     )
 
 
@@ -312,18 +316,25 @@ def _write_batch_geojson(
 
     features = []
     for n, patch in enumerate(patches, start=1):
-        tag = {"batch": info.batch_id, "patch_id": patch.patch_id, "n": _number(n, len(patches))}
+        tag = {"wsi_il.batch": info.batch_id, "wsi_il.patch_id": patch.patch_id, "wsi_il.n": _number(n, len(patches))}
         features.append(
             qupath.make_feature(
                 box(patch.x, patch.y, patch.x + patch.width, patch.y + patch.height),
                 object_type="annotation",
                 name=patch.patch_id,
                 measurements=_suggestion_measurements(patch),
-                properties={"wsi_il": tag},
+                metadata=tag,
                 offset=offsets.get(patch.slide, (0.0, 0.0)),
+                feature_id=patch_object_id(info, patch.patch_id),
             )
         )
     qupath.write_features(path, features)
+
+
+def patch_object_id(info: BatchInfo, patch_id: str) -> str:
+    """The id of a patch's object in ``batch.geojson``: a UUID fixed by the project, the batch and the patch, so
+    the object QuPath sends back (QuPath keeps ids) names its patch even when its name was changed."""
+    return str(uuid.uuid5(uuid.UUID(info.project_uid), f"{info.batch_id}/{patch_id}"))
 
 
 def _suggestion_measurements(patch: BatchPatch) -> dict[str, float] | None:
@@ -689,13 +700,15 @@ def _labels_by_patch(
             f"give the labels.csv from the folder of batch {info.batch_id}",
         )
     labels: dict[str, str | None] = {}
+    sheet = {p.patch_id: _number(n, len(patches)) for n, p in enumerate(patches, start=1)}
     for row in rows:
         if row.patch_id not in known:
             raise LabelsError(
                 f"{row.where}: patch {_short(row.patch_id)!r} is not in batch {info.batch_id}",
                 "delete the row; add no rows to labels.csv",
             )
-        _merge(labels, row.patch_id, normalize_label(row.label, info, row.where), row.where)
+        where = f"{path.name} patch {sheet[row.patch_id]} ({row.where.removeprefix(path.name + ' ')})"
+        _merge(labels, row.patch_id, normalize_label(row.label, info, where), where)
     return labels
 
 
@@ -760,8 +773,12 @@ def _labels_from_geojson(
 ) -> dict[str, str | None]:
     slide_offsets = {offsets.get(p.slide, (0.0, 0.0)) for p in patches}
     by_geometry = len(slide_offsets) == 1
+    from wsi_il.qupath import drawn_objects
+
     objects = _read_qupath_objects(path, next(iter(slide_offsets)) if by_geometry else (0.0, 0.0), max_bytes)
-    matches = [(obj, _match(obj, patches, by_geometry)) for obj in objects]
+    objects, _ = drawn_objects(objects)  # a cell or detection inside a patch never gives the patch its label
+    ids = {patch_object_id(info, p.patch_id): p.patch_id for p in patches}
+    matches = [(obj, _match(obj, patches, by_geometry, ids)) for obj in objects]
     matched = [(obj, patch_id) for obj, patch_id in matches if patch_id is not None]
     if not matched:
         raise LabelsError(
@@ -794,20 +811,29 @@ def _read_qupath_objects(path: Path, offset: tuple[float, float], max_bytes: int
 _GEOJSON_HINT = "export the objects again from QuPath (File > Object data > Export as GeoJSON)"
 
 
-def _match(obj: QuPathObject, patches: list[BatchPatch], by_geometry: bool) -> str | None:
-    """Find the patch an object stands for: by name, else by where its representative point lies."""
-    name = _clean(obj.name or "")
-    if any(p.patch_id == name for p in patches):
-        return name
+def _match(obj: QuPathObject, patches: list[BatchPatch], by_geometry: bool, ids: dict[str, str]) -> str | None:
+    """Find the patch an annotation stands for: by the patch id in its metadata, its name or its object id (the
+    batch writes all three, QuPath keeps them), else by its shape (a square over the patch, as imported)."""
+    known = {p.patch_id for p in patches}
+    for candidate in (obj.metadata.get("wsi_il.patch_id"), _clean(obj.name or ""), ids.get(obj.id or "")):
+        if candidate in known:
+            return candidate
     if not by_geometry or obj.geometry is None or obj.geometry.is_empty:
         return None
-    point = obj.geometry.representative_point()
-    inside = [p.patch_id for p in patches if _covers(p, point.x, point.y)]
-    return inside[0] if len(inside) == 1 else None
+    same = [p.patch_id for p in patches if _overlap(p, obj.geometry) >= _SAME_SQUARE]
+    return same[0] if len(same) == 1 else None
 
 
-def _covers(patch: BatchPatch, x: float, y: float) -> bool:
-    return patch.x <= x <= patch.x + patch.width and patch.y <= y <= patch.y + patch.height
+_SAME_SQUARE = 0.9
+"""An annotation is a patch's square when their intersection over union reaches this (QuPath rounds to 0.01 px)."""
+
+
+def _overlap(patch: BatchPatch, geometry: Any) -> float:
+    from shapely.geometry import box
+
+    square = box(patch.x, patch.y, patch.x + patch.width, patch.y + patch.height)
+    union = square.union(geometry).area
+    return square.intersection(geometry).area / union if union else 0.0
 
 
 def _check_classified(path: Path, labels: dict[str, str | None], patches: list[BatchPatch]) -> None:
