@@ -468,7 +468,7 @@ def test_union_squares_is_fast_for_100k_patches() -> None:
 def _qupath_check(path: Path) -> subprocess.CompletedProcess[str]:
     """Run the sibling qupath-check tool on a file, skipping when it or java is missing."""
     if not CHECK_SH.is_file() or shutil.which("java") is None or shutil.which("javac") is None:
-        pytest.skip("qupath-check (../shared/tools/qupath-check) or java is not available")
+        pytest.skip("the QuPath checker (tools/qupath-check beside the checkout) or java is not available")
     return subprocess.run(["bash", str(CHECK_SH), str(path)], capture_output=True, text=True, timeout=600)
 
 

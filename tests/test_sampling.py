@@ -1,4 +1,4 @@
-"""Each strategy's choice on small hand-made ranked lists (METHOD.md, round step 4)."""
+"""Each strategy's choice on small hand-made ranked lists (docs/method.md, round step 4)."""
 
 from __future__ import annotations
 

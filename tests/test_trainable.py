@@ -1,4 +1,4 @@
-"""METHOD.md's ablation: all of layer4 trainable, the feature cache after layer3 (``--trainable layer4``)."""
+"""docs/method.md's ablation: all of layer4 trainable, the feature cache after layer3 (``--trainable layer4``)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_tissue_filter_on_real_tiles(shared_data):
     # almost-white-1: uniformly near-white, no component at all -> the pixel rule drops it.
     assert not is_tissue_tile(background["almost-white-1.png"], settings)
     # almost-white-2 is 97% white but holds a torn corner of pale tissue and dust specks: ~1800 connected
-    # components, so METHOD.md's rule ("drop when > 80% blank AND < 10 components") keeps it. What drops it in
+    # components, so docs/method.md's rule ("drop when > 80% blank AND < 10 components") keeps it. What drops it in
     # the pipeline is the first stage, the thumbnail tissue mask: only ~3% of it is tissue there, below the
     # 5% a grid tile needs to be a candidate at all.
     assert is_tissue_tile(background["almost-white-2.png"], settings)

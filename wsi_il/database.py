@@ -168,7 +168,7 @@ def _slide_loads(settings: TilingSettings) -> tuple[Callable[[Any], np.ndarray |
 
 def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSettings, seed: int,
                   reporter: Reporter, readers: ReaderPool | None) -> dict[str, Any]:
-    """Per-channel mean and std of the project's tissue tiles (METHOD.md, "Patches and features" 3).
+    """Per-channel mean and std of the project's tissue tiles (docs/method.md, "Patches and features" 3).
 
     Patch folders and slides tiled before count whole (their sums were kept). Over the other slides' candidate
     tiles, ``settings.normalisation_sample`` tiles drawn at random (all of them when there are fewer, or when

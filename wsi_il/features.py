@@ -2,9 +2,9 @@
 
 Per architecture the split is the same: the last residual block of ``layer4`` is trainable (the
 heads), everything before it is the frozen trunk whose output (C x 7 x 7) is cached. For ResNet-18
-that is METHOD.md's split (trunk up to ``layer4[0]``, heads from ``layer4[1]``).
+that is docs/method.md's split (trunk up to ``layer4[0]``, heads from ``layer4[1]``).
 
-``FeatureSettings.trainable == "layer4"`` is METHOD.md's ablation: the whole of ``layer4`` is trainable and
+``FeatureSettings.trainable == "layer4"`` is docs/method.md's ablation: the whole of ``layer4`` is trainable and
 the cache stops after ``layer3`` (256 x 14 x 14 for ResNet-18/34, 1024 x 14 x 14 for ResNet-50).
 """
 
@@ -50,7 +50,7 @@ def get_arch(name: str) -> Arch:
 
 
 TRAINABLE = ("last", "layer4")
-"""What the heads train: the last block of layer4 (the paper) or the whole of layer4 (METHOD.md's ablation)."""
+"""What the heads train: the last block of layer4 (the paper) or the whole of layer4 (docs/method.md's ablation)."""
 
 
 def check_trainable(trainable: str) -> str:

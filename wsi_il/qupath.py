@@ -1,4 +1,4 @@
-"""Read and write QuPath GeoJSON: objects in, valid 0.01 px Features out (see QUPATH.md).
+"""Read and write QuPath GeoJSON: objects in, valid 0.01 px Features out (see docs/qupath.md).
 
 wsi-il works in OpenSlide level-0 pixels; QuPath may crop the slide to its bounds, so a file's
 coordinates plus ``offset`` (the slide's bounds x, y) are wsi-il coordinates, and writing subtracts it.

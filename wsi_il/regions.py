@@ -1,4 +1,4 @@
-"""Which patches lie in a region: the 50% rule of METHOD.md, vectorised with shapely."""
+"""Which patches lie in a region: the 50% rule of docs/method.md, vectorised with shapely."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sampling strategies of METHOD.md: pure functions of a ranked list and a numpy Generator.
+"""The sampling strategies of docs/method.md: pure functions of a ranked list and a numpy Generator.
 
 Every strategy returns positions into the ranked list (0 = closest to the query), in the order in
 which the patches are shown to the expert. M = len(ranked) may be smaller than K: then all are taken.

@@ -1,4 +1,4 @@
-"""The tile grid and the tissue filter (METHOD.md, "Patches and features" 1-2)."""
+"""The tile grid and the tissue filter (docs/method.md, "Patches and features" 1-2)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def blank_pixels(rgb: np.ndarray, settings: TilingSettings) -> np.ndarray:
 
 
 def is_tissue_tile(rgb: np.ndarray, settings: TilingSettings) -> bool:
-    """Apply METHOD.md's pixel rule: drop a mostly blank tile unless its binarised image is busy."""
+    """Apply docs/method.md's pixel rule: drop a mostly blank tile unless its binarised image is busy."""
     blank = blank_pixels(rgb, settings)
     if np.count_nonzero(blank) / blank.size <= settings.max_blank_fraction:
         return True
