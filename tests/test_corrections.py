@@ -117,3 +117,15 @@ def test_a_patch_never_shown_can_be_labelled_and_yes_answers_the_session(labelle
     with pytest.raises(InputError, match="no label to skip"):
         correct_labels(proj, manifest, set(ids), [(next(p for p in ids if p not in labelled | {fresh}), "skip")],
                        via="page")
+
+
+def test_end_closes_the_session_early_and_next_says_what_waits(labelled_project):
+    project = labelled_project
+    status = json.loads(run("status", project, "--json"))
+    assert "wsi-il end" in status["next"] and "s1-r2" in status["next"]
+    out = run("end", project)
+    assert "session s1 ended after 1 of 3 rounds" in out and "closed unlabelled" in out
+    assert "next: export the mask" in out
+    status = json.loads(run("status", project, "--json"))
+    assert status["sessions"][0]["state"] == "ended" and status["n_labels"] == 6
+    assert "no session is open" in run("end", project, code=4)

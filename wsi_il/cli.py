@@ -26,7 +26,7 @@ from rich.table import Table
 from wsi_il import __version__
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="Annotate whole slide images by reviewing a few well-chosen patches (QuPath-compatible).")
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -285,7 +285,7 @@ def init(
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
-                                           "or layer4 (all of layer4, METHOD.md's ablation; features are cached "
+                                           "or layer4 (all of layer4, the paper's ablation; features are cached "
                                            "after layer3, 4x larger).")] = "last",
     device: DeviceOpt = "auto",
 ) -> None:
@@ -479,8 +479,15 @@ def _report_round(project: Path, result: Any, headline: str, watching: bool = Fa
                       "then:")
             out.print(f"  wsi-il ingest {project} {result.batch_dir / 'labels.csv'}")
     else:
-        out.print(f"next: wsi-il export {project} --out mask.geojson   (or start another query with wsi-il query)")
+        _print_next(project)
     out.print(f"[dim]{result.seconds:.1f} s[/]")
+
+
+def _print_next(project: Path) -> None:
+    """Say what waits in the project now (a batch to label, an export, a query): the same as `status`."""
+    from wsi_il.status import project_status
+
+    out.print(f"next: {project_status(project)['next']}")
 
 
 @app.command()
@@ -501,6 +508,20 @@ def ingest(
             ctx = open_context(proj, _device(device), reporter)
             result = ingest_labels(ctx, labels, allow_partial=partial)
         _report_round(project, result, result.message)
+
+
+@app.command()
+def end(project: ProjectArg) -> None:
+    """End the open session now: the labels given so far are kept, the waiting batch is closed unlabelled."""
+    from wsi_il.project import Project
+    from wsi_il.session import end_session
+
+    with _errors():
+        proj = Project(project)
+        with proj.lock("end"):
+            message = end_session(proj)
+        out.print(f"[green]{message}[/]")
+        _print_next(project)
 
 
 @app.command()

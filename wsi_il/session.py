@@ -364,7 +364,7 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
             raise ProjectStateError(
                 f"session {open_session['id']} is waiting for the labels of batch {batch}",
                 f"ingest them with `wsi-il ingest {project.root} {project.batch_dir(batch)}/labels.csv`, "
-                "or pass --abandon to close that session")
+                f"or end that session with `wsi-il end {project.root}` (or pass --abandon)")
     ids: list[str] = []
     if query_indices is not None:
         ids = [ctx.table.ids[i] for i in query_indices]
@@ -390,6 +390,20 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
     batch_dir = project.batch_dir(f"{session_id}-r1")
     return RoundResult(session_id, 1, settings.rounds, batch_dir, rule, time.perf_counter() - started, True,
                        f"session {session_id} started with {len(query_features)} query patches")
+
+
+def end_session(project: Project) -> str:
+    """End the open session before its last round: the labels given so far stay and the model trained on them
+    stays current; the batch waiting for labels is closed unlabelled. Returns what was done, in words."""
+    session = _open_session(project)
+    if session is None:
+        raise ProjectStateError("no session is open", f"start one with `wsi-il query {project.root} --region ...`")
+    batch = f"{session['id']}-r{session['round']}"
+    session["state"] = "ended"
+    session["ended"] = now_iso()
+    project.write_json(project.session_path(session["id"]), session)
+    return (f"session {session['id']} ended after {session['round'] - 1} of {session['rounds']} rounds; "
+            f"batch {batch} was closed unlabelled")
 
 
 def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:

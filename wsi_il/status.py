@@ -39,7 +39,8 @@ def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, An
     open_session = next((s for s in sessions if s["state"] == "reviewing"), None)
     if open_session:
         batch = root / "batches" / f"{open_session['id']}-r{open_session['round']}"
-        return f"fill {batch / 'labels.csv'}, then: wsi-il ingest {root} {batch / 'labels.csv'}"
+        return (f"fill {batch / 'labels.csv'}, then: wsi-il ingest {root} {batch / 'labels.csv'}   (or end the "
+                f"session here: wsi-il end {root})")
     if model:
         return f"export the mask (wsi-il export {root} --out mask.geojson) or start another query (wsi-il query)"
     return f"start a session: wsi-il query {root} --region QUERY.geojson --label {manifest['classes'][0]}"
