@@ -12,6 +12,7 @@ import numpy as np
 from wsi_il import __version__
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.overview import Marks, Overview
 from wsi_il.project import SlideRecord
 from wsi_il.session import Context, _state, require_predictions, slides_matching
 
@@ -87,8 +88,14 @@ def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, cla
     write_features(path, features)
     picture = _out_path(out, slide.id, several, ".png") if overview else None
     if picture is not None:
-        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes)
+        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes,
+                       overview_marks(ctx, indices, ctx.table.index_of()), _overview_notes(info),
+                       info.get("warning"))  # type: ignore[arg-type]
     return ExportedSlide(slide.id, path, picture, counts)
+
+
+def _overview_notes(info: dict[str, object]) -> str:
+    return f"model {info.get('model') or '-'}, trained on {info.get('labels') or 0} labels ({info['tool']})"
 
 
 def _detections(ctx: Context, boxes: np.ndarray, probs: np.ndarray, offset: tuple[float, float]) -> list[dict]:
@@ -106,38 +113,58 @@ def _detections(ctx: Context, boxes: np.ndarray, probs: np.ndarray, offset: tupl
     return out
 
 
-def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
-                   classes: list[str], max_px: int = 1600) -> None:
-    """Save the slide thumbnail with the predicted classes overlaid, and a legend."""
-    from PIL import Image, ImageDraw, ImageFont
+OVERVIEW_PANEL_PX = 1400
+"""The longer side of each of the overview's two pictures of the slide."""
 
-    from wsi_il.qupath import class_color
+
+def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
+                   classes: list[str], marks: Marks | None = None, notes: str = "", warning: str | None = None,
+                   max_px: int = OVERVIEW_PANEL_PX) -> Overview:
+    """Save the overview PNG: the slide with the expert's labels and queries beside it with the predicted classes
+    (a light wash and an edge line each), under a legend (``wsi_il.overview``); return what was drawn."""
+    from wsi_il import png
+    from wsi_il.features import core_threads, default_workers
+    from wsi_il.overview import render_overview
     from wsi_il.slide import read_thumbnail
 
     thumb, scale = read_thumbnail(Path(slide.path), max_px)
-    base = Image.fromarray(thumb).convert("RGBA")
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    for (x, y, w, h), c in zip(boxes.tolist(), predicted.tolist(), strict=True):
-        if c in shown:
-            box = (x / scale, y / scale, (x + w) / scale - 1, (y + h) / scale - 1)
-            draw.rectangle(box, fill=(*class_color(classes[c]), 90), outline=(*class_color(classes[c]), 200))
-    image = Image.alpha_composite(base, overlay).convert("RGB")
-    legend_h = 36
-    canvas = Image.new("RGB", (image.width, image.height + legend_h), "white")
-    canvas.paste(image, (0, legend_h))
-    pen = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=18)
-    x = 8
-    for c in shown:
-        pen.rectangle((x, 9, x + 18, 27), fill=class_color(classes[c]))
-        text = f"{classes[c]}: {int((predicted == c).sum())} patches"
-        pen.text((x + 24, 8), text, fill="black", font=font)
-        x += 34 + int(pen.textlength(text, font=font))
-    pen.text((x + 10, 8), slide.id, fill=(90, 90, 90), font=font)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    header = [f"{slide.id}: {notes}" if notes else slide.id]
+    drawn = render_overview(thumb, scale, boxes, predicted, shown, classes, marks or Marks(), header, warning)
+    rgb = np.asarray(drawn.image)
+    stripes = list(core_threads().map(lambda bounds: png.encode_stripe(rgb, *bounds, OVERVIEW_COMPRESS_LEVEL),
+                                      png.stripe_bounds(rgb.shape[0], default_workers())))
+    atomic_write_bytes(path, png.assemble(drawn.image.width, drawn.image.height, stripes))
+    return drawn
+
+
+OVERVIEW_COMPRESS_LEVEL = 3
+"""zlib level of the overview PNG, encoded in stripes on every core (``wsi_il.png``)."""
+
+
+def overview_marks(ctx: Context, indices: np.ndarray, index_of: dict[str, int]) -> Marks:
+    """The labelled patches (each one's label now: the newest ledger entry wins) and each session's query patches
+    among the patches ``indices`` of one slide (``index_of``: the project's patch ids to their index)."""
+    from wsi_il.corrections import current_labels
+    from wsi_il.session import list_sessions
+
+    def positions(patch_ids: list[str]) -> np.ndarray:
+        found = np.array([index_of[p] for p in patch_ids if p in index_of], dtype=np.int64)
+        where = np.searchsorted(indices, found)
+        inside = where < len(indices)
+        inside[inside] = indices[where[inside]] == found[inside]
+        return where[inside]
+
+    current = current_labels(ctx.project.read_ledger())
+    labelled_ids = list(current)
+    labelled = positions(labelled_ids)
+    on_slide = {ctx.table.ids[int(indices[k])] for k in labelled.tolist()}
+    labels = tuple(current[p]["label"] for p in labelled_ids if p in on_slide)
+    queries = []
+    for session in list_sessions(ctx.project):
+        found = positions(list(session["query"].get("patch_ids") or []))
+        if len(found):
+            queries.append((session["id"], found))
+    return Marks(labelled, labels, tuple(queries))
 
 
 def export_table(ctx: Context, out: Path) -> Path:

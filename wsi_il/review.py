@@ -38,8 +38,10 @@ BATCH_FORMAT = "wsi-il review batch"
 BATCH_FORMAT_VERSION = 1
 CSV_COLUMNS = (
     "n", "patch_id", "slide", "x", "y", "width", "height", "image",
-    "label", "suggestion", "suggestion_probability", "rank", "batch",
+    "label", "suggestion", "suggestion_probability", "suggestion_certainty", "rank", "batch",
 )  # fmt: skip
+UNCERTAIN = "uncertain"
+CONFIDENT = "confident"
 SKIP = "skip"
 NOT_PREFIX = "not:"
 
@@ -53,10 +55,6 @@ _GEOJSON_SUFFIXES = frozenset({".geojson", ".json", ".gz"})
 _DELIMITERS = (",", ";", "\t")
 _MAX_LISTED = 5
 
-_TILE_PX = 256
-_PAD_PX = 8
-_CAPTION_FONT_PX = 15
-_TITLE_FONT_PX = 20
 _MAX_COLUMNS = 5
 
 
@@ -170,8 +168,12 @@ def write_batch(
     images: list[Image.Image],
     offsets: dict[str, tuple[float, float]] | None = None,
     project_hint: str = "PROJECT",
+    contexts: list[Image.Image | None] | None = None,
 ) -> None:
     """Write the batch folder: patch PNGs, labels.csv, contact sheet, batch.geojson, README, batch.json.
+
+    ``contexts`` are what the contact sheet shows of each patch (its neighbourhood with the patch outlined, from
+    ``context.context_image``; None for a patch without a slide around it); without them, the patches alone.
 
     Raises ValueError when the arguments do not describe one batch (a caller bug), ProjectStateError when
     ``folder`` already holds another batch. Writing the same batch again (a command rerun after a kill)
@@ -179,18 +181,20 @@ def write_batch(
     """
     folder = Path(folder)
     _check_batch_args(patches, images)
+    if contexts is not None and len(contexts) != len(patches):
+        raise ValueError(f"{len(patches)} patches but {len(contexts)} context images")
     same = _check_folder_free(folder, info, patches)
     folder.mkdir(parents=True, exist_ok=True)
     names = image_names(patches)
     _remove_stale_images(folder, names)
-    # The contact sheet first: its encoding, the longest (one zlib stream), bounds the batch on many cores.
-    writes = _write_pngs(folder, [CONTACT_SHEET, *names],
-                         [render_contact_sheet(info, patches, images), *images])
+    writes = _write_pngs(folder, render_contact_sheet(info, patches, images, contexts), names, images)
     try:
         if not (same and (folder / LABELS_CSV).is_file()):
             atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names), sync_dir=False)
         _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
-        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint), sync_dir=False)
+        with_context = contexts is not None and any(c is not None for c in contexts)
+        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint, with_context),
+                          sync_dir=False)
     finally:
         futures.wait(writes)  # none outlives the call: a caller may remove the folder after an error
     for write in writes:
@@ -257,8 +261,8 @@ PNG_COMPRESS_LEVEL = 3
 default 6 for files about 7% larger (a round writes its PNGs while the expert waits)."""
 
 SHEET_COMPRESS_LEVEL = 1
-"""zlib level of the contact sheet, whose encoding (one stream of 1.3 megapixels, the longest task of a batch)
-bounds the batch's writing on many cores: 0.10 s at level 1 against 0.14 s at 3, for a file 4% larger."""
+"""zlib level of the contact sheet, the largest picture of a batch (several megapixels of context images): level 1
+costs half the time of 3 for a file a few percent larger."""
 
 
 def _png_bytes(image: Image.Image, level: int = PNG_COMPRESS_LEVEL) -> bytes:
@@ -267,21 +271,40 @@ def _png_bytes(image: Image.Image, level: int = PNG_COMPRESS_LEVEL) -> bytes:
     return buffer.getvalue()
 
 
-def _write_pngs(folder: Path, names: list[str], images: list[Image.Image]) -> list[futures.Future[None]]:
-    """Start encoding and writing each image as ``folder / name`` on every core, in the order given (PIL's encoder
-    and the writes leave the interpreter lock free). One task a file overlaps one file's fsync with another's
-    encoding; the renames are left for one sync of the folder by the caller."""
-    from wsi_il.features import core_threads
+def _write_pngs(folder: Path, sheet: Image.Image, names: list[str], images: list[Image.Image]
+                ) -> list[futures.Future[None]]:
+    """Start encoding and writing the contact sheet and each image as ``folder / name`` on every core (PIL's
+    encoder, zlib and the writes leave the interpreter lock free). The sheet's stripes go first (``wsi_il.png``:
+    its compression shared by every core), then its assembly and write, then one task a patch, which overlaps one
+    file's fsync with another's encoding; the renames are left for one sync of the folder by the caller."""
+    import numpy as np
+
+    from wsi_il import png
+    from wsi_il.features import core_threads, default_workers
 
     pool = core_threads()
+    rgb = np.asarray(sheet.convert("RGB"))
+    stripes = [pool.submit(png.encode_stripe, rgb, start, stop, SHEET_COMPRESS_LEVEL)
+               for start, stop in png.stripe_bounds(rgb.shape[0], default_workers())]
+    # The sheet's task comes after its stripes in the queue, so it only ever waits for stripes already running.
+    writes = [pool.submit(_write_sheet, folder / CONTACT_SHEET, sheet.size, stripes)]
     # Each task gets its own RGB copy: no image is shared with this thread or another task.
-    return [pool.submit(_write_png, folder / name, image.convert("RGB"))
-            for name, image in zip(names, images, strict=True)]
+    return writes + [pool.submit(_write_png, folder / name, image.convert("RGB"))
+                     for name, image in zip(names, images, strict=True)]
+
+
+def _write_sheet(path: Path, size: tuple[int, int], stripes: list[futures.Future[Any]]) -> None:
+    atomic_write_bytes(path, _assemble_png(size, [stripe.result() for stripe in stripes]), sync_dir=False)
+
+
+def _assemble_png(size: tuple[int, int], stripes: list[Any]) -> bytes:
+    from wsi_il import png
+
+    return png.assemble(*size, stripes)
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
-    level = SHEET_COMPRESS_LEVEL if path.name == CONTACT_SHEET else PNG_COMPRESS_LEVEL
-    atomic_write_bytes(path, _png_bytes(image, level), sync_dir=False)
+    atomic_write_bytes(path, _png_bytes(image), sync_dir=False)
 
 
 def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:
@@ -298,7 +321,7 @@ def _csv_row(n: int, count: int, patch: BatchPatch, image: str, batch_id: str) -
     return [
         _number(n, count), patch.patch_id, patch.slide, str(patch.x), str(patch.y),
         str(patch.width), str(patch.height), image, "", patch.suggestion or "",
-        "" if probability is None else f"{probability:.3f}",
+        "" if probability is None else f"{probability:.3f}", suggestion_certainty(patch),
         "" if patch.rank is None else str(patch.rank), batch_id,
     ]  # fmt: skip
 
@@ -326,6 +349,14 @@ def _write_batch_geojson(
     qupath.write_features(path, features)
 
 
+def suggestion_certainty(patch: BatchPatch) -> str:
+    """labels.csv's mark of a suggestion: ``uncertain`` below ``UNCERTAIN_BELOW``, else ``confident``; empty
+    without a suggestion."""
+    if patch.suggestion is None or patch.suggestion_probability is None:
+        return ""
+    return UNCERTAIN if suggestion_is_uncertain(patch.suggestion_probability) else CONFIDENT
+
+
 def _suggestion_measurements(patch: BatchPatch) -> dict[str, float] | None:
     if patch.suggestion is None or patch.suggestion_probability is None:
         return None
@@ -342,17 +373,26 @@ def _batch_json_text(info: BatchInfo, patches: list[BatchPatch]) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str) -> str:
+def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str,
+                 with_context: bool = False) -> str:
     labels = ", ".join(accepted_labels(info))
     negative = _negative_label(info)
+    shown = ("inside its surroundings (3 x 3 patches read from the slide), the patch itself\noutlined in cyan, "
+             if with_context else "")
     return f"""\
 wsi-il review batch {info.batch_id}
 Session {info.session}, round {info.round} of {info.rounds}: looking for "{info.query_label}".
 {len(patches)} patches, chosen by the {info.strategy} strategy.
 
 WHAT TO DO
-Open {CONTACT_SHEET}: it shows every patch with its number (NN) and patch id; the single
-patches are the NN_<patch_id>.png files. Then either
+Open {CONTACT_SHEET}: it shows every patch {shown}with its number (NN, the column n of
+{LABELS_CSV}), its full patch id and the model's suggestion where it has one; the single
+patches, at full resolution, are the NN_<patch_id>.png files.
+
+The model's suggestion is only a hint. Where its probability is below {UNCERTAIN_BELOW:.2f} it is close
+to a coin toss: the sheet then writes "model uncertain: <class>? <probability>" in grey, and
+{LABELS_CSV} says "{UNCERTAIN}" in its column suggestion_certainty ("{CONFIDENT}" otherwise). Judge
+those patches yourself rather than copy the suggestion. Then either
 
 A) fill the "label" column of {LABELS_CSV} (one row per patch; keep the other columns):
    accepted labels: {labels}
@@ -380,67 +420,221 @@ def _ingest_command(project_hint: str, labels: Path) -> str:
 # -------------------------------------------------------------------------------------- contact sheet
 
 
+def sheet_picture_px(patch_px: int, context: bool) -> int:
+    """The side at which the contact sheet shows a patch of ``patch_px``: with ``context``, its 3 x 3 neighbourhood
+    as read (at least 384 px, so that a small patch is not a thumbnail; at most 512, so that a sheet of 10 stays
+    a few megapixels), else the patch alone (256 to 512 px)."""
+    shown = 3 * patch_px if context else patch_px
+    return min(max(shown, _CONTEXT_MIN_PX if context else _PATCH_MIN_PX), _PICTURE_MAX_PX)
+
+
 def render_contact_sheet(
-    info: BatchInfo, patches: list[BatchPatch], images: list[Image.Image]
+    info: BatchInfo,
+    patches: list[BatchPatch],
+    images: list[Image.Image],
+    contexts: list[Image.Image | None] | None = None,
 ) -> Image.Image:
-    """Draw all patches in a numbered grid with captions and a title line."""
-    columns = min(_MAX_COLUMNS, math.ceil(math.sqrt(len(patches))))
+    """Draw all patches in a numbered grid under a title: each inside its context where ``contexts`` gives one
+    (``context.context_image``: the patch outlined in its neighbourhood), else alone; under each, its sheet
+    number, the model's suggestion (an uncertain one in grey, with a question mark) and its full id, wrapped."""
+    pictures = [c if c is not None else i for c, i in zip(contexts or [None] * len(images), images, strict=True)]
+    with_context = any(c is not None for c in contexts or [])
+    side = max(max(p.size) for p in pictures) if with_context else sheet_picture_px(
+        max(max(i.size) for i in images), context=False)
+    captions = _captions(patches, side - 2 * _CAPTION_INSET_PX)
+    caption_px = max(c.height_px for c in captions)
+    columns = _sheet_columns(len(patches))
     rows = math.ceil(len(patches) / columns)
-    caption_font = ImageFont.load_default(size=_CAPTION_FONT_PX)
-    title_font = ImageFont.load_default(size=_TITLE_FONT_PX)
-    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
-    title_px = 2 * (_TITLE_FONT_PX + 6) + 2 * _PAD_PX
-    cell_w, cell_h = _TILE_PX + _PAD_PX, _TILE_PX + caption_px + _PAD_PX
+    title = _title_lines(info, len(patches), with_context, columns * (side + _PAD_PX) - _PAD_PX)
+    title_px = _PAD_PX + sum(line.height_px for line in title) + _PAD_PX
+    cell_w, cell_h = side + _PAD_PX, side + caption_px + _PAD_PX
     sheet = Image.new("RGB", (columns * cell_w + _PAD_PX, title_px + rows * cell_h + _PAD_PX), "white")
     draw = ImageDraw.Draw(sheet)
-    _draw_title(draw, info, len(patches), title_font, sheet.width - 2 * _PAD_PX)
-    for i, (patch, image) in enumerate(zip(patches, images, strict=True)):
-        left = _PAD_PX + (i % columns) * cell_w
-        top = title_px + (i // columns) * cell_h
-        _draw_tile(sheet, draw, (left, top), image, _caption_lines(i + 1, len(patches), patch), caption_font)
+    _draw_lines(draw, (_PAD_PX, _PAD_PX), title)
+    for i, (picture, caption) in enumerate(zip(pictures, captions, strict=True)):
+        corner = (_PAD_PX + (i % columns) * cell_w, title_px + (i // columns) * cell_h)
+        _draw_cell(sheet, draw, corner, side, picture, caption, caption_px)
     return sheet
 
 
-def _draw_title(draw: ImageDraw.ImageDraw, info: BatchInfo, count: int, font: Any, width_px: int) -> None:
-    first = f"Batch {info.batch_id}: is this {info.query_label}?"
-    second = f"round {info.round} of {info.rounds}, {count} patches - fill labels.csv (column 'label')"
-    draw.text((_PAD_PX, _PAD_PX), _fit(first, font, width_px), fill="black", font=font)
-    draw.text((_PAD_PX, _PAD_PX + _TITLE_FONT_PX + 6), _fit(second, font, width_px), fill="black", font=font)
+_PAD_PX = 10
+_CAPTION_INSET_PX = 6
+_CONTEXT_MIN_PX = 384
+_PATCH_MIN_PX = 256
+_PICTURE_MAX_PX = 512
+_NUMBER_FONT_PX = 24
+_SUGGESTION_FONT_PX = 16
+_ID_FONT_PX = (14, 12)
+"""Font sizes tried for the patch ids, largest first: a smaller one where the larger needs more than two lines."""
+_ID_MAX_LINES = 2
+_TITLE_FONT_PX = (22, 16)
+_INK = (20, 20, 20)
+_ID_INK = (70, 70, 70)
+_MUTED_INK = (135, 135, 135)
+_FRAME = (170, 170, 170)
 
 
-def _caption_lines(n: int, count: int, patch: BatchPatch) -> list[str]:
-    lines = [f"{_number(n, count)}  {patch.patch_id}"]
-    if patch.suggestion is not None:
-        probability = patch.suggestion_probability
-        lines.append(f"model: {patch.suggestion}" + ("" if probability is None else f" {probability:.2f}"))
+@dataclass(frozen=True)
+class _Line:
+    text: str
+    font: Any
+    fill: tuple[int, int, int]
+    bold: bool = False
+
+    @property
+    def height_px(self) -> int:
+        return int(self.font.size * 1.3)
+
+
+@dataclass(frozen=True)
+class _Caption:
+    number: _Line
+    suggestion: list[_Line]
+    ids: list[_Line]
+    swatch: tuple[int, int, int] | None
+    """The suggested class's colour, drawn as a filled square before a confident suggestion."""
+
+    @property
+    def head_px(self) -> int:
+        """The height of the number and the suggestion, whose first line sits on the number's baseline."""
+        return self.number.height_px - self.suggestion[0].height_px + sum(line.height_px for line in self.suggestion)
+
+    @property
+    def height_px(self) -> int:
+        return _CAPTION_INSET_PX + self.head_px + sum(line.height_px for line in self.ids) + _CAPTION_INSET_PX
+
+
+def _sheet_columns(count: int) -> int:
+    """Columns of a grid wider than tall (a laptop screen), at most ``_MAX_COLUMNS``."""
+    return max(1, min(_MAX_COLUMNS, count, math.ceil(math.sqrt(count * 1.5))))
+
+
+def suggestion_text(patch: BatchPatch) -> str:
+    """The model's suggestion as the contact sheet writes it: ``model: Tumor 0.93``, or, below
+    ``UNCERTAIN_BELOW``, ``model uncertain: Tumor? 0.51``; empty when there is no suggestion."""
+    if patch.suggestion is None:
+        return ""
+    probability = patch.suggestion_probability
+    shown = "" if probability is None else f" {probability:.2f}"
+    if suggestion_is_uncertain(probability):
+        return f"model uncertain: {patch.suggestion}?{shown}"
+    return f"model: {patch.suggestion}{shown}"
+
+
+def _captions(patches: list[BatchPatch], width_px: int) -> list[_Caption]:
+    from wsi_il.qupath import class_color
+
+    number_font = ImageFont.load_default(size=_NUMBER_FONT_PX)
+    suggestion_font = ImageFont.load_default(size=_SUGGESTION_FONT_PX)
+    id_font = _id_font([p.patch_id for p in patches], width_px)
+    captions = []
+    for n, patch in enumerate(patches, start=1):
+        number = _Line(_number(n, len(patches)), number_font, _INK, bold=True)
+        uncertain = suggestion_is_uncertain(patch.suggestion_probability)
+        swatch = None if patch.suggestion is None or uncertain else class_color(patch.suggestion)
+        room = width_px - int(number_font.getlength(number.text + "  ")) - (_SUGGESTION_FONT_PX if swatch else 0)
+        suggestion = [_Line(text, suggestion_font, _MUTED_INK if uncertain else _INK)
+                      for text in wrap_text(suggestion_text(patch), suggestion_font, room, breaks=" ")]
+        ids = [_Line(text, id_font, _ID_INK) for text in wrap_text(patch.patch_id, id_font, width_px)]
+        captions.append(_Caption(number, suggestion, ids, swatch))
+    return captions
+
+
+def _id_font(ids: list[str], width_px: int) -> Any:
+    """The largest id font in which every id takes at most ``_ID_MAX_LINES`` lines (else the smallest)."""
+    for size in _ID_FONT_PX:
+        font = ImageFont.load_default(size=size)
+        if all(len(wrap_text(i, font, width_px)) <= _ID_MAX_LINES for i in ids):
+            return font
+    return font
+
+
+_BREAK_AFTER = "_-. "
+
+
+def wrap_text(text: str, font: Any, width_px: int, breaks: str = _BREAK_AFTER) -> list[str]:
+    """Split ``text`` into lines no wider than ``width_px`` in ``font``, nothing left out: lines end after one of
+    ``breaks`` where one fits, else inside a word. ``"".join`` of the lines gives ``text`` back."""
+    words = re.findall(f"[^{re.escape(breaks)}]*[{re.escape(breaks)}]+|[^{re.escape(breaks)}]+", text)
+    lines: list[str] = []
+    line = ""
+    for word in words:
+        if font.getlength(line + word.rstrip()) <= width_px:
+            line += word
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        while font.getlength(word.rstrip()) > width_px and len(word) > 1:
+            cut = _longest_fitting(word, font, width_px)
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line or not lines:
+        lines.append(line)
     return lines
 
 
-def _draw_tile(
+def _longest_fitting(word: str, font: Any, width_px: int) -> int:
+    """The length of the longest start of ``word`` that fits ``width_px`` (at least one character)."""
+    low, high = 1, len(word)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if font.getlength(word[:middle]) <= width_px:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _title_lines(info: BatchInfo, count: int, with_context: bool, width_px: int) -> list[_Line]:
+    big = ImageFont.load_default(size=_TITLE_FONT_PX[0])
+    small = ImageFont.load_default(size=_TITLE_FONT_PX[1])
+    where = ("Each patch is outlined in cyan inside its surroundings (3 x 3 patches). " if with_context else "")
+    texts = [
+        (f"Batch {info.batch_id}: is this {info.query_label}?", big, _INK),
+        (f"Round {info.round} of {info.rounds}, {count} patches. {where}Fill the 'label' column of {LABELS_CSV} "
+         "(its column n is the number shown here).", small, _INK),
+        (f"'model uncertain' (grey, with a question mark): the model's probability is below {UNCERTAIN_BELOW:.2f}, "
+         "close to a coin toss; judge those patches yourself.", small, _MUTED_INK),
+    ]
+    return [_Line(line, font, fill) for text, font, fill in texts for line in wrap_text(text, font, width_px, " ")]
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, corner: tuple[int, int], lines: list[_Line]) -> int:
+    """Draw ``lines`` one under the other from ``corner``; return the y under the last."""
+    x, y = corner
+    for line in lines:
+        draw.text((x, y), line.text, fill=line.fill, font=line.font,
+                  stroke_width=1 if line.bold else 0, stroke_fill=line.fill)
+        y += line.height_px
+    return y
+
+
+def _draw_cell(
     sheet: Image.Image,
     draw: ImageDraw.ImageDraw,
     corner: tuple[int, int],
-    image: Image.Image,
-    lines: list[str],
-    font: Any,
+    side: int,
+    picture: Image.Image,
+    caption: _Caption,
+    caption_px: int,
 ) -> None:
     left, top = corner
-    thumb = ImageOps.contain(image.convert("RGB"), (_TILE_PX, _TILE_PX))
-    sheet.paste(thumb, (left + (_TILE_PX - thumb.width) // 2, top + (_TILE_PX - thumb.height) // 2))
-    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
-    draw.rectangle((left - 1, top - 1, left + _TILE_PX, top + _TILE_PX + caption_px), outline=(150, 150, 150))
-    for k, line in enumerate(lines):
-        y = top + _TILE_PX + 3 + k * (_CAPTION_FONT_PX + 4)
-        draw.text((left + 4, y), _fit(line, font, _TILE_PX - 8), fill="black", font=font)
-
-
-def _fit(text: str, font: Any, width_px: int) -> str:
-    """Shorten ``text`` with an ellipsis until it fits ``width_px``."""
-    if font.getlength(text) <= width_px:
-        return text
-    while len(text) > 1 and font.getlength(text + "...") > width_px:
-        text = text[:-1]
-    return text + "..."
+    if max(picture.size) != side:
+        picture = ImageOps.contain(picture, (side, side), Image.Resampling.LANCZOS)
+    sheet.paste(picture.convert("RGB"), (left + (side - picture.width) // 2, top + (side - picture.height) // 2))
+    draw.rectangle((left - 1, top - 1, left + side, top + side + caption_px), outline=_FRAME)
+    x, y = left + _CAPTION_INSET_PX, top + side + _CAPTION_INSET_PX
+    _draw_lines(draw, (x, y), [caption.number])
+    x += int(caption.number.font.getlength(caption.number.text + "  "))
+    top_px = y + caption.number.height_px - caption.suggestion[0].height_px
+    if caption.swatch is not None:
+        size = _SUGGESTION_FONT_PX - 4
+        draw.rectangle((x, top_px + 4, x + size, top_px + 4 + size), fill=caption.swatch, outline=_INK)
+        x += _SUGGESTION_FONT_PX
+    _draw_lines(draw, (x, top_px), caption.suggestion)
+    _draw_lines(draw, (left + _CAPTION_INSET_PX, y + caption.head_px), caption.ids)
 
 
 # ------------------------------------------------------------------------------------------ read_batch
