@@ -160,6 +160,8 @@ class Overview:
     """Top-left corner of the slide with the expert's labels and queries."""
     prediction_corner: tuple[int, int]
     """Top-left corner of the slide with the prediction."""
+    line_px: int
+    """The width of the lines drawn on the slide."""
 
 
 def render_overview(thumb: np.ndarray, scale: float, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
@@ -176,7 +178,9 @@ def render_overview(thumb: np.ndarray, scale: float, boxes: np.ndarray, predicte
     colours = label_colours(classes)
     left = expert_panel(thumb, boxes, scale, marks, colours, line_px)
     titles = ("The slide, with your labels and queries", "The model's prediction")
-    return compose(left, right, titles, header, legend_items(predicted, shown, classes, marks, colours), warning)
+    image, corners = compose(left, right, titles, header, legend_items(predicted, shown, classes, marks, colours),
+                             warning)
+    return Overview(image, *corners, line_px)
 
 
 def label_colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:
@@ -210,8 +214,10 @@ def legend_items(predicted: np.ndarray, shown: list[int], classes: list[str], ma
 
 
 def compose(left: Image.Image, right: Image.Image, titles: tuple[str, str], header: list[str],
-            legend: list[LegendItem], warning: str | None = None) -> Overview:
-    """Put the two panels side by side (one above the other for a wide slide) under a header and a legend."""
+            legend: list[LegendItem], warning: str | None = None
+            ) -> tuple[Image.Image, tuple[tuple[int, int], tuple[int, int]]]:
+    """Put the two panels side by side (one above the other for a wide slide) under a header and a legend; return
+    the picture and the panels' top-left corners."""
     font = ImageFont.load_default(size=_FONT_PX)
     small = ImageFont.load_default(size=_SMALL_FONT_PX)
     beside = left.width <= left.height * 1.25
@@ -239,7 +245,7 @@ def compose(left: Image.Image, right: Image.Image, titles: tuple[str, str], head
     for (x, y), panel, title in ((first, left, titles[0]), (second, right, titles[1])):
         draw.text((x, y - line_h + 2), title, fill=_INK, font=font)
         canvas.paste(panel, (x, y))
-    return Overview(canvas, first, second)
+    return canvas, (first, second)
 
 
 def _legend_rows(items: list[LegendItem], font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int

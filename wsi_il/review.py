@@ -437,24 +437,57 @@ def render_contact_sheet(
     """Draw all patches in a numbered grid under a title: each inside its context where ``contexts`` gives one
     (``context.context_image``: the patch outlined in its neighbourhood), else alone; under each, its sheet
     number, the model's suggestion (an uncertain one in grey, with a question mark) and its full id, wrapped."""
+    layout = sheet_layout(info, patches, images, contexts)
+    sheet = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(sheet)
+    _draw_lines(draw, (_PAD_PX, _PAD_PX), layout.title)
+    for i, (picture, caption) in enumerate(zip(layout.pictures, layout.captions, strict=True)):
+        _draw_cell(sheet, draw, layout.picture_corner(i), layout.side, picture, caption, layout.caption_px)
+    return sheet
+
+
+@dataclass(frozen=True)
+class SheetLayout:
+    """Where everything of a contact sheet goes: a title, then a grid of cells, each a picture over its caption."""
+
+    pictures: list[Image.Image]
+    """What each cell shows: the context image, else the patch."""
+    captions: list[_Caption]
+    title: list[_Line]
+    side: int
+    """The side of each cell's picture square, px."""
+    columns: int
+    title_px: int
+    caption_px: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        rows = math.ceil(len(self.pictures) / self.columns)
+        return (self.columns * (self.side + _PAD_PX) + _PAD_PX,
+                self.title_px + rows * (self.side + self.caption_px + _PAD_PX) + _PAD_PX)
+
+    def picture_corner(self, i: int) -> tuple[int, int]:
+        """The top-left corner of cell ``i``'s picture square."""
+        return (_PAD_PX + (i % self.columns) * (self.side + _PAD_PX),
+                self.title_px + (i // self.columns) * (self.side + self.caption_px + _PAD_PX))
+
+
+def sheet_layout(
+    info: BatchInfo,
+    patches: list[BatchPatch],
+    images: list[Image.Image],
+    contexts: list[Image.Image | None] | None = None,
+) -> SheetLayout:
+    """Lay out the contact sheet: the pictures' side, the columns (wider than tall), the captions' lines."""
     pictures = [c if c is not None else i for c, i in zip(contexts or [None] * len(images), images, strict=True)]
     with_context = any(c is not None for c in contexts or [])
     side = max(max(p.size) for p in pictures) if with_context else sheet_picture_px(
         max(max(i.size) for i in images), context=False)
     captions = _captions(patches, side - 2 * _CAPTION_INSET_PX)
-    caption_px = max(c.height_px for c in captions)
     columns = _sheet_columns(len(patches))
-    rows = math.ceil(len(patches) / columns)
     title = _title_lines(info, len(patches), with_context, columns * (side + _PAD_PX) - _PAD_PX)
     title_px = _PAD_PX + sum(line.height_px for line in title) + _PAD_PX
-    cell_w, cell_h = side + _PAD_PX, side + caption_px + _PAD_PX
-    sheet = Image.new("RGB", (columns * cell_w + _PAD_PX, title_px + rows * cell_h + _PAD_PX), "white")
-    draw = ImageDraw.Draw(sheet)
-    _draw_lines(draw, (_PAD_PX, _PAD_PX), title)
-    for i, (picture, caption) in enumerate(zip(pictures, captions, strict=True)):
-        corner = (_PAD_PX + (i % columns) * cell_w, title_px + (i // columns) * cell_h)
-        _draw_cell(sheet, draw, corner, side, picture, caption, caption_px)
-    return sheet
+    return SheetLayout(pictures, captions, title, side, columns, title_px, max(c.height_px for c in captions))
 
 
 _PAD_PX = 10
