@@ -633,6 +633,7 @@ def test_uncertain_suggestions_are_written_as_such() -> None:
     assert suggestion_text(patch(0.51)) == "model uncertain: Tumor? 0.51"
     assert suggestion_text(patch(0.93)) == "model: Tumor 0.93"
     assert suggestion_text(patch(UNCERTAIN_BELOW)) == "model: Tumor 0.75"
+    assert suggestion_text(patch(0.9987)) == "model: Tumor >0.99"  # never a rounded certainty
     assert suggestion_text(patch(None, None)) == ""
     assert [suggestion_certainty(patch(p)) for p in (0.51, 0.7499, 0.75, 0.99)] == [
         "uncertain", "uncertain", "confident", "confident"]

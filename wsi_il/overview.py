@@ -2,9 +2,10 @@
 
 Left, the slide's thumbnail untouched but for what the expert gave: each labelled patch outlined in its label's
 colour and each session's query patches as one outlined region. Right, the same thumbnail with each predicted
-class as a light wash and a line along its region's edge, so that the tissue under the prediction stays
-readable. Both are drawn at the thumbnail's resolution from arrays (one raster per class, whatever the number of
-patches), so the picture costs the same for a thousand patches or a hundred thousand.
+class as a light wash, and a line in its colour wherever it meets another class, so that the tissue under the
+prediction stays readable and the borders the model draws stand out. Both are drawn at the thumbnail's
+resolution from arrays (one raster per class, whatever the number of patches), so the picture costs the same
+for a thousand patches or a hundred thousand.
 """
 
 from __future__ import annotations
@@ -114,29 +115,31 @@ def prediction_panel(thumb: np.ndarray, masks: list[tuple[np.ndarray, tuple[int,
 
 def expert_panel(thumb: np.ndarray, boxes: np.ndarray, scale: float, marks: Marks,
                  colours: dict[str, tuple[int, int, int]], line_px: int) -> Image.Image:
-    """The thumbnail with each session's query patches as an outlined region (named by its session) and each
-    labelled patch outlined in its label's colour."""
+    """The thumbnail with each labelled patch outlined in its label's colour and each session's query patches as
+    an outlined region, named by its session (sessions that share their query patches share one outline)."""
     picture = thumb.copy()
     shape = thumb.shape[:2]
-    regions = []
+    regions: dict[tuple[int, ...], list[str]] = {}
     for session, positions in marks.queries:
-        region = raster(boxes, positions, scale, shape)
+        regions.setdefault(tuple(sorted(positions.tolist())), []).append(session)
+    for positions in regions:
+        region = raster(boxes, np.asarray(positions, dtype=np.int64), scale, shape)
         picture[edge(region, line_px + 2, inside=False)] = _HALO_RGB
         picture[edge(region, line_px, inside=False)] = QUERY_RGB
-        regions.append((session, positions))
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=_FONT_PX)
-    for session, positions in regions:
-        x0, y0, _, _ = _pixel_boxes(boxes[positions], scale, shape)
-        if len(x0):
-            corner = (int(x0.min()), max(0, int(y0.min()) - _FONT_PX - 3 * line_px))
-            draw.text(corner, f"{session} query", fill=QUERY_RGB, font=font, stroke_width=3, stroke_fill=_HALO_RGB)
-            draw.text(corner, f"{session} query", fill=QUERY_RGB, font=font, stroke_width=1, stroke_fill=QUERY_RGB)
     x0, y0, x1, y1 = _pixel_boxes(boxes[marks.labelled], scale, shape)
     for left, top, right, bottom, label in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), marks.labels,
                                                strict=True):
         _draw_mark(draw, (left, top, right, bottom), colours.get(label, SKIP_RGB), line_px)
+    font = ImageFont.load_default(size=_FONT_PX)
+    for positions, sessions in regions.items():
+        x0, y0, _, _ = _pixel_boxes(boxes[np.asarray(positions, dtype=np.int64)], scale, shape)
+        if len(x0):
+            corner = (int(x0.min()), max(0, int(y0.min()) - _FONT_PX - 3 * line_px))
+            name = f"{', '.join(sessions)} query"
+            draw.text(corner, name, fill=QUERY_RGB, font=font, stroke_width=3, stroke_fill=_HALO_RGB)
+            draw.text(corner, name, fill=QUERY_RGB, font=font, stroke_width=1, stroke_fill=QUERY_RGB)
     return image
 
 

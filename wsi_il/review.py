@@ -543,12 +543,12 @@ def _sheet_columns(count: int) -> int:
 
 
 def suggestion_text(patch: BatchPatch) -> str:
-    """The model's suggestion as the contact sheet writes it: ``model: Tumor 0.93``, or, below
-    ``UNCERTAIN_BELOW``, ``model uncertain: Tumor? 0.51``; empty when there is no suggestion."""
+    """The model's suggestion as the contact sheet writes it: ``model: Tumor 0.93`` (``>0.99`` rather than a
+    rounded 1.00), or, below ``UNCERTAIN_BELOW``, ``model uncertain: Tumor? 0.51``; empty without a suggestion."""
     if patch.suggestion is None:
         return ""
     probability = patch.suggestion_probability
-    shown = "" if probability is None else f" {probability:.2f}"
+    shown = "" if probability is None else f" {probability:.2f}" if round(probability, 2) < 1 else " >0.99"
     if suggestion_is_uncertain(probability):
         return f"model uncertain: {patch.suggestion}?{shown}"
     return f"model: {patch.suggestion}{shown}"
