@@ -714,7 +714,7 @@ def test_contact_sheet_shows_each_patch_in_its_context_with_its_full_id(example_
     rows = _rows(folder)
     assert [r["suggestion_certainty"] for r in rows] == [
         "uncertain", "confident", "uncertain", "confident", "uncertain", "confident", "uncertain"]
-    readme = (folder / "README.txt").read_text(encoding="utf-8")
+    readme = " ".join((folder / "README.txt").read_text(encoding="utf-8").split())
     assert "suggestion_certainty" in readme and "model uncertain" in readme and "outlined in cyan" in readme
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shlex
+import textwrap
 import zlib
 from collections.abc import Iterable
 from concurrent import futures
@@ -56,6 +57,7 @@ _DELIMITERS = (",", ";", "\t")
 _MAX_LISTED = 5
 
 _MAX_COLUMNS = 5
+_README_WIDTH = 92
 
 
 @dataclass(frozen=True)
@@ -377,22 +379,26 @@ def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], proje
                  with_context: bool = False) -> str:
     labels = ", ".join(accepted_labels(info))
     negative = _negative_label(info)
-    shown = ("inside its surroundings (3 x 3 patches read from the slide), the patch itself\noutlined in cyan, "
+    shown = (" inside its surroundings (3 x 3 patches read from the slide, the patch itself outlined in cyan)"
              if with_context else "")
+    sheet = textwrap.fill(
+        f"Open {CONTACT_SHEET}: it shows every patch{shown}, with its number (NN, the column n of {LABELS_CSV}), "
+        "its full patch id and the model's suggestion where it has one; the single patches, at full resolution, "
+        "are the NN_<patch_id>.png files.", _README_WIDTH)
+    hint = textwrap.fill(
+        f"The model's suggestion is only a hint. Where its probability is below {UNCERTAIN_BELOW:.2f} it is close to "
+        f'a coin toss: the sheet then writes "model uncertain: <class>? <probability>" in grey, and {LABELS_CSV} '
+        f'says "{UNCERTAIN}" in its column suggestion_certainty ("{CONFIDENT}" otherwise). Judge those patches '
+        "yourself rather than copy the suggestion. Then either", _README_WIDTH)
     return f"""\
 wsi-il review batch {info.batch_id}
 Session {info.session}, round {info.round} of {info.rounds}: looking for "{info.query_label}".
 {len(patches)} patches, chosen by the {info.strategy} strategy.
 
 WHAT TO DO
-Open {CONTACT_SHEET}: it shows every patch {shown}with its number (NN, the column n of
-{LABELS_CSV}), its full patch id and the model's suggestion where it has one; the single
-patches, at full resolution, are the NN_<patch_id>.png files.
+{sheet}
 
-The model's suggestion is only a hint. Where its probability is below {UNCERTAIN_BELOW:.2f} it is close
-to a coin toss: the sheet then writes "model uncertain: <class>? <probability>" in grey, and
-{LABELS_CSV} says "{UNCERTAIN}" in its column suggestion_certainty ("{CONFIDENT}" otherwise). Judge
-those patches yourself rather than copy the suggestion. Then either
+{hint}
 
 A) fill the "label" column of {LABELS_CSV} (one row per patch; keep the other columns):
    accepted labels: {labels}

@@ -474,12 +474,12 @@ def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):  # type: ig
         local = index - int(np.flatnonzero(ctx.table.slide_index == ctx.table.slide_index[index])[0])
         files = ctx.project.read_json(ctx.project.images_path(slide.id))["files"]
         return Image.fromarray(load_image(Path(slide.path) / files[local])), None
-    box = tuple(int(v) for v in ctx.table.boxes[index])
+    x, y, w, h = (int(v) for v in ctx.table.boxes[index])
     size = (slide.width, slide.height)
-    left, top, width, height = context_box(box, size)
+    left, top, width, height = context_box((x, y, w, h), size)
     region = _ReadRegion(readers[slide.id].read(left, top, width, height), left, top)
-    patch = Image.fromarray(np.ascontiguousarray(region.read(*box)))
-    return patch, context_image(region, box, size, size_px=sheet_picture_px(max(box[2:]), context=True))
+    patch = Image.fromarray(np.ascontiguousarray(region.read(x, y, w, h)))
+    return patch, context_image(region, (x, y, w, h), size, size_px=sheet_picture_px(max(w, h), context=True))
 
 
 # ---- ingest -----------------------------------------------------------------------------------
