@@ -152,7 +152,7 @@ def test_export_overview_marks_the_newest_labels_and_the_query(corrected_project
     ctx = open_context(Project(corrected_project), "cpu", SilentReporter())
     slide = ctx.table.slides[0]
     indices = ctx.table.of_slide(slide.id)
-    marks = overview_marks(ctx, indices, ctx.table.index_of())
+    marks = overview_marks(ctx)[slide.id]
     ledger = ctx.project.read_ledger()
     newest = current_labels(ledger)
     assert sorted(ctx.table.ids[int(indices[p])] for p in marks.labelled) == sorted(newest)
@@ -174,3 +174,35 @@ def test_export_overview_marks_the_newest_labels_and_the_query(corrected_project
     x0, y0, x1, _ = _thumb_box(ctx.table.boxes[indices][position], scale)
     left, top = drawn.expert_corner
     assert tuple(np.asarray(drawn.image)[top + y0, left + (x0 + x1) // 2]) == overview.SKIP_RGB
+
+
+def test_overview_marks_each_slide_with_its_own_patches(example_slide: Path, tmp_path: Path) -> None:
+    """Two slides: each slide's marks hold its own labelled and query patches, as positions among its patches, the
+    newest ledger entry of a patch winning."""
+    from wsi_il.database import PatchTable
+    from wsi_il.export import overview_marks
+    from wsi_il.project import Project, SlideRecord
+    from wsi_il.session import Context
+
+    info = read_info(example_slide)
+    records = [SlideRecord(id=name, kind="slide", path=str(example_slide), width=info.width, height=info.height,
+                           mpp=info.mpp, offset=info.offset, n_patches=3, tiled=True, extracted=True)
+               for name in ("a", "b")]
+    ids = ["a_0", "a_1", "a_2", "b_0", "b_1", "b_2"]
+    table = PatchTable(slide_index=np.array([0, 0, 0, 1, 1, 1]), boxes=np.zeros((6, 4), dtype=np.int64), ids=ids,
+                       slides=records)
+    project = Project(tmp_path / "p")
+    (project.root / "sessions").mkdir(parents=True)
+    project.append_ledger([{"patch_id": "a_2", "label": "Tumor", "batch": "s1-r1"},
+                           {"patch_id": "b_1", "label": "Normal", "batch": "s1-r1"},
+                           {"patch_id": "a_2", "label": "skip", "batch": "correction", "source": "correction"},
+                           {"patch_id": "gone", "label": "Tumor", "batch": "s1-r1"}])
+    for session, query in (("s1", ["a_0", "a_1"]), ("s2", ["b_2"])):
+        (project.root / "sessions" / f"{session}.json").write_text(json.dumps({"id": session, "query": {
+            "patch_ids": query}}))
+    ctx = Context(project, {"classes": CLASSES}, table, store=None, device="cpu", reporter=None)  # type: ignore[arg-type]
+    marks = overview_marks(ctx)
+    assert marks["a"].labelled.tolist() == [2] and marks["a"].labels == ("skip",)
+    assert marks["b"].labelled.tolist() == [1] and marks["b"].labels == ("Normal",)
+    assert [(s, q.tolist()) for s, q in marks["a"].queries] == [("s1", [0, 1])]
+    assert [(s, q.tolist()) for s, q in marks["b"].queries] == [("s2", [2])]

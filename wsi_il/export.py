@@ -58,12 +58,14 @@ def export_masks(ctx: Context, out: Path, slide_id: str | None = None, label: st
         raise InputError("the project has no slides to export masks for (it is a patch-folder database)",
                          "use `wsi-il export PROJECT --out predictions.csv` for patch folders")
     classes = [ctx.classes[ctx.class_index(label)]] if label else ctx.classes
-    return [_export_slide(ctx, s, predictions, classes, out, len(slides) > 1, detections, overview)
-            for s in slides]
+    marks = overview_marks(ctx) if overview else None
+    return [_export_slide(ctx, s, predictions, classes, out, len(slides) > 1, detections,
+                          None if marks is None else marks[s.id]) for s in slides]
 
 
 def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, classes: list[str], out: Path,
-                  several: bool, detections: bool, overview: bool) -> ExportedSlide:
+                  several: bool, detections: bool, marks: Marks | None) -> ExportedSlide:
+    """Write one slide's GeoJSON and, given the expert's ``marks`` on it, its overview picture."""
     from wsi_il.qupath import class_color, make_feature, union_squares, write_features
 
     indices = ctx.table.of_slide(slide.id)
@@ -86,11 +88,10 @@ def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, cla
         features.extend(_detections(ctx, boxes, probs, slide.offset))
     path = _out_path(out, slide.id, several, ".geojson")
     write_features(path, features)
-    picture = _out_path(out, slide.id, several, ".png") if overview else None
+    picture = _out_path(out, slide.id, several, ".png") if marks is not None else None
     if picture is not None:
-        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes,
-                       overview_marks(ctx, indices, ctx.table.index_of()), _overview_notes(info),
-                       info.get("warning"))  # type: ignore[arg-type]
+        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes, marks,
+                       _overview_notes(info), info.get("warning"))  # type: ignore[arg-type]
     return ExportedSlide(slide.id, path, picture, counts)
 
 
@@ -141,30 +142,28 @@ OVERVIEW_COMPRESS_LEVEL = 3
 """zlib level of the overview PNG, encoded in stripes on every core (``wsi_il.png``)."""
 
 
-def overview_marks(ctx: Context, indices: np.ndarray, index_of: dict[str, int]) -> Marks:
-    """The labelled patches (each one's label now: the newest ledger entry wins) and each session's query patches
-    among the patches ``indices`` of one slide (``index_of``: the project's patch ids to their index)."""
+def overview_marks(ctx: Context) -> dict[str, Marks]:
+    """Each slide's labelled patches (each one's label now: the newest ledger entry wins) and each session's query
+    patches on it, as positions among the slide's patches."""
     from wsi_il.corrections import current_labels
     from wsi_il.session import list_sessions
 
-    def positions(patch_ids: list[str]) -> np.ndarray:
-        found = np.array([index_of[p] for p in patch_ids if p in index_of], dtype=np.int64)
-        where = np.searchsorted(indices, found)
-        inside = where < len(indices)
-        inside[inside] = indices[where[inside]] == found[inside]
-        return where[inside]
-
+    index_of = ctx.table.index_of()
     current = current_labels(ctx.project.read_ledger())
-    labelled_ids = list(current)
-    labelled = positions(labelled_ids)
-    on_slide = {ctx.table.ids[int(indices[k])] for k in labelled.tolist()}
-    labels = tuple(current[p]["label"] for p in labelled_ids if p in on_slide)
-    queries = []
-    for session in list_sessions(ctx.project):
-        found = positions(list(session["query"].get("patch_ids") or []))
-        if len(found):
-            queries.append((session["id"], found))
-    return Marks(labelled, labels, tuple(queries))
+    known = [patch_id for patch_id in current if patch_id in index_of]
+    labelled = np.array([index_of[p] for p in known], dtype=np.int64)
+    labels = np.array([current[p]["label"] for p in known], dtype=object)
+    queries = [(session["id"], np.array([index_of[p] for p in session["query"].get("patch_ids") or []
+                                         if p in index_of], dtype=np.int64)) for session in list_sessions(ctx.project)]
+    marks = {}
+    for number, slide in enumerate(ctx.table.slides):
+        indices = np.flatnonzero(ctx.table.slide_index == number)
+        on_slide = ctx.table.slide_index[labelled] == number
+        slide_queries = [(session, np.searchsorted(indices, found[ctx.table.slide_index[found] == number]))
+                         for session, found in queries]
+        marks[slide.id] = Marks(np.searchsorted(indices, labelled[on_slide]), tuple(labels[on_slide].tolist()),
+                                tuple((session, found) for session, found in slide_queries if len(found)))
+    return marks
 
 
 def export_table(ctx: Context, out: Path) -> Path:
