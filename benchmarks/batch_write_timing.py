@@ -66,8 +66,9 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
     """Time every part once untimed (imports, fonts, the slide's first opening), then ``runs`` times."""
     from wsi_il import png
     from wsi_il.fsutil import atomic_write_bytes
-    from wsi_il.review import SHEET_COMPRESS_LEVEL, _png_bytes, render_contact_sheet, write_batch
+    from wsi_il.review import SHEET_COMPRESS_LEVEL, _png_bytes, write_batch
     from wsi_il.session import _write_batch_files
+    from wsi_il.sheet import render_contact_sheet
 
     ctx, info, patches = _context(work, slide_path, count)
     chosen = np.arange(count)

@@ -467,7 +467,7 @@ def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):  # type: ig
     from PIL import Image
 
     from wsi_il.context import context_box, context_image
-    from wsi_il.review import sheet_picture_px
+    from wsi_il.sheet import sheet_picture_px
 
     slide = ctx.table.slides[int(ctx.table.slide_index[index])]
     if slide.kind == "patches":
