@@ -1,5 +1,6 @@
 """Seconds to write a review batch: ``review.write_batch`` alone, and ``session._write_batch_files`` (the patches
-read from the slide, then written), on one slide of real H&E tissue (BACH fields), median of several runs.
+and their context images read from the slide, then written), on one slide of real H&E tissue (BACH fields), median
+of several runs.
 
 usage: python benchmarks/batch_write_timing.py [--slide S.tiff] [--data DIR] [--patches 20] [--runs 7]
                                                [--work DIR]
@@ -8,7 +9,8 @@ Without --slide, a 4096 x 3072 px mosaic slide of JPEG tiles is built from the B
 $WSI_IL_DATA, else ../shared/data). Patches are tile-aligned 256 px squares, as the bench's slides have. --work
 is where the batches are written (a temporary folder there, removed after): give a folder on the file system
 the projects live on, as the fsyncs are a large part of the cost (a tmpfs has none). Besides the medians, it
-prints the single-thread cost of each part (reading the patches, encoding, writing and fsyncing each file as
+prints the single-thread cost of each part (reading the patches and their contexts, rendering the contact sheet,
+encoding the patches and the sheet, writing and fsyncing each file as
 ``atomic_write_bytes`` does by default), from which the effect of more cores can be reasoned about. To compare
 two checkouts, run it from outside the repository with PYTHONPATH naming each, interleaved. Prints one JSON line.
 """
@@ -62,10 +64,11 @@ def _build_slide(work: Path, data: Path | None) -> Path:
 
 def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str, list[float]]:
     """Time every part once untimed (imports, fonts, the slide's first opening), then ``runs`` times."""
+    from wsi_il import png
     from wsi_il.fsutil import atomic_write_bytes
-    from wsi_il.review import SHEET_COMPRESS_LEVEL, _png_bytes, render_contact_sheet, write_batch
+    from wsi_il.review import SHEET_COMPRESS_LEVEL, _png_bytes, write_batch
     from wsi_il.session import _write_batch_files
-    from wsi_il.slide import TileReader
+    from wsi_il.sheet import render_contact_sheet
 
     ctx, info, patches = _context(work, slide_path, count)
     chosen = np.arange(count)
@@ -82,11 +85,12 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
         session = {"id": f"s{run + 2}", "round": 1, "rounds": 3, "label": "tumor"}
         timed("write_batch_files_s", _write_batch_files, ctx, session, f"{session['id']}-r1", chosen, chosen,
               predictions, "uncertainty")
-        images = timed("single_thread_read_s", _read, TileReader(slide_path), patches)
-        timed("write_batch_s", write_batch, work / f"write-batch-{run + 1}", info, patches, images)
+        images, contexts = timed("single_thread_read_s", _read, ctx, slide_path, chosen)
+        timed("write_batch_s", write_batch, work / f"write-batch-{run + 1}", info, patches, images, None, "PROJECT",
+              contexts)
         encoded = timed("single_thread_encode_patches_s", lambda pictures: [_png_bytes(p) for p in pictures], images)
-        sheet = timed("single_thread_render_sheet_s", render_contact_sheet, info, patches, images)
-        encoded.append(timed("single_thread_encode_sheet_s", _png_bytes, sheet, SHEET_COMPRESS_LEVEL))
+        sheet = timed("single_thread_render_sheet_s", render_contact_sheet, info, patches, images, contexts)
+        encoded.append(timed("single_thread_encode_sheet_s", png.encode, np.asarray(sheet), SHEET_COMPRESS_LEVEL))
         folder = work / f"writes-{run + 1}"
         timed("single_thread_write_fsync_pngs_s", _write_each, folder, encoded, atomic_write_bytes)
     return times
@@ -99,15 +103,18 @@ def _write_each(folder: Path, encoded: list[bytes], write: Callable[[Path, bytes
         write(folder / f"{n:02d}.png", data)
 
 
-def _read(reader: Any, patches: list[Any]) -> list[Any]:
-    """The patches' images, read one after the other from a reader opened for them, as ``_write_batch_files``
-    reads them."""
-    from PIL import Image
+def _read(ctx: Any, slide_path: Path, chosen: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """The patches' images and context images, read one after the other from a reader opened for them, as each of
+    ``_write_batch_files``'s threads reads them."""
+    from wsi_il.session import _patch_image
+    from wsi_il.slide import TileReader
 
+    readers = {"slide": TileReader(slide_path)}
     try:
-        return [Image.fromarray(reader.read(p.x, p.y, p.width, p.height)) for p in patches]
+        pictures = [_patch_image(ctx, index, readers) for index in chosen.tolist()]
     finally:
-        reader.close()
+        readers["slide"].close()
+    return [image for image, _ in pictures], [context for _, context in pictures]
 
 
 def _context(work: Path, slide_path: Path, count: int):  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from shapely.geometry import box
 
 from wsi_il.errors import LabelsError, ProjectStateError
 from wsi_il.review import (
+    CSV_COLUMNS,
     BatchInfo,
     BatchPatch,
     accepted_labels,
@@ -160,8 +161,8 @@ def test_contact_sheet_holds_a_grid_of_captioned_tiles(folder: Path) -> None:
     with Image.open(folder / "contact_sheet.png") as sheet:
         width, height = sheet.size
         corner = sheet.getpixel((1, 1))
-    assert 3 * 256 <= width <= 3 * 256 + 100  # ceil(sqrt(7)) = 3 columns
-    assert 3 * 256 + 60 <= height <= 3 * 256 + 400  # 3 rows with captions and a title
+    assert 4 * 256 <= width <= 4 * 256 + 100  # 7 patches alone (no slide around them): 4 columns of 256 px
+    assert 2 * 256 + 60 <= height <= 2 * 256 + 400  # 2 rows with captions and a title
     assert corner == (255, 255, 255)
 
 
@@ -169,13 +170,16 @@ def test_labels_csv_lists_the_patches(folder: Path, patches: list[BatchPatch]) -
     raw = (folder / "labels.csv").read_bytes()
     assert not raw.startswith(b"\xef\xbb\xbf")
     assert raw.split(b"\n")[0] == (
-        b"n,patch_id,slide,x,y,width,height,image,label,suggestion,suggestion_probability,rank,batch"
+        b"n,patch_id,slide,x,y,width,height,image,label,suggestion,suggestion_probability,suggestion_certainty,"
+        b"rank,batch"
     )
     rows = _rows(folder)
     assert [r["patch_id"] for r in rows] == [p.patch_id for p in patches]
     assert rows[0]["image"] == f"01_{patches[0].patch_id}.png" and (folder / rows[0]["image"]).is_file()
     assert rows[0]["suggestion"] == "tumor" and rows[0]["suggestion_probability"] == "0.871"
+    assert rows[0]["suggestion_certainty"] == "confident"
     assert rows[1]["suggestion"] == "" and rows[1]["suggestion_probability"] == ""
+    assert rows[1]["suggestion_certainty"] == ""
     assert {r["batch"] for r in rows} == {"s1-r2"} and {r["label"] for r in rows} == {""}
     assert rows[6]["rank"] == "7" and rows[6]["n"] == "07"
 
@@ -200,7 +204,9 @@ def test_batch_geojson_holds_unclassified_patch_squares(folder: Path, patches: l
         "wsi_il.batch": "s1-r2",
         "wsi_il.patch_id": patches[0].patch_id,
         "wsi_il.n": "01",
+        "wsi_il.suggestion": "tumor (confident)",
     }
+    assert "wsi_il.suggestion" not in features[1]["properties"]["metadata"]  # no suggestion, no mark
     assert "wsi_il" not in features[0]["properties"] and "isLocked" not in features[0]["properties"]
     assert features[0]["properties"]["measurements"] == {"Suggestion probability": pytest.approx(0.8712)}
     assert "classification" not in features[0]["properties"]
@@ -262,14 +268,10 @@ def test_write_batch_reports_a_failed_image_and_writes_no_batch_json(
 ) -> None:
     from wsi_il import review
 
-    encode = review._png_bytes
+    def failing(size: tuple[int, int], stripes: list[object]) -> bytes:  # the sheet's write fails, the patches' go on
+        raise OSError("disk full")
 
-    def failing(image: Image.Image, level: int) -> bytes:  # the contact sheet's write fails, the patches' go on
-        if image.size != (224, 224):
-            raise OSError("disk full")
-        return encode(image, level)
-
-    monkeypatch.setattr(review, "_png_bytes", failing)
+    monkeypatch.setattr(review, "_assemble_png", failing)
     with pytest.raises(OSError, match="disk full"):
         write_batch(tmp_path / "b", info, patches, _images())
     assert not (tmp_path / "b" / "batch.json").exists()
@@ -617,7 +619,7 @@ _SPELLINGS = st.sampled_from([str.upper, str.lower, str.title, str])
     encoding=st.sampled_from(["utf-8", "utf-8-sig", "cp1252", "utf-16"]),
     spellings=st.lists(_SPELLINGS, min_size=K, max_size=K),
     padding=st.lists(st.sampled_from(["", " ", "  ", "\t"]), min_size=2 * K, max_size=2 * K),
-    order=st.permutations(list(range(13))),
+    order=st.permutations(list(range(len(CSV_COLUMNS)))),
     blank_lines=st.integers(0, 3),
 )
 def test_every_spreadsheet_dialect_of_a_filled_batch_is_accepted(
@@ -634,3 +636,22 @@ def test_every_spreadsheet_dialect_of_a_filled_batch_is_accepted(
     path.write_bytes(path.read_bytes() + (terminator * blank_lines).encode(encoding if encoding != "utf-16"
                                                                                 else "utf-16-le"))
     assert read_labels(path, _info(), _patches()) == _expected(_patches(), LABELS)
+
+
+# ------------------------------------------------------------------ labels.csv files of older batches
+
+
+def test_read_labels_accepts_a_labels_csv_without_the_certainty_column(
+    folder: Path, info: BatchInfo, patches: list[BatchPatch]
+) -> None:
+    """A labels.csv of a batch written before the column existed (or with the column deleted) reads the same."""
+    old_columns = [c for c in CSV_COLUMNS if c != "suggestion_certainty"]
+    path = _write_rows(folder / "labels.csv", _filled(folder, LABELS), columns=old_columns)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == (
+        "n,patch_id,slide,x,y,width,height,image,label,suggestion,suggestion_probability,rank,batch")
+    assert read_labels(path, info, patches) == _expected(patches, LABELS)
+    rows = _filled(folder, LABELS)
+    for row in rows:
+        row["suggestion_certainty"] = "uncertain"  # the mark is never read as a label
+    path = _write_rows(folder / "labels.csv", rows, columns=list(CSV_COLUMNS))
+    assert read_labels(path, info, patches) == _expected(patches, LABELS)

@@ -12,6 +12,7 @@ import numpy as np
 from wsi_il import __version__
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.overview import Marks, Overview
 from wsi_il.project import SlideRecord
 from wsi_il.session import Context, _state, require_predictions, slides_matching
 
@@ -62,12 +63,14 @@ def export_masks(ctx: Context, out: Path, slide_id: str | None = None, label: st
         raise InputError("the project has no slides to export masks for (it is a patch-folder database)",
                          "use `wsi-il export PROJECT --out predictions.csv` for patch folders")
     classes = [ctx.classes[ctx.class_index(label)]] if label else ctx.classes
-    return [_export_slide(ctx, s, predictions, classes, out, len(slides) > 1, detections, overview)
-            for s in slides]
+    marks = overview_marks(ctx) if overview else None
+    return [_export_slide(ctx, s, predictions, classes, out, len(slides) > 1, detections,
+                          None if marks is None else marks[s.id]) for s in slides]
 
 
 def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, classes: list[str], out: Path,
-                  several: bool, detections: bool, overview: bool) -> ExportedSlide:
+                  several: bool, detections: bool, marks: Marks | None) -> ExportedSlide:
+    """Write one slide's GeoJSON and, given the expert's ``marks`` on it, its overview picture."""
     from wsi_il.qupath import class_color, make_feature, union_squares, write_features
 
     indices = ctx.table.of_slide(slide.id)
@@ -90,10 +93,15 @@ def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, cla
         features.extend(_detections(ctx, boxes, probs, slide.offset))
     path = _out_path(out, slide.id, several, ".geojson")
     write_features(path, features)
-    picture = _out_path(out, slide.id, several, ".png") if overview else None
+    picture = _out_path(out, slide.id, several, ".png") if marks is not None else None
     if picture is not None:
-        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes)
+        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes, marks,
+                       _overview_notes(info), info.get("warning"))  # type: ignore[arg-type]
     return ExportedSlide(slide.id, path, picture, counts)
+
+
+def _overview_notes(info: dict[str, object]) -> str:
+    return f"model {info.get('model') or '-'}, trained on {info.get('labels') or 0} labels ({info['tool']})"
 
 
 def _detections(ctx: Context, boxes: np.ndarray, probs: np.ndarray, offset: tuple[float, float]) -> list[dict]:
@@ -111,38 +119,56 @@ def _detections(ctx: Context, boxes: np.ndarray, probs: np.ndarray, offset: tupl
     return out
 
 
-def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
-                   classes: list[str], max_px: int = 1600) -> None:
-    """Save the slide thumbnail with the predicted classes overlaid, and a legend."""
-    from PIL import Image, ImageDraw, ImageFont
+OVERVIEW_PANEL_PX = 1400
+"""The longer side of each of the overview's two pictures of the slide."""
 
-    from wsi_il.qupath import class_color
+
+def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
+                   classes: list[str], marks: Marks | None = None, notes: str = "", warning: str | None = None,
+                   max_px: int = OVERVIEW_PANEL_PX) -> Overview:
+    """Save the overview PNG: the slide with the expert's labels and queries beside it with the predicted classes
+    (a light wash and an edge line each), under a legend (``wsi_il.overview``); return what was drawn."""
+    from wsi_il import png
+    from wsi_il.features import core_threads, default_workers
+    from wsi_il.overview import render_overview
     from wsi_il.slide import read_thumbnail
 
     thumb, scale = read_thumbnail(Path(slide.path), max_px)
-    base = Image.fromarray(thumb).convert("RGBA")
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    for (x, y, w, h), c in zip(boxes.tolist(), predicted.tolist(), strict=True):
-        if c in shown:
-            box = (x / scale, y / scale, (x + w) / scale - 1, (y + h) / scale - 1)
-            draw.rectangle(box, fill=(*class_color(classes[c]), 90), outline=(*class_color(classes[c]), 200))
-    image = Image.alpha_composite(base, overlay).convert("RGB")
-    legend_h = 36
-    canvas = Image.new("RGB", (image.width, image.height + legend_h), "white")
-    canvas.paste(image, (0, legend_h))
-    pen = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=18)
-    x = 8
-    for c in shown:
-        pen.rectangle((x, 9, x + 18, 27), fill=class_color(classes[c]))
-        text = f"{classes[c]}: {int((predicted == c).sum())} patches"
-        pen.text((x + 24, 8), text, fill="black", font=font)
-        x += 34 + int(pen.textlength(text, font=font))
-    pen.text((x + 10, 8), slide.id, fill=(90, 90, 90), font=font)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    header = [f"{slide.id}: {notes}" if notes else slide.id]
+    drawn = render_overview(thumb, scale, boxes, predicted, shown, classes, marks or Marks(), header, warning)
+    rgb = np.asarray(drawn.image)
+    stripes = list(core_threads().map(lambda bounds: png.encode_stripe(rgb, *bounds, OVERVIEW_COMPRESS_LEVEL),
+                                      png.stripe_bounds(rgb.shape[0], default_workers())))
+    atomic_write_bytes(path, png.assemble(drawn.image.width, drawn.image.height, stripes))
+    return drawn
+
+
+OVERVIEW_COMPRESS_LEVEL = 3
+"""zlib level of the overview PNG, encoded in stripes on every core (``wsi_il.png``)."""
+
+
+def overview_marks(ctx: Context) -> dict[str, Marks]:
+    """Each slide's labelled patches (each one's label now: the newest ledger entry wins) and each session's query
+    patches on it, as positions among the slide's patches."""
+    from wsi_il.corrections import current_labels
+    from wsi_il.session import list_sessions
+
+    index_of = ctx.table.index_of()
+    current = current_labels(ctx.project.read_ledger())
+    known = [patch_id for patch_id in current if patch_id in index_of]
+    labelled = np.array([index_of[p] for p in known], dtype=np.int64)
+    labels = np.array([current[p]["label"] for p in known], dtype=object)
+    queries = [(session["id"], np.array([index_of[p] for p in session["query"].get("patch_ids") or []
+                                         if p in index_of], dtype=np.int64)) for session in list_sessions(ctx.project)]
+    marks = {}
+    for number, slide in enumerate(ctx.table.slides):
+        indices = np.flatnonzero(ctx.table.slide_index == number)
+        on_slide = ctx.table.slide_index[labelled] == number
+        slide_queries = [(session, np.searchsorted(indices, found[ctx.table.slide_index[found] == number]))
+                         for session, found in queries]
+        marks[slide.id] = Marks(np.searchsorted(indices, labelled[on_slide]), tuple(labels[on_slide].tolist()),
+                                tuple((session, found) for session, found in slide_queries if len(found)))
+    return marks
 
 
 def export_table(ctx: Context, out: Path) -> Path:

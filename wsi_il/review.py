@@ -12,9 +12,9 @@ import dataclasses
 import difflib
 import io
 import json
-import math
 import re
 import shlex
+import textwrap
 import uuid
 import zlib
 from collections.abc import Iterable
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 
 from wsi_il.errors import LabelsError, ProjectStateError, WsiIlError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
@@ -40,8 +40,10 @@ BATCH_FORMAT = "wsi-il review batch"
 BATCH_FORMAT_VERSION = 1
 CSV_COLUMNS = (
     "n", "patch_id", "slide", "x", "y", "width", "height", "image",
-    "label", "suggestion", "suggestion_probability", "rank", "batch",
+    "label", "suggestion", "suggestion_probability", "suggestion_certainty", "rank", "batch",
 )  # fmt: skip
+UNCERTAIN = "uncertain"
+CONFIDENT = "confident"
 SKIP = "skip"
 NOT_PREFIX = "not:"
 
@@ -55,11 +57,7 @@ _GEOJSON_SUFFIXES = frozenset({".geojson", ".json", ".gz"})
 _DELIMITERS = (",", ";", "\t")
 _MAX_LISTED = 5
 
-_TILE_PX = 256
-_PAD_PX = 8
-_CAPTION_FONT_PX = 15
-_TITLE_FONT_PX = 20
-_MAX_COLUMNS = 5
+_README_WIDTH = 92
 
 
 @dataclass(frozen=True)
@@ -174,8 +172,12 @@ def write_batch(
     images: list[Image.Image],
     offsets: dict[str, tuple[float, float]] | None = None,
     project_hint: str = "PROJECT",
+    contexts: list[Image.Image | None] | None = None,
 ) -> None:
     """Write the batch folder: patch PNGs, labels.csv, contact sheet, batch.geojson, README, batch.json.
+
+    ``contexts`` are what the contact sheet shows of each patch (its neighbourhood with the patch outlined, from
+    ``context.context_image``; None for a patch without a slide around it); without them, the patches alone.
 
     Raises ValueError when the arguments do not describe one batch (a caller bug), ProjectStateError when
     ``folder`` already holds another batch. Writing the same batch again (a command rerun after a kill)
@@ -183,18 +185,22 @@ def write_batch(
     """
     folder = Path(folder)
     _check_batch_args(patches, images)
+    if contexts is not None and len(contexts) != len(patches):
+        raise ValueError(f"{len(patches)} patches but {len(contexts)} context images")
     same = _check_folder_free(folder, info, patches)
     folder.mkdir(parents=True, exist_ok=True)
     names = image_names(patches)
     _remove_stale_images(folder, names)
-    # The contact sheet first: its encoding, the longest (one zlib stream), bounds the batch on many cores.
-    writes = _write_pngs(folder, [CONTACT_SHEET, *names],
-                         [render_contact_sheet(info, patches, images), *images])
+    from wsi_il.sheet import render_contact_sheet
+
+    writes = _write_pngs(folder, render_contact_sheet(info, patches, images, contexts), names, images)
     try:
         if not (same and (folder / LABELS_CSV).is_file()):
             atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names), sync_dir=False)
         _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
-        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint), sync_dir=False)
+        with_context = contexts is not None and any(c is not None for c in contexts)
+        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint, with_context),
+                          sync_dir=False)
     finally:
         futures.wait(writes)  # none outlives the call: a caller may remove the folder after an error
     for write in writes:
@@ -207,10 +213,11 @@ def write_batch(
 
 def image_names(patches: list[BatchPatch]) -> list[str]:
     """Name each patch's PNG ``NN_<patch_id>.png``, NN numbered from 01 in batch order."""
-    return [f"{_number(n, len(patches))}_{p.patch_id}.png" for n, p in enumerate(patches, start=1)]
+    return [f"{patch_number(n, len(patches))}_{p.patch_id}.png" for n, p in enumerate(patches, start=1)]
 
 
-def _number(n: int, count: int) -> str:
+def patch_number(n: int, count: int) -> str:
+    """The number a batch gives its ``n``-th patch of ``count``: ``01``, ``02`` ... (three digits from 100 on)."""
     return str(n).zfill(max(2, len(str(count))))
 
 
@@ -261,8 +268,8 @@ PNG_COMPRESS_LEVEL = 3
 default 6 for files about 7% larger (a round writes its PNGs while the expert waits)."""
 
 SHEET_COMPRESS_LEVEL = 1
-"""zlib level of the contact sheet, whose encoding (one stream of 1.3 megapixels, the longest task of a batch)
-bounds the batch's writing on many cores: 0.10 s at level 1 against 0.14 s at 3, for a file 4% larger."""
+"""zlib level of the contact sheet, the largest picture of a batch (several megapixels of context images): level 1
+costs half the time of 3 for a file a few percent larger."""
 
 
 def _png_bytes(image: Image.Image, level: int = PNG_COMPRESS_LEVEL) -> bytes:
@@ -271,21 +278,40 @@ def _png_bytes(image: Image.Image, level: int = PNG_COMPRESS_LEVEL) -> bytes:
     return buffer.getvalue()
 
 
-def _write_pngs(folder: Path, names: list[str], images: list[Image.Image]) -> list[futures.Future[None]]:
-    """Start encoding and writing each image as ``folder / name`` on every core, in the order given (PIL's encoder
-    and the writes leave the interpreter lock free). One task a file overlaps one file's fsync with another's
-    encoding; the renames are left for one sync of the folder by the caller."""
-    from wsi_il.features import core_threads
+def _write_pngs(folder: Path, sheet: Image.Image, names: list[str], images: list[Image.Image]
+                ) -> list[futures.Future[None]]:
+    """Start encoding and writing the contact sheet and each image as ``folder / name`` on every core (PIL's
+    encoder, zlib and the writes leave the interpreter lock free). The sheet's stripes go first (``wsi_il.png``:
+    its compression shared by every core), then its assembly and write, then one task a patch, which overlaps one
+    file's fsync with another's encoding; the renames are left for one sync of the folder by the caller."""
+    import numpy as np
+
+    from wsi_il import png
+    from wsi_il.features import core_threads, default_workers
 
     pool = core_threads()
+    rgb = np.asarray(sheet.convert("RGB"))
+    stripes = [pool.submit(png.encode_stripe, rgb, start, stop, SHEET_COMPRESS_LEVEL)
+               for start, stop in png.stripe_bounds(rgb.shape[0], default_workers())]
+    # The sheet's task comes after its stripes in the queue, so it only ever waits for stripes already running.
+    writes = [pool.submit(_write_sheet, folder / CONTACT_SHEET, sheet.size, stripes)]
     # Each task gets its own RGB copy: no image is shared with this thread or another task.
-    return [pool.submit(_write_png, folder / name, image.convert("RGB"))
-            for name, image in zip(names, images, strict=True)]
+    return writes + [pool.submit(_write_png, folder / name, image.convert("RGB"))
+                     for name, image in zip(names, images, strict=True)]
+
+
+def _write_sheet(path: Path, size: tuple[int, int], stripes: list[futures.Future[Any]]) -> None:
+    atomic_write_bytes(path, _assemble_png(size, [stripe.result() for stripe in stripes]), sync_dir=False)
+
+
+def _assemble_png(size: tuple[int, int], stripes: list[Any]) -> bytes:
+    from wsi_il import png
+
+    return png.assemble(*size, stripes)
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
-    level = SHEET_COMPRESS_LEVEL if path.name == CONTACT_SHEET else PNG_COMPRESS_LEVEL
-    atomic_write_bytes(path, _png_bytes(image, level), sync_dir=False)
+    atomic_write_bytes(path, _png_bytes(image), sync_dir=False)
 
 
 def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str]) -> str:
@@ -300,9 +326,9 @@ def _labels_csv_text(info: BatchInfo, patches: list[BatchPatch], names: list[str
 def _csv_row(n: int, count: int, patch: BatchPatch, image: str, batch_id: str) -> list[str]:
     probability = patch.suggestion_probability
     return [
-        _number(n, count), patch.patch_id, patch.slide, str(patch.x), str(patch.y),
+        patch_number(n, count), patch.patch_id, patch.slide, str(patch.x), str(patch.y),
         str(patch.width), str(patch.height), image, "", patch.suggestion or "",
-        "" if probability is None else f"{probability:.3f}",
+        "" if probability is None else f"{probability:.3f}", suggestion_certainty(patch),
         "" if patch.rank is None else str(patch.rank), batch_id,
     ]  # fmt: skip
 
@@ -316,7 +342,10 @@ def _write_batch_geojson(
 
     features = []
     for n, patch in enumerate(patches, start=1):
-        tag = {"wsi_il.batch": info.batch_id, "wsi_il.patch_id": patch.patch_id, "wsi_il.n": _number(n, len(patches))}
+        tag = {"wsi_il.batch": info.batch_id, "wsi_il.patch_id": patch.patch_id,
+               "wsi_il.n": patch_number(n, len(patches))}
+        if patch.suggestion is not None:
+            tag["wsi_il.suggestion"] = f"{patch.suggestion} ({suggestion_certainty(patch)})"
         features.append(
             qupath.make_feature(
                 box(patch.x, patch.y, patch.x + patch.width, patch.y + patch.height),
@@ -337,6 +366,14 @@ def patch_object_id(info: BatchInfo, patch_id: str) -> str:
     return str(uuid.uuid5(uuid.UUID(info.project_uid), f"{info.batch_id}/{patch_id}"))
 
 
+def suggestion_certainty(patch: BatchPatch) -> str:
+    """labels.csv's mark of a suggestion: ``uncertain`` below ``UNCERTAIN_BELOW``, else ``confident``; empty
+    without a suggestion."""
+    if patch.suggestion is None or patch.suggestion_probability is None:
+        return ""
+    return UNCERTAIN if suggestion_is_uncertain(patch.suggestion_probability) else CONFIDENT
+
+
 def _suggestion_measurements(patch: BatchPatch) -> dict[str, float] | None:
     if patch.suggestion is None or patch.suggestion_probability is None:
         return None
@@ -353,17 +390,30 @@ def _batch_json_text(info: BatchInfo, patches: list[BatchPatch]) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str) -> str:
+def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str,
+                 with_context: bool = False) -> str:
     labels = ", ".join(accepted_labels(info))
     negative = _negative_label(info)
+    shown = (" inside its surroundings (3 x 3 patches read from the slide, the patch itself outlined in cyan)"
+             if with_context else "")
+    sheet = textwrap.fill(
+        f"Open {CONTACT_SHEET}: it shows every patch{shown}, with its number (NN, the column n of {LABELS_CSV}), "
+        "its full patch id and the model's suggestion where it has one; the single patches, at full resolution, "
+        "are the NN_<patch_id>.png files.", _README_WIDTH)
+    hint = textwrap.fill(
+        f"The model's suggestion is only a hint. Where its probability is below {UNCERTAIN_BELOW:.2f} it is close to "
+        f'a coin toss: the sheet then writes "model uncertain: <class>? <probability>" in grey, and {LABELS_CSV} '
+        f'says "{UNCERTAIN}" in its column suggestion_certainty ("{CONFIDENT}" otherwise). Judge those patches '
+        "yourself rather than copy the suggestion. Then either", _README_WIDTH)
     return f"""\
 wsi-il review batch {info.batch_id}
 Session {info.session}, round {info.round} of {info.rounds}: looking for "{info.query_label}".
 {len(patches)} patches, chosen by the {info.strategy} strategy.
 
 WHAT TO DO
-Open {CONTACT_SHEET}: it shows every patch with its number (NN) and patch id; the single
-patches are the NN_<patch_id>.png files. Then either
+{sheet}
+
+{hint}
 
 A) fill the "label" column of {LABELS_CSV} (one row per patch; keep the other columns):
    accepted labels: {labels}
@@ -386,72 +436,6 @@ THEN RUN
 
 def _ingest_command(project_hint: str, labels: Path) -> str:
     return f"wsi-il ingest {shlex.quote(project_hint)} {shlex.quote(str(labels))}"
-
-
-# -------------------------------------------------------------------------------------- contact sheet
-
-
-def render_contact_sheet(
-    info: BatchInfo, patches: list[BatchPatch], images: list[Image.Image]
-) -> Image.Image:
-    """Draw all patches in a numbered grid with captions and a title line."""
-    columns = min(_MAX_COLUMNS, math.ceil(math.sqrt(len(patches))))
-    rows = math.ceil(len(patches) / columns)
-    caption_font = ImageFont.load_default(size=_CAPTION_FONT_PX)
-    title_font = ImageFont.load_default(size=_TITLE_FONT_PX)
-    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
-    title_px = 2 * (_TITLE_FONT_PX + 6) + 2 * _PAD_PX
-    cell_w, cell_h = _TILE_PX + _PAD_PX, _TILE_PX + caption_px + _PAD_PX
-    sheet = Image.new("RGB", (columns * cell_w + _PAD_PX, title_px + rows * cell_h + _PAD_PX), "white")
-    draw = ImageDraw.Draw(sheet)
-    _draw_title(draw, info, len(patches), title_font, sheet.width - 2 * _PAD_PX)
-    for i, (patch, image) in enumerate(zip(patches, images, strict=True)):
-        left = _PAD_PX + (i % columns) * cell_w
-        top = title_px + (i // columns) * cell_h
-        _draw_tile(sheet, draw, (left, top), image, _caption_lines(i + 1, len(patches), patch), caption_font)
-    return sheet
-
-
-def _draw_title(draw: ImageDraw.ImageDraw, info: BatchInfo, count: int, font: Any, width_px: int) -> None:
-    first = f"Batch {info.batch_id}: is this {info.query_label}?"
-    second = f"round {info.round} of {info.rounds}, {count} patches - fill labels.csv (column 'label')"
-    draw.text((_PAD_PX, _PAD_PX), _fit(first, font, width_px), fill="black", font=font)
-    draw.text((_PAD_PX, _PAD_PX + _TITLE_FONT_PX + 6), _fit(second, font, width_px), fill="black", font=font)
-
-
-def _caption_lines(n: int, count: int, patch: BatchPatch) -> list[str]:
-    lines = [f"{_number(n, count)}  {patch.patch_id}"]
-    if patch.suggestion is not None:
-        probability = patch.suggestion_probability
-        lines.append(f"model: {patch.suggestion}" + ("" if probability is None else f" {probability:.2f}"))
-    return lines
-
-
-def _draw_tile(
-    sheet: Image.Image,
-    draw: ImageDraw.ImageDraw,
-    corner: tuple[int, int],
-    image: Image.Image,
-    lines: list[str],
-    font: Any,
-) -> None:
-    left, top = corner
-    thumb = ImageOps.contain(image.convert("RGB"), (_TILE_PX, _TILE_PX))
-    sheet.paste(thumb, (left + (_TILE_PX - thumb.width) // 2, top + (_TILE_PX - thumb.height) // 2))
-    caption_px = 2 * (_CAPTION_FONT_PX + 4) + 4
-    draw.rectangle((left - 1, top - 1, left + _TILE_PX, top + _TILE_PX + caption_px), outline=(150, 150, 150))
-    for k, line in enumerate(lines):
-        y = top + _TILE_PX + 3 + k * (_CAPTION_FONT_PX + 4)
-        draw.text((left + 4, y), _fit(line, font, _TILE_PX - 8), fill="black", font=font)
-
-
-def _fit(text: str, font: Any, width_px: int) -> str:
-    """Shorten ``text`` with an ellipsis until it fits ``width_px``."""
-    if font.getlength(text) <= width_px:
-        return text
-    while len(text) > 1 and font.getlength(text + "...") > width_px:
-        text = text[:-1]
-    return text + "..."
 
 
 # ------------------------------------------------------------------------------------------ read_batch
@@ -700,7 +684,7 @@ def _labels_by_patch(
             f"give the labels.csv from the folder of batch {info.batch_id}",
         )
     labels: dict[str, str | None] = {}
-    sheet = {p.patch_id: _number(n, len(patches)) for n, p in enumerate(patches, start=1)}
+    sheet = {p.patch_id: patch_number(n, len(patches)) for n, p in enumerate(patches, start=1)}
     for row in rows:
         if row.patch_id not in known:
             raise LabelsError(

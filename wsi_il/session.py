@@ -434,44 +434,66 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
 
 def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, chosen: np.ndarray,
                        positions: np.ndarray, predictions: np.ndarray | None, rule: str) -> None:
+    from wsi_il.features import core_threads
+    from wsi_il.slide import TileReader
+
     info = BatchInfo(batch_id=batch_id, project_uid=ctx.manifest["uid"], session=session["id"],
                      round=session["round"], rounds=session["rounds"], query_label=session["label"],
                      classes=tuple(ctx.classes), strategy=rule)
-    patches, images = [], []
-    readers: dict[str, Any] = {}  # one open slide for all the batch's patches of it
+    patches = []
+    for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
+        slide = ctx.table.slides[int(ctx.table.slide_index[index])]
+        x, y, w, h = (int(v) for v in ctx.table.boxes[index])
+        suggestion, probability = None, None
+        if predictions is not None:
+            best = int(predictions[index].argmax())
+            suggestion, probability = ctx.classes[best], float(predictions[index, best])
+        patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
+                                  None if rule == "random" else position + 1))
+    readers: dict[str, Any] = {}  # one open slide for all the batch's patches of it, shared by the threads
     try:
-        for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
-            slide = ctx.table.slides[int(ctx.table.slide_index[index])]
-            x, y, w, h = (int(v) for v in ctx.table.boxes[index])
-            suggestion, probability = None, None
-            if predictions is not None:
-                best = int(predictions[index].argmax())
-                suggestion, probability = ctx.classes[best], float(predictions[index, best])
-            patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
-                                      None if rule == "random" else position + 1))
-            images.append(_patch_image(ctx, index, readers))
+        for position in np.unique(ctx.table.slide_index[chosen]).tolist():
+            slide = ctx.table.slides[position]
+            if slide.kind != "patches":
+                readers[slide.id] = TileReader(Path(slide.path))
+        pictures = list(core_threads().map(lambda index: _patch_image(ctx, index, readers), chosen.tolist()))
     finally:
         for reader in readers.values():
             reader.close()
-    write_batch(ctx.project.batch_dir(batch_id), info, patches, images, ctx.offsets(),
-                project_hint=str(ctx.project.root))
+    write_batch(ctx.project.batch_dir(batch_id), info, patches, [image for image, _ in pictures], ctx.offsets(),
+                project_hint=str(ctx.project.root), contexts=[context for _, context in pictures])
+
+
+class _ReadRegion:
+    """Pixels already read from a slide, handed out as a ``TileReader`` would read them (level-0 boxes)."""
+
+    def __init__(self, pixels: np.ndarray, left: int, top: int) -> None:
+        self.pixels, self.left, self.top = pixels, left, top
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self.pixels[y - self.top: y - self.top + height, x - self.left: x - self.left + width]
 
 
 def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """The patch's pixels; a slide's reader is opened once into ``readers`` (the caller closes them)."""
+    """The patch's pixels and what the contact sheet shows of it: its 3 x 3 neighbourhood with the patch outlined
+    (None for a patch-folder image, which has no slide around it). The neighbourhood is read once from the slide's
+    reader in ``readers`` and the patch cut from it."""
     from PIL import Image
 
-    from wsi_il.slide import TileReader
+    from wsi_il.context import context_box, context_image
+    from wsi_il.sheet import sheet_picture_px
 
     slide = ctx.table.slides[int(ctx.table.slide_index[index])]
     if slide.kind == "patches":
         local = index - int(np.flatnonzero(ctx.table.slide_index == ctx.table.slide_index[index])[0])
         files = ctx.project.read_json(ctx.project.images_path(slide.id))["files"]
-        return Image.fromarray(load_image(Path(slide.path) / files[local]))
-    if slide.id not in readers:
-        readers[slide.id] = TileReader(Path(slide.path))
+        return Image.fromarray(load_image(Path(slide.path) / files[local])), None
     x, y, w, h = (int(v) for v in ctx.table.boxes[index])
-    return Image.fromarray(readers[slide.id].read(x, y, w, h))
+    size = (slide.width, slide.height)
+    left, top, width, height = context_box((x, y, w, h), size)
+    region = _ReadRegion(readers[slide.id].read(left, top, width, height), left, top)
+    patch = Image.fromarray(np.ascontiguousarray(region.read(x, y, w, h)))
+    return patch, context_image(region, (x, y, w, h), size, size_px=sheet_picture_px(max(w, h), context=True))
 
 
 # ---- ingest -----------------------------------------------------------------------------------
