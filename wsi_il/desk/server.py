@@ -236,6 +236,7 @@ def create_app(desk: Desk, token: str, hosts: set[str], port: int) -> ASGIApp:
 
     routes = [
         Route("/", index),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/project", handler(project)),
         Route("/api/batches/{batch_id}", handler(batch)),
         Route("/api/batches/{batch_id}/answers", handler(answer), methods=["POST"]),
