@@ -321,6 +321,7 @@ def start_server(project: Path) -> tuple[subprocess.Popen, str, httpx.Client]:
     port = found.group(2)
     assert f"ssh -N -L {port}:127.0.0.1:{port} " in printed
     assert lines[-1].startswith("then open: ")  # the URL comes last
+    server.url = found.group(1)  # type: ignore[attr-defined]
     web = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     assert web.get(found.group(1), follow_redirects=True).status_code == 200  # the cookie is kept
     return server, web.cookies[cookie_name(int(port))], web

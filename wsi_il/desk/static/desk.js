@@ -16,6 +16,7 @@ const state = {
   undo: [],           // [[patch id, label before], ...] per action
   zoom: 3,
   busy: false,
+  pending: 0,         // answers sent and not yet confirmed by the server
   queue: Promise.resolve(),
   similar: null,      // {from, patches, selected:Set}
 };
@@ -232,6 +233,7 @@ function wire(label) {
 function send(changes) {
   // One request after the other, in the order given, so that a quick answer-then-clear arrives in that order.
   const batchId = state.batch.batch;
+  state.pending += 1;
   state.queue = state.queue.then(async () => {
     try {
       const result = await post(`/api/batches/${enc(batchId)}/answers`, {
@@ -245,6 +247,8 @@ function send(changes) {
     } catch (error) {
       say(error.message, "error");
       if (error instanceof ApiError && error.status === 409) await refresh();
+    } finally {
+      state.pending -= 1;
     }
   });
   return state.queue;
