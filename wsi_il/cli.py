@@ -630,6 +630,8 @@ def review(
                                       "tunnel; another address needs --allow-remote.")] = "127.0.0.1",
     allow_remote: Annotated[bool, typer.Option(help="Allow --host to be an address other people on the network "
                                                "can reach (only the token then protects the project).")] = False,
+    warm_up: Annotated[bool, typer.Option(help="Rehearse the first round while you label, so that it starts "
+                                          "faster (costs CPU while you label).")] = True,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
@@ -652,7 +654,10 @@ def review(
         port = sock.getsockname()[1]
         token = secrets.token_urlsafe(24)
         app = create_app(desk, token, set(LOOPBACK_NAMES) | {host}, port)
-        threading.Thread(target=desk.warm_up, name="warm-up", daemon=True).start()
+        if warm_up:
+            threading.Thread(target=desk.warm_up, name="warm-up", daemon=True).start()
+        else:
+            desk.warmup = {"state": "off"}
         if not loopback:
             _warn(f"listening on {host}:{port}, reachable from other machines: anyone with the URL below can read "
                   "and change this project; prefer 127.0.0.1 with an SSH tunnel")

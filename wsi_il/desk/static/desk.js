@@ -123,7 +123,11 @@ function renderBatch() {
     img.loading = "eager";
     const caption = document.createElement("span");
     caption.className = "caption";
-    item.append(img, caption);
+    const hint = document.createElement("span");
+    hint.className = "hint";
+    hint.textContent = p.suggestion == null ? "no suggestion"
+      : `${p.confident ? "" : "uncertain: "}${p.suggestion} ${percent(p.probability)}`;
+    item.append(img, caption, hint);
     item.addEventListener("click", () => { state.current = i; renderCurrent(); });
     strip.append(item);
   });
@@ -144,8 +148,7 @@ function renderCurrent() {
     item.setAttribute("aria-current", index === state.current ? "true" : "false");
     item.classList.toggle("answered", state.labels[id] != null);
     const label = state.labels[id];
-    item.querySelector(".caption").textContent = `${index + 1}. ${label != null ? shown(label) : "—"}`
-      + (p.suggestion ? ` · ${p.suggestion} ${percent(p.probability)}` : "");
+    item.querySelector(".caption").textContent = `${index + 1}. ${label != null ? shown(label) : "—"}`;
   }
   const id = state.order[state.current];
   const p = patchOf(id);
@@ -168,7 +171,11 @@ function renderCurrent() {
   renderKeys($("keys"), batch.classes, batch.query_label, (value) => answer(value));
   $("submit").disabled = answered < total || state.busy;
   const active = document.querySelector('#strip .patch[aria-current="true"]');
-  if (active) active.scrollIntoView({ block: "nearest", inline: "nearest" });
+  const strip = $("strip");
+  if (active && active.offsetLeft < strip.scrollLeft) strip.scrollLeft = active.offsetLeft - 100;
+  else if (active && active.offsetLeft + active.offsetWidth > strip.scrollLeft + strip.clientWidth) {
+    strip.scrollLeft = active.offsetLeft + active.offsetWidth - strip.clientWidth + 8;
+  }
 }
 
 function renderLocator(p) {
@@ -367,7 +374,7 @@ async function openSimilar(fromId) {
   const seed = document.createElement("div");
   seed.className = "patch seed";
   seed.dataset.patchId = fromId;
-  seed.innerHTML = "<img alt='the patch these are like'><span class='caption'>this one</span>";
+  seed.innerHTML = "<img alt='the patch these are like'><span class='caption'>like this one</span>";
   seed.querySelector("img").src = contextUrl(fromId, 3);
   grid.append(seed);
   for (const p of found) {
