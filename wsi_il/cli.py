@@ -650,6 +650,7 @@ def review(
             raise InputError(f"--host {host} would let other machines reach the project's slides and labels",
                              "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote")
         desk = Desk(project, _device(device))
+        _random_warning(desk.project.read_manifest())
         sock = bind(host, port)
         port = sock.getsockname()[1]
         token = secrets.token_urlsafe(24)
