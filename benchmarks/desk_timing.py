@@ -6,9 +6,10 @@ usage: python benchmarks/desk_timing.py PROJECT --truth T [--labels 250] [--k 10
 
 PROJECT is a project whose features are computed (e.g. the `project/` folder `wsi-il bench --out B` leaves, or
 `wsi-il init` of the bench slide), T its slide's tumour truth (QuPath GeoJSON), used as the expert. Each run
-copies the project, records ``--labels`` labels as earlier work (minus one round and the query), starts a CNFP
-session (10 query patches from the truth), ingests its first batch (so that the timed round warm-starts, as in
-`wsi-il bench`), and serves the copy with `wsi-il review`. In the browser it then measures:
+copies the project (with the default training settings, as `wsi-il bench` does), records ``--labels`` labels as
+earlier work (minus one round and the query), starts a CNFP session (10 query patches from the truth), ingests
+its first batch (so that the timed round warm-starts, as in `wsi-il bench`), and serves the copy with
+`wsi-il review`. In the browser it then measures:
 
 - first paint of the batch page (first contentful paint) and the batch ready (every patch image loaded), both
   from the start of navigation;
@@ -44,15 +45,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: str, seed: int) -> tuple[Path, str]:
     """A copy of ``base`` with earlier labels, a session and its first batch ingested; returns (copy, batch)."""
-    from wsi_il.config import SessionSettings, TrainSettings, from_dict
+    from wsi_il.config import SessionSettings, TrainSettings
     from wsi_il.events import SilentReporter
     from wsi_il.project import Project, now_iso
     from wsi_il.session import ingest, open_context, start_session
     from wsi_il.simulate import fork_project
     from wsi_il.truth import truth_mask, write_batch_labels
 
-    source = Project(base)
-    project = fork_project(source, folder, from_dict(TrainSettings, source.read_manifest()["train"]))
+    project = fork_project(Project(base), folder, TrainSettings())  # the settings `wsi-il bench` times a round with
     ctx = open_context(project, device, SilentReporter())
     tumour = truth_mask(ctx.table.boxes, truth, ctx.table.slides[0].offset)
     rng = np.random.default_rng(seed)
@@ -207,8 +207,8 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
         for run in range(args.runs):
             for warm in (True, False):
-                folder, batch = prepare(args.project, Path(scratch) / f"{run}{'warm' if warm else 'cold'}" / "bench", args.truth, args.labels,
-                                        args.k, args.device, seed=run)
+                where = Path(scratch) / f"{run}{'warm' if warm else 'cold'}" / "bench"
+                folder, batch = prepare(args.project, where, args.truth, args.labels, args.k, args.device, seed=run)
                 quality = bulk_quality(folder, batch, args.truth) if warm else {}
                 server, url = serve(folder, args.device, warm)
                 try:

@@ -381,3 +381,17 @@ def test_the_package_data_covers_every_static_file():
     assert "static/vendor/openseadragon/LICENSE.txt" in files
     missing = [f for f in files if not any(fnmatch.fnmatchcase(f, pattern) for pattern in patterns)]
     assert not missing
+
+
+def test_a_desk_on_every_address_answers_to_the_machines_names_only(base_project):
+    import socket
+
+    from wsi_il.cli import _host_names
+
+    names = _host_names("0.0.0.0")
+    assert socket.gethostname().lower() in names and "evil.example" not in names
+    app = create_app(Desk(base_project, "cpu"), TOKEN, set(LOOPBACK_NAMES) | names, PORT)
+    web = TestClient(app, base_url=BASE)
+    web.cookies.set(cookie_name(PORT), TOKEN)
+    assert web.get("/api/project", headers={"host": f"{socket.gethostname()}:{PORT}"}).status_code == 200
+    assert web.get("/api/project", headers={"host": f"evil.example:{PORT}"}).status_code == 403

@@ -654,7 +654,8 @@ def review(
         sock = bind(host, port)
         port = sock.getsockname()[1]
         token = secrets.token_urlsafe(24)
-        app = create_app(desk, token, set(LOOPBACK_NAMES) | {host}, port)
+        names = _host_names(host)
+        app = create_app(desk, token, set(LOOPBACK_NAMES) | names, port)
         if warm_up:
             threading.Thread(target=desk.warm_up, name="warm-up", daemon=True).start()
         else:
@@ -666,12 +667,35 @@ def review(
         out.print(f"review desk for {project} (Ctrl-C stops it; answers are saved as you give them)")
         out.print(f"on your laptop, open the tunnel: ssh -N -L {port}:{shown}:{port} "
                   f"{getpass.getuser()}@{socket.getfqdn()}")
+        if not loopback:
+            out.print(f"or, from another machine: http://{_url_host(host)}:{port}/?token={token}", soft_wrap=True)
         out.print(f"then open: http://127.0.0.1:{port}/?token={token}", soft_wrap=True)
         try:
             serve(app, sock)
         finally:
             desk.close()
         out.print("review desk stopped; every answer given is in the batch's labels.csv")
+
+
+def _host_names(host: str) -> set[str]:
+    """The Host header names that reach a desk bound to ``host``: itself, and for every address (0.0.0.0, ::) the
+    machine's names and addresses."""
+    import socket
+
+    names = {host.lower()}
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):
+            names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    return names
+
+
+def _url_host(host: str) -> str:
+    import socket
+
+    if host in ("0.0.0.0", "::"):
+        return socket.getfqdn()
+    return f"[{host}]" if ":" in host else host
 
 
 @app.command()

@@ -364,7 +364,7 @@ class Desk:
         from wsi_il.session import open_context
 
         folder = self.project.root / EXPORTS
-        with self._work, self.project.lock("review"):
+        with self._answers, self._work, self.project.lock("review"):
             ctx = open_context(self.project, "cpu", SilentReporter())
             if all(s.kind == "patches" for s in ctx.table.slides):
                 return [export_table(ctx, folder / "predictions.csv").name]

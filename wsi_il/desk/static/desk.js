@@ -254,11 +254,26 @@ function send(changes) {
     } catch (error) {
       say(error.message, "error");
       if (error instanceof ApiError && error.status === 409) await refresh();
+      else await resync(batchId);
     } finally {
       state.pending -= 1;
     }
   });
   return state.queue;
+}
+
+async function resync(batchId) {
+  // After a refused or lost answer, show the labels as labels.csv holds them.
+  try {
+    const batch = await get(`/api/batches/${enc(batchId)}`);
+    if (state.batch && state.batch.batch === batchId) {
+      state.labels = {};
+      for (const p of batch.patches) if (p.label != null) state.labels[p.patch_id] = p.label;
+      renderCurrent();
+    }
+  } catch (error) {
+    say(error.message, "error");
+  }
 }
 
 function apply(changes) {
