@@ -153,11 +153,28 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, warm: bool,
                                "&& window.deskSlideView.overlays.probability")
         page.keyboard.press("p")
         page.wait_for_timeout(1500)
+        _click_patch(page, project, batch)
+        page.wait_for_selector("#picked:not([hidden])")
+        page.wait_for_function("() => document.getElementById('picked-image').complete")
         page.screenshot(path=str(shots / "desk-slide.png"))
         page.keyboard.press("b")
     return {"first_paint_ms": round(timing["fcp"] or -1, 1), "batch_ready_ms": round(timing["ready"], 1),
             "key_ms_median": round(float(np.median(keys)), 1), "key_ms_max": round(float(np.max(keys)), 1),
             "last_answer_to_next_batch_s": round(next_seconds, 3), "submit_server_s": server_seconds}
+
+
+def _click_patch(page, project: Path, batch: str) -> None:  # type: ignore[no-untyped-def]
+    """Click, on the slide view, the middle of the first patch of ``batch`` (a labelled one by now)."""
+    from wsi_il.review import read_batch
+
+    patch = read_batch(project / "batches" / batch)[1][0]
+    x, y = page.evaluate("""([x, y]) => {
+        const v = window.deskSlideView.viewer;
+        const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+        const r = document.getElementById('viewer').getBoundingClientRect();
+        return [r.left + p.x, r.top + p.y];
+    }""", [patch.x + patch.width / 2, patch.y + patch.height / 2])
+    page.mouse.click(x, y)
 
 
 def bulk_quality(project: Path, batch: str, truth: Path) -> dict:
@@ -207,7 +224,7 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
         for run in range(args.runs):
             for warm in (True, False):
-                where = Path(scratch) / f"{run}{'warm' if warm else 'cold'}" / "bench"
+                where = Path(scratch) / f"{run}{'warm' if warm else 'cold'}" / args.project.name
                 folder, batch = prepare(args.project, where, args.truth, args.labels, args.k, args.device, seed=run)
                 quality = bulk_quality(folder, batch, args.truth) if warm else {}
                 server, url = serve(folder, args.device, warm)

@@ -246,8 +246,8 @@ function send(changes) {
       const result = await post(`/api/batches/${enc(batchId)}/answers`, {
         answers: changes.map(([id, label]) => ({ patch_id: id, label: wire(label) })),
       });
-      if (state.batch && state.batch.batch === batchId) {
-        state.labels = result.labels;
+      if (state.pending === 1 && state.batch && state.batch.batch === batchId) {
+        state.labels = result.labels;  // the file's labels, once no later answer is on its way
         renderCurrent();
       }
       say("");
