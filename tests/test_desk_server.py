@@ -4,6 +4,8 @@ nothing), two tabs lose no label, corrections, "more like this", export, Ctrl-C/
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from starlette.testclient import TestClient
 from test_cli_e2e import run
@@ -65,7 +68,7 @@ def client(project: Path, signed_in: bool = True) -> TestClient:
 def truth_answers(project: Path, batch: str) -> dict[str, str]:
     _, patches = read_batch(project / "batches" / batch)
     boxes = [[p.x, p.y, p.width, p.height] for p in patches]
-    inside = truth_mask(__import__("numpy").array(boxes), EXAMPLES / "truth.geojson")
+    inside = truth_mask(np.array(boxes), EXAMPLES / "truth.geojson")
     return {p.patch_id: "y" if hit else "n" for p, hit in zip(patches, inside, strict=True)}
 
 
@@ -274,7 +277,7 @@ def test_slide_view_overlays_and_export(project):
     assert web.get("/api/slides/CMU-1-Small-Region/patch_at?x=-5&y=3").json()["patch_id"] is None
     from PIL import Image
 
-    batch = Image.open(__import__("io").BytesIO(web.get("/api/slides/CMU-1-Small-Region/overlays/batch.png").content))
+    batch = Image.open(io.BytesIO(web.get("/api/slides/CMU-1-Small-Region/overlays/batch.png").content))
     scale = 2967 / 2048
     assert batch.getpixel((int((p.x + 1) / scale), int((p.y + 40) / scale)))[3] == 255  # the patch's outline
     assert web.get("/api/slides/CMU-1-Small-Region/overlays/probability.png").status_code == 200
@@ -287,7 +290,7 @@ def test_slide_view_overlays_and_export(project):
     assert mask.status_code == 200 and json.loads(mask.content)["type"] == "FeatureCollection"
     assert (project / "exports" / "mask.png").is_file()
     context = web.get(f"/api/patches/{p.patch_id}/context.jpeg?tiles=7")
-    assert Image.open(__import__("io").BytesIO(context.content)).size == (768, 768)
+    assert Image.open(io.BytesIO(context.content)).size == (768, 768)
     assert web.get(f"/api/patches/{p.patch_id}/context.jpeg?tiles=4").status_code == 400
 
 
@@ -395,3 +398,57 @@ def test_a_desk_on_every_address_answers_to_the_machines_names_only(base_project
     web.cookies.set(cookie_name(PORT), TOKEN)
     assert web.get("/api/project", headers={"host": f"{socket.gethostname()}:{PORT}"}).status_code == 200
     assert web.get("/api/project", headers={"host": f"evil.example:{PORT}"}).status_code == 403
+
+
+def test_an_answer_keeps_a_spreadsheets_file_as_it_saved_it(project):
+    """A labels.csv saved by a spreadsheet (BOM, semicolons, CRLF, quotes): only the label cell changes."""
+    batch = project / "batches" / "s1-r1"
+    info, patches = read_batch(batch)
+    rows = [line.split(",") for line in (batch / "labels.csv").read_text().splitlines()]
+    text = "\r\n".join(";".join(f'"{cell}"' if n == 2 else cell for n, cell in enumerate(row)) for row in rows)
+    (batch / "labels.csv").write_bytes(b"\xef\xbb\xbf" + (text + "\r\n").encode())
+    web = client(project)
+    reply = post(web, "/api/batches/s1-r1/answers", {"answers": [{"patch_id": patches[2].patch_id, "label": "n"}]})
+    assert reply.status_code == 200 and reply.json()["labels"] == {patches[2].patch_id: "Normal"}
+    after = (batch / "labels.csv").read_bytes()
+    assert after.startswith(b"\xef\xbb\xbf") and b"\r\n" in after
+    cells = [c for row in csv.reader(io.StringIO(text), delimiter=";") for c in row]
+    now = [c for row in csv.reader(io.StringIO(after[3:].decode()), delimiter=";") for c in row]
+    assert len(now) == len(cells) and [(a, b) for a, b in zip(cells, now, strict=True) if a != b] == [("", "Normal")]
+    assert read_labels(batch / "labels.csv", info, patches, allow_partial=True) == {patches[2].patch_id: "Normal"}
+
+
+def test_a_patch_folder_project_has_the_batch_view_without_the_slide(tmp_path):
+    """Patches cut from the bundled slide into two class folders: the page labels and submits them; there is no
+    slide to view, and the export is the predictions table."""
+    from PIL import Image
+
+    from wsi_il.slide import TileReader
+
+    reader = TileReader(EXAMPLES / "CMU-1-Small-Region.svs")
+    folder = tmp_path / "patches"
+    for name, y in (("Tumor", 1152), ("Normal", 2304)):
+        (folder / name).mkdir(parents=True)
+        for n in range(6):
+            Image.fromarray(reader.read(640 + 128 * n, y, 128, 128)).save(folder / name / f"{name}-{n}.png")
+    reader.close()
+    project = tmp_path / "p"
+    run("init", project, "--patches", folder, "--weights", "random", "--epochs", "2", "--device", "cpu")
+    ids = json.loads(run("status", project, "--json"))["slides"][0]
+    assert ids["kind"] == "patches"
+    table_ids = json.loads((project / "slides" / ids["id"] / "images.json").read_text())["ids"]
+    run("query", project, "--patch", table_ids[0], "--label", "Tumor", "-k", "4", "--rounds", "2", "--device", "cpu")
+    web = client(project)
+    overview = web.get("/api/project").json()
+    assert [s["kind"] for s in overview["slides"]] == ["patches"]
+    batch = web.get("/api/batches/s1-r1").json()
+    assert all(not p["has_slide"] for p in batch["patches"])
+    first = batch["patches"][0]["patch_id"]
+    image = web.get(f"/api/patches/{first}/context.jpeg")
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (128, 128)
+    assert web.get(f"/api/slides/{ids['id']}/dzi.json").status_code == 404
+    answers = [{"patch_id": p["patch_id"], "label": "Tumor" if "Tumor" in p["patch_id"] else "Normal"}
+               for p in batch["patches"]]
+    assert post(web, "/api/batches/s1-r1/answers", {"answers": answers}).status_code == 200
+    assert post(web, "/api/batches/s1-r1/submit").json()["next_batch"] == "s1-r2"
+    assert post(web, "/api/export").json()["files"] == ["predictions.csv"]
