@@ -452,3 +452,15 @@ def test_a_patch_folder_project_has_the_batch_view_without_the_slide(tmp_path):
     assert post(web, "/api/batches/s1-r1/answers", {"answers": answers}).status_code == 200
     assert post(web, "/api/batches/s1-r1/submit").json()["next_batch"] == "s1-r2"
     assert post(web, "/api/export").json()["files"] == ["predictions.csv"]
+
+
+def test_ctrl_c_during_the_warm_up_stops_cleanly(base_project, tmp_path):
+    project = tmp_path / "cmu"
+    shutil.copytree(base_project, project)
+    server, _, web = start_server(project)
+    web.close()
+    server.send_signal(signal.SIGINT)  # the warm-up has just begun
+    assert server.wait(timeout=120) == 0
+    printed = server.stdout.read()
+    assert "review desk stopped" in printed and "terminate called" not in printed
+    assert not (project / "lock").exists()

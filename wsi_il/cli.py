@@ -673,6 +673,8 @@ def review(
         try:
             serve(app, sock)
         finally:
+            if desk.busy():
+                out.print("finishing the work under way (the warm-up, a submit or an export) ...")
             desk.close()
         out.print("review desk stopped; every answer given is in the batch's labels.csv")
 

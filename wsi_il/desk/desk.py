@@ -69,9 +69,17 @@ class Desk:
         self._tables = threading.Lock()
         self._table: _Table | None = None
         self.warmup: dict[str, Any] = {"state": "not started"}
+        self._closed = False
+
+    def busy(self) -> bool:
+        """Whether a training (the warm-up, a submit, an export) is under way."""
+        return self._work.locked()
 
     def close(self) -> None:
-        self.images.close()
+        """Wait for the training under way, if any (a process must not end inside torch), then close the slides."""
+        with self._work:
+            self._closed = True
+            self.images.close()
 
     # ---- the project's patches ------------------------------------------------------------------
     def _patches(self) -> _Table:
@@ -194,6 +202,8 @@ class Desk:
         self.warmup = {"state": "running"}
         try:
             with self._work:
+                if self._closed:
+                    return
                 seconds = rehearse(open_context(self.project, self.device, SilentReporter()), waiting[0].batch_dir)
         except WsiIlError as exc:
             self.warmup = {"state": "failed", "why": str(exc)}
