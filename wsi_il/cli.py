@@ -644,6 +644,84 @@ def _rehearse(proj: Any, dev: str, batch: Any) -> None:
 
 
 @app.command()
+def review(
+    project: ProjectArg,
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 takes a free one.", min=0, max=65535)] = 8765,
+    host: Annotated[str, typer.Option(help="Address to listen on. Keep 127.0.0.1 and reach it through an SSH "
+                                      "tunnel; another address needs --allow-remote.")] = "127.0.0.1",
+    allow_remote: Annotated[bool, typer.Option(help="Allow --host to be an address other people on the network "
+                                               "can reach (only the token then protects the project).")] = False,
+    warm_up: Annotated[bool, typer.Option(help="Rehearse the first round while you label, so that it starts "
+                                          "faster (costs CPU while you label).")] = True,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
+    correct labels, export. Prints the URL with its secret token and the SSH tunnel line; Ctrl-C stops it."""
+    import getpass
+    import secrets
+    import socket
+    import threading
+
+    from wsi_il.desk.desk import Desk
+    from wsi_il.desk.server import LOOPBACK_NAMES, bind, create_app, serve
+
+    with _errors():
+        loopback = host in LOOPBACK_NAMES
+        if not loopback and not allow_remote:
+            raise InputError(f"--host {host} would let other machines reach the project's slides and labels",
+                             "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote")
+        desk = Desk(project, _device(device))
+        _random_warning(desk.project.read_manifest())
+        sock = bind(host, port)
+        port = sock.getsockname()[1]
+        token = secrets.token_urlsafe(24)
+        names = _host_names(host)
+        app = create_app(desk, token, set(LOOPBACK_NAMES) | names, port)
+        if warm_up:
+            threading.Thread(target=desk.warm_up, name="warm-up", daemon=True).start()
+        else:
+            desk.warmup = {"state": "off"}
+        if not loopback:
+            _warn(f"listening on {host}:{port}, reachable from other machines: anyone with the URL below can read "
+                  "and change this project; prefer 127.0.0.1 with an SSH tunnel")
+        shown = "127.0.0.1" if loopback or host in ("0.0.0.0", "::") else host
+        out.print(f"review desk for {project} (Ctrl-C stops it; answers are saved as you give them)")
+        out.print(f"on your laptop, open the tunnel: ssh -N -L {port}:{shown}:{port} "
+                  f"{getpass.getuser()}@{socket.getfqdn()}")
+        if not loopback:
+            out.print(f"or, from another machine: http://{_url_host(host)}:{port}/?token={token}", soft_wrap=True)
+        out.print(f"then open: http://127.0.0.1:{port}/?token={token}", soft_wrap=True)
+        try:
+            serve(app, sock)
+        finally:
+            if desk.busy():
+                out.print("finishing the work under way (the warm-up, a submit or an export) ...")
+            desk.close()
+        out.print("review desk stopped; every answer given is in the batch's labels.csv")
+
+
+def _host_names(host: str) -> set[str]:
+    """The Host header names that reach a desk bound to ``host``: itself, and for every address (0.0.0.0, ::) the
+    machine's names and addresses."""
+    import socket
+
+    names = {host.lower()}
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        with contextlib.suppress(OSError):
+            names |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    return names
+
+
+def _url_host(host: str) -> str:
+    import socket
+
+    if host in ("0.0.0.0", "::"):
+        return socket.getfqdn()
+    return f"[{host}]" if ":" in host else host
+
+
+@app.command()
 def status(
     project: ProjectArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
