@@ -168,7 +168,7 @@ def test_a_bad_label_gets_the_message_ingest_gives(project):
     with pytest.raises(LabelsError) as caught:
         read_labels(batch / "labels.csv", info, patches, allow_partial=True)
     assert reply.json()["text"] == str(caught.value)
-    assert "labels.csv row 3: label 'tumour' is not one of" in reply.json()["text"]
+    assert "labels.csv patch 02 (row 3): label 'tumour' is not one of" in reply.json()["text"]
 
 
 # ---- files remain the contract ------------------------------------------------------------------------------

@@ -635,8 +635,15 @@ def _column_positions(path: Path, header: list[str]) -> dict[str, int]:
     return positions
 
 
+def row_place(file_name: str, sheet_number: str, line: int) -> str:
+    """Name a labels.csv row in messages as the expert sees it: the contact sheet's number, then the spreadsheet's
+    row, e.g. ``labels.csv patch 05 (row 6)``."""
+    return f"{file_name} patch {sheet_number} (row {line})"
+
+
 @dataclass(frozen=True)
 class _Row:
+    line: int
     where: str
     patch_id: str
     label: str
@@ -650,6 +657,7 @@ def _data_rows(path: Path, records: list[list[str]], start: int, columns: dict[s
         if not any(_clean(field) for field in record):
             continue
         row = _Row(
+            line=number,
             where=f"{path.name} row {number}",
             patch_id=_clean(_field(record, columns.get("patch_id"))),
             label=_field(record, columns.get("label")),
@@ -691,7 +699,7 @@ def _labels_by_patch(
                 f"{row.where}: patch {_short(row.patch_id)!r} is not in batch {info.batch_id}",
                 "delete the row; add no rows to labels.csv",
             )
-        where = f"{path.name} patch {sheet[row.patch_id]} ({row.where.removeprefix(path.name + ' ')})"
+        where = row_place(path.name, sheet[row.patch_id], row.line)
         _merge(labels, row.patch_id, normalize_label(row.label, info, where), where)
     return labels
 

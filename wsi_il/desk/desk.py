@@ -171,7 +171,7 @@ class Desk:
             if self._ingested(info):
                 raise ProjectStateError(f"batch {batch_id} was already ingested",
                                         "change its labels as corrections: click the patch on the slide view")
-            write_answers(folder, info, dict(answers))
+            write_answers(folder, info, patches, dict(answers))
             return read_answers(folder, info, patches)
 
     def submit(self, batch_id: str) -> dict[str, Any]:

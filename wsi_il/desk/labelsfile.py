@@ -15,15 +15,24 @@ from pathlib import Path
 
 from wsi_il.errors import LabelsError
 from wsi_il.fsutil import atomic_write_bytes
-from wsi_il.review import LABELS_CSV, NOT_PREFIX, BatchInfo, BatchPatch, normalize_label, read_labels
+from wsi_il.review import (
+    LABELS_CSV,
+    NOT_PREFIX,
+    BatchInfo,
+    BatchPatch,
+    normalize_label,
+    patch_number,
+    read_labels,
+    row_place,
+)
 
 _BOM = b"\xef\xbb\xbf"
 
 
-def answer_text(raw: str, info: BatchInfo, row: int) -> str:
+def answer_text(raw: str, info: BatchInfo, sheet_number: str, row: int) -> str:
     """The text written for an answer: a class name, ``no`` (for "not the query's class"), ``skip``, or "" (no
     answer). A label ``ingest`` would refuse raises the ``LabelsError`` it would raise for that row."""
-    label = normalize_label(raw, info, where=f"{LABELS_CSV} row {row}")
+    label = normalize_label(raw, info, where=row_place(LABELS_CSV, sheet_number, row))
     if label is None:
         return ""
     return "no" if label.startswith(NOT_PREFIX) else label
@@ -34,7 +43,7 @@ def read_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch]) ->
     return read_labels(Path(batch_dir) / LABELS_CSV, info, patches, allow_partial=True, allow_empty=True)
 
 
-def write_answers(batch_dir: Path, info: BatchInfo, answers: dict[str, str]) -> None:
+def write_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch], answers: dict[str, str]) -> None:
     """Set the label cell of each patch in ``answers`` ({patch_id: label as written}; "" clears it)."""
     path = Path(batch_dir) / LABELS_CSV
     try:
@@ -61,11 +70,12 @@ def write_answers(batch_dir: Path, info: BatchInfo, answers: dict[str, str]) -> 
                           "keep the header line of the labels.csv the batch came with")
     id_col, label_col = keys.index("patch_id"), keys.index("label")
     pending = dict(answers)
+    sheet = {p.patch_id: patch_number(n, len(patches)) for n, p in enumerate(patches, start=1)}
     for number, record in enumerate(records[start + 1:], start=start + 2):
         patch_id = record[id_col].strip() if id_col < len(record) else ""
         if patch_id not in pending:
             continue
-        text_now = answer_text(pending.pop(patch_id), info, number)
+        text_now = answer_text(pending.pop(patch_id), info, sheet[patch_id], number)
         record.extend([""] * (label_col + 1 - len(record)))
         record[label_col] = text_now
     if pending:
