@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_cli_e2e import run
 
-from wsi_il.corrections import correct_labels, corrections, current_labels
+from wsi_il.corrections import correct_labels, corrections
 from wsi_il.errors import InputError
-from wsi_il.project import Project
+from wsi_il.project import Project, current_labels
 from wsi_il.truth import fill_labels_from_truth
 
 

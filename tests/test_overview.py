@@ -141,10 +141,9 @@ def corrected_project(example_slide: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_export_overview_marks_the_newest_labels_and_the_query(corrected_project: Path, tmp_path: Path) -> None:
-    from wsi_il.corrections import current_labels
     from wsi_il.events import SilentReporter
     from wsi_il.export import overview_marks, write_overview
-    from wsi_il.project import Project
+    from wsi_il.project import Project, current_labels
     from wsi_il.session import current_predictions, open_context
 
     out = run("export", corrected_project, "--out", tmp_path / "mask.geojson")

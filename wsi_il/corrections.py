@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 from wsi_il.errors import InputError
-from wsi_il.project import Project, now_iso
+from wsi_il.project import Project, current_labels, now_iso
 from wsi_il.review import NOT_PREFIX, SKIP, BatchInfo, normalize_label
 
 CORRECTION = "correction"
@@ -24,14 +24,6 @@ CORRECTION = "correction"
 
 def is_correction(entry: dict[str, Any]) -> bool:
     return entry.get("source") == CORRECTION
-
-
-def current_labels(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each patch's newest ledger entry (its label now), in the order the patches were first labelled."""
-    newest: dict[str, dict[str, Any]] = {}
-    for entry in entries:
-        newest[entry["patch_id"]] = entry
-    return newest
 
 
 def corrections(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

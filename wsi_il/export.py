@@ -150,7 +150,7 @@ OVERVIEW_COMPRESS_LEVEL = 3
 def overview_marks(ctx: Context) -> dict[str, Marks]:
     """Each slide's labelled patches (each one's label now: the newest ledger entry wins) and each session's query
     patches on it, as positions among the slide's patches."""
-    from wsi_il.corrections import current_labels
+    from wsi_il.project import current_labels
     from wsi_il.session import list_sessions
 
     index_of = ctx.table.index_of()

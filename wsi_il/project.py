@@ -34,7 +34,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,15 @@ def _same_weights_file(recorded: dict[str, Any], current: dict[str, Any]) -> boo
     return (recorded.get("weights") not in named and current.get("weights") not in named
             and recorded.get("weights_sha256") is not None
             and recorded.get("weights_sha256") == current.get("weights_sha256"))
+
+
+def current_labels(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each patch's newest ledger entry (its label now: a correction is a newer entry), in the order the patches
+    were first labelled."""
+    newest: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        newest[entry["patch_id"]] = entry
+    return newest
 
 
 class Project:

@@ -577,7 +577,7 @@ def _ledger_labels(project: Project, batch_id: str, ledger: list[dict[str, Any]]
 
 def _labels_now(project: Project, batch_id: str) -> dict[str, str]:
     """A batch's patches with their labels as they stand now (corrections made since included)."""
-    from wsi_il.corrections import current_labels
+    from wsi_il.project import current_labels
 
     ledger = project.read_ledger()
     now = current_labels(ledger)
@@ -605,7 +605,7 @@ def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int
 def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     """Return features and targets of every label as it stands (newest answer wins) plus every session's query
     patches."""
-    from wsi_il.corrections import current_labels
+    from wsi_il.project import current_labels
 
     index = ctx.table.index_of()
     labelled = current_labels(ctx.project.read_ledger()).values()  # a corrected patch counts once, as corrected

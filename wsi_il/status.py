@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wsi_il.corrections import corrections, current_labels
-from wsi_il.project import Project, features_pending
+from wsi_il.corrections import corrections
+from wsi_il.project import Project, current_labels, features_pending
 from wsi_il.session import list_sessions
 
 

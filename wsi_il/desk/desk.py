@@ -224,7 +224,8 @@ class Desk:
 
     def patch(self, patch_id: str) -> dict[str, Any]:
         """One patch: where it is, its label now and its history, the model's suggestion, its batch if it waits."""
-        from wsi_il.corrections import current_labels, patch_history
+        from wsi_il.corrections import patch_history
+        from wsi_il.project import current_labels
         from wsi_il.watch import waiting_batches
 
         known, index = self._patch(patch_id)
@@ -269,8 +270,8 @@ class Desk:
     def similar(self, patch_id: str, count: int) -> list[dict[str, Any]]:
         """The unlabelled patches nearest ``patch_id`` by the current embeddings (not labelled, not a query patch,
         not in a batch that waits), nearest first."""
-        from wsi_il.corrections import current_labels
         from wsi_il.index import rank_by_distance
+        from wsi_il.project import current_labels
         from wsi_il.session import list_sessions
         from wsi_il.watch import waiting_batches
 
@@ -328,7 +329,7 @@ class Desk:
 
     def overlay(self, slide_id: str, kind: str) -> bytes:
         """One overlay of the slide view as a transparent PNG the size of the slide's overview."""
-        from wsi_il.corrections import current_labels
+        from wsi_il.project import current_labels
         from wsi_il.qupath import class_color
         from wsi_il.session import list_sessions
         from wsi_il.watch import waiting_batches
