@@ -969,16 +969,18 @@ def evaluate(
         if as_json:
             out.print_json(json.dumps(result))
             return
-        table = Table("patches", "precision", "recall", "F1", "Jaccard", "balanced acc.", "called", "true", "n")
+        table = Table("patches", "precision", "recall", "F1", "Jaccard", "balanced acc.", "n")
         for name, key, n in (("all tissue", "patch", result["patches"]),
                              ("not labelled", "patch_unlabelled", result["patches"] - result["labelled_patches"])):
             s = result[key]
             table.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
-                          f"{s['jaccard']:.3f}", f"{s['balanced_accuracy']:.3f}", f"{s['called_share']:.0%}",
-                          f"{s['truth_share']:.0%}", str(n))
+                          f"{s['jaccard']:.3f}", f"{s['balanced_accuracy']:.3f}", str(n))
         out.print(f"{result['slide']}: {result['label']} predicted on {result['predicted_patches']} patches, "
                   f"{result['truth_patches']} in the truth")
         out.print(table)
+        rest = result["patch_unlabelled"]
+        out.print(f"not labelled: {rest['called_share']:.0%} called {result['label']}, {rest['truth_share']:.0%} "
+                  "truly (balanced accuracy 0.5 is chance: calling everything or nothing)")
         out.print(f"pixel-level IoU of the mask polygons with the truth: {result['pixel_iou']:.3f}")
 
 

@@ -1,6 +1,11 @@
-"""Synthetic slides with known truth: real labelled H&E fields pasted into a pyramidal TIFF.
+"""Synthetic slides with known truth: real labelled H&E images pasted into a pyramidal TIFF.
 
-Two kinds of mosaic slide. A *block* slide is white background around a rectangle of tissue; a
+A *patch mosaic* (``make_patch_mosaic``) puts one per-patch-labelled patch (PatchCamelyon) in each cell of a
+grid whose cells are the project's tiles: its truth is exact at the patch level, so it can score label quality.
+The field mosaics below paste crops of whole labelled fields (BACH): their truth holds for the field, not for
+every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md).
+
+Two kinds of field mosaic. A *block* slide is white background around a rectangle of tissue; a
 tile-aligned block of that tissue is made of tumour fields and the rest of normal fields. An *island*
 slide (``make_island_slide``) has an irregular tissue outline with irregular tumour islands inside it,
 their borders crossing patches at any angle, as in a real slide. Either way the tumour region is known
