@@ -14,7 +14,8 @@ pooled trunk features (``--folds`` folds) and the heads themselves (``--head-fol
 and pass budget).
 
 usage: python benchmarks/quality_region.py PROJECT TRUTH [--seeds 2] [--reviewed 15,30,75] [--regions small,large]
-                                           [--balances none,classes] [--head-folds 3] [--out FILE.json]
+                                           [--balances none,classes] [--head-folds 3] [--schedule fast|paper]
+                                           [--fast-budget PASSES] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def main() -> None:
     parser.add_argument("--balances", default="none,classes")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--head-folds", type=int, default=3)
+    parser.add_argument("--schedule", default="fast", help="the rounds' schedule: fast (the CPU default) or paper")
+    parser.add_argument("--fast-budget", type=int, default=0, help="the fast schedule's pass budget; 0: the project's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ctx = open_context(Project(args.project), "cpu", SilentReporter())
     truth = truth_mask(ctx.table.boxes, args.truth, ctx.table.slides[0].offset)
-    settings = replace(from_dict(TrainSettings, ctx.manifest["train"]), schedule="fast")
+    settings = replace(from_dict(TrainSettings, ctx.manifest["train"]), schedule=args.schedule)
+    if args.fast_budget:
+        settings = replace(settings, fast_budget=args.fast_budget)
     largest = max(tumour_islands(ctx.table.boxes, truth), key=len)
     n = len(truth)
     print(f"{n} tissue patches, {truth.mean():.1%} tumour, largest island {len(largest)} patches", flush=True)

@@ -278,6 +278,11 @@ def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001
     assert "not one of" in run("simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best",
                                "--out", tmp_path, code=3)
     assert "one --truth per --slide" in run("simulate", "--slide", tmp_path / "a.tiff", "--out", tmp_path, code=3)
+    slide = ("--slide", tmp_path / "a.tiff", "--truth", tmp_path / "a.geojson", "--out", tmp_path)
+    assert "unknown balance 'equal'" in run("simulate", *slide, "--balance", "equal", code=3)
+    assert "--query-island-share 1.5 is not in 0..1" in run("simulate", *slide, "--query-island-share", "1.5", code=3)
+    assert "--query-patches must be at least 1" in run("simulate", *slide, "--query-patches", "0", code=3)
+    assert "--reference-folds must be at least 2" in run("simulate", *slide, "--reference-folds", "1", code=3)
 
 
 def _row(strategy: str, seed: int, session: int, labels: int, value: float) -> dict[str, object]:
