@@ -8,8 +8,8 @@ project's training settings and schedule, from the pretrained block) on
 - ``R`` reviewed patches drawn at random with their true labels (R from ``--reviewed``),
 
 once with every label weighing once (``balance none``, the paper) and once class-balanced with the query as one
-group (``balance classes``), and scores the patches labelled in neither (Jaccard, balanced accuracy, share
-called tumour). It also gives two cross-validated references on the same features: a linear probe on the
+group (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
+reviewed patches: the same patches for both regions): Jaccard, balanced accuracy, share called tumour. It also gives two cross-validated references on the same features: a linear probe on the
 pooled trunk features (``--folds`` folds) and the heads themselves (``--head-folds`` folds, the round's schedule
 and pass budget).
 
@@ -81,8 +81,10 @@ def main() -> None:
                     started = time.perf_counter()
                     predicted = _train_and_predict(ctx, picked, query, truth, replace(settings, balance=balance,
                                                                                        seed=seed))
-                    rest = np.ones(n, dtype=bool)
-                    rest[picked] = rest[query] = False
+                    rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
+                    rest[picked] = False
+                    for other in queries.values():
+                        rest[other] = False
                     s = binary_scores(predicted[rest], truth[rest])
                     row = {"seed": seed, "region": region, "query_patches": len(query), "reviewed": reviewed,
                            "reviewed_tumour": int(truth[picked].sum()), "balance": balance,
