@@ -9,7 +9,8 @@ project's training settings and schedule, from the pretrained block) on
 
 once with every label weighing once (``balance none``, the paper) and once class-balanced with the query as one
 group (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
-reviewed patches: the same patches for both regions): Jaccard, balanced accuracy, share called tumour. It also gives two cross-validated references on the same features: a linear probe on the
+reviewed patches: the same patches for both regions): Jaccard, balanced accuracy, share called tumour.
+It also gives two cross-validated references on the same features: a linear probe on the
 pooled trunk features (``--folds`` folds) and the heads themselves (``--head-folds`` folds, the round's schedule
 and pass budget).
 
