@@ -21,6 +21,7 @@ from wsi_il.simulate import (
     _macro_average,
     grow_region,
     query_regions,
+    suggestion_rounds,
     suggestion_scores,
     summarise,
     tumour_islands,
@@ -153,6 +154,9 @@ def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:  # 
     right = np.mean([r["suggestion"] == r["truth"] for r in shown])
     assert float(row["suggestion_accuracy"]) == pytest.approx(right)
     assert 0 <= float(row["confident_share"]) <= 1
+    rounds = read_rows(out / "rounds.csv")
+    assert len(rounds) == 1 and rounds[0]["round"] == "2" and rounds[0]["shown"] == "3"
+    assert float(rounds[0]["suggestion_accuracy"]) == pytest.approx(right)
 
 
 def _grid(mask: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +200,10 @@ def test_suggestion_scores_by_hand() -> None:
     scores = suggestion_scores(shown)
     assert scores == {"suggestion_accuracy": 0.5, "confident_share": 0.75, "confident_accuracy": pytest.approx(2 / 3)}
     assert suggestion_scores([])["suggestion_accuracy"] == ""
+    per_round = suggestion_rounds([{**p, "strategy": "cnfp", "seed": 0, "session": 1, "round": 1 + i // 2}
+                                   for i, p in enumerate(shown)])
+    assert [(r["round"], r["shown"], r["suggestion_accuracy"]) for r in per_round] == [(1, 2, 0.5), (2, 2, 0.5)]
+    assert per_round[1]["confident_accuracy"] == 0.5 and "slide" not in per_round[0]
 
 
 def test_evaluate_needs_a_trained_model(slide_run, island_slide) -> None:  # noqa: ANN001

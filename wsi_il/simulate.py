@@ -11,6 +11,7 @@ Layout of an output folder::
     runs/<name>/<strategy>-seed<n>/  a copy of the base project per run, with its batches and models
     results.csv  per_slide.csv  summary.json  <metric>.png
     suggestions.csv              every patch shown: the model's suggestion, its probability and the truth
+    rounds.csv                   per round: how the suggestions shown fared (``suggestion_scores``)
 
 Slides need exact patch-level truth to be scored (a mosaic of per-patch-labelled patches such as PCam,
 ``wsi_il.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
@@ -57,6 +58,7 @@ COLUMNS = ("strategy", "seed", "session", "labels", "label_share", "reviewed", "
 PATCH_METRICS = ("accuracy", "p_at_10")
 SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled", "balanced_accuracy_unlabelled")
 SUGGESTION_COLUMNS = ("strategy", "seed", "session", "round", "patch_id", "suggestion", "probability", "truth")
+SUGGESTION_SCORES = ("suggestion_accuracy", "confident_share", "confident_accuracy")
 REFERENCE = "full-supervision"
 """The strategy name of the reference rows (session 0): on slides, both heads trained on all but one fold of the
 patches with their true labels and scored on the held-out fold, for every fold (cross-validated); on patch
@@ -283,6 +285,16 @@ def _shown(batch_dir: Path, answers: dict[str, str], session: int, round_number:
     return [{"session": session, "round": round_number, "patch_id": p.patch_id, "suggestion": p.suggestion,
              "probability": p.suggestion_probability, "truth": answers[p.patch_id]}
             for p in read_batch(batch_dir)[1] if p.suggestion is not None and p.patch_id in answers]
+
+
+def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``suggestion_scores`` of every round (per slide, strategy, seed, session and round) of shown patches."""
+    keys = ("slide", "strategy", "seed", "session", "round")
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for patch in shown:
+        groups.setdefault(tuple(patch.get(k) for k in keys), []).append(patch)
+    return [{**{k: v for k, v in zip(keys, key, strict=True) if v is not None}, "shown": len(patches),
+             **suggestion_scores(patches)} for key, patches in groups.items()]
 
 
 def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
@@ -709,6 +721,8 @@ def finish(out: Path, outcome: Outcome, metrics: tuple[str, ...], settings: Simu
         write_rows(out / "per_slide.csv", outcome.per_slide, ("slide", *COLUMNS))
     slide_column = ("slide",) if any("slide" in s for s in outcome.suggestions) else ()
     write_rows(out / "suggestions.csv", outcome.suggestions, (*slide_column, *SUGGESTION_COLUMNS))
+    write_rows(out / "rounds.csv", suggestion_rounds(outcome.suggestions),
+               (*slide_column, "strategy", "seed", "session", "round", "shown", *SUGGESTION_SCORES))
     outcome.summary = {**about, "settings": {**asdict(settings), "strategies": list(settings.strategies)},
                        "metrics": list(metrics), "strategies": summarise(outcome.rows, metrics)}
     atomic_write_text(out / "summary.json", json.dumps(outcome.summary, indent=2, default=_json_default) + "\n")
