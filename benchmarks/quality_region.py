@@ -7,8 +7,8 @@ project's training settings and schedule, from the pretrained block) on
 - a query region: ``small`` (10 connected tumour patches) or ``large`` (80% of the largest tumour island), and
 - ``R`` reviewed patches drawn at random with their true labels (R from ``--reviewed``),
 
-once with every label weighing once (``balance none``, the paper) and once class-balanced with the query as one
-group (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
+once with every label weighing once (``balance none``, the paper) and once class-balanced with at most 10 patches
+of the query (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
 reviewed patches: the same patches for both regions): Jaccard, balanced accuracy, share called tumour.
 It also gives two cross-validated references on the same features: a linear probe on the
 pooled trunk features (``--folds`` folds) and the heads themselves (``--head-folds`` folds, the round's schedule
@@ -99,16 +99,16 @@ def main() -> None:
 
 
 def _train_and_predict(ctx, picked, query, truth, settings):  # type: ignore[no-untyped-def]
-    from wsi_il.heads import embed_and_predict, train_heads, training_weights
+    from wsi_il.heads import embed_and_predict, train_heads, training_selection
     from wsi_il.session import load_tensors
 
     tumour, normal = ctx.class_index("Tumor"), ctx.class_index("Normal")
     rows = np.concatenate([picked, query])
-    targets = np.concatenate([np.where(truth[picked], tumour, normal), np.full(len(query), tumour)])
+    targets = np.concatenate([np.where(truth[picked], tumour, normal), np.full(len(query), tumour)]).astype(np.int64)
     groups = np.concatenate([np.full(len(picked), -1), np.zeros(len(query), dtype=np.int64)])
+    keep, weights = training_selection(targets, groups, settings.balance, settings.seed)
     init = load_tensors(ctx.project.init_model_path())
-    heads = train_heads(ctx.store.take(rows), targets.astype(np.int64), init, 2, settings, "cpu",
-                        weights=training_weights(targets, groups, settings.balance))
+    heads = train_heads(ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights)
     _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
     return probs.argmax(axis=1) == tumour
 

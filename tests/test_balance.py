@@ -11,23 +11,33 @@ from wsi_il import heads
 from wsi_il.config import TrainSettings, from_dict, to_dict
 
 
-def test_training_weights_by_hand() -> None:
-    # 4 reviewed labels (3 normal = 1, 1 tumour = 0), then a 40-patch query region of tumour (session 0)
-    targets = np.array([1, 1, 1, 0] + [0] * 40)
-    groups = np.array([-1, -1, -1, -1] + [0] * 40)
-    assert heads.training_weights(targets, groups, "none") is None
-    w = heads.training_weights(targets, groups, "classes")
-    assert w.mean() == pytest.approx(1.0)
-    assert w[targets == 0].sum() == pytest.approx(w[targets == 1].sum())  # the classes weigh the same
-    cap = heads.QUERY_GROUP_WEIGHT
-    assert w[4:].sum() / w[3] == pytest.approx(cap)  # the region weighs as `cap` reviewed tumour labels
-    assert np.allclose(w[4:], w[4])
-    small = heads.training_weights(np.array([1, 0, 0]), np.array([-1, -1, 0]), "classes")
-    assert small[1] == pytest.approx(small[2])  # a one-patch query counts as one label
-    multi = heads.training_weights(np.array([0, 1, 2, -1, 2]), np.full(5, -1), "classes")
-    assert multi.sum() == pytest.approx(5) and multi[2] == pytest.approx(multi[4])  # "not class 0" is a group too
+def test_training_selection_by_hand() -> None:
+    # 4 reviewed labels (3 normal = 1, 1 tumour = 0), then a 40-patch query region of tumour (session 0) and a
+    # one-patch query (session 1)
+    targets = np.array([1, 1, 1, 0] + [0] * 40 + [0])
+    groups = np.array([-1, -1, -1, -1] + [0] * 40 + [1])
+    rows, weights = heads.training_selection(targets, groups, "none")
+    assert rows.tolist() == list(range(45)) and weights is None  # the paper: every row once
+    rows, weights = heads.training_selection(targets, groups, "classes", seed=3)
+    cap = heads.QUERY_GROUP_SIZE
+    assert rows[:4].tolist() == [0, 1, 2, 3] and 44 in rows  # every reviewed label, the small query whole
+    region = rows[(rows >= 4) & (rows < 44)]
+    assert len(region) == cap and len(set(region)) == cap  # at most `cap` patches of the region
+    assert len(rows) == 4 + cap + 1 and weights is not None and weights.mean() == pytest.approx(1.0)
+    chosen = targets[rows]
+    assert weights[chosen == 0].sum() == pytest.approx(weights[chosen == 1].sum())  # the classes weigh the same
+    again, _ = heads.training_selection(targets, groups, "classes", seed=3)
+    assert again.tolist() == rows.tolist()  # a rerun trains on the same rows
+    more, _ = heads.training_selection(np.append(targets, 1), np.append(groups, -1), "classes", seed=3)
+    assert set(more[(more >= 4) & (more < 44)]) != set(region)  # new labels, a new draw of the region
     with pytest.raises(ValueError, match="balance"):
-        heads.training_weights(targets, groups, "equal")
+        heads.training_selection(targets, groups, "equal")
+
+
+def test_training_weights_balance_every_target_value() -> None:
+    weights = heads.training_weights(np.array([0, 1, 2, -1, 2]))
+    assert weights.sum() == pytest.approx(5) and weights[2] == pytest.approx(weights[4])  # "not class 0" too
+    assert weights[0] == pytest.approx(2 * weights[2])
 
 
 def test_weighted_losses_by_hand() -> None:
@@ -56,9 +66,9 @@ def test_heads_train_with_weights(schedule: str) -> None:
     rng = np.random.default_rng(0)
     targets = np.array([0] * 9 + [1] * 3)
     features = (rng.random((12, 256, 14, 14)) + targets[:, None, None, None] * 0.5).astype(np.float16)
-    weights = heads.training_weights(targets, np.array([-1] * 3 + [0] * 6 + [-1] * 3), "classes")
-    trained = heads.train_heads(features, targets, init, 2, TrainSettings(epochs=2, schedule=schedule), "cpu",
-                                weights=weights)
+    rows, weights = heads.training_selection(targets, np.array([-1] * 3 + [0] * 6 + [-1] * 3), "classes")
+    trained = heads.train_heads(features[rows], targets[rows], init, 2, TrainSettings(epochs=2, schedule=schedule),
+                                "cpu", weights=weights)
     assert len(trained.losses["cross_entropy"]) == 2 and all(np.isfinite(trained.losses["cross_entropy"]))
 
 

@@ -80,10 +80,11 @@ class TrainSettings:
     the first convolution's output from a cache (``wsi_il.stems``) instead of computing it. (With a whole layer
     of trainable blocks, ``--trainable layer4``, everything trains.)"""
     balance: str = "classes"
-    """How labels weigh in both losses (``heads.training_weights``): 'classes' weighs each class the same in total
-    and a session's query patches together as at most ``heads.QUERY_GROUP_WEIGHT`` labels, so the model does not
-    follow the size of the region the expert drew (docs/quality.md); 'none' counts every label and query patch
-    once, as the paper. Projects made before this setting existed read as 'none'."""
+    """What a round trains on (``heads.training_selection``): 'classes' takes every reviewed label and at most
+    ``heads.QUERY_GROUP_SIZE`` patches of each session's query, and weighs each class the same in total in both
+    losses, so the model does not follow the size of the region the expert drew (docs/quality.md); 'none' trains
+    on every label and query patch once, as the paper. Projects made before this setting existed read as
+    'none'."""
 
 
 @dataclass(frozen=True)

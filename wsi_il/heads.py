@@ -176,7 +176,7 @@ def triplet_masks(targets):  # type: ignore[no-untyped-def]
 
 def batch_hard_triplet_loss(embeddings, targets, margin: float, weights=None):  # type: ignore[no-untyped-def]
     """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative (0 when no anchor
-    has both); ``weights``: each anchor's weight in the mean (``training_weights``), else equal.
+    has both); ``weights``: each anchor's weight in the mean (``training_selection``), else equal.
 
     Masked sums rather than boolean indexing or ``any()`` tests, which would make the host wait for the GPU at
     every training step; ``has_triplet`` answers on the host whether there is anything to learn from.
@@ -209,7 +209,7 @@ def has_triplet(targets: np.ndarray) -> bool:
 
 def classifier_loss(logits, targets, weights=None):  # type: ignore[no-untyped-def]
     """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets (mean over the batch; ``weights``:
-    each row's weight, ``training_weights``, whose mean over the training set is 1).
+    each row's weight, ``training_selection``, whose mean over the training set is 1).
 
     Both terms are computed for every row and the right one kept, so no step waits for the GPU to say which
     rows are which.
@@ -223,34 +223,45 @@ def classifier_loss(logits, targets, weights=None):  # type: ignore[no-untyped-d
     return (per_row if weights is None else per_row * weights).sum() / len(targets)
 
 
-QUERY_GROUP_WEIGHT = 10.0
-"""Balanced training: all the query patches of one session weigh together at most this many labels, however large
-the region the expert drew (a query of up to this many patches counts each patch once)."""
+QUERY_GROUP_SIZE = 10
+"""Balanced training: each round trains on at most this many of a session's query patches (a random subset, drawn
+anew when the labels change), however large the region the expert drew."""
 
 
-def training_weights(targets: np.ndarray, groups: np.ndarray, balance: str) -> np.ndarray | None:
-    """Per-row loss weights of a training set, with mean 1; None for ``balance`` 'none' (every row once, the paper).
+def training_selection(targets: np.ndarray, groups: np.ndarray, balance: str,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows of a training set a round trains on, and their loss weights (mean 1; None: every row once).
 
-    ``groups`` holds -1 for a reviewed label and the session number for a query patch. 'classes': a session's query
-    patches weigh together ``min(count, QUERY_GROUP_WEIGHT)`` (so a large region counts as one query of fixed
-    weight, not as hundreds of labels), then each target value (class, or "not class c") is scaled to weigh the
-    same in total, so the balance of the classes in training does not follow the size of the region or the
-    sampler's mix.
+    ``groups`` holds -1 for a reviewed label and the session number for a query patch. 'none' (the paper): every
+    row, once. 'classes': every reviewed label, and at most ``QUERY_GROUP_SIZE`` query patches of each session,
+    drawn at random (seeded by ``seed`` and the training set's size, so a rerun draws the same ones), weighted
+    so that each class weighs the same in total (``training_weights``). A region of hundreds of patches then
+    neither outweighs the reviewed labels nor spends the fast schedule's pass budget on itself.
     """
+    targets, groups = np.asarray(targets), np.asarray(groups)
     if balance == "none":
-        return None
+        return np.arange(len(targets)), None
     if balance != "classes":
         raise ValueError(f"unknown balance {balance!r}")
-    targets, groups = np.asarray(targets), np.asarray(groups)
-    weights = np.ones(len(targets), dtype=np.float64)
+    rng = np.random.default_rng([seed, len(targets)])
+    keep = [np.flatnonzero(groups < 0)]
     for group in np.unique(groups[groups >= 0]):
-        rows = groups == group
-        weights[rows] = min(1.0, QUERY_GROUP_WEIGHT / rows.sum())
+        rows = np.flatnonzero(groups == group)
+        keep.append(np.sort(rng.choice(rows, size=min(len(rows), QUERY_GROUP_SIZE), replace=False)))
+    rows = np.concatenate(keep)
+    return rows, training_weights(targets[rows])
+
+
+def training_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-row loss weights (mean 1) under which each target value (class, or "not class c") weighs the same in
+    total: the balance of the classes in training does not follow the mix of the labels."""
+    targets = np.asarray(targets)
+    weights = np.ones(len(targets), dtype=np.float64)
     values = np.unique(targets)
     for value in values:
         rows = targets == value
-        weights[rows] *= len(targets) / len(values) / weights[rows].sum()
-    return (weights / weights.mean()).astype(np.float32)
+        weights[rows] = len(targets) / len(values) / rows.sum()
+    return weights.astype(np.float32)
 
 
 @dataclass
@@ -288,7 +299,7 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
                 weights: np.ndarray | None = None) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
 
-    ``weights``: each row's weight in both losses (``training_weights``); None weighs every row once.
+    ``weights``: each row's weight in both losses (``training_selection``); None weighs every row once.
 
     ``schedule`` overrides the settings' (resolved for ``device`` when 'auto'). ``on_epoch(1)`` is called
     after every epoch (a progress advance). ``early_stopping=False`` makes the fast schedule run all its

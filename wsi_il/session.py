@@ -601,12 +601,13 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     """Train both heads on all labels, then embed and predict every patch with them (one pass); returns the
     seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
-    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads, training_weights
+    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads, training_selection
 
     started = time.perf_counter()
     settings = from_dict(TrainSettings, ctx.manifest["train"])
     schedule = resolve_schedule(settings, ctx.device)
     features, targets, groups = _training_rows(ctx)
+    rows, weights = training_selection(targets, groups, settings.balance, settings.seed)
     init = _init_state(ctx)
     state = _state(ctx)
     # A rerun after a kill may find this round's own model already current: start from the one before it.
@@ -615,10 +616,10 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     if (settings.warm_start or schedule == "fast") and base:
         previous = _load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
-    advance = ctx.reporter.task(f"training on {len(targets)} labels ({schedule} schedule)",
-                                planned_epochs(settings, len(targets), schedule), "epochs")
-    heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance, schedule,
-                        weights=training_weights(targets, groups, settings.balance))
+    advance = ctx.reporter.task(f"training on {len(rows)} labels ({schedule} schedule)",
+                                planned_epochs(settings, len(rows), schedule), "epochs")
+    heads = train_heads(features[rows], targets[rows], init, len(ctx.classes), settings, ctx.device, start, advance,
+                        schedule, weights=weights)
     _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     trained = time.perf_counter()
     stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None

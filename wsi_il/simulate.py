@@ -385,7 +385,7 @@ def _full_supervision(ctx: Any, rows: np.ndarray, targets: np.ndarray, train: Tr
     epochs = epochs or train.epochs
     unbounded = replace(train, epochs=epochs, fast_budget=max(fast_budget(train), epochs * len(rows)))
     chosen = targets[rows]
-    weights = training_weights(chosen, np.full(len(rows), -1), train.balance)
+    weights = None if train.balance == "none" else training_weights(chosen)
     heads = train_heads(ctx.store.take(rows), chosen, init, len(ctx.classes), unbounded, ctx.device,
                         early_stopping=False, weights=weights)
     return heads, init
