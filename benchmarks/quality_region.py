@@ -5,7 +5,8 @@ On a project whose features are computed (e.g. ``<simulate --out>/base/<slide>``
 project's training settings and schedule, from the pretrained block) on
 
 - a query region: ``small`` (10 connected tumour patches) or ``large`` (80% of the largest tumour island), and
-- ``R`` reviewed patches drawn at random with their true labels (R from ``--reviewed``),
+- ``R`` reviewed patches drawn at random with their true labels (R from ``--reviewed``), outside both regions
+  (the same patches whichever region is trained),
 
 once with every label weighing once (``balance none``, the paper) and once class-balanced with at most 10 patches
 of the query (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
@@ -73,9 +74,9 @@ def main() -> None:
         queries = {"small": grow_region(ctx.table.boxes, largest, 10, rng),
                    "large": grow_region(ctx.table.boxes, largest, round(0.8 * len(largest)), rng)}
         order = rng.permutation(n)
+        pool = order[~np.isin(order, np.concatenate(list(queries.values())))]  # the same reviewed patches for both
         for region in args.regions.split(","):
             query = queries[region]
-            pool = order[~np.isin(order, query)]
             for reviewed in (int(r) for r in args.reviewed.split(",")):
                 picked = pool[:reviewed]
                 for balance in args.balances.split(","):
