@@ -827,7 +827,8 @@ def simulate(
     test: Annotated[Path | None, typer.Option(help="Held-out test folder (class subfolders) for --patches.")] = None,
     strategy: Annotated[str, typer.Option(help="Comma-separated strategies: random, topk, fme, cnfp, hybrid, "
                                           "entropy.")] = "cnfp,entropy,random",
-    seeds: Annotated[int, typer.Option(help="Seeds per strategy (0 .. N-1).")] = 1,
+    seeds: Annotated[int, typer.Option(help="Seeds per strategy (--first-seed .. --first-seed + N - 1).")] = 1,
+    first_seed: Annotated[int, typer.Option(help="The first seed (to run a long experiment in pieces).")] = 0,
     sessions: Annotated[int, typer.Option(help="Query sessions per run.")] = 10,
     k: Annotated[int | None, typer.Option("-k", "--k", help="Patches per batch [default: 5 for slides, 10 for "
                                           "patches].")] = None,
@@ -888,7 +889,7 @@ def simulate(
         unknown = [s for s in names if s not in STRATEGIES]
         if unknown:
             raise InputError(f"--strategy {', '.join(unknown)} is not one of {', '.join(STRATEGIES)}", "pick them")
-        settings = SimulationSettings(strategies=names, seeds=seeds, sessions=sessions,
+        settings = SimulationSettings(strategies=names, seeds=seeds, first_seed=first_seed, sessions=sessions,
                                       k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
                                       epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                       refine_query=refine_query, schedule=_schedule(schedule),

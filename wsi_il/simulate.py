@@ -71,7 +71,9 @@ class SimulationSettings:
 
     strategies: tuple[str, ...] = ("cnfp", "entropy", "random")
     seeds: int = 1
-    """Seeds 0 .. seeds-1; each seeds the query set, sampling and training of a run."""
+    """Seeds first_seed .. first_seed + seeds - 1; each seeds the query set, sampling and training of a run."""
+    first_seed: int = 0
+    """The first seed (a long experiment can run in pieces: --seeds 1 --first-seed 1, then 2, ...)."""
     sessions: int = 10
     k: int = 5
     """Patches per review batch (the paper: 5 for slides, 10 for CRC)."""
@@ -125,11 +127,15 @@ class SimulationSettings:
             raise InputError(f"--query-island-share {self.query_island_share} is not in 0..1",
                              "e.g. 0.8 for most of the largest tumour island, or 0 for --query-patches")
         for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget", "reference_folds",
-                     "reference_epochs", "query_patches"):
-            least = 0 if name in ("fast_budget", "reference_epochs") else 2 if name == "reference_folds" else 1
+                     "reference_epochs", "query_patches", "first_seed"):
+            zero_ok = name in ("fast_budget", "reference_epochs", "first_seed")  # 0: the default, or seed 0
+            least = 0 if zero_ok else 2 if name == "reference_folds" else 1
             if getattr(self, name) < least:
                 raise InputError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}",
                                  f"e.g. {least} or more")
+
+    def seed_range(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
 
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
@@ -439,7 +445,7 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
     for case, name in zip(cases, names, strict=True):
         base = bases[case.slide.resolve()]
         current_embeddings(open_context(base, device, SilentReporter()))  # the pretrained embeddings, once
-        for seed in range(settings.seeds):
+        for seed in settings.seed_range():
             train = settings.train(seed)
             ctx = open_context(base, device, SilentReporter())
             truth = _slide_truth(ctx, case.truth)
@@ -458,7 +464,7 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                            for i in range(len(images))]
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
-            if seed == 0 and settings.reference:  # trained once per slide (its seed spread is not the question)
+            if seed == settings.first_seed and settings.reference:  # once per slide (the seed spread is not asked)
                 progress.describe(f"{name}: full-supervision reference")
                 reference = _slide_reference(ctx, truth, train, settings.reference_folds, settings.reference_epochs,
                                              progress)
@@ -675,7 +681,7 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
                          "query patches", f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}")
     rows: list[dict[str, Any]] = []
     suggestions: list[dict[str, Any]] = []
-    for seed in range(settings.seeds):
+    for seed in settings.seed_range():
         train = settings.train(seed)
         rng = np.random.default_rng(seed)
         query_sets = [rng.permutation(np.flatnonzero(database_y == c))[:settings.queries] for c in range(len(classes))]
@@ -688,7 +694,7 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
                 queries.append((classes[c], {"query_indices": query_sets[c][taken[c]:taken[c] + 1]}))
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
-        if seed == 0 and settings.reference:  # trained once (its seed spread is not the question)
+        if seed == settings.first_seed and settings.reference:  # trained once (its seed spread is not the question)
             progress.describe(f"{name}: full-supervision reference")
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
             rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
