@@ -271,3 +271,16 @@ def test_patch_mosaic_reuses_a_short_pool_and_refuses_bad_input(tmp_path: Path) 
         make_patch_mosaic(tmp_path / "x.tiff", [], normal)
     with pytest.raises(InputError, match="tumor or"):
         labelled_patches(tmp_path)
+
+
+def test_mosaic_command_writes_a_patch_mosaic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_il.mosaic import main
+
+    main([str(tmp_path / "m.tiff"), "--patches", str(PCAM), "--cells", "10x8", "--part", "2/2", "--seed", "5"])
+    assert "tumour and" in capsys.readouterr().out and (tmp_path / "m.truth.geojson").is_file()
+    sources = {row.split(",")[-1] for row in (tmp_path / "m.cells.csv").read_text().splitlines()[1:]}
+    tumour, normal = labelled_patches(PCAM)
+    assert sources <= {p.name for p in tumour[1::2] + normal[1::2]}  # part 2 of 2: every other file
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "x.tiff"), "--patches", str(PCAM), "--cells", "4x4"])
+    assert exit_info.value.code == 3 and "too small" in capsys.readouterr().err

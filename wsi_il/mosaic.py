@@ -669,6 +669,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mpp", type=float, default=None, help=f"[default: 0.5 BACH, {PCAM_MPP} --patches]")
     args = parser.parse_args(argv)
+    try:
+        _write_from_args(args)
+    except (InputError, FileNotFoundError) as exc:
+        parser.exit(3, f"error: {exc}\n")
+
+
+def _write_from_args(args) -> None:  # type: ignore[no-untyped-def]
     if args.patches is not None:
         tumour, normal = labelled_patches(args.patches)
         index, parts = (int(v) for v in args.part.split("/"))
