@@ -26,6 +26,17 @@ def test_binary_scores_by_hand() -> None:
     assert s.f1 == pytest.approx(2 * s.jaccard / (1 + s.jaccard))
 
 
+def test_balanced_accuracy_sees_over_calling() -> None:
+    truth = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=bool)  # 30% tumour
+    everything = binary_scores(np.ones(10, dtype=bool), truth)
+    assert everything.jaccard == pytest.approx(0.3)  # calling everything scores the prevalence...
+    assert everything.balanced_accuracy == pytest.approx(0.5)  # ...and chance in balanced accuracy
+    assert everything.called_share == 1.0 and everything.truth_share == pytest.approx(0.3)
+    s = binary_scores(np.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=bool), truth)
+    assert s.specificity == pytest.approx(6 / 7) and s.recall == pytest.approx(2 / 3)
+    assert s.balanced_accuracy == pytest.approx((2 / 3 + 6 / 7) / 2) and s.called_share == pytest.approx(0.3)
+
+
 def test_binary_scores_empty_cases() -> None:
     nothing = np.zeros(4, dtype=bool)
     assert binary_scores(nothing, nothing).jaccard == 1.0  # nothing to find, nothing claimed

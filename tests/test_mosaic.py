@@ -14,10 +14,13 @@ from shapely.geometry import Point, box, shape
 
 from wsi_il.errors import InputError
 from wsi_il.mosaic import (
+    PCAM_MPP,
     MosaicSlide,
     bach_images,
+    labelled_patches,
     make_block_slide,
     make_island_slide,
+    make_patch_mosaic,
     random_blob,
     rasterise,
     write_pyramidal_tiff,
@@ -223,3 +226,61 @@ def test_island_slide_rejects_bad_arguments(tmp_path: Path) -> None:
         make_island_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], size_px=(512, 512))
     with pytest.raises(InputError, match="tumour share"):
         make_island_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], tumour_share=1.5)
+
+
+PCAM = Path(__file__).resolve().parent / "data" / "pcam"
+
+
+def test_patch_mosaic_has_exact_patch_level_truth(tmp_path: Path) -> None:
+    """Every 96 px tile of a patch mosaic is one labelled PCam patch; the truth marks exactly the tumour tiles."""
+    import csv
+
+    from wsi_il.truth import truth_mask
+
+    tumour, normal = labelled_patches(PCAM)
+    made = make_patch_mosaic(tmp_path / "pcam.tiff", tumour, normal, cells=(12, 10), islands=2, seed=1,
+                             jpeg_quality=None)
+    cells = list(csv.DictReader((tmp_path / "pcam.cells.csv").open()))
+    assert len(cells) == made.tumour_cells + made.normal_cells and made.reused == 0
+    assert made.tumour_cells > 0 and made.normal_cells > made.tumour_cells / 4
+    boxes = np.array([[int(c[k]) for k in ("x", "y", "width", "height")] for c in cells])
+    truth = truth_mask(boxes, made.slide.truth_path)
+    assert truth.tolist() == [c["label"] == "tumor" for c in cells]  # exact, cell by cell
+    assert all((PCAM / c["label"] / c["source"]).is_file() for c in cells)  # each from its own class
+    assert len({c["source"] for c in cells}) == len(cells)  # drawn without replacement
+    with openslide.OpenSlide(str(made.slide.path)) as slide:
+        assert slide.dimensions == (12 * 96, 10 * 96)
+        assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(PCAM_MPP, rel=1e-3)
+        first = cells[0]
+        tile = _rgb(slide, (int(first["x"]), int(first["y"])), (96, 96)).astype(np.uint8)
+    from PIL import Image
+
+    source = np.asarray(Image.open(PCAM / first["label"] / first["source"]).convert("RGB"))
+    variants = [np.rot90(source, k) for k in range(4)]
+    variants += [v[:, ::-1] for v in variants]
+    assert any(np.array_equal(tile, v) for v in variants)  # lossless: the patch itself, turned or flipped
+
+
+def test_patch_mosaic_reuses_a_short_pool_and_refuses_bad_input(tmp_path: Path) -> None:
+    tumour, normal = labelled_patches(PCAM)
+    made = make_patch_mosaic(tmp_path / "short.tiff", tumour[:5], normal[:5], cells=(10, 10), seed=2)
+    assert made.reused == made.tumour_cells + made.normal_cells - 10
+    with pytest.raises(InputError, match="too small"):
+        make_patch_mosaic(tmp_path / "x.tiff", tumour, normal, cells=(4, 20))
+    with pytest.raises(InputError, match="no tumour or no normal"):
+        make_patch_mosaic(tmp_path / "x.tiff", [], normal)
+    with pytest.raises(InputError, match="tumor or"):
+        labelled_patches(tmp_path)
+
+
+def test_mosaic_command_writes_a_patch_mosaic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_il.mosaic import main
+
+    main([str(tmp_path / "m.tiff"), "--patches", str(PCAM), "--cells", "10x8", "--part", "2/2", "--seed", "5"])
+    assert "tumour and" in capsys.readouterr().out and (tmp_path / "m.truth.geojson").is_file()
+    sources = {row.split(",")[-1] for row in (tmp_path / "m.cells.csv").read_text().splitlines()[1:]}
+    tumour, normal = labelled_patches(PCAM)
+    assert sources <= {p.name for p in tumour[1::2] + normal[1::2]}  # part 2 of 2: every other file
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "x.tiff"), "--patches", str(PCAM), "--cells", "4x4"])
+    assert exit_info.value.code == 3 and "too small" in capsys.readouterr().err

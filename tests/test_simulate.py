@@ -9,16 +9,30 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.simulate import COLUMNS, REFERENCE, _macro_average, summarise
+from wsi_il.simulate import (
+    COLUMNS,
+    REFERENCE,
+    SimulationSettings,
+    _macro_average,
+    grow_region,
+    query_regions,
+    suggestion_rounds,
+    suggestion_scores,
+    summarise,
+    tumour_islands,
+)
 
 runner = CliRunner()
 # click before 8.2 mixes stderr (where warnings go) into result.stdout unless told not to
 stdout_runner = CliRunner(**({"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner).parameters else {}))
 FAST = ["--epochs", "1", "--weights", "random", "--device", "cpu", "--tile-size", "256"]
+SLIDE_FAST = [*FAST[:-1], "96", "--reference-folds", "2"]  # the PCam mosaic's cells are 96 px
+PCAM = Path(__file__).resolve().parent / "data" / "pcam"
 
 
 def run(*args: object, code: int = 0) -> str:
@@ -38,20 +52,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def island_slide(shared_data, tmp_path_factory):  # noqa: ANN001, ANN201
-    from wsi_il.mosaic import bach_images, make_island_slide
+def island_slide(tmp_path_factory):  # noqa: ANN001, ANN201
+    """A PCam patch mosaic from the repository's test data: exact truth at the 96 px patch level."""
+    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
 
-    tumour, normal = bach_images(shared_data)
+    tumour, normal = labelled_patches(PCAM)
     folder = tmp_path_factory.mktemp("island")
-    return make_island_slide(folder / "island.tiff", tumour, normal, size_px=(1792, 1536), islands=3,
-                             tumour_share=0.35, seed=4)
+    return make_patch_mosaic(folder / "island.tiff", tumour, normal, cells=(14, 14), islands=2, tumour_share=0.35,
+                             seed=4).slide
 
 
 @pytest.fixture(scope="module")
 def slide_run(island_slide, tmp_path_factory):  # noqa: ANN001, ANN201
     out = tmp_path_factory.mktemp("sim") / "slide"
     output = run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--strategy",
-                 "random,topk,fme,cnfp,hybrid,entropy", "--sessions", "1", "--rounds", "1", "-k", "3", *FAST,
+                 "random,topk,fme,cnfp,hybrid,entropy", "--sessions", "1", "--rounds", "1", "-k", "3", *SLIDE_FAST,
                  "--out", out)
     return out, output
 
@@ -66,11 +81,15 @@ def test_simulate_slide_runs_all_six_strategies(slide_run) -> None:  # noqa: ANN
         assert row["session"] == "1" and row["labels"] == str(1 + 3)  # the query patch counts
         assert row["accuracy"] == "" and row["p_at_10"] == ""  # patch-dataset metrics do not apply
         assert 0 <= float(row["jaccard"]) <= float(row["f1"]) <= 1 and float(row["seconds"]) > 0
-        assert row["f1_unlabelled"] != ""
+        assert row["f1_unlabelled"] != "" and 0 <= float(row["balanced_accuracy_unlabelled"]) <= 1
+        assert row["reviewed"] == "3" and row["query_patches"] == "1"
+    reference = rows[0]
+    assert reference["balanced_accuracy"] == reference["balanced_accuracy_unlabelled"]  # each patch held out once
+    assert 0 <= float(reference["balanced_accuracy"]) <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "slides" and set(summary["strategies"]) == {REFERENCE, *strategies[1:]}
     assert "labels_to_95pct" in summary["strategies"]["cnfp"]["jaccard"]
-    for metric in ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled"):
+    for metric in ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled", "balanced_accuracy_unlabelled"):
         assert (out / f"{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cnfp" in output and "wrote" in output
 
@@ -99,8 +118,92 @@ def test_evaluate_scores_a_project(slide_run, island_slide) -> None:  # noqa: AN
     for key in ("precision", "recall", "f1", "jaccard"):
         assert 0 <= result["patch"][key] <= 1
     assert 0 <= result["pixel_iou"] <= 1
+    every = result["patch"]
+    assert every["balanced_accuracy"] == pytest.approx((every["recall"] + every["specificity"]) / 2)
+    assert every["called_share"] == pytest.approx(result["predicted_patches"] / result["patches"])
+    assert every["truth_share"] == pytest.approx(result["truth_patches"] / result["patches"])
     text = run("evaluate", project, "--truth", island_slide.truth_path)
-    assert "pixel-level IoU" in text and "not labelled" in text
+    assert "pixel-level IoU" in text and "not labelled" in text and "balanced acc." in text
+
+
+def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:  # noqa: ANN001
+    """--query-island-share: the session's query is a connected part of the largest tumour island; the
+    suggestions shown are scored against the truth."""
+    from wsi_il.database import patch_table
+    from wsi_il.project import Project
+    from wsi_il.truth import truth_mask
+
+    base, out = slide_run[0] / "base", tmp_path / "region"
+    shutil.copytree(base, out / "base")  # the features, computed once
+    run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--strategy", "cnfp",
+        "--sessions", "1", "--rounds", "2", "-k", "3", "--query-island-share", "0.5", "--no-reference", *SLIDE_FAST,
+        "--out", out)
+    project = Project(out / "base" / "island")
+    table = patch_table(project, project.read_manifest())
+    truth = truth_mask(table.boxes, island_slide.truth_path)
+    largest = max(tumour_islands(table.boxes, truth), key=len)
+    row = read_rows(out / "results.csv")[0]
+    assert row["query_patches"] == str(round(0.5 * len(largest))) and row["reviewed"] == "6"
+    assert int(row["labels"]) == int(row["query_patches"]) + 6
+    session = json.loads((out / "runs" / "island" / "cnfp-seed0" / "sessions" / "s1.json").read_text())
+    index = table.index_of()
+    query = np.array([index[p] for p in session["query"]["patch_ids"]])
+    assert set(query) <= set(largest) and len(tumour_islands(table.boxes, np.isin(np.arange(len(truth)), query))) == 1
+    shown = read_rows(out / "suggestions.csv")
+    assert {r["round"] for r in shown} == {"2"} and len(shown) == 3  # round 1 had no classifier to suggest with
+    right = np.mean([r["suggestion"] == r["truth"] for r in shown])
+    assert float(row["suggestion_accuracy"]) == pytest.approx(right)
+    assert 0 <= float(row["confident_share"]) <= 1
+    rounds = read_rows(out / "rounds.csv")
+    assert len(rounds) == 1 and rounds[0]["round"] == "2" and rounds[0]["shown"] == "3"
+    assert float(rounds[0]["suggestion_accuracy"]) == pytest.approx(right)
+
+
+def _grid(mask: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (96 px) and truth of the cells of a picture: '#' tumour, '.' other tissue, ' ' no patch."""
+    boxes, truth = [], []
+    for row, line in enumerate(mask):
+        for col, char in enumerate(line):
+            if char != " ":
+                boxes.append((col * 96, row * 96, 96, 96))
+                truth.append(char == "#")
+    return np.array(boxes), np.array(truth)
+
+
+def test_tumour_islands_and_grown_regions() -> None:
+    boxes, truth = _grid(["##..#",
+                          "#...#",
+                          "..  #",
+                          "##.##"])
+    islands = sorted((list(i) for i in tumour_islands(boxes, truth)), key=len)
+    assert [len(i) for i in islands] == [2, 3, 5]  # edge neighbours only: the corner cells do not join
+    largest = np.array(islands[-1])
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 5):
+        region = grow_region(boxes, largest, size, rng)
+        assert len(region) == size and set(region) <= set(largest)
+        assert len(tumour_islands(boxes, np.isin(np.arange(len(truth)), region))) == 1  # connected
+    settings = SimulationSettings(sessions=3, query_island_share=0.6)
+    regions = query_regions(boxes, truth, settings, rng)
+    assert [len(r) for r in regions] == [3, 3, 3] and all(set(r) <= set(largest) for r in regions)
+    paper = query_regions(boxes, truth, SimulationSettings(sessions=4, queries=2), rng)
+    assert all(len(r) == 1 and truth[r[0]] for r in paper) and paper[0][0] == paper[2][0]  # cycles 2 patches
+    two = query_regions(boxes, truth, SimulationSettings(sessions=2, query_patches=3), rng)
+    assert all(len(r) == 3 and set(r) <= set(np.flatnonzero(truth)) for r in two)
+
+
+def test_suggestion_scores_by_hand() -> None:
+    shown = [{"suggestion": "Tumor", "probability": 0.9, "truth": "Tumor"},
+             {"suggestion": "Tumor", "probability": 0.55, "truth": "Normal"},
+             {"suggestion": "Normal", "probability": 0.8, "truth": "Tumor"},
+             {"suggestion": "Normal", "probability": 0.99, "truth": "Normal"}]
+    scores = suggestion_scores(shown)
+    assert scores == {"suggestion_accuracy": 0.5, "confident_share": 0.75, "confident_accuracy": pytest.approx(2 / 3)}
+    assert suggestion_scores([])["suggestion_accuracy"] == ""
+    per_round = suggestion_rounds([{**p, "strategy": "cnfp", "seed": 0, "session": 1, "round": 1 + i // 2}
+                                   for i, p in enumerate(shown)])
+    assert [(r["round"], r["shown"], r["suggestion_accuracy"]) for r in per_round] == [(1, 2, 0.5), (2, 2, 0.5)]
+    assert per_round[1]["confident_accuracy"] == 0.5 and "slide" not in per_round[0]
 
 
 def test_evaluate_needs_a_trained_model(slide_run, island_slide) -> None:  # noqa: ANN001
@@ -183,6 +286,11 @@ def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001
     assert "not one of" in run("simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best",
                                "--out", tmp_path, code=3)
     assert "one --truth per --slide" in run("simulate", "--slide", tmp_path / "a.tiff", "--out", tmp_path, code=3)
+    slide = ("--slide", tmp_path / "a.tiff", "--truth", tmp_path / "a.geojson", "--out", tmp_path)
+    assert "unknown balance 'equal'" in run("simulate", *slide, "--balance", "equal", code=3)
+    assert "--query-island-share 1.5 is not in 0..1" in run("simulate", *slide, "--query-island-share", "1.5", code=3)
+    assert "--query-patches must be at least 1" in run("simulate", *slide, "--query-patches", "0", code=3)
+    assert "--reference-folds must be at least 2" in run("simulate", *slide, "--reference-folds", "1", code=3)
 
 
 def _row(strategy: str, seed: int, session: int, labels: int, value: float) -> dict[str, object]:

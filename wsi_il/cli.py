@@ -926,7 +926,8 @@ def simulate(
     test: Annotated[Path | None, typer.Option(help="Held-out test folder (class subfolders) for --patches.")] = None,
     strategy: Annotated[str, typer.Option(help="Comma-separated strategies: random, topk, fme, cnfp, hybrid, "
                                           "entropy.")] = "cnfp,entropy,random",
-    seeds: Annotated[int, typer.Option(help="Seeds per strategy (0 .. N-1).")] = 1,
+    seeds: Annotated[int, typer.Option(help="Seeds per strategy (--first-seed .. --first-seed + N - 1).")] = 1,
+    first_seed: Annotated[int, typer.Option(help="The first seed (to run a long experiment in pieces).")] = 0,
     sessions: Annotated[int, typer.Option(help="Query sessions per run.")] = 10,
     k: Annotated[int | None, typer.Option("-k", "--k", help="Patches per batch [default: 5 for slides, 10 for "
                                           "patches].")] = None,
@@ -946,6 +947,16 @@ def simulate(
                                            "or layer4 (all of layer4, METHOD.md's ablation).")] = "last",
     reference: Annotated[bool, typer.Option(help="Train the full-supervision reference (all labels; slow on "
                                             "big data).")] = True,
+    reference_folds: Annotated[int, typer.Option(help="Slides: folds of the cross-validated reference (each "
+                                                 "patch scored by heads that never saw it).")] = 5,
+    reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
+    balance: Annotated[str, typer.Option(help="How labels weigh in training: classes (each class the same, a "
+                                         "session's query as at most 10 labels) or none (each once, the "
+                                         "paper).")] = "classes",
+    query_patches: Annotated[int, typer.Option(help="Slides: each session's query is a connected region of this "
+                                               "many tumour patches (1: one random patch, the paper).")] = 1,
+    query_island_share: Annotated[float, typer.Option(help="Slides: each session's query is this share of the "
+                                                      "largest tumour island (0: use --query-patches).")] = 0.0,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure what the expert gains: run strategies with ground truth as the expert (the paper's experiments).
@@ -977,7 +988,7 @@ def simulate(
         unknown = [s for s in names if s not in STRATEGIES]
         if unknown:
             raise InputError(f"--strategy {', '.join(unknown)} is not one of {', '.join(STRATEGIES)}", "pick them")
-        settings = SimulationSettings(strategies=names, seeds=seeds, sessions=sessions,
+        settings = SimulationSettings(strategies=names, seeds=seeds, first_seed=first_seed, sessions=sessions,
                                       k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
                                       epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                       refine_query=refine_query, schedule=_schedule(schedule),
@@ -985,7 +996,9 @@ def simulate(
                                       fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights),
                                       tile_size_px=tile_size, weights=weights,
                                       trainable=_trainable(trainable),
-                                      reference=reference)
+                                      reference=reference, reference_folds=reference_folds,
+                                      reference_epochs=reference_epochs, balance=balance.strip().lower(),
+                                      query_patches=query_patches, query_island_share=query_island_share)
         settings.check()
         if weights == "random":
             console.print("[bold yellow on red] WARNING [/] [bold yellow]--weights random: features of a RANDOMLY "
@@ -1039,7 +1052,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, pixel IoU."""
+    """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, balanced accuracy
+    and the share called, pixel IoU. Needs truth exact at patch level (docs/quality.md)."""
     from wsi_il.project import Project
     from wsi_il.session import open_context
     from wsi_il.simulate import evaluate_project
@@ -1055,15 +1069,18 @@ def evaluate(
         if as_json:
             out.print_json(json.dumps(result))
             return
-        table = Table("patches", "precision", "recall", "F1", "Jaccard", "n")
+        table = Table("patches", "precision", "recall", "F1", "Jaccard", "balanced acc.", "n")
         for name, key, n in (("all tissue", "patch", result["patches"]),
                              ("not labelled", "patch_unlabelled", result["patches"] - result["labelled_patches"])):
             s = result[key]
             table.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
-                          f"{s['jaccard']:.3f}", str(n))
+                          f"{s['jaccard']:.3f}", f"{s['balanced_accuracy']:.3f}", str(n))
         out.print(f"{result['slide']}: {result['label']} predicted on {result['predicted_patches']} patches, "
                   f"{result['truth_patches']} in the truth")
         out.print(table)
+        rest = result["patch_unlabelled"]
+        out.print(f"not labelled: {rest['called_share']:.0%} called {result['label']}, {rest['truth_share']:.0%} "
+                  "truly (balanced accuracy 0.5 is chance: calling everything or nothing)")
         out.print(f"pixel-level IoU of the mask polygons with the truth: {result['pixel_iou']:.3f}")
 
 

@@ -79,6 +79,12 @@ class TrainSettings:
     each training step runs and trains only the rest of the block and the heads, and the database's pass reads
     the first convolution's output from a cache (``wsi_il.stems``) instead of computing it. (With a whole layer
     of trainable blocks, ``--trainable layer4``, everything trains.)"""
+    balance: str = "classes"
+    """What a round trains on (``heads.training_selection``): 'classes' takes every reviewed label and at most
+    ``heads.QUERY_GROUP_SIZE`` patches of each session's query, and weighs each class the same in total in both
+    losses, so the model does not follow the size of the region the expert drew (docs/quality.md); 'none' trains
+    on every label and query patch once, as the paper. Projects made before this setting existed read as
+    'none'."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ def to_dict(settings: Any) -> dict[str, Any]:
 
 
 SCHEDULES = ("auto", "paper", "fast")
+BALANCES = ("classes", "none")
 
 FAST_BUDGET_FROZEN = 7500
 """The fast schedule's default pass budget with a frozen first convolution (a pass costs about 40% of one that
@@ -116,7 +123,8 @@ def fast_budget(settings: TrainSettings) -> int:
     return settings.fast_budget or (FAST_BUDGET_FROZEN if settings.fast_frozen_conv1 else FAST_BUDGET_FULL)
 
 
-_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False},
+_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False,
+                                                        "balance": "none"},
                                       "TilingSettings": {"normalisation_sample": 0}}
 """Values a setting had before it existed: a project written then keeps behaving as it did."""
 

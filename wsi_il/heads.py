@@ -174,9 +174,9 @@ def triplet_masks(targets):  # type: ignore[no-untyped-def]
     return same, differ | not_of
 
 
-def batch_hard_triplet_loss(embeddings, targets, margin: float):  # type: ignore[no-untyped-def]
+def batch_hard_triplet_loss(embeddings, targets, margin: float, weights=None):  # type: ignore[no-untyped-def]
     """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative (0 when no anchor
-    has both).
+    has both); ``weights``: each anchor's weight in the mean (``training_selection``), else equal.
 
     Masked sums rather than boolean indexing or ``any()`` tests, which would make the host wait for the GPU at
     every training step; ``has_triplet`` answers on the host whether there is anything to learn from.
@@ -188,7 +188,10 @@ def batch_hard_triplet_loss(embeddings, targets, margin: float):  # type: ignore
     hardest_pos = torch.where(same, dist, torch.zeros_like(dist)).max(1).values
     hardest_neg = torch.where(different, dist, torch.full_like(dist, float("inf"))).min(1).values
     per_anchor = torch.where(valid, torch.relu(hardest_pos - hardest_neg + margin), torch.zeros_like(dist[0]))
-    return per_anchor.sum() / valid.sum().clamp(min=1)
+    if weights is None:
+        return per_anchor.sum() / valid.sum().clamp(min=1)
+    weight = torch.where(valid, weights, torch.zeros_like(weights))
+    return (per_anchor * weight).sum() / weight.sum().clamp(min=1e-6)
 
 
 def has_triplet(targets: np.ndarray) -> bool:
@@ -204,8 +207,9 @@ def has_triplet(targets: np.ndarray) -> bool:
                for c, count in zip(classes, counts, strict=True) if count >= 2)
 
 
-def classifier_loss(logits, targets):  # type: ignore[no-untyped-def]
-    """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets (mean over the batch).
+def classifier_loss(logits, targets, weights=None):  # type: ignore[no-untyped-def]
+    """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets (mean over the batch; ``weights``:
+    each row's weight, ``training_selection``, whose mean over the training set is 1).
 
     Both terms are computed for every row and the right one kept, so no step waits for the GPU to say which
     rows are which.
@@ -215,7 +219,49 @@ def classifier_loss(logits, targets):  # type: ignore[no-untyped-def]
     log_p = torch.log_softmax(logits, dim=1)
     named = log_p.gather(1, torch.where(known, targets, -targets - 1).view(-1, 1)).squeeze(1)  # log p of the class
     not_named = torch.log1p(-named.exp().clamp(max=1 - 1e-6))
-    return torch.where(known, -named, -not_named).sum() / len(targets)
+    per_row = torch.where(known, -named, -not_named)
+    return (per_row if weights is None else per_row * weights).sum() / len(targets)
+
+
+QUERY_GROUP_SIZE = 10
+"""Balanced training: each round trains on at most this many of a session's query patches (a random subset, drawn
+anew when the labels change), however large the region the expert drew."""
+
+
+def training_selection(targets: np.ndarray, groups: np.ndarray, balance: str,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows of a training set a round trains on, and their loss weights (mean 1; None: every row once).
+
+    ``groups`` holds -1 for a reviewed label and the session number for a query patch. 'none' (the paper): every
+    row, once. 'classes': every reviewed label, and at most ``QUERY_GROUP_SIZE`` query patches of each session,
+    drawn at random (seeded by ``seed`` and the training set's size, so a rerun draws the same ones), weighted
+    so that each class weighs the same in total (``training_weights``). A region of hundreds of patches then
+    neither outweighs the reviewed labels nor spends the fast schedule's pass budget on itself.
+    """
+    targets, groups = np.asarray(targets), np.asarray(groups)
+    if balance == "none":
+        return np.arange(len(targets)), None
+    if balance != "classes":
+        raise ValueError(f"unknown balance {balance!r}")
+    rng = np.random.default_rng([seed, len(targets)])
+    keep = [np.flatnonzero(groups < 0)]
+    for group in np.unique(groups[groups >= 0]):
+        rows = np.flatnonzero(groups == group)
+        keep.append(np.sort(rng.choice(rows, size=min(len(rows), QUERY_GROUP_SIZE), replace=False)))
+    rows = np.concatenate(keep)
+    return rows, training_weights(targets[rows])
+
+
+def training_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-row loss weights (mean 1) under which each target value (class, or "not class c") weighs the same in
+    total: the balance of the classes in training does not follow the mix of the labels."""
+    targets = np.asarray(targets)
+    weights = np.ones(len(targets), dtype=np.float64)
+    values = np.unique(targets)
+    for value in values:
+        rows = targets == value
+        weights[rows] = len(targets) / len(values) / rows.sum()
+    return weights.astype(np.float32)
 
 
 @dataclass
@@ -249,8 +295,11 @@ def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int
 def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
                 on_epoch: Callable[[int], None] | None = None, schedule: str | None = None,
-                early_stopping: bool = True, graphs: bool | None = None) -> TrainedHeads:
+                early_stopping: bool = True, graphs: bool | None = None,
+                weights: np.ndarray | None = None) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
+
+    ``weights``: each row's weight in both losses (``training_selection``); None weighs every row once.
 
     ``schedule`` overrides the settings' (resolved for ``device`` when 'auto'). ``on_epoch(1)`` is called
     after every epoch (a progress advance). ``early_stopping=False`` makes the fast schedule run all its
@@ -261,12 +310,13 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     schedule = schedule or resolve_schedule(settings, device)
     if schedule == "fast":
         return _train_shared(features, targets, init_state, n_classes, settings, device, start, on_epoch,
-                             early_stopping, graphs)
+                             early_stopping, graphs, weights)
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     dev = torch.device(device)
     x_all, y_all = _on_device(features, targets, dev)
+    w_all = _weights_on(weights, dev)
     retrieval = RetrievalHead(init_state)
     classifier = ClassifierHead(init_state, n_classes)
     if start is not None:
@@ -282,16 +332,16 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     def retrieval_step(rows, y):  # type: ignore[no-untyped-def]
         with autocast(dev, cache=False):
             embedded = retrieval(rows[0])
-        return (_step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin)),)
+        return (_step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin, rows[1])),)
 
     def classifier_step(rows, y):  # type: ignore[no-untyped-def]
         with autocast(dev, cache=False):
             logits = classifier(rows[0])
-        return (_step(opt_c, classifier_loss(logits.float(), y)),)
+        return (_step(opt_c, classifier_loss(logits.float(), y, rows[1])),)
 
     updates = [_Update(retrieval_step, (0,), retrieval, opt_r, needs_triplet=True),  # no triplet: no step
                _Update(classifier_step, (1,), classifier, opt_c)]
-    losses = _train_epochs(updates, (x_all,), y_all, targets, settings.batch_size, settings.epochs, generator,
+    losses = _train_epochs(updates, (x_all, w_all), y_all, targets, settings.batch_size, settings.epochs, generator,
                            on_epoch, graphs)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
 
@@ -299,13 +349,14 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
 def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                   settings: TrainSettings, device: str, start: TrainedHeads | None,
                   on_epoch: Callable[[int], None] | None, early_stopping: bool = True,
-                  graphs: bool | None = None) -> TrainedHeads:
+                  graphs: bool | None = None, weights: np.ndarray | None = None) -> TrainedHeads:
     """The fast schedule: one block for both heads, warm-started, early-stopped, bounded passes."""
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     dev = torch.device(device)
     x_all, y_all = _on_device(features, targets, dev)
+    w_all = _weights_on(weights, dev)
     head = ClassifierHead(init_state, n_classes)
     if start is not None:  # the previous classifier holds the shared block (or, after a paper round, its own)
         head.load_state_dict(start.classifier)
@@ -320,19 +371,19 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     optimizer = _adam([p for p in head.parameters() if p.requires_grad], settings.lr, _want_graphs(graphs, dev))
 
     def shared_step(rows, y):  # type: ignore[no-untyped-def]
-        x, stem = rows
+        x, stem, weight = rows
         with autocast(dev, cache=False):
             pooled = head.pooled(x, stem)
         logits = head.logits(pooled)
-        triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin)
-        cross_entropy = classifier_loss(logits, y)
+        triplet = batch_hard_triplet_loss(torch.nn.functional.normalize(pooled, dim=1), y, settings.margin, weight)
+        cross_entropy = classifier_loss(logits, y, weight)
         _step(optimizer, triplet + cross_entropy)
         return triplet.detach(), cross_entropy.detach()
 
     epochs = planned_epochs(settings, len(y_all), "fast")
     # Early stopping only where the pass budget binds: a round within it is cheap and runs the paper's epochs.
     stopping = _EarlyStop() if early_stopping and epochs < settings.epochs else None
-    losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all), y_all, targets,
+    losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all, w_all), y_all, targets,
                            settings.batch_size, epochs, generator, on_epoch, graphs, stopping)
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
@@ -531,6 +582,13 @@ class _StepGraphs:
         else:
             for graph in graphs:
                 graph.replay()
+
+
+def _weights_on(weights: np.ndarray | None, dev):  # type: ignore[no-untyped-def]
+    """Per-row loss weights (float32) on the training device, or None (every row once)."""
+    if weights is None:
+        return None
+    return _torch().from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
 
 
 def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[no-untyped-def]

@@ -23,6 +23,15 @@ class BinaryScores:
     false_positives: int
     false_negatives: int
     true_negatives: int
+    specificity: float = 1.0
+    """Share of true negatives called negative (1 when there are none)."""
+    balanced_accuracy: float = 1.0
+    """Mean of recall and specificity: 0.5 for a mask that calls everything (or nothing) the target class, whatever
+    the prevalence, where Jaccard rewards calling everything with the prevalence itself."""
+    called_share: float = 0.0
+    """Share of the scored patches called the target class (compare with ``truth_share``)."""
+    truth_share: float = 0.0
+    """Share of the scored patches that truly are the target class."""
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -37,9 +46,13 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> BinaryScores:
     fp = int((predicted & ~truth).sum())
     fn = int((~predicted & truth).sum())
     tn = int((~predicted & ~truth).sum())
-    return BinaryScores(precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn),
+    recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    n = max(1, len(truth))
+    return BinaryScores(precision=_ratio(tp, tp + fp), recall=recall,
                         f1=_ratio(2 * tp, 2 * tp + fp + fn), jaccard=_ratio(tp, tp + fp + fn),
-                        true_positives=tp, false_positives=fp, false_negatives=fn, true_negatives=tn)
+                        true_positives=tp, false_positives=fp, false_negatives=fn, true_negatives=tn,
+                        specificity=specificity, balanced_accuracy=(recall + specificity) / 2,
+                        called_share=(tp + fp) / n, truth_share=(tp + fn) / n)
 
 
 def _ratio(numerator: int, denominator: int) -> float:

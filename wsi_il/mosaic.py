@@ -1,6 +1,11 @@
-"""Synthetic slides with known truth: real labelled H&E fields pasted into a pyramidal TIFF.
+"""Synthetic slides with known truth: real labelled H&E images pasted into a pyramidal TIFF.
 
-Two kinds of mosaic slide. A *block* slide is white background around a rectangle of tissue; a
+A *patch mosaic* (``make_patch_mosaic``) puts one per-patch-labelled patch (PatchCamelyon) in each cell of a
+grid whose cells are the project's tiles: its truth is exact at the patch level, so it can score label quality.
+The field mosaics below paste crops of whole labelled fields (BACH): their truth holds for the field, not for
+every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md).
+
+Two kinds of field mosaic. A *block* slide is white background around a rectangle of tissue; a
 tile-aligned block of that tissue is made of tumour fields and the rest of normal fields. An *island*
 slide (``make_island_slide``) has an irregular tissue outline with irregular tumour islands inside it,
 their borders crossing patches at any angle, as in a real slide. Either way the tumour region is known
@@ -442,6 +447,142 @@ def make_island_slide(
                        tumour=tumour, tissue=tissue, mpp=mpp)
 
 
+# ---- patch mosaics: exact patch-level truth ----------------------------------------------------------
+PCAM_MPP = 0.97
+"""PatchCamelyon's scale in microns per pixel (Camelyon16 level 0 downsampled about 4 times, "10x")."""
+
+
+@dataclass(frozen=True)
+class PatchMosaic:
+    """A written patch mosaic: a slide whose every tissue grid cell is one labelled patch."""
+
+    slide: MosaicSlide
+    cells_path: Path
+    """``<stem>.cells.csv``: x, y, width, height (level-0 px), label (tumor/normal) and source of every cell."""
+    tumour_cells: int
+    normal_cells: int
+    reused: int
+    """Cells that show a patch already used elsewhere on the slide (rotated or flipped): 0 when the pools sufficed."""
+
+
+def labelled_patches(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Return (tumour, normal) image paths of a per-patch-labelled folder with ``tumor/`` and ``normal/``."""
+    folder = Path(folder)
+    tumour, normal = _jpegs(folder / "tumor"), _jpegs(folder / "normal")
+    if not tumour or not normal:
+        raise InputError(f"no images in {folder}/tumor or {folder}/normal",
+                         "give a folder of per-patch-labelled images in tumor/ and normal/ (e.g. a PCam sample)")
+    return tumour, normal
+
+
+def make_patch_mosaic(
+    path: Path,
+    tumour_images: list[Path],
+    normal_images: list[Path],
+    *,
+    cells: tuple[int, int] = (48, 48),
+    islands: int = 5,
+    tumour_share: float = 0.35,
+    tile_px: int = 96,
+    mpp: float = PCAM_MPP,
+    seed: int = 0,
+    jpeg_quality: int | None = 90,
+) -> PatchMosaic:
+    """Compose and write a slide of ``cells`` = (columns, rows) grid cells of ``tile_px`` with exact truth.
+
+    An irregular tissue outline and irregular tumour islands are laid out as in ``make_island_slide``, then
+    snapped to the grid: a cell is tissue (or tumour) when its centre lies in the tissue (or in a tumour
+    island). Each tissue cell shows one patch of its class, drawn without replacement (randomly rotated and
+    flipped; a pool that runs out is reused, counted in ``reused``). Images of another size are resized to
+    ``tile_px``. The truth GeoJSON is the union of the tumour cells, so a patch of a ``tile_px`` grid starting at
+    (0, 0) is tumour exactly when its cell is. Pass the images' own scale as ``mpp`` (PCam: ``PCAM_MPP``).
+    """
+    from wsi_il.qupath import make_feature, union_squares, write_features
+
+    _check_patch_mosaic(tumour_images, normal_images, cells, islands, tumour_share)
+    rng = np.random.default_rng(seed)
+    size_px = (cells[0] * tile_px, cells[1] * tile_px)
+    tissue, tumour = island_layout(size_px, rng, islands=islands, tumour_share=tumour_share, margin_px=tile_px // 2)
+    is_tissue, is_tumour = _cell_classes(tissue, tumour, cells, tile_px)
+    rgb = _background(size_px, rng)
+    pools = {True: _Pool(tumour_images, rng), False: _Pool(normal_images, rng)}
+    rows = []
+    for row, col in zip(*np.nonzero(is_tissue), strict=True):
+        label = bool(is_tumour[row, col])
+        source, image = pools[label].draw(tile_px)
+        x, y = int(col) * tile_px, int(row) * tile_px
+        rgb[y:y + tile_px, x:x + tile_px] = image
+        rows.append((x, y, tile_px, tile_px, "tumor" if label else "normal", source.name))
+    path = Path(path)
+    write_pyramidal_tiff(path, rgb, mpp=mpp, tile_px=_tiff_tile(tile_px), jpeg_quality=jpeg_quality)
+    ys, xs = np.nonzero(is_tumour)
+    truth = union_squares(xs * tile_px, ys * tile_px, tile_px, tile_px)
+    truth_path = path.with_name(f"{path.stem}.truth.geojson")
+    feature = make_feature(truth, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
+                           feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
+    feature["properties"]["isLocked"] = False
+    write_features(truth_path, [feature])
+    cells_path = path.with_name(f"{path.stem}.cells.csv")
+    atomic_write_text(cells_path, "x,y,width,height,label,source\n" + "".join(
+        ",".join(str(v) for v in r) + "\n" for r in rows))
+    ys, xs = np.nonzero(is_tissue)
+    slide = MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
+                        tumour=truth, tissue=union_squares(xs * tile_px, ys * tile_px, tile_px, tile_px), mpp=mpp)
+    return PatchMosaic(slide, cells_path, int(is_tumour.sum()), int((is_tissue & ~is_tumour).sum()),
+                       pools[True].reused + pools[False].reused)
+
+
+def _check_patch_mosaic(tumour_images: list[Path], normal_images: list[Path], cells: tuple[int, int],
+                        islands: int, tumour_share: float) -> None:
+    if not tumour_images or not normal_images:
+        raise InputError("no tumour or no normal images to build a mosaic from", "pass both lists")
+    if min(cells) < 8:
+        raise InputError(f"a grid of {cells[0]}x{cells[1]} cells is too small for tumour islands",
+                         "use at least 8 cells a side")
+    if not 0 < tumour_share < 1 or islands < 1:
+        raise InputError(f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
+                         "e.g. tumour_share=0.35, islands=5")
+
+
+def _tiff_tile(tile_px: int) -> int:
+    """The TIFF's tile side: the grid's cell when it is a multiple of 16, else 256."""
+    return tile_px if tile_px % 16 == 0 else 256
+
+
+def _cell_classes(tissue: Polygon | MultiPolygon, tumour: Polygon | MultiPolygon, cells: tuple[int, int],
+                  tile_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) boolean grids: cells whose centre lies in the tissue, and in a tumour island as well."""
+    import shapely
+
+    columns, rows = cells
+    ys, xs = np.mgrid[0:rows, 0:columns]
+    centres = shapely.points((xs.ravel() + 0.5) * tile_px, (ys.ravel() + 0.5) * tile_px)
+    in_tissue = shapely.contains(tissue, centres).reshape(rows, columns)
+    in_tumour = shapely.contains(tumour, centres).reshape(rows, columns) & in_tissue
+    return in_tissue, in_tumour
+
+
+class _Pool:
+    """Images of one class drawn in a random order without replacement, then again (counted as reused)."""
+
+    def __init__(self, images: list[Path], rng: np.random.Generator) -> None:
+        self.images, self.rng = list(images), rng
+        self.order: list[int] = []
+        self.reused, self.rounds = 0, 0
+
+    def draw(self, tile_px: int) -> tuple[Path, np.ndarray]:
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.images)))
+            self.rounds += 1
+        self.reused += self.rounds > 1
+        source = self.images[self.order.pop()]
+        image = _load_rgb(source)
+        if image.shape[:2] != (tile_px, tile_px):
+            image = np.asarray(Image.fromarray(image).resize((tile_px, tile_px), Image.Resampling.LANCZOS))
+        image = np.rot90(image, k=int(self.rng.integers(4)))
+        return source, image[:, ::-1] if self.rng.integers(2) else image
+
+
 def write_mirrored_tiling(path: Path, small: MosaicSlide, copies: int, jpeg_quality: int = 90) -> MosaicSlide:
     """Write a large slide made of ``copies`` x ``copies`` mirror images of a small mosaic, tile by tile.
 
@@ -509,22 +650,47 @@ def _mirrored_tiles(level: np.ndarray, copies: int, tile: int):  # type: ignore[
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write an island mosaic slide from the BACH sample: ``python -m wsi_il.mosaic OUT.tiff --data DIR``."""
+    """Write a mosaic slide and its truth: ``python -m wsi_il.mosaic OUT.tiff --data DIR`` (BACH islands, for looks)
+    or ``--patches DIR`` (a per-patch-labelled folder such as PCam: exact patch-level truth, for scoring)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m wsi_il.mosaic", description=main.__doc__)
     parser.add_argument("out", type=Path, help="the pyramidal TIFF to write (the truth goes beside it)")
-    parser.add_argument("--data", type=Path, required=True, help="folder holding bach-iciar2018-1536jpeg-sample/")
-    parser.add_argument("--size", default="4096x4096", help="level-0 WIDTHxHEIGHT in px")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="folder holding bach-iciar2018-1536jpeg-sample/")
+    source.add_argument("--patches", type=Path, help="folder of per-patch-labelled images in tumor/ and normal/")
+    parser.add_argument("--size", default="4096x4096", help="BACH: level-0 WIDTHxHEIGHT in px")
+    parser.add_argument("--cells", default="48x48", help="--patches: grid COLUMNSxROWS, one patch a cell")
+    parser.add_argument("--tile", type=int, default=96, help="--patches: cell side in px (the patches' own side)")
+    parser.add_argument("--part", default="1/1", help="--patches: use only part I of N of each class (I/N), so "
+                        "that slides built with different parts share no patch")
     parser.add_argument("--islands", type=int, default=6)
-    parser.add_argument("--tumour-share", type=float, default=0.25)
+    parser.add_argument("--tumour-share", type=float, default=None, help="[default: 0.25 BACH, 0.35 --patches]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mpp", type=float, default=0.5)
+    parser.add_argument("--mpp", type=float, default=None, help=f"[default: 0.5 BACH, {PCAM_MPP} --patches]")
     args = parser.parse_args(argv)
+    try:
+        _write_from_args(args)
+    except (InputError, FileNotFoundError) as exc:
+        parser.exit(3, f"error: {exc}\n")
+
+
+def _write_from_args(args) -> None:  # type: ignore[no-untyped-def]
+    if args.patches is not None:
+        tumour, normal = labelled_patches(args.patches)
+        index, parts = (int(v) for v in args.part.split("/"))
+        tumour, normal = tumour[index - 1::parts], normal[index - 1::parts]
+        columns, rows = (int(v) for v in args.cells.lower().split("x"))
+        made = make_patch_mosaic(args.out, tumour, normal, cells=(columns, rows), islands=args.islands,
+                                 tumour_share=args.tumour_share or 0.35, tile_px=args.tile,
+                                 mpp=args.mpp or PCAM_MPP, seed=args.seed)
+        print(f"wrote {made.slide.path} ({made.slide.width}x{made.slide.height} px, {made.tumour_cells} tumour and "
+              f"{made.normal_cells} normal cells, {made.reused} reused), {made.slide.truth_path} and {made.cells_path}")
+        return
     width, height = (int(v) for v in args.size.lower().split("x"))
     tumour, normal = bach_images(args.data)
     slide = make_island_slide(args.out, tumour, normal, size_px=(width, height), islands=args.islands,
-                              tumour_share=args.tumour_share, seed=args.seed, mpp=args.mpp)
+                              tumour_share=args.tumour_share or 0.25, seed=args.seed, mpp=args.mpp or 0.5)
     print(f"wrote {slide.path} ({slide.width}x{slide.height} px) and {slide.truth_path}")
 
 

@@ -605,6 +605,12 @@ def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int
 def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     """Return features and targets of every label as it stands (newest answer wins) plus every session's query
     patches."""
+    features, targets, _ = _training_rows(ctx)
+    return features, targets
+
+
+def _training_rows(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``training_set`` and each row's group: -1 for a label, the session's number for its query patches."""
     from wsi_il.project import current_labels
 
     index = ctx.table.index_of()
@@ -612,11 +618,13 @@ def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     entries = [e for e in labelled if e["label"] != "skip" and e["patch_id"] in index]
     targets = [_target(ctx, e["label"]) for e in entries]
     features = [ctx.store.take(np.array([index[e["patch_id"]] for e in entries], dtype=np.int64))]
-    for session in list_sessions(ctx.project):
+    groups = [-1] * len(entries)
+    for number, session in enumerate(list_sessions(ctx.project)):
         query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
         features.append(query)
         targets.extend([ctx.class_index(session["label"])] * len(query))
-    return np.concatenate(features), np.array(targets, dtype=np.int64)
+        groups.extend([number] * len(query))
+    return np.concatenate(features), np.array(targets, dtype=np.int64), np.array(groups, dtype=np.int64)
 
 
 def _target(ctx: Context, label: str) -> int:
@@ -629,12 +637,13 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     """Train both heads on all labels, then embed and predict every patch with them (one pass); returns the
     seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
-    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads
+    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads, training_selection
 
     started = time.perf_counter()
     settings = from_dict(TrainSettings, ctx.manifest["train"])
     schedule = resolve_schedule(settings, ctx.device)
-    features, targets = training_set(ctx)
+    features, targets, groups = _training_rows(ctx)
+    rows, weights = training_selection(targets, groups, settings.balance, settings.seed)
     init = _init_state(ctx)
     state = _state(ctx)
     # A rerun after a kill may find this round's own model already current: start from the one before it.
@@ -643,9 +652,10 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     if (settings.warm_start or schedule == "fast") and base:
         previous = _load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
-    advance = ctx.reporter.task(f"training on {len(targets)} labels ({schedule} schedule)",
-                                planned_epochs(settings, len(targets), schedule), "epochs")
-    heads = train_heads(features, targets, init, len(ctx.classes), settings, ctx.device, start, advance, schedule)
+    advance = ctx.reporter.task(f"training on {len(rows)} labels ({schedule} schedule)",
+                                planned_epochs(settings, len(rows), schedule), "epochs")
+    heads = train_heads(features[rows], targets[rows], init, len(ctx.classes), settings, ctx.device, start, advance,
+                        schedule, weights=weights)
     _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     trained = time.perf_counter()
     stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None

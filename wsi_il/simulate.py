@@ -10,6 +10,11 @@ Layout of an output folder::
     base/<name>/                 one project per slide (or patch dataset): features computed once
     runs/<name>/<strategy>-seed<n>/  a copy of the base project per run, with its batches and models
     results.csv  per_slide.csv  summary.json  <metric>.png
+    suggestions.csv              every patch shown: the model's suggestion, its probability and the truth
+    rounds.csv                   per round: how the suggestions shown fared (``suggestion_scores``)
+
+Slides need exact patch-level truth to be scored (a mosaic of per-patch-labelled patches such as PCam,
+``wsi_il.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.config import (
+    BALANCES,
     SCHEDULES,
     STRATEGIES,
     FeatureSettings,
@@ -45,12 +51,18 @@ from wsi_il.metrics import accuracy, area_under_curve, binary_scores, labels_to_
 from wsi_il.project import Project
 
 TUMOUR, NORMAL = "Tumor", "Normal"
-COLUMNS = ("strategy", "seed", "session", "labels", "label_share", "accuracy", "p_at_10", "f1", "jaccard",
-           "precision", "recall", "f1_unlabelled", "jaccard_unlabelled", "seconds")
+COLUMNS = ("strategy", "seed", "session", "labels", "label_share", "reviewed", "query_patches", "accuracy",
+           "p_at_10", "f1", "jaccard", "precision", "recall", "balanced_accuracy", "f1_unlabelled",
+           "jaccard_unlabelled", "balanced_accuracy_unlabelled", "called_unlabelled", "suggestion_accuracy",
+           "confident_share", "confident_accuracy", "seconds")
 PATCH_METRICS = ("accuracy", "p_at_10")
-SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled")
+SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled", "balanced_accuracy_unlabelled")
+SUGGESTION_COLUMNS = ("strategy", "seed", "session", "round", "patch_id", "suggestion", "probability", "truth")
+SUGGESTION_SCORES = ("suggestion_accuracy", "confident_share", "confident_accuracy")
 REFERENCE = "full-supervision"
-"""The strategy name of the reference rows: both heads trained on every database label, session 0."""
+"""The strategy name of the reference rows (session 0): on slides, both heads trained on all but one fold of the
+patches with their true labels and scored on the held-out fold, for every fold (cross-validated); on patch
+datasets, trained on every database label and scored on the held-out test set."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,9 @@ class SimulationSettings:
 
     strategies: tuple[str, ...] = ("cnfp", "entropy", "random")
     seeds: int = 1
-    """Seeds 0 .. seeds-1; each seeds the query set, sampling and training of a run."""
+    """Seeds first_seed .. first_seed + seeds - 1; each seeds the query set, sampling and training of a run."""
+    first_seed: int = 0
+    """The first seed (a long experiment can run in pieces: --seeds 1 --first-seed 1, then 2, ...)."""
     sessions: int = 10
     k: int = 5
     """Patches per review batch (the paper: 5 for slides, 10 for CRC)."""
@@ -80,6 +94,18 @@ class SimulationSettings:
     ``init`` decides for ``weights`` (``config.frozen_conv1_default``)."""
     reference: bool = True
     """Train the full-supervision reference (once, seed 0); without it the 95%/100% columns stay empty."""
+    reference_folds: int = 5
+    """Slides: the reference's folds (each patch scored by heads that never saw it)."""
+    reference_epochs: int = 0
+    """The reference's epochs per fold; 0: ``epochs``."""
+    balance: str = TrainSettings.balance
+    """TrainSettings.balance of the runs: classes (the default) or none (every label once, the paper)."""
+    query_patches: int = 1
+    """Slides: each session's query is a connected region of this many tumour patches grown from a random tumour
+    patch (1: one random tumour patch, the paper)."""
+    query_island_share: float = 0.0
+    """Slides: when above 0, each session's query is this share of the slide's largest tumour island (a connected
+    region grown from a random patch of it), in place of ``query_patches``."""
     tile_size_px: int = 256
     weights: str = "imagenet"
     trainable: str = "last"
@@ -95,16 +121,26 @@ class SimulationSettings:
         from wsi_il.features import check_trainable
 
         check_trainable(self.trainable)
-        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget"):
-            least = 0 if name == "fast_budget" else 1  # a budget of 0 is the default
+        if self.balance not in BALANCES:
+            raise InputError(f"unknown balance {self.balance!r}", f"use one of {', '.join(BALANCES)}")
+        if not 0 <= self.query_island_share <= 1:
+            raise InputError(f"--query-island-share {self.query_island_share} is not in 0..1",
+                             "e.g. 0.8 for most of the largest tumour island, or 0 for --query-patches")
+        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget", "reference_folds",
+                     "reference_epochs", "query_patches", "first_seed"):
+            zero_ok = name in ("fast_budget", "reference_epochs", "first_seed")  # 0: the default, or seed 0
+            least = 0 if zero_ok else 2 if name == "reference_folds" else 1
             if getattr(self, name) < least:
                 raise InputError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}",
                                  f"e.g. {least} or more")
 
+    def seed_range(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
+
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
                              refine_query=self.refine_query, seed=seed, schedule=self.schedule,
-                             fast_budget=self.fast_budget,
+                             fast_budget=self.fast_budget, balance=self.balance,
                              fast_frozen_conv1=(frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None
                                                 else self.fast_frozen_conv1))
 
@@ -133,6 +169,8 @@ class Outcome:
 
     rows: list[dict[str, Any]]
     per_slide: list[dict[str, Any]] = field(default_factory=list)
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+    """Every patch shown with a suggestion: SUGGESTION_COLUMNS."""
     summary: dict[str, Any] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
 
@@ -195,12 +233,16 @@ def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str
 
 # ---- one run: sessions through the engine ---------------------------------------------------------
 def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings: SimulationSettings,
-                  strategy: str, label_batch: Callable[[Path], None], score: Callable[[Any], dict[str, Any]],
-                  progress: Progress) -> list[dict[str, Any]]:
-    """Run one session per query through start_session/ingest, scoring after each; returns the rows."""
+                  strategy: str, label_batch: Callable[[Path], dict[str, str]], score: Callable[[Any], dict[str, Any]],
+                  progress: Progress, shown: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Run one session per query through start_session/ingest, scoring after each; returns the rows.
+
+    ``shown`` collects every patch shown with a suggestion (SUGGESTION_COLUMNS, less strategy and seed).
+    """
     from wsi_il.session import ingest, start_session
 
-    rows, labels = [], 0
+    rows, labels, query_patches = [], 0, 0
+    shown = [] if shown is None else shown
     for number, (label, query) in enumerate(queries, start=1):
         started = time.perf_counter()
         try:
@@ -210,11 +252,13 @@ def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings:
             if not _exhausted(exc):
                 raise
             break
-        labels += len(query.get("query_indices", query.get("query_features", [])))
-        rounds_done = 0
+        added = len(query.get("query_indices", query.get("query_features", [])))
+        labels, query_patches = labels + added, query_patches + added
+        rounds_done, first = 0, len(shown)
         while result.batch_dir is not None:
-            label_batch(result.batch_dir)
-            labels += _batch_size(result.batch_dir)
+            answers = label_batch(result.batch_dir)
+            shown.extend(_shown(result.batch_dir, answers, number, rounds_done + 1))
+            labels += len(answers)
             try:
                 result = ingest(ctx, result.batch_dir / "labels.csv")
             except ProjectStateError as exc:  # the last candidates were used: no next batch to write
@@ -226,7 +270,8 @@ def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings:
             progress.advance(1)
         progress.advance(settings.rounds - rounds_done)
         seconds = time.perf_counter() - started
-        row = {"strategy": strategy, "session": number, "labels": labels, "seconds": round(seconds, 3),
+        row = {"strategy": strategy, "session": number, "labels": labels, "reviewed": labels - query_patches,
+               "query_patches": query_patches, "seconds": round(seconds, 3), **suggestion_scores(shown[first:]),
                **score(ctx)}
         rows.append(row)
         progress.on_row(row)
@@ -239,10 +284,39 @@ def _exhausted(exc: ProjectStateError) -> bool:
     return "every patch of the project has been reviewed" in exc.message
 
 
-def _batch_size(batch_dir: Path) -> int:
+def _shown(batch_dir: Path, answers: dict[str, str], session: int, round_number: int) -> list[dict[str, Any]]:
+    """The batch's patches that came with a suggestion, with the answer the truth gave."""
     from wsi_il.review import read_batch
 
-    return len(read_batch(batch_dir)[1])
+    return [{"session": session, "round": round_number, "patch_id": p.patch_id, "suggestion": p.suggestion,
+             "probability": p.suggestion_probability, "truth": answers[p.patch_id]}
+            for p in read_batch(batch_dir)[1] if p.suggestion is not None and p.patch_id in answers]
+
+
+def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``suggestion_scores`` of every round (per slide, strategy, seed, session and round) of shown patches."""
+    keys = ("slide", "strategy", "seed", "session", "round")
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for patch in shown:
+        groups.setdefault(tuple(patch.get(k) for k in keys), []).append(patch)
+    return [{**{k: v for k, v in zip(keys, key, strict=True) if v is not None}, "shown": len(patches),
+             **suggestion_scores(patches)} for key, patches in groups.items()]
+
+
+def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the suggestions shown in a session's batches fared: the share that matched the truth, the share shown
+    as confident (``review.suggestion_is_uncertain`` false) and the share of those that matched.
+
+    The last two say what one "accept every confident suggestion" action would record, and how well.
+    """
+    from wsi_il.review import suggestion_is_uncertain
+
+    if not shown:
+        return {"suggestion_accuracy": "", "confident_share": "", "confident_accuracy": ""}
+    right = np.array([s["suggestion"] == s["truth"] for s in shown])
+    confident = np.array([not suggestion_is_uncertain(s["probability"]) for s in shown])
+    return {"suggestion_accuracy": float(right.mean()), "confident_share": float(confident.mean()),
+            "confident_accuracy": float(right[confident].mean()) if confident.any() else ""}
 
 
 def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -267,39 +341,59 @@ def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
     predicted = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
     seen = reviewed_ids(ctx.project)
     unlabelled = np.array([pid not in seen for pid in ctx.table.ids])
-    every, rest = binary_scores(predicted, truth), binary_scores(predicted[unlabelled], truth[unlabelled])
+    return _score_columns(binary_scores(predicted, truth), binary_scores(predicted[unlabelled], truth[unlabelled]))
+
+
+def _score_columns(every: Any, rest: Any) -> dict[str, Any]:
+    """The slide columns of a row from the scores on every tissue patch and on the unlabelled ones."""
     return {"f1": every.f1, "jaccard": every.jaccard, "precision": every.precision, "recall": every.recall,
-            "f1_unlabelled": rest.f1, "jaccard_unlabelled": rest.jaccard}
+            "balanced_accuracy": every.balanced_accuracy, "f1_unlabelled": rest.f1,
+            "jaccard_unlabelled": rest.jaccard, "balanced_accuracy_unlabelled": rest.balanced_accuracy,
+            "called_unlabelled": rest.called_share}
 
 
-def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings) -> dict[str, Any]:
-    """Both heads trained on every patch of the slide with its true label; scored on every patch."""
+def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Cross-validated full supervision: per fold, both heads trained on every other fold's patches with their
+    true labels, predicting the fold; scored on all patches, each predicted by heads that never saw it."""
     from wsi_il.heads import predict
 
     targets = np.where(truth, ctx.class_index(TUMOUR), ctx.class_index(NORMAL)).astype(np.int64)
-    heads, init = _full_supervision(ctx, targets, train)
-    probs = predict(heads.classifier, init, len(ctx.classes), ctx.store.chunks(256), len(ctx.store), ctx.device)
-    scores = binary_scores(probs.argmax(axis=1) == ctx.class_index(TUMOUR), truth)
-    return {"f1": scores.f1, "jaccard": scores.jaccard, "precision": scores.precision, "recall": scores.recall,
-            "f1_unlabelled": scores.f1, "jaccard_unlabelled": scores.jaccard}
+    fold_of = np.random.default_rng(train.seed).permutation(len(targets)) % folds
+    predicted = np.zeros(len(targets), dtype=bool)
+    for fold in range(folds):
+        if progress is not None:
+            progress.describe(f"full-supervision reference, fold {fold + 1} of {folds}")
+        held_out = np.flatnonzero(fold_of == fold)
+        heads, init = _full_supervision(ctx, np.flatnonzero(fold_of != fold), targets, train, epochs)
+        features = ctx.store.take(held_out)
+        probs = predict(heads.classifier, init, len(ctx.classes), [(0, features)], len(held_out), ctx.device)
+        predicted[held_out] = probs.argmax(axis=1) == ctx.class_index(TUMOUR)
+    scores = binary_scores(predicted, truth)
+    return _score_columns(scores, scores)
 
 
-def _full_supervision(ctx: Any, targets: np.ndarray, train: TrainSettings) -> tuple[Any, dict[str, Any]]:
-    """Both heads trained on every database patch with its true class, with the runs' schedule.
+def _full_supervision(ctx: Any, rows: np.ndarray, targets: np.ndarray, train: TrainSettings,
+                      epochs: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Both heads trained on the database patches ``rows`` with their true classes, with the runs' schedule.
 
     The fast schedule's per-round pass budget and early stopping are lifted here: the reference trains its
-    full epochs, so it is a ceiling for the runs, not a peer.
+    full epochs (``epochs``, else the runs' ``epochs``), so it is a ceiling for the runs, not a peer. Its
+    classes weigh as the runs' ``balance`` says.
     """
     from dataclasses import replace
 
     from wsi_il.config import fast_budget
-    from wsi_il.heads import train_heads
+    from wsi_il.heads import train_heads, training_weights
     from wsi_il.session import load_tensors
 
     init = load_tensors(ctx.project.init_model_path())
-    unbounded = replace(train, fast_budget=max(fast_budget(train), train.epochs * len(targets)))
-    heads = train_heads(ctx.store.take(np.arange(len(ctx.table))), targets, init, len(ctx.classes), unbounded,
-                        ctx.device, early_stopping=False)
+    epochs = epochs or train.epochs
+    unbounded = replace(train, epochs=epochs, fast_budget=max(fast_budget(train), epochs * len(rows)))
+    chosen = targets[rows]
+    weights = None if train.balance == "none" else training_weights(chosen)
+    heads = train_heads(ctx.store.take(rows), chosen, init, len(ctx.classes), unbounded, ctx.device,
+                        early_stopping=False, weights=weights)
     return heads, init
 
 
@@ -347,10 +441,11 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                 bases[source.slide.resolve()] = build_base(out / "base" / _unique_names([source.slide])[0],
                                                            settings, reporter, device, slide=source.slide)
     per_slide: list[dict[str, Any]] = []
+    suggestions: list[dict[str, Any]] = []
     for case, name in zip(cases, names, strict=True):
         base = bases[case.slide.resolve()]
         current_embeddings(open_context(base, device, SilentReporter()))  # the pretrained embeddings, once
-        for seed in range(settings.seeds):
+        for seed in settings.seed_range():
             train = settings.train(seed)
             ctx = open_context(base, device, SilentReporter())
             truth = _slide_truth(ctx, case.truth)
@@ -359,10 +454,8 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                                  "truth", "check that the truth GeoJSON belongs to the slide")
             rng = np.random.default_rng(seed)
             if case.query_from is None:
-                pool = np.flatnonzero(truth)
-                chosen = rng.choice(pool, size=min(settings.queries, len(pool)), replace=False)
-                queries = [(TUMOUR, {"query_indices": np.array([i]), "slide": ctx.table.slides[0].id})
-                           for i in chosen]
+                queries = [(TUMOUR, {"query_indices": region, "slide": ctx.table.slides[0].id})
+                           for region in query_regions(ctx.table.boxes, truth, settings, rng)]
             else:
                 images = _tumour_query_images(case.query_from, bases[case.query_from.slide.resolve()],
                                               settings.queries, rng, out / "runs" / name / f"queries-seed{seed}")
@@ -371,9 +464,10 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                            for i in range(len(images))]
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
-            if seed == 0 and settings.reference:  # trained once per slide (its seed spread is not the question)
+            if seed == settings.first_seed and settings.reference:  # once per slide (the seed spread is not asked)
                 progress.describe(f"{name}: full-supervision reference")
-                reference = _slide_reference(ctx, truth, train)
+                reference = _slide_reference(ctx, truth, train, settings.reference_folds, settings.reference_epochs,
+                                             progress)
                 per_slide.append({"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n,
                                   "label_share": 1.0, "seconds": "", **reference})
             for strategy in settings.strategies:
@@ -382,18 +476,95 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
                 run_ctx = open_context(project, device, SilentReporter())
                 offset = run_ctx.table.slides[0].offset
 
-                def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> None:  # noqa: ANN001
+                def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> dict[str, str]:  # noqa: ANN001
                     from wsi_il.truth import fill_labels_from_truth
 
-                    fill_labels_from_truth(batch, truth_path, offset)
+                    return fill_labels_from_truth(batch, truth_path, offset)
 
+                shown: list[dict[str, Any]] = []
                 rows = _run_sessions(run_ctx, queries, settings, strategy, label_batch,
-                                     lambda c, t=truth: _slide_scores(c, t), progress)
+                                     lambda c, t=truth: _slide_scores(c, t), progress, shown)
+                suggestions.extend({"slide": name, "strategy": strategy, "seed": seed, **s} for s in shown)
                 for row in rows:
                     per_slide.append({"slide": name, "seed": seed, "label_share": row["labels"] / n, **row})
     rows = _macro_average(per_slide)
-    outcome = Outcome(rows, per_slide if len(cases) > 1 else [])
+    outcome = Outcome(rows, per_slide if len(cases) > 1 else [], suggestions)
     return finish(out, outcome, SLIDE_METRICS, settings, {"mode": "slides", "slides": names})
+
+
+def query_regions(boxes: np.ndarray, truth: np.ndarray, settings: SimulationSettings,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """One query per session, as patch indices: a connected region of tumour patches grown from a random seed.
+
+    ``query_island_share`` > 0: that share of the largest tumour island; else ``query_patches`` patches (1: a
+    random tumour patch, the paper; more: grown inside an island at least that large, or the largest one). With
+    ``query_patches`` 1 the sessions cycle through ``queries`` random tumour patches, as before regions existed.
+    """
+    tumour = np.flatnonzero(truth)
+    if settings.query_island_share == 0 and settings.query_patches == 1:
+        chosen = rng.choice(tumour, size=min(settings.queries, len(tumour)), replace=False)
+        return [np.array([chosen[i % len(chosen)]]) for i in range(settings.sessions)]
+    islands = tumour_islands(boxes, truth)
+    largest = max(islands, key=len)
+    regions = []
+    for _ in range(settings.sessions):
+        if settings.query_island_share > 0:
+            island, size = largest, max(1, round(settings.query_island_share * len(largest)))
+        else:
+            big = [i for i in islands if len(i) >= settings.query_patches] or [largest]
+            island = big[int(rng.integers(len(big)))]
+            size = min(settings.query_patches, len(island))
+        regions.append(grow_region(boxes, island, size, rng))
+    return regions
+
+
+def tumour_islands(boxes: np.ndarray, truth: np.ndarray) -> list[np.ndarray]:
+    """The connected groups (edge neighbours on the patch grid) of the patches whose truth is True."""
+    cells = _grid_cells(boxes)
+    where = {cells[i]: int(i) for i in np.flatnonzero(truth)}
+    islands, seen = [], set()
+    for start in where.values():
+        if start in seen:
+            continue
+        group, stack = [], [start]
+        seen.add(start)
+        while stack:
+            i = stack.pop()
+            group.append(i)
+            for j in _neighbours(cells[i], where):
+                if j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        islands.append(np.array(sorted(group)))
+    return islands
+
+
+def grow_region(boxes: np.ndarray, island: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` connected patches of ``island`` grown from a random one, nearest first (a compact blob, as a
+    pathologist's outline of part of an island)."""
+    cells = _grid_cells(boxes)
+    where = {cells[i]: int(i) for i in island}
+    seed = int(island[int(rng.integers(len(island)))])
+    centre = np.array(cells[seed], dtype=np.float64)
+    chosen, frontier = {seed}, set(_neighbours(cells[seed], where))
+    while len(chosen) < size and frontier:
+        ordered = sorted(frontier)
+        distance = [np.hypot(*(np.array(cells[j]) - centre)) + rng.uniform(0, 0.5) for j in ordered]
+        nearest = ordered[int(np.argmin(distance))]
+        frontier.discard(nearest)
+        chosen.add(nearest)
+        frontier.update(j for j in _neighbours(cells[nearest], where) if j not in chosen)
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _grid_cells(boxes: np.ndarray) -> list[tuple[int, int]]:
+    """Each box's (column, row) on its tile grid."""
+    return [(int(x // w), int(y // h)) for x, y, w, h in np.asarray(boxes)]
+
+
+def _neighbours(cell: tuple[int, int], where: dict[tuple[int, int], int]) -> list[int]:
+    col, row = cell
+    return [where[c] for c in ((col - 1, row), (col + 1, row), (col, row - 1), (col, row + 1)) if c in where]
 
 
 def _macro_average(per_slide: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -404,7 +575,7 @@ def _macro_average(per_slide: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (strategy, seed, session), rows in groups.items():
         merged: dict[str, Any] = {"strategy": strategy, "seed": seed, "session": session}
-        for column in COLUMNS[3:]:
+        for column in COLUMNS[3:]:  # (a column no row has, e.g. a suggestion score of a first round, stays empty)
             values = [r[column] for r in rows if r.get(column) not in (None, "")]
             merged[column] = float(np.mean(values)) if values else ""
         out.append(merged)
@@ -483,7 +654,7 @@ def _patch_reference(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_
     """Both heads trained on every database patch with its class (full supervision), scored on the test set."""
     from wsi_il.heads import embed
 
-    heads, init = _full_supervision(ctx, database_y, train)
+    heads, init = _full_supervision(ctx, np.arange(len(database_y)), database_y, train)
     database_embeddings = embed(heads.retrieval, init, ctx.store.chunks(256), len(ctx.store), ctx.device)
     return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x,
                         test_y)
@@ -509,7 +680,8 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
         raise InputError(f"{settings.sessions} sessions need more than the {settings.queries} x {len(classes)} "
                          "query patches", f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}")
     rows: list[dict[str, Any]] = []
-    for seed in range(settings.seeds):
+    suggestions: list[dict[str, Any]] = []
+    for seed in settings.seed_range():
         train = settings.train(seed)
         rng = np.random.default_rng(seed)
         query_sets = [rng.permutation(np.flatnonzero(database_y == c))[:settings.queries] for c in range(len(classes))]
@@ -522,7 +694,7 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
                 queries.append((classes[c], {"query_indices": query_sets[c][taken[c]:taken[c] + 1]}))
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
-        if seed == 0 and settings.reference:  # trained once (its seed spread is not the question)
+        if seed == settings.first_seed and settings.reference:  # trained once (its seed spread is not the question)
             progress.describe(f"{name}: full-supervision reference")
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
             rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
@@ -531,12 +703,14 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
             progress.describe(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
             run_ctx = open_context(project, device, SilentReporter())
+            shown: list[dict[str, Any]] = []
             found = _run_sessions(run_ctx, queries, settings, strategy,
                                   lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
-                                  lambda c: _patch_scores(c, database_y, test_x, test_y), progress)
+                                  lambda c: _patch_scores(c, database_y, test_x, test_y), progress, shown)
+            suggestions.extend({"strategy": strategy, "seed": seed, **s} for s in shown)
             rows.extend({"seed": seed, "label_share": r["labels"] / len(ctx.table), **r} for r in found)
-    return finish(out, Outcome(rows), PATCH_METRICS, settings, {"mode": "patches", "patches": str(patches),
-                                                                "test": str(test)})
+    return finish(out, Outcome(rows, suggestions=suggestions), PATCH_METRICS, settings,
+                  {"mode": "patches", "patches": str(patches), "test": str(test)})
 
 
 def total_rounds(settings: SimulationSettings, cases: int = 1) -> int:
@@ -551,6 +725,10 @@ def finish(out: Path, outcome: Outcome, metrics: tuple[str, ...], settings: Simu
     write_rows(out / "results.csv", outcome.rows, COLUMNS)
     if outcome.per_slide:
         write_rows(out / "per_slide.csv", outcome.per_slide, ("slide", *COLUMNS))
+    slide_column = ("slide",) if any("slide" in s for s in outcome.suggestions) else ()
+    write_rows(out / "suggestions.csv", outcome.suggestions, (*slide_column, *SUGGESTION_COLUMNS))
+    write_rows(out / "rounds.csv", suggestion_rounds(outcome.suggestions),
+               (*slide_column, "strategy", "seed", "session", "round", "shown", *SUGGESTION_SCORES))
     outcome.summary = {**about, "settings": {**asdict(settings), "strategies": list(settings.strategies)},
                        "metrics": list(metrics), "strategies": summarise(outcome.rows, metrics)}
     atomic_write_text(out / "summary.json", json.dumps(outcome.summary, indent=2, default=_json_default) + "\n")

@@ -1,0 +1,184 @@
+"""Does the model follow the size of the query region? What do more labels buy? Heads trained directly.
+
+On a project whose features are computed (e.g. ``<simulate --out>/base/<slide>``) and the slide's exact truth
+(a patch mosaic, ``python -m wsi_il.mosaic --patches``), trains both heads as one round of the loop does (the
+project's training settings and schedule, from the pretrained block) on
+
+- a query region: ``small`` (10 connected tumour patches) or ``large`` (80% of the largest tumour island), and
+- ``R`` reviewed patches drawn at random with their true labels (R from ``--reviewed``), outside both regions
+  (the same patches whichever region is trained),
+
+once with every label weighing once (``balance none``, the paper) and once class-balanced with at most 10 patches
+of the query (``balance classes``), and scores the patches labelled in no run of the seed (neither region nor the
+reviewed patches: the same patches for both regions): Jaccard, balanced accuracy, share called tumour.
+It also gives two cross-validated references on the same features: a linear probe on the
+pooled trunk features (``--folds`` folds) and the heads themselves (``--head-folds`` folds, the round's schedule
+and pass budget).
+
+usage: python benchmarks/quality_region.py PROJECT TRUTH [--seeds 2] [--reviewed 15,30,75] [--regions small,large]
+                                           [--balances none,classes] [--head-folds 3] [--schedule fast|paper]
+                                           [--fast-budget PASSES] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    from wsi_il.config import TrainSettings, from_dict
+    from wsi_il.events import SilentReporter
+    from wsi_il.metrics import binary_scores
+    from wsi_il.project import Project
+    from wsi_il.session import open_context
+    from wsi_il.simulate import grow_region, tumour_islands
+    from wsi_il.truth import truth_mask
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("project", type=Path)
+    parser.add_argument("truth", type=Path)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--reviewed", default="15,30,75")
+    parser.add_argument("--regions", default="small,large")
+    parser.add_argument("--balances", default="none,classes")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--head-folds", type=int, default=3)
+    parser.add_argument("--schedule", default="fast", help="the rounds' schedule: fast (the CPU default) or paper")
+    parser.add_argument("--fast-budget", type=int, default=0, help="the fast schedule's pass budget; 0: the project's")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    ctx = open_context(Project(args.project), "cpu", SilentReporter())
+    truth = truth_mask(ctx.table.boxes, args.truth, ctx.table.slides[0].offset)
+    settings = replace(from_dict(TrainSettings, ctx.manifest["train"]), schedule=args.schedule)
+    if args.fast_budget:
+        settings = replace(settings, fast_budget=args.fast_budget)
+    largest = max(tumour_islands(ctx.table.boxes, truth), key=len)
+    n = len(truth)
+    print(f"{n} tissue patches, {truth.mean():.1%} tumour, largest island {len(largest)} patches", flush=True)
+    results: dict = {"patches": n, "tumour_share": float(truth.mean()), "largest_island": len(largest),
+                     "settings": {k: getattr(settings, k) for k in ("epochs", "lr", "fast_budget",
+                                                                       "fast_frozen_conv1", "schedule")},
+                     "probe": _probe_cv(ctx, truth, args.folds), "runs": []}
+    print(f"linear probe, {args.folds}-fold: {results['probe']}", flush=True)
+    if args.head_folds:
+        results["heads_cv"] = _heads_cv(ctx, truth, settings, args.head_folds)
+        print(f"heads, {args.head_folds}-fold: {results['heads_cv']}", flush=True)
+    for seed in range(args.seeds):
+        rng = np.random.default_rng(seed)
+        queries = {"small": grow_region(ctx.table.boxes, largest, 10, rng),
+                   "large": grow_region(ctx.table.boxes, largest, round(0.8 * len(largest)), rng)}
+        order = rng.permutation(n)
+        pool = order[~np.isin(order, np.concatenate(list(queries.values())))]  # the same reviewed patches for both
+        for region in args.regions.split(","):
+            query = queries[region]
+            for reviewed in (int(r) for r in args.reviewed.split(",")):
+                picked = pool[:reviewed]
+                for balance in args.balances.split(","):
+                    started = time.perf_counter()
+                    predicted = _train_and_predict(ctx, picked, query, truth, replace(settings, balance=balance,
+                                                                                       seed=seed))
+                    rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
+                    rest[picked] = False
+                    for other in queries.values():
+                        rest[other] = False
+                    s = binary_scores(predicted[rest], truth[rest])
+                    row = {"seed": seed, "region": region, "query_patches": len(query), "reviewed": reviewed,
+                           "reviewed_tumour": int(truth[picked].sum()), "balance": balance,
+                           "jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1,
+                           "called": s.called_share, "truth_share": s.truth_share,
+                           "seconds": round(time.perf_counter() - started, 1)}
+                    results["runs"].append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _train_and_predict(ctx, picked, query, truth, settings):  # type: ignore[no-untyped-def]
+    from wsi_il.heads import embed_and_predict, train_heads, training_selection
+    from wsi_il.session import load_tensors
+
+    tumour, normal = ctx.class_index("Tumor"), ctx.class_index("Normal")
+    rows = np.concatenate([picked, query])
+    targets = np.concatenate([np.where(truth[picked], tumour, normal), np.full(len(query), tumour)]).astype(np.int64)
+    groups = np.concatenate([np.full(len(picked), -1), np.zeros(len(query), dtype=np.int64)])
+    keep, weights = training_selection(targets, groups, settings.balance, settings.seed)
+    init = load_tensors(ctx.project.init_model_path())
+    heads = train_heads(ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights)
+    _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
+    return probs.argmax(axis=1) == tumour
+
+
+def _pooled(ctx):  # type: ignore[no-untyped-def]
+    return np.concatenate([block.astype(np.float32).mean(axis=(2, 3)) for _, block in ctx.store.chunks(512)])
+
+
+def _probe_cv(ctx, truth, folds):  # type: ignore[no-untyped-def]
+    """Class-balanced logistic regression on the pooled features, cross-validated."""
+
+    from wsi_il.metrics import binary_scores
+
+    x = _pooled(ctx)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    fold_of = np.random.default_rng(0).permutation(len(truth)) % folds
+    predicted = np.zeros(len(truth), dtype=bool)
+    for fold in range(folds):
+        train = fold_of != fold
+        predicted[~train] = _fit_probe(x[train], truth[train]).predict(x[~train])
+    s = binary_scores(predicted, truth)
+    return {"jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "called": s.called_share}
+
+
+class _fit_probe:  # noqa: N801 (a function-like class: fit on construction)
+    """Logistic regression, class-balanced, L2 1e-3, fitted by L-BFGS."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        import torch
+
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        self.w = torch.zeros(x.shape[1], 2, requires_grad=True)
+        self.b = torch.zeros(2, requires_grad=True)
+        weight = torch.tensor([1 / max(1, int((yt == 0).sum())), 1 / max(1, int((yt == 1).sum()))])
+        weight = weight / weight.sum() * 2
+        optimiser = torch.optim.LBFGS([self.w, self.b], max_iter=200)
+
+        def closure():  # type: ignore[no-untyped-def]
+            optimiser.zero_grad()
+            loss = torch.nn.functional.cross_entropy(xt @ self.w + self.b, yt, weight=weight)
+            loss = loss + 1e-3 * (self.w**2).sum()
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return (torch.from_numpy(x) @ self.w + self.b).argmax(1).numpy() == 1
+
+
+def _heads_cv(ctx, truth, settings, folds):  # type: ignore[no-untyped-def]
+    """Both heads, the round's schedule and pass budget, trained on all but one fold (class-balanced)."""
+    from wsi_il.metrics import binary_scores
+
+    fold_of = np.random.default_rng(0).permutation(len(truth)) % folds
+    predicted = np.zeros(len(truth), dtype=bool)
+    started = time.perf_counter()
+    for fold in range(folds):
+        train = np.flatnonzero(fold_of != fold)
+        held = fold_of == fold
+        predicted[held] = _train_and_predict(ctx, train, np.zeros(0, dtype=np.int64), truth,
+                                             replace(settings, balance="classes"))[held]
+    s = binary_scores(predicted, truth)
+    return {"jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "called": s.called_share,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+if __name__ == "__main__":
+    main()
