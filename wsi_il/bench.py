@@ -210,13 +210,12 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
 
 # ---- the slide ------------------------------------------------------------------------------------------
 def data_dir(data: Path | None, fix: str = "give --data DIR holding bach-iciar2018-1536jpeg-sample/") -> Path:
-    """The folder holding the BACH sample: ``data`` when given, else $WSI_IL_DATA, else ../shared/data."""
-    candidates = [data] if data else [Path(os.environ.get("WSI_IL_DATA", "")), Path("../shared/data"),
-                                      Path(__file__).resolve().parents[2] / "shared" / "data"]
+    """The folder holding the BACH sample: ``data`` when given, else $WSI_IL_DATA."""
+    candidates = [data] if data else [Path(os.environ.get("WSI_IL_DATA", ""))]
     for folder in candidates:
         if folder and str(folder) and (folder / "bach-iciar2018-1536jpeg-sample").is_dir():
             return folder
-    raise InputError("no BACH sample to build a mosaic slide from", fix)
+    raise InputError("no BACH sample to build a mosaic slide from", f"{fix} (or set $WSI_IL_DATA)")
 
 
 def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[Path, Path]:

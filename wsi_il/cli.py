@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -944,7 +946,7 @@ def simulate(
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
-                                           "or layer4 (all of layer4, METHOD.md's ablation).")] = "last",
+                                           "or layer4 (all of layer4, the paper's ablation).")] = "last",
     reference: Annotated[bool, typer.Option(help="Train the full-supervision reference (all labels; slow on "
                                             "big data).")] = True,
     reference_folds: Annotated[int, typer.Option(help="Slides: folds of the cross-validated reference (each "
@@ -1091,71 +1093,84 @@ def bench(
     truth: Annotated[Path | None, typer.Option(help="The slide's tumour truth (QuPath GeoJSON), for the round's "
                                                "labels [default: random labels; latency only].")] = None,
     data: Annotated[Path | None, typer.Option(help="Folder holding bach-iciar2018-1536jpeg-sample/ (to build "
-                                              "the mosaic) [default: $WSI_IL_DATA or ../shared/data].")] = None,
+                                              "the mosaic) [default: $WSI_IL_DATA].")] = None,
     patches: Annotated[int, typer.Option(help="About this many tissue patches in the built slide.")] = 12_500,
     labels: Annotated[int, typer.Option(help="Labels in the project when the round is timed.")] = 250,
     paper: Annotated[bool, typer.Option(help="Also time a round with the paper's settings (slow on CPU).")] = True,
     weights: Annotated[str, typer.Option(help="random (same compute as ImageNet), imagenet or a weights "
                                          "file.")] = "random",
-    out_dir: Annotated[Path, typer.Option("--out", help="Working folder (slide, project, exports).")] = Path(
-        "wsi-il-bench"),
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Working folder (slide, project, exports), kept afterwards [default: a temporary folder, "
+        "removed at the end].", show_default=False)] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure extraction, round latency, export and memory on this machine, next to limits and a naive baseline."""
-    from wsi_il.bench import BenchSettings, result_json, run_bench
-    from wsi_il.fsutil import atomic_write_text
-
     with _errors():
         if patches < 100 or labels < 30:
             raise InputError(f"--patches {patches} / --labels {labels} are too small to measure",
                              "use at least 100 patches and 30 labels")
         dev = _device(device)
-        settings = BenchSettings(out=out_dir, slide=slide, truth=truth, data=data, patches=patches, labels=labels,
-                                 weights=weights, device=dev, paper=paper)
-        started = time.perf_counter()
-        with console.status("measuring") as status:
-            result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
-        table = Table("stage", "measured", "reference", "ratio", title=f"wsi-il bench on {result.device_name} "
-                      f"({result.device}, {result.precision}, {result.torch_threads} threads)")
-        table.add_row("extraction, end to end", f"{result.extract_patches_per_s:.1f} patches/s",
-                      f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
-                      f"{result.extract_ratio_to_limit:.2f} of the limit")
-        table.add_row("", f"({result.patches:,} patches: mask + statistics {result.tiling_seconds:.1f} s, features "
-                      f"{result.features_seconds:.1f} s; setup before it {result.setup_seconds:.1f} s)",
-                      f"naive {result.naive_patches_per_s:.1f}/s",
-                      f"{result.extract_ratio_to_naive:.2f}x naive")
-        table.add_row("", "", f"reading limit {result.read_limit_patches_per_s:.1f}/s", "")
-        paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"
-                      if result.round_seconds_paper_settings is not None else "paper's settings: not run")
-        ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
-                 else "")
-        frozen = ", first convolution frozen" if result.round_frozen_conv1 else ""
-        table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
-                      f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
-                      paper_text, ratio)
-        if result.round_seconds_next is not None:
-            table.add_row("", f"{result.round_seconds_next:.1f} s for the round after it, in the same process "
-                          "(as under wsi-il watch)", "", "")
-        if result.round_seconds_full_block is not None:
-            table.add_row("", f"{result.round_seconds_full_block:.1f} s training the whole block (training "
-                          f"{result.round_train_seconds_full_block:.1f} s)", "", "")
-        table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
-                      f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
-                      "synthetic patches", "")
-        stems = (f" + {result.stem_cache_bytes_per_patch / 1000:.1f} kB of frozen-convolution cache"
-                 if result.stem_cache_bytes_per_patch else "")
-        table.add_row("memory", f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
-                      f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped){stems}", "")
-        if result.gpu_utilisation is not None:
-            table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0f}% during extraction", "", "")
-        out.print(table)
-        for note in result.notes:
-            _warn(note)
-        if json_path is not None:
-            atomic_write_text(json_path, result_json(result))
-            out.print(f"wrote {json_path}")
-        console.print(f"[dim]bench took {time.perf_counter() - started:.0f} s[/]")
+        work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="wsi-il-bench-"))
+        if out_dir is None:
+            console.print(f"[dim]working in {work} (removed at the end; --out DIR keeps it)[/]")
+        try:
+            _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
+        finally:
+            if out_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_bench(out_dir: Path, slide: Path | None, truth: Path | None, data: Path | None, patches: int, labels: int,
+               weights: str, dev: str, paper: bool, json_path: Path | None) -> None:
+    from wsi_il.bench import BenchSettings, result_json, run_bench
+    from wsi_il.fsutil import atomic_write_text
+
+    settings = BenchSettings(out=out_dir, slide=slide, truth=truth, data=data, patches=patches, labels=labels,
+                             weights=weights, device=dev, paper=paper)
+    started = time.perf_counter()
+    with console.status("measuring") as status:
+        result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
+    table = Table("stage", "measured", "reference", "ratio", title=f"wsi-il bench on {result.device_name} "
+                  f"({result.device}, {result.precision}, {result.torch_threads} threads)")
+    table.add_row("extraction, end to end", f"{result.extract_patches_per_s:.1f} patches/s",
+                  f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
+                  f"{result.extract_ratio_to_limit:.2f} of the limit")
+    table.add_row("", f"({result.patches:,} patches: mask + statistics {result.tiling_seconds:.1f} s, features "
+                  f"{result.features_seconds:.1f} s; setup before it {result.setup_seconds:.1f} s)",
+                  f"naive {result.naive_patches_per_s:.1f}/s",
+                  f"{result.extract_ratio_to_naive:.2f}x naive")
+    table.add_row("", "", f"reading limit {result.read_limit_patches_per_s:.1f}/s", "")
+    paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"
+                  if result.round_seconds_paper_settings is not None else "paper's settings: not run")
+    ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
+             else "")
+    frozen = ", first convolution frozen" if result.round_frozen_conv1 else ""
+    table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
+                  f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
+                  paper_text, ratio)
+    if result.round_seconds_next is not None:
+        table.add_row("", f"{result.round_seconds_next:.1f} s for the round after it, in the same process "
+                      "(as under wsi-il watch)", "", "")
+    if result.round_seconds_full_block is not None:
+        table.add_row("", f"{result.round_seconds_full_block:.1f} s training the whole block (training "
+                      f"{result.round_train_seconds_full_block:.1f} s)", "", "")
+    table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
+                  f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
+                  "synthetic patches", "")
+    stems = (f" + {result.stem_cache_bytes_per_patch / 1000:.1f} kB of frozen-convolution cache"
+             if result.stem_cache_bytes_per_patch else "")
+    table.add_row("memory", f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
+                  f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped){stems}", "")
+    if result.gpu_utilisation is not None:
+        table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0f}% during extraction", "", "")
+    out.print(table)
+    for note in result.notes:
+        _warn(note)
+    if json_path is not None:
+        atomic_write_text(json_path, result_json(result))
+        out.print(f"wrote {json_path}")
+    console.print(f"[dim]bench took {time.perf_counter() - started:.0f} s[/]")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Settings of each stage, as frozen dataclasses saved in the project (METHOD.md's options)."""
+"""Settings of each stage, as frozen dataclasses saved in the project (docs/method.md's options)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class TilingSettings:
     min_mask_fraction: float = 0.05
     """A tile is a candidate when at least this share of it lies in the thumbnail tissue mask."""
     white_level: int = 210
-    """A pixel is white when all of R, G, B exceed this (METHOD.md)."""
+    """A pixel is white when all of R, G, B exceed this (docs/method.md)."""
     black_level: int = 5
     """A pixel is black when all of R, G, B are below this."""
     max_blank_fraction: float = 0.8
@@ -50,13 +50,13 @@ class FeatureSettings:
     """Seed of the random initialisation when weights == 'random'."""
     trainable: str = "last"
     """What the heads train: 'last' (the last block of layer4, the paper; the cache is the output of the rest
-    of layer4, C x 7 x 7) or 'layer4' (METHOD.md's ablation: all of layer4 trains, the cache stops after layer3,
+    of layer4, C x 7 x 7) or 'layer4' (the paper's ablation: all of layer4 trains, the cache stops after layer3,
     C/2 x 14 x 14). Projects made before this setting existed read as 'last'."""
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How both heads are trained each round (METHOD.md: Adam, lr 1e-4, 50 epochs, margin 0.2)."""
+    """How both heads are trained each round (docs/method.md: Adam, lr 1e-4, 50 epochs, margin 0.2)."""
 
     epochs: int = 50
     lr: float = 1e-4
@@ -65,7 +65,7 @@ class TrainSettings:
     warm_start: bool = False
     """Start each round from the previous round's heads instead of the pretrained layer4[1]."""
     refine_query: bool = True
-    """Move the query vector towards the patches labelled relevant (METHOD.md round step 2)."""
+    """Move the query vector towards the patches labelled relevant (docs/method.md round step 2)."""
     seed: int = 0
     schedule: str = "auto"
     """'paper': two heads, each its own layer4[1], trained ``epochs`` epochs from the pretrained block (or warm)

@@ -1,4 +1,4 @@
-"""The two trainable heads on cached trunk features (METHOD.md "Two trainable heads").
+"""The two trainable heads on cached trunk features (docs/method.md "Two trainable heads").
 
 - retrieval head: layer4[1] + global average pooling -> 512-d, L2-normalised; batch-hard triplet loss.
 - classifier head: layer4[1] + GAP + linear -> C logits; cross-entropy.
@@ -6,7 +6,7 @@
 (For ResNet-18; other backbones use their own last block of layer4, and its width.)
 
 Two schedules (``TrainSettings.schedule``): 'paper' trains the two heads separately, each from its own copy
-of layer4[1], as METHOD.md; 'fast' trains one layer4[1] shared by both heads (the sum of both losses), from
+of layer4[1], as docs/method.md; 'fast' trains one layer4[1] shared by both heads (the sum of both losses), from
 the previous round's weights, with early stopping and a bounded number of patch passes, and embeds and
 predicts every patch in one pass. With ``fast_frozen_conv1`` the block's stem (first convolution, BatchNorm,
 ReLU: ``block_stem``) keeps its weights: training runs only the rest (``block_tail``), and the pass reads the

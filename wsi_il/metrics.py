@@ -1,4 +1,4 @@
-"""Scores of METHOD.md "How the paper measured it": accuracy, P@10, F1, Jaccard, learning-curve summaries.
+"""Scores of docs/method.md "How the paper measured it": accuracy, P@10, F1, Jaccard, learning-curve summaries.
 
 Pure functions of numpy arrays (and shapely geometries for the pixel-level IoU); nothing here reads files.
 """
@@ -72,7 +72,7 @@ def precision_at_k(query_embeddings: np.ndarray, query_labels: np.ndarray, datab
                    database_labels: np.ndarray, k: int = 10) -> float:
     """Macro-averaged P@k: per query, the share of its k nearest database items (Euclidean) of its class.
 
-    Shares are averaged per class, then over classes (METHOD.md), so a large class does not dominate.
+    Shares are averaged per class, then over classes (docs/method.md), so a large class does not dominate.
     """
     queries = np.asarray(query_embeddings, dtype=np.float64)
     database = np.asarray(database_embeddings, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Pseudo-feedback experiments (METHOD.md "How the paper measured it"): the expert replaced by ground truth.
+"""Pseudo-feedback experiments (docs/method.md "How the paper measured it"): the expert replaced by ground truth.
 
 Every run drives the same engine as ``wsi-il query`` / ``wsi-il ingest``: ``session.start_session`` writes a
 real review batch, its labels.csv is filled from the truth, ``session.ingest`` records it, trains both heads
@@ -67,7 +67,7 @@ datasets, trained on every database label and scored on the held-out test set.""
 
 @dataclass(frozen=True)
 class SimulationSettings:
-    """One simulate run: which strategies and seeds, and the engine's settings (METHOD.md options)."""
+    """One simulate run: which strategies and seeds, and the engine's settings (docs/method.md options)."""
 
     strategies: tuple[str, ...] = ("cnfp", "entropy", "random")
     seeds: int = 1
@@ -109,7 +109,7 @@ class SimulationSettings:
     tile_size_px: int = 256
     weights: str = "imagenet"
     trainable: str = "last"
-    """FeatureSettings.trainable of the base projects: last (the paper) or layer4 (METHOD.md's ablation)."""
+    """FeatureSettings.trainable of the base projects: last (the paper) or layer4 (the paper's ablation)."""
 
     def check(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
