@@ -304,7 +304,6 @@ def _truth_geojson(block: tuple[int, int, int, int], feature_id: uuid.UUID) -> s
             "objectType": "annotation",
             "name": "truth",
             "classification": TUMOR_CLASS,
-            "isLocked": False,
         },
     }
     return json.dumps({"type": "FeatureCollection", "features": [feature]}) + "\n"
@@ -441,7 +440,6 @@ def make_island_slide(
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
     feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
                            feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
-    feature["properties"]["isLocked"] = False
     write_features(truth_path, [feature])
     return MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
                        tumour=tumour, tissue=tissue, mpp=mpp)
@@ -520,7 +518,6 @@ def make_patch_mosaic(
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
     feature = make_feature(truth, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
                            feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
-    feature["properties"]["isLocked"] = False
     write_features(truth_path, [feature])
     cells_path = path.with_name(f"{path.stem}.cells.csv")
     atomic_write_text(cells_path, "x,y,width,height,label,source\n" + "".join(
@@ -627,7 +624,6 @@ def write_mirrored_tiling(path: Path, small: MosaicSlide, copies: int, jpeg_qual
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
     feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
                            feature_id=str(uuid.uuid4()))
-    feature["properties"]["isLocked"] = False
     write_features(truth_path, [feature])
     return MosaicSlide(path=path, truth_path=truth_path, width=w * copies, height=h * copies, tile_px=tile,
                        tumour=tumour, tissue=small.tissue, mpp=small.mpp)
