@@ -77,3 +77,19 @@ def test_projects_written_before_the_balance_setting_count_every_label_once() ->
     del old["balance"]
     assert from_dict(TrainSettings, old).balance == "none"
     assert from_dict(TrainSettings, to_dict(TrainSettings())).balance == "classes" == TrainSettings().balance
+
+
+def test_init_records_balance_and_refuses_an_unknown_one(example_slide, tmp_path):
+    import json
+
+    from test_cli_e2e import run
+
+    project = tmp_path / "p"
+    out = run("init", project, "--slide", example_slide, "--tile-size", "256", "--weights", "random",
+              "--balance", "bogus", "--device", "cpu", code=3)
+    assert "--balance 'bogus' is not one of classes, none" in out
+    run("init", project, "--slide", example_slide, "--tile-size", "256", "--weights", "random", "--balance", "none",
+        "--device", "cpu")
+    assert json.loads((project / "project.json").read_text())["train"]["balance"] == "none"
+    out = run("init", project, "--balance", "classes", code=4)  # another setting needs a new project
+    assert "--balance none" in out

@@ -35,6 +35,8 @@ out = Console(highlight=False, soft_wrap=True)
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
+BalanceOpt = Annotated[str, typer.Option(help="How labels weigh in training: classes (each class the same, a "
+                                        "session's query as at most 10 labels) or none (each once, the paper).")]
 ScheduleOpt = Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the pretrained "
                                           "block), fast (one shared block, warm start, early stopping) or auto "
                                           "(paper on a GPU, fast on CPU).")]
@@ -179,6 +181,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "schedule": ("--schedule", ("train", "schedule")),
     "fast_budget": ("--fast-budget", ("train", "fast_budget")),
     "fast_frozen_conv1": ("--fast-frozen-conv1", ("train", "fast_frozen_conv1")),
+    "balance": ("--balance", ("train", "balance")),
     "trainable": ("--trainable", ("features", "trainable")),
 }
 
@@ -195,6 +198,15 @@ def _frozen_conv1(value: bool | None, weights: str) -> bool:
     from wsi_il.config import frozen_conv1_default
 
     return frozen_conv1_default(weights) if value is None else value
+
+
+def _balance(value: str) -> str:
+    from wsi_il.config import BALANCES
+
+    value = value.strip().lower()
+    if value not in BALANCES:
+        raise InputError(f"--balance {value!r} is not one of {', '.join(BALANCES)}", "pick one of them")
+    return value
 
 
 def _trainable(value: str) -> str:
@@ -227,6 +239,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
 
     if name == "trainable":  # a project made before the setting existed trains the last block
         return str(value).lower() == (stored or "last")
+    if name == "balance":  # a project made before the setting existed counted every label once
+        return str(value).strip().lower() == (stored or "none")
     if name == "norm_sample":  # a project made before the setting existed read every tile
         return value == (0 if stored is None else stored)
     if name == "classes":
@@ -284,6 +298,7 @@ def init(
     schedule: ScheduleOpt = "auto",
     fast_budget: FastBudgetOpt = 0,
     fast_frozen_conv1: FrozenConv1Opt = None,
+    balance: BalanceOpt = "classes",
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -337,7 +352,8 @@ def init(
                                                        refine_query=refine_query, seed=seed,
                                                        schedule=_schedule(schedule), fast_budget=fast_budget,
                                                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
-                                                                                        weights))),
+                                                                                        weights),
+                                                       balance=_balance(balance))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path), tile_size)
@@ -952,9 +968,7 @@ def simulate(
     reference_folds: Annotated[int, typer.Option(help="Slides: folds of the cross-validated reference (each "
                                                  "patch scored by heads that never saw it).")] = 5,
     reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
-    balance: Annotated[str, typer.Option(help="How labels weigh in training: classes (each class the same, a "
-                                         "session's query as at most 10 labels) or none (each once, the "
-                                         "paper).")] = "classes",
+    balance: BalanceOpt = "classes",
     query_patches: Annotated[int, typer.Option(help="Slides: each session's query is a connected region of this "
                                                "many tumour patches (1: one random patch, the paper).")] = 1,
     query_island_share: Annotated[float, typer.Option(help="Slides: each session's query is this share of the "
