@@ -575,7 +575,7 @@ def _csv_records(path: Path) -> list[list[str]]:
     text = _decode(data)
     header = next((line for line in text.splitlines() if line.strip()), "")
     try:
-        return list(csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(header)))
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(header)))
     except csv.Error as exc:
         raise LabelsError(f"{path.name} is not a readable CSV file: {exc}", _CSV_HINT) from exc
 
@@ -602,12 +602,12 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def _delimiter(header: str) -> str:
+def csv_delimiter(header: str) -> str:
     """Pick the delimiter that splits the header into the required columns, else the most fields."""
     best, best_fields = ",", 0
     for delimiter in _DELIMITERS:
         try:
-            fields = [_column_key(f) for f in next(csv.reader([header], delimiter=delimiter), [])]
+            fields = [column_key(f) for f in next(csv.reader([header], delimiter=delimiter), [])]
         except csv.Error:
             continue
         if "patch_id" in fields and "label" in fields:
@@ -617,12 +617,13 @@ def _delimiter(header: str) -> str:
     return best
 
 
-def _column_key(name: str) -> str:
+def column_key(name: str) -> str:
+    """A header cell as the readers match it: case, spaces and dashes ignored (``Patch ID`` is ``patch_id``)."""
     return re.sub(r"[\s\-]+", "_", _clean(name).casefold())
 
 
 def _column_positions(path: Path, header: list[str]) -> dict[str, int]:
-    keys = [_column_key(h) for h in header]
+    keys = [column_key(h) for h in header]
     missing = [c for c in ("patch_id", "label") if c not in keys]
     if missing:
         raise LabelsError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 
 from wsi_il.errors import LabelsError
@@ -20,6 +19,8 @@ from wsi_il.review import (
     NOT_PREFIX,
     BatchInfo,
     BatchPatch,
+    column_key,
+    csv_delimiter,
     normalize_label,
     patch_number,
     read_labels,
@@ -59,12 +60,12 @@ def write_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch], a
                           "save it as CSV UTF-8, or label this batch in labels.csv itself") from exc
     newline = "\r\n" if "\r\n" in text else "\n"
     header = next((line for line in text.splitlines() if line.strip()), "")
-    delimiter = max((",", ";", "\t"), key=header.count)
+    delimiter = csv_delimiter(header)
     records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
     start = next((i for i, r in enumerate(records) if any(f.strip() for f in r)), None)
     if start is None:
         raise LabelsError(f"{path} is empty", "restore the labels.csv the batch came with")
-    keys = [re.sub(r"[\s\-]+", "_", h.strip().strip("\ufeff").casefold()) for h in records[start]]
+    keys = [column_key(h) for h in records[start]]
     if "patch_id" not in keys or "label" not in keys:
         raise LabelsError(f"{path.name} has no 'patch_id' or 'label' column in its first line",
                           "keep the header line of the labels.csv the batch came with")
