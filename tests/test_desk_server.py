@@ -105,6 +105,7 @@ def test_every_request_needs_the_token_then_the_cookie(base_project):
     page = web.get("/")  # the client kept the cookie
     assert page.status_code == 200 and TOKEN in page.text
     assert web.get("/api/project").json()["batch"] == "s1-r1"
+    web.cookies.clear()  # the cookie the server set, then a wrong one in its place
     web.cookies.set(cookie_name(PORT), "not-the-token")
     assert web.get("/api/project").status_code == 401
 

@@ -449,7 +449,9 @@ class Project:
 
     def _remove_temporaries(self) -> None:
         """Delete the temporary files that killed commands left (``.<name>.<random>.tmp``, lock claims)."""
-        for folder, _, files in os.walk(self.root):
+        for folder, dirs, files in os.walk(self.root):
+            if folder == str(self.root):
+                dirs[:] = [d for d in dirs if d != ".ahead"]  # rounds prepared ahead (wsi_il.ahead) are not ours
             for name in files:
                 if (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".claim"):
                     Path(folder, name).unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.desk.ahead import Preparer, Stale, commit, likely_answers
+from wsi_il.desk.ahead import clear as clear_shadows
 from wsi_il.desk.images import (
     BATCH_RGB,
     QUERY_RGB,
@@ -59,7 +61,7 @@ class _Table:
 class Desk:
     """One project served to the page."""
 
-    def __init__(self, root: Path, device: str) -> None:
+    def __init__(self, root: Path, device: str, prepare_ahead: bool = True) -> None:
         self.project = Project(Path(root))
         self.project.read_manifest()  # says now, in one line, when this is not a project
         self.device = device
@@ -70,6 +72,8 @@ class Desk:
         self._table: _Table | None = None
         self.warmup: dict[str, Any] = {"state": "not started"}
         self._closed = False
+        clear_shadows(self.project)  # rounds prepared ahead by a desk that was killed
+        self.ahead = Preparer(self.project, device) if prepare_ahead else None
 
     def busy(self) -> bool:
         """Whether a training (the warm-up, a submit, an export) is under way."""
@@ -77,6 +81,8 @@ class Desk:
 
     def close(self) -> None:
         """Wait for the training under way, if any (a process must not end inside torch), then close the slides."""
+        if self.ahead is not None:
+            self.ahead.close()
         with self._work:
             self._closed = True
             self.images.close()
@@ -172,7 +178,25 @@ class Desk:
                 raise ProjectStateError(f"batch {batch_id} was already ingested",
                                         "change its labels as corrections: click the patch on the slide view")
             write_answers(folder, info, patches, dict(answers))
-            return read_answers(folder, info, patches)
+            now = read_answers(folder, info, patches)
+            self._prepare_ahead(info, patches, now)
+            return now
+
+    def _prepare_ahead(self, info: Any, patches: list[Any], answers: dict[str, str]) -> None:
+        """Once at most one patch of the batch is unanswered, prepare the round for its likeliest answers (every
+        answer given: for those answers) while the expert looks at it (``wsi_il.ahead``)."""
+        if self.ahead is None:
+            return
+        left = [p for p in patches if p.patch_id not in answers]
+        if len(left) > 1:
+            self.ahead.want(info.batch_id, [])
+            return
+        if not left:
+            self.ahead.want(info.batch_id, [answers])
+            return
+        last = left[0]
+        choices = likely_answers(list(info.classes), info.query_label, last.suggestion)
+        self.ahead.want(info.batch_id, [{**answers, last.patch_id: choice} for choice in choices])
 
     def submit(self, batch_id: str) -> dict[str, Any]:
         """Ingest a fully answered batch exactly as ``wsi-il ingest`` does (same validation, the project's lock);
@@ -182,11 +206,33 @@ class Desk:
         folder = self._batch_dir(batch_id)
         started = time.perf_counter()
         with self._answers, self._work, self.project.lock("review"):
-            ctx = open_context(self.project, self.device, SilentReporter())
-            result = ingest(ctx, folder / LABELS_CSV)
-        return {"message": result.message, "seconds": round(time.perf_counter() - started, 3),
-                "next_batch": result.batch_dir.name if result.batch_dir is not None else None,
-                "changed": result.changed}
+            done = self._commit_prepared(folder)
+            if done is None:
+                ctx = open_context(self.project, self.device, SilentReporter())
+                result = ingest(ctx, folder / LABELS_CSV)
+                done = {"message": result.message, "changed": result.changed, "prepared_ahead": False,
+                        "next_batch": result.batch_dir.name if result.batch_dir is not None else None}
+        return {**done, "seconds": round(time.perf_counter() - started, 3)}
+
+    def _commit_prepared(self, folder: Path) -> dict[str, Any] | None:
+        """Put in place the round prepared ahead for the batch's labels as they stand, if there is one and the
+        project has not changed since (``wsi_il.ahead.commit``); None: the round must be computed."""
+        if self.ahead is None:
+            return None
+        info, patches = read_batch(folder)
+        try:
+            answers = read_answers(folder, info, patches)
+        except WsiIlError:
+            answers = {}
+        prepared = self.ahead.take(info.batch_id, answers) if len(answers) == len(patches) else None
+        if prepared is None:
+            return None
+        try:
+            commit(self.project, prepared)
+        except Stale:
+            return None
+        return {"message": prepared.message, "changed": True, "prepared_ahead": True,
+                "next_batch": prepared.next_batch}
 
     # ---- warm-up --------------------------------------------------------------------------------
     def warm_up(self) -> None:
