@@ -2,7 +2,7 @@
 bulk answers give in labels per expert action.
 
 usage: python benchmarks/desk_timing.py PROJECT --truth T [--labels 250] [--k 10] [--runs 2] [--device cpu]
-                                        [--screenshots DIR] [--out FILE.json]
+                                        [--look 20] [--modes ahead,warm,cold] [--screenshots DIR] [--out FILE.json]
 
 PROJECT is a project whose features are computed (e.g. the `project/` folder `wsi-il bench --out B` leaves, or
 `wsi-il init` of the bench slide), T its slide's tumour truth (QuPath GeoJSON), used as the expert. Each run
@@ -16,8 +16,10 @@ its first batch (so that the timed round warm-starts, as in `wsi-il bench`), and
 - a key's response: from the keydown event to the frame painted after it (the answer shown, the next patch
   current), over every answer of the batch;
 - from the last answer's key to the next batch on screen (Enter right after it; the next batch's first image
-  loaded), with the server's warm-up (``session.rehearse`` while the expert labels; waited for before the
-  timed answers, as an expert takes longer than it) and without it (``--no-warm-up``), interleaved;
+  loaded), in three modes, interleaved: ``ahead`` (the default desk: the warm-up, ``session.rehearse``, waited
+  for before the timed answers, as an expert takes longer than it, and the round prepared ahead while the expert
+  looks ``--look`` seconds at the last patch: ``wsi_il.desk.ahead``), ``warm`` (the warm-up, no round prepared
+  ahead: ``--no-prepare-ahead``) and ``cold`` (neither: ``--no-warm-up --no-prepare-ahead``);
 
 and, from the batch and the truth: how many labels `a` gives in one key (confident suggestions) and how often they
 are right, and how many a "more like this" group gives (the 12 nearest unlabelled patches of each batch patch,
@@ -75,10 +77,12 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     return folder, result.batch_dir.name
 
 
-def serve(project: Path, device: str, warm_up: bool) -> tuple[subprocess.Popen, str]:
+def serve(project: Path, device: str, mode: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "wsi_il", "review", str(project), "--port", "0", "--device", device]
-    if not warm_up:
+    if mode == "cold":
         command.append("--no-warm-up")
+    if mode != "ahead":
+        command.append("--no-prepare-ahead")
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     while True:
@@ -108,8 +112,8 @@ def answers_for(project: Path, batch: str, truth: Path) -> dict[str, str]:
     return {p.patch_id: "y" if hit else "n" for p, hit in zip(patches, inside, strict=True)}
 
 
-def time_run(page, url: str, project: Path, batch: str, truth: Path, warm: bool,  # type: ignore[no-untyped-def]
-             shots: Path | None) -> dict:
+def time_run(page, url: str, project: Path, batch: str, truth: Path, mode: str,  # type: ignore[no-untyped-def]
+             look: float, shots: Path | None) -> dict:
     page.goto(url)
     page.wait_for_selector("body[data-ready=true]")
     page.wait_for_function("() => [...document.querySelectorAll('#strip img')].every(i => i.complete)")
@@ -117,7 +121,7 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, warm: bool,
         const paint = performance.getEntriesByName('first-contentful-paint')[0];
         return {fcp: paint ? paint.startTime : null, ready: performance.now()};
     }""")
-    if warm:  # the expert takes longer than the warm-up: let it finish, as it would
+    if mode != "cold":  # the expert takes longer than the warm-up: let it finish, as it would
         page.wait_for_function("() => document.getElementById('warmup').textContent.startsWith('warmed up')",
                                timeout=600_000)
     if shots is not None:
@@ -135,6 +139,7 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, warm: bool,
     for patch in order[:-1]:
         page.keyboard.press(answers[patch])
     page.wait_for_function("() => window.deskState.pending === 0")
+    page.wait_for_timeout(look * 1000)  # the expert looks at the last patch
     started = time.perf_counter()
     page.keyboard.press(answers[order[-1]])
     page.keyboard.press("Enter")
@@ -213,6 +218,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--look", type=float, default=20.0,
+                        help="seconds the expert looks at the last patch before answering it (the trial: 3-4 min a "
+                        "batch of 10)")
+    parser.add_argument("--modes", default="ahead,warm,cold")
     parser.add_argument("--screenshots", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -223,16 +232,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="desk-timing-") as scratch, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
         for run in range(args.runs):
-            for warm in (True, False):
-                where = Path(scratch) / f"{run}{'warm' if warm else 'cold'}" / args.project.name
+            for n, mode in enumerate(args.modes.split(",")):
+                where = Path(scratch) / f"{run}{mode}" / args.project.name
                 folder, batch = prepare(args.project, where, args.truth, args.labels, args.k, args.device, seed=run)
-                quality = bulk_quality(folder, batch, args.truth) if warm else {}
-                server, url = serve(folder, args.device, warm)
+                quality = bulk_quality(folder, batch, args.truth) if n == 0 else {}
+                server, url = serve(folder, args.device, mode)
                 try:
                     page = browser.new_page(viewport={"width": 1400, "height": 950})
-                    shots = args.screenshots if run == 0 and warm else None
-                    row = {"run": run, "warm_up": warm, **time_run(page, url, folder, batch, args.truth, warm, shots),
-                           **quality}
+                    shots = args.screenshots if run == 0 and n == 0 else None
+                    row = {"run": run, "mode": mode,
+                           **time_run(page, url, folder, batch, args.truth, mode, args.look, shots), **quality}
                     page.close()
                 finally:
                     server.send_signal(signal.SIGTERM)
@@ -241,11 +250,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 results.append(row)
         browser.close()
-    summary = {"project": str(args.project), "labels": args.labels, "k": args.k, "device": args.device}
-    for warm in (True, False):
-        rows = [r for r in results if r["warm_up"] == warm]
-        summary["warm" if warm else "cold"] = {key: [r[key] for r in rows] for key in rows[0]
-                                               if key not in ("run", "warm_up")}
+    summary = {"project": str(args.project), "labels": args.labels, "k": args.k, "device": args.device,
+               "look_s": args.look}
+    for mode in args.modes.split(","):
+        rows = [r for r in results if r["mode"] == mode]
+        summary[mode] = {key: [r.get(key) for r in rows] for key in rows[0] if key not in ("run", "mode")}
     print(json.dumps(summary))
     if args.out:
         args.out.write_text(json.dumps({"runs": results, "summary": summary}, indent=1))

@@ -671,6 +671,10 @@ def review(
                                                "can reach (only the token then protects the project).")] = False,
     warm_up: Annotated[bool, typer.Option(help="Rehearse the first round while you label, so that it starts "
                                           "faster (costs CPU while you label).")] = True,
+    prepare_ahead: Annotated[bool, typer.Option(help="While the last patch of a batch waits for its answer, "
+                                                "compute the next round for its likely answers, so that it is "
+                                                "ready when you submit (costs CPU and disk while you label).")
+                             ] = True,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
@@ -688,7 +692,7 @@ def review(
         if not loopback and not allow_remote:
             raise InputError(f"--host {host} would let other machines reach the project's slides and labels",
                              "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote")
-        desk = Desk(project, _device(device))
+        desk = Desk(project, _device(device), prepare_ahead=prepare_ahead)
         _random_warning(desk.project.read_manifest())
         sock = bind(host, port)
         port = sock.getsockname()[1]
