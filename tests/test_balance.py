@@ -93,3 +93,44 @@ def test_init_records_balance_and_refuses_an_unknown_one(example_slide, tmp_path
     assert json.loads((project / "project.json").read_text())["train"]["balance"] == "none"
     out = run("init", project, "--balance", "classes", code=4)  # another setting needs a new project
     assert "--balance none" in out
+
+
+def _block_and_rows(n_per_class: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    init = {k: v.clone() for k, v in tvm.resnet18(weights=None).layer4.state_dict().items()}
+    rng = np.random.default_rng(seed)
+    targets = np.array([0] * n_per_class + [1] * n_per_class)
+    features = (rng.random((2 * n_per_class, 256, 14, 14)) + targets[:, None, None, None] * 0.3).astype(np.float16)
+    return init, features, targets
+
+
+def test_fit_linear_separates_the_labels_on_the_blocks_output() -> None:
+    init, features, targets = _block_and_rows()
+    head = heads.ClassifierHead(init, 2).eval()
+    x = torch.from_numpy(features).float()
+    y = torch.from_numpy(targets)
+    with torch.no_grad():
+        before = head(x).argmax(1)
+    heads.fit_linear(head, x, None, y, None, 2)
+    with torch.no_grad():
+        after = head(x).argmax(1)
+    assert (after == y).all() and not (before == y).all()  # torch's random layer did not; the fitted one does
+    not_one = torch.tensor([-2] * 8 + [1] * 8)  # "not class 1" for the first rows: they end on class 0
+    heads.fit_linear(head, x, None, not_one, None, 2)
+    with torch.no_grad():
+        assert (head(x).argmax(1)[:8] == 0).all() and (head(x).argmax(1)[8:] == 1).all()
+
+
+@pytest.mark.parametrize("schedule", ["paper", "fast"])
+def test_a_refitted_round_ends_with_the_labels_fitted(schedule: str) -> None:
+    init, features, targets = _block_and_rows(seed=1)
+    settings = TrainSettings(epochs=3, schedule=schedule, head_init="refit", fast_frozen_conv1=False)
+    trained = heads.train_heads(features, targets, init, 2, settings, "cpu")
+    _, probs = heads.embed_and_predict(trained.model(), init, 2, [(0, features)], len(features), "cpu")
+    assert (probs.argmax(1) == targets).all()
+
+
+def test_projects_written_before_the_head_init_setting_start_from_a_random_layer() -> None:
+    old = to_dict(TrainSettings())
+    del old["head_init"]
+    assert from_dict(TrainSettings, old).head_init == "random"

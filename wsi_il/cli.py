@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from wsi_il import __version__
+from wsi_il.config import TrainSettings
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -37,6 +38,10 @@ ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_def
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
 BalanceOpt = Annotated[str, typer.Option(help="How labels weigh in training: classes (each class the same, a "
                                         "session's query as at most 10 labels) or none (each once, the paper).")]
+HeadInitOpt = Annotated[str, typer.Option(help="The classifier's linear layer each round: refit (fitted to the "
+                                          "labels on the block's output before and after the round's training), "
+                                          "fit (before only) or random (trained from scratch with the block, the "
+                                          "paper).")]
 ScheduleOpt = Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the pretrained "
                                           "block), fast (one shared block, warm start, early stopping) or auto "
                                           "(paper on a GPU, fast on CPU).")]
@@ -182,6 +187,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fast_budget": ("--fast-budget", ("train", "fast_budget")),
     "fast_frozen_conv1": ("--fast-frozen-conv1", ("train", "fast_frozen_conv1")),
     "balance": ("--balance", ("train", "balance")),
+    "head_init": ("--head-init", ("train", "head_init")),
     "trainable": ("--trainable", ("features", "trainable")),
 }
 
@@ -206,6 +212,15 @@ def _balance(value: str) -> str:
     value = value.strip().lower()
     if value not in BALANCES:
         raise InputError(f"--balance {value!r} is not one of {', '.join(BALANCES)}", "pick one of them")
+    return value
+
+
+def _head_init(value: str) -> str:
+    from wsi_il.config import HEAD_INITS
+
+    value = value.strip().lower()
+    if value not in HEAD_INITS:
+        raise InputError(f"--head-init {value!r} is not one of {', '.join(HEAD_INITS)}", "pick one of them")
     return value
 
 
@@ -241,6 +256,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
         return str(value).lower() == (stored or "last")
     if name == "balance":  # a project made before the setting existed counted every label once
         return str(value).strip().lower() == (stored or "none")
+    if name == "head_init":  # a project made before the setting existed trained the linear layer from scratch
+        return str(value).strip().lower() == (stored or "random")
     if name == "norm_sample":  # a project made before the setting existed read every tile
         return value == (0 if stored is None else stored)
     if name == "classes":
@@ -299,6 +316,7 @@ def init(
     fast_budget: FastBudgetOpt = 0,
     fast_frozen_conv1: FrozenConv1Opt = None,
     balance: BalanceOpt = "classes",
+    head_init: HeadInitOpt = TrainSettings.head_init,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
@@ -353,7 +371,8 @@ def init(
                                                        schedule=_schedule(schedule), fast_budget=fast_budget,
                                                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
                                                                                         weights),
-                                                       balance=_balance(balance))),
+                                                       balance=_balance(balance),
+                                                       head_init=_head_init(head_init))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path), tile_size)
@@ -973,6 +992,7 @@ def simulate(
                                                  "patch scored by heads that never saw it).")] = 5,
     reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
     balance: BalanceOpt = "classes",
+    head_init: HeadInitOpt = TrainSettings.head_init,
     query_patches: Annotated[int, typer.Option(help="Slides: each session's query is a connected region of this "
                                                "many tumour patches (1: one random patch, the paper).")] = 1,
     query_island_share: Annotated[float, typer.Option(help="Slides: each session's query is this share of the "
@@ -1018,6 +1038,7 @@ def simulate(
                                       trainable=_trainable(trainable),
                                       reference=reference, reference_folds=reference_folds,
                                       reference_epochs=reference_epochs, balance=balance.strip().lower(),
+                                      head_init=_head_init(head_init),
                                       query_patches=query_patches, query_island_share=query_island_share)
         settings.check()
         if weights == "random":

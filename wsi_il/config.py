@@ -79,6 +79,12 @@ class TrainSettings:
     each training step runs and trains only the rest of the block and the heads, and the database's pass reads
     the first convolution's output from a cache (``wsi_il.stems``) instead of computing it. (With a whole layer
     of trainable blocks, ``--trainable layer4``, everything trains.)"""
+    head_init: str = "random"
+    """The classifier's linear layer in a round: 'random' (it starts from torch's initialisation, or from the
+    previous round's layer with a warm start, and trains with the block, as the paper); 'fit' (it starts as the
+    logistic regression of the round's labels on the block's pooled output, ``heads.fit_linear``, then trains
+    with the block); 'refit' (the same, and fitted again on the trained block's output at the end of the round).
+    Projects made before this setting existed read as 'random'."""
     balance: str = "classes"
     """What a round trains on (``heads.training_selection``): 'classes' takes every reviewed label and at most
     ``heads.QUERY_GROUP_SIZE`` patches of each session's query, and weighs each class the same in total in both
@@ -103,6 +109,7 @@ def to_dict(settings: Any) -> dict[str, Any]:
 
 SCHEDULES = ("auto", "paper", "fast")
 BALANCES = ("classes", "none")
+HEAD_INITS = ("random", "fit", "refit")
 
 FAST_BUDGET_FROZEN = 7500
 """The fast schedule's default pass budget with a frozen first convolution (a pass costs about 40% of one that
@@ -124,7 +131,7 @@ def fast_budget(settings: TrainSettings) -> int:
 
 
 _LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False,
-                                                        "balance": "none"},
+                                                        "balance": "none", "head_init": "random"},
                                       "TilingSettings": {"normalisation_sample": 0}}
 """Values a setting had before it existed: a project written then keeps behaving as it did."""
 

@@ -327,6 +327,8 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     _freeze_batchnorm(retrieval)
     _freeze_batchnorm(classifier)
     opt_r = _adam(retrieval.parameters(), settings.lr, _want_graphs(graphs, dev))
+    if settings.head_init in ("fit", "refit"):
+        fit_linear(classifier, x_all, None, y_all, w_all, n_classes)
     opt_c = _adam(classifier.parameters(), settings.lr, _want_graphs(graphs, dev))
 
     def retrieval_step(rows, y):  # type: ignore[no-untyped-def]
@@ -343,6 +345,8 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
                _Update(classifier_step, (1,), classifier, opt_c)]
     losses = _train_epochs(updates, (x_all, w_all), y_all, targets, settings.batch_size, settings.epochs, generator,
                            on_epoch, graphs)
+    if settings.head_init == "refit":
+        fit_linear(classifier, x_all, None, y_all, w_all, n_classes)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
 
 
@@ -368,6 +372,8 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
             parameter.requires_grad_(False)
         with torch.no_grad(), autocast(dev):
             stem_all = block_stem(head.block, x_all)  # the frozen part's output, once a round
+    if settings.head_init in ("fit", "refit"):
+        fit_linear(head, x_all, stem_all, y_all, w_all, n_classes)
     optimizer = _adam([p for p in head.parameters() if p.requires_grad], settings.lr, _want_graphs(graphs, dev))
 
     def shared_step(rows, y):  # type: ignore[no-untyped-def]
@@ -385,6 +391,8 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     stopping = _EarlyStop() if early_stopping and epochs < settings.epochs else None
     losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all, w_all), y_all, targets,
                            settings.batch_size, epochs, generator, on_epoch, graphs, stopping)
+    if settings.head_init == "refit":
+        fit_linear(head, x_all, stem_all, y_all, w_all, n_classes)
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
     return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast",
@@ -404,6 +412,36 @@ class _EarlyStop:
         self.stale = 0 if total < self.best else self.stale + 1
         self.best = min(self.best, total)
         return self.stale >= FAST_PATIENCE
+
+
+FIT_L2 = 1e-3
+"""L2 penalty (per weight, on standardised inputs' scale) of ``fit_linear``'s logistic regression."""
+
+
+def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # type: ignore[no-untyped-def]
+    """Set the classifier's linear layer to the weighted logistic regression of the labels on the block's current
+    pooled output (L-BFGS; linear probing before fine-tuning), so that the round's fine-tuning starts from a
+    classifier that already separates the labels instead of from a random or stale one. "Not class c" rows count
+    as in ``classifier_loss``."""
+    torch = _torch()
+    with torch.no_grad(), autocast(x_all.device):
+        pooled = head.pooled(x_all, stem_all).float()
+    mean, scale = pooled.mean(0), pooled.std(0) + 1e-6
+    z = (pooled - mean) / scale
+    weight = torch.zeros(n_classes, z.shape[1], device=z.device, requires_grad=True)
+    bias = torch.zeros(n_classes, device=z.device, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():  # type: ignore[no-untyped-def]
+        optimiser.zero_grad()
+        loss = classifier_loss(z @ weight.T + bias, y_all, w_all) + FIT_L2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():  # fold the standardisation into the layer: fc(p) = W (p - mean) / scale + b
+        head.fc.weight.copy_(weight / scale)
+        head.fc.bias.copy_(bias - (weight / scale) @ mean)
 
 
 def _adam(parameters, lr: float, capturable: bool):  # type: ignore[no-untyped-def]

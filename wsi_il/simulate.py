@@ -100,6 +100,8 @@ class SimulationSettings:
     """The reference's epochs per fold; 0: ``epochs``."""
     balance: str = TrainSettings.balance
     """TrainSettings.balance of the runs: classes (the default) or none (every label once, the paper)."""
+    head_init: str = TrainSettings.head_init
+    """TrainSettings.head_init of the runs."""
     query_patches: int = 1
     """Slides: each session's query is a connected region of this many tumour patches grown from a random tumour
     patch (1: one random tumour patch, the paper)."""
@@ -140,7 +142,7 @@ class SimulationSettings:
     def train(self, seed: int) -> TrainSettings:
         return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
                              refine_query=self.refine_query, seed=seed, schedule=self.schedule,
-                             fast_budget=self.fast_budget, balance=self.balance,
+                             fast_budget=self.fast_budget, balance=self.balance, head_init=self.head_init,
                              fast_frozen_conv1=(frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None
                                                 else self.fast_frozen_conv1))
 
