@@ -95,10 +95,14 @@ def test_a_whole_batch_by_keyboard_then_a_correction_on_the_slide_then_export(de
     page.wait_for_function("() => window.deskState.pending === 0")  # each answer was sent as it was given:
     info, patches = read_batch(project / "batches" / "s1-r1")  # labels.csv is complete before Enter
     assert len(read_labels(project / "batches" / "s1-r1" / "labels.csv", info, patches)) == len(truth)
+    page.wait_for_function("() => document.getElementById('ahead').textContent === 'next round ready'",
+                           timeout=120_000)  # the round for these answers, prepared while the expert looks
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.getElementById('progress').textContent.includes('batch s1-r2')",
                            timeout=120_000)
     assert page.inner_text("#progress").startswith("1 of 6 · 0 answered")
+    assert page.evaluate("() => window.deskState.lastRound.preparedAhead") is True
+    assert page.inner_text("#ahead") == ""
     recorded = {e["patch_id"]: e["label"] for e in ledger(project) if e["batch"] == "s1-r1"}
     assert recorded == {p: "Tumor" if a == "y" else "Normal" for p, a in truth.items()}
 

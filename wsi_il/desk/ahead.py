@@ -246,6 +246,11 @@ class Preparer:
         self.prepared_rounds = 0
         """Rounds this preparer has finished (the page's status shows it)."""
 
+    def state(self) -> dict[str, int | bool]:
+        """Whether a round is being prepared, and how many are ready."""
+        with self._cond:
+            return {"preparing": self._running is not None or self._next() is not None, "ready": len(self._done)}
+
     def want(self, batch_id: str, label_sets: list[dict[str, str]]) -> None:
         """Prepare these label sets of a batch (likeliest first) and nothing else: a round being prepared for
         another set is cancelled, a finished one discarded."""

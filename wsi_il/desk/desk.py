@@ -130,7 +130,12 @@ class Desk:
                   for s in known.table.slides]
         return {"project": self.project.root.name, "classes": list(manifest["classes"]),
                 "random_weights": manifest["features"]["weights"] == "random", "slides": slides,
-                "batch": waiting[0].batch_dir.name if waiting else None, "warmup": dict(self.warmup)}
+                "batch": waiting[0].batch_dir.name if waiting else None, "warmup": dict(self.warmup),
+                "ahead": self.ahead_state()}
+
+    def ahead_state(self) -> dict[str, Any] | None:
+        """Whether a round is being prepared ahead, and how many wait ready (None: not preparing ahead)."""
+        return None if self.ahead is None else self.ahead.state()
 
     # ---- a batch --------------------------------------------------------------------------------
     def batch(self, batch_id: str) -> dict[str, Any]:

@@ -181,7 +181,7 @@ def create_app(desk: Desk, token: str, hosts: set[str], port: int) -> ASGIApp:
     async def answer(request: Request) -> Response:
         answers = _answers(await _body(request))
         labels = await run(desk.answer, request.path_params["batch_id"], answers)
-        return _json({"labels": labels})
+        return _json({"labels": labels, "ahead": desk.ahead_state()})
 
     async def submit(request: Request) -> Response:
         return _json(await run(desk.submit, request.path_params["batch_id"]))

@@ -48,6 +48,15 @@ async function loadProject() {
   $("random").hidden = !state.project.random_weights;
   $("slide-tab").hidden = !state.project.slides.some((s) => s.kind === "slide");
   showWarmup(state.project.warmup);
+  showAhead(state.project.ahead);
+}
+
+function showAhead(ahead) {
+  // The next round, computed while the last patch waits for its answer (wsi_il/desk/ahead.py).
+  let text = "";
+  if (ahead && ahead.preparing) text = "preparing the next round while you look …";
+  else if (ahead && ahead.ready) text = "next round ready";
+  $("ahead").textContent = text;
 }
 
 function showWarmup(warmup) {
@@ -250,6 +259,10 @@ function send(changes) {
         state.labels = result.labels;  // the file's labels, once no later answer is on its way
         renderCurrent();
       }
+      if (result.ahead) {
+        showAhead(result.ahead);
+        if (result.ahead.preparing) watchServer();
+      }
       say("");
     } catch (error) {
       say(error.message, "error");
@@ -353,7 +366,9 @@ async function submit() {
     await state.queue;
     const result = await post(`/api/batches/${enc(state.batch.batch)}/submit`);
     await loadBatch(result.next_batch);
-    state.lastRound = { seconds: (performance.now() - started) / 1000, server: result.seconds };
+    showAhead(null);
+    state.lastRound = { seconds: (performance.now() - started) / 1000, server: result.seconds,
+                        preparedAhead: result.prepared_ahead };
     say(result.next_batch
       ? `${result.message} (${state.lastRound.seconds.toFixed(1)} s)`
       : `${result.message}. Look at the slide (v) or export the mask (t, then e).`);
@@ -553,15 +568,30 @@ async function main() {
   }
   show("batch");
   document.body.dataset.ready = "true";
-  const poll = setInterval(async () => {  // the warm-up's progress, until it is over
+  watchServer();
+}
+
+let poll = null;
+
+function watchServer() {
+  // The warm-up's and the round prepared ahead's progress, every 2 s while either is under way.
+  if (poll) return;
+  poll = setInterval(async () => {
     try {
       const project = await get("/api/project");
       showWarmup(project.warmup);
-      if (project.warmup.state !== "running" && project.warmup.state !== "not started") clearInterval(poll);
+      showAhead(project.ahead);
+      const warming = project.warmup.state === "running" || project.warmup.state === "not started";
+      if (!warming && !(project.ahead && project.ahead.preparing)) stopWatching();
     } catch (error) {
-      clearInterval(poll);
+      stopWatching();
     }
   }, 2000);
+}
+
+function stopWatching() {
+  clearInterval(poll);
+  poll = null;
 }
 
 main();
