@@ -16,8 +16,13 @@ pooled trunk features (``--folds`` folds) and the heads themselves (``--head-fol
 and pass budget).
 
 usage: python benchmarks/quality_region.py PROJECT TRUTH [--seeds 2] [--reviewed 15,30,75] [--regions small,large]
-                                           [--balances none,classes] [--head-folds 3] [--schedule fast|paper]
-                                           [--fast-budget PASSES] [--out FILE.json]
+                                           [--balances none,classes] [--head-inits random,refit] [--head-folds 3]
+                                           [--schedule fast|paper] [--fast-budget PASSES] [--lr LR] [--epochs N]
+                                           [--first-seed 0] [--out FILE.json]
+
+``--head-inits`` compares how a round starts and ends the classifier's linear layer (TrainSettings.head_init);
+``--lr 0 --epochs 1 --head-inits fit`` leaves the block as it is and fits the linear layer alone (a linear probe
+on the block's output).
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ def main() -> None:
     parser.add_argument("--head-folds", type=int, default=3)
     parser.add_argument("--schedule", default="fast", help="the rounds' schedule: fast (the CPU default) or paper")
     parser.add_argument("--fast-budget", type=int, default=0, help="the fast schedule's pass budget; 0: the project's")
+    parser.add_argument("--head-inits", default="", help="TrainSettings.head_init values; default: the project's")
+    parser.add_argument("--lr", type=float, default=None, help="the rounds' learning rate; default: the project's")
+    parser.add_argument("--epochs", type=int, default=None, help="the rounds' epochs; default: the project's")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ctx = open_context(Project(args.project), "cpu", SilentReporter())
@@ -58,18 +67,23 @@ def main() -> None:
     settings = replace(from_dict(TrainSettings, ctx.manifest["train"]), schedule=args.schedule)
     if args.fast_budget:
         settings = replace(settings, fast_budget=args.fast_budget)
+    if args.lr is not None:
+        settings = replace(settings, lr=args.lr)
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    head_inits = args.head_inits.split(",") if args.head_inits else [settings.head_init]
     largest = max(tumour_islands(ctx.table.boxes, truth), key=len)
     n = len(truth)
     print(f"{n} tissue patches, {truth.mean():.1%} tumour, largest island {len(largest)} patches", flush=True)
     results: dict = {"patches": n, "tumour_share": float(truth.mean()), "largest_island": len(largest),
                      "settings": {k: getattr(settings, k) for k in ("epochs", "lr", "fast_budget",
-                                                                       "fast_frozen_conv1", "schedule")},
+                                                                       "fast_frozen_conv1", "schedule", "head_init")},
                      "probe": _probe_cv(ctx, truth, args.folds), "runs": []}
     print(f"linear probe, {args.folds}-fold: {results['probe']}", flush=True)
     if args.head_folds:
         results["heads_cv"] = _heads_cv(ctx, truth, settings, args.head_folds)
         print(f"heads, {args.head_folds}-fold: {results['heads_cv']}", flush=True)
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng = np.random.default_rng(seed)
         queries = {"small": grow_region(ctx.table.boxes, largest, 10, rng),
                    "large": grow_region(ctx.table.boxes, largest, round(0.8 * len(largest)), rng)}
@@ -79,17 +93,17 @@ def main() -> None:
             query = queries[region]
             for reviewed in (int(r) for r in args.reviewed.split(",")):
                 picked = pool[:reviewed]
-                for balance in args.balances.split(","):
+                for balance, head_init in ((b, h) for b in args.balances.split(",") for h in head_inits):
                     started = time.perf_counter()
-                    predicted = _train_and_predict(ctx, picked, query, truth, replace(settings, balance=balance,
-                                                                                       seed=seed))
+                    predicted = _train_and_predict(ctx, picked, query, truth, replace(
+                        settings, balance=balance, seed=seed, head_init=head_init))
                     rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
                     rest[picked] = False
                     for other in queries.values():
                         rest[other] = False
                     s = binary_scores(predicted[rest], truth[rest])
                     row = {"seed": seed, "region": region, "query_patches": len(query), "reviewed": reviewed,
-                           "reviewed_tumour": int(truth[picked].sum()), "balance": balance,
+                           "reviewed_tumour": int(truth[picked].sum()), "balance": balance, "head_init": head_init,
                            "jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1,
                            "called": s.called_share, "truth_share": s.truth_share,
                            "seconds": round(time.perf_counter() - started, 1)}
