@@ -79,7 +79,7 @@ class TrainSettings:
     each training step runs and trains only the rest of the block and the heads, and the database's pass reads
     the first convolution's output from a cache (``wsi_il.stems``) instead of computing it. (With a whole layer
     of trainable blocks, ``--trainable layer4``, everything trains.)"""
-    head_init: str = "random"
+    head_init: str = "refit"
     """The classifier's linear layer in a round: 'random' (it starts from torch's initialisation, or from the
     previous round's layer with a warm start, and trains with the block, as the paper); 'fit' (it starts as the
     logistic regression of the round's labels on the block's pooled output, ``heads.fit_linear``, then trains
