@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="the rounds' learning rate; default: the project's")
     parser.add_argument("--epochs", type=int, default=None, help="the rounds' epochs; default: the project's")
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--fit-query", type=int, default=0,
+                        help="the linear layer's fit takes up to this many query patches (0: the training rows)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ctx = open_context(Project(args.project), "cpu", SilentReporter())
@@ -96,7 +98,7 @@ def main() -> None:
                 for balance, head_init in ((b, h) for b in args.balances.split(",") for h in head_inits):
                     started = time.perf_counter()
                     predicted = _train_and_predict(ctx, picked, query, truth, replace(
-                        settings, balance=balance, seed=seed, head_init=head_init))
+                        settings, balance=balance, seed=seed, head_init=head_init), args.fit_query)
                     rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
                     rest[picked] = False
                     for other in queries.values():
@@ -113,7 +115,7 @@ def main() -> None:
                         args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def _train_and_predict(ctx, picked, query, truth, settings):  # type: ignore[no-untyped-def]
+def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):  # type: ignore[no-untyped-def]
     from wsi_il.heads import embed_and_predict, train_heads, training_selection
     from wsi_il.session import load_tensors
 
@@ -123,7 +125,12 @@ def _train_and_predict(ctx, picked, query, truth, settings):  # type: ignore[no-
     groups = np.concatenate([np.full(len(picked), -1), np.zeros(len(query), dtype=np.int64)])
     keep, weights = training_selection(targets, groups, settings.balance, settings.seed)
     init = load_tensors(ctx.project.init_model_path())
-    heads = train_heads(ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights)
+    fit_set = None
+    if fit_query:
+        fit_rows, fit_weights = training_selection(targets, groups, settings.balance, settings.seed, fit_query)
+        fit_set = (ctx.store.take(rows[fit_rows]), targets[fit_rows], fit_weights)
+    heads = train_heads(ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights,
+                        fit_set=fit_set)
     _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
     return probs.argmax(axis=1) == tumour
 

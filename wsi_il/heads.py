@@ -228,8 +228,13 @@ QUERY_GROUP_SIZE = 10
 anew when the labels change), however large the region the expert drew."""
 
 
+QUERY_FIT_SIZE = 500
+"""The linear layer's fit (``fit_linear``) takes up to this many patches of each session's query: the fit costs
+little per row, so a large region the expert drew is used, not a sample of ``QUERY_GROUP_SIZE``."""
+
+
 def training_selection(targets: np.ndarray, groups: np.ndarray, balance: str,
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+                       seed: int = 0, query_cap: int = QUERY_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows of a training set a round trains on, and their loss weights (mean 1; None: every row once).
 
     ``groups`` holds -1 for a reviewed label and the session number for a query patch. 'none' (the paper): every
@@ -247,7 +252,7 @@ def training_selection(targets: np.ndarray, groups: np.ndarray, balance: str,
     keep = [np.flatnonzero(groups < 0)]
     for group in np.unique(groups[groups >= 0]):
         rows = np.flatnonzero(groups == group)
-        keep.append(np.sort(rng.choice(rows, size=min(len(rows), QUERY_GROUP_SIZE), replace=False)))
+        keep.append(np.sort(rng.choice(rows, size=min(len(rows), query_cap), replace=False)))
     rows = np.concatenate(keep)
     return rows, training_weights(targets[rows])
 
@@ -296,8 +301,11 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
                 settings: TrainSettings, device: str, start: TrainedHeads | None = None,
                 on_epoch: Callable[[int], None] | None = None, schedule: str | None = None,
                 early_stopping: bool = True, graphs: bool | None = None,
-                weights: np.ndarray | None = None) -> TrainedHeads:
+                weights: np.ndarray | None = None, fit_set: FitSet | None = None) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
+
+    ``fit_set``: (features, targets, weights) the linear layer is fitted to when ``settings.head_init`` fits it
+    (``fit_linear``); None: the training rows.
 
     ``weights``: each row's weight in both losses (``training_selection``); None weighs every row once.
 
@@ -310,7 +318,7 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     schedule = schedule or resolve_schedule(settings, device)
     if schedule == "fast":
         return _train_shared(features, targets, init_state, n_classes, settings, device, start, on_epoch,
-                             early_stopping, graphs, weights)
+                             early_stopping, graphs, weights, fit_set)
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -328,7 +336,7 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     _freeze_batchnorm(classifier)
     opt_r = _adam(retrieval.parameters(), settings.lr, _want_graphs(graphs, dev))
     if settings.head_init in ("fit", "refit"):
-        fit_linear(classifier, x_all, None, y_all, w_all, n_classes)
+        fit_linear(classifier, *_fit_inputs(fit_set, x_all, None, y_all, w_all), n_classes)
     opt_c = _adam(classifier.parameters(), settings.lr, _want_graphs(graphs, dev))
 
     def retrieval_step(rows, y):  # type: ignore[no-untyped-def]
@@ -346,14 +354,15 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     losses = _train_epochs(updates, (x_all, w_all), y_all, targets, settings.batch_size, settings.epochs, generator,
                            on_epoch, graphs)
     if settings.head_init == "refit":
-        fit_linear(classifier, x_all, None, y_all, w_all, n_classes)
+        fit_linear(classifier, *_fit_inputs(fit_set, x_all, None, y_all, w_all), n_classes)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
 
 
 def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
                   settings: TrainSettings, device: str, start: TrainedHeads | None,
                   on_epoch: Callable[[int], None] | None, early_stopping: bool = True,
-                  graphs: bool | None = None, weights: np.ndarray | None = None) -> TrainedHeads:
+                  graphs: bool | None = None, weights: np.ndarray | None = None,
+                  fit_set: FitSet | None = None) -> TrainedHeads:
     """The fast schedule: one block for both heads, warm-started, early-stopped, bounded passes."""
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
@@ -373,7 +382,7 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
         with torch.no_grad(), autocast(dev):
             stem_all = block_stem(head.block, x_all)  # the frozen part's output, once a round
     if settings.head_init in ("fit", "refit"):
-        fit_linear(head, x_all, stem_all, y_all, w_all, n_classes)
+        fit_linear(head, *_fit_inputs(fit_set, x_all, stem_all, y_all, w_all), n_classes)
     optimizer = _adam([p for p in head.parameters() if p.requires_grad], settings.lr, _want_graphs(graphs, dev))
 
     def shared_step(rows, y):  # type: ignore[no-untyped-def]
@@ -392,7 +401,7 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all, w_all), y_all, targets,
                            settings.batch_size, epochs, generator, on_epoch, graphs, stopping)
     if settings.head_init == "refit":
-        fit_linear(head, x_all, stem_all, y_all, w_all, n_classes)
+        fit_linear(head, *_fit_inputs(fit_set, x_all, stem_all, y_all, w_all), n_classes)
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
     return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast",
@@ -412,6 +421,19 @@ class _EarlyStop:
         self.stale = 0 if total < self.best else self.stale + 1
         self.best = min(self.best, total)
         return self.stale >= FAST_PATIENCE
+
+
+FitSet = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+"""Features, targets and loss weights (None: equal) that ``fit_linear`` fits the classifier's linear layer to."""
+
+
+def _fit_inputs(fit_set: FitSet | None, x_all, stem_all, y_all, w_all):  # type: ignore[no-untyped-def]
+    """What ``fit_linear`` fits to: the training rows (with their stem output), or ``fit_set`` on their device."""
+    if fit_set is None:
+        return x_all, stem_all, y_all, w_all
+    features, targets, weights = fit_set
+    x, y = _on_device(features, targets, x_all.device)
+    return x, None, y, _weights_on(weights, x_all.device)
 
 
 FIT_L2 = 1e-3
