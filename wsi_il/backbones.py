@@ -258,7 +258,11 @@ def preprocessing_of(model: Any) -> Preprocessing:
 
     config = resolve_data_config({}, model=model)
     interpolation = "bilinear" if config.get("interpolation") == "bilinear" else "bicubic"
-    return Preprocessing(int(config["input_size"][-1]), [float(v) for v in config["mean"]],
+    input_px = int(config["input_size"][-1])
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed and not getattr(model, "dynamic_img_size", False):  # a ViT built for one size takes only that size
+        input_px = int(fixed[-1])
+    return Preprocessing(input_px, [float(v) for v in config["mean"]],
                          [float(v) for v in config["std"]], interpolation)
 
 

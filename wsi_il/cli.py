@@ -157,11 +157,26 @@ def _random_warning(manifest: dict[str, Any]) -> None:
                       "annotation. Re-create the project with ImageNet or your own weights.[/]", soft_wrap=True)
 
 
-def _warn_unknown_mpp(record: dict[str, Any], tile_size_px: int) -> None:
+def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
     if record.get("kind") == "slide" and record.get("mpp") is None:
         _warn(f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
-              f"unknown. Tiles are {tile_size_px} px of level 0 whatever the magnification: put only slides "
-              "scanned at the same magnification in one project")
+              f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
+              "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
+              "and tile at a physical resolution with --mpp")
+
+
+def _say_tiles(manifest: dict[str, Any]) -> None:
+    """Print what a tile is (its side in px and µm) and what a patch costs in the feature store."""
+    from wsi_il.backbones import bytes_per_patch
+    from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+    from wsi_il.features import store_shape
+
+    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings = from_dict(FeatureSettings, manifest["features"])
+    where = f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)" if tiling.target_mpp \
+        else "of level 0"
+    out.print(f"tiles: {tiling.tile_size_px} px {where}; features: {settings.arch} --trainable {settings.trainable}, "
+              f"{bytes_per_patch(store_shape(settings)) / 1000:.1f} kB a patch")
 
 
 # `init` options that are recorded in project.json: parameter -> (flag, where it is recorded)
@@ -171,6 +186,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "norm_sample": ("--norm-sample", ("tiling", "normalisation_sample")),
     "weights": ("--weights", ("features", "weights")),
     "arch": ("--arch", ("features", "arch")),
+    "mpp": ("--mpp", ("tiling", "target_mpp")),
     "batch_size": ("--batch-size", ("features", "batch_size")),
     "epochs": ("--epochs", ("train", "epochs")),
     "lr": ("--lr", ("train", "lr")),
@@ -194,9 +210,11 @@ def _schedule(value: str) -> str:
     return value.lower()
 
 
-def _frozen_conv1(value: bool | None, weights: str) -> bool:
+def _frozen_conv1(value: bool | None, weights: str, features: Any = None) -> bool:
     from wsi_il.config import frozen_conv1_default
 
+    if features is not None and features.arch_args is not None:
+        return False  # a timm model's trainable part has no first convolution to keep
     return frozen_conv1_default(weights) if value is None else value
 
 
@@ -246,6 +264,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
+    if name == "weights" and value == stored:
+        return True
     if name == "weights" and value not in ("imagenet", "random"):
         path = Path(value)
         if stored in ("imagenet", "random") or not path.is_file():
@@ -283,13 +303,25 @@ def init(
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images (class subfolders optional).")] = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the "
                                                 "class subfolders of --patches].")] = None,
-    tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels: of level 0, or at --mpp where given "
+                                                  "[default: 256, or the input side of a model trained at a known "
+                                                  "resolution].")] = None,
+    tile_um: Annotated[float | None, typer.Option(help="Tile side in µm (with --mpp or --magnification).")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Read tiles at this resolution (µm/px), from the best pyramid "
+                                              "level, resized [default: level-0 pixels, or the resolution a known "
+                                              "pathology model was trained at].")] = None,
+    magnification: Annotated[float | None, typer.Option(help="Read tiles at this magnification (10/x µm/px: 20 "
+                                                        "is 0.5 µm/px).")] = None,
+    slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
     norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
                                              "std; 0 = every tile (the paper's exact statistics; each tile is then "
                                              "read twice).", min=0)] = 1024,
     weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
-    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34 or resnet50 [default: "
-                                             "resnet18, or what a --weights file holds].")] = None,
+    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
+                                             "architecture [default: resnet18, or what a --weights file or hub "
+                                             "config names].")] = None,
+    arch_args: Annotated[str | None, typer.Option(help="A timm architecture's keyword arguments, as JSON (e.g. "
+                                                  "'{\"init_values\": 1e-5}').")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
@@ -301,19 +333,20 @@ def init(
     balance: BalanceOpt = "classes",
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
-    trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
-                                           "or layer4 (all of layer4, the paper's ablation; features are cached "
-                                           "after layer3, 4x larger).")] = "last",
+    trainable: Annotated[str | None, typer.Option(help="What the heads train: last (the last block of layer4, the "
+                                                  "paper; a ViT's last block) or layer4 (all of layer4, the paper's "
+                                                  "ablation; 4x the store); for timm models embedding (the heads on "
+                                                  "the frozen embedding) [default: last; embedding for timm].")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Create a project: tile the slides, compute normalisation statistics and cache the features.
 
     Run it again to resume an interrupted run.
     """
-    from wsi_il.config import FeatureSettings, TilingSettings, TrainSettings, to_dict
+    from wsi_il.config import TilingSettings, TrainSettings, to_dict
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
-    from wsi_il.features import build_resnet
     from wsi_il.project import Project, check_settings
+    from wsi_il.resolution import target_mpp, tile_side_px
 
     with _errors():
         proj = Project(project)
@@ -333,30 +366,32 @@ def init(
         else:
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
-            weights_obj, arch = _weights_and_arch(weights, arch)
-            build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
+            feature_settings, weights_obj, model_mpp = _feature_settings(weights, arch, arch_args, trainable,
+                                                                         batch_size, seed)
+            target = target_mpp(mpp, magnification) if mpp or magnification or not model_mpp else model_mpp
+            # a timm model at a physical resolution: tiles at its input side, unless told
+            tile_side = tile_side_px(tile_size, tile_um, target,
+                                     feature_settings.input_px if target and feature_settings.arch_args is not None
+                                     else 256)
             names = [c.strip() for c in classes.split(",")] if classes else (
                 folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
             names = [n for n in names if n]
             if len(names) < 2 or len({n.lower() for n in names}) != len(names):
                 raise InputError(f"--classes {classes!r} must name at least two different classes",
                                  "e.g. --classes Tumor,Normal")
-            feature_settings = FeatureSettings(arch=arch,
-                                               weights=weights if weights_obj.kind != "file" else weights_obj.source,
-                                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
-                                               trainable=_trainable(trainable))
-            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size,
+            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_side, target_mpp=target,
                                                                      normalisation_sample=norm_sample)),
                         "features": to_dict(feature_settings),
                         "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                                        refine_query=refine_query, seed=seed,
                                                        schedule=_schedule(schedule), fast_budget=fast_budget,
                                                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
-                                                                                        weights),
+                                                                                        weights, feature_settings),
                                                        balance=_balance(balance))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path), tile_size)
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
+            _say_tiles(manifest)
             if patches is not None:
                 register_patch_folder(manifest, patches)
         _random_warning(manifest)
@@ -387,6 +422,7 @@ def add_slide(
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images.")] = None,
+    slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Add slides to a project and cache their features (with the project's normalisation)."""
@@ -407,7 +443,7 @@ def add_slide(
                 _warn(warning)
             before = copy.deepcopy(manifest)
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path), manifest["tiling"]["tile_size_px"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
             added = [s["id"] for s in manifest["slides"][len(before["slides"]):]]
@@ -760,16 +796,30 @@ def _print_status(info: dict[str, Any]) -> None:
     style = "bold yellow on red" if weights["kind"] == "random" else "green"
     out.print(f"[bold]{info['project']}[/]  wsi-il project {info['uid'][:8]}  classes: {', '.join(info['classes'])}")
     out.print(f"weights: [{style}]{weights['description']}[/]")
-    if info.get("trainable", "last") != "last":
+    backbone = info.get("backbone") or {}
+    if backbone.get("arch_args") is not None:
+        what = {"embedding": "the heads train on the frozen embedding",
+                "last": "the last block trains on the tokens entering it"}[backbone["trainable"]]
+        out.print(f"backbone: timm {backbone['arch']} {backbone['arch_args']}, {backbone['input_px']} px input; "
+                  f"--trainable {backbone['trainable']} ({what}), {backbone['bytes_per_patch'] / 1000:.1f} kB a patch")
+    elif info.get("trainable", "last") != "last":
         out.print(f"trainable: {info['trainable']} (the heads train all of layer4; features cached after layer3)")
     norm = info.get("normalisation")
-    if norm:
+    if backbone.get("mean") is not None:
+        out.print(f"normalisation: the model's own, mean {_triple(backbone['mean'])}, std {_triple(backbone['std'])}, "
+                  f"{backbone['interpolation']} resize")
+    elif norm:
         source = (f"a random sample of {norm['tiles_read']:,} of {norm['candidate_tiles']:,} candidate tiles"
                   if norm.get("tiles_read", 0) < norm.get("candidate_tiles", 0) else "every tissue tile")
         out.print(f"normalisation: mean {_triple(norm['mean'])}, std {_triple(norm['std'])} ({source})")
-    table = Table("slide", "kind", "size (px)", "mpp", "patches", "features")
+    tiling = info["settings"]["tiling"]
+    at = f"at {tiling['target_mpp']:g} µm/px" if tiling.get("target_mpp") else "of level 0"
+    out.print(f"tiles: {tiling['tile_size_px']} px {at}")
+    table = Table("slide", "kind", "size (px)", "mpp", "tile (µm)", "patches", "features")
     for s in info["slides"]:
-        table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", str(s["mpp"] or "-"), str(s["patches"]),
+        mpp = "-" if not s["mpp"] else f"{s['mpp']:g}" + (" (given)" if s.get("mpp_given") else "")
+        table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", mpp,
+                      "-" if s.get("tile_um") is None else f"{s['tile_um']:.1f}", str(s["patches"]),
                       "done" if s["extracted"] else "[yellow]pending[/]")
     out.print(table)
     sessions = Table("session", "label", "strategy", "k", "round", "state", "query", "s/round")
@@ -824,6 +874,29 @@ def export(
                       + (f" and {item.overview}" if item.overview else ""))
 
 
+def _feature_settings(weights: str, arch: str | None, arch_args: str | None, trainable: str | None,
+                      batch_size: int, seed: int):  # type: ignore[no-untyped-def]
+    """The feature settings, weights and trained-at resolution (None: unknown) of a new project."""
+    from wsi_il import backbones
+    from wsi_il.config import FeatureSettings
+    from wsi_il.features import build_resnet
+
+    timm = (arch is not None and backbones.is_timm(arch)) or weights.startswith(backbones.HUB_PREFIX) or (
+        weights not in ("imagenet", "random") and Path(weights).is_dir()) or arch_args is not None
+    if timm:
+        choice = backbones.choose_timm(weights, arch, backbones.parse_args(arch_args))
+        weights_obj = backbones.weights_of(choice)
+        settings = backbones.timm_feature_settings(choice, weights_obj, trainable and trainable.lower(), batch_size,
+                                                   seed)
+        return settings, weights_obj, choice.mpp
+    weights_obj, arch = _weights_and_arch(weights, arch)
+    build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
+    settings = FeatureSettings(arch=arch, weights=weights if weights_obj.kind != "file" else weights_obj.source,
+                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
+                               trainable=_trainable(trainable or "last"))
+    return settings, weights_obj, None
+
+
 def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-def]
     """Resolve --weights and --arch together: a weights file names its own architecture."""
     from wsi_il.features import ARCHES, detect_arch, get_arch, resolve_weights
@@ -836,7 +909,8 @@ def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-d
     found = detect_arch(weights.state or {})
     if arch is None and found is None:
         raise InputError(f"{spec} holds no ResNet that wsi-il knows ({', '.join(ARCHES)})",
-                         "give a torchvision or timm ResNet state dict, or name it with --arch")
+                         "give a torchvision or timm ResNet state dict, or name its architecture with --arch "
+                         "(any timm architecture, with --arch-args)")
     return weights, arch or found
 
 
