@@ -184,3 +184,15 @@ def test_both_vit_splits_run_the_whole_loop_offline(tmp_path, hub):
     run("init", tmp_path / "embedding", "--weights", "hf-hub:lab/tiny-vit")
     out = run("init", tmp_path / "absent", "--slide", SLIDE, "--weights", "hf-hub:MahmoodLab/UNI", code=3)
     assert "not in the local hub cache" in out and not (tmp_path / "absent").exists()
+
+
+def test_bench_measures_each_backbone_under_each_split(tmp_path, hub):
+    out = run("bench", "--slide", SLIDE, "--backbone", f"{VIT}:{json.dumps(VIT_ARGS)}", "--backbones-only",
+              "--device", "cpu", "--out", tmp_path / "work", "--json", tmp_path / "bench.json")
+    assert "bench.backbones.json" in out
+    results = json.loads((tmp_path / "bench.backbones.json").read_text())
+    assert [(r["arch"], r["trainable"]) for r in results] == [(VIT, "embedding"), (VIT, "last")]
+    assert [r["bytes_per_patch"] for r in results] == [96, 17 * 48 * 2]
+    for r in results:
+        assert r["patches"] > 0 and r["extract_patches_per_s"] > 0 and r["trunk_limit_patches_per_s"] > 0
+        assert r["extract_cpu_seconds"] > 0

@@ -1191,6 +1191,10 @@ def bench(
         "--out", help="Working folder (slide, project, exports), kept afterwards [default: a temporary folder, "
         "removed at the end].", show_default=False)] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    backbone: Annotated[list[str] | None, typer.Option(
+        "--backbone", help="Also measure this timm backbone, under each split it supports: NAME[:JSON args] "
+        "(random weights, the same compute), a snapshot folder or hf-hub:ORG/NAME (repeat for several).")] = None,
+    backbones_only: Annotated[bool, typer.Option(help="Measure only the --backbone ones (needs --slide).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure extraction, round latency, export and memory on this machine, next to limits and a naive baseline."""
@@ -1202,11 +1206,51 @@ def bench(
         work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="wsi-il-bench-"))
         if out_dir is None:
             console.print(f"[dim]working in {work} (removed at the end; --out DIR keeps it)[/]")
+        if backbones_only and (slide is None or not backbone):
+            raise InputError("--backbones-only needs --slide and at least one --backbone",
+                             "e.g. --slide S.svs --backbone vit_small_patch16_224 --backbones-only")
         try:
-            _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
+            if not backbones_only:
+                _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
+            if backbone:
+                _bench_backbones(backbone, slide or _bench_slide(work), work / "backbones", dev,
+                                 json_path.with_suffix(".backbones.json") if json_path else None)
         finally:
             if out_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_slide(work: Path) -> Path:
+    """The slide the main bench measured on (the mosaic it built)."""
+    built = sorted(work.glob("bench-[0-9]*.tiff"))
+    if not built:
+        raise InputError("no slide to measure the backbones on", "give --slide")
+    return built[0]
+
+
+def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_path: Path | None) -> None:
+    import json
+
+    from wsi_il.bench_backbones import bench_backbone, results_json
+    from wsi_il.fsutil import atomic_write_text
+
+    results = []
+    sample = 4096 if dev.startswith("cuda") else 64
+    with console.status("measuring backbones") as status:
+        for spec in specs:
+            status.update(f"backbone {spec}")
+            results.extend(bench_backbone(spec, slide, work / f"b{len(results)}", dev, sample))
+    table = Table("backbone", "split", "input", "store a patch", "extraction", "trunk limit", "ratio", "CPU s / wall s",
+                  title=f"backbones on {slide.name} ({dev})")
+    for r in results:
+        table.add_row(r.backbone, r.trainable, f"{r.input_px} px", f"{r.bytes_per_patch / 1000:.1f} kB",
+                      f"{r.extract_patches_per_s:.1f} patches/s", f"{r.trunk_limit_patches_per_s:.1f}/s",
+                      f"{r.extract_ratio_to_limit:.2f}", f"{r.extract_cpu_seconds:.1f} / {r.extract_seconds:.1f} "
+                      f"(load {r.load_average:.1f})")
+    out.print(table)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(results_json(results), indent=2))
+        out.print(f"wrote {json_path}")
 
 
 def _run_bench(out_dir: Path, slide: Path | None, truth: Path | None, data: Path | None, patches: int, labels: int,
