@@ -111,10 +111,13 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
         backbones.choose_timm("random", "vit_no_such_model", {})
 
 
-@pytest.mark.parametrize("trainable", ["embedding", "last"])
-def test_trunk_and_trainable_part_compose_to_the_model(trainable):
-    model = backbones.build_timm(VIT, VIT_ARGS, backbones.weights_of(backbones.choose_timm("random", VIT, VIT_ARGS)),
-                                 seed=3)
+REGISTERS = {**VIT_ARGS, "reg_tokens": 4, "no_embed_class": True, "global_pool": "avg", "init_values": 1e-5}
+"""Register tokens, layer scale, and pooling by the mean of the patch tokens (the prefix tokens left out)."""
+
+
+@pytest.mark.parametrize("trainable,args", [("embedding", VIT_ARGS), ("last", VIT_ARGS), ("last", REGISTERS)])
+def test_trunk_and_trainable_part_compose_to_the_model(trainable, args):
+    model = backbones.build_timm(VIT, args, backbones.weights_of(backbones.choose_timm("random", VIT, args)), seed=3)
     tiles = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         whole = model(tiles)
@@ -123,7 +126,7 @@ def test_trunk_and_trainable_part_compose_to_the_model(trainable):
         rebuilt = make_block({k: v.clone() for k, v in tail.state_dict().items()})  # as the heads rebuild it
         assert torch.allclose(tail(cached), whole, atol=1e-5) and torch.allclose(rebuilt(cached), whole, atol=1e-5)
     shape = backbones.trunk_output_shape(backbones.trunk_of(model, trainable), 64)
-    tokens = (64 // 16) ** 2 + 1
+    tokens = (64 // 16) ** 2 + model.num_prefix_tokens
     assert shape == ((48,) if trainable == "embedding" else (tokens, 48))
     assert backbones.bytes_per_patch(shape) == (48 * 2 if trainable == "embedding" else tokens * 48 * 2)
     assert block_width(tail.state_dict()) == 48
@@ -196,3 +199,20 @@ def test_bench_measures_each_backbone_under_each_split(tmp_path, hub):
     for r in results:
         assert r["patches"] > 0 and r["extract_patches_per_s"] > 0 and r["trunk_limit_patches_per_s"] > 0
         assert r["extract_cpu_seconds"] > 0
+
+
+def test_layer_classes_are_named_in_json_and_a_pooling_is_required(tmp_path):
+    # UNI2-h / Virchow2 style: SwiGLU MLP, SiLU, register tokens, no class-token position, no pooling
+    args = {**VIT_ARGS, "mlp_layer": "SwiGLUPacked", "act_layer": "silu", "mlp_ratio": 5.3375, "reg_tokens": 4,
+            "no_embed_class": True, "global_pool": ""}
+    choice = backbones.choose_timm("random", VIT, args)
+    weights = backbones.weights_of(choice)
+    with pytest.raises(InputError, match="pools nothing"):
+        backbones.timm_feature_settings(choice, weights, "embedding", 32, 0)
+    pooled = backbones.choose_timm("random", VIT, {**args, "global_pool": "token"})
+    settings = backbones.timm_feature_settings(pooled, backbones.weights_of(pooled), "last", 32, 0)
+    assert settings.feature_shape == [16 + 1 + 4, 48]  # patch, class and register tokens enter the last block
+    model = backbones.build_timm(pooled.arch, pooled.args, backbones.weights_of(pooled), 0)
+    assert type(model.blocks[0].mlp).__name__ == "GluMlp"
+    with pytest.raises(WeightsError, match="names no timm layer"):
+        backbones.create(VIT, {**VIT_ARGS, "mlp_layer": "NoSuchMlp"})

@@ -213,10 +213,32 @@ def create(arch: str, args: dict[str, Any]):  # type: ignore[no-untyped-def]
     """A timm model without its classifier, randomly initialised (``pretrained=False``: never downloaded)."""
     timm = _timm()
     try:
-        return timm.create_model(arch, pretrained=False, **{**args, "num_classes": 0})
+        return timm.create_model(arch, pretrained=False, **{**_resolved(args), "num_classes": 0})
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise WeightsError(f"timm cannot build {arch} with {json.dumps(args)} ({type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:160]})", "check --arch-args") from exc
+
+
+_LAYER_ARGS = ("mlp_layer", "embed_layer", "block_fn")
+"""Keyword arguments timm takes as classes only: given by name in JSON (``"mlp_layer": "SwiGLUPacked"``). (timm
+resolves ``act_layer`` and ``norm_layer`` names, such as 'silu', itself.)"""
+
+
+def _resolved(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the layer classes named as strings replaced by timm's classes of that name."""
+    import timm.layers
+    import timm.models.vision_transformer
+
+    resolved = dict(args)
+    for key in _LAYER_ARGS:
+        name = resolved.get(key)
+        if isinstance(name, str):
+            found = getattr(timm.layers, name, None) or getattr(timm.models.vision_transformer, name, None)
+            if found is None:
+                raise WeightsError(f"--arch-args {key} {name!r} names no timm layer",
+                                   'e.g. "mlp_layer": "SwiGLUPacked"')
+            resolved[key] = found
+    return resolved
 
 
 def build_timm(arch: str, args: dict[str, Any], weights: Any, seed: int):  # type: ignore[no-untyped-def]
@@ -460,6 +482,10 @@ def timm_feature_settings(choice: TimmChoice, weights: Any, trainable: str | Non
     trainable = check_trainable(model, trainable or DEFAULT_TIMM_TRAINABLE)
     prep = preprocessing_of(model)
     shape = trunk_output_shape(trunk_of(model, trainable), prep.input_px)
+    if trainable == "embedding" and len(shape) != 1:
+        raise InputError(f"{choice.arch} pools nothing (its embedding is {list(shape)} a tile)",
+                         "name its pooling, e.g. --arch-args '{\"global_pool\": \"token\"}' (the class token) or "
+                         "\"avg\" (the mean of the patch tokens)")
     return FeatureSettings(arch=choice.arch, arch_args=choice.args, weights=choice.recorded,
                            weights_sha256=weights.sha256, input_px=prep.input_px, interpolation=prep.interpolation,
                            mean=prep.mean, std=prep.std, feature_shape=list(shape), batch_size=batch_size, seed=seed,
