@@ -91,6 +91,24 @@ def test_preprocessing_comes_from_the_model_config(hub, tmp_path):
     assert backbones.preprocessing_of(plain) == backbones.Preprocessing(64, [0.5] * 3, [0.5] * 3, "bicubic")
 
 
+def test_an_older_single_object_hub_config_gives_the_preprocessing_too(hub):
+    fake_hub(hub, "lab/legacy-vit", small_vit(), {"architecture": VIT, "model_args": VIT_ARGS, **HUB_CFG})
+    choice = backbones.choose_timm("hf-hub:lab/legacy-vit", None, {})
+    model = backbones.build_timm(choice.arch, choice.args, backbones.weights_of(choice), 0)
+    assert backbones.preprocessing_of(model) == backbones.Preprocessing(64, HUB_CFG["mean"], HUB_CFG["std"],
+                                                                         "bilinear")
+
+
+def test_a_known_pathology_model_tiles_at_the_resolution_it_was_trained_at(hub, tmp_path):
+    name = "bioptimus/H0-mini"  # a tiny stand-in under the name of a model trained at 0.5 µm/px
+    fake_hub(hub, name, small_vit(), {"architecture": VIT, "model_args": VIT_ARGS, "pretrained_cfg": HUB_CFG})
+    assert backbones.KNOWN_MPP[name] == 0.5
+    out = run("init", tmp_path / "p", "--slide", SLIDE, "--weights", f"hf-hub:{name}", "--device", "cpu")
+    assert "64 px at 0.5 µm/px (32 µm)" in out  # the model's input side, at its resolution
+    status = json.loads(run("status", tmp_path / "p", "--json"))
+    assert status["settings"]["tiling"]["target_mpp"] == 0.5 and status["slides"][0]["tile_um"] == 32
+
+
 def test_a_hub_id_missing_from_the_cache_is_refused_with_where_to_put_it(hub):
     with pytest.raises(WeightsError) as err:
         backbones.choose_timm("hf-hub:MahmoodLab/UNI", None, {})

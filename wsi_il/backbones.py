@@ -146,6 +146,18 @@ def snapshot_weights(folder: Path) -> Path:
                        "copy the whole snapshot (the weights are stored beside config.json)")
 
 
+_PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+"""What of a hub configuration's ``pretrained_cfg`` is kept: the preprocessing."""
+
+
+def _pretrained_cfg(config: dict[str, Any]) -> dict[str, Any]:
+    """A hub configuration's ``pretrained_cfg``; in the older single-object form, the object itself (as timm
+    reads both)."""
+    if isinstance(config.get("pretrained_cfg"), dict):
+        return config["pretrained_cfg"]
+    return {k: v for k, v in config.items() if k not in ("architecture", "num_features", "model_args")}
+
+
 @dataclass(frozen=True)
 class TimmChoice:
     """A timm model as init resolves it: architecture, keyword arguments, where its weights are."""
@@ -162,7 +174,7 @@ class TimmChoice:
 
 KNOWN_MPP = {"MahmoodLab/UNI": 0.5, "MahmoodLab/UNI2-h": 0.5, "paige-ai/Virchow2": 0.5, "paige-ai/Virchow": 0.5,
              "bioptimus/H-optimus-0": 0.5, "bioptimus/H-optimus-1": 0.5, "bioptimus/H0-mini": 0.5,
-             "prov-gigapath/prov-gigapath": 0.5, "MahmoodLab/conch": 0.5}
+             "prov-gigapath/prov-gigapath": 0.5}
 """µm/px each public pathology model was trained at, by hub id (docs/backbones.md says where each figure comes
 from): a project made with one tiles at it unless told otherwise."""
 
@@ -191,8 +203,9 @@ def choose_timm(spec: str, arch: str | None, args: dict[str, Any]) -> TimmChoice
     if arch is not None and arch != config["architecture"]:
         raise WeightsError(f"{spec} is a {config['architecture']}, not --arch {arch}", "leave --arch out")
     merged = {**config.get("model_args", {}), **args}
-    if config.get("pretrained_cfg"):
-        merged.setdefault("pretrained_cfg_overlay", config["pretrained_cfg"])
+    preprocessing = {k: v for k, v in _pretrained_cfg(config).items() if k in _PREPROCESSING_KEYS}
+    if preprocessing:
+        merged.setdefault("pretrained_cfg_overlay", preprocessing)
     return TimmChoice(check_arch(config["architecture"]), merged, snapshot_weights(folder),
                       f"{HUB_PREFIX}{repo}" if repo else str(folder.resolve()), KNOWN_MPP.get(repo or ""))
 
