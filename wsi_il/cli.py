@@ -391,7 +391,6 @@ def init(
                         "normalisation": None, "slides": []}
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
-            _say_tiles(manifest)
             if patches is not None:
                 register_patch_folder(manifest, patches)
         _random_warning(manifest)
@@ -414,6 +413,7 @@ def init(
         total = sum(s["n_patches"] for s in manifest["slides"])
         out.print(f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
                   f"source(s); classes {', '.join(manifest['classes'])}")
+        _say_tiles(manifest)
         out.print(f"next: wsi-il query {project} --region QUERY.geojson --label {manifest['classes'][0]}")
 
 
