@@ -264,8 +264,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
-    if name == "weights" and value == stored:
-        return True
+    if name == "weights" and (value == stored or (Path(value).is_dir() and str(Path(value).resolve()) == stored)):
+        return True  # the same hub id or snapshot folder
     if name == "weights" and value not in ("imagenet", "random"):
         path = Path(value)
         if stored in ("imagenet", "random") or not path.is_file():
