@@ -1240,13 +1240,12 @@ def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_p
         for spec in specs:
             status.update(f"backbone {spec}")
             results.extend(bench_backbone(spec, slide, work / f"b{len(results)}", dev, sample))
-    table = Table("backbone", "split", "input", "store a patch", "extraction", "trunk limit", "ratio", "CPU s / wall s",
-                  title=f"backbones on {slide.name} ({dev})")
+    table = Table("backbone", "split", "kB a patch", "patches/s", "trunk limit/s", "ratio", "CPU s", "wall s",
+                  title=f"backbones on {slide.name} ({dev}; load {max(r.load_average for r in results):.1f} at most)")
     for r in results:
-        table.add_row(r.backbone, r.trainable, f"{r.input_px} px", f"{r.bytes_per_patch / 1000:.1f} kB",
-                      f"{r.extract_patches_per_s:.1f} patches/s", f"{r.trunk_limit_patches_per_s:.1f}/s",
-                      f"{r.extract_ratio_to_limit:.2f}", f"{r.extract_cpu_seconds:.1f} / {r.extract_seconds:.1f} "
-                      f"(load {r.load_average:.1f})")
+        table.add_row(f"{r.backbone} ({r.input_px} px)", r.trainable, f"{r.bytes_per_patch / 1000:.1f}",
+                      f"{r.extract_patches_per_s:.1f}", f"{r.trunk_limit_patches_per_s:.1f}",
+                      f"{r.extract_ratio_to_limit:.2f}", f"{r.extract_cpu_seconds:.1f}", f"{r.extract_seconds:.1f}")
     out.print(table)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(results_json(results), indent=2))
