@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from wsi_il.cli import app
 from wsi_il.config import TilingSettings
+from wsi_il.database import read_at_resolution
 from wsi_il.errors import InputError
 from wsi_il.features import resize_tile
 from wsi_il.mosaic import write_pyramidal_tiff
@@ -69,18 +70,18 @@ def test_reads_come_from_the_best_level_and_match_a_reference_resize(pyramid):
         slide.close()
     x, y = 384, 256
     # 0.5 µm/px: a 128 px level-0 square is level 1 (each pixel the mean of 2 x 2) read as it is
-    half = reader.read_scaled(x, y, 128, 64)
+    half = read_at_resolution(reader, x, y, 128, 64)
     box = level0[y:y + 128, x:x + 128].astype(np.float64).reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
     assert half.shape == (64, 64, 3) and np.abs(half - box).max() <= 1
     # 1.0 µm/px: level 2 read as it is
-    quarter = reader.read_scaled(x, y, 256, 64)
+    quarter = read_at_resolution(reader, x, y, 256, 64)
     box4 = level0[y:y + 256, x:x + 256].astype(np.float64).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
     assert np.abs(quarter.astype(np.float64) - box4).max() <= 2
     # 0.375 µm/px lies between levels 0 and 1: level 0 is read and resized
-    between = reader.read_scaled(x, y, 96, 64)
+    between = read_at_resolution(reader, x, y, 96, 64)
     assert np.array_equal(between, resize_tile(np.ascontiguousarray(level0[y:y + 96, x:x + 96]), 64))
     # level-0 tiles are what they always were
-    assert np.array_equal(reader.read_scaled(x, y, 64, 64), level0[y:y + 64, x:x + 64])
+    assert np.array_equal(read_at_resolution(reader, x, y, 64, 64), level0[y:y + 64, x:x + 64])
     reader.close()
 
 

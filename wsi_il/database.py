@@ -130,12 +130,21 @@ def slide_candidates(project: Project, slide_id: str, slide: Path, settings: Til
     return corners
 
 
+def read_at_resolution(reader: TileReader, x: int, y: int, side0: int, out_px: int) -> np.ndarray:
+    """Return the square level-0 region of ``side0`` px at ``(x, y)`` as ``out_px`` a side: read from the best
+    pyramid level (``TileReader.read_downsampled``) and resized from there (antialiased bilinear); read as it is
+    where ``side0 == out_px``."""
+    if side0 == out_px:
+        return reader.read(x, y, side0, side0)
+    return resize_tile(reader.read_downsampled(x, y, side0, side0 / out_px), out_px)
+
+
 def read_tissue_tile(reader: TileReader, corner: Any, settings: TilingSettings,
                      input_px: int | None = None, side0: int | None = None) -> Any:
     """Read one candidate tile (``side0`` level-0 px a side, ``tile_size_px`` by default, as ``tile_size_px``):
     when the pixel rule keeps it, the tile (resized to ``input_px`` where given), else None."""
     tile = settings.tile_size_px
-    rgb = reader.read_scaled(int(corner[0]), int(corner[1]), side0 or tile, tile)
+    rgb = read_at_resolution(reader, int(corner[0]), int(corner[1]), side0 or tile, tile)
     if not is_tissue_tile(rgb, settings):
         return None
     return rgb if input_px is None else resize_tile(rgb, input_px)
@@ -308,7 +317,7 @@ def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[
     def load(i: int) -> np.ndarray:
         x, y, w, h = (int(v) for v in boxes[i])
         if w == h:  # from the best pyramid level (a tile at a physical resolution; the same read otherwise)
-            return reader.read_scaled(x, y, w, px)
+            return read_at_resolution(reader, x, y, w, px)
         return resize_tile(reader.read(x, y, w, h), px)
 
     return load, reader.close

@@ -202,26 +202,20 @@ class TileReader:
                              "the slide file may be damaged") from exc
         return _flatten(region)
 
-    def read_scaled(self, x: int, y: int, side0: int, out_px: int) -> np.ndarray:
-        """Return a square level-0 region of ``side0`` px at ``(x, y)`` as ``out_px`` a side: read from the
-        pyramid level with the largest downsample that does not exceed ``side0 / out_px`` and resized
-        (antialiased bilinear) from there. The same as ``read`` where ``side0 == out_px``."""
-        if side0 == out_px:
-            return self.read(x, y, side0, side0)
-        from wsi_il.features import resize_tile
-
+    def read_downsampled(self, x: int, y: int, side0: int, downsample: float) -> np.ndarray:
+        """Return the square level-0 region of ``side0`` px at ``(x, y)`` as the pyramid level with the largest
+        downsample not above ``downsample`` holds it (``side0`` divided by that level's downsample, rounded, a side;
+        level 0 read as ``read`` reads it)."""
         handle = self._handle()
-        level = handle.get_best_level_for_downsample(side0 / out_px)
+        level = handle.get_best_level_for_downsample(downsample) if downsample > 1 else 0
         if level == 0:
-            rgb = self.read(x, y, side0, side0)
-        else:
-            size = max(1, round(side0 / handle.level_downsamples[level]))
-            try:
-                rgb = _flatten(handle.read_region((int(x), int(y)), level, (size, size)))
-            except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
-                raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}) from level {level}: {exc}",
-                                 "the slide file may be damaged") from exc
-        return resize_tile(rgb, out_px)
+            return self.read(x, y, side0, side0)
+        size = max(1, round(side0 / handle.level_downsamples[level]))
+        try:
+            return _flatten(handle.read_region((int(x), int(y)), level, (size, size)))
+        except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
+            raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}) from level {level}: {exc}",
+                             "the slide file may be damaged") from exc
 
     def close(self) -> None:
         with self._lock:
