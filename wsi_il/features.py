@@ -53,15 +53,9 @@ TRAINABLE = ("last", "layer4")
 """What the heads train: the last block of layer4 (the paper) or the whole of layer4 (docs/method.md's ablation)."""
 
 
-def check_trainable(trainable: str, arch: str = "resnet18") -> str:
-    """Return ``trainable`` when it names a known split of ``arch``, else raise an InputError."""
-    if arch not in ARCHES:
-        from wsi_il.backbones import TIMM_TRAINABLE
-
-        if trainable not in TIMM_TRAINABLE:
-            raise InputError(f"trainable part {trainable!r} is not one of {', '.join(TIMM_TRAINABLE)} for a timm model",
-                             "use --trainable embedding (the default for timm models) or --trainable last")
-        return trainable
+def check_trainable(trainable: str) -> str:
+    """Return ``trainable`` when it names a known split of a ResNet, else raise an InputError (a timm model's:
+    ``backbones.check_trainable``)."""
     if trainable not in TRAINABLE:
         raise InputError(f"trainable part {trainable!r} is not one of {', '.join(TRAINABLE)}",
                          "use --trainable last (the paper) or --trainable layer4")
