@@ -153,7 +153,8 @@ def _errors() -> Iterator[None]:
 def _random_warning(manifest: dict[str, Any]) -> None:
     if manifest["features"]["weights"] == "random":
         console.print("[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
-                      "initialised ResNet-18 (--weights random): fine for tests and demos, useless for real "
+                      f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
+                      "and demos, useless for real "
                       "annotation. Re-create the project with ImageNet or your own weights.[/]", soft_wrap=True)
 
 
