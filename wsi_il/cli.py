@@ -317,7 +317,8 @@ def init(
     norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
                                              "std; 0 = every tile (the paper's exact statistics; each tile is then "
                                              "read twice).", min=0)] = 1024,
-    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), a weights file, a timm snapshot "
+                                         "folder, or hf-hub:ORG/NAME (local cache only).")] = "imagenet",
     arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
                                              "architecture [default: resnet18, or what a --weights file or hub "
                                              "config names].")] = None,
