@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_checks.sh OUT [STAGE ...]      stages: tests bench bench-large graphs-ab reading-ab profile
 #                                                      extract-ab rehearse-ab large-slide probe-moco probe-simclr
+#                                                      backbones (after bench: timm ViT-L/16 and ViT-S/16)
 #                                                      (default: tests bench probe-moco)
 # bench-large: the bench on a slide of about 50,000 patches (a large 20x slide; the fixed tiling stage weighs less),
 # without the paper's round (large-slide builds that slide alone, which bench-large would otherwise do first);
@@ -60,6 +61,12 @@ for stage in $stages; do
         bench)
             logged bench "$py" -m wsi_il bench --device "$device" --data "$data" --out "$work/bench" \
                 --json "$out/bench_$device.json" ${BENCH_ARGS:-} ;;
+        backbones)  # ViT-L/16 at 224 px (UNI's architecture, random weights: the same compute) and ViT-S/16, each
+            # split, on the bench stage's slide: extraction end to end and against the trunk limit, bytes a patch
+            logged backbones "$py" -m wsi_il bench --device "$device" \
+                --slide "$(ls "$work"/bench/bench-*[0-9].tiff | head -1)" --backbones-only \
+                --backbone 'vit_large_patch16_224:{"init_values": 1e-5}' --backbone vit_small_patch16_224 \
+                --out "$work/backbones" --json "$out/backbones_$device.json" ;;
         large-slide)  # only build bench-large's slide (e.g. in the background while other stages run)
             logged large_slide "$py" -c "import sys; from pathlib import Path; from wsi_il.bench import build_bench_slide
 print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 0))" \

@@ -158,15 +158,31 @@ def _errors() -> Iterator[None]:
 def _random_warning(manifest: dict[str, Any]) -> None:
     if manifest["features"]["weights"] == "random":
         console.print("[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
-                      "initialised ResNet-18 (--weights random): fine for tests and demos, useless for real "
+                      f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
+                      "and demos, useless for real "
                       "annotation. Re-create the project with ImageNet or your own weights.[/]", soft_wrap=True)
 
 
-def _warn_unknown_mpp(record: dict[str, Any], tile_size_px: int) -> None:
+def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
     if record.get("kind") == "slide" and record.get("mpp") is None:
         _warn(f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
-              f"unknown. Tiles are {tile_size_px} px of level 0 whatever the magnification: put only slides "
-              "scanned at the same magnification in one project")
+              f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
+              "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
+              "and tile at a physical resolution with --mpp")
+
+
+def _say_tiles(manifest: dict[str, Any]) -> None:
+    """Print what a tile is (its side in px and µm) and what a patch costs in the feature store."""
+    from wsi_il.backbones import bytes_per_patch
+    from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+    from wsi_il.features import store_shape
+
+    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings = from_dict(FeatureSettings, manifest["features"])
+    where = f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)" if tiling.target_mpp \
+        else "of level 0"
+    out.print(f"tiles: {tiling.tile_size_px} px {where}; features: {settings.arch} --trainable {settings.trainable}, "
+              f"{bytes_per_patch(store_shape(settings)) / 1000:.1f} kB a patch")
 
 
 # `init` options that are recorded in project.json: parameter -> (flag, where it is recorded)
@@ -176,6 +192,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "norm_sample": ("--norm-sample", ("tiling", "normalisation_sample")),
     "weights": ("--weights", ("features", "weights")),
     "arch": ("--arch", ("features", "arch")),
+    "mpp": ("--mpp", ("tiling", "target_mpp")),
     "batch_size": ("--batch-size", ("features", "batch_size")),
     "epochs": ("--epochs", ("train", "epochs")),
     "lr": ("--lr", ("train", "lr")),
@@ -200,9 +217,11 @@ def _schedule(value: str) -> str:
     return value.lower()
 
 
-def _frozen_conv1(value: bool | None, weights: str) -> bool:
+def _frozen_conv1(value: bool | None, weights: str, features: Any = None) -> bool:
     from wsi_il.config import frozen_conv1_default
 
+    if features is not None and features.arch_args is not None:
+        return False  # a timm model's trainable part has no first convolution to keep
     return frozen_conv1_default(weights) if value is None else value
 
 
@@ -263,6 +282,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
+    if name == "weights" and (value == stored or (Path(value).is_dir() and str(Path(value).resolve()) == stored)):
+        return True  # the same hub id or snapshot folder
     if name == "weights" and value not in ("imagenet", "random"):
         path = Path(value)
         if stored in ("imagenet", "random") or not path.is_file():
@@ -300,13 +321,26 @@ def init(
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images (class subfolders optional).")] = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the "
                                                 "class subfolders of --patches].")] = None,
-    tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels: of level 0, or at --mpp where given "
+                                                  "[default: 256, or the input side of a model trained at a known "
+                                                  "resolution].")] = None,
+    tile_um: Annotated[float | None, typer.Option(help="Tile side in µm (with --mpp or --magnification).")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Read tiles at this resolution (µm/px), from the best pyramid "
+                                              "level, resized [default: level-0 pixels, or the resolution a known "
+                                              "pathology model was trained at].")] = None,
+    magnification: Annotated[float | None, typer.Option(help="Read tiles at this magnification (10/x µm/px: 20 "
+                                                        "is 0.5 µm/px).")] = None,
+    slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
     norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
                                              "std; 0 = every tile (the paper's exact statistics; each tile is then "
                                              "read twice).", min=0)] = 1024,
-    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
-    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34 or resnet50 [default: "
-                                             "resnet18, or what a --weights file holds].")] = None,
+    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), a weights file, a timm snapshot "
+                                         "folder, or hf-hub:ORG/NAME (local cache only).")] = "imagenet",
+    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
+                                             "architecture [default: resnet18, or what a --weights file or hub "
+                                             "config names].")] = None,
+    arch_args: Annotated[str | None, typer.Option(help="A timm architecture's keyword arguments, as JSON (e.g. "
+                                                  "'{\"init_values\": 1e-5}').")] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
@@ -319,19 +353,20 @@ def init(
     head_init: HeadInitOpt = TrainSettings.head_init,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
-    trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
-                                           "or layer4 (all of layer4, the paper's ablation; features are cached "
-                                           "after layer3, 4x larger).")] = "last",
+    trainable: Annotated[str | None, typer.Option(help="What the heads train: last (the last block of layer4, the "
+                                                  "paper; a ViT's last block) or layer4 (all of layer4, the paper's "
+                                                  "ablation; 4x the store); for timm models embedding (the heads on "
+                                                  "the frozen embedding) [default: last; embedding for timm].")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Create a project: tile the slides, compute normalisation statistics and cache the features.
 
     Run it again to resume an interrupted run.
     """
-    from wsi_il.config import FeatureSettings, TilingSettings, TrainSettings, to_dict
+    from wsi_il.config import TilingSettings, TrainSettings, to_dict
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
-    from wsi_il.features import build_resnet
     from wsi_il.project import Project, check_settings
+    from wsi_il.resolution import target_mpp, tile_side_px
 
     with _errors():
         proj = Project(project)
@@ -351,31 +386,32 @@ def init(
         else:
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
-            weights_obj, arch = _weights_and_arch(weights, arch)
-            build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
+            feature_settings, weights_obj, model_mpp = _feature_settings(weights, arch, arch_args, trainable,
+                                                                         batch_size, seed)
+            target = target_mpp(mpp, magnification) if mpp or magnification or not model_mpp else model_mpp
+            # a timm model at a physical resolution: tiles at its input side, unless told
+            tile_side = tile_side_px(tile_size, tile_um, target,
+                                     feature_settings.input_px if target and feature_settings.arch_args is not None
+                                     else 256)
             names = [c.strip() for c in classes.split(",")] if classes else (
                 folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
             names = [n for n in names if n]
             if len(names) < 2 or len({n.lower() for n in names}) != len(names):
                 raise InputError(f"--classes {classes!r} must name at least two different classes",
                                  "e.g. --classes Tumor,Normal")
-            feature_settings = FeatureSettings(arch=arch,
-                                               weights=weights if weights_obj.kind != "file" else weights_obj.source,
-                                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
-                                               trainable=_trainable(trainable))
-            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_size,
+            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_side, target_mpp=target,
                                                                      normalisation_sample=norm_sample)),
                         "features": to_dict(feature_settings),
                         "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
                                                        refine_query=refine_query, seed=seed,
                                                        schedule=_schedule(schedule), fast_budget=fast_budget,
                                                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
-                                                                                        weights),
+                                                                                        weights, feature_settings),
                                                        balance=_balance(balance),
                                                        head_init=_head_init(head_init))),
                         "normalisation": None, "slides": []}
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path), tile_size)
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
         _random_warning(manifest)
@@ -398,6 +434,7 @@ def init(
         total = sum(s["n_patches"] for s in manifest["slides"])
         out.print(f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
                   f"source(s); classes {', '.join(manifest['classes'])}")
+        _say_tiles(manifest)
         out.print(f"next: wsi-il query {project} --region QUERY.geojson --label {manifest['classes'][0]}")
 
 
@@ -406,6 +443,7 @@ def add_slide(
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images.")] = None,
+    slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Add slides to a project and cache their features (with the project's normalisation)."""
@@ -426,7 +464,7 @@ def add_slide(
                 _warn(warning)
             before = copy.deepcopy(manifest)
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path), manifest["tiling"]["tile_size_px"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
             added = [s["id"] for s in manifest["slides"][len(before["slides"]):]]
@@ -783,16 +821,30 @@ def _print_status(info: dict[str, Any]) -> None:
     style = "bold yellow on red" if weights["kind"] == "random" else "green"
     out.print(f"[bold]{info['project']}[/]  wsi-il project {info['uid'][:8]}  classes: {', '.join(info['classes'])}")
     out.print(f"weights: [{style}]{weights['description']}[/]")
-    if info.get("trainable", "last") != "last":
+    backbone = info.get("backbone") or {}
+    if backbone.get("arch_args") is not None:
+        what = {"embedding": "the heads train on the frozen embedding",
+                "last": "the last block trains on the tokens entering it"}[backbone["trainable"]]
+        out.print(f"backbone: timm {backbone['arch']} {backbone['arch_args']}, {backbone['input_px']} px input; "
+                  f"--trainable {backbone['trainable']} ({what}), {backbone['bytes_per_patch'] / 1000:.1f} kB a patch")
+    elif info.get("trainable", "last") != "last":
         out.print(f"trainable: {info['trainable']} (the heads train all of layer4; features cached after layer3)")
     norm = info.get("normalisation")
-    if norm:
+    if backbone.get("mean") is not None:
+        out.print(f"normalisation: the model's own, mean {_triple(backbone['mean'])}, std {_triple(backbone['std'])}, "
+                  f"{backbone['interpolation']} resize")
+    elif norm:
         source = (f"a random sample of {norm['tiles_read']:,} of {norm['candidate_tiles']:,} candidate tiles"
                   if norm.get("tiles_read", 0) < norm.get("candidate_tiles", 0) else "every tissue tile")
         out.print(f"normalisation: mean {_triple(norm['mean'])}, std {_triple(norm['std'])} ({source})")
-    table = Table("slide", "kind", "size (px)", "mpp", "patches", "features")
+    tiling = info["settings"]["tiling"]
+    at = f"at {tiling['target_mpp']:g} µm/px" if tiling.get("target_mpp") else "of level 0"
+    out.print(f"tiles: {tiling['tile_size_px']} px {at}")
+    table = Table("slide", "kind", "size (px)", "mpp", "tile (µm)", "patches", "features")
     for s in info["slides"]:
-        table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", str(s["mpp"] or "-"), str(s["patches"]),
+        mpp = "-" if not s["mpp"] else f"{s['mpp']:g}" + (" (given)" if s.get("mpp_given") else "")
+        table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", mpp,
+                      "-" if s.get("tile_um") is None else f"{s['tile_um']:.1f}", str(s["patches"]),
                       "done" if s["extracted"] else "[yellow]pending[/]")
     out.print(table)
     sessions = Table("session", "label", "strategy", "k", "round", "state", "query", "s/round")
@@ -847,6 +899,29 @@ def export(
                       + (f" and {item.overview}" if item.overview else ""))
 
 
+def _feature_settings(weights: str, arch: str | None, arch_args: str | None, trainable: str | None,
+                      batch_size: int, seed: int):  # type: ignore[no-untyped-def]
+    """The feature settings, weights and trained-at resolution (None: unknown) of a new project."""
+    from wsi_il import backbones
+    from wsi_il.config import FeatureSettings
+    from wsi_il.features import build_resnet
+
+    timm = (arch is not None and backbones.is_timm(arch)) or weights.startswith(backbones.HUB_PREFIX) or (
+        weights not in ("imagenet", "random") and Path(weights).is_dir()) or arch_args is not None
+    if timm:
+        choice = backbones.choose_timm(weights, arch, backbones.parse_args(arch_args))
+        weights_obj = backbones.weights_of(choice)
+        settings = backbones.timm_feature_settings(choice, weights_obj, trainable and trainable.lower(), batch_size,
+                                                   seed)
+        return settings, weights_obj, choice.mpp
+    weights_obj, arch = _weights_and_arch(weights, arch)
+    build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
+    settings = FeatureSettings(arch=arch, weights=weights if weights_obj.kind != "file" else weights_obj.source,
+                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
+                               trainable=_trainable(trainable or "last"))
+    return settings, weights_obj, None
+
+
 def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-def]
     """Resolve --weights and --arch together: a weights file names its own architecture."""
     from wsi_il.features import ARCHES, detect_arch, get_arch, resolve_weights
@@ -859,7 +934,8 @@ def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-d
     found = detect_arch(weights.state or {})
     if arch is None and found is None:
         raise InputError(f"{spec} holds no ResNet that wsi-il knows ({', '.join(ARCHES)})",
-                         "give a torchvision or timm ResNet state dict, or name it with --arch")
+                         "give a torchvision or timm ResNet state dict, or name its architecture with --arch "
+                         "(any timm architecture, with --arch-args)")
     return weights, arch or found
 
 
@@ -1142,6 +1218,10 @@ def bench(
         "--out", help="Working folder (slide, project, exports), kept afterwards [default: a temporary folder, "
         "removed at the end].", show_default=False)] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    backbone: Annotated[list[str] | None, typer.Option(
+        "--backbone", help="Also measure this timm backbone, under each split it supports: NAME[:JSON args] "
+        "(random weights, the same compute), a snapshot folder or hf-hub:ORG/NAME (repeat for several).")] = None,
+    backbones_only: Annotated[bool, typer.Option(help="Measure only the --backbone ones (needs --slide).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure extraction, round latency, export and memory on this machine, next to limits and a naive baseline."""
@@ -1153,11 +1233,50 @@ def bench(
         work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="wsi-il-bench-"))
         if out_dir is None:
             console.print(f"[dim]working in {work} (removed at the end; --out DIR keeps it)[/]")
+        if backbones_only and (slide is None or not backbone):
+            raise InputError("--backbones-only needs --slide and at least one --backbone",
+                             "e.g. --slide S.svs --backbone vit_small_patch16_224 --backbones-only")
         try:
-            _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
+            if not backbones_only:
+                _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
+            if backbone:
+                _bench_backbones(backbone, slide or _bench_slide(work), work / "backbones", dev,
+                                 json_path.with_suffix(".backbones.json") if json_path else None)
         finally:
             if out_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_slide(work: Path) -> Path:
+    """The slide the main bench measured on (the mosaic it built)."""
+    built = sorted(work.glob("bench-[0-9]*.tiff"))
+    if not built:
+        raise InputError("no slide to measure the backbones on", "give --slide")
+    return built[0]
+
+
+def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_path: Path | None) -> None:
+    import json
+
+    from wsi_il.bench_backbones import bench_backbone, results_json
+    from wsi_il.fsutil import atomic_write_text
+
+    results = []
+    sample = 4096 if dev.startswith("cuda") else 64
+    with console.status("measuring backbones") as status:
+        for spec in specs:
+            status.update(f"backbone {spec}")
+            results.extend(bench_backbone(spec, slide, work / f"b{len(results)}", dev, sample))
+    table = Table("backbone", "split", "kB a patch", "patches/s", "trunk limit/s", "ratio", "CPU s", "wall s",
+                  title=f"backbones on {slide.name} ({dev}; load {max(r.load_average for r in results):.1f} at most)")
+    for r in results:
+        table.add_row(f"{r.backbone} ({r.input_px} px)", r.trainable, f"{r.bytes_per_patch / 1000:.1f}",
+                      f"{r.extract_patches_per_s:.1f}", f"{r.trunk_limit_patches_per_s:.1f}",
+                      f"{r.extract_ratio_to_limit:.2f}", f"{r.extract_cpu_seconds:.1f}", f"{r.extract_seconds:.1f}")
+    out.print(table)
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(results_json(results), indent=2))
+        out.print(f"wrote {json_path}")
 
 
 def _run_bench(out_dir: Path, slide: Path | None, truth: Path | None, data: Path | None, patches: int, labels: int,

@@ -13,7 +13,9 @@ class TilingSettings:
     """How slides are cut into patches and which patches count as tissue."""
 
     tile_size_px: int = 256
-    """Side of the square level-0 grid tile."""
+    """Side of the square tile: in level-0 pixels, or at ``target_mpp`` where that is set (``wsi_il.resolution``)."""
+    target_mpp: float | None = None
+    """The µm/px tiles are read at (from the best pyramid level, resized); None: level-0 pixels as scanned."""
     thumbnail_px: int = 2048
     """Longest side of the thumbnail used for the coarse tissue mask."""
     min_mask_fraction: float = 0.05
@@ -37,13 +39,25 @@ class FeatureSettings:
     """The frozen trunk and the feature cache."""
 
     arch: str = "resnet18"
-    """Backbone architecture (torchvision name)."""
+    """Backbone architecture: resnet18/34/50 (torchvision), or a timm architecture name (``wsi_il.backbones``)."""
+    arch_args: dict[str, Any] | None = None
+    """A timm architecture's keyword arguments for ``timm.create_model`` (None for the ResNets)."""
     weights: str = "imagenet"
-    """'imagenet', 'random', or the path of a local state dict."""
+    """'imagenet', 'random', the path of a local state dict or snapshot folder, or 'hf-hub:ORG/NAME' (a timm
+    model in the local Hugging Face cache)."""
     weights_sha256: str | None = None
     """SHA-256 of the weights file that made the features (None for random init)."""
     input_px: int = 224
     """Tiles are resized to this side before the trunk."""
+    interpolation: str = "bilinear"
+    """The resize filter: 'bilinear', or what a timm model's configuration gives ('bicubic' for most)."""
+    mean: list[float] | None = None
+    """A timm model's own normalisation mean (of pixels in [0, 1]); None: the project's tissue statistics (the
+    paper's, kept for the ResNets)."""
+    std: list[float] | None = None
+    """A timm model's own normalisation std, with ``mean``."""
+    feature_shape: list[int] | None = None
+    """Shape of one patch's cached features, recorded for timm models (``features.store_shape``)."""
     batch_size: int = 32
     """Patches per trunk batch (also the resume granularity)."""
     seed: int = 0
@@ -51,7 +65,9 @@ class FeatureSettings:
     trainable: str = "last"
     """What the heads train: 'last' (the last block of layer4, the paper; the cache is the output of the rest
     of layer4, C x 7 x 7) or 'layer4' (the paper's ablation: all of layer4 trains, the cache stops after layer3,
-    C/2 x 14 x 14). Projects made before this setting existed read as 'last'."""
+    C/2 x 14 x 14). Projects made before this setting existed read as 'last'. For a timm model: 'embedding' (the
+    frozen pooled embedding is cached) or 'last' (a vision transformer's tokens entering its last block are
+    cached, that block trains): ``wsi_il.backbones``."""
 
 
 @dataclass(frozen=True)

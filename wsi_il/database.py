@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.backbones import check_store_fits
 from wsi_il.config import FeatureSettings, TilingSettings, from_dict
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
@@ -26,18 +27,19 @@ from wsi_il.features import (
     Features,
     Weights,
     batch_ranges,
-    build_resnet,
+    build_backbone,
     channel_sums,
     default_workers,
-    feature_shape,
     head_block_of,
     mean_std,
     resize_tile,
     resolve_weights,
+    store_shape,
     trunk_batch_size,
 )
 from wsi_il.project import Project, SlideRecord, features_pending, safe_id
 from wsi_il.readers import ReaderPool, prefetch, read_batches
+from wsi_il.resolution import check_slide_mpp, level0_tile_px, slide_mpp
 from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
@@ -75,8 +77,10 @@ def _unique_id(stem: str, manifest: dict[str, Any]) -> str:
     return candidate
 
 
-def register_slide(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Add a slide to the manifest (not yet tiled); checks that OpenSlide can read it."""
+def register_slide(manifest: dict[str, Any], path: Path, mpp: float | None = None) -> dict[str, Any]:
+    """Add a slide to the manifest (not yet tiled); checks that OpenSlide can read it. ``mpp``: its pixel size where
+    the slide records none (``--slide-mpp``); refused in a project that tiles at a physical resolution without
+    it."""
     path = Path(path).resolve()
     if any(Path(s["path"]) == path for s in manifest["slides"]):
         raise InputError(f"{path} is already in the project", "each slide is added once")
@@ -84,6 +88,9 @@ def register_slide(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
     record = {"id": _unique_id(path.stem, manifest), "kind": "slide", "path": str(path),
               "width": info.width, "height": info.height, "mpp": info.mpp, "offset": list(info.offset),
               "n_patches": 0, "tiled": False, "extracted": False}
+    if mpp is not None and info.mpp is None:
+        record.update(mpp=float(mpp), mpp_given=True)
+    check_slide_mpp(record, manifest["tiling"])
     manifest["slides"].append(record)
     return record
 
@@ -107,25 +114,37 @@ def folder_classes(folder: Path) -> list[str]:
 
 
 # ---- tiling -----------------------------------------------------------------------------------
-def slide_candidates(project: Project, slide_id: str, slide: Path, settings: TilingSettings) -> np.ndarray:
-    """Return the grid tiles of a slide inside its thumbnail tissue mask (computed once, then read back)."""
+def slide_candidates(project: Project, slide_id: str, slide: Path, settings: TilingSettings,
+                     side0: int | None = None) -> np.ndarray:
+    """Return the grid tiles of a slide inside its thumbnail tissue mask (computed once, then read back);
+    ``side0``: the grid's side in level-0 px (``resolution.level0_tile_px``; default ``tile_size_px``)."""
     path = project.candidates_path(slide_id)
     if path.is_file():
         return project.read_array(path)
+    side0 = side0 or settings.tile_size_px
     info = read_info(slide)
     thumb, scale = read_thumbnail(info.path, settings.thumbnail_px)
-    corners = candidate_tiles(grid(info.bounds, settings.tile_size_px), tissue_mask(thumb, settings), scale,
-                              settings.tile_size_px, settings.min_mask_fraction)
+    corners = candidate_tiles(grid(info.bounds, side0), tissue_mask(thumb, settings), scale, side0,
+                              settings.min_mask_fraction)
     project.write_array(path, corners)
     return corners
 
 
+def read_at_resolution(reader: TileReader, x: int, y: int, side0: int, out_px: int) -> np.ndarray:
+    """Return the square level-0 region of ``side0`` px at ``(x, y)`` as ``out_px`` a side: read from the best
+    pyramid level (``TileReader.read_downsampled``) and resized from there (antialiased bilinear); read as it is
+    where ``side0 == out_px``."""
+    if side0 == out_px:
+        return reader.read(x, y, side0, side0)
+    return resize_tile(reader.read_downsampled(x, y, side0, side0 / out_px), out_px)
+
+
 def read_tissue_tile(reader: TileReader, corner: Any, settings: TilingSettings,
-                     input_px: int | None = None) -> Any:
-    """Read one candidate tile: when the pixel rule keeps it, the tile (resized to ``input_px`` where given),
-    else None."""
+                     input_px: int | None = None, side0: int | None = None) -> Any:
+    """Read one candidate tile (``side0`` level-0 px a side, ``tile_size_px`` by default, as ``tile_size_px``):
+    when the pixel rule keeps it, the tile (resized to ``input_px`` where given), else None."""
     tile = settings.tile_size_px
-    rgb = reader.read(int(corner[0]), int(corner[1]), tile, tile)
+    rgb = read_at_resolution(reader, int(corner[0]), int(corner[1]), side0 or tile, tile)
     if not is_tissue_tile(rgb, settings):
         return None
     return rgb if input_px is None else resize_tile(rgb, input_px)
@@ -138,10 +157,11 @@ def slide_readers(settings: TilingSettings, workers: int, batch_size: int) -> Re
     return ReaderPool(functools.partial(_slide_loads, settings), workers, batch_size, batch_size * px * px * 3)
 
 
-def tile_spec(path: Path, kind: str, corner: np.ndarray) -> tuple[str, str, int, int]:
+def tile_spec(path: Path, kind: str, corner: np.ndarray, side0: int = 0) -> tuple[str, str, int, int, int]:
     """A candidate tile for ``slide_readers``: kind 'tile' (its pixels where the pixel rule keeps it) or 'sums'
-    (its channel sums at the trunk's 224 px, zeros where the rule drops it)."""
-    return str(path), kind, int(corner[0]), int(corner[1])
+    (its channel sums at the trunk's 224 px, zeros where the rule drops it); ``side0``: its side in level-0 px
+    (0: the tiling's ``tile_size_px``)."""
+    return str(path), kind, int(corner[0]), int(corner[1]), int(side0)
 
 
 def _slide_loads(settings: TilingSettings) -> tuple[Callable[[Any], np.ndarray | None], Callable[[], None]]:
@@ -153,12 +173,12 @@ def _slide_loads(settings: TilingSettings) -> tuple[Callable[[Any], np.ndarray |
             reader.close()
         open_slides.clear()
 
-    def load(item: tuple[str, str, int, int]) -> np.ndarray | None:
-        path, kind, x, y = item
+    def load(item: tuple[str, str, int, int, int]) -> np.ndarray | None:
+        path, kind, x, y, side0 = item
         if path not in open_slides:
             close()
             open_slides[path] = TileReader(Path(path))
-        rgb = read_tissue_tile(open_slides[path], (x, y), settings, 224 if kind == "sums" else None)
+        rgb = read_tissue_tile(open_slides[path], (x, y), settings, 224 if kind == "sums" else None, side0)
         if kind == "sums":
             return np.zeros(7) if rgb is None else channel_sums(rgb)
         return rgb
@@ -179,20 +199,22 @@ def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSe
         if record["tiled"]:
             sums += np.array(project.read_json(project.tiling_path(record["id"]))["channel_sums"])
     slides = [r for r in manifest["slides"] if not r["tiled"]]
-    candidates = [slide_candidates(project, r["id"], Path(r["path"]), settings) for r in slides]
+    sides = [level0_tile_px(settings, slide_mpp(r)) for r in slides]
+    candidates = [slide_candidates(project, r["id"], Path(r["path"]), settings, side)
+                  for r, side in zip(slides, sides, strict=True)]
     total = sum(len(c) for c in candidates)
     size = total if settings.normalisation_sample <= 0 else min(total, settings.normalisation_sample)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False)) if total else np.zeros(0, int)
     advance = reporter.task("tissue statistics", size, "tiles")
     sampled, starts = np.zeros(7), np.cumsum([0] + [len(c) for c in candidates])
-    for record, corners, first, stop in zip(slides, candidates, starts[:-1], starts[1:], strict=True):
+    for record, corners, side, first, stop in zip(slides, candidates, sides, starts[:-1], starts[1:], strict=True):
         picked = corners[chosen[(chosen >= first) & (chosen < stop)] - first]
         path = Path(record["path"])
         if readers is None:
             raise ValueError("normalisation over slides needs their readers (slide_readers)")
         batches = batch_ranges(0, len(picked), 64)
         for rows, kept in readers.read(batches, (7,), np.float64,
-                                       lambda i: tile_spec(path, "sums", picked[i])):  # noqa: B023 - used at once
+                                       lambda i: tile_spec(path, "sums", picked[i], side)):  # noqa: B023
             sampled += rows[kept].sum(0)
             advance(len(rows))
     if size:
@@ -271,11 +293,14 @@ def _finish_tiling(project: Project, record: dict[str, Any], boxes: np.ndarray, 
 
 
 # ---- features ---------------------------------------------------------------------------------
-def loaded_px(project: Project, record: SlideRecord, input_px: int) -> int:
+def loaded_px(project: Project, record: SlideRecord, input_px: int, tiling: TilingSettings | None = None) -> int:
     """The side of the tiles extraction's readers load: a slide's own tile size where its patches all have one
-    (the extractor resizes them on its device), else ``input_px`` (patch images vary in size)."""
+    (the extractor resizes them on its device), or the tiling's side at its target resolution where it has one;
+    else ``input_px`` (patch images vary in size)."""
     if record.kind == "patches":
         return input_px
+    if tiling is not None and tiling.target_mpp:
+        return tiling.tile_size_px
     sizes = np.unique(project.read_array(project.patches_path(record.id))[:, 2:])
     return int(sizes[0]) if len(sizes) == 1 else input_px
 
@@ -291,6 +316,8 @@ def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[
 
     def load(i: int) -> np.ndarray:
         x, y, w, h = (int(v) for v in boxes[i])
+        if w == h:  # from the best pyramid level (a tile at a physical resolution; the same read otherwise)
+            return read_at_resolution(reader, x, y, w, px)
         return resize_tile(reader.read(x, y, w, h), px)
 
     return load, reader.close
@@ -307,12 +334,13 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
     progress_path = project.next_progress_path(record.id) if staged else project.progress_path(record.id)
     progress = project.read_json(progress_path, {"done": 0})
     done = int(progress["done"]) if path.is_file() else 0
-    store = RowWriter(path, (n, *feature_shape(settings.arch, settings.trainable)), np.float16, create=done == 0)
+    store = RowWriter(path, (n, *store_shape(settings)), np.float16, create=done == 0)
     batches = batch_ranges(done, n, extractor.batch_size(settings.batch_size))
     advance = reporter.task(f"features {record.id}", n, "patches")
     advance(done)
     commits = Commits()
-    px = loaded_px(project, record, settings.input_px)
+    tiling = from_dict(TilingSettings, project.read_manifest()["tiling"])
+    px = loaded_px(project, record, settings.input_px, tiling)
     extractor.warm_up(extractor.batch_size(settings.batch_size), px)
 
     def commit(stop: int) -> None:  # features durable before the count that covers them
@@ -339,7 +367,8 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     batch by batch before the progress that counts them; at the end the patch list is written and the feature
     file is cut to the tiles kept.
     """
-    corners = slide_candidates(project, record.id, Path(record.path), tiling)
+    side0 = level0_tile_px(tiling, record.mpp)
+    corners = slide_candidates(project, record.id, Path(record.path), tiling, side0)
     n = len(corners)
     features_path, status_path = project.features_path(record.id), project.tissue_path(record.id)
     progress_path = project.progress_path(record.id)
@@ -348,7 +377,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     advance = reporter.task(f"features {record.id}", n, "tiles")
     advance(done)
     if done < n:
-        shape = (n, *feature_shape(settings.arch, settings.trainable))
+        shape = (n, *store_shape(settings))
         store = RowWriter(features_path, shape, np.float16, create=done == 0)
         status = RowWriter(status_path, (n,), np.uint8, create=done == 0)
         kept = int(np.count_nonzero(np.load(status_path)[:done] == 1))
@@ -362,7 +391,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
             project.write_json(progress_path, {"done": stop})
 
         try:
-            loaded = readers.read(batches, (px, px, 3), np.uint8, lambda i: tile_spec(path, "tile", corners[i]))
+            loaded = readers.read(batches, (px, px, 3), np.uint8, lambda i: tile_spec(path, "tile", corners[i], side0))
             for batch, features, tissue in one_behind(extractor, zip(batches, loaded, strict=True)):
                 if features is not None:
                     store.write(kept, features.result(), durable=False)
@@ -377,7 +406,7 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     keep = np.flatnonzero(np.load(status_path) == 1) if n else np.zeros(0, np.int64)
     boxes = np.zeros((len(keep), 4), dtype=np.int64)
     boxes[:, :2] = corners[keep]
-    boxes[:, 2:] = tiling.tile_size_px
+    boxes[:, 2:] = side0
     project.write_array(project.patches_path(record.id), boxes)
     if len(keep):
         cut_rows(features_path, len(keep))
@@ -510,7 +539,11 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                 tile_patch_folder(project, record, reporter, workers)
                 project.write_manifest(manifest)
             elif not record["tiled"]:
-                slide_candidates(project, record["id"], Path(record["path"]), tiling)
+                slide_candidates(project, record["id"], Path(record["path"]), tiling,
+                                 level0_tile_px(tiling, slide_mpp(record)))
+        if needed:
+            check_store_fits(project.root, pending_patches(project, manifest), store_shape(settings),
+                             settings.trainable)
         if trunk is not None and trunk.done():
             trunk.result()  # a trunk that failed already (its weights, most often) is reported before the sample
         if manifest.get("normalisation") is None:
@@ -526,7 +559,7 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
             return manifest
         pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
                    if features_pending(entry)]  # read now: tiling a patch folder changed its record
-        extractor.normalise_with(manifest["normalisation"]["mean"], manifest["normalisation"]["std"])
+        extractor.normalise_with(*normalisation_of(settings, manifest))
         for record in pending:
             if record.tiled:
                 extract_slide(project, record, extractor, settings, reporter, workers)
@@ -542,14 +575,27 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     return manifest
 
 
+def pending_patches(project: Project, manifest: dict[str, Any]) -> int:
+    """The most patches whose features are still to compute (a slide's candidate tiles before the pixel rule)."""
+    total = 0
+    for entry in manifest["slides"]:
+        if not features_pending(entry):
+            continue
+        if entry["tiled"]:
+            total += int(entry["n_patches"])
+        elif entry["kind"] != "patches":
+            total += len(project.read_array(project.candidates_path(entry["id"])))
+    return total
+
+
 def _ready_trunk(project: Project, settings: FeatureSettings, weights: Weights | None, device: str,
                  tile_px: int) -> FeatureExtractor:
     """The project's trunk on its device, its first batch run (its normalisation is set once it is known)."""
     weights = weights or load_project_weights(settings)
-    model = build_resnet(weights, settings.seed, settings.arch)
+    model = build_backbone(weights, settings)
     _save_init_block(project, model, settings.trainable)
     extractor = FeatureExtractor(model, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], device, settings.trainable,
-                                 settings.input_px)
+                                 settings.input_px, settings.interpolation)
     extractor.warm_up(extractor.batch_size(settings.batch_size), tile_px)
     return extractor
 
@@ -557,14 +603,27 @@ def _ready_trunk(project: Project, settings: FeatureSettings, weights: Weights |
 def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExtractor, FeatureSettings]:
     """The trunk that made a project's features (its weights, checked), with its normalisation."""
     settings = from_dict(FeatureSettings, manifest["features"])
-    model = build_resnet(load_project_weights(settings), settings.seed, settings.arch)
-    norm = manifest["normalisation"]
-    return FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable, settings.input_px), settings
+    model = build_backbone(load_project_weights(settings), settings)
+    return FeatureExtractor(model, *normalisation_of(settings, manifest), device, settings.trainable,
+                            settings.input_px, settings.interpolation), settings
+
+
+def normalisation_of(settings: FeatureSettings, manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The mean and std tiles are normalised with: a timm model's own where recorded, else the project's tissue
+    statistics (the paper's)."""
+    if settings.mean is not None and settings.std is not None:
+        return list(settings.mean), list(settings.std)
+    return manifest["normalisation"]["mean"], manifest["normalisation"]["std"]
 
 
 def load_project_weights(settings: FeatureSettings) -> Weights:
     """Load the weights that made the project's features, checking the file has not changed."""
-    weights = resolve_weights(settings.weights, settings.arch)
+    if settings.arch_args is not None:
+        from wsi_il.backbones import choose_timm, weights_of
+
+        weights = weights_of(choose_timm(settings.weights, settings.arch, {}))
+    else:
+        weights = resolve_weights(settings.weights, settings.arch)
     if settings.weights_sha256 and weights.sha256 and weights.sha256 != settings.weights_sha256:
         raise InputError(
             f"the weights {weights.source} have changed since the project's features were made "

@@ -54,11 +54,28 @@ TRAINABLE = ("last", "layer4")
 
 
 def check_trainable(trainable: str) -> str:
-    """Return ``trainable`` when it names a known split, else raise an InputError."""
+    """Return ``trainable`` when it names a known split of a ResNet, else raise an InputError (a timm model's:
+    ``backbones.check_trainable``)."""
     if trainable not in TRAINABLE:
         raise InputError(f"trainable part {trainable!r} is not one of {', '.join(TRAINABLE)}",
                          "use --trainable last (the paper) or --trainable layer4")
     return trainable
+
+
+def store_shape(settings: Any) -> tuple[int, ...]:
+    """Shape of one patch's cached features under ``FeatureSettings`` (recorded at init for timm models)."""
+    if settings.feature_shape:
+        return tuple(settings.feature_shape)
+    return feature_shape(settings.arch, settings.trainable)
+
+
+def build_backbone(weights: Weights, settings: Any):  # type: ignore[no-untyped-def]
+    """Build the backbone ``FeatureSettings`` names (a torchvision ResNet or a timm model) with ``weights``."""
+    if settings.arch in ARCHES:
+        return build_resnet(weights, settings.seed, settings.arch)
+    from wsi_il.backbones import build_timm
+
+    return build_timm(settings.arch, settings.arch_args or {}, weights, settings.seed)
 
 
 def feature_shape(arch: str, trainable: str = "last") -> tuple[int, int, int]:
@@ -110,7 +127,7 @@ def resolve_weights(spec: str, arch: str = "resnet18") -> Weights:
         return Weights(None, "random", "random", None)
     if spec == "imagenet":
         return _imagenet_weights(get_arch(arch))
-    return _file_weights(Path(spec))
+    return load_weights_file(Path(spec))
 
 
 def _imagenet_weights(arch: Arch) -> Weights:
@@ -132,7 +149,8 @@ def _imagenet_weights(arch: Arch) -> Weights:
     return Weights(dict(state), "imagenet", f"torchvision {arch.imagenet}", sha)
 
 
-def _file_weights(path: Path) -> Weights:
+def load_weights_file(path: Path) -> Weights:
+    """Load a state dict from a file: safetensors, or torch's format read with ``weights_only``."""
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist",
                            "give a state dict saved with torch.save(model.state_dict(), PATH), "
@@ -204,8 +222,13 @@ def _pretty(arch: str) -> str:
 
 def trunk_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
     """Return the frozen part of a ResNet: conv1 ... layer4 without its last block (``trainable='last'``),
-    or conv1 ... layer3 (``trainable='layer4'``)."""
+    or conv1 ... layer3 (``trainable='layer4'``); of a timm model, ``backbones.trunk_of``."""
     import torch
+
+    if hasattr(model, "wsi_il_spec"):
+        from wsi_il import backbones
+
+        return backbones.trunk_of(model, trainable)
 
     kept = [] if check_trainable(trainable) == "layer4" else list(model.layer4)[:-1]
     trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
@@ -216,7 +239,12 @@ def trunk_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
 
 
 def head_block_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
-    """Return the trainable part of a ResNet: the last block of layer4, or all of layer4 (a Sequential)."""
+    """Return the trainable part of a ResNet: the last block of layer4, or all of layer4 (a Sequential); of a
+    timm model, ``backbones.init_tail``."""
+    if hasattr(model, "wsi_il_spec"):
+        from wsi_il import backbones
+
+        return backbones.init_tail(model, trainable)
     if check_trainable(trainable) == "layer4":
         return model.layer4
     return model.layer4[-1]
@@ -236,20 +264,21 @@ def resize_tile(rgb: np.ndarray, input_px: int) -> np.ndarray:
     return resize_batch(pixels, input_px)[0].permute(1, 2, 0).contiguous().numpy()
 
 
-def resize_batch(batch, input_px: int):  # type: ignore[no-untyped-def]
+def resize_batch(batch, input_px: int, mode: str = "bilinear"):  # type: ignore[no-untyped-def]
     """Resize a uint8 batch (B, 3, H, W) to ``input_px`` a side (antialiased bilinear); uint8 out.
 
     On a CPU, torch's uint8 kernel: per tile the same values as before (``resize_tile`` is this), and batched it
     costs half as much a tile as one call per tile (0.19 against 0.37 ms on one core of the development CPU).
     Elsewhere (CUDA has no uint8 kernel) in float32, rounded back to whole grey levels: within one level of the
-    CPU's values (its fixed-point weights round differently).
+    CPU's values (its fixed-point weights round differently). ``mode``: 'bilinear', or 'bicubic' (a timm model's
+    configuration may ask for it; computed in float32 everywhere).
     """
     import torch
 
     size = (input_px, input_px)
-    if batch.device.type == "cpu":
+    if batch.device.type == "cpu" and mode == "bilinear":
         return torch.nn.functional.interpolate(batch, size=size, mode="bilinear", antialias=True)
-    resized = torch.nn.functional.interpolate(batch.float(), size=size, mode="bilinear", antialias=True)
+    resized = torch.nn.functional.interpolate(batch.float(), size=size, mode=mode, antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -334,11 +363,12 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, mean: list[float], std: list[float], device: str,  # type: ignore[no-untyped-def]
-                 trainable: str = "last", input_px: int = 224) -> None:
+                 trainable: str = "last", input_px: int = 224, interpolation: str = "bilinear") -> None:
         import torch
 
         self.torch = torch
         self.input_px = input_px
+        self.interpolation = interpolation
         self.device = torch.device(device)
         self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
         self.normalise_with(mean, std)
@@ -390,9 +420,9 @@ class FeatureExtractor:
         return trunk_batch_size(self.device, configured)
 
     def __call__(self, tiles: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3, of uint8 tiles (B, H, W, 3) of
-        any one size (resized to ``input_px`` first where they are not at it); of the rows ``keep`` marks only,
-        where given."""
+        """Return float16 features (B, C, 7, 7), or (B, C, 14, 14) after layer3 (a timm model's: ``store_shape``),
+        of uint8 tiles (B, H, W, 3) of any one size (resized to ``input_px`` first where they are not at it); of the
+        rows ``keep`` marks only, where given."""
         return self.submit(tiles, keep).result()
 
     def submit(self, tiles: np.ndarray, keep: np.ndarray | None = None) -> Features:
@@ -429,7 +459,7 @@ class FeatureExtractor:
         torch = self.torch
         batch = batch.permute(0, 3, 1, 2)
         if batch.shape[-2:] != (self.input_px, self.input_px):
-            batch = resize_batch(batch, self.input_px)
+            batch = resize_batch(batch, self.input_px, self.interpolation)
         batch = ((batch.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             out = self.trunk(batch)

@@ -52,6 +52,10 @@ def make_block(init_state: dict[str, Any]):  # type: ignore[no-untyped-def]
     One residual block (Basic or Bottleneck; keys ``conv1.weight`` ...), or a whole ``layer4`` (keys ``0.conv1.weight``,
     ``1.conv1.weight`` ...: a Sequential of blocks, the first strided with a downsample when the state holds one).
     """
+    from wsi_il.backbones import TAIL_SPEC, make_tail
+
+    if TAIL_SPEC in init_state:  # a timm model's trainable part (wsi_il.backbones)
+        return make_tail(init_state)
     torch = _torch()
     stages = _stage_indices(init_state)
     if not stages:
@@ -101,12 +105,16 @@ def _block_like(state: dict[str, Any], prefix: str, stride: int):  # type: ignor
 
 
 def single_block(init_state: dict[str, Any]) -> bool:
-    """Whether the trainable part is one residual block (not a whole layer of them)."""
-    return not _stage_indices(init_state)
+    """Whether the trainable part is one residual block (not a whole layer of them, nor a timm model's part)."""
+    return "conv1.weight" in init_state and not _stage_indices(init_state)
 
 
 def block_width(init_state: dict[str, Any]) -> int:
     """Output channels of the trainable part (its last block's; the embedding size)."""
+    from wsi_il.backbones import TAIL_SPEC, tail_width
+
+    if TAIL_SPEC in init_state:
+        return tail_width(init_state)
     stages = _stage_indices(init_state)
     prefix = f"{stages[-1]}." if stages else ""
     key = f"{prefix}conv3.weight" if f"{prefix}conv3.weight" in init_state else f"{prefix}conv2.weight"
@@ -151,7 +159,7 @@ def _pooled(block, x, stem):  # type: ignore[no-untyped-def]
     """A block's output for ``x`` (from its stem's output when given), average-pooled in float32 (under autocast
     too)."""
     out = block(x) if stem is None else block_tail(block, stem, x)
-    return out.float().mean(dim=(2, 3))
+    return out.float() if out.ndim == 2 else out.float().mean(dim=(2, 3))  # a timm model's part pools itself
 
 
 def _freeze_batchnorm(module) -> None:  # type: ignore[no-untyped-def]
@@ -803,7 +811,8 @@ def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
         x = upload(block, dev)
     else:
         x = torch.from_numpy(np.array(block, dtype=np.float16)).to(dev)
-    return x.to(mixed_precision_dtype(dev) or torch.float32).contiguous(memory_format=torch.channels_last)
+    x = x.to(mixed_precision_dtype(dev) or torch.float32)
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x.contiguous()
 
 
 def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str,  # type: ignore[no-untyped-def]

@@ -66,6 +66,8 @@ class SlideRecord:
     extracted: bool
     precision: str | None = None
     """What the trunk computed in: 'bf16' or 'fp32' (None: not recorded, before wsi-il 0.2)."""
+    mpp_given: bool = False
+    """True when ``mpp`` came from ``--slide-mpp`` (the slide records none)."""
 
 
 def features_pending(slide: dict[str, Any]) -> bool:

@@ -202,6 +202,21 @@ class TileReader:
                              "the slide file may be damaged") from exc
         return _flatten(region)
 
+    def read_downsampled(self, x: int, y: int, side0: int, downsample: float) -> np.ndarray:
+        """Return the square level-0 region of ``side0`` px at ``(x, y)`` as the pyramid level with the largest
+        downsample not above ``downsample`` holds it (``side0`` divided by that level's downsample, rounded, a side;
+        level 0 read as ``read`` reads it)."""
+        handle = self._handle()
+        level = handle.get_best_level_for_downsample(downsample) if downsample > 1 else 0
+        if level == 0:
+            return self.read(x, y, side0, side0)
+        size = max(1, round(side0 / handle.level_downsamples[level]))
+        try:
+            return _flatten(handle.read_region((int(x), int(y)), level, (size, size)))
+        except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
+            raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}) from level {level}: {exc}",
+                             "the slide file may be damaged") from exc
+
     def close(self) -> None:
         with self._lock:
             for handle in self._handles:

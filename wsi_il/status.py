@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from wsi_il.config import FeatureSettings, TilingSettings, from_dict
 from wsi_il.corrections import corrections
 from wsi_il.project import Project, current_labels, features_pending
+from wsi_il.resolution import tile_um
 from wsi_il.session import list_sessions
 
 
@@ -17,6 +19,8 @@ def _weights(features: dict[str, Any]) -> dict[str, Any]:
         text = "RANDOM initialisation (--weights random): features are not pretrained"
     elif kind == "imagenet":
         text = "torchvision ImageNet ResNet-18 (IMAGENET1K_V1)"
+    elif features["weights"].startswith("hf-hub:"):
+        text = f"{features['weights']} (local hub cache)"
     else:
         text = f"file {features['weights']}"
     sha = features.get("weights_sha256")
@@ -46,6 +50,17 @@ def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, An
     return f"start a session: wsi-il query {root} --region QUERY.geojson --label {manifest['classes'][0]}"
 
 
+def _backbone(features: dict[str, Any]) -> dict[str, Any]:
+    """The backbone, its split and what a patch costs in the feature store."""
+    from wsi_il.backbones import bytes_per_patch
+    from wsi_il.features import store_shape
+
+    settings = from_dict(FeatureSettings, features)
+    return {"arch": settings.arch, "arch_args": settings.arch_args, "trainable": settings.trainable,
+            "input_px": settings.input_px, "bytes_per_patch": bytes_per_patch(store_shape(settings)),
+            "mean": settings.mean, "std": settings.std, "interpolation": settings.interpolation}
+
+
 def project_status(root: Path) -> dict[str, Any]:
     """Collect everything `wsi-il status` shows, as a JSON-ready dict."""
     project = Project(root)
@@ -55,12 +70,16 @@ def project_status(root: Path) -> dict[str, Any]:
     state = project.read_json(project.state_path(), {"model": None})
     labelled = current_labels(ledger)
     counts = Counter(e["label"] for e in labelled.values())
+    tiling = from_dict(TilingSettings, manifest["tiling"])
     slides = [{"id": s["id"], "kind": s["kind"], "path": s["path"], "width": s["width"], "height": s["height"],
-               "mpp": s["mpp"], "patches": s["n_patches"], "tiled": s["tiled"], "extracted": s["extracted"]}
+               "mpp": s["mpp"], "mpp_given": s.get("mpp_given", False), "patches": s["n_patches"],
+               "tile_um": tile_um(tiling, s["mpp"]) if s["kind"] == "slide" else None,
+               "tiled": s["tiled"], "extracted": s["extracted"]}
               for s in manifest["slides"]]
     return {"project": str(root), "uid": manifest["uid"], "classes": manifest["classes"],
             "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
             "trainable": manifest["features"].get("trainable", "last"), "normalisation": manifest.get("normalisation"),
+            "backbone": _backbone(manifest["features"]),
             "slides": slides, "patches": sum(s["patches"] for s in slides),
             "sessions": [_session_row(s) for s in sessions], "n_labels": len(labelled), "labels": dict(counts),
             "corrections": corrections(ledger),
