@@ -2,8 +2,9 @@
 
 A *patch mosaic* (``make_patch_mosaic``) puts one per-patch-labelled patch (PatchCamelyon) in each cell of a
 grid whose cells are the project's tiles: its truth is exact at the patch level, so it can score label quality.
-The field mosaics below paste crops of whole labelled fields (BACH): their truth holds for the field, not for
-every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md).
+The field mosaics below paste crops of labelled images: crops of whole fields (BACH), whose truth holds for the
+field, not for every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md); or,
+with ``piece_px`` their own side, whole per-patch-labelled patches (PCam) side by side.
 
 Two kinds of field mosaic. A *block* slide is white background around a rectangle of tissue; a
 tile-aligned block of that tissue is made of tumour fields and the rest of normal fields. An *island*
