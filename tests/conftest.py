@@ -88,12 +88,12 @@ def second_block_slide(dense_pcam, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bench_slide(tmp_path_factory):
-    """A PCam patch mosaic of 3840 x 3840 px with exact truth: about 150 tissue tiles of 256 px for ``bench``."""
+    """A PCam patch mosaic of 3456 x 3456 px with exact truth: about 125 tissue tiles of 256 px for ``bench``."""
     from wsi_il.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(PCAM)
     folder = tmp_path_factory.mktemp("bench-slide")
-    return make_patch_mosaic(folder / "bench.tiff", tumour, normal, cells=(40, 40), islands=4, seed=6).slide
+    return make_patch_mosaic(folder / "bench.tiff", tumour, normal, cells=(36, 36), islands=4, seed=6).slide
 
 
 @pytest.fixture(scope="session")

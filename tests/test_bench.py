@@ -91,7 +91,7 @@ def test_bench_builds_its_slide_from_the_bach_sample(shared_data, tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert Path(figures["slide"]).is_file() and Path(figures["slide"]).parent == tmp_path / "b"
-    assert 100 <= figures["patches"] < 200 and figures["round_seconds"] > 0
+    assert figures["patches"] >= 100 and figures["round_seconds"] > 0
 
 
 def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(bench_slide, tmp_path):
