@@ -11,14 +11,14 @@ import pytest
 pytest.importorskip("openslide")
 
 
-def test_mirrored_tiling_repeats_the_small_slide_and_its_truth(shared_data, tmp_path):
+def test_mirrored_tiling_repeats_the_small_slide_and_its_truth(dense_pcam, tmp_path):
     import openslide
 
-    from wsi_il.mosaic import bach_images, make_island_slide, write_mirrored_tiling
+    from wsi_il.mosaic import make_island_slide, write_mirrored_tiling
     from wsi_il.qupath import read_region
 
-    tumour, normal = bach_images(shared_data)
-    small = make_island_slide(tmp_path / "small.tiff", tumour, normal, size_px=(1024, 1024), seed=3)
+    tumour, normal = dense_pcam
+    small = make_island_slide(tmp_path / "small.tiff", tumour, normal, size_px=(1024, 1024), seed=3, piece_px=96)
     big = write_mirrored_tiling(tmp_path / "big.tiff", small, copies=2)
     with openslide.OpenSlide(str(small.path)) as a, openslide.OpenSlide(str(big.path)) as b:
         assert b.dimensions == (2048, 2048) and b.level_count == a.level_count
@@ -33,16 +33,16 @@ def test_mirrored_tiling_repeats_the_small_slide_and_its_truth(shared_data, tmp_
 
 
 @pytest.mark.parametrize("paper", ["--no-paper", pytest.param("--paper", marks=pytest.mark.slow)])
-def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monkeypatch, paper):
+def test_bench_measures_every_stage_and_writes_json(bench_slide, tmp_path, monkeypatch, paper):
     from typer.testing import CliRunner
 
     from wsi_il.cli import app
 
     monkeypatch.setenv("COLUMNS", "160")
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--patches", "120", "--labels", "40", "--out", str(out),
-                                      "--data", str(shared_data), "--json", str(tmp_path / "bench.json"),
-                                      "--device", "cpu", paper])
+    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--truth",
+                                      str(bench_slide.truth_path), "--labels", "40", "--out", str(out),
+                                      "--json", str(tmp_path / "bench.json"), "--device", "cpu", paper])
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "bench.json").read_text())
     for key in ("extract_patches_per_s", "trunk_limit_patches_per_s", "extract_ratio_to_limit", "round_seconds",
@@ -76,16 +76,31 @@ def test_bench_measures_every_stage_and_writes_json(shared_data, tmp_path, monke
     assert "extraction, end to end" in result.output and "round at 40 labels" in result.output
     mask = out / "export" / "mask.geojson"
     assert json.loads(mask.read_text())["type"] == "FeatureCollection"
-    assert Path(figures["slide"]).is_file()
+    assert Path(figures["slide"]) == bench_slide.path
 
 
-def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(shared_data, tmp_path):
+@pytest.mark.extra_data
+def test_bench_builds_its_slide_from_the_bach_sample(shared_data, tmp_path):
     from typer.testing import CliRunner
 
     from wsi_il.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--patches", "120", "--labels", "250", "--out", str(tmp_path / "b"),
-                                      "--data", str(shared_data), "--device", "cpu"])
+    result = CliRunner().invoke(app, ["bench", "--patches", "120", "--labels", "40", "--out", str(tmp_path / "b"),
+                                      "--data", str(shared_data), "--json", str(tmp_path / "bench.json"),
+                                      "--device", "cpu", "--no-paper"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert Path(figures["slide"]).is_file() and Path(figures["slide"]).parent == tmp_path / "b"
+    assert figures["patches"] >= 100 and figures["round_seconds"] > 0
+
+
+def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(bench_slide, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi_il.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--labels", "250", "--out",
+                                      str(tmp_path / "b"), "--device", "cpu"])
     assert result.exit_code == 3, result.output
     assert "too few for a round at 250 labels" in result.output and "--labels" in result.output
     assert "Traceback" not in result.output

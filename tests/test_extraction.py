@@ -13,7 +13,7 @@ from test_trust_support import cli
 from wsi_il.config import TilingSettings
 from wsi_il.database import cut_rows, project_extractor
 from wsi_il.features import channel_sums, mean_std, resize_tile
-from wsi_il.mosaic import bach_images, write_pyramidal_tiff
+from wsi_il.mosaic import write_pyramidal_tiff
 from wsi_il.project import Project
 from wsi_il.slide import TileReader
 from wsi_il.tiling import is_tissue_tile
@@ -34,20 +34,13 @@ def test_cut_rows_leaves_a_valid_npy_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def striped_slide(shared_data, tmp_path_factory) -> Path:
+def striped_slide(tissue_field, tmp_path_factory) -> Path:
     """Real tissue on the left; on the right, white with thin pink stripes: the thumbnail mask takes the
     stripes for tissue, the pixel rule drops their tiles (over 80% white, fewer than 10 components)."""
-    from PIL import Image
-
-    try:
-        tumour, normal = bach_images(shared_data)
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
     rgb = np.full((768, 1280, 3), 245, np.uint8)
-    with Image.open(normal[0]) as image:
-        rgb[:768, :640] = np.asarray(image.convert("RGB"))[:768, :640]
+    rgb[:768, :640] = tissue_field[:768, :640]
     for y in range(0, 768, TILE):
-        rgb[y + 40:y + 46, 640:] = (225, 140, 190)
+        rgb[y + 40:y + 48, 640:] = (225, 140, 190)  # 8 px: 6% of a tile, over the 5% a candidate needs
     path = tmp_path_factory.mktemp("striped") / "striped.tiff"
     write_pyramidal_tiff(path, rgb, tile_px=256, jpeg_quality=None)
     return path
@@ -103,21 +96,14 @@ def test_a_sample_of_tiles_gives_close_statistics(striped_slide, tmp_path):
     assert "(every tissue tile)" in cli("status", tmp_path / "exact").output
 
 
-def test_the_extractor_resizes_raw_tiles_as_the_readers_did(shared_data):
+def test_the_extractor_resizes_raw_tiles_as_the_readers_did(tissue_field):
     """Readers hand slides' tiles over at their own size; the extractor's batched resize gives the values the
     readers' per-tile resize gave (on a CPU, to the bit), so the features are the same."""
     import torch
 
     from wsi_il.features import FeatureExtractor, build_resnet, resize_batch, resolve_weights
 
-    try:
-        tumour, _ = bach_images(shared_data)
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    from PIL import Image
-
-    with Image.open(tumour[0]) as image:
-        field = np.asarray(image.convert("RGB"))
+    field = tissue_field
     tiles = np.stack([field[y:y + 256, x:x + 256] for y, x in ((0, 0), (300, 500), (700, 1000), (1100, 200))])
     resized = np.stack([resize_tile(t, 224) for t in tiles])
     pixels = torch.from_numpy(tiles).permute(0, 3, 1, 2)

@@ -126,14 +126,14 @@ def test_training_waits_for_the_gpu_once_an_epoch_not_every_step(schedule):
     assert waits(4) - waits(1) <= 3 * 3  # three more epochs: at most 3 waits each, not one or more a step (24)
 
 
-def test_bench_on_cuda(shared_data, tmp_path):
+def test_bench_on_cuda(bench_slide, tmp_path):
     from typer.testing import CliRunner
 
     from wsi_il.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--patches", "200", "--labels", "40", "--out", str(tmp_path / "b"),
-                                      "--data", str(shared_data), "--json", str(tmp_path / "b.json"),
-                                      "--device", "cuda"])
+    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--truth",
+                                      str(bench_slide.truth_path), "--labels", "40", "--out", str(tmp_path / "b"),
+                                      "--json", str(tmp_path / "b.json"), "--device", "cuda"])
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["device"] == "cuda" and figures["round_schedule"] == "paper"

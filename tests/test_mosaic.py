@@ -26,27 +26,20 @@ from wsi_il.mosaic import (
     write_pyramidal_tiff,
 )
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-DATA_DIR = SHARED_DIR / "data"
-QUPATH_CHECK = SHARED_DIR / "tools" / "qupath-check" / "check.sh"
+QUPATH_CHECK = Path(__file__).resolve().parents[1] / "tools" / "qupath-check" / "check.sh"
 QUPATH_CHECK_JARS = (Path("/usr/share/java/jts-core.jar"), Path("/usr/share/java/gson.jar"))
 SIZE_PX = (1536, 1024)
 BLOCK = (512, 512, 1024, 768)
 
 
-@pytest.fixture(scope="module")
-def bach() -> tuple[list[Path], list[Path]]:
-    try:
-        return bach_images(DATA_DIR)
-    except FileNotFoundError as exc:
-        pytest.skip(f"BACH sample not available: {exc}")
+PIECE_PX = 96  # whole PCam patches
 
 
 @pytest.fixture(scope="module")
-def mosaic(tmp_path_factory: pytest.TempPathFactory, bach: tuple[list[Path], list[Path]]) -> MosaicSlide:
-    tumour, normal = bach
+def mosaic(tmp_path_factory: pytest.TempPathFactory, dense_pcam: tuple[list[Path], list[Path]]) -> MosaicSlide:
+    tumour, normal = dense_pcam
     path = tmp_path_factory.mktemp("mosaic") / "block.tiff"
-    return make_block_slide(path, tumour, normal, size_px=SIZE_PX, mpp=0.42, seed=3)
+    return make_block_slide(path, tumour, normal, size_px=SIZE_PX, mpp=0.42, seed=3, piece_px=PIECE_PX)
 
 
 def _rgb(slide: openslide.OpenSlide, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -58,10 +51,9 @@ def _gradient(height: int, width: int) -> np.ndarray:
     return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
 
 
-def test_bach_images_splits_classes() -> None:
-    if not (DATA_DIR / "bach-iciar2018-1536jpeg-sample").is_dir():
-        pytest.skip("BACH sample not available")
-    tumour, normal = bach_images(DATA_DIR)
+@pytest.mark.extra_data
+def test_bach_images_splits_classes(shared_data: Path) -> None:
+    tumour, normal = bach_images(shared_data)
     assert {p.parent.name for p in tumour} == {"Invasive", "InSitu"}
     assert {p.parent.name for p in normal} == {"Normal"}
 
@@ -94,11 +86,7 @@ def test_mosaic_truth_is_the_block(mosaic: MosaicSlide) -> None:
 
 
 def test_mosaic_truth_passes_qupath_check(mosaic: MosaicSlide) -> None:
-    if (
-        not QUPATH_CHECK.is_file()
-        or shutil.which("javac") is None
-        or not all(jar.is_file() for jar in QUPATH_CHECK_JARS)
-    ):
+    if shutil.which("javac") is None or not all(jar.is_file() for jar in QUPATH_CHECK_JARS):
         pytest.skip("QuPath import check (java, JTS, Gson) not available")
     result = subprocess.run(
         ["bash", str(QUPATH_CHECK), str(mosaic.truth_path)],
@@ -124,10 +112,11 @@ def test_mosaic_background_is_near_white(mosaic: MosaicSlide) -> None:
     assert background.mean() > 230 and background.min() > 220
 
 
-def test_mosaic_is_deterministic(tmp_path: Path, bach: tuple[list[Path], list[Path]]) -> None:
-    tumour, normal = bach
+def test_mosaic_is_deterministic(tmp_path: Path, dense_pcam: tuple[list[Path], list[Path]]) -> None:
+    tumour, normal = dense_pcam
     first, second = (
-        make_block_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(768, 768), tile_px=128, seed=7)
+        make_block_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(768, 768), tile_px=128, seed=7,
+                         piece_px=PIECE_PX)
         for name in ("a.tiff", "b.tiff")
     )
     assert first.path.read_bytes() == second.path.read_bytes()
@@ -137,6 +126,23 @@ def test_mosaic_is_deterministic(tmp_path: Path, bach: tuple[list[Path], list[Pa
 def test_mosaic_rejects_block_outside_tissue(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not inside the tissue"):
         make_block_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], block=(0, 0, 512, 512))
+    with pytest.raises(InputError, match="piece size 0 px"):
+        make_block_slide(tmp_path / "x.tiff", [Path("t.jpg")], [Path("n.jpg")], piece_px=0)
+
+
+def test_block_pieces_are_whole_patches(mosaic: MosaicSlide, dense_pcam: tuple[list[Path], list[Path]]) -> None:
+    """With ``piece_px`` the patches' own side, the tissue's first piece is one whole patch, turned or flipped."""
+    from PIL import Image
+
+    with openslide.OpenSlide(mosaic.path) as slide:
+        piece = _rgb(slide, (256, 256), (PIECE_PX, PIECE_PX))
+    gaps = []
+    for path in dense_pcam[1]:
+        with Image.open(path) as image:
+            patch = np.asarray(image.convert("RGB"), dtype=np.float64)
+        turns = [np.rot90(patch, k) for k in range(4)]
+        gaps.append(min(np.abs(piece - t).mean() for t in turns + [t[:, ::-1] for t in turns]))
+    assert min(gaps) < 4 < sorted(gaps)[1]  # one patch matches (up to JPEG), no other does
 
 
 def test_pyramidal_tiff_lossless_round_trip(tmp_path: Path) -> None:
@@ -173,10 +179,11 @@ ISLAND_SIZE = (1536, 1280)
 
 
 @pytest.fixture(scope="module")
-def islands(tmp_path_factory: pytest.TempPathFactory, bach: tuple[list[Path], list[Path]]) -> MosaicSlide:
-    tumour, normal = bach
+def islands(tmp_path_factory: pytest.TempPathFactory, dense_pcam: tuple[list[Path], list[Path]]) -> MosaicSlide:
+    tumour, normal = dense_pcam
     path = tmp_path_factory.mktemp("islands") / "islands.tiff"
-    return make_island_slide(path, tumour, normal, size_px=ISLAND_SIZE, tile_px=128, islands=4, seed=5)
+    return make_island_slide(path, tumour, normal, size_px=ISLAND_SIZE, tile_px=128, islands=4, seed=5,
+                             piece_px=PIECE_PX)
 
 
 def test_island_slide_opens_in_openslide(islands: MosaicSlide) -> None:
@@ -206,10 +213,10 @@ def test_island_pixels_follow_the_layout(islands: MosaicSlide) -> None:
     assert rgb[inside].mean() < 215  # stained tissue
 
 
-def test_island_slide_is_deterministic(tmp_path: Path, bach: tuple[list[Path], list[Path]]) -> None:
-    tumour, normal = bach
+def test_island_slide_is_deterministic(tmp_path: Path, dense_pcam: tuple[list[Path], list[Path]]) -> None:
+    tumour, normal = dense_pcam
     first, second = (make_island_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(640, 640), tile_px=128,
-                                       seed=2) for name in ("a.tiff", "b.tiff"))
+                                       seed=2, piece_px=PIECE_PX) for name in ("a.tiff", "b.tiff"))
     assert first.path.read_bytes() == second.path.read_bytes()
     assert first.truth_path.read_text() == second.truth_path.read_text()
 

