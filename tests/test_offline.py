@@ -179,8 +179,7 @@ def test_the_duration_estimate_follows_a_machine_that_slows_down_and_recovers():
     first, *revised = reports
     assert not first[2] and first[1] == pytest.approx(1.0 * (200 - first[0]))
     assert revised and all(r[2] for r in revised)
-    slower = next(r for r in revised if r[0] > 30)
-    assert 30 < slower[0] <= 45 and slower[1] > 2.0 * (200 - slower[0])  # announced within a few slow steps
-    faster = revised[-1]
-    assert faster[0] > 60 and faster[1] == pytest.approx(1.0 * (200 - faster[0]), rel=0.3)
-    assert len(revised) <= 6  # not a report every step
+    per_step = [(at, seconds / (200 - at)) for at, seconds, _ in revised]
+    assert any(30 < at <= 40 and rate >= 3.0 for at, rate in per_step)  # the slowdown, within ten steps
+    assert per_step[-1][0] <= 75 and per_step[-1][1] == pytest.approx(1.0, rel=0.1)  # the recovery
+    assert len(revised) <= 10  # a few reports, not one a step
