@@ -183,3 +183,20 @@ def test_the_duration_estimate_follows_a_machine_that_slows_down_and_recovers():
     assert any(30 < at <= 40 and rate >= 3.0 for at, rate in per_step)  # the slowdown, within ten steps
     assert per_step[-1][0] <= 75 and per_step[-1][1] == pytest.approx(1.0, rel=0.1)  # the recovery
     assert len(revised) <= 10  # a few reports, not one a step
+
+
+@pytest.mark.slow
+def test_one_command_takes_a_new_offline_user_to_pretrained_features(tmp_path):
+    """`init --weights pretrain` with the quick recipe: the project ends on the pretrained features (minutes)."""
+    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+
+    tumour, normal = labelled_patches(PCAM)
+    slide = make_patch_mosaic(tmp_path / "island.tiff", tumour, normal, cells=(12, 12), islands=2, seed=4).slide
+    project = tmp_path / "p"
+    output = " ".join(run("init", project, "--slide", slide.path, "--tile-size", "96", "--weights", "pretrain",
+                          *CPU).split())
+    assert "RANDOMLY" not in output and "switched" in output
+    manifest = json.loads((project / "project.json").read_text())
+    assert Path(manifest["features"]["weights"]) == project.resolve() / "pretrain" / "weights.pt"
+    assert "128 steps of 64 fields, 64 px views" in output
+    run("init", project, "--weights", "pretrain", *CPU)  # the same command again: nothing left to do

@@ -403,7 +403,7 @@ def _init_pretrain(proj: Any, dev: str, seed: int, first_class: str) -> None:
     console.print(f"pretraining the backbone on this project's tissue (no labels). Meanwhile, in another shell, "
                   f"you can start: `wsi-il query {proj.root} --region QUERY.geojson --label {first_class}`; "
                   "its batch is drawn again with the new features when they are ready, labels kept")
-    _run_pretrain(proj, settings, dev, proj.pretrain_dir() / "weights.pt", restart=False, apply=True)
+    _run_pretrain(proj, settings, dev, _free_weights_path(proj), restart=False, apply=True)
 
 
 @app.command("add-slide")
@@ -911,7 +911,15 @@ def pretrain(
         base = PretrainSettings.for_device(dev, steps, batch, crop, recipe)
         settings = PretrainSettings(base.steps, base.batch, base.crop_px, field_scale=base.field_scale, lr=lr,
                                     seed=seed, start=start, method=method)
-        _run_pretrain(proj, settings, dev, weights_out or proj.pretrain_dir() / "weights.pt", restart, apply)
+        _run_pretrain(proj, settings, dev, weights_out or _free_weights_path(proj), restart, apply)
+
+
+def _free_weights_path(proj: Any) -> Path:
+    """PROJECT/pretrain/weights.pt, or weights-2.pt when the project's features come from the first: a new run must
+    not overwrite the weights that the project's features (and any slide added later) are computed with."""
+    current = Path(str(proj.read_manifest()["features"]["weights"]))
+    first = proj.pretrain_dir() / "weights.pt"
+    return first if first.resolve() != current else proj.pretrain_dir() / "weights-2.pt"
 
 
 def _run_pretrain(proj: Any, settings: Any, dev: str, target: Path, restart: bool, apply: bool) -> None:

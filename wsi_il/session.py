@@ -449,10 +449,7 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
     The patches already labelled in its labels.csv (by hand or from the review desk) stay in the batch with their
     labels; the other places are drawn again. Returns the batch id, or None when the session waits for no batch.
     """
-    from wsi_il.desk.labelsfile import read_answers, write_answers
-    from wsi_il.index import rank_by_distance
-    from wsi_il.review import NOT_PREFIX
-    from wsi_il.sampling import sample
+    from wsi_il.desk.labelsfile import read_answers
 
     batch_id = f"{session['id']}-r{session['round']}"
     folder = ctx.project.batch_dir(batch_id)
@@ -461,9 +458,31 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
         return None
     _finish_swap(folder)
     info, patches = read_batch(folder)
-    answers = {pid: label for pid, label in read_answers(folder, info, patches).items() if label}
+    for _ in range(3):  # the review desk may write an answer meanwhile (it does not take the project lock)
+        answers = {pid: label for pid, label in read_answers(folder, info, patches).items() if label}
+        fresh = _draw_again(ctx, session, batch_id, answers)
+        if {pid: label for pid, label in read_answers(folder, info, patches).items() if label} == answers:
+            break
+    old = folder.with_name(f".{batch_id}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    _finish_swap(folder)
+    entry.update({"rule": fresh[0], "features": features_name(ctx.manifest["features"]), "redrawn": now_iso(),
+                  "kept_labels": len(answers), "candidates": fresh[1]})
+    return batch_id
+
+
+def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: dict[str, str]) -> tuple[str, int]:
+    """Write the redrawn batch beside the waiting one (``.<batch>.redraw``); return its rule and candidates."""
+    from wsi_il.desk.labelsfile import write_answers
+    from wsi_il.index import rank_by_distance
+    from wsi_il.review import NOT_PREFIX
+    from wsi_il.sampling import sample
+
+    folder = ctx.project.batch_dir(batch_id)
+    entry = session["history"][-1]
     index = ctx.table.index_of()
-    kept = np.array([index[p.patch_id] for p in patches if p.patch_id in answers], dtype=np.int64)
+    kept = np.array([index[pid] for pid in answers], dtype=np.int64)
     seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
     candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
     ranked, _ = rank_by_distance(current_embeddings(ctx), np.asarray(session["q"], dtype=np.float32), candidates)
@@ -483,13 +502,7 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
     new_info, new_patches = read_batch(fresh)
     write_answers(fresh, new_info, new_patches, {pid: "no" if label.startswith(NOT_PREFIX) else label
                                                  for pid, label in answers.items()})
-    old = folder.with_name(f".{batch_id}.replaced")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
-    _finish_swap(folder)
-    entry.update({"rule": rule, "features": features_name(ctx.manifest["features"]), "redrawn": now_iso(),
-                  "kept_labels": len(kept), "candidates": int(len(ranked))})
-    return batch_id
+    return rule, int(len(ranked))
 
 
 def _finish_swap(folder: Path) -> None:
