@@ -198,5 +198,5 @@ def test_one_command_takes_a_new_offline_user_to_pretrained_features(tmp_path):
     assert "RANDOMLY" not in output and "switched" in output
     manifest = json.loads((project / "project.json").read_text())
     assert Path(manifest["features"]["weights"]) == project.resolve() / "pretrain" / "weights.pt"
-    assert "128 steps of 64 fields, 64 px views" in output
+    assert "112 steps of 64 fields, 64 px views" in output
     run("init", project, "--weights", "pretrain", *CPU)  # the same command again: nothing left to do

@@ -872,7 +872,7 @@ def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-d
 @app.command()
 def pretrain(
     project: ProjectArg,
-    recipe: Annotated[str, typer.Option(help="quick (CPU: 128 steps of 64 fields, 64 px views; 0.28 of full's work) "
+    recipe: Annotated[str, typer.Option(help="quick (CPU: 112 steps of 64 fields, 64 px views; 0.3 of full's time) "
                                         "or full (CPU: 200 steps of 64 fields, 96 px views). On CUDA both are 500 "
                                         "steps of 512 fields, 224 px views.")] = "quick",
     apply: Annotated[bool, typer.Option(help="Then compute the features with the new weights (the review goes on "

@@ -79,14 +79,14 @@ class PretrainSettings:
 
 
 RECIPES: dict[str, dict[str, PretrainSettings]] = {
-    "quick": {"cpu": PretrainSettings(128, 64, 64, field_scale=1.0),
+    "quick": {"cpu": PretrainSettings(112, 64, 64, field_scale=1.0),
               "cuda": PretrainSettings(500, 512, 224)},
     "full": {"cpu": PretrainSettings(200, 64, 96), "cuda": PretrainSettings(500, 512, 224)},
 }
-"""The pretraining recipes by name, per device. On a CPU, ``quick`` does 0.28 of ``full``'s work (64 px views of
-one-tile fields rather than 96 px views of 1.5-tile fields: 0.44 of the pixels; 128 steps rather than 200), so
-that it ends in about 3 minutes on a 2-core machine where ``full`` takes about 9; its quality against ``full``'s
-is what docs/pretraining.md says how to measure. On CUDA both are the paper-sized run."""
+"""The pretraining recipes by name, per device. On a CPU, ``quick`` takes 64 px views of one-tile fields rather than
+96 px views of 1.5-tile fields (a step costs 0.52 of ``full``'s CPU time, measured) and 112 steps rather than 200:
+0.3 of ``full``'s CPU time, so about 2.5 minutes on the 2-core machine where ``full`` takes 8.5. docs/pretraining.md
+says how to measure its quality against ``full``'s. On CUDA both are the paper-sized run."""
 
 
 @dataclass(frozen=True)
