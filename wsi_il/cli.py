@@ -155,12 +155,14 @@ def _errors() -> Iterator[None]:
                          "(WSI_IL_DEBUG=1 shows the traceback)"))
 
 
-def _random_warning(manifest: dict[str, Any]) -> None:
+def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> None:
     if manifest["features"]["weights"] == "random":
+        where = project if project is not None else "PROJECT"
         console.print("[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
                       f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
-                      "and demos, useless for real "
-                      "annotation. Re-create the project with ImageNet or your own weights.[/]", soft_wrap=True)
+                      "and demos, poor for real annotation. Offline, run "
+                      f"`wsi-il pretrain {where} --apply` (a few minutes, no labels, the review goes on meanwhile); "
+                      f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]", soft_wrap=True)
 
 
 def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
@@ -282,6 +284,8 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
+    if name == "weights" and value == "pretrain":  # random features until the pretraining is switched in
+        return stored == "random" or Path(str(stored)).parent.name == "pretrain"
     if name == "weights" and (value == stored or (Path(value).is_dir() and str(Path(value).resolve()) == stored)):
         return True  # the same hub id or snapshot folder
     if name == "weights" and value not in ("imagenet", "random"):
@@ -334,8 +338,10 @@ def init(
     norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
                                              "std; 0 = every tile (the paper's exact statistics; each tile is then "
                                              "read twice).", min=0)] = 1024,
-    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), a weights file, a timm snapshot "
-                                         "folder, or hf-hub:ORG/NAME (local cache only).")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet, pretrain (offline: learn the backbone from these slides, "
+                                         "a few minutes on a CPU, no labels; the review can start meanwhile), "
+                                         "random (tests/demos only), a weights file, a timm snapshot folder, or "
+                                         "hf-hub:ORG/NAME (local cache only).")] = "imagenet",
     arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
                                              "architecture [default: resnet18, or what a --weights file or hub "
                                              "config names].")] = None,
@@ -386,8 +392,12 @@ def init(
         else:
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
-            feature_settings, weights_obj, model_mpp = _feature_settings(weights, arch, arch_args, trainable,
-                                                                         batch_size, seed)
+            feature_settings, weights_obj, model_mpp = _feature_settings(
+                "random" if weights == "pretrain" else weights, arch, arch_args, trainable, batch_size, seed)
+            if weights == "pretrain" and feature_settings.arch_args is not None:
+                raise InputError(f"--weights pretrain trains a ResNet; {feature_settings.arch} is a timm model",
+                                 "give the timm model's weights (a file, a snapshot folder or hf-hub:ORG/NAME), or "
+                                 "leave out --arch to pretrain a ResNet-18")
             target = target_mpp(mpp, magnification) if mpp or magnification or not model_mpp else model_mpp
             # a timm model at a physical resolution: tiles at its input side, unless told
             tile_side = tile_side_px(tile_size, tile_um, target,
@@ -414,7 +424,8 @@ def init(
                 _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
-        _random_warning(manifest)
+        if weights != "pretrain":
+            _random_warning(manifest, project)
         with proj.lock("init", create=True), _reporter() as reporter:
             created = weights_obj is not None
             if created:
@@ -435,7 +446,22 @@ def init(
         out.print(f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
                   f"source(s); classes {', '.join(manifest['classes'])}")
         _say_tiles(manifest)
+        if weights == "pretrain" and manifest["features"]["weights"] == "random":
+            _init_pretrain(proj, dev, seed, manifest["classes"][0])
+            return
         out.print(f"next: wsi-il query {project} --region QUERY.geojson --label {manifest['classes'][0]}")
+
+
+def _init_pretrain(proj: Any, dev: str, seed: int, first_class: str) -> None:
+    """`init --weights pretrain`: the quick pretraining recipe on the new project, then the switch to it."""
+    from wsi_il.pretrain import PretrainSettings
+
+    base = PretrainSettings.for_device(dev, None, None, None, "quick")
+    settings = PretrainSettings(base.steps, base.batch, base.crop_px, field_scale=base.field_scale, seed=seed)
+    console.print(f"pretraining the backbone on this project's tissue (no labels). Meanwhile, in another shell, "
+                  f"you can start: `wsi-il query {proj.root} --region QUERY.geojson --label {first_class}`; "
+                  "its batch is drawn again with the new features when they are ready, labels kept")
+    _run_pretrain(proj, settings, dev, _free_weights_path(proj), restart=False, apply=True)
 
 
 @app.command("add-slide")
@@ -469,7 +495,7 @@ def add_slide(
                 register_patch_folder(manifest, patches)
             added = [s["id"] for s in manifest["slides"][len(before["slides"]):]]
             proj.write_manifest(manifest)
-            _random_warning(manifest)
+            _random_warning(manifest, project)
             try:
                 with _reporter() as reporter:
                     manifest = build_database(proj, manifest, reporter, dev)
@@ -519,7 +545,7 @@ def query(
         proj = Project(project)
         with proj.lock("query"), _reporter() as reporter:
             ctx = open_context(proj, _device(device), reporter)
-            _random_warning(ctx.manifest)
+            _random_warning(ctx.manifest, project)
             label = label or ctx.classes[0]
             kwargs: dict[str, Any] = {}
             if region is not None:
@@ -750,7 +776,7 @@ def review(
             raise InputError(f"--host {host} would let other machines reach the project's slides and labels",
                              "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote")
         desk = Desk(project, _device(device), prepare_ahead=prepare_ahead)
-        _random_warning(desk.project.read_manifest())
+        _random_warning(desk.project.read_manifest(), project)
         sock = bind(host, port)
         port = sock.getsockname()[1]
         token = secrets.token_urlsafe(24)
@@ -847,10 +873,11 @@ def _print_status(info: dict[str, Any]) -> None:
                       "-" if s.get("tile_um") is None else f"{s['tile_um']:.1f}", str(s["patches"]),
                       "done" if s["extracted"] else "[yellow]pending[/]")
     out.print(table)
-    sessions = Table("session", "label", "strategy", "k", "round", "state", "query", "s/round")
+    sessions = Table("session", "label", "strategy", "k", "round", "state", "query", "s/round", "batch drawn with")
     for s in info["sessions"]:
         sessions.add_row(s["id"], s["label"], s["strategy"], str(s["k"]), f"{s['round']}/{s['rounds']}", s["state"],
-                         str(s["query_patches"]), f"{s['seconds_per_round']:.1f}" if s["seconds_per_round"] else "-")
+                         str(s["query_patches"]), f"{s['seconds_per_round']:.1f}" if s["seconds_per_round"] else "-",
+                         s.get("batch_features") or "-")
     if info["sessions"]:
         out.print(sessions)
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
@@ -861,6 +888,10 @@ def _print_status(info: dict[str, Any]) -> None:
         for fix in fixes[-5:]:
             out.print(f"  {fix['patch_id']}: {fix['previous'] or 'unlabelled'} -> {fix['label']}  "
                       f"({fix['via']}, {fix['time']})")
+    running = info.get("pretraining")
+    if running:
+        out.print(f"pretraining: running since {running.get('since')} (pid {running.get('pid')}); the review goes "
+                  "on with the current features until it switches them")
     out.print(f"next: {info['next']}")
 
 
@@ -887,7 +918,7 @@ def export(
         proj = Project(project)
         with proj.lock("export"), _reporter() as reporter:
             ctx = open_context(proj, _device(device), reporter)
-            _random_warning(ctx.manifest)
+            _random_warning(ctx.manifest, project)
             if out_path.suffix.lower() == ".csv":
                 path = export_table(ctx, out_path)
                 out.print(f"[green]wrote[/] {path}")
@@ -942,9 +973,14 @@ def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-d
 @app.command()
 def pretrain(
     project: ProjectArg,
-    steps: Annotated[int | None, typer.Option(help="Training steps [default: 500 on CUDA, 200 on CPU].")] = None,
-    batch: Annotated[int | None, typer.Option(help="Fields per step [default: 512 on CUDA, 64 on CPU].")] = None,
-    crop: Annotated[int | None, typer.Option(help="View side in px [default: 224 on CUDA, 96 on CPU].")] = None,
+    recipe: Annotated[str, typer.Option(help="quick (CPU: 112 steps of 64 fields, 64 px views; 0.3 of full's time) "
+                                        "or full (CPU: 200 steps of 64 fields, 96 px views). On CUDA both are 500 "
+                                        "steps of 512 fields, 224 px views.")] = "quick",
+    apply: Annotated[bool, typer.Option(help="Then compute the features with the new weights (the review goes on "
+                                        "meanwhile) and switch the project to them between two rounds.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Training steps [default: the recipe's].")] = None,
+    batch: Annotated[int | None, typer.Option(help="Fields per step [default: the recipe's].")] = None,
+    crop: Annotated[int | None, typer.Option(help="View side in px [default: the recipe's].")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule, 10% warm-up).")] = 1e-3,
     start: Annotated[str, typer.Option(help="Start from the project's weights ('project') or 'random'.")] = "project",
     weights_out: Annotated[Path | None, typer.Option("--out", help="Weights file to write "
@@ -958,11 +994,11 @@ def pretrain(
 ) -> None:
     """Train the backbone self-supervised (SimCLR or MoCo v2) on the project's own tissue; no labels are used.
 
-    Interrupted runs resume from their checkpoint. Then use the weights with
-    `wsi-il reextract PROJECT --weights FILE` or `wsi-il init NEW --weights FILE`.
+    It does not stop the review: `status`, `review`, `ingest`, `watch` and `export` go on with the current
+    features meanwhile. With --apply the project then switches to the new features between two rounds (a
+    batch waiting for review is drawn again, its labels kept). Interrupted runs resume from their checkpoint.
     """
-    from wsi_il.pretrain import METHOD_NAMES, PretrainSettings, checkpoint_path
-    from wsi_il.pretrain import pretrain as run_pretrain
+    from wsi_il.pretrain import METHOD_NAMES, PretrainSettings
     from wsi_il.project import Project
 
     with _errors():
@@ -973,35 +1009,81 @@ def pretrain(
         proj = Project(project)
         proj.read_manifest()
         dev = _device(device)
-        base = PretrainSettings.for_device(dev, steps, batch, crop)
-        settings = PretrainSettings(base.steps, base.batch, base.crop_px, lr=lr, seed=seed, start=start,
-                                    method=method)
-        target = weights_out or proj.pretrain_dir() / "weights.pt"
-        with proj.lock("pretrain"):
-            if restart:
-                checkpoint_path(proj).unlink(missing_ok=True)
-            console.print(f"{METHOD_NAMES[method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
-                          f"{settings.crop_px} px views")
-            progress = Progress(TextColumn("pretraining"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), console=console)
-            with progress:
-                task = progress.add_task("pretrain", total=settings.steps, loss="-")
+        base = PretrainSettings.for_device(dev, steps, batch, crop, recipe)
+        settings = PretrainSettings(base.steps, base.batch, base.crop_px, field_scale=base.field_scale, lr=lr,
+                                    seed=seed, start=start, method=method)
+        _run_pretrain(proj, settings, dev, weights_out or _free_weights_path(proj), restart, apply)
 
-                def on_step(step: int, loss: float) -> None:
-                    progress.update(task, completed=step, loss=f"{loss:.3f}")
 
-                def on_estimate(seconds: float) -> None:
-                    text = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-                    progress.console.print(f"expected duration: about {text} more")
+def _free_weights_path(proj: Any) -> Path:
+    """PROJECT/pretrain/weights.pt, or weights-2.pt when the project's features come from the first: a new run must
+    not overwrite the weights that the project's features (and any slide added later) are computed with."""
+    current = Path(str(proj.read_manifest()["features"]["weights"]))
+    first = proj.pretrain_dir() / "weights.pt"
+    return first if first.resolve() != current else proj.pretrain_dir() / "weights-2.pt"
 
-                result = run_pretrain(proj, settings, dev, target, on_step, on_estimate)
+
+def _run_pretrain(proj: Any, settings: Any, dev: str, target: Path, restart: bool, apply: bool) -> None:
+    """Pretrain under the pretraining lock (not the project's), then, with ``apply``, switch the features."""
+    from wsi_il.pretrain import METHOD_NAMES, checkpoint_path
+    from wsi_il.pretrain import pretrain as run_pretrain
+
+    project = proj.root
+    with proj.lock("pretrain", scope="pretrain"):
+        if restart:
+            checkpoint_path(proj).unlink(missing_ok=True)
+        console.print(f"{METHOD_NAMES[settings.method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
+                      f"{settings.crop_px} px views; the review can go on meanwhile (`wsi-il review {project}`)")
+        progress = Progress(TextColumn("pretraining"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                            TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=console)
+        with progress:
+            task = progress.add_task("pretrain", total=settings.steps, loss="-")
+
+            def on_step(step: int, loss: float) -> None:
+                progress.update(task, completed=step, loss=f"{loss:.3f}")
+
+            def on_estimate(seconds: float, revised: bool = False) -> None:
+                text = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+                what = "re-estimated (the machine's speed changed)" if revised else "expected duration"
+                progress.console.print(f"{what}: about {text} more")
+
+            result = run_pretrain(proj, settings, dev, target, on_step, on_estimate)
         losses = f"; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
         out.print(f"[green]wrote[/] {result.weights} ({result.steps} steps, {result.seconds / 60:.1f} min{losses})")
-        if method == "moco" and len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
+        if settings.method == "moco" and len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
             console.print("[dim]MoCo's loss rises while its queue of negatives fills with real keys (it starts "
                           "random, so the first steps are easy): expected, not a failed run[/]")
-        out.print(f"next: wsi-il reextract {project} --weights {result.weights}")
+        if not apply:
+            out.print(f"next: wsi-il pretrain {project} --apply   (or wsi-il reextract {project} --weights "
+                      f"{result.weights})")
+            return
+        _apply_weights(proj, result.weights, dev)
+
+
+def _apply_weights(proj: Any, weights_path: Path, dev: str) -> None:
+    """Stage the features under the new weights without the project lock, then switch under it between rounds."""
+    import shutil
+
+    from wsi_il.rebuild import reextract as run_reextract
+    from wsi_il.rebuild import stage_features
+
+    weights_obj, arch_name = _weights_and_arch(str(weights_path), None)
+    with _reporter() as reporter:
+        stage_features(proj, weights_obj, arch_name, reporter, dev)
+
+    def waiting(holder: str) -> None:
+        console.print(f"switching features: waiting for the round in progress to end ({holder})")
+
+    with proj.lock_when_free("pretrain --apply (switching features)", waiting):
+        console.print("switching features: the project is locked until the heads are retrained on the new "
+                      "features (seconds to a minute)")
+        with _reporter() as reporter:
+            manifest = run_reextract(proj, weights_obj, arch_name, reporter, dev)
+    shutil.rmtree(proj.staged_info_path().parent, ignore_errors=True)
+    retrained = "labels kept, heads retrained on them" if proj.read_ledger() else "no labels yet"
+    out.print(f"[green]switched[/] {proj.root} to the features of {manifest['features']['weights']}; {retrained}")
+    _print_next(proj.root)
 
 
 @app.command()
@@ -1025,7 +1107,7 @@ def reextract(
             manifest["features"]["arch"] if weights in ("imagenet", "random") else None))
         with proj.lock("reextract"), _reporter() as reporter:
             manifest = run_reextract(proj, weights_obj, arch_name, reporter, _device(device))
-        _random_warning(manifest)
+        _random_warning(manifest, project)
         retrained = "labels kept, heads retrained on them" if proj.read_ledger() else "no labels yet"
         out.print(f"[green]features recomputed[/] with {manifest['features']['weights']} ({arch_name}); {retrained}")
 
@@ -1059,7 +1141,9 @@ def simulate(
     fast_budget: FastBudgetOpt = 0,
     fast_frozen_conv1: FrozenConv1Opt = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
-    weights: Annotated[str, typer.Option(help="imagenet, random (tests/demos only), or a weights file.")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="imagenet, pretrain (offline: learn the backbone from these slides, "
+                                         "a few minutes on a CPU, no labels; the review can start meanwhile), "
+                                         "random (tests/demos only), or a weights file.")] = "imagenet",
     trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
                                            "or layer4 (all of layer4, the paper's ablation).")] = "last",
     reference: Annotated[bool, typer.Option(help="Train the full-supervision reference (all labels; slow on "
@@ -1179,7 +1263,7 @@ def evaluate(
         proj = Project(project)
         with proj.lock("evaluate"), _reporter() as reporter:
             ctx = open_context(proj, _device(device), reporter)
-            _random_warning(ctx.manifest)
+            _random_warning(ctx.manifest, project)
             result = evaluate_project(ctx, truth, slide, label)
         for warning in result["warnings"]:
             _warn(warning)

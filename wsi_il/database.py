@@ -324,14 +324,18 @@ def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[
 
 
 def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtractor,
-                  settings: FeatureSettings, reporter: Reporter, workers: int, staged: bool = False) -> None:
+                  settings: FeatureSettings, reporter: Reporter, workers: int, staged: bool = False,
+                  paths: tuple[Path, Path] | None = None) -> None:
     """Compute the features of every patch of a slide, resuming after the last committed batch.
 
-    ``staged`` writes the next features (new weights) beside the current ones.
+    ``staged`` writes the next features (new weights) beside the current ones; ``paths`` (features, progress)
+    writes them elsewhere.
     """
     n = record.n_patches
     path = project.next_features_path(record.id) if staged else project.features_path(record.id)
     progress_path = project.next_progress_path(record.id) if staged else project.progress_path(record.id)
+    if paths is not None:
+        path, progress_path = paths
     progress = project.read_json(progress_path, {"done": 0})
     done = int(progress["done"]) if path.is_file() else 0
     store = RowWriter(path, (n, *store_shape(settings)), np.float16, create=done == 0)

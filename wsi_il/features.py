@@ -143,8 +143,9 @@ def _imagenet_weights(arch: Arch) -> Weights:
         raise WeightsError(
             f"the ImageNet weights of {arch.name} are not in torch's cache ({cached}) and could not be "
             f"downloaded ({type(exc).__name__}: {str(exc)[:120]})",
-            f"on a machine with internet, download {spec.url} and copy it to {cached}, "
-            "or pass --weights PATH_TO_FILE (or --weights random for a demo)") from exc
+            "offline, pass --weights pretrain (learns the backbone from your slides in a few minutes, no labels); "
+            f"or, from a machine with internet, copy {spec.url} to {cached}; or pass --weights FILE (your lab's "
+            "weights)") from exc
     sha = file_sha256(cached) if cached.is_file() else None
     return Weights(dict(state), "imagenet", f"torchvision {arch.imagenet}", sha)
 

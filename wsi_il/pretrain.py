@@ -68,11 +68,25 @@ class PretrainSettings:
     """MoCo's number of negative keys kept from earlier batches."""
 
     @staticmethod
-    def for_device(device: str, steps: int | None, batch: int | None, crop_px: int | None) -> PretrainSettings:
-        """The default setting of a device: the paper-sized GPU run, or a small honest CPU run."""
-        if device == "cuda":
-            return PretrainSettings(steps or 500, batch or 512, crop_px or 224)
-        return PretrainSettings(steps or 200, batch or 64, crop_px or 96)
+    def for_device(device: str, steps: int | None, batch: int | None, crop_px: int | None,
+                   recipe: str = "full") -> PretrainSettings:
+        """A recipe's setting on a device (see ``RECIPES``); given steps, batch or view side override it."""
+        if recipe not in RECIPES:
+            raise InputError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}", "pick one of them")
+        base = RECIPES[recipe]["cuda" if device == "cuda" else "cpu"]
+        return PretrainSettings(steps or base.steps, batch or base.batch, crop_px or base.crop_px,
+                                field_scale=base.field_scale)
+
+
+RECIPES: dict[str, dict[str, PretrainSettings]] = {
+    "quick": {"cpu": PretrainSettings(112, 64, 64, field_scale=1.0),
+              "cuda": PretrainSettings(500, 512, 224)},
+    "full": {"cpu": PretrainSettings(200, 64, 96), "cuda": PretrainSettings(500, 512, 224)},
+}
+"""The pretraining recipes by name, per device. On a CPU, ``quick`` takes 64 px views of one-tile fields rather than
+96 px views of 1.5-tile fields (a step costs 0.52 of ``full``'s CPU time, measured) and 112 steps rather than 200:
+0.3 of ``full``'s CPU time, so about 2.5 minutes on the 2-core machine where ``full`` takes 8.5. docs/pretraining.md
+says how to measure its quality against ``full``'s. On CUDA both are the paper-sized run."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,11 @@ class DurationEstimate:
     that it comes while it is of use. A run too short to have a steady step by then reports the mean of all its
     steps so far, warm-up included (all there is); a run with no step to do reports 0 when it ends. The seconds
     reported are what is left from the moment of the report: the per-step time times the steps not yet done.
+
+    After that first report the estimate follows the machine: every step, the time left is estimated again from
+    the last ``RECENT_STEPS`` steps, and when the run would end more than ``REVISE_SHARE`` of the time left (and
+    at least ``REVISE_SECONDS``) away from the end last announced, the new estimate is reported again, with
+    ``revised=True`` (another job started or stopped on a shared machine).
     """
 
     WARMUP_STEPS = 2
@@ -287,8 +306,11 @@ class DurationEstimate:
     MIN_STEADY_SECONDS = 2.0
     MAX_FRACTION = 0.1
     """The latest report, as a fraction of the run's steps."""
+    RECENT_STEPS = 10
+    REVISE_SHARE = 0.25
+    REVISE_SECONDS = 20.0
 
-    def __init__(self, first: int, total: int, report: Callable[[float], None] | None, started: float) -> None:
+    def __init__(self, first: int, total: int, report: Callable[..., None] | None, started: float) -> None:
         """``first``: the step the run starts from (its resumed step); ``total``: the step it ends at;
         ``started``: the ``time.perf_counter()`` at its start."""
         self.first, self.total, self.report, self.started = first, total, report, started
@@ -298,10 +320,14 @@ class DurationEstimate:
         self.latest = max(1, min(steps - 1, latest))
         """Steps done at which the estimate is reported whatever the window holds."""
         self.reported = report is None
+        self.announced_end: float | None = None
+        self.recent: list[tuple[int, float]] = []
 
     def step_done(self, step: int, now: float) -> None:
         """Note that ``step`` ended at ``now`` (``time.perf_counter()``); report the estimate if it is time."""
+        self.recent = [*self.recent[-self.RECENT_STEPS:], (step, now)]
         if self.reported:
+            self._revise(step, now)
             return
         done = step - self.first
         if done == self.WARMUP_STEPS:
@@ -316,6 +342,17 @@ class DurationEstimate:
             ready = False
         if ready or done >= self.latest:
             self._report(per_step * (self.total - step))
+            self.announced_end = now + per_step * (self.total - step)
+
+    def _revise(self, step: int, now: float) -> None:
+        if self.announced_end is None or self.report is None or len(self.recent) <= self.RECENT_STEPS:
+            return
+        (old_step, old_time), left = self.recent[0], self.total - step
+        seconds = (now - old_time) / max(1, step - old_step) * left
+        if left > 0 and abs(now + seconds - self.announced_end) > max(self.REVISE_SHARE * seconds,
+                                                                      self.REVISE_SECONDS):
+            self.announced_end = now + seconds
+            self.report(seconds, revised=True)
 
     def finish(self) -> None:
         """The run ended without a report (it had no step to do): report that nothing is left."""
@@ -330,10 +367,11 @@ class DurationEstimate:
 
 def pretrain(project: Project, settings: PretrainSettings, device: str, out: Path,
              on_step: Callable[[int, float], None] | None = None,
-             on_estimate: Callable[[float], None] | None = None, workers: int | None = None) -> PretrainResult:
+             on_estimate: Callable[..., None] | None = None, workers: int | None = None) -> PretrainResult:
     """Train the project's backbone self-supervised; resumes from its checkpoint when there is one.
 
-    ``on_estimate`` gets the expected remaining seconds once, a few steps into the run (see ``DurationEstimate``).
+    ``on_estimate`` gets the expected remaining seconds a few steps into the run, and again (``revised=True``)
+    when the machine's speed changes (see ``DurationEstimate``).
     """
     manifest = project.read_manifest()
     features = from_dict(FeatureSettings, manifest["features"])

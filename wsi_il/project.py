@@ -16,7 +16,8 @@ Layout::
       slides/<id>/progress.json    how many candidates (patches, for reextract) are done
       slides/<id>/images.json      patch-folder databases: image paths and folder labels
       slides/<id>/features.next.npy  features under new weights while `reextract` runs
-      pretrain/                    self-supervised pretraining checkpoint and weights
+      pretrain/                    self-supervised pretraining: its own lock, checkpoint, weights, and the features
+                                   staged under the new weights until the switch (``pretrain/staged/``)
       sessions/<sid>.json          one query session and its rounds
       sessions/<sid>.query.npy     the session's query features (float16)
       models/init.pt               the pretrained layer4[1] every round starts from (--trainable layer4: all of layer4)
@@ -34,7 +35,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,17 @@ class Project:
     def pretrain_dir(self) -> Path:
         return self.root / "pretrain"
 
+    def staged_features_path(self, slide_id: str) -> Path:
+        """Features computed with freshly pretrained weights outside the project lock, until the switch."""
+        return self.pretrain_dir() / "staged" / f"{slide_id}.features.npy"
+
+    def staged_progress_path(self, slide_id: str) -> Path:
+        return self.pretrain_dir() / "staged" / f"{slide_id}.progress.json"
+
+    def staged_info_path(self) -> Path:
+        """What the staged features are: the feature settings they were computed for."""
+        return self.pretrain_dir() / "staged" / "staged.json"
+
     def ledger_path(self) -> Path:
         return self.root / "labels.jsonl"
 
@@ -379,34 +391,62 @@ class Project:
     def lock_path(self) -> Path:
         return self.root / "lock"
 
+    def pretrain_lock_path(self) -> Path:
+        return self.pretrain_dir() / "lock"
+
     @contextlib.contextmanager
-    def lock(self, command: str, create: bool = False) -> Iterator[None]:
-        """Hold the project's write lock for the duration of a command.
+    def lock(self, command: str, create: bool = False, scope: str = "project") -> Iterator[None]:
+        """Hold the project's write lock (or, with ``scope="pretrain"``, pretraining's) for a command.
 
         The lock file names the holder (pid, host, command); it appears whole (written aside, then
         hard-linked into place), and a lock whose process is gone is taken over. ``create`` allows a
         project folder that does not exist yet (``init``). Leftover temporary files of killed commands
-        are removed once the lock is held.
+        are removed once the lock is held: the project lock's in the project less ``pretrain/``, the
+        pretraining lock's in ``pretrain/``. Pretraining writes only under ``pretrain/``, so it runs beside the
+        commands that hold the project lock.
         """
         if not create and not self.root.is_dir():
             self.read_manifest()  # says that this is not a wsi-il project, and creates nothing
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.lock_path()
+        if scope == "pretrain":
+            self.pretrain_dir().mkdir(parents=True, exist_ok=True)
+        path = self.pretrain_lock_path() if scope == "pretrain" else self.lock_path()
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": now_iso(),
                 "started": _process_start(os.getpid())}
         self._acquire(path, json.dumps(info).encode("utf-8"))
         try:
-            self._remove_temporaries()
+            self._remove_temporaries(self.pretrain_dir() if scope == "pretrain" else self.root)
             yield
         finally:
             if self._lock_is_ours(path, info):
                 path.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def lock_when_free(self, command: str, on_wait: Callable[[str], None], poll_s: float = 1.0) -> Iterator[None]:
+        """Hold the project lock as ``lock`` does, first waiting for the command that holds it (a round in
+        progress) to end; ``on_wait`` gets the holder's description once, when there is one to wait for."""
+        import time
+
+        waited = False
+        while True:
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(self.lock(command))
+            except ProjectStateError as busy:
+                if not waited:
+                    on_wait(busy.message)
+                    waited = True
+                time.sleep(poll_s)
+                continue
+            with stack:
+                yield
+            return
+
     def _acquire(self, path: Path, data: bytes) -> None:
         for _ in range(3):
             if _create_whole(path, data):
                 return
-            with _directory_guard(self.root):  # one taker at a time decides that a lock is stale
+            with _directory_guard(path.parent):  # one taker at a time decides that a lock is stale
                 if not self._lock_is_stale(path):
                     raise ProjectStateError(self._lock_message(path), _LOCK_HINT)
                 path.unlink(missing_ok=True)
@@ -449,11 +489,14 @@ class Project:
         now = _process_start(pid)
         return started is not None and now is not None and started != now  # the pid was reused
 
-    def _remove_temporaries(self) -> None:
-        """Delete the temporary files that killed commands left (``.<name>.<random>.tmp``, lock claims)."""
-        for folder, dirs, files in os.walk(self.root):
-            if folder == str(self.root):
-                dirs[:] = [d for d in dirs if d != ".ahead"]  # rounds prepared ahead (wsi_il.ahead) are not ours
+    def _remove_temporaries(self, top: Path) -> None:
+        """Delete the temporary files that killed commands left (``.<name>.<random>.tmp``, lock claims) under
+        ``top``; the project's own walk leaves ``pretrain/`` to the pretraining lock, and ``.ahead/`` (rounds the
+        review desk prepares ahead, ``wsi_il.desk.ahead``) to the desk."""
+        skip = {self.pretrain_dir(), self.root / ".ahead"} if top == self.root else set()
+        for folder, subfolders, files in os.walk(top):
+            if skip and Path(folder) == self.root:
+                subfolders[:] = [d for d in subfolders if self.root / d not in skip]
             for name in files:
                 if (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".claim"):
                     Path(folder, name).unlink(missing_ok=True)

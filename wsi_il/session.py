@@ -8,7 +8,9 @@ killed in between is completed by running it again (training is seeded, so the r
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -428,12 +430,97 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
     batch_id = f"{session['id']}-r{session['round']}"
     _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule)
     session["history"].append({"round": session["round"], "batch": batch_id, "rule": rule,
-                               "written": now_iso(), "candidates": int(len(ranked))})
+                               "written": now_iso(), "candidates": int(len(ranked)),
+                               "features": features_name(ctx.manifest["features"])})
     return rule
 
 
+def features_name(features: dict[str, Any]) -> str:
+    """A short name of the weights a project's features come from: imagenet, random or the file's name."""
+    source = str(features["weights"])
+    name = source if source in ("imagenet", "random") else Path(source).name
+    sha = features.get("weights_sha256")
+    return f"{name} ({sha[:8]})" if sha and source not in ("imagenet", "random") else name
+
+
+def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
+    """Draw a session's waiting batch again with the current features; the labels given so far are kept.
+
+    The patches already labelled in its labels.csv (by hand or from the review desk) stay in the batch with their
+    labels; the other places are drawn again. Returns the batch id, or None when the session waits for no batch.
+    """
+    from wsi_il.desk.labelsfile import read_answers
+
+    batch_id = f"{session['id']}-r{session['round']}"
+    folder = ctx.project.batch_dir(batch_id)
+    entry = session["history"][-1] if session["history"] else None
+    if session["state"] != "reviewing" or entry is None or entry.get("batch") != batch_id or entry.get("ingested"):
+        return None
+    _finish_swap(folder)
+    info, patches = read_batch(folder)
+    for _ in range(3):  # the review desk may write an answer meanwhile (it does not take the project lock)
+        answers = {pid: label for pid, label in read_answers(folder, info, patches).items() if label}
+        fresh = _draw_again(ctx, session, batch_id, answers)
+        if {pid: label for pid, label in read_answers(folder, info, patches).items() if label} == answers:
+            break
+    old = folder.with_name(f".{batch_id}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    _finish_swap(folder)
+    entry.update({"rule": fresh[0], "features": features_name(ctx.manifest["features"]), "redrawn": now_iso(),
+                  "kept_labels": len(answers), "candidates": fresh[1]})
+    return batch_id
+
+
+def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: dict[str, str]) -> tuple[str, int]:
+    """Write the redrawn batch beside the waiting one (``.<batch>.redraw``); return its rule and candidates."""
+    from wsi_il.desk.labelsfile import write_answers
+    from wsi_il.index import rank_by_distance
+    from wsi_il.review import NOT_PREFIX
+    from wsi_il.sampling import sample
+
+    folder = ctx.project.batch_dir(batch_id)
+    entry = session["history"][-1]
+    index = ctx.table.index_of()
+    kept = np.array([index[pid] for pid in answers], dtype=np.int64)
+    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
+    candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
+    ranked, _ = rank_by_distance(current_embeddings(ctx), np.asarray(session["q"], dtype=np.float32), candidates)
+    rest = ranked[~np.isin(ranked, kept)]
+    predictions = current_predictions(ctx)
+    seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    drawn, rule = np.zeros(0, dtype=np.int64), str(entry.get("rule", session["strategy"]))
+    if session["k"] > len(kept) and len(rest):
+        drawn, rule = sample(session["strategy"], session["k"] - len(kept), len(rest), np.random.default_rng(seed),
+                             predictions[rest] if predictions is not None else None, ctx.class_index(session["label"]))
+    chosen = np.concatenate([kept, rest[drawn]]).astype(np.int64)
+    place = {int(i): n for n, i in enumerate(ranked.tolist())}
+    positions = np.array([place.get(int(i), 0) for i in chosen], dtype=np.int64)
+    fresh = folder.with_name(f".{batch_id}.redraw")
+    shutil.rmtree(fresh, ignore_errors=True)
+    _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule, folder=fresh)
+    new_info, new_patches = read_batch(fresh)
+    write_answers(fresh, new_info, new_patches, {pid: "no" if label.startswith(NOT_PREFIX) else label
+                                                 for pid, label in answers.items()})
+    return rule, int(len(ranked))
+
+
+def _finish_swap(folder: Path) -> None:
+    """Complete a batch redraw that a kill interrupted: put the new folder in place of the old one."""
+    fresh = folder.with_name(f".{folder.name}.redraw")
+    old = folder.with_name(f".{folder.name}.replaced")
+    if not folder.exists() and fresh.is_dir() and (fresh / "batch.json").is_file():
+        os.replace(fresh, folder)
+    elif not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+    if folder.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
 def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, chosen: np.ndarray,
-                       positions: np.ndarray, predictions: np.ndarray | None, rule: str) -> None:
+                       positions: np.ndarray, predictions: np.ndarray | None, rule: str,
+                       folder: Path | None = None) -> None:
     from wsi_il.features import core_threads
     from wsi_il.slide import TileReader
 
@@ -460,8 +547,8 @@ def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, cho
     finally:
         for reader in readers.values():
             reader.close()
-    write_batch(ctx.project.batch_dir(batch_id), info, patches, [image for image, _ in pictures], ctx.offsets(),
-                project_hint=str(ctx.project.root), contexts=[context for _, context in pictures])
+    write_batch(folder or ctx.project.batch_dir(batch_id), info, patches, [image for image, _ in pictures],
+                ctx.offsets(), project_hint=str(ctx.project.root), contexts=[context for _, context in pictures])
 
 
 class _ReadRegion:

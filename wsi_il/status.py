@@ -34,7 +34,16 @@ def _session_row(session: dict[str, Any]) -> dict[str, Any]:
             "round": session["round"], "rounds": session["rounds"], "state": session["state"],
             "query_patches": session["query"]["n"], "query_source": session["query"]["source"],
             "seconds_per_round": sum(timed) / len(timed) if timed else None,
+            "batch_features": session["history"][-1].get("features") if session["history"] else None,
             "rounds_detail": session["history"]}
+
+
+def _pretraining(project: Project) -> dict[str, Any] | None:
+    """The pretraining run in progress (its lock's holder), or None."""
+    path = project.pretrain_lock_path()
+    if not path.is_file() or Project._lock_is_stale(path):
+        return None
+    return project.read_json(path, None)
 
 
 def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, Any]], model: str | None) -> str:
@@ -82,6 +91,6 @@ def project_status(root: Path) -> dict[str, Any]:
             "backbone": _backbone(manifest["features"]),
             "slides": slides, "patches": sum(s["patches"] for s in slides),
             "sessions": [_session_row(s) for s in sessions], "n_labels": len(labelled), "labels": dict(counts),
-            "corrections": corrections(ledger),
+            "corrections": corrections(ledger), "pretraining": _pretraining(project),
             "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),
             "versions": (manifest.get("provenance") or {}).get("versions")}
