@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from wsi_il.answers import read_answers, write_answers
 from wsi_il.cli import app
-from wsi_il.desk.labelsfile import read_answers, write_answers
 from wsi_il.pretrain import DurationEstimate
 from wsi_il.project import Project
 from wsi_il.review import read_batch

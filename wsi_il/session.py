@@ -449,7 +449,7 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
     The patches already labelled in its labels.csv (by hand or from the review desk) stay in the batch with their
     labels; the other places are drawn again. Returns the batch id, or None when the session waits for no batch.
     """
-    from wsi_il.desk.labelsfile import read_answers
+    from wsi_il.answers import read_answers
 
     batch_id = f"{session['id']}-r{session['round']}"
     folder = ctx.project.batch_dir(batch_id)
@@ -474,7 +474,7 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
 
 def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: dict[str, str]) -> tuple[str, int]:
     """Write the redrawn batch beside the waiting one (``.<batch>.redraw``); return its rule and candidates."""
-    from wsi_il.desk.labelsfile import write_answers
+    from wsi_il.answers import write_answers
     from wsi_il.index import rank_by_distance
     from wsi_il.review import NOT_PREFIX
     from wsi_il.sampling import sample

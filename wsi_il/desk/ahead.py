@@ -121,7 +121,7 @@ def prepare(project: Project, batch_id: str, labels: dict[str, str], device: str
     """Run the ingest of batch ``batch_id`` with ``labels`` ({patch id: label}) on a shadow of the project; the
     project itself is not written. Raises ``Cancelled`` when ``cancel`` is set before it ends, and what
     ``ingest`` raises (the shadow is then removed)."""
-    from wsi_il.desk.labelsfile import write_answers
+    from wsi_il.answers import write_answers
     from wsi_il.review import LABELS_CSV, read_batch
     from wsi_il.session import ingest, open_context
 

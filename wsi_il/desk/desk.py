@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.answers import read_answers, write_answers
 from wsi_il.desk.ahead import Preparer, Stale, commit, likely_answers
 from wsi_il.desk.ahead import clear as clear_shadows
 from wsi_il.desk.images import (
@@ -29,7 +30,6 @@ from wsi_il.desk.images import (
     marks_overlay,
     probability_overlay,
 )
-from wsi_il.desk.labelsfile import read_answers, write_answers
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 from wsi_il.events import SilentReporter
 from wsi_il.project import Project
