@@ -134,3 +134,15 @@ def test_projects_written_before_the_head_init_setting_start_from_a_random_layer
     old = to_dict(TrainSettings())
     del old["head_init"]
     assert from_dict(TrainSettings, old).head_init == "random"
+
+
+def test_fit_linear_leaves_the_layer_alone_with_one_kind_of_label() -> None:
+    init, features, _ = _block_and_rows()
+    head = heads.ClassifierHead(init, 2).eval()
+    before = {k: v.clone() for k, v in head.fc.state_dict().items()}
+    x = torch.from_numpy(features[:1]).float()
+    heads.fit_linear(head, x, None, torch.tensor([0]), None, 2)  # a single label: nothing to separate
+    assert all(torch.equal(before[k], v) for k, v in head.fc.state_dict().items())
+    settings = TrainSettings(epochs=2, schedule="fast", head_init="refit", fast_frozen_conv1=False)
+    trained = heads.train_heads(features[:3], np.array([1, 1, 1]), init, 2, settings, "cpu")  # one class
+    assert all(np.isfinite(trained.losses["cross_entropy"]))

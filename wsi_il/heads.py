@@ -445,18 +445,21 @@ def _fit_inputs(fit_set: FitSet | None, x_all, stem_all, y_all, w_all):  # type:
 
 
 FIT_L2 = 1e-3
-"""L2 penalty (per weight, on standardised inputs' scale) of ``fit_linear``'s logistic regression."""
+"""L2 penalty (per weight and bias, on standardised inputs' scale) of ``fit_linear``'s logistic regression."""
 
 
 def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # type: ignore[no-untyped-def]
     """Set the classifier's linear layer to the weighted logistic regression of the labels on the block's current
     pooled output (L-BFGS; linear probing before fine-tuning), so that the round's fine-tuning starts from a
     classifier that already separates the labels instead of from a random or stale one. "Not class c" rows count
-    as in ``classifier_loss``."""
+    as in ``classifier_loss``. With a single kind of target (one label, or labels of one class) there is nothing
+    to separate: the layer is left as it is."""
     torch = _torch()
+    if len(torch.unique(y_all)) < 2:
+        return
     with torch.no_grad(), autocast(x_all.device):
         pooled = head.pooled(x_all, stem_all).float()
-    mean, scale = pooled.mean(0), pooled.std(0) + 1e-6
+    mean, scale = pooled.mean(0), pooled.std(0, correction=0) + 1e-6
     z = (pooled - mean) / scale
     weight = torch.zeros(n_classes, z.shape[1], device=z.device, requires_grad=True)
     bias = torch.zeros(n_classes, device=z.device, requires_grad=True)
@@ -464,7 +467,7 @@ def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # 
 
     def closure():  # type: ignore[no-untyped-def]
         optimiser.zero_grad()
-        loss = classifier_loss(z @ weight.T + bias, y_all, w_all) + FIT_L2 * (weight**2).sum()
+        loss = classifier_loss(z @ weight.T + bias, y_all, w_all) + FIT_L2 * ((weight**2).sum() + (bias**2).sum())
         loss.backward()
         return loss
 
