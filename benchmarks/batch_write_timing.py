@@ -49,9 +49,18 @@ def main() -> None:
         times = _time_runs(work, slide, args.patches, args.runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"wsi_il": str(Path(wsi_il.__file__).parent), "cpus": os.cpu_count(),
-                      "core_threads": default_workers(), "patches": args.patches, "runs": args.runs,
-                      **{key: round(statistics.median(values), 4) for key, values in times.items()}}))
+    print(
+        json.dumps(
+            {
+                "wsi_il": str(Path(wsi_il.__file__).parent),
+                "cpus": os.cpu_count(),
+                "core_threads": default_workers(),
+                "patches": args.patches,
+                "runs": args.runs,
+                **{key: round(statistics.median(values), 4) for key, values in times.items()},
+            }
+        )
+    )
 
 
 def _build_slide(work: Path, data: Path | None) -> Path:
@@ -75,6 +84,7 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
     predictions = np.random.default_rng(0).dirichlet((1.0, 1.0), size=count).astype(np.float32)
     times: dict[str, list[float]] = {}
     for run in range(-1, runs):
+
         def timed(key: str, call: Callable[..., Any], *args: Any, run: int = run) -> Any:
             start = time.perf_counter()
             result = call(*args)
@@ -83,11 +93,29 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
             return result
 
         session = {"id": f"s{run + 2}", "round": 1, "rounds": 3, "label": "tumor"}
-        timed("write_batch_files_s", _write_batch_files, ctx, session, f"{session['id']}-r1", chosen, chosen,
-              predictions, "uncertainty")
+        timed(
+            "write_batch_files_s",
+            _write_batch_files,
+            ctx,
+            session,
+            f"{session['id']}-r1",
+            chosen,
+            chosen,
+            predictions,
+            "uncertainty",
+        )
         images, contexts = timed("single_thread_read_s", _read, ctx, slide_path, chosen)
-        timed("write_batch_s", write_batch, work / f"write-batch-{run + 1}", info, patches, images, None, "PROJECT",
-              contexts)
+        timed(
+            "write_batch_s",
+            write_batch,
+            work / f"write-batch-{run + 1}",
+            info,
+            patches,
+            images,
+            None,
+            "PROJECT",
+            contexts,
+        )
         encoded = timed("single_thread_encode_patches_s", lambda pictures: [_png_bytes(p) for p in pictures], images)
         sheet = timed("single_thread_render_sheet_s", render_contact_sheet, info, patches, images, contexts)
         encoded.append(timed("single_thread_encode_sheet_s", png.encode, np.asarray(sheet), SHEET_COMPRESS_LEVEL))
@@ -117,7 +145,7 @@ def _read(ctx: Any, slide_path: Path, chosen: np.ndarray) -> tuple[list[Any], li
     return [image for image, _ in pictures], [context for _, context in pictures]
 
 
-def _context(work: Path, slide_path: Path, count: int):  # type: ignore[no-untyped-def]
+def _context(work: Path, slide_path: Path, count: int):
     """A session context holding one slide and ``count`` patches of its tissue: what ``_write_batch_files`` reads,
     without computing features."""
     from wsi_il.database import PatchTable
@@ -131,16 +159,24 @@ def _context(work: Path, slide_path: Path, count: int):  # type: ignore[no-untyp
     rng = np.random.default_rng(1)
     cells = [(x, y) for y in range(px, slide_info.height - px, px) for x in range(px, slide_info.width - px, px)]
     boxes = np.array([(*cells[i], px, px) for i in rng.choice(len(cells), count, replace=False)], dtype=np.int64)
-    record = SlideRecord(id="slide", kind="slide", path=str(slide_path), width=slide_info.width,
-                         height=slide_info.height, mpp=slide_info.mpp, offset=slide_info.offset, n_patches=count,
-                         tiled=True, extracted=True)
+    record = SlideRecord(
+        id="slide",
+        kind="slide",
+        path=str(slide_path),
+        width=slide_info.width,
+        height=slide_info.height,
+        mpp=slide_info.mpp,
+        offset=slide_info.offset,
+        n_patches=count,
+        tiled=True,
+        extracted=True,
+    )
     ids = [f"slide_x{x}_y{y}" for x, y, _, _ in boxes.tolist()]
     table = PatchTable(slide_index=np.zeros(count, dtype=np.int64), boxes=boxes, ids=ids, slides=[record])
     uid = "00000000-0000-0000-0000-000000000000"
     manifest = {"uid": uid, "classes": ["tumor", "normal"]}
     # No feature store nor reporter: writing a batch uses neither.
-    ctx = Context(Project(work / "project"), manifest, table, store=None, device="cpu",  # type: ignore[arg-type]
-                  reporter=None)  # type: ignore[arg-type]
+    ctx = Context(Project(work / "project"), manifest, table, store=None, device="cpu", reporter=None)
     info = BatchInfo("s1-r1", uid, "s1", 1, 3, "tumor", ("tumor", "normal"), "uncertainty")
     patches = [BatchPatch(pid, "slide", x, y, w, h) for pid, (x, y, w, h) in zip(ids, boxes.tolist(), strict=True)]
     return ctx, info, patches

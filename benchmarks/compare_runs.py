@@ -25,8 +25,10 @@ def _curves(path: Path, metric: str) -> dict[tuple[str, int], tuple[float, dict[
         for row in csv.DictReader(handle):
             if row[metric] != "":
                 groups[(row["strategy"], int(row["session"]))].append(row)
-    return {key: (sum(float(r["labels"]) for r in rows) / len(rows), {int(r["seed"]): float(r[metric]) for r in rows})
-            for key, rows in sorted(groups.items())}
+    return {
+        key: (sum(float(r["labels"]) for r in rows) / len(rows), {int(r["seed"]): float(r[metric]) for r in rows})
+        for key, rows in sorted(groups.items())
+    }
 
 
 def _name(path: Path) -> str:
@@ -41,12 +43,13 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> str:
     diffs = [a[s] - b[s] for s in seeds]
     mean = sum(diffs) / len(diffs)
     error = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return (f"; paired over {len(seeds)} seeds {mean:+.3f} ± {error:.3f} (s.e.), "
-            f"range {min(diffs):+.3f} .. {max(diffs):+.3f}")
+    return (
+        f"; paired over {len(seeds)} seeds {mean:+.3f} ± {error:.3f} (s.e.), "
+        f"range {min(diffs):+.3f} .. {max(diffs):+.3f}"
+    )
 
 
-def _plot(curves: dict[Path, dict[tuple[str, int], tuple[float, dict[int, float]]]], metric: str,
-          path: Path) -> None:
+def _plot(curves: dict[Path, dict[tuple[str, int], tuple[float, dict[int, float]]]], metric: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,13 +58,19 @@ def _plot(curves: dict[Path, dict[tuple[str, int], tuple[float, dict[int, float]
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for run, curve in curves.items():
         for strategy in sorted({key[0] for key in curve}):
-            points = [(labels, list(by_seed.values())) for (s, _), (labels, by_seed) in sorted(curve.items())
-                      if s == strategy]
+            points = [
+                (labels, list(by_seed.values())) for (s, _), (labels, by_seed) in sorted(curve.items()) if s == strategy
+            ]
             x = [labels for labels, _ in points]
-            line, = axes.plot(x, [sum(v) / len(v) for _, v in points], marker="o",
-                              label=f"{_name(run)} ({strategy}, {len(points[0][1])} seeds)")
-            axes.fill_between(x, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.15,
-                              color=line.get_color())
+            (line,) = axes.plot(
+                x,
+                [sum(v) / len(v) for _, v in points],
+                marker="o",
+                label=f"{_name(run)} ({strategy}, {len(points[0][1])} seeds)",
+            )
+            axes.fill_between(
+                x, [min(v) for _, v in points], [max(v) for _, v in points], alpha=0.15, color=line.get_color()
+            )
     axes.set_xlabel("labels")
     axes.set_ylabel(f"{metric} (mean; band: min to max over seeds)")
     axes.grid(alpha=0.3)
@@ -82,16 +91,20 @@ def main() -> None:
     for path, curve in curves.items():
         for (strategy, session), (labels, by_seed) in curve.items():
             values = list(by_seed.values())
-            print(f"{_name(path)} | {strategy} | {session} | {labels:.0f} | {sum(values) / len(values):.3f} | "
-                  f"{min(values):.3f} | {max(values):.3f} | {len(values)}")
+            print(
+                f"{_name(path)} | {strategy} | {session} | {labels:.0f} | {sum(values) / len(values):.3f} | "
+                f"{min(values):.3f} | {max(values):.3f} | {len(values)}"
+            )
     if len(curves) == 2:
         (name_a, a), (name_b, b) = ((_name(p), c) for p, c in curves.items())
         print(f"\ndifference of the means, {name_a} - {name_b}, at equal sessions (labels)")
         for key in sorted(set(a) & set(b)):
             values_a, values_b = a[key][1], b[key][1]
             mean_a, mean_b = (sum(v.values()) / len(v) for v in (values_a, values_b))
-            print(f"{key[0]} session {key[1]} ({a[key][0]:.0f} labels): {mean_a - mean_b:+.3f}"
-                  f"{_paired(values_a, values_b)}")
+            print(
+                f"{key[0]} session {key[1]} ({a[key][0]:.0f} labels): {mean_a - mean_b:+.3f}"
+                f"{_paired(values_a, values_b)}"
+            )
     if args.plot:
         _plot(curves, args.metric, args.plot)
 

@@ -60,9 +60,20 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     rng = np.random.default_rng(seed)
     query = rng.choice(np.flatnonzero(tumour), size=10, replace=False)
     rest = rng.permutation(np.setdiff1d(np.arange(len(tumour)), query))
-    prior = rest[:max(0, labels - k - len(query))]
-    project.append_ledger([{"patch_id": ctx.table.ids[i], "label": "Tumor" if tumour[i] else "Normal",
-                            "batch": "earlier", "session": "earlier", "round": 0, "time": now_iso()} for i in prior])
+    prior = rest[: max(0, labels - k - len(query))]
+    project.append_ledger(
+        [
+            {
+                "patch_id": ctx.table.ids[i],
+                "label": "Tumor" if tumour[i] else "Normal",
+                "batch": "earlier",
+                "session": "earlier",
+                "round": 0,
+                "time": now_iso(),
+            }
+            for i in prior
+        ]
+    )
     result = start_session(ctx, "Tumor", SessionSettings("cnfp", k, 3), query_indices=query, source="benchmark")
     index = ctx.table.index_of()
 
@@ -83,8 +94,13 @@ def serve(project: Path, device: str, mode: str) -> tuple[subprocess.Popen, str]
         command.append("--no-warm-up")
     if mode != "ahead":
         command.append("--no-prepare-ahead")
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     while True:
         line = server.stdout.readline()
         if not line:
@@ -112,8 +128,9 @@ def answers_for(project: Path, batch: str, truth: Path) -> dict[str, str]:
     return {p.patch_id: "y" if hit else "n" for p, hit in zip(patches, inside, strict=True)}
 
 
-def time_run(page, url: str, project: Path, batch: str, truth: Path, mode: str,  # type: ignore[no-untyped-def]
-             look: float, shots: Path | None) -> dict:
+def time_run(
+    page, url: str, project: Path, batch: str, truth: Path, mode: str, look: float, shots: Path | None
+) -> dict:
     page.goto(url)
     page.wait_for_selector("body[data-ready=true]")
     page.wait_for_function("() => [...document.querySelectorAll('#strip img')].every(i => i.complete)")
@@ -122,8 +139,9 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, mode: str, 
         return {fcp: paint ? paint.startTime : null, ready: performance.now()};
     }""")
     if mode != "cold":  # the expert takes longer than the warm-up: let it finish, as it would
-        page.wait_for_function("() => document.getElementById('warmup').textContent.startsWith('warmed up')",
-                               timeout=600_000)
+        page.wait_for_function(
+            "() => document.getElementById('warmup').textContent.startsWith('warmed up')", timeout=600_000
+        )
     if shots is not None:
         shots.mkdir(parents=True, exist_ok=True)
         page.keyboard.press("y")
@@ -143,19 +161,23 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, mode: str, 
     started = time.perf_counter()
     page.keyboard.press(answers[order[-1]])
     page.keyboard.press("Enter")
-    page.wait_for_function(f"""() => {{
+    page.wait_for_function(
+        f"""() => {{
         const s = window.deskState;
         if (!s.batch || s.batch.batch === {json.dumps(batch)}) return false;
         const img = document.getElementById('current-image');
         return img.complete && img.naturalWidth > 0;
-    }}""", timeout=600_000)
+    }}""",
+        timeout=600_000,
+    )
     next_seconds = time.perf_counter() - started
-    keys = page.evaluate("() => window.keyTimes")[:len(order)]
+    keys = page.evaluate("() => window.keyTimes")[: len(order)]
     server_seconds = page.evaluate("() => window.deskState.lastRound && window.deskState.lastRound.server")
     if shots is not None:
         page.keyboard.press("v")
-        page.wait_for_function("() => window.deskSlideView && window.deskSlideView.ready "
-                               "&& window.deskSlideView.overlays.probability")
+        page.wait_for_function(
+            "() => window.deskSlideView && window.deskSlideView.ready && window.deskSlideView.overlays.probability"
+        )
         page.keyboard.press("p")
         page.wait_for_timeout(1500)
         _click_patch(page, project, batch)
@@ -163,22 +185,30 @@ def time_run(page, url: str, project: Path, batch: str, truth: Path, mode: str, 
         page.wait_for_function("() => document.getElementById('picked-image').complete")
         page.screenshot(path=str(shots / "desk-slide.png"))
         page.keyboard.press("b")
-    return {"first_paint_ms": round(timing["fcp"] or -1, 1), "batch_ready_ms": round(timing["ready"], 1),
-            "key_ms_median": round(float(np.median(keys)), 1), "key_ms_max": round(float(np.max(keys)), 1),
-            "last_answer_to_next_batch_s": round(next_seconds, 3), "submit_server_s": server_seconds}
+    return {
+        "first_paint_ms": round(timing["fcp"] or -1, 1),
+        "batch_ready_ms": round(timing["ready"], 1),
+        "key_ms_median": round(float(np.median(keys)), 1),
+        "key_ms_max": round(float(np.max(keys)), 1),
+        "last_answer_to_next_batch_s": round(next_seconds, 3),
+        "submit_server_s": server_seconds,
+    }
 
 
-def _click_patch(page, project: Path, batch: str) -> None:  # type: ignore[no-untyped-def]
+def _click_patch(page, project: Path, batch: str) -> None:
     """Click, on the slide view, the middle of the first patch of ``batch`` (a labelled one by now)."""
     from wsi_il.review import read_batch
 
     patch = read_batch(project / "batches" / batch)[1][0]
-    x, y = page.evaluate("""([x, y]) => {
+    x, y = page.evaluate(
+        """([x, y]) => {
         const v = window.deskSlideView.viewer;
         const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
         const r = document.getElementById('viewer').getBoundingClientRect();
         return [r.left + p.x, r.top + p.y];
-    }""", [patch.x + patch.width / 2, patch.y + patch.height / 2])
+    }""",
+        [patch.x + patch.width / 2, patch.y + patch.height / 2],
+    )
     page.mouse.click(x, y)
 
 
@@ -204,10 +234,13 @@ def bulk_quality(project: Path, batch: str, truth: Path) -> dict:
         groups.append(len(found))
         group_right += sum(truly(q["patch_id"]) == truly(p["patch_id"]) for q in found)
     desk.close()
-    return {"batch_patches": len(view["patches"]), "accept_labels_per_key": len(confident),
-            "accept_accuracy": round(accept_right / len(confident), 3) if confident else None,
-            "similar_labels_per_action": float(np.mean(groups)),
-            "similar_accuracy": round(group_right / max(1, sum(groups)), 3)}
+    return {
+        "batch_patches": len(view["patches"]),
+        "accept_labels_per_key": len(confident),
+        "accept_accuracy": round(accept_right / len(confident), 3) if confident else None,
+        "similar_labels_per_action": float(np.mean(groups)),
+        "similar_accuracy": round(group_right / max(1, sum(groups)), 3),
+    }
 
 
 def main() -> None:
@@ -218,9 +251,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--look", type=float, default=20.0,
-                        help="seconds the expert looks at the last patch before answering it (the trial: 3-4 min a "
-                        "batch of 10)")
+    parser.add_argument(
+        "--look",
+        type=float,
+        default=20.0,
+        help="seconds the expert looks at the last patch before answering it (the trial: 3-4 min a batch of 10)",
+    )
     parser.add_argument("--modes", default="ahead,warm,cold")
     parser.add_argument("--screenshots", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -240,8 +276,12 @@ def main() -> None:
                 try:
                     page = browser.new_page(viewport={"width": 1400, "height": 950})
                     shots = args.screenshots if run == 0 and n == 0 else None
-                    row = {"run": run, "mode": mode,
-                           **time_run(page, url, folder, batch, args.truth, mode, args.look, shots), **quality}
+                    row = {
+                        "run": run,
+                        "mode": mode,
+                        **time_run(page, url, folder, batch, args.truth, mode, args.look, shots),
+                        **quality,
+                    }
                     page.close()
                 finally:
                     server.send_signal(signal.SIGTERM)
@@ -250,8 +290,13 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 results.append(row)
         browser.close()
-    summary = {"project": str(args.project), "labels": args.labels, "k": args.k, "device": args.device,
-               "look_s": args.look}
+    summary = {
+        "project": str(args.project),
+        "labels": args.labels,
+        "k": args.k,
+        "device": args.device,
+        "look_s": args.look,
+    }
     for mode in args.modes.split(","):
         rows = [r for r in results if r["mode"] == mode]
         summary[mode] = {key: [r.get(key) for r in rows] for key in rows[0] if key not in ("run", "mode")}

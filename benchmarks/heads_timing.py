@@ -28,11 +28,18 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=250)
     parser.add_argument("--schedule", choices=["paper", "fast"], default="paper")
     parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--frozen-conv1", action=argparse.BooleanOptionalAction, default=None,
-                        help="fast schedule: keep the block's first convolution frozen (default: the settings')")
-    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="CUDA: each training step one captured graph (default: on CUDA, unless "
-                             "$WSI_IL_CUDA_GRAPHS=0)")
+    parser.add_argument(
+        "--frozen-conv1",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fast schedule: keep the block's first convolution frozen (default: the settings')",
+    )
+    parser.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: each training step one captured graph (default: on CUDA, unless $WSI_IL_CUDA_GRAPHS=0)",
+    )
     args = parser.parse_args()
 
     import wsi_il.heads
@@ -51,16 +58,35 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        heads = wsi_il.heads.train_heads(features, targets, init, 2, settings, args.device, schedule=args.schedule,
-                                         early_stopping=False, graphs=args.graphs)
+        heads = wsi_il.heads.train_heads(
+            features,
+            targets,
+            init,
+            2,
+            settings,
+            args.device,
+            schedule=args.schedule,
+            early_stopping=False,
+            graphs=args.graphs,
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds.append(round(time.perf_counter() - started, 3))
-    print(json.dumps({"device": args.device, "schedule": args.schedule, "frozen_conv1": settings.fast_frozen_conv1,
-                      "graphs": args.graphs, "labels": args.labels, "seconds": seconds,
-                      "first_losses": [heads.losses["triplet"][0], heads.losses["cross_entropy"][0]],
-                      "last_losses": [heads.losses["triplet"][-1], heads.losses["cross_entropy"][-1]],
-                      "wsi_il": wsi_il.heads.__file__}))
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "schedule": args.schedule,
+                "frozen_conv1": settings.fast_frozen_conv1,
+                "graphs": args.graphs,
+                "labels": args.labels,
+                "seconds": seconds,
+                "first_losses": [heads.losses["triplet"][0], heads.losses["cross_entropy"][0]],
+                "last_losses": [heads.losses["triplet"][-1], heads.losses["cross_entropy"][-1]],
+                "wsi_il": wsi_il.heads.__file__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

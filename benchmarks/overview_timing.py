@@ -40,16 +40,39 @@ def main() -> None:
     if args.one:
         print(json.dumps(_one_run(args.patches, args.labelled, args.out)))
         return
-    runs = [json.loads(subprocess.run([sys.executable, __file__, "--one", "--patches", str(args.patches),
-                                       "--labelled", str(args.labelled), *(["--out", str(args.out)] if args.out
-                                                                           else [])],
-                                      check=True, capture_output=True, text=True).stdout)
-            for _ in range(args.runs)]
+    runs = [
+        json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--patches",
+                    str(args.patches),
+                    "--labelled",
+                    str(args.labelled),
+                    *(["--out", str(args.out)] if args.out else []),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        for _ in range(args.runs)
+    ]
     import wsi_il
 
-    print(json.dumps({"wsi_il": str(Path(wsi_il.__file__).parent), "patches": runs[0]["patches"],
-                      "runs": args.runs, "seconds": round(statistics.median(r["seconds"] for r in runs), 3),
-                      "peak_rss_rise_mb": max(r["peak_rss_rise_mb"] for r in runs)}))
+    print(
+        json.dumps(
+            {
+                "wsi_il": str(Path(wsi_il.__file__).parent),
+                "patches": runs[0]["patches"],
+                "runs": args.runs,
+                "seconds": round(statistics.median(r["seconds"] for r in runs), 3),
+                "peak_rss_rise_mb": max(r["peak_rss_rise_mb"] for r in runs),
+            }
+        )
+    )
 
 
 def _one_run(patches: int, labelled: int, out: Path | None) -> dict[str, float]:
@@ -64,21 +87,36 @@ def _one_run(patches: int, labelled: int, out: Path | None) -> dict[str, float]:
     rng = np.random.default_rng(0)
     field = np.sin(boxes[:, 0] / 300.0 + rng.uniform(0, 6)) + np.cos(boxes[:, 1] / 250.0)
     predicted = (field > 0.6).astype(np.int64)
-    slide = SlideRecord(id="CMU-1-Small-Region", kind="slide", path=str(SLIDE), width=info.width,
-                        height=info.height, mpp=info.mpp, offset=info.offset, n_patches=len(boxes), tiled=True,
-                        extracted=True)
+    slide = SlideRecord(
+        id="CMU-1-Small-Region",
+        kind="slide",
+        path=str(SLIDE),
+        width=info.width,
+        height=info.height,
+        mpp=info.mpp,
+        offset=info.offset,
+        n_patches=len(boxes),
+        tiled=True,
+        extracted=True,
+    )
     extra = {}
     if "marks" in inspect.signature(export.write_overview).parameters:
         from wsi_il.overview import Marks
 
         chosen = rng.choice(len(boxes), labelled, replace=False)
         query = np.flatnonzero(predicted == 0)[:40]
-        extra["marks"] = Marks(chosen, tuple(("Normal", "Tumor")[int(p)] for p in predicted[chosen]),
-                               (("s1", query),))
+        extra["marks"] = Marks(chosen, tuple(("Normal", "Tumor")[int(p)] for p in predicted[chosen]), (("s1", query),))
     import importlib
 
-    for module in ("PIL.PngImagePlugin", "wsi_il.qupath", "wsi_il.slide", "wsi_il.tifftiles", "wsi_il.features",
-                   "wsi_il.overview", "wsi_il.png"):  # imported before the measure, where the checkout has them
+    for module in (
+        "PIL.PngImagePlugin",
+        "wsi_il.qupath",
+        "wsi_il.slide",
+        "wsi_il.tifftiles",
+        "wsi_il.features",
+        "wsi_il.overview",
+        "wsi_il.png",
+    ):  # imported before the measure, where the checkout has them
         try:
             importlib.import_module(module)
         except ImportError:

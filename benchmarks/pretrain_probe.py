@@ -68,8 +68,10 @@ def colour_features(project: Path) -> np.ndarray:
     rows = []
     for record in proj.slides(manifest):
         load, close = reader_for(proj, record, 64)
-        rows.extend(np.concatenate([t.reshape(-1, 3).mean(0), t.reshape(-1, 3).std(0)])
-                    for t in (load(i).astype(np.float32) for i in range(record.n_patches)))
+        rows.extend(
+            np.concatenate([t.reshape(-1, 3).mean(0), t.reshape(-1, 3).std(0)])
+            for t in (load(i).astype(np.float32) for i in range(record.n_patches))
+        )
         close()
     assert len(rows) == len(patch_table(proj, manifest))
     return np.array(rows)
@@ -84,7 +86,7 @@ def logistic_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     b = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
-    def closure():  # type: ignore[no-untyped-def]
+    def closure():
         opt.zero_grad()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w**2).sum()
         loss.backward()
@@ -135,8 +137,16 @@ def precision_at_10(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
 def evaluate(name: str, x: np.ndarray, y: np.ndarray, slide: np.ndarray) -> dict[str, object]:
     f1, jac, bal = cross_validated(x, y)
     f1_is, jac_is, bal_is = inter_slide(x, y, slide)
-    return {"features": name, "cv_f1": f1, "cv_jaccard": jac, "cv_balanced_accuracy": bal, "inter_slide_f1": f1_is,
-            "inter_slide_jaccard": jac_is, "inter_slide_balanced_accuracy": bal_is, "p_at_10": precision_at_10(x, y)}
+    return {
+        "features": name,
+        "cv_f1": f1,
+        "cv_jaccard": jac,
+        "cv_balanced_accuracy": bal,
+        "inter_slide_f1": f1_is,
+        "inter_slide_jaccard": jac_is,
+        "inter_slide_balanced_accuracy": bal_is,
+        "p_at_10": precision_at_10(x, y),
+    }
 
 
 def main() -> int:
@@ -149,13 +159,26 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed of the pretraining run (default: 0)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--method", choices=list(METHOD_NAMES), default="moco",
-                        help="self-supervised method (default: wsi-il pretrain's)")
-    parser.add_argument("--data", type=Path, default=None, help="folder holding bach-iciar2018-1536jpeg-sample/ "
-                        "[default: $WSI_IL_DATA or ../shared/data]")
+    parser.add_argument(
+        "--method",
+        choices=list(METHOD_NAMES),
+        default="moco",
+        help="self-supervised method (default: wsi-il pretrain's)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder holding bach-iciar2018-1536jpeg-sample/ [default: $WSI_IL_DATA or ../shared/data]",
+    )
     parser.add_argument("--size", type=int, default=7680, help="side of each BACH mosaic slide in px")
-    parser.add_argument("--slides", type=Path, nargs=2, default=None,
-                        help="two exact-truth mosaic slides (python -m wsi_il.mosaic --patches), truth beside each")
+    parser.add_argument(
+        "--slides",
+        type=Path,
+        nargs=2,
+        default=None,
+        help="two exact-truth mosaic slides (python -m wsi_il.mosaic --patches), truth beside each",
+    )
     parser.add_argument("--tile-size", type=int, default=256, help="the project's tile side (96 for PCam mosaics)")
     parser.add_argument("--recipe", default=None, help="wsi-il pretrain --recipe [default: the command's default]")
     args = parser.parse_args()
@@ -170,46 +193,97 @@ def main() -> int:
         from wsi_il.mosaic import bach_images, make_block_slide
 
         tumour, normal = bach_images(data_dir(args.data))
-        made = [make_block_slide(args.out / f"mosaic{i + 1}.tiff", tumour, normal, size_px=(args.size, args.size),
-                                 block=block, seed=11 + i)
-                for i, block in enumerate([(1280, 1280, 4352, 3840), (3328, 3840, 6400, 6400)])]
+        made = [
+            make_block_slide(
+                args.out / f"mosaic{i + 1}.tiff",
+                tumour,
+                normal,
+                size_px=(args.size, args.size),
+                block=block,
+                seed=11 + i,
+            )
+            for i, block in enumerate([(1280, 1280, 4352, 3840), (3328, 3840, 6400, 6400)])
+        ]
         slide_paths, truths = [m.path for m in made], [m.truth_path for m in made]
     project = args.out / "project"
     if not (project / "project.json").is_file():
-        cli("init", str(project), "--slide", str(slide_paths[0]), "--slide", str(slide_paths[1]),
-            "--weights", "random", "--device", "cpu", "--tile-size", str(args.tile_size))
+        cli(
+            "init",
+            str(project),
+            "--slide",
+            str(slide_paths[0]),
+            "--slide",
+            str(slide_paths[1]),
+            "--weights",
+            "random",
+            "--device",
+            "cpu",
+            "--tile-size",
+            str(args.tile_size),
+        )
     x_random, boxes, slide_index = gap_features(project)
     y = np.zeros(len(boxes), dtype=bool)
     for i, truth in enumerate(truths):
         y[slide_index == i] = truth_mask(boxes[slide_index == i], truth)
-    results = [evaluate("colour statistics", colour_features(project), y, slide_index),
-               evaluate("random ResNet-18", x_random, y, slide_index)]
-    chosen = (("steps", args.steps), ("batch", args.batch), ("crop", args.crop), ("seed", args.seed),
-              ("recipe", args.recipe))
+    results = [
+        evaluate("colour statistics", colour_features(project), y, slide_index),
+        evaluate("random ResNet-18", x_random, y, slide_index),
+    ]
+    chosen = (
+        ("steps", args.steps),
+        ("batch", args.batch),
+        ("crop", args.crop),
+        ("seed", args.seed),
+        ("recipe", args.recipe),
+    )
     options = [f"--{k} {v}" for k, v in chosen if v is not None]
     weights = args.out / "pretrained.pt"
     load_before, cpu_before = os.getloadavg()[0], children_cpu_seconds()
-    seconds = cli("pretrain", str(project), "--start", "random", "--out", str(weights), "--device", args.device,
-                  "--method", args.method, *" ".join(options).split())
+    seconds = cli(
+        "pretrain",
+        str(project),
+        "--start",
+        "random",
+        "--out",
+        str(weights),
+        "--device",
+        args.device,
+        "--method",
+        args.method,
+        *" ".join(options).split(),
+    )
     cpu_seconds, load_after = children_cpu_seconds() - cpu_before, os.getloadavg()[0]
     cli("reextract", str(project), "--weights", str(weights), "--device", args.device)
     x_pre, _, _ = gap_features(project)
     results.append(evaluate(f"{METHOD_NAMES[args.method]}-pretrained ResNet-18", x_pre, y, slide_index))
-    summary = {"patches": int(len(y)), "tumour_patches": int(y.sum()), "method": args.method,
-               "pretrain_seconds": seconds, "pretrain_cpu_seconds": cpu_seconds,
-               "load_average_before_after": [load_before, load_after], "pretrain_options": options or ["defaults"],
-               "device": args.device,
-               "torch_threads": torch.get_num_threads(), "results": results}
+    summary = {
+        "patches": int(len(y)),
+        "tumour_patches": int(y.sum()),
+        "method": args.method,
+        "pretrain_seconds": seconds,
+        "pretrain_cpu_seconds": cpu_seconds,
+        "load_average_before_after": [load_before, load_after],
+        "pretrain_options": options or ["defaults"],
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "results": results,
+    }
     (args.out / "pretrain_probe.json").write_text(json.dumps(summary, indent=2))
-    print(f"{len(y)} patches ({int(y.sum())} tumour); pretraining took {seconds / 60:.1f} min wall, "
-          f"{cpu_seconds / 60:.1f} CPU-min (load average {load_before:.1f} before, {load_after:.1f} after)")
-    print(f"{'features':30} {'CV F1':>6} {'CV Jac':>6} {'CV BA':>6} {'A<->B F1':>8} {'A<->B Jac':>9} "
-          f"{'A<->B BA':>8} {'P@10 tum/norm':>14}")
+    print(
+        f"{len(y)} patches ({int(y.sum())} tumour); pretraining took {seconds / 60:.1f} min wall, "
+        f"{cpu_seconds / 60:.1f} CPU-min (load average {load_before:.1f} before, {load_after:.1f} after)"
+    )
+    print(
+        f"{'features':30} {'CV F1':>6} {'CV Jac':>6} {'CV BA':>6} {'A<->B F1':>8} {'A<->B Jac':>9} "
+        f"{'A<->B BA':>8} {'P@10 tum/norm':>14}"
+    )
     for r in results:
         p = r["p_at_10"]
-        print(f"{r['features']:30} {r['cv_f1']:6.3f} {r['cv_jaccard']:6.3f} {r['cv_balanced_accuracy']:6.3f} "
-              f"{r['inter_slide_f1']:8.3f} {r['inter_slide_jaccard']:9.3f} {r['inter_slide_balanced_accuracy']:8.3f} "
-              f"{p['tumour']:7.2f}/{p['normal']:.2f}")
+        print(
+            f"{r['features']:30} {r['cv_f1']:6.3f} {r['cv_jaccard']:6.3f} {r['cv_balanced_accuracy']:6.3f} "
+            f"{r['inter_slide_f1']:8.3f} {r['inter_slide_jaccard']:9.3f} {r['inter_slide_balanced_accuracy']:8.3f} "
+            f"{p['tumour']:7.2f}/{p['normal']:.2f}"
+        )
     return 0
 
 

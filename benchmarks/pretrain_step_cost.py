@@ -48,8 +48,11 @@ def main() -> None:
             load = os.getloadavg()[0]
             cpu, wall = step_cost(name, args.steps)
             total = RECIPES[name]["cpu"].steps
-            print(f"{name}: {cpu:.2f} CPU-s a step, {wall:.2f} s wall; {total} steps = {cpu * total / 60:.1f} "
-                  f"CPU-min (load average {load:.1f})", flush=True)
+            print(
+                f"{name}: {cpu:.2f} CPU-s a step, {wall:.2f} s wall; {total} steps = {cpu * total / 60:.1f} "
+                f"CPU-min (load average {load:.1f})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="the rounds' learning rate; default: the project's")
     parser.add_argument("--epochs", type=int, default=None, help="the rounds' epochs; default: the project's")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--fit-query", type=int, default=0,
-                        help="the linear layer's fit takes up to this many query patches (0: the training rows)")
+    parser.add_argument(
+        "--fit-query",
+        type=int,
+        default=0,
+        help="the linear layer's fit takes up to this many query patches (0: the training rows)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ctx = open_context(Project(args.project), "cpu", SilentReporter())
@@ -77,18 +81,27 @@ def main() -> None:
     largest = max(tumour_islands(ctx.table.boxes, truth), key=len)
     n = len(truth)
     print(f"{n} tissue patches, {truth.mean():.1%} tumour, largest island {len(largest)} patches", flush=True)
-    results: dict = {"patches": n, "tumour_share": float(truth.mean()), "largest_island": len(largest),
-                     "settings": {k: getattr(settings, k) for k in ("epochs", "lr", "fast_budget",
-                                                                       "fast_frozen_conv1", "schedule", "head_init")},
-                     "probe": _probe_cv(ctx, truth, args.folds), "runs": []}
+    results: dict = {
+        "patches": n,
+        "tumour_share": float(truth.mean()),
+        "largest_island": len(largest),
+        "settings": {
+            k: getattr(settings, k)
+            for k in ("epochs", "lr", "fast_budget", "fast_frozen_conv1", "schedule", "head_init")
+        },
+        "probe": _probe_cv(ctx, truth, args.folds),
+        "runs": [],
+    }
     print(f"linear probe, {args.folds}-fold: {results['probe']}", flush=True)
     if args.head_folds:
         results["heads_cv"] = _heads_cv(ctx, truth, settings, args.head_folds)
         print(f"heads, {args.head_folds}-fold: {results['heads_cv']}", flush=True)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng = np.random.default_rng(seed)
-        queries = {"small": grow_region(ctx.table.boxes, largest, 10, rng),
-                   "large": grow_region(ctx.table.boxes, largest, round(0.8 * len(largest)), rng)}
+        queries = {
+            "small": grow_region(ctx.table.boxes, largest, 10, rng),
+            "large": grow_region(ctx.table.boxes, largest, round(0.8 * len(largest)), rng),
+        }
         order = rng.permutation(n)
         pool = order[~np.isin(order, np.concatenate(list(queries.values())))]  # the same reviewed patches for both
         for region in args.regions.split(","):
@@ -97,25 +110,41 @@ def main() -> None:
                 picked = pool[:reviewed]
                 for balance, head_init in ((b, h) for b in args.balances.split(",") for h in head_inits):
                     started = time.perf_counter()
-                    predicted = _train_and_predict(ctx, picked, query, truth, replace(
-                        settings, balance=balance, seed=seed, head_init=head_init), args.fit_query)
+                    predicted = _train_and_predict(
+                        ctx,
+                        picked,
+                        query,
+                        truth,
+                        replace(settings, balance=balance, seed=seed, head_init=head_init),
+                        args.fit_query,
+                    )
                     rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
                     rest[picked] = False
                     for other in queries.values():
                         rest[other] = False
                     s = binary_scores(predicted[rest], truth[rest])
-                    row = {"seed": seed, "region": region, "query_patches": len(query), "reviewed": reviewed,
-                           "reviewed_tumour": int(truth[picked].sum()), "balance": balance, "head_init": head_init,
-                           "jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1,
-                           "called": s.called_share, "truth_share": s.truth_share,
-                           "seconds": round(time.perf_counter() - started, 1)}
+                    row = {
+                        "seed": seed,
+                        "region": region,
+                        "query_patches": len(query),
+                        "reviewed": reviewed,
+                        "reviewed_tumour": int(truth[picked].sum()),
+                        "balance": balance,
+                        "head_init": head_init,
+                        "jaccard": s.jaccard,
+                        "balanced_accuracy": s.balanced_accuracy,
+                        "f1": s.f1,
+                        "called": s.called_share,
+                        "truth_share": s.truth_share,
+                        "seconds": round(time.perf_counter() - started, 1),
+                    }
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
                     if args.out:
                         args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):  # type: ignore[no-untyped-def]
+def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):
     from wsi_il.heads import embed_and_predict, train_heads, training_selection
     from wsi_il.session import load_tensors
 
@@ -129,17 +158,18 @@ def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):  # typ
     if fit_query:
         fit_rows, fit_weights = training_selection(targets, groups, settings.balance, settings.seed, fit_query)
         fit_set = (ctx.store.take(rows[fit_rows]), targets[fit_rows], fit_weights)
-    heads = train_heads(ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights,
-                        fit_set=fit_set)
+    heads = train_heads(
+        ctx.store.take(rows[keep]), targets[keep], init, 2, settings, "cpu", weights=weights, fit_set=fit_set
+    )
     _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
     return probs.argmax(axis=1) == tumour
 
 
-def _pooled(ctx):  # type: ignore[no-untyped-def]
+def _pooled(ctx):
     return np.concatenate([block.astype(np.float32).mean(axis=(2, 3)) for _, block in ctx.store.chunks(512)])
 
 
-def _probe_cv(ctx, truth, folds):  # type: ignore[no-untyped-def]
+def _probe_cv(ctx, truth, folds):
     """Class-balanced logistic regression on the pooled features, cross-validated."""
 
     from wsi_il.metrics import binary_scores
@@ -155,7 +185,7 @@ def _probe_cv(ctx, truth, folds):  # type: ignore[no-untyped-def]
     return {"jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "called": s.called_share}
 
 
-class _fit_probe:  # noqa: N801 (a function-like class: fit on construction)
+class _fit_probe:
     """Logistic regression, class-balanced, L2 1e-3, fitted by L-BFGS."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -168,7 +198,7 @@ class _fit_probe:  # noqa: N801 (a function-like class: fit on construction)
         weight = weight / weight.sum() * 2
         optimiser = torch.optim.LBFGS([self.w, self.b], max_iter=200)
 
-        def closure():  # type: ignore[no-untyped-def]
+        def closure():
             optimiser.zero_grad()
             loss = torch.nn.functional.cross_entropy(xt @ self.w + self.b, yt, weight=weight)
             loss = loss + 1e-3 * (self.w**2).sum()
@@ -184,7 +214,7 @@ class _fit_probe:  # noqa: N801 (a function-like class: fit on construction)
             return (torch.from_numpy(x) @ self.w + self.b).argmax(1).numpy() == 1
 
 
-def _heads_cv(ctx, truth, settings, folds):  # type: ignore[no-untyped-def]
+def _heads_cv(ctx, truth, settings, folds):
     """Both heads, the round's schedule and pass budget, trained on all but one fold (class-balanced)."""
     from wsi_il.metrics import binary_scores
 
@@ -194,11 +224,17 @@ def _heads_cv(ctx, truth, settings, folds):  # type: ignore[no-untyped-def]
     for fold in range(folds):
         train = np.flatnonzero(fold_of != fold)
         held = fold_of == fold
-        predicted[held] = _train_and_predict(ctx, train, np.zeros(0, dtype=np.int64), truth,
-                                             replace(settings, balance="classes"))[held]
+        predicted[held] = _train_and_predict(
+            ctx, train, np.zeros(0, dtype=np.int64), truth, replace(settings, balance="classes")
+        )[held]
     s = binary_scores(predicted, truth)
-    return {"jaccard": s.jaccard, "balanced_accuracy": s.balanced_accuracy, "f1": s.f1, "called": s.called_share,
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "jaccard": s.jaccard,
+        "balanced_accuracy": s.balanced_accuracy,
+        "f1": s.f1,
+        "called": s.called_share,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 if __name__ == "__main__":

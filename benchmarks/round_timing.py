@@ -38,8 +38,11 @@ def main() -> None:
     from wsi_il.config import TrainSettings
     from wsi_il.project import Project
 
-    settings_of = {"frozen": TrainSettings(), "whole-block": TrainSettings(fast_frozen_conv1=False),
-                   "paper": TrainSettings(schedule="paper")}
+    settings_of = {
+        "frozen": TrainSettings(),
+        "whole-block": TrainSettings(fast_frozen_conv1=False),
+        "paper": TrainSettings(schedule="paper"),
+    }
     project = Project(args.bench_out / "project")
     truth = args.truth or next(iter(sorted(args.bench_out.glob("bench-*[0-9].truth.geojson"))), None)
     labels = _label_all(project, truth, 0)
@@ -51,9 +54,20 @@ def main() -> None:
             timing = round_latency(project, folder, labels, bench, settings_of[variant], rehearsed=args.rehearse)
             shutil.rmtree(folder)
             seconds.setdefault(variant, []).append(round(timing.seconds, 2))
-            print(json.dumps({"run": run, "variant": variant, "schedule": timing.schedule, "rehearsed": args.rehearse,
-                              "round_seconds": round(timing.seconds, 2),
-                              "train_seconds": round(timing.train_seconds, 2), "phases": timing.phases}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "run": run,
+                        "variant": variant,
+                        "schedule": timing.schedule,
+                        "rehearsed": args.rehearse,
+                        "round_seconds": round(timing.seconds, 2),
+                        "train_seconds": round(timing.train_seconds, 2),
+                        "phases": timing.phases,
+                    }
+                ),
+                flush=True,
+            )
     print(json.dumps({"labels": args.labels, "patches": len(labels), "device": args.device, "seconds": seconds}))
 
 

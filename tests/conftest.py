@@ -37,11 +37,15 @@ def shared_data() -> Path:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test that reads the optional data without the ``extra_data`` marker (it would skip on a clone)."""
-    unmarked = [item.nodeid for item in items
-                if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("extra_data") is None]
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "shared_data" in getattr(item, "fixturenames", ()) and item.get_closest_marker("extra_data") is None
+    ]
     if unmarked:
-        raise pytest.UsageError(f"mark these tests @pytest.mark.extra_data (they read {SHARED_DATA}): "
-                                + ", ".join(unmarked))
+        raise pytest.UsageError(
+            f"mark these tests @pytest.mark.extra_data (they read {SHARED_DATA}): " + ", ".join(unmarked)
+        )
 
 
 def _white_share(path: Path) -> float:
@@ -59,16 +63,19 @@ def dense_pcam() -> tuple[list[Path], list[Path]]:
     from wsi_il.mosaic import labelled_patches
 
     tumour, normal = labelled_patches(PCAM)
-    return ([p for p in tumour if _white_share(p) < DENSE_WHITE_SHARE],
-            [p for p in normal if _white_share(p) < DENSE_WHITE_SHARE])
+    return (
+        [p for p in tumour if _white_share(p) < DENSE_WHITE_SHARE],
+        [p for p in normal if _white_share(p) < DENSE_WHITE_SHARE],
+    )
 
 
-def _block_slide(path: Path, dense_pcam, seed: int, block=None):  # type: ignore[no-untyped-def]
+def _block_slide(path: Path, dense_pcam, seed: int, block=None):
     from wsi_il.mosaic import PCAM_MPP, make_block_slide
 
     tumour, normal = dense_pcam
-    return make_block_slide(path, tumour, normal, size_px=(2048, 1536), block=block, mpp=PCAM_MPP, seed=seed,
-                            piece_px=96)
+    return make_block_slide(
+        path, tumour, normal, size_px=(2048, 1536), block=block, mpp=PCAM_MPP, seed=seed, piece_px=96
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +89,9 @@ def block_slide(dense_pcam, tmp_path_factory):
 @pytest.fixture(scope="session")
 def second_block_slide(dense_pcam, tmp_path_factory):
     """Another slide of the same kind, with its tumour block elsewhere."""
-    return _block_slide(tmp_path_factory.mktemp("slides2") / "other.tiff", dense_pcam, seed=2,
-                        block=(1024, 512, 1792, 1024))
+    return _block_slide(
+        tmp_path_factory.mktemp("slides2") / "other.tiff", dense_pcam, seed=2, block=(1024, 512, 1792, 1024)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +147,7 @@ def crc_patches(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def copy_crc(crc_patches):  # type: ignore[no-untyped-def]
+def copy_crc(crc_patches):
     """Return ``copy(target, chosen)``: copy the ``chosen`` images (a slice of each class's sorted files) of
     ``crc_patches`` into class subfolders of ``target``, and return ``target``."""
 
@@ -199,8 +207,9 @@ def qupath_valid():
         for path in paths:
             _python_qupath_rules(Path(path))
         if use_java:
-            result = subprocess.run(["bash", str(QUPATH_CHECK), *map(str, paths)], capture_output=True, text=True,
-                                    timeout=600)
+            result = subprocess.run(
+                ["bash", str(QUPATH_CHECK), *map(str, paths)], capture_output=True, text=True, timeout=600
+            )
             assert result.returncode == 0, result.stdout + result.stderr
 
     return check

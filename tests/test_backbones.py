@@ -25,8 +25,13 @@ SLIDE = EXAMPLES / "CMU-1-Small-Region.svs"
 VIT = "vit_small_patch16_224"
 VIT_ARGS = {"depth": 2, "embed_dim": 48, "num_heads": 2, "img_size": 64}
 """A ViT-S/16 made small: two blocks of width 48 at 64 px (16 patch tokens and the class token)."""
-HUB_CFG = {"input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-           "interpolation": "bilinear", "crop_pct": 1.0}
+HUB_CFG = {
+    "input_size": [3, 64, 64],
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "crop_pct": 1.0,
+}
 runner = CliRunner()
 
 
@@ -36,12 +41,12 @@ def run(*args: object, code: int = 0) -> str:
     return result.output
 
 
-def small_vit(seed: int = 1):  # type: ignore[no-untyped-def]
+def small_vit(seed: int = 1):
     torch.manual_seed(seed)
     return timm.create_model(VIT, num_classes=0, **VIT_ARGS).eval()
 
 
-def fake_hub(cache: Path, repo: str, model, config: dict) -> Path:  # type: ignore[no-untyped-def]
+def fake_hub(cache: Path, repo: str, model, config: dict) -> Path:
     """Write a model into a hub cache laid out as huggingface_hub's (refs/main -> snapshots/REV/)."""
     root = cache / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
@@ -54,7 +59,7 @@ def fake_hub(cache: Path, repo: str, model, config: dict) -> Path:  # type: igno
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+def hub(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -67,9 +72,11 @@ def test_file_snapshot_and_hub_cache_load_the_same_weights(tmp_path, hub):
     model = small_vit()
     save_file(model.state_dict(), str(tmp_path / "vit.safetensors"))
     torch.save(model.state_dict(), tmp_path / "vit.pt")
-    choices = [backbones.choose_timm(str(tmp_path / "vit.safetensors"), VIT, VIT_ARGS),
-               backbones.choose_timm(str(tmp_path / "vit.pt"), VIT, VIT_ARGS),
-               backbones.choose_timm("hf-hub:lab/tiny-vit", None, {})]
+    choices = [
+        backbones.choose_timm(str(tmp_path / "vit.safetensors"), VIT, VIT_ARGS),
+        backbones.choose_timm(str(tmp_path / "vit.pt"), VIT, VIT_ARGS),
+        backbones.choose_timm("hf-hub:lab/tiny-vit", None, {}),
+    ]
     snapshot = choices[2].weights_file.parent
     choices.append(backbones.choose_timm(str(snapshot), None, {}))
     assert choices[2].recorded == "hf-hub:lab/tiny-vit" and choices[3].recorded == str(snapshot.resolve())
@@ -82,12 +89,12 @@ def test_file_snapshot_and_hub_cache_load_the_same_weights(tmp_path, hub):
 
 def test_preprocessing_comes_from_the_model_config(hub, tmp_path):
     from_hub = backbones.choose_timm("hf-hub:lab/tiny-vit", None, {})
-    prep = backbones.preprocessing_of(backbones.build_timm(from_hub.arch, from_hub.args,
-                                                           backbones.weights_of(from_hub), 0))
+    prep = backbones.preprocessing_of(
+        backbones.build_timm(from_hub.arch, from_hub.args, backbones.weights_of(from_hub), 0)
+    )
     assert prep == backbones.Preprocessing(64, HUB_CFG["mean"], HUB_CFG["std"], "bilinear")
     # without a config: timm's own for the architecture (ViT-S/16 augreg: 0.5 mean and std, bicubic)
-    plain = backbones.build_timm(VIT, VIT_ARGS, backbones.weights_of(
-        backbones.choose_timm("random", VIT, VIT_ARGS)), 0)
+    plain = backbones.build_timm(VIT, VIT_ARGS, backbones.weights_of(backbones.choose_timm("random", VIT, VIT_ARGS)), 0)
     assert backbones.preprocessing_of(plain) == backbones.Preprocessing(64, [0.5] * 3, [0.5] * 3, "bicubic")
 
 
@@ -95,8 +102,7 @@ def test_an_older_single_object_hub_config_gives_the_preprocessing_too(hub):
     fake_hub(hub, "lab/legacy-vit", small_vit(), {"architecture": VIT, "model_args": VIT_ARGS, **HUB_CFG})
     choice = backbones.choose_timm("hf-hub:lab/legacy-vit", None, {})
     model = backbones.build_timm(choice.arch, choice.args, backbones.weights_of(choice), 0)
-    assert backbones.preprocessing_of(model) == backbones.Preprocessing(64, HUB_CFG["mean"], HUB_CFG["std"],
-                                                                         "bilinear")
+    assert backbones.preprocessing_of(model) == backbones.Preprocessing(64, HUB_CFG["mean"], HUB_CFG["std"], "bilinear")
 
 
 def test_a_known_pathology_model_tiles_at_the_resolution_it_was_trained_at(hub, tmp_path):
@@ -174,11 +180,38 @@ def test_a_store_that_would_not_fit_the_disk_is_refused_with_the_figure(tmp_path
 
 
 def _loop(project: Path, tmp_path: Path, *init_args: object) -> dict:
-    out = run("init", project, "--slide", SLIDE, "--classes", "Tumor,Normal", "--mpp", "0.5", "--tile-size", "224",
-              "--epochs", "3", "--device", "cpu", *init_args)
+    out = run(
+        "init",
+        project,
+        "--slide",
+        SLIDE,
+        "--classes",
+        "Tumor,Normal",
+        "--mpp",
+        "0.5",
+        "--tile-size",
+        "224",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        *init_args,
+    )
     assert "224 px at 0.5 µm/px (112 µm)" in out
-    run("query", project, "--region", EXAMPLES / "query.geojson", "--label", "Tumor", "-k", "6", "--rounds", "2",
-        "--device", "cpu")
+    run(
+        "query",
+        project,
+        "--region",
+        EXAMPLES / "query.geojson",
+        "--label",
+        "Tumor",
+        "-k",
+        "6",
+        "--rounds",
+        "2",
+        "--device",
+        "cpu",
+    )
     fill_labels_from_truth(project / "batches" / "s1-r1", EXAMPLES / "truth.geojson", (0.0, 0.0))
     assert "recorded" in run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
     run("export", project, "--out", tmp_path / f"{project.name}.geojson")
@@ -189,8 +222,18 @@ def _loop(project: Path, tmp_path: Path, *init_args: object) -> dict:
 
 def test_both_vit_splits_run_the_whole_loop_offline(tmp_path, hub):
     save_file(small_vit().state_dict(), str(tmp_path / "vit.safetensors"))
-    by_file = _loop(tmp_path / "last", tmp_path, "--weights", tmp_path / "vit.safetensors", "--arch", VIT,
-                    "--arch-args", json.dumps(VIT_ARGS), "--trainable", "last")
+    by_file = _loop(
+        tmp_path / "last",
+        tmp_path,
+        "--weights",
+        tmp_path / "vit.safetensors",
+        "--arch",
+        VIT,
+        "--arch-args",
+        json.dumps(VIT_ARGS),
+        "--trainable",
+        "last",
+    )
     by_hub = _loop(tmp_path / "embedding", tmp_path, "--weights", "hf-hub:lab/tiny-vit")
     assert by_file["backbone"]["trainable"] == "last" and by_hub["backbone"]["trainable"] == "embedding"
     assert by_file["backbone"]["bytes_per_patch"] == 17 * 48 * 2 and by_hub["backbone"]["bytes_per_patch"] == 96
@@ -208,8 +251,20 @@ def test_both_vit_splits_run_the_whole_loop_offline(tmp_path, hub):
 
 
 def test_bench_measures_each_backbone_under_each_split(tmp_path, hub):
-    out = run("bench", "--slide", SLIDE, "--backbone", f"{VIT}:{json.dumps(VIT_ARGS)}", "--backbones-only",
-              "--device", "cpu", "--out", tmp_path / "work", "--json", tmp_path / "bench.json")
+    out = run(
+        "bench",
+        "--slide",
+        SLIDE,
+        "--backbone",
+        f"{VIT}:{json.dumps(VIT_ARGS)}",
+        "--backbones-only",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "work",
+        "--json",
+        tmp_path / "bench.json",
+    )
     assert "bench.backbones.json" in out
     results = json.loads((tmp_path / "bench.backbones.json").read_text())
     assert [(r["arch"], r["trainable"]) for r in results] == [(VIT, "embedding"), (VIT, "last")]
@@ -221,8 +276,15 @@ def test_bench_measures_each_backbone_under_each_split(tmp_path, hub):
 
 def test_layer_classes_are_named_in_json_and_a_pooling_is_required(tmp_path):
     # UNI2-h / Virchow2 style: SwiGLU MLP, SiLU, register tokens, no class-token position, no pooling
-    args = {**VIT_ARGS, "mlp_layer": "SwiGLUPacked", "act_layer": "silu", "mlp_ratio": 5.3375, "reg_tokens": 4,
-            "no_embed_class": True, "global_pool": ""}
+    args = {
+        **VIT_ARGS,
+        "mlp_layer": "SwiGLUPacked",
+        "act_layer": "silu",
+        "mlp_ratio": 5.3375,
+        "reg_tokens": 4,
+        "no_embed_class": True,
+        "global_pool": "",
+    }
     choice = backbones.choose_timm("random", VIT, args)
     weights = backbones.weights_of(choice)
     with pytest.raises(InputError, match="pools nothing"):

@@ -43,12 +43,18 @@ def test_training_weights_balance_every_target_value() -> None:
 def test_weighted_losses_by_hand() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     targets = torch.tensor([0, 0, -2])  # the last: "not class 1"
-    per_row = torch.stack([-torch.log_softmax(logits[0], 0)[0], -torch.log_softmax(logits[1], 0)[0],
-                           -torch.log1p(-torch.softmax(logits[2], 0)[1])])
+    per_row = torch.stack(
+        [
+            -torch.log_softmax(logits[0], 0)[0],
+            -torch.log_softmax(logits[1], 0)[0],
+            -torch.log1p(-torch.softmax(logits[2], 0)[1]),
+        ]
+    )
     weights = torch.tensor([0.5, 2.0, 0.5])
     assert heads.classifier_loss(logits, targets, weights).item() == pytest.approx((per_row * weights).sum() / 3)
     assert heads.classifier_loss(logits, targets, torch.ones(3)).item() == pytest.approx(
-        heads.classifier_loss(logits, targets).item())
+        heads.classifier_loss(logits, targets).item()
+    )
     embeddings = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), dim=1)
     y = torch.tensor([0, 0, 0, 1, 1, 1])
     plain = heads.batch_hard_triplet_loss(embeddings, y, 0.5)
@@ -67,8 +73,9 @@ def test_heads_train_with_weights(schedule: str) -> None:
     targets = np.array([0] * 9 + [1] * 3)
     features = (rng.random((12, 256, 14, 14)) + targets[:, None, None, None] * 0.5).astype(np.float16)
     rows, weights = heads.training_selection(targets, np.array([-1] * 3 + [0] * 6 + [-1] * 3), "classes")
-    trained = heads.train_heads(features[rows], targets[rows], init, 2, TrainSettings(epochs=2, schedule=schedule),
-                                "cpu", weights=weights)
+    trained = heads.train_heads(
+        features[rows], targets[rows], init, 2, TrainSettings(epochs=2, schedule=schedule), "cpu", weights=weights
+    )
     assert len(trained.losses["cross_entropy"]) == 2 and all(np.isfinite(trained.losses["cross_entropy"]))
 
 
@@ -85,17 +92,42 @@ def test_init_records_balance_and_refuses_an_unknown_one(example_slide, tmp_path
     from test_cli_e2e import run
 
     project = tmp_path / "p"
-    out = run("init", project, "--slide", example_slide, "--tile-size", "256", "--weights", "random",
-              "--balance", "bogus", "--device", "cpu", code=3)
+    out = run(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--balance",
+        "bogus",
+        "--device",
+        "cpu",
+        code=3,
+    )
     assert "--balance 'bogus' is not one of classes, none" in out
-    run("init", project, "--slide", example_slide, "--tile-size", "256", "--weights", "random", "--balance", "none",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--balance",
+        "none",
+        "--device",
+        "cpu",
+    )
     assert json.loads((project / "project.json").read_text())["train"]["balance"] == "none"
     out = run("init", project, "--balance", "classes", code=4)  # another setting needs a new project
     assert "--balance none" in out
 
 
-def _block_and_rows(n_per_class: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+def _block_and_rows(n_per_class: int = 8, seed: int = 0):
     torch.manual_seed(seed)
     init = {k: v.clone() for k, v in tvm.resnet18(weights=None).layer4.state_dict().items()}
     rng = np.random.default_rng(seed)

@@ -40,30 +40,60 @@ def test_bench_measures_every_stage_and_writes_json(bench_slide, tmp_path, monke
 
     monkeypatch.setenv("COLUMNS", "160")
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--truth",
-                                      str(bench_slide.truth_path), "--labels", "40", "--out", str(out),
-                                      "--json", str(tmp_path / "bench.json"), "--device", "cpu", paper])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--slide",
+            str(bench_slide.path),
+            "--truth",
+            str(bench_slide.truth_path),
+            "--labels",
+            "40",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--device",
+            "cpu",
+            paper,
+        ],
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("extract_patches_per_s", "trunk_limit_patches_per_s", "extract_ratio_to_limit", "round_seconds",
-                "round_seconds_paper_settings", "export_seconds", "peak_rss_mb", "bytes_per_patch", "device"):
+    for key in (
+        "extract_patches_per_s",
+        "trunk_limit_patches_per_s",
+        "extract_ratio_to_limit",
+        "round_seconds",
+        "round_seconds_paper_settings",
+        "export_seconds",
+        "peak_rss_mb",
+        "bytes_per_patch",
+        "device",
+    ):
         assert key in figures, key
     assert figures["device"] == "cpu" and figures["patches"] >= 100
     assert figures["extract_ratio_to_limit"] == pytest.approx(
-        figures["extract_patches_per_s"] / figures["trunk_limit_patches_per_s"])
+        figures["extract_patches_per_s"] / figures["trunk_limit_patches_per_s"]
+    )
     assert 0 < figures["extract_ratio_to_limit"] < 2 and figures["naive_patches_per_s"] > 0
     assert figures["read_limit_patches_per_s"] > 0 and figures["round_seconds_next"] > 0
     assert figures["round_schedule"] == "fast" and figures["round_labels"] == 40
     assert 0 < figures["round_train_seconds"] < figures["round_seconds"]
-    for phases, seconds in ((figures["round_phases"], figures["round_seconds"]),
-                            (figures["round_phases_next"], figures["round_seconds_next"])):
+    for phases, seconds in (
+        (figures["round_phases"], figures["round_seconds"]),
+        (figures["round_phases_next"], figures["round_seconds_next"]),
+    ):
         assert set(phases) == {"train", "pass", "batch", "rest"} and min(phases["pass"], phases["batch"]) > 0
         assert sum(phases.values()) == pytest.approx(seconds, abs=0.01) and phases["rest"] >= 0
     assert set(figures["extract_timeline"]) >= {"tissue statistics"}
     starts = [times[0] for times in figures["extract_timeline"].values()]
     assert all(0 <= s <= f <= e for s, f, e in figures["extract_timeline"].values()) and starts == sorted(starts)
-    assert figures["round_frozen_conv1"] and 0 < figures["round_train_seconds_full_block"] < figures[
-        "round_seconds_full_block"]
+    assert (
+        figures["round_frozen_conv1"]
+        and 0 < figures["round_train_seconds_full_block"] < figures["round_seconds_full_block"]
+    )
     assert figures["stem_cache_bytes_per_patch"] == pytest.approx(figures["bytes_per_patch"], rel=0.01)
     if paper == "--paper":
         assert figures["round_seconds_paper_settings"] > 0 and figures["round_ratio_paper_to_default"] > 0
@@ -85,9 +115,25 @@ def test_bench_builds_its_slide_from_the_bach_sample(shared_data, tmp_path):
 
     from wsi_il.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--patches", "120", "--labels", "40", "--out", str(tmp_path / "b"),
-                                      "--data", str(shared_data), "--json", str(tmp_path / "bench.json"),
-                                      "--device", "cpu", "--no-paper"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--patches",
+            "120",
+            "--labels",
+            "40",
+            "--out",
+            str(tmp_path / "b"),
+            "--data",
+            str(shared_data),
+            "--json",
+            str(tmp_path / "bench.json"),
+            "--device",
+            "cpu",
+            "--no-paper",
+        ],
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert Path(figures["slide"]).is_file() and Path(figures["slide"]).parent == tmp_path / "b"
@@ -99,8 +145,10 @@ def test_bench_refuses_a_round_larger_than_the_slide_in_one_line(bench_slide, tm
 
     from wsi_il.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--labels", "250", "--out",
-                                      str(tmp_path / "b"), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--slide", str(bench_slide.path), "--labels", "250", "--out", str(tmp_path / "b"), "--device", "cpu"],
+    )
     assert result.exit_code == 3, result.output
     assert "too few for a round at 250 labels" in result.output and "--labels" in result.output
     assert "Traceback" not in result.output

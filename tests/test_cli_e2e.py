@@ -23,18 +23,28 @@ def run(*args: str, code: int = 0) -> str:
 
 
 def write_region(path: Path, x0: float, y0: float, x1: float, y1: float, name: str = "query") -> Path:
-    feature = {"type": "Feature", "id": "q", "geometry": shapely.geometry.mapping(shapely.box(x0, y0, x1, y1)),
-               "properties": {"objectType": "annotation", "name": name,
-                              "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    feature = {
+        "type": "Feature",
+        "id": "q",
+        "geometry": shapely.geometry.mapping(shapely.box(x0, y0, x1, y1)),
+        "properties": {
+            "objectType": "annotation",
+            "name": name,
+            "classification": {"name": "Tumor", "color": [200, 0, 0]},
+        },
+    }
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     return path
 
 
 def mask_of(path: Path, name: str) -> shapely.Geometry:
     data = json.loads(path.read_text())
-    shapes = [shapely.geometry.shape(f["geometry"]) for f in data["features"]
-              if f["properties"].get("classification", {}).get("name") == name
-              and f["properties"]["objectType"] == "annotation"]
+    shapes = [
+        shapely.geometry.shape(f["geometry"])
+        for f in data["features"]
+        if f["properties"].get("classification", {}).get("name") == name
+        and f["properties"]["objectType"] == "annotation"
+    ]
     return shapely.union_all(shapes) if shapes else shapely.Polygon()
 
 
@@ -52,8 +62,20 @@ def run_session(project: Path, truth: Path, rounds: int, offset=(0.0, 0.0), sess
 
 def test_loop_on_block_slide_finds_the_tumour(block_slide, tmp_path, qupath_valid):
     project = tmp_path / "proj"
-    out = run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random",
-              "--epochs", "15", "--device", "cpu")
+    out = run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "15",
+        "--device",
+        "cpu",
+    )
     assert "RANDOM" in out or "random" in out.lower()
     x0, y0, x1, y1 = block_slide.tumour.bounds
     region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
@@ -85,24 +107,52 @@ def test_loop_on_block_slide_finds_the_tumour(block_slide, tmp_path, qupath_vali
 def test_example_slide_loop(example_slide, tmp_path, qupath_valid):
     project = tmp_path / "cmu"
     examples = example_slide.parent
-    run("init", project, "--slide", example_slide, "--tile-size", "128", "--weights", "random", "--epochs", "10",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "10",
+        "--device",
+        "cpu",
+    )
     run("query", project, "--region", examples / "query.geojson", "-k", "6", "--rounds", "2", "--device", "cpu")
     run_session(project, examples / "truth.geojson", 2)
     mask_path = tmp_path / "cmu.geojson"
     run("export", project, "--out", mask_path, "--label", "Tumor")
     qupath_valid(mask_path)
     predicted = mask_of(mask_path, "Tumor")
-    truth = shapely.union_all([shapely.geometry.shape(f["geometry"])
-                               for f in json.loads((examples / "truth.geojson").read_text())["features"]])
+    truth = shapely.union_all(
+        [
+            shapely.geometry.shape(f["geometry"])
+            for f in json.loads((examples / "truth.geojson").read_text())["features"]
+        ]
+    )
     assert predicted.intersects(truth)
     assert predicted.bounds[2] <= 2220 + 1e-6 and predicted.bounds[3] <= 2967 + 1e-6  # level-0 frame
 
 
 def test_ingest_twice_changes_nothing(block_slide, tmp_path):
     project = tmp_path / "p"
-    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
     run("query", project, "--region", region, "-k", "4", "--rounds", "2", "--device", "cpu")
@@ -120,8 +170,22 @@ def test_ingest_twice_changes_nothing(block_slide, tmp_path):
 
 def test_multi_slide_query_searches_both(block_slide, second_block_slide, tmp_path, qupath_valid):
     project = tmp_path / "multi"
-    run("init", project, "--slide", block_slide.path, "--slide", second_block_slide.path, "--tile-size", "256",
-        "--weights", "random", "--epochs", "5", "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--slide",
+        second_block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "5",
+        "--device",
+        "cpu",
+    )
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
     run("query", project, "--region", region, "--slide", "block", "-k", "4", "--rounds", "2", "--device", "cpu")
@@ -163,8 +227,20 @@ def _label_by_slide(batch: Path, truths: dict[str, Path]) -> None:
 
 def test_add_slide_after_a_session(block_slide, second_block_slide, tmp_path):
     project = tmp_path / "grow"
-    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     before = json.loads((project / "project.json").read_text())["normalisation"]
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)
@@ -185,14 +261,26 @@ def test_init_with_weights_that_do_not_fit_writes_nothing(block_slide, tmp_path)
 
     weights = tmp_path / "r50.pt"
     torch.save(resnet50().state_dict(), weights)
-    result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
-                                 str(weights), "--arch", "resnet18"])
+    result = runner.invoke(
+        app,
+        [
+            "init",
+            str(tmp_path / "p"),
+            "--slide",
+            str(block_slide.path),
+            "--weights",
+            str(weights),
+            "--arch",
+            "resnet18",
+        ],
+    )
     assert result.exit_code == 3 and "does not fit ResNet-18" in result.output
     assert "looks like a resnet50" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "p").exists()
     torch.save({"features.0.weight": torch.zeros(3)}, weights)  # no ResNet at all
-    result = runner.invoke(app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights",
-                                 str(weights)])
+    result = runner.invoke(
+        app, ["init", str(tmp_path / "p"), "--slide", str(block_slide.path), "--weights", str(weights)]
+    )
     assert result.exit_code == 3 and "holds no ResNet" in result.output and not (tmp_path / "p").exists()
 
 
@@ -204,8 +292,23 @@ def test_frozen_stem_is_cached_once_and_gives_the_full_blocks_predictions(block_
     from wsi_il.session import load_tensors
 
     project = tmp_path / "frozen"
-    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "3",
-        "--schedule", "fast", "--fast-frozen-conv1", "--device", "cpu")  # by hand: off by default with random weights
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "3",
+        "--schedule",
+        "fast",
+        "--fast-frozen-conv1",
+        "--device",
+        "cpu",
+    )  # by hand: off by default with random weights
     assert json.loads((project / "project.json").read_text())["train"]["fast_frozen_conv1"] is True
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "q.geojson", x0, y0, x0 + 512, y0 + 512)

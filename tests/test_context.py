@@ -29,6 +29,6 @@ def test_context_image_outlines_the_patch_at_its_place(example_slide):
     scale = 384 / 768
     top = round((512 - 256) * scale)  # centred vertically: the square starts one patch above
     assert tuple(pixels[top, 50]) == OUTLINE_RGB and tuple(pixels[top + 60, 0]) == OUTLINE_RGB
-    inside = pixels[top + 10: top + 118, 10:118].astype(float)
+    inside = pixels[top + 10 : top + 118, 10:118].astype(float)
     reference = np.asarray(patch[20:236, 20:236].astype(float))[::2, ::2]
     assert abs(inside.mean() - reference.mean()) < 6  # the tissue inside the outline is the patch's own

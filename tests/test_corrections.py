@@ -20,8 +20,20 @@ def labelled_project(example_slide, tmp_path):
     """The bundled slide after one ingested round of 6 labels (a second batch waits)."""
     project = tmp_path / "cmu"
     examples = example_slide.parent
-    run("init", project, "--slide", example_slide, "--tile-size", "128", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     run("query", project, "--region", examples / "query.geojson", "-k", "6", "--rounds", "3", "--device", "cpu")
     batch = project / "batches" / "s1-r1"
     fill_labels_from_truth(batch, examples / "truth.geojson")
@@ -52,8 +64,15 @@ def test_relabel_appends_and_the_newest_wins_in_training(labelled_project):
     assert current_labels(ledger)[first["patch_id"]]["label"] == new
     status = json.loads(run("status", project, "--json"))
     assert status["n_labels"] == 6  # still six labelled patches, one of them corrected
-    assert status["corrections"] == [{"patch_id": first["patch_id"], "previous": first["label"], "label": new,
-                                      "time": ledger[-1]["time"], "via": "cli"}]
+    assert status["corrections"] == [
+        {
+            "patch_id": first["patch_id"],
+            "previous": first["label"],
+            "label": new,
+            "time": ledger[-1]["time"],
+            "via": "cli",
+        }
+    ]
     assert "corrections: 1" in run("status", project)
 
     from wsi_il.events import SilentReporter  # the next round trains on the corrected label, once
@@ -115,8 +134,9 @@ def test_a_patch_never_shown_can_be_labelled_and_yes_answers_the_session(labelle
     assert written[0]["label"] == "Tumor" and written[0]["via"] == "page" and written[0]["session"] == "s1"
     assert corrections(proj.read_ledger())[-1]["previous"] is None
     with pytest.raises(InputError, match="no label to skip"):
-        correct_labels(proj, manifest, set(ids), [(next(p for p in ids if p not in labelled | {fresh}), "skip")],
-                       via="page")
+        correct_labels(
+            proj, manifest, set(ids), [(next(p for p in ids if p not in labelled | {fresh}), "skip")], via="page"
+        )
 
 
 def test_end_closes_the_session_early_and_next_says_what_waits(labelled_project):

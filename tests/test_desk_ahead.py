@@ -6,6 +6,7 @@ answer nobody prepared, falls back to the plain ingest; nothing of a shadow is l
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -82,8 +83,9 @@ def assert_same_round(prepared: Path, plain: Path) -> None:
         a = tensors(torch.load(prepared / model, weights_only=True))
         b = tensors(torch.load(plain / model, weights_only=True))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
-    assert [p.patch_id for p in read_batch(prepared / "batches" / "s1-r2")[1]] == \
-        [p.patch_id for p in read_batch(plain / "batches" / "s1-r2")[1]]
+    assert [p.patch_id for p in read_batch(prepared / "batches" / "s1-r2")[1]] == [
+        p.patch_id for p in read_batch(plain / "batches" / "s1-r2")[1]
+    ]
     assert not (prepared / AHEAD_DIR).exists() or not any((prepared / AHEAD_DIR).iterdir())
 
 
@@ -155,5 +157,36 @@ def test_an_answer_nobody_prepared_falls_back_to_ingest(desk_project, tmp_path):
         desk.close()
     other = Desk(plain, "cpu", prepare_ahead=False)
     other.answer("s1-r1", [*answers[:-1], last])
+    other.submit("s1-r1")
+    assert_same_round(project, plain)
+
+
+def test_a_commit_cut_short_is_finished_by_submitting_again(desk_project, tmp_path, monkeypatch):
+    project = desk_project
+    plain = tmp_path / "plain"
+    shutil.copytree(project, plain)
+    answers = answers_in_order(project, "s1-r1")
+    desk = Desk(project, "cpu")
+    real_replace = os.replace
+
+    def killed_before_the_session_file(source, target):  # the kill: everything moved in but the session file
+        if Path(source).parent.name == "sessions":
+            raise KeyboardInterrupt("killed")
+        real_replace(source, target)
+
+    try:
+        desk.answer("s1-r1", answers)
+        wait_prepared(desk, 1)
+        monkeypatch.setattr("wsi_il.desk.ahead.os.replace", killed_before_the_session_file)
+        with pytest.raises(KeyboardInterrupt):
+            desk.submit("s1-r1")
+        monkeypatch.undo()
+        assert (project / "labels.jsonl").exists() and session_core(project)["round"] == 1
+    finally:
+        desk.close()
+    again = Desk(project, "cpu", prepare_ahead=False)  # a new desk after the kill: the plain ingest finishes it
+    assert again.submit("s1-r1")["next_batch"] == "s1-r2"
+    other = Desk(plain, "cpu", prepare_ahead=False)
+    other.answer("s1-r1", answers)
     other.submit("s1-r1")
     assert_same_round(project, plain)

@@ -23,8 +23,11 @@ CHROMIUM = shutil.which("chromium")
 
 def _need(what: str) -> None:
     if os.environ.get("CI"):
-        pytest.fail(f"{what}: the browser tests need it in CI (.ci/run installs Debian's chromium; "
-                    "pip install -e '.[test]' installs playwright)", pytrace=False)
+        pytest.fail(
+            f"{what}: the browser tests need it in CI (.ci/run installs Debian's chromium; "
+            "pip install -e '.[test]' installs playwright)",
+            pytrace=False,
+        )
     pytest.skip(f"{what} (these tests fail instead of skipping where CI is set)")
 
 
@@ -38,8 +41,20 @@ def desk(tmp_path_factory):
     except ImportError:
         _need("Playwright for Python is not installed (pip install playwright; no browser download needed)")
     project = tmp_path_factory.mktemp("desk-browser") / "cmu"
-    run("init", project, "--slide", EXAMPLES / "CMU-1-Small-Region.svs", "--tile-size", "128", "--weights", "random",
-        "--epochs", "2", "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        EXAMPLES / "CMU-1-Small-Region.svs",
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     run("query", project, "--region", EXAMPLES / "query.geojson", "-k", "6", "--rounds", "3", "--device", "cpu")
     server, _, web = start_server(project)
     web.close()
@@ -56,12 +71,12 @@ def desk(tmp_path_factory):
         server.wait(timeout=30)
 
 
-def _open(page, server) -> None:  # type: ignore[no-untyped-def]
+def _open(page, server) -> None:
     page.goto(server.url)  # the URL with the token, as printed
     page.wait_for_selector("body[data-ready=true]")
 
 
-def _current(page) -> str:  # type: ignore[no-untyped-def]
+def _current(page) -> str:
     return page.get_attribute('#strip .patch[aria-current="true"]', "data-patch-id")
 
 
@@ -95,11 +110,13 @@ def test_a_whole_batch_by_keyboard_then_a_correction_on_the_slide_then_export(de
     page.wait_for_function("() => window.deskState.pending === 0")  # each answer was sent as it was given:
     info, patches = read_batch(project / "batches" / "s1-r1")  # labels.csv is complete before Enter
     assert len(read_labels(project / "batches" / "s1-r1" / "labels.csv", info, patches)) == len(truth)
-    page.wait_for_function("() => document.getElementById('ahead').textContent === 'next round ready'",
-                           timeout=120_000)  # the round for these answers, prepared while the expert looks
+    page.wait_for_function(
+        "() => document.getElementById('ahead').textContent === 'next round ready'", timeout=120_000
+    )  # the round for these answers, prepared while the expert looks
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.getElementById('progress').textContent.includes('batch s1-r2')",
-                           timeout=120_000)
+    page.wait_for_function(
+        "() => document.getElementById('progress').textContent.includes('batch s1-r2')", timeout=120_000
+    )
     assert page.inner_text("#progress").startswith("1 of 6 · 0 answered")
     assert page.evaluate("() => window.deskState.lastRound.preparedAhead") is True
     assert page.inner_text("#ahead") == ""
@@ -108,12 +125,14 @@ def test_a_whole_batch_by_keyboard_then_a_correction_on_the_slide_then_export(de
 
     # The slide view: click a patch labelled in the first batch and correct it with one key.
     page.keyboard.press("v")
-    page.wait_for_function("() => window.deskSlideView && window.deskSlideView.ready "
-                           "&& window.deskSlideView.overlays.labelled")
+    page.wait_for_function(
+        "() => window.deskSlideView && window.deskSlideView.ready && window.deskSlideView.overlays.labelled"
+    )
     target, box = None, None
     for patch in truth:
         x, y = (int(v) for v in patch.rsplit("_x", 1)[1].split("_y"))
-        point = page.evaluate("""([x, y]) => {
+        point = page.evaluate(
+            """([x, y]) => {
             const v = window.deskSlideView.viewer;
             const p = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
             const r = document.getElementById('viewer').getBoundingClientRect();
@@ -121,7 +140,9 @@ def test_a_whole_batch_by_keyboard_then_a_correction_on_the_slide_then_export(de
             const at = [r.left + p.x, r.top + p.y];
             const underNav = at[0] >= nav.left && at[0] <= nav.right && at[1] >= nav.top && at[1] <= nav.bottom;
             return underNav ? null : at;
-        }""", [x + 64, y + 64])
+        }""",
+            [x + 64, y + 64],
+        )
         if point is not None:
             target, box = patch, point
             break
@@ -163,7 +184,7 @@ def test_confident_suggestions_accepted_with_one_key_and_more_like_this(desk):
         assert patch["confident"] == (patch["probability"] >= 0.75)
     confidents = [p["patch_id"] for p in patches if p["confident"]]
     order = [p["patch_id"] for p in patches]
-    assert order[:len(confidents)] == confidents  # shown grouped, first
+    assert order[: len(confidents)] == confidents  # shown grouped, first
     page.keyboard.press("a")
     if confidents:
         page.wait_for_function(f"() => Object.keys(window.deskState.labels).length === {len(confidents)}")

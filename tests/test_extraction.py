@@ -40,15 +40,28 @@ def striped_slide(tissue_field, tmp_path_factory) -> Path:
     rgb = np.full((768, 1280, 3), 245, np.uint8)
     rgb[:768, :640] = tissue_field[:768, :640]
     for y in range(0, 768, TILE):
-        rgb[y + 40:y + 48, 640:] = (225, 140, 190)  # 8 px: 6% of a tile, over the 5% a candidate needs
+        rgb[y + 40 : y + 48, 640:] = (225, 140, 190)  # 8 px: 6% of a tile, over the 5% a candidate needs
     path = tmp_path_factory.mktemp("striped") / "striped.tiff"
     write_pyramidal_tiff(path, rgb, tile_px=256, jpeg_quality=None)
     return path
 
 
 def _init(project: Path, slide: Path, *extra: object) -> dict:
-    cli("init", project, "--slide", slide, "--tile-size", TILE, "--batch-size", 8, "--weights", "random",
-        "--device", "cpu", *extra)
+    cli(
+        "init",
+        project,
+        "--slide",
+        slide,
+        "--tile-size",
+        TILE,
+        "--batch-size",
+        8,
+        "--weights",
+        "random",
+        "--device",
+        "cpu",
+        *extra,
+    )
     return json.loads((project / "project.json").read_text())
 
 
@@ -91,8 +104,10 @@ def test_a_sample_of_tiles_gives_close_statistics(striped_slide, tmp_path):
     assert np.allclose(sampled["std"], exact["std"], atol=0.06)
     again = _init(tmp_path / "again", striped_slide, "--norm-sample", 12)["normalisation"]
     assert again == sampled, "the sample is seeded: the same project settings give the same statistics"
-    assert f"a random sample of 12 of {sampled['candidate_tiles']} candidate tiles" in cli("status",
-                                                                                         tmp_path / "sample").output
+    assert (
+        f"a random sample of 12 of {sampled['candidate_tiles']} candidate tiles"
+        in cli("status", tmp_path / "sample").output
+    )
     assert "(every tissue tile)" in cli("status", tmp_path / "exact").output
 
 
@@ -104,7 +119,7 @@ def test_the_extractor_resizes_raw_tiles_as_the_readers_did(tissue_field):
     from wsi_il.features import FeatureExtractor, build_resnet, resize_batch, resolve_weights
 
     field = tissue_field
-    tiles = np.stack([field[y:y + 256, x:x + 256] for y, x in ((0, 0), (300, 500), (700, 1000), (1100, 200))])
+    tiles = np.stack([field[y : y + 256, x : x + 256] for y, x in ((0, 0), (300, 500), (700, 1000), (1100, 200))])
     resized = np.stack([resize_tile(t, 224) for t in tiles])
     pixels = torch.from_numpy(tiles).permute(0, 3, 1, 2)
     assert np.array_equal(resize_batch(pixels, 224).permute(0, 2, 3, 1).numpy(), resized)
@@ -134,8 +149,13 @@ def test_one_behind_hands_each_batch_over_after_the_next_is_submitted():
     loaded = [(np.full((len(b), 1, 1, 3), k, np.uint8), np.array([k != 1] * len(b))) for k, b in enumerate(batches)]
     for batch, features, kept in one_behind(Recorder(), zip(batches, loaded, strict=True)):
         events.append(("handed", batch.start, features, bool(kept.any())))
-    assert events == [("submit", 0), ("handed", 0, 0, True), ("submit", 2), ("handed", 2, None, False),
-                      ("handed", 4, 2, True)]
+    assert events == [
+        ("submit", 0),
+        ("handed", 0, 0, True),
+        ("submit", 2),
+        ("handed", 2, None, False),
+        ("handed", 4, 2, True),
+    ]
 
 
 def test_blank_pixels_is_the_three_channel_rule():
@@ -143,10 +163,22 @@ def test_blank_pixels_is_the_three_channel_rule():
 
     settings = TilingSettings()
     rng = np.random.default_rng(0)
-    levels = np.array([0, settings.black_level - 1, settings.black_level, settings.black_level + 1,
-                       settings.white_level - 1, settings.white_level, settings.white_level + 1, 255], np.uint8)
-    rgb = np.concatenate([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-                          rng.choice(levels, (64, 64, 3)).astype(np.uint8)])
+    levels = np.array(
+        [
+            0,
+            settings.black_level - 1,
+            settings.black_level,
+            settings.black_level + 1,
+            settings.white_level - 1,
+            settings.white_level,
+            settings.white_level + 1,
+            255,
+        ],
+        np.uint8,
+    )
+    rgb = np.concatenate(
+        [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), rng.choice(levels, (64, 64, 3)).astype(np.uint8)]
+    )
     white = (rgb > settings.white_level).all(axis=-1)
     black = (rgb < settings.black_level).all(axis=-1)
     assert np.array_equal(blank_pixels(rgb, settings), white | black)
@@ -164,8 +196,11 @@ def test_reader_threads_give_the_project_reader_processes_give(striped_slide, tm
         manifest = _init(tmp_path / kind, striped_slide, "--norm-sample", 12)
         project = Project(tmp_path / kind)
         record = project.slides(manifest)[0]
-        made[kind] = (manifest["normalisation"], np.load(project.tissue_path(record.id)),
-                      np.load(project.features_path(record.id)))
+        made[kind] = (
+            manifest["normalisation"],
+            np.load(project.tissue_path(record.id)),
+            np.load(project.features_path(record.id)),
+        )
     (stats, verdicts, features), (stats_t, verdicts_t, features_t) = made["processes"], made["threads"]
     assert stats == stats_t and np.array_equal(verdicts, verdicts_t) and np.array_equal(features, features_t)
 
@@ -183,8 +218,20 @@ def test_a_changed_weights_file_is_refused_in_one_line_and_stops_the_readers(str
     weights = tmp_path / "weights.pt"
     torch.manual_seed(3)
     torch.save(resnet18().state_dict(), weights)
-    cli("init", tmp_path / "p", "--slide", striped_slide, "--tile-size", TILE, "--batch-size", 8, "--weights",
-        weights, "--device", "cpu")
+    cli(
+        "init",
+        tmp_path / "p",
+        "--slide",
+        striped_slide,
+        "--tile-size",
+        TILE,
+        "--batch-size",
+        8,
+        "--weights",
+        weights,
+        "--device",
+        "cpu",
+    )
     torch.manual_seed(4)
     torch.save(resnet18().state_dict(), weights)
     other = shutil.copy(striped_slide, tmp_path / "other.tiff")

@@ -89,8 +89,9 @@ def test_graphed_training_steps_train_as_eager_ones(schedule, frozen, few):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graphed = train_heads(features, targets, init, 2, settings, "cuda", early_stopping=False)
-    assert not [w for w in caught if "graph" in str(w.message) or "capturable" in str(w.message)], \
-        [str(w.message) for w in caught]  # a failed capture warns and falls back: here it must not
+    assert not [w for w in caught if "graph" in str(w.message) or "capturable" in str(w.message)], [
+        str(w.message) for w in caught
+    ]  # a failed capture warns and falls back: here it must not
     for key in ("triplet", "cross_entropy"):
         np.testing.assert_allclose(graphed.losses[key], eager.losses[key], rtol=2e-3, atol=1e-4)
     for state in ("retrieval", "classifier"):
@@ -117,8 +118,15 @@ def test_training_waits_for_the_gpu_once_an_epoch_not_every_step(schedule):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train_heads(features, targets, init, 2, TrainSettings(epochs=epochs, schedule=schedule), "cuda",
-                            early_stopping=False)
+                train_heads(
+                    features,
+                    targets,
+                    init,
+                    2,
+                    TrainSettings(epochs=epochs, schedule=schedule),
+                    "cuda",
+                    early_stopping=False,
+                )
         finally:
             torch.cuda.set_sync_debug_mode("default")
         return sum("synchroniz" in str(w.message) for w in caught)
@@ -131,9 +139,24 @@ def test_bench_on_cuda(bench_slide, tmp_path):
 
     from wsi_il.cli import app
 
-    result = CliRunner().invoke(app, ["bench", "--slide", str(bench_slide.path), "--truth",
-                                      str(bench_slide.truth_path), "--labels", "40", "--out", str(tmp_path / "b"),
-                                      "--json", str(tmp_path / "b.json"), "--device", "cuda"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--slide",
+            str(bench_slide.path),
+            "--truth",
+            str(bench_slide.truth_path),
+            "--labels",
+            "40",
+            "--out",
+            str(tmp_path / "b"),
+            "--json",
+            str(tmp_path / "b.json"),
+            "--device",
+            "cuda",
+        ],
+    )
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["device"] == "cuda" and figures["round_schedule"] == "paper"
@@ -172,7 +195,7 @@ def test_graphed_extraction_gives_the_eager_features(monkeypatch):
     too, several batches in flight, the normalisation set after the capture taking effect; other shapes eager."""
     from wsi_il.features import FeatureExtractor, build_resnet, resolve_weights
 
-    def extractor():  # type: ignore[no-untyped-def]
+    def extractor():
         made = FeatureExtractor(build_resnet(resolve_weights("random"), 0), [0.0] * 3, [1.0] * 3, "cuda")
         made.warm_up(8, 256)
         made.normalise_with([0.7, 0.5, 0.7], [0.15, 0.2, 0.15])

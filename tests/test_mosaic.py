@@ -115,8 +115,9 @@ def test_mosaic_background_is_near_white(mosaic: MosaicSlide) -> None:
 def test_mosaic_is_deterministic(tmp_path: Path, dense_pcam: tuple[list[Path], list[Path]]) -> None:
     tumour, normal = dense_pcam
     first, second = (
-        make_block_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(768, 768), tile_px=128, seed=7,
-                         piece_px=PIECE_PX)
+        make_block_slide(
+            tmp_path / name, tumour[:2], normal[:2], size_px=(768, 768), tile_px=128, seed=7, piece_px=PIECE_PX
+        )
         for name in ("a.tiff", "b.tiff")
     )
     assert first.path.read_bytes() == second.path.read_bytes()
@@ -182,8 +183,9 @@ ISLAND_SIZE = (1536, 1280)
 def islands(tmp_path_factory: pytest.TempPathFactory, dense_pcam: tuple[list[Path], list[Path]]) -> MosaicSlide:
     tumour, normal = dense_pcam
     path = tmp_path_factory.mktemp("islands") / "islands.tiff"
-    return make_island_slide(path, tumour, normal, size_px=ISLAND_SIZE, tile_px=128, islands=4, seed=5,
-                             piece_px=PIECE_PX)
+    return make_island_slide(
+        path, tumour, normal, size_px=ISLAND_SIZE, tile_px=128, islands=4, seed=5, piece_px=PIECE_PX
+    )
 
 
 def test_island_slide_opens_in_openslide(islands: MosaicSlide) -> None:
@@ -192,7 +194,7 @@ def test_island_slide_opens_in_openslide(islands: MosaicSlide) -> None:
         assert slide.dimensions == ISLAND_SIZE and slide.level_count >= 2
 
 
-def test_island_truth_is_irregular_and_inside_tissue(islands: MosaicSlide, qupath_valid) -> None:  # noqa: ANN001
+def test_island_truth_is_irregular_and_inside_tissue(islands: MosaicSlide, qupath_valid) -> None:
     qupath_valid(islands.truth_path)
     [feature] = json.loads(islands.truth_path.read_text(encoding="utf-8"))["features"]
     truth = shape(feature["geometry"])
@@ -215,8 +217,12 @@ def test_island_pixels_follow_the_layout(islands: MosaicSlide) -> None:
 
 def test_island_slide_is_deterministic(tmp_path: Path, dense_pcam: tuple[list[Path], list[Path]]) -> None:
     tumour, normal = dense_pcam
-    first, second = (make_island_slide(tmp_path / name, tumour[:2], normal[:2], size_px=(640, 640), tile_px=128,
-                                       seed=2, piece_px=PIECE_PX) for name in ("a.tiff", "b.tiff"))
+    first, second = (
+        make_island_slide(
+            tmp_path / name, tumour[:2], normal[:2], size_px=(640, 640), tile_px=128, seed=2, piece_px=PIECE_PX
+        )
+        for name in ("a.tiff", "b.tiff")
+    )
     assert first.path.read_bytes() == second.path.read_bytes()
     assert first.truth_path.read_text() == second.truth_path.read_text()
 
@@ -245,8 +251,9 @@ def test_patch_mosaic_has_exact_patch_level_truth(tmp_path: Path) -> None:
     from wsi_il.truth import truth_mask
 
     tumour, normal = labelled_patches(PCAM)
-    made = make_patch_mosaic(tmp_path / "pcam.tiff", tumour, normal, cells=(12, 10), islands=2, seed=1,
-                             jpeg_quality=None)
+    made = make_patch_mosaic(
+        tmp_path / "pcam.tiff", tumour, normal, cells=(12, 10), islands=2, seed=1, jpeg_quality=None
+    )
     cells = list(csv.DictReader((tmp_path / "pcam.cells.csv").open()))
     assert len(cells) == made.tumour_cells + made.normal_cells and made.reused == 0
     assert made.tumour_cells > 0 and made.normal_cells > made.tumour_cells / 4

@@ -19,7 +19,7 @@ runner = CliRunner()
 CLASSES = ["lympho", "stroma", "tumor"]
 
 
-def run(*args: object, code: int = 0):  # type: ignore[no-untyped-def]
+def run(*args: object, code: int = 0):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == code, result.output
     return result
@@ -52,8 +52,12 @@ def fill(batch: Path, labels: list[str] | dict[str, str]) -> list[str]:
 
 
 def write_region(path: Path, x0: float, y0: float, x1: float, y1: float) -> Path:
-    feature = {"type": "Feature", "id": "q", "geometry": shapely.geometry.mapping(shapely.box(x0, y0, x1, y1)),
-               "properties": {"objectType": "annotation", "name": "query"}}
+    feature = {
+        "type": "Feature",
+        "id": "q",
+        "geometry": shapely.geometry.mapping(shapely.box(x0, y0, x1, y1)),
+        "properties": {"objectType": "annotation", "name": "query"},
+    }
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     return path
 
@@ -155,8 +159,22 @@ def test_binary_feedback_in_a_three_class_project(crc_project, tmp_path):
 @pytest.fixture(scope="module")
 def tri_project(block_slide, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("tri") / "project"
-    run("init", project, "--slide", block_slide.path, "--classes", "Tumor,Stroma,Normal", "--tile-size", "256",
-        "--weights", "random", "--epochs", "2", "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--classes",
+        "Tumor,Stroma,Normal",
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     return project
 
 

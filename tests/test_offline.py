@@ -37,11 +37,16 @@ def run(*args: object, code: int = 0, env: dict[str, str] | None = None) -> str:
 def start(*args: object, log: Path) -> subprocess.Popen:
     """Start ``python -m wsi_il ARGS`` as another process, its output going to ``log``."""
     with log.open("w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "wsi_il", *map(str, args)], stdout=handle,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+        return subprocess.Popen(
+            [sys.executable, "-m", "wsi_il", *map(str, args)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
 
 
-def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None or condition(), f"the process ended before {what}"
@@ -81,10 +86,14 @@ def answer(batch: Path, labels: dict[int, str]) -> dict[str, str]:
 
 
 def test_without_imagenet_weights_init_names_three_routes_pretraining_first(tmp_path):
-    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9",
-               "HTTPS_PROXY": "http://127.0.0.1:9"}
-    output = run("init", tmp_path / "p", "--slide", REPO / "examples" / "CMU-1-Small-Region.svs", *CPU, code=3,
-                 env=offline)
+    offline = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    output = run(
+        "init", tmp_path / "p", "--slide", REPO / "examples" / "CMU-1-Small-Region.svs", *CPU, code=3, env=offline
+    )
     text = " ".join(output.split())
     routes = [text.find("--weights pretrain"), text.find("copy https://"), text.find("--weights FILE")]
     assert -1 not in routes and routes == sorted(routes), text
@@ -97,8 +106,11 @@ def test_the_review_goes_on_while_pretraining_runs_and_a_killed_run_changes_noth
     before = features.read_bytes()
     pretraining = start("pretrain", project, "--apply", "--steps", "100000", *TINY, log=tmp_path / "pretrain.log")
     try:
-        wait_for(lambda: (project / "pretrain" / "lock").is_file() and "steps of" in (tmp_path / "pretrain.log")
-                 .read_text(), "pretraining started", pretraining)
+        wait_for(
+            lambda: (project / "pretrain" / "lock").is_file() and "steps of" in (tmp_path / "pretrain.log").read_text(),
+            "pretraining started",
+            pretraining,
+        )
         status = run("status", project)
         assert "pretraining: running" in " ".join(status.split())
         batch = project / "batches" / "s1-r1"
@@ -124,8 +136,11 @@ def test_the_switch_waits_for_a_round_then_redraws_the_waiting_batch_keeping_its
     with proj.lock("ingest"):  # a round in progress, in this process
         applying = start("pretrain", project, "--apply", "--steps", "3", *TINY, log=log)
         try:
-            wait_for(lambda: "waiting for the round in progress" in " ".join(log.read_text().split()),
-                     "the switch waiting for the lock", applying)
+            wait_for(
+                lambda: "waiting for the round in progress" in " ".join(log.read_text().split()),
+                "the switch waiting for the lock",
+                applying,
+            )
             assert json.loads((project / "project.json").read_text())["features"]["weights"] == "random"
             assert read_answers(batch, *read_batch(batch)) == given
         except BaseException:
@@ -193,8 +208,9 @@ def test_one_command_takes_a_new_offline_user_to_pretrained_features(tmp_path):
     tumour, normal = labelled_patches(PCAM)
     slide = make_patch_mosaic(tmp_path / "island.tiff", tumour, normal, cells=(12, 12), islands=2, seed=4).slide
     project = tmp_path / "p"
-    output = " ".join(run("init", project, "--slide", slide.path, "--tile-size", "96", "--weights", "pretrain",
-                          *CPU).split())
+    output = " ".join(
+        run("init", project, "--slide", slide.path, "--tile-size", "96", "--weights", "pretrain", *CPU).split()
+    )
     assert "RANDOMLY" not in output and "switched" in output
     manifest = json.loads((project / "project.json").read_text())
     assert Path(manifest["features"]["weights"]) == project.resolve() / "pretrain" / "weights.pt"

@@ -40,18 +40,24 @@ def test_edge_lies_inside_or_just_outside_a_region() -> None:
 
 
 @pytest.fixture(scope="module")
-def cmu_picture(example_slide: Path):  # type: ignore[no-untyped-def]
+def cmu_picture(example_slide: Path):
     """The bundled slide cut in 128 px patches, predicted Tumor inside the example's truth region, a few of them
     labelled and a query."""
     info = read_info(example_slide)
     xs, ys = np.meshgrid(np.arange(0, info.width - TILE + 1, TILE), np.arange(0, info.height - TILE + 1, TILE))
     boxes = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, TILE), np.full(xs.size, TILE)], axis=1)
-    truth = shapely.union_all([shapely.geometry.shape(f["geometry"]) for f in json.loads(
-        (example_slide.parent / "truth.geojson").read_text())["features"]])
+    truth = shapely.union_all(
+        [
+            shapely.geometry.shape(f["geometry"])
+            for f in json.loads((example_slide.parent / "truth.geojson").read_text())["features"]
+        ]
+    )
     centres = shapely.points(boxes[:, 0] + TILE / 2, boxes[:, 1] + TILE / 2)
     predicted = np.where(shapely.contains(truth, centres), 0, 1)
+
     def at(x: int, y: int) -> int:
         return int(np.flatnonzero((boxes[:, 0] == x) & (boxes[:, 1] == y))[0])
+
     tumour = int(np.flatnonzero(predicted == 0)[len(np.flatnonzero(predicted == 0)) // 2])
     normal = at(256, 2560)
     labelled = np.array([tumour, normal, at(1280, 256), at(1920, 384)])
@@ -67,38 +73,44 @@ def _thumb_box(box: np.ndarray, scale: float) -> tuple[int, int, int, int]:
     return round(x / scale), round(y / scale), round((x + w) / scale), round((y + h) / scale)
 
 
-def test_overview_marks_labelled_patches_and_the_query_at_their_place(cmu_picture) -> None:  # type: ignore[no-untyped-def]
+def test_overview_marks_labelled_patches_and_the_query_at_their_place(cmu_picture) -> None:
     drawn, thumb, scale, boxes, _, marks = cmu_picture
     picture = np.asarray(drawn.image)
     left, top = drawn.expert_corner
-    panel = picture[top: top + thumb.shape[0], left: left + thumb.shape[1]]
+    panel = picture[top : top + thumb.shape[0], left : left + thumb.shape[1]]
     colours = overview.label_colours(CLASSES)
     for position, label in zip(marks.labelled.tolist(), marks.labels, strict=True):
         x0, y0, x1, y1 = _thumb_box(boxes[position], scale)
         assert tuple(panel[y0, (x0 + x1) // 2]) == colours[label]  # its outline, in its label's colour
         assert tuple(panel[(y0 + y1) // 2, x1 - 1]) == colours[label]
-        middle = panel[y0 + 8: y1 - 8, x0 + 8: x1 - 8]
-        assert np.array_equal(middle, thumb[y0 + 8: y1 - 8, x0 + 8: x1 - 8])  # the tissue under it untouched
+        middle = panel[y0 + 8 : y1 - 8, x0 + 8 : x1 - 8]
+        assert np.array_equal(middle, thumb[y0 + 8 : y1 - 8, x0 + 8 : x1 - 8])  # the tissue under it untouched
     assert colours["Tumor"] == class_color("Tumor") and colours["skip"] != colours["Normal"]
     query = raster(boxes, marks.queries[0][1], scale, thumb.shape[:2])
     line = drawn.line_px
     top_left, right, bottom = (_thumb_box(boxes[p], scale) for p in marks.queries[0][1])  # an L of three patches
-    for y, x in [(top_left[1] - 1, top_left[0] + 5), (top_left[1] + 5, top_left[0] - line),  # just outside it
-                 (bottom[3], (bottom[0] + bottom[2]) // 2), (bottom[3] + line - 1, bottom[0] + 3),
-                 ((right[1] + right[3]) // 2, right[2]), (right[3], right[2] - 3), (bottom[1] + 3, bottom[2])]:
+    for y, x in [
+        (top_left[1] - 1, top_left[0] + 5),
+        (top_left[1] + 5, top_left[0] - line),  # just outside it
+        (bottom[3], (bottom[0] + bottom[2]) // 2),
+        (bottom[3] + line - 1, bottom[0] + 3),
+        ((right[1] + right[3]) // 2, right[2]),
+        (right[3], right[2] - 3),
+        (bottom[1] + 3, bottom[2]),
+    ]:
         assert tuple(panel[y, x]) == QUERY_RGB, (y, x)
     assert np.array_equal(panel[query], thumb[query])  # the query's tissue is left as it is
     untouched = ~raster(boxes, np.concatenate([marks.labelled, marks.queries[0][1]]), scale, thumb.shape[:2])
-    untouched[top_left[1] - 40: top_left[1], top_left[0] - 5: top_left[0] + 200] = False  # the query's name
+    untouched[top_left[1] - 40 : top_left[1], top_left[0] - 5 : top_left[0] + 200] = False  # the query's name
     far = ~overview._shifted_all(~untouched, 2 * line + 2)
     assert np.array_equal(panel[far], thumb[far])  # nothing else drawn on the slide
 
 
-def test_overview_shows_the_prediction_as_a_wash_with_lines_between_classes(cmu_picture) -> None:  # type: ignore[no-untyped-def]
+def test_overview_shows_the_prediction_as_a_wash_with_lines_between_classes(cmu_picture) -> None:
     drawn, thumb, scale, boxes, predicted, _ = cmu_picture
     picture = np.asarray(drawn.image)
     left, top = drawn.prediction_corner
-    panel = picture[top: top + thumb.shape[0], left: left + thumb.shape[1]].astype(int)
+    panel = picture[top : top + thumb.shape[0], left : left + thumb.shape[1]].astype(int)
     tumour = raster(boxes, predicted == 0, scale, thumb.shape[:2])
     normal = raster(boxes, predicted == 1, scale, thumb.shape[:2])
     background = ~(tumour | normal)
@@ -114,13 +126,19 @@ def test_overview_shows_the_prediction_as_a_wash_with_lines_between_classes(cmu_
     assert along_background.any() and not (panel[along_background] == red).all(axis=1).any()
 
 
-def test_overview_legend_counts(cmu_picture) -> None:  # type: ignore[no-untyped-def]
+def test_overview_legend_counts(cmu_picture) -> None:
     _, _, _, _, predicted, marks = cmu_picture
     items = overview.legend_items(predicted, [0, 1], CLASSES, marks, overview.label_colours(CLASSES))
     texts = [item.text for item in items]
-    assert texts == [f"predicted Tumor: {(predicted == 0).sum()} patches", f"predicted Normal: {(predicted == 1).sum()}"
-                     " patches", "labelled Tumor: 1", "labelled Normal: 1", "labelled not Tumor: 1",
-                     "labelled skipped: 1", "query patches (s1)"]
+    assert texts == [
+        f"predicted Tumor: {(predicted == 0).sum()} patches",
+        f"predicted Normal: {(predicted == 1).sum()} patches",
+        "labelled Tumor: 1",
+        "labelled Normal: 1",
+        "labelled not Tumor: 1",
+        "labelled skipped: 1",
+        "query patches (s1)",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +148,20 @@ def corrected_project(example_slide: Path, tmp_path_factory: pytest.TempPathFact
 
     project = tmp_path_factory.mktemp("overview") / "cmu"
     examples = example_slide.parent
-    run("init", project, "--slide", example_slide, "--tile-size", "128", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     run("query", project, "--region", examples / "query.geojson", "-k", "6", "--rounds", "3", "--device", "cpu")
     fill_labels_from_truth(project / "batches" / "s1-r1", examples / "truth.geojson")
     run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
@@ -156,15 +186,18 @@ def test_export_overview_marks_the_newest_labels_and_the_query(corrected_project
     newest = current_labels(ledger)
     assert sorted(ctx.table.ids[int(indices[p])] for p in marks.labelled) == sorted(newest)
     assert dict(zip((ctx.table.ids[int(indices[p])] for p in marks.labelled), marks.labels, strict=True)) == {
-        patch_id: entry["label"] for patch_id, entry in newest.items()}
+        patch_id: entry["label"] for patch_id, entry in newest.items()
+    }
     corrected = ledger[0]["patch_id"]
     assert newest[corrected]["label"] == "skip"  # the correction won over the first answer
     session = json.loads((corrected_project / "sessions" / "s1.json").read_text())
     assert [(s, sorted(ctx.table.ids[int(indices[p])] for p in found)) for s, found in marks.queries] == [
-        ("s1", sorted(session["query"]["patch_ids"]))]
+        ("s1", sorted(session["query"]["patch_ids"]))
+    ]
     predicted = current_predictions(ctx)[indices].argmax(axis=1)
-    drawn = write_overview(tmp_path / "again.png", slide, ctx.table.boxes[indices], predicted, [0, 1], ctx.classes,
-                           marks)
+    drawn = write_overview(
+        tmp_path / "again.png", slide, ctx.table.boxes[indices], predicted, [0, 1], ctx.classes, marks
+    )
     with Image.open(tmp_path / "again.png") as saved, Image.open(tmp_path / "mask.png") as exported:
         assert np.array_equal(np.asarray(saved), np.asarray(drawn.image))  # the PNG holds what was drawn
         assert exported.size[0] == saved.size[0]  # the exported one is the same picture but for its header
@@ -184,22 +217,40 @@ def test_overview_marks_each_slide_with_its_own_patches(example_slide: Path, tmp
     from wsi_il.session import Context
 
     info = read_info(example_slide)
-    records = [SlideRecord(id=name, kind="slide", path=str(example_slide), width=info.width, height=info.height,
-                           mpp=info.mpp, offset=info.offset, n_patches=3, tiled=True, extracted=True)
-               for name in ("a", "b")]
+    records = [
+        SlideRecord(
+            id=name,
+            kind="slide",
+            path=str(example_slide),
+            width=info.width,
+            height=info.height,
+            mpp=info.mpp,
+            offset=info.offset,
+            n_patches=3,
+            tiled=True,
+            extracted=True,
+        )
+        for name in ("a", "b")
+    ]
     ids = ["a_0", "a_1", "a_2", "b_0", "b_1", "b_2"]
-    table = PatchTable(slide_index=np.array([0, 0, 0, 1, 1, 1]), boxes=np.zeros((6, 4), dtype=np.int64), ids=ids,
-                       slides=records)
+    table = PatchTable(
+        slide_index=np.array([0, 0, 0, 1, 1, 1]), boxes=np.zeros((6, 4), dtype=np.int64), ids=ids, slides=records
+    )
     project = Project(tmp_path / "p")
     (project.root / "sessions").mkdir(parents=True)
-    project.append_ledger([{"patch_id": "a_2", "label": "Tumor", "batch": "s1-r1"},
-                           {"patch_id": "b_1", "label": "Normal", "batch": "s1-r1"},
-                           {"patch_id": "a_2", "label": "skip", "batch": "correction", "source": "correction"},
-                           {"patch_id": "gone", "label": "Tumor", "batch": "s1-r1"}])
+    project.append_ledger(
+        [
+            {"patch_id": "a_2", "label": "Tumor", "batch": "s1-r1"},
+            {"patch_id": "b_1", "label": "Normal", "batch": "s1-r1"},
+            {"patch_id": "a_2", "label": "skip", "batch": "correction", "source": "correction"},
+            {"patch_id": "gone", "label": "Tumor", "batch": "s1-r1"},
+        ]
+    )
     for session, query in (("s1", ["a_0", "a_1"]), ("s2", ["b_2"])):
-        (project.root / "sessions" / f"{session}.json").write_text(json.dumps({"id": session, "query": {
-            "patch_ids": query}}))
-    ctx = Context(project, {"classes": CLASSES}, table, store=None, device="cpu", reporter=None)  # type: ignore[arg-type]
+        (project.root / "sessions" / f"{session}.json").write_text(
+            json.dumps({"id": session, "query": {"patch_ids": query}})
+        )
+    ctx = Context(project, {"classes": CLASSES}, table, store=None, device="cpu", reporter=None)
     marks = overview_marks(ctx)
     assert marks["a"].labelled.tolist() == [2] and marks["a"].labels == ("skip",)
     assert marks["b"].labelled.tolist() == [1] and marks["b"].labels == ("Normal",)

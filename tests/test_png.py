@@ -18,9 +18,9 @@ def _idat(data: bytes) -> bytes:
     """The concatenated IDAT payload of a PNG file."""
     position, payload = 8, b""
     while position < len(data):
-        length, kind = struct.unpack(">I4s", data[position: position + 8])
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
         if kind == b"IDAT":
-            payload += data[position + 8: position + 8 + length]
+            payload += data[position + 8 : position + 8 + length]
         position += 12 + length
     return payload
 

@@ -31,8 +31,20 @@ def run(*args: object, code: int = 0) -> str:
 @pytest.fixture(scope="module")
 def small_project(block_slide, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pre") / "p"
-    run("init", root, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        root,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     return root
 
 
@@ -60,8 +72,18 @@ def test_pretraining_lowers_the_loss_and_changes_the_features(small_project, blo
     assert after.shape == before.shape and not np.array_equal(after, before)
     status = json.loads(run("status", project, "--json"))
     assert status["weights"]["kind"] == "file" and status["weights"]["sha256"]
-    run("init", tmp_path / "new", "--slide", block_slide.path, "--weights", tmp_path / "w.pt", "--tile-size", "256",
-        "--device", "cpu")
+    run(
+        "init",
+        tmp_path / "new",
+        "--slide",
+        block_slide.path,
+        "--weights",
+        tmp_path / "w.pt",
+        "--tile-size",
+        "256",
+        "--device",
+        "cpu",
+    )
     fresh = np.load(tmp_path / "new" / "slides" / "block" / "features.npy")
     assert np.array_equal(fresh, after)  # same weights, same tiles, same normalisation -> same features
 
@@ -127,7 +149,7 @@ def test_the_duration_estimate_leaves_out_slow_first_steps(small_project, tmp_pa
     real_step = pretrain_module._train_step
     clock = [0.0]
 
-    def slow_first_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def slow_first_step(*args, **kwargs):
         clock[0] += 10.5 if clock[0] == 0 else 0.5
         return real_step(*args, **kwargs)
 
@@ -135,8 +157,14 @@ def test_the_duration_estimate_leaves_out_slow_first_steps(small_project, tmp_pa
     monkeypatch.setattr(pretrain_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     done: list[int] = []
     estimates: list[tuple[int, float]] = []
-    result = pretrain(Project(project), settings, "cpu", tmp_path / "w.pt", on_step=lambda step, loss: done.append(
-        step), on_estimate=lambda seconds: estimates.append((done[-1], seconds)))
+    result = pretrain(
+        Project(project),
+        settings,
+        "cpu",
+        tmp_path / "w.pt",
+        on_step=lambda step, loss: done.append(step),
+        on_estimate=lambda seconds: estimates.append((done[-1], seconds)),
+    )
     assert result.steps == 12 and result.seconds == pytest.approx(10.5 + 11 * 0.5)
     # the latest report of a 12-step run is after 2 warm-up + 3 steady steps: 7 steps of 0.5 s left
     # (the first two steps' mean said 10 steps of 5.5 s: 55 s)
@@ -155,9 +183,9 @@ def test_the_duration_estimate_waits_for_a_window_and_reports_once():
         for step, duration in zip(range(first + 1, total + 1), step_seconds, strict=True):
             now += duration
             estimate.step_done(step, now)
-            seen += [(step, r) for r in reports[len(seen):]]
+            seen += [(step, r) for r in reports[len(seen) :]]
         estimate.finish()
-        return seen + [(total, r) for r in reports[len(seen):]]
+        return seen + [(total, r) for r in reports[len(seen) :]]
 
     # 500 steps of 0.5 s after a 10 s first step: reported after 2 s of steady steps (step 6), 494 steps left
     assert run_clock(0, 500, [10.0] + [0.5] * 499) == [(6, pytest.approx(0.5 * 494))]
@@ -174,6 +202,7 @@ def test_the_duration_estimate_waits_for_a_window_and_reports_once():
     assert run_clock(7, 7, []) == [(7, 0.0)]
     DurationEstimate(0, 1, None, 0.0).step_done(1, 1.0)  # no callback: nothing to do
 
+
 def test_an_unknown_method_is_refused_in_one_line(small_project):
     line = error_line(cli("pretrain", small_project, "--method", "byol", "--device", "cpu", code=3))
     assert "--method 'byol'" in line and "simclr or moco" in line
@@ -183,12 +212,34 @@ def test_reextract_keeps_labels_and_retrains(block_slide, tmp_path):
     from wsi_il.truth import fill_labels_from_truth
 
     project = tmp_path / "p"
-    run("init", project, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random", "--epochs", "2",
-        "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+    )
     x0, y0, _, _ = block_slide.tumour.bounds
     region = tmp_path / "q.geojson"
-    region.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[
-        [x0, y0], [x0 + 512, y0], [x0 + 512, y0 + 512], [x0, y0 + 512], [x0, y0]]]}, "properties": {}}))
+    region.write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x0, y0], [x0 + 512, y0], [x0 + 512, y0 + 512], [x0, y0 + 512], [x0, y0]]],
+                },
+                "properties": {},
+            }
+        )
+    )
     run("query", project, "--region", region, "-k", "4", "--rounds", "2", "--device", "cpu")
     fill_labels_from_truth(project / "batches" / "s1-r1", block_slide.truth_path)
     run("ingest", project, project / "batches" / "s1-r1" / "labels.csv", "--device", "cpu")
@@ -215,8 +266,22 @@ def test_other_backbones_run_the_loop(block_slide, tmp_path, arch, channels):
     from wsi_il.truth import fill_labels_from_truth
 
     project = tmp_path / arch
-    run("init", project, "--slide", block_slide.path, "--tile-size", "512", "--arch", arch, "--weights", "random",
-        "--epochs", "1", "--device", "cpu")
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "512",
+        "--arch",
+        arch,
+        "--weights",
+        "random",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     features = np.load(project / "slides" / "block" / "features.npy", mmap_mode="r")
     assert features.shape[1:] == (channels, 7, 7)
     x0, y0, _, _ = block_slide.tumour.bounds
@@ -230,12 +295,21 @@ def test_weights_files_name_their_architecture(block_slide, tmp_path):
 
     weights = tmp_path / "r34.pt"
     torch.save({f"backbone.{k}": v for k, v in resnet34().state_dict().items()}, weights)  # a timm/lab-style dict
-    run("init", tmp_path / "p", "--slide", block_slide.path, "--tile-size", "512", "--weights", weights,
-        "--device", "cpu")
+    run(
+        "init",
+        tmp_path / "p",
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "512",
+        "--weights",
+        weights,
+        "--device",
+        "cpu",
+    )
     manifest = json.loads((tmp_path / "p" / "project.json").read_text())
     assert manifest["features"]["arch"] == "resnet34" and manifest["features"]["weights_sha256"]
-    out = run("init", tmp_path / "q", "--slide", block_slide.path, "--weights", weights, "--arch", "resnet18",
-              code=3)
+    out = run("init", tmp_path / "q", "--slide", block_slide.path, "--weights", weights, "--arch", "resnet18", code=3)
     assert "looks like a resnet34" in out and not (tmp_path / "q").exists()
 
 
@@ -249,7 +323,17 @@ def test_pretrain_and_extract_on_cuda(small_project, tmp_path, method):
     assert np.isfinite(result.losses).all()
     run("reextract", project, "--weights", tmp_path / "w.pt", "--device", "cuda")
     cuda = np.load(project / "slides" / "block" / "features.npy")
-    run("init", tmp_path / "cpu", "--slide", json.loads((project / "project.json").read_text())["slides"][0]["path"],
-        "--tile-size", "256", "--weights", tmp_path / "w.pt", "--device", "cpu")
+    run(
+        "init",
+        tmp_path / "cpu",
+        "--slide",
+        json.loads((project / "project.json").read_text())["slides"][0]["path"],
+        "--tile-size",
+        "256",
+        "--weights",
+        tmp_path / "w.pt",
+        "--device",
+        "cpu",
+    )
     cpu = np.load(tmp_path / "cpu" / "slides" / "block" / "features.npy")
     assert np.abs(cuda.astype(np.float32) - cpu.astype(np.float32)).mean() < 0.05 * np.abs(cpu).mean()

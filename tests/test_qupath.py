@@ -271,9 +271,7 @@ BAD_FILES: list[tuple[Any, str]] = [
 
 
 @pytest.mark.parametrize(("value", "expected"), BAD_FEATURES + BAD_FILES)
-def test_malformed_content_raises_geojson_error_naming_the_file(
-    tmp_path: Path, value: Any, expected: str
-) -> None:
+def test_malformed_content_raises_geojson_error_naming_the_file(tmp_path: Path, value: Any, expected: str) -> None:
     path = _write_json(tmp_path / "bad.geojson", value)
     with pytest.raises(GeoJsonError, match="^.*$") as info:
         read_objects(path)
@@ -313,9 +311,7 @@ def test_missing_file_folder_and_size_limit(tmp_path: Path) -> None:
         read_objects(packed, max_bytes=1000)
 
 
-FUZZ_KEYS = (
-    "type features geometry coordinates properties geometries classification measurements name names color id"
-)
+FUZZ_KEYS = "type features geometry coordinates properties geometries classification measurements name names color id"
 FUZZ_TYPES = "Feature FeatureCollection Polygon MultiPolygon Point MultiPoint LineString MultiLineString"
 
 
@@ -326,9 +322,7 @@ def _json_values() -> st.SearchStrategy[Any]:
     scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5) | types
     return st.recursive(
         scalars,
-        lambda inner: (
-            st.lists(inner, max_size=5) | st.dictionaries(keys | st.text(max_size=3), inner, max_size=5)
-        ),
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(keys | st.text(max_size=3), inner, max_size=5),
         max_leaves=40,
     )
 
@@ -377,9 +371,7 @@ def test_read_region_rejects_only_points(tmp_path: Path) -> None:
 
 def test_read_region_ignores_points_next_to_a_polygon(tmp_path: Path) -> None:
     point = _feature({"type": "Point", "coordinates": [1, 2]}, name="dot")
-    path = _write_json(
-        tmp_path / "m.geojson", [point, _feature(_polygon_json([DONUT_RINGS[0], DONUT_RINGS[1]]))]
-    )
+    path = _write_json(tmp_path / "m.geojson", [point, _feature(_polygon_json([DONUT_RINGS[0], DONUT_RINGS[1]]))])
     region, warnings = read_region(path)
     assert region.equals(DONUT)
     assert len(warnings) == 1 and "feature 1 ('dot')" in warnings[0] and "ignored" in warnings[0]
@@ -420,9 +412,7 @@ def test_union_squares_random_grids_are_exact_and_valid() -> None:
         rows, cols = np.nonzero(rng.random((30, 40)) < density)
         merged = union_squares(cols * 16, rows * 16, 16, 16)
         assert merged.is_valid and merged.area == rows.size * 256
-        assert merged.equals(
-            shapely.union_all(shapely.box(cols * 16, rows * 16, cols * 16 + 16, rows * 16 + 16))
-        )
+        assert merged.equals(shapely.union_all(shapely.box(cols * 16, rows * 16, cols * 16 + 16, rows * 16 + 16)))
 
 
 @settings(max_examples=100, deadline=None)
@@ -448,11 +438,7 @@ def test_union_squares_is_fast_for_100k_patches() -> None:
     noise = rng.random((316, 316))
     for _ in range(4):
         noise = (
-            noise
-            + np.roll(noise, 1, 0)
-            + np.roll(noise, -1, 0)
-            + np.roll(noise, 1, 1)
-            + np.roll(noise, -1, 1)
+            noise + np.roll(noise, 1, 0) + np.roll(noise, -1, 0) + np.roll(noise, 1, 1) + np.roll(noise, -1, 1)
         ) / 5
     rows, cols = np.nonzero(noise > np.quantile(noise, 0.001))
     start = time.perf_counter()
@@ -477,9 +463,7 @@ def test_written_features_pass_qupath_import_check(tmp_path: Path) -> None:
     rows, cols = np.nonzero(np.random.default_rng(2).random((12, 12)) < 0.6)
     features = [
         make_feature(box(10.004, 10, 50.123, 60.5), name="a", classification="Tumor", offset=(3.5, 1.25)),
-        make_feature(
-            Polygon([(0, 0), (10, 10), (10, 0), (0, 10)]), classification="Normal", color=(0, 150, 0)
-        ),
+        make_feature(Polygon([(0, 0), (10, 10), (10, 0), (0, 10)]), classification="Normal", color=(0, 150, 0)),
         make_feature(
             box(0, 0, 224, 224),
             object_type="detection",
@@ -499,8 +483,6 @@ def test_written_features_pass_qupath_import_check(tmp_path: Path) -> None:
 
 
 def test_qupath_import_check_rejects_a_classification_without_colour(tmp_path: Path) -> None:
-    path = _write_json(
-        tmp_path / "bad.geojson", [_feature(_polygon_json(), classification={"name": "Tumor"})]
-    )
+    path = _write_json(tmp_path / "bad.geojson", [_feature(_polygon_json(), classification={"name": "Tumor"})])
     result = _qupath_check(path)
     assert result.returncode != 0 and "without color" in result.stdout

@@ -47,8 +47,11 @@ def test_legacy_derived_classes_unclassified_and_tma_core():
 
 
 def test_a_file_of_cells_only_is_no_region(tmp_path):
-    cells = [f for f in json.loads((DATA / "v06_all_objects.geojson").read_text())["features"]
-             if f["properties"]["objectType"] == "cell"]
+    cells = [
+        f
+        for f in json.loads((DATA / "v06_all_objects.geojson").read_text())["features"]
+        if f["properties"]["objectType"] == "cell"
+    ]
     path = tmp_path / "cells.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": cells}))
     with pytest.raises(GeoJsonError, match="holds no annotations, only 2 cells"):

@@ -25,8 +25,10 @@ def _numbered(i: int) -> np.ndarray | None:
 def _collect(monkeypatch, kind: str, batches: list[range]) -> list[tuple[np.ndarray, np.ndarray]]:
     monkeypatch.setenv(READERS_ENV, kind)
     # copies: a yielded batch is only valid until the next is asked for
-    return [(items.copy(), kept.copy()) for items, kept in
-            read_batches(lambda: (_numbered, lambda: None), batches, 3, (4, 4), np.int32)]
+    return [
+        (items.copy(), kept.copy())
+        for items, kept in read_batches(lambda: (_numbered, lambda: None), batches, 3, (4, 4), np.int32)
+    ]
 
 
 def test_processes_give_the_items_of_threads_in_order(monkeypatch):
@@ -47,7 +49,7 @@ def test_real_tiles_read_by_processes_match_one_thread(block_slide, monkeypatch)
 
     corners = [(x, y) for y in range(0, 1280, 256) for x in range(0, 1792, 256)]
 
-    def make_load():  # type: ignore[no-untyped-def]
+    def make_load():
         reader = TileReader(block_slide.path)
         return (lambda i: reader.read(*corners[i], 256, 256)), reader.close
 
@@ -71,16 +73,18 @@ def test_a_reader_used_before_the_fork_opens_its_own_handles_in_each_worker(bloc
         first = reader.read(0, 0, 256, 256)  # the parent now holds a handle
         parent_handle = reader._handle()
 
-        def make_load():  # type: ignore[no-untyped-def]
+        def make_load():
             def load(i: int) -> np.ndarray:
                 tile = reader.read(256 * i, 0, 256, 256)
                 own = reader._handle() is not parent_handle and reader._pid == os.getpid()
                 return np.concatenate([tile.ravel(), [own]]).astype(np.uint8)
+
             return load, lambda: None
 
         monkeypatch.setenv(READERS_ENV, "processes")
-        rows = np.concatenate([items.copy() for items, _ in
-                               read_batches(make_load, batch_ranges(0, 6, 2), 2, (256 * 256 * 3 + 1,))])
+        rows = np.concatenate(
+            [items.copy() for items, _ in read_batches(make_load, batch_ranges(0, 6, 2), 2, (256 * 256 * 3 + 1,))]
+        )
         assert rows[:, -1].all()  # every worker read through a handle of its own
         assert (rows[0, :-1].reshape(256, 256, 3) == first).all()
         assert reader._handle() is parent_handle  # the parent's is untouched
@@ -191,9 +195,10 @@ def test_readers_end_when_their_parent_is_killed(tmp_path):
     assert not any(alive(pid) for pid in children), "reader processes outlived their killed parent"
 
 
-def _by_spec() -> tuple:  # type: ignore[type-arg]
+def _by_spec() -> tuple:
     """A ReaderPool's load: spec ('block', i) -> _numbered(i); ('sums', i) -> 3 floats, never dropped."""
-    def load(spec):  # type: ignore[no-untyped-def]
+
+    def load(spec):
         kind, i = spec
         return _numbered(i) if kind == "block" else np.array([i, i / 2, -i], np.float64)
 
@@ -208,11 +213,15 @@ def test_one_reader_pool_serves_reads_of_other_items_in_turn(monkeypatch, kind):
 
     monkeypatch.setenv(READERS_ENV, kind)
     with ReaderPool(_by_spec, 3, 10, 10 * 4 * 4 * 4) as pool:
-        sums = [rows.copy() for rows, kept in pool.read(batch_ranges(0, 23, 7), (3,), np.float64,
-                                                         lambda i: ("sums", i))]
+        sums = [
+            rows.copy() for rows, kept in pool.read(batch_ranges(0, 23, 7), (3,), np.float64, lambda i: ("sums", i))
+        ]
         assert np.concatenate(sums).tolist() == [[i, i / 2, -i] for i in range(23)]
-        for batch, (items, kept) in zip(batch_ranges(5, 48, 10), pool.read(batch_ranges(5, 48, 10), (4, 4),
-                                        np.int32, lambda i: ("block", i)), strict=True):
+        for batch, (items, kept) in zip(
+            batch_ranges(5, 48, 10),
+            pool.read(batch_ranges(5, 48, 10), (4, 4), np.int32, lambda i: ("block", i)),
+            strict=True,
+        ):
             assert (kept == np.array([i % 3 != 2 for i in batch])).all()
             assert (items[kept] == np.array(batch)[kept][:, None, None]).all()
         if kind == "processes":

@@ -40,7 +40,7 @@ def tissue_like(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pyramid(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+def pyramid(tmp_path_factory) -> Path:
     """A lossless three-level pyramid at 0.25 µm/px (a 40x scan); each level the 2x2 mean of the one above."""
     path = tmp_path_factory.mktemp("pyramid") / "forty.tif"
     write_pyramidal_tiff(path, tissue_like(1024, 1536), mpp=SLIDE_MPP, tile_px=128, jpeg_quality=None)
@@ -71,24 +71,36 @@ def test_reads_come_from_the_best_level_and_match_a_reference_resize(pyramid):
     x, y = 384, 256
     # 0.5 µm/px: a 128 px level-0 square is level 1 (each pixel the mean of 2 x 2) read as it is
     half = read_at_resolution(reader, x, y, 128, 64)
-    box = level0[y:y + 128, x:x + 128].astype(np.float64).reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+    box = level0[y : y + 128, x : x + 128].astype(np.float64).reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
     assert half.shape == (64, 64, 3) and np.abs(half - box).max() <= 1
     # 1.0 µm/px: level 2 read as it is
     quarter = read_at_resolution(reader, x, y, 256, 64)
-    box4 = level0[y:y + 256, x:x + 256].astype(np.float64).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    box4 = level0[y : y + 256, x : x + 256].astype(np.float64).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
     assert np.abs(quarter.astype(np.float64) - box4).max() <= 2
     # 0.375 µm/px lies between levels 0 and 1: level 0 is read and resized
     between = read_at_resolution(reader, x, y, 96, 64)
-    assert np.array_equal(between, resize_tile(np.ascontiguousarray(level0[y:y + 96, x:x + 96]), 64))
+    assert np.array_equal(between, resize_tile(np.ascontiguousarray(level0[y : y + 96, x : x + 96]), 64))
     # level-0 tiles are what they always were
-    assert np.array_equal(read_at_resolution(reader, x, y, 64, 64), level0[y:y + 64, x:x + 64])
+    assert np.array_equal(read_at_resolution(reader, x, y, 64, 64), level0[y : y + 64, x : x + 64])
     reader.close()
 
 
 def test_init_at_a_physical_resolution_keeps_the_grid_in_level0_pixels(pyramid, tmp_path):
     project = tmp_path / "p"
-    out = run("init", project, "--slide", pyramid, "--magnification", "20", "--tile-um", "32", "--weights", "random",
-              "--device", "cpu")
+    out = run(
+        "init",
+        project,
+        "--slide",
+        pyramid,
+        "--magnification",
+        "20",
+        "--tile-um",
+        "32",
+        "--weights",
+        "random",
+        "--device",
+        "cpu",
+    )
     assert "64 px at 0.5 µm/px (32 µm)" in out
     manifest = json.loads((project / "project.json").read_text())
     assert manifest["tiling"]["tile_size_px"] == 64 and manifest["tiling"]["target_mpp"] == 0.5
@@ -102,9 +114,20 @@ def test_init_at_a_physical_resolution_keeps_the_grid_in_level0_pixels(pyramid, 
     region = tmp_path / "query.geojson"
     x, y = (int(v) for v in boxes[len(boxes) // 2, :2])
     square = [[x, y], [x + 256, y], [x + 256, y + 256], [x, y + 256], [x, y]]
-    region.write_text(json.dumps({"type": "FeatureCollection", "features": [{
-        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
-        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    region.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Polygon", "coordinates": [square]},
+                        "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+                    }
+                ],
+            }
+        )
+    )
     run("query", project, "--region", region, "--label", "Tumor", "-k", "4", "--rounds", "1", "--device", "cpu")
     batch = json.loads((project / "batches" / "s1-r1" / "batch.geojson").read_text())
     for feature in batch["features"]:
@@ -117,13 +140,29 @@ def test_a_slide_without_a_pixel_size_needs_slide_mpp(tmp_path):
     image = tissue_like(512, 768, seed=1)
     with tifffile.TiffWriter(path) as writer:  # no resolution tags: OpenSlide reports no mpp
         writer.write(image, photometric="rgb", tile=(128, 128), subfiletype=0, software=False, metadata=None)
-        writer.write(image[::2, ::2].copy(), photometric="rgb", tile=(128, 128), subfiletype=1, software=False,
-                     metadata=None)
-    out = run("init", tmp_path / "refused", "--slide", path, "--mpp", "0.5", "--weights", "random", "--device", "cpu",
-              code=3)
+        writer.write(
+            image[::2, ::2].copy(), photometric="rgb", tile=(128, 128), subfiletype=1, software=False, metadata=None
+        )
+    out = run(
+        "init", tmp_path / "refused", "--slide", path, "--mpp", "0.5", "--weights", "random", "--device", "cpu", code=3
+    )
     assert "records no pixel size" in out and "--slide-mpp" in out and not (tmp_path / "refused").exists()
-    run("init", tmp_path / "p", "--slide", path, "--mpp", "0.5", "--tile-size", "64", "--slide-mpp", "0.25",
-        "--weights", "random", "--device", "cpu")
+    run(
+        "init",
+        tmp_path / "p",
+        "--slide",
+        path,
+        "--mpp",
+        "0.5",
+        "--tile-size",
+        "64",
+        "--slide-mpp",
+        "0.25",
+        "--weights",
+        "random",
+        "--device",
+        "cpu",
+    )
     status = json.loads(run("status", tmp_path / "p", "--json"))
     assert status["slides"][0]["mpp"] == 0.25 and status["slides"][0]["mpp_given"]
     assert "(given)" in run("status", tmp_path / "p")

@@ -24,7 +24,7 @@ def init_args(project: Path, slide: Path) -> list[str]:
     return ["init", str(project), "--slide", str(slide), *SETTINGS]
 
 
-def run_init(project: Path, slide: Path):  # type: ignore[no-untyped-def]
+def run_init(project: Path, slide: Path):
     result = runner.invoke(app, init_args(project, slide), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
@@ -47,8 +47,9 @@ def kill_during_features(project: Path, slide: Path, deadline_s: float = 120.0) 
     candidates_path = project / "slides" / "block" / "candidates.npy"
     log = project.with_name(project.name + ".log")
     with open(log, "wb") as handle:  # a file, not a pipe: a full pipe would stall the child
-        process = subprocess.Popen([sys.executable, "-m", "wsi_il", *init_args(project, slide)],
-                                   stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "wsi_il", *init_args(project, slide)], stdout=handle, stderr=subprocess.STDOUT
+        )
     try:
         started = time.monotonic()
         while time.monotonic() - started < deadline_s:
@@ -121,8 +122,15 @@ def test_killed_init_resumes_with_identical_features(block_slide, reference, tmp
 def test_init_again_on_a_complete_project_changes_nothing(block_slide, reference, tmp_path):
     project = tmp_path / "again"
     shutil.copytree(reference, project)
-    files = ("project.json", "slides/block/features.npy", "slides/block/patches.npy", "slides/block/candidates.npy",
-             "slides/block/tissue.npy", "slides/block/progress.json", "models/init.pt")
+    files = (
+        "project.json",
+        "slides/block/features.npy",
+        "slides/block/patches.npy",
+        "slides/block/candidates.npy",
+        "slides/block/tissue.npy",
+        "slides/block/progress.json",
+        "models/init.pt",
+    )
     before = {name: (project / name).read_bytes() for name in files}
     result = run_init(project, block_slide.path)
     assert "resuming" in result.output and "ready" in result.output

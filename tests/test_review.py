@@ -62,8 +62,7 @@ def _images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, size=(K, 3))
     return [
-        Image.fromarray(np.clip(c + rng.normal(0, 30, (224, 224, 3)), 0, 255).astype(np.uint8), "RGB")
-        for c in colours
+        Image.fromarray(np.clip(c + rng.normal(0, 30, (224, 224, 3)), 0, 255).astype(np.uint8), "RGB") for c in colours
     ]
 
 
@@ -89,13 +88,11 @@ def _rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _write_rows(
-    path: Path, rows: list[dict[str, str]], columns: list[str] | None = None, **kw: object
-) -> Path:
+def _write_rows(path: Path, rows: list[dict[str, str]], columns: list[str] | None = None, **kw: object) -> Path:
     encoding = str(kw.pop("encoding", "utf-8"))
     columns = columns or list(rows[0])
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", **kw)  # type: ignore[arg-type]
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", **kw)
     writer.writeheader()
     writer.writerows(rows)
     path.write_bytes(buffer.getvalue().encode(encoding))
@@ -231,9 +228,7 @@ def test_write_batch_is_idempotent_and_refuses_another_batch(
         write_batch(folder, _info(batch_id="s1-r3"), patches, _images())
 
 
-def test_write_batch_rejects_mismatched_arguments(
-    tmp_path: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_write_batch_rejects_mismatched_arguments(tmp_path: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     with pytest.raises(ValueError, match="7 patches but 6 images"):
         write_batch(tmp_path / "b", info, patches, _images()[:6])
     bad = [BatchPatch("../evil", "s", 0, 0, 1, 1)]
@@ -336,9 +331,7 @@ def test_read_labels_utf16_tab_separated(folder: Path, info: BatchInfo, patches:
     assert read_labels(path, info, patches) == _expected(patches, LABELS)
 
 
-def test_read_labels_reordered_and_extra_columns(
-    folder: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_read_labels_reordered_and_extra_columns(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     rows = [{**row, "comment": "vu"} for row in _filled(folder, LABELS)][::-1]
     path = _write_rows(folder / "mine.csv", rows, columns=["comment", "label", "patch_id"])
     assert read_labels(path, info, patches) == _expected(patches, LABELS)
@@ -365,7 +358,7 @@ def test_read_labels_multi_class(folder: Path, patches: list[BatchPatch]) -> Non
 
 def _rejected(path: Path, info: BatchInfo, patches: list[BatchPatch], **kw: object) -> str:
     with pytest.raises(LabelsError) as err:
-        read_labels(path, info, patches, **kw)  # type: ignore[arg-type]
+        read_labels(path, info, patches, **kw)
     return str(err.value)
 
 
@@ -413,9 +406,7 @@ def test_half_filled_needs_allow_partial(folder: Path, info: BatchInfo, patches:
     assert read_labels(path, info, patches, allow_partial=True) == _expected(patches, [*labels[:6], ""])
 
 
-def test_empty_with_allow_partial_is_rejected(
-    folder: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_empty_with_allow_partial_is_rejected(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     assert "no labels filled in" in _rejected(folder / "labels.csv", info, patches, allow_partial=True)
 
 
@@ -424,9 +415,7 @@ def test_rejects_missing_label_column(folder: Path, info: BatchInfo, patches: li
     assert "labels.csv has no 'label' column" in _rejected(path, info, patches)
 
 
-def test_rejects_oversized_and_missing_files(
-    folder: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_rejects_oversized_and_missing_files(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     path = _write_rows(folder / "labels.csv", _filled(folder, LABELS))
     assert "MiB" in _rejected(path, info, patches, max_bytes=100)
     assert "does not exist" in _rejected(folder / "nope.csv", info, patches)
@@ -465,9 +454,7 @@ def test_geojson_route(folder: Path, info: BatchInfo, patches: list[BatchPatch],
     assert read_labels(path, info, patches) == _expected(patches, GEO_EXPECTED)
 
 
-def test_geojson_unclassified_needs_allow_partial(
-    folder: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_geojson_unclassified_needs_allow_partial(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     path = _export(folder / "export.geojson", _classified(folder, [*GEO_LABELS[:6], None]))
     message = _rejected(path, info, patches)
     assert "1 objects in export.geojson have no classification" in message
@@ -513,8 +500,15 @@ def _as_qupath_06_exports(features: list[dict]) -> list[dict]:
     """What QuPath 0.6 writes after importing batch.geojson and classifying it: ids, names, measurements and
     its metadata map kept, other properties dropped, derived classes as ``names``."""
     kept = ("objectType", "name", "classification", "measurements", "metadata")
-    return [{"type": "Feature", "id": f["id"], "geometry": f["geometry"],
-             "properties": {k: v for k, v in f["properties"].items() if k in kept}} for f in features]
+    return [
+        {
+            "type": "Feature",
+            "id": f["id"],
+            "geometry": f["geometry"],
+            "properties": {k: v for k, v in f["properties"].items() if k in kept},
+        }
+        for f in features
+    ]
 
 
 def test_geojson_all_objects_export_takes_labels_from_the_patches_only(
@@ -524,15 +518,29 @@ def test_geojson_all_objects_export_takes_labels_from_the_patches_only(
     extra = []
     for n, patch in enumerate(patches):  # cell detection run inside every patch, classified Positive/Negative
         x, y = patch.x - OFFSET[0] + 20, patch.y - OFFSET[1] + 20
-        extra.append({"type": "Feature", "id": str(uuid.uuid4()),
-                      "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + 12, y], [x + 12, y + 12],
-                                                                       [x, y + 12], [x, y]]]},
-                      "properties": {"objectType": "cell", "classification": {
-                          "name": "Positive" if n % 2 else "Negative", "color": [200, 50, 50]}}})
-    whole = {"type": "Feature", "id": str(uuid.uuid4()),  # a detection covering every patch
-             "geometry": {"type": "Polygon", "coordinates": [[[-1e4, -1e4], [1e5, -1e4], [1e5, 1e5], [-1e4, 1e5],
-                                                              [-1e4, -1e4]]]},
-             "properties": {"objectType": "detection", "classification": {"name": "tumor", "color": [1, 2, 3]}}}
+        extra.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid4()),
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x + 12, y], [x + 12, y + 12], [x, y + 12], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "cell",
+                    "classification": {"name": "Positive" if n % 2 else "Negative", "color": [200, 50, 50]},
+                },
+            }
+        )
+    whole = {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),  # a detection covering every patch
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[-1e4, -1e4], [1e5, -1e4], [1e5, 1e5], [-1e4, 1e5], [-1e4, -1e4]]],
+        },
+        "properties": {"objectType": "detection", "classification": {"name": "tumor", "color": [1, 2, 3]}},
+    }
     path = _export(folder / "export.geojson", [*extra, *features, whole])
     assert read_labels(path, info, patches, offsets={"CMU-1": OFFSET}) == _expected(patches, GEO_EXPECTED)
 
@@ -541,15 +549,16 @@ def test_geojson_legacy_derived_class_is_not_read_as_an_answer(
     folder: Path, info: BatchInfo, patches: list[BatchPatch]
 ) -> None:
     features = _classified(folder, GEO_LABELS)
-    features[0]["properties"]["classification"] = {"name": "Positive", "colorRGB": -3394765,
-                                                   "parentClass": {"name": "Tumor", "colorRGB": -3670016}}
+    features[0]["properties"]["classification"] = {
+        "name": "Positive",
+        "colorRGB": -3394765,
+        "parentClass": {"name": "Tumor", "colorRGB": -3670016},
+    }
     path = _export(folder / "export.geojson", features)
     assert "label 'Tumor: Positive' is not one of" in _rejected(path, info, patches)
 
 
-def test_geojson_rejects_unknown_class_and_garbage(
-    folder: Path, info: BatchInfo, patches: list[BatchPatch]
-) -> None:
+def test_geojson_rejects_unknown_class_and_garbage(folder: Path, info: BatchInfo, patches: list[BatchPatch]) -> None:
     path = _export(folder / "export.geojson", _classified(folder, [*GEO_LABELS[:6], "Stroma"]))
     assert "label 'Stroma' is not one of" in _rejected(path, info, patches)
     path.write_text('{"type": "FeatureCollection", "features": [', encoding="utf-8")
@@ -586,9 +595,7 @@ _SUFFIXES = st.sampled_from([".csv", ".tsv", ".geojson", ".json", ".gz", ".dat"]
     suffix=_SUFFIXES,
     partial=st.booleans(),
 )
-def test_fuzz_arbitrary_files(
-    fuzz_batch: tuple[Path, bytes, bytes], data: bytes, suffix: str, partial: bool
-) -> None:
+def test_fuzz_arbitrary_files(fuzz_batch: tuple[Path, bytes, bytes], data: bytes, suffix: str, partial: bool) -> None:
     _read_or_reject(fuzz_batch[0] / f"fuzz{suffix}", data, partial)
 
 
@@ -623,18 +630,33 @@ _SPELLINGS = st.sampled_from([str.upper, str.lower, str.title, str])
     blank_lines=st.integers(0, 3),
 )
 def test_every_spreadsheet_dialect_of_a_filled_batch_is_accepted(
-    fuzz_batch: tuple[Path, bytes, bytes], delimiter: str, terminator: str, quoting: int, encoding: str,
-    spellings: list, padding: list[str], order: list[int], blank_lines: int,
+    fuzz_batch: tuple[Path, bytes, bytes],
+    delimiter: str,
+    terminator: str,
+    quoting: int,
+    encoding: str,
+    spellings: list,
+    padding: list[str],
+    order: list[int],
+    blank_lines: int,
 ) -> None:
     """What Excel, LibreOffice or Numbers write (BOM, ; or tab, CRLF, quotes, case, spaces) reads the same."""
     folder = fuzz_batch[0]
     answers = [padding[2 * i] + spellings[i](label) + padding[2 * i + 1] for i, label in enumerate(LABELS)]
     rows = _filled(folder, answers)
     columns = [list(rows[0])[i] for i in order]
-    path = _write_rows(folder / "dialect.csv", rows, columns, delimiter=delimiter, lineterminator=terminator,
-                       quoting=quoting, encoding=encoding)
-    path.write_bytes(path.read_bytes() + (terminator * blank_lines).encode(encoding if encoding != "utf-16"
-                                                                                else "utf-16-le"))
+    path = _write_rows(
+        folder / "dialect.csv",
+        rows,
+        columns,
+        delimiter=delimiter,
+        lineterminator=terminator,
+        quoting=quoting,
+        encoding=encoding,
+    )
+    path.write_bytes(
+        path.read_bytes() + (terminator * blank_lines).encode(encoding if encoding != "utf-16" else "utf-16-le")
+    )
     assert read_labels(path, _info(), _patches()) == _expected(_patches(), LABELS)
 
 
@@ -648,7 +670,8 @@ def test_read_labels_accepts_a_labels_csv_without_the_certainty_column(
     old_columns = [c for c in CSV_COLUMNS if c != "suggestion_certainty"]
     path = _write_rows(folder / "labels.csv", _filled(folder, LABELS), columns=old_columns)
     assert path.read_text(encoding="utf-8").splitlines()[0] == (
-        "n,patch_id,slide,x,y,width,height,image,label,suggestion,suggestion_probability,rank,batch")
+        "n,patch_id,slide,x,y,width,height,image,label,suggestion,suggestion_probability,rank,batch"
+    )
     assert read_labels(path, info, patches) == _expected(patches, LABELS)
     rows = _filled(folder, LABELS)
     for row in rows:

@@ -40,9 +40,14 @@ def test_fme_k5_matches_paper_split():
 
 def test_fewer_than_k_left_takes_all():
     rng = np.random.default_rng(0)
-    for positions in (sample_topk(3, 5), sample_fme(3, 5), sample_random(3, 5, rng),
-                      sample_cnfp(np.array([True, False, True]), 5), sample_entropy(np.full((3, 2), 0.5), 5),
-                      sample_hybrid(np.array([True, False, True]), 5)):
+    for positions in (
+        sample_topk(3, 5),
+        sample_fme(3, 5),
+        sample_random(3, 5, rng),
+        sample_cnfp(np.array([True, False, True]), 5),
+        sample_entropy(np.full((3, 2), 0.5), 5),
+        sample_hybrid(np.array([True, False, True]), 5),
+    ):
         assert sorted(positions.tolist()) == [0, 1, 2]
 
 

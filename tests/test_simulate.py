@@ -52,26 +52,42 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def island_slide(tmp_path_factory):  # noqa: ANN001, ANN201
+def island_slide(tmp_path_factory):
     """A PCam patch mosaic from the repository's test data: exact truth at the 96 px patch level."""
     from wsi_il.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(PCAM)
     folder = tmp_path_factory.mktemp("island")
-    return make_patch_mosaic(folder / "island.tiff", tumour, normal, cells=(14, 14), islands=2, tumour_share=0.35,
-                             seed=4).slide
+    return make_patch_mosaic(
+        folder / "island.tiff", tumour, normal, cells=(14, 14), islands=2, tumour_share=0.35, seed=4
+    ).slide
 
 
 @pytest.fixture(scope="module")
-def slide_run(island_slide, tmp_path_factory):  # noqa: ANN001, ANN201
+def slide_run(island_slide, tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "slide"
-    output = run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--strategy",
-                 "random,topk,fme,cnfp,hybrid,entropy", "--sessions", "1", "--rounds", "1", "-k", "3", *SLIDE_FAST,
-                 "--out", out)
+    output = run(
+        "simulate",
+        "--slide",
+        island_slide.path,
+        "--truth",
+        island_slide.truth_path,
+        "--strategy",
+        "random,topk,fme,cnfp,hybrid,entropy",
+        "--sessions",
+        "1",
+        "--rounds",
+        "1",
+        "-k",
+        "3",
+        *SLIDE_FAST,
+        "--out",
+        out,
+    )
     return out, output
 
 
-def test_simulate_slide_runs_all_six_strategies(slide_run) -> None:  # noqa: ANN001
+def test_simulate_slide_runs_all_six_strategies(slide_run) -> None:
     out, output = slide_run
     rows = read_rows(out / "results.csv")
     assert list(rows[0]) == list(COLUMNS)
@@ -94,7 +110,7 @@ def test_simulate_slide_runs_all_six_strategies(slide_run) -> None:  # noqa: ANN
     assert "cnfp" in output and "wrote" in output
 
 
-def test_simulate_drives_the_real_review_loop(slide_run) -> None:  # noqa: ANN001
+def test_simulate_drives_the_real_review_loop(slide_run) -> None:
     """Each run is a project whose batches were written by start_session/ingest and filled from the truth."""
     out, _ = slide_run
     project = out / "runs" / "island" / "cnfp-seed0"
@@ -109,7 +125,7 @@ def test_simulate_drives_the_real_review_loop(slide_run) -> None:  # noqa: ANN00
     assert status["n_labels"] == 3 and status["model"] == "s1-r1"
 
 
-def test_evaluate_scores_a_project(slide_run, island_slide) -> None:  # noqa: ANN001
+def test_evaluate_scores_a_project(slide_run, island_slide) -> None:
     out, _ = slide_run
     project = out / "runs" / "island" / "cnfp-seed0"
     result = run_json("evaluate", project, "--truth", island_slide.truth_path, "--json")
@@ -126,7 +142,7 @@ def test_evaluate_scores_a_project(slide_run, island_slide) -> None:  # noqa: AN
     assert "pixel-level IoU" in text and "not labelled" in text and "balanced acc." in text
 
 
-def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:  # noqa: ANN001
+def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:
     """--query-island-share: the session's query is a connected part of the largest tumour island; the
     suggestions shown are scored against the truth."""
     from wsi_il.database import patch_table
@@ -135,9 +151,27 @@ def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:  # 
 
     base, out = slide_run[0] / "base", tmp_path / "region"
     shutil.copytree(base, out / "base")  # the features, computed once
-    run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--strategy", "cnfp",
-        "--sessions", "1", "--rounds", "2", "-k", "3", "--query-island-share", "0.5", "--no-reference", *SLIDE_FAST,
-        "--out", out)
+    run(
+        "simulate",
+        "--slide",
+        island_slide.path,
+        "--truth",
+        island_slide.truth_path,
+        "--strategy",
+        "cnfp",
+        "--sessions",
+        "1",
+        "--rounds",
+        "2",
+        "-k",
+        "3",
+        "--query-island-share",
+        "0.5",
+        "--no-reference",
+        *SLIDE_FAST,
+        "--out",
+        out,
+    )
     project = Project(out / "base" / "island")
     table = patch_table(project, project.read_manifest())
     truth = truth_mask(table.boxes, island_slide.truth_path)
@@ -171,10 +205,7 @@ def _grid(mask: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_tumour_islands_and_grown_regions() -> None:
-    boxes, truth = _grid(["##..#",
-                          "#...#",
-                          "..  #",
-                          "##.##"])
+    boxes, truth = _grid(["##..#", "#...#", "..  #", "##.##"])
     islands = sorted((list(i) for i in tumour_islands(boxes, truth)), key=len)
     assert [len(i) for i in islands] == [2, 3, 5]  # edge neighbours only: the corner cells do not join
     largest = np.array(islands[-1])
@@ -193,50 +224,95 @@ def test_tumour_islands_and_grown_regions() -> None:
 
 
 def test_suggestion_scores_by_hand() -> None:
-    shown = [{"suggestion": "Tumor", "probability": 0.9, "truth": "Tumor"},
-             {"suggestion": "Tumor", "probability": 0.55, "truth": "Normal"},
-             {"suggestion": "Normal", "probability": 0.8, "truth": "Tumor"},
-             {"suggestion": "Normal", "probability": 0.99, "truth": "Normal"}]
+    shown = [
+        {"suggestion": "Tumor", "probability": 0.9, "truth": "Tumor"},
+        {"suggestion": "Tumor", "probability": 0.55, "truth": "Normal"},
+        {"suggestion": "Normal", "probability": 0.8, "truth": "Tumor"},
+        {"suggestion": "Normal", "probability": 0.99, "truth": "Normal"},
+    ]
     scores = suggestion_scores(shown)
     assert scores == {"suggestion_accuracy": 0.5, "confident_share": 0.75, "confident_accuracy": pytest.approx(2 / 3)}
     assert suggestion_scores([])["suggestion_accuracy"] == ""
-    per_round = suggestion_rounds([{**p, "strategy": "cnfp", "seed": 0, "session": 1, "round": 1 + i // 2}
-                                   for i, p in enumerate(shown)])
+    per_round = suggestion_rounds(
+        [{**p, "strategy": "cnfp", "seed": 0, "session": 1, "round": 1 + i // 2} for i, p in enumerate(shown)]
+    )
     assert [(r["round"], r["shown"], r["suggestion_accuracy"]) for r in per_round] == [(1, 2, 0.5), (2, 2, 0.5)]
     assert per_round[1]["confident_accuracy"] == 0.5 and "slide" not in per_round[0]
 
 
-def test_evaluate_needs_a_trained_model(slide_run, island_slide) -> None:  # noqa: ANN001
+def test_evaluate_needs_a_trained_model(slide_run, island_slide) -> None:
     out, _ = slide_run
     output = run("evaluate", out / "base" / "island", "--truth", island_slide.truth_path, code=4)
     assert "no classifier" in output
 
 
 @pytest.mark.slow
-def test_simulate_inter_slide(island_slide, block_slide, tmp_path) -> None:  # noqa: ANN001
+def test_simulate_inter_slide(island_slide, block_slide, tmp_path) -> None:
     out = tmp_path / "inter"
-    run("simulate", "--slide", island_slide.path, "--truth", island_slide.truth_path, "--query-slide",
-        block_slide.path, "--query-truth", block_slide.truth_path, "--strategy", "cnfp", "--sessions", "1",
-        "--rounds", "1", "-k", "2", *FAST, "--out", out)
+    run(
+        "simulate",
+        "--slide",
+        island_slide.path,
+        "--truth",
+        island_slide.truth_path,
+        "--query-slide",
+        block_slide.path,
+        "--query-truth",
+        block_slide.truth_path,
+        "--strategy",
+        "cnfp",
+        "--sessions",
+        "1",
+        "--rounds",
+        "1",
+        "-k",
+        "2",
+        *FAST,
+        "--out",
+        out,
+    )
     session = json.loads((out / "runs" / "island" / "cnfp-seed0" / "sessions" / "s1.json").read_text())
     assert session["query"]["patch_ids"] == [] and len(session["query"]["images"]) == 1  # from the other slide
     assert len(read_rows(out / "results.csv")) == 2
 
 
 @pytest.fixture()
-def tiny_split(copy_crc, tmp_path) -> tuple[Path, Path]:  # noqa: ANN001
+def tiny_split(copy_crc, tmp_path) -> tuple[Path, Path]:
     """Three classes of colorectal tissue: 4 images a class in the database, the last 2 (another tile) as test."""
     return copy_crc(tmp_path / "db", slice(0, 4)), copy_crc(tmp_path / "test", slice(-2, None))
 
 
-def test_simulate_patches(tiny_split, tmp_path) -> None:  # noqa: ANN001
+def test_simulate_patches(tiny_split, tmp_path) -> None:
     database, test = tiny_split
     out = tmp_path / "patches"
-    run("simulate", "--patches", database, "--test", test, "--strategy", "cnfp,random", "--sessions", "2",
-        "--rounds", "1", "-k", "2", "--queries", "1", *FAST[:-2], "--out", out)
+    run(
+        "simulate",
+        "--patches",
+        database,
+        "--test",
+        test,
+        "--strategy",
+        "cnfp,random",
+        "--sessions",
+        "2",
+        "--rounds",
+        "1",
+        "-k",
+        "2",
+        "--queries",
+        "1",
+        *FAST[:-2],
+        "--out",
+        out,
+    )
     rows = read_rows(out / "results.csv")
     assert [(r["strategy"], r["seed"], r["session"]) for r in rows] == [
-        (REFERENCE, "0", "0"), ("cnfp", "0", "1"), ("cnfp", "0", "2"), ("random", "0", "1"), ("random", "0", "2")]
+        (REFERENCE, "0", "0"),
+        ("cnfp", "0", "1"),
+        ("cnfp", "0", "2"),
+        ("random", "0", "1"),
+        ("random", "0", "2"),
+    ]
     assert rows[0]["labels"] == "12" and rows[2]["labels"] == "6"
     for row in rows:
         assert 0 <= float(row["accuracy"]) <= 1 and 0 <= float(row["p_at_10"]) <= 1 and row["f1"] == ""
@@ -250,7 +326,7 @@ def test_simulate_patches(tiny_split, tmp_path) -> None:  # noqa: ANN001
     assert (out / "accuracy.png").is_file() and (out / "p_at_10.png").is_file()
 
 
-def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # noqa: ANN001
+def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:
     from wsi_il.session import load_tensors
 
     database, test = tiny_split
@@ -258,9 +334,32 @@ def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # n
         out = tmp_path / schedule
         frozen = ["--fast-frozen-conv1"] if schedule == "fast-frozen" else []  # random weights: off by default
         schedule = schedule.removesuffix("-frozen")
-        run("simulate", "--patches", database, "--test", test, "--strategy", "cnfp", "--sessions", "1",
-            "--rounds", "2", "-k", "2", "--queries", "1", "--seeds", "2", "--schedule", schedule, "--no-reference",
-            *FAST[:-2], *frozen, "--out", out)
+        run(
+            "simulate",
+            "--patches",
+            database,
+            "--test",
+            test,
+            "--strategy",
+            "cnfp",
+            "--sessions",
+            "1",
+            "--rounds",
+            "2",
+            "-k",
+            "2",
+            "--queries",
+            "1",
+            "--seeds",
+            "2",
+            "--schedule",
+            schedule,
+            "--no-reference",
+            *FAST[:-2],
+            *frozen,
+            "--out",
+            out,
+        )
         rows = read_rows(out / "results.csv")
         assert [(r["strategy"], r["seed"]) for r in rows] == [("cnfp", "0"), ("cnfp", "1")]  # no reference row
         summary = json.loads((out / "summary.json").read_text())
@@ -273,10 +372,11 @@ def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:  # n
         assert (out / "runs" / "db" / "cnfp-seed0" / "state" / "stems.npy").is_file() == bool(frozen)
 
 
-def test_simulate_refuses_bad_input(tmp_path) -> None:  # noqa: ANN001
+def test_simulate_refuses_bad_input(tmp_path) -> None:
     assert "either --slide" in run("simulate", "--out", tmp_path, code=3)
-    assert "not one of" in run("simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best",
-                               "--out", tmp_path, code=3)
+    assert "not one of" in run(
+        "simulate", "--patches", tmp_path, "--test", tmp_path, "--strategy", "best", "--out", tmp_path, code=3
+    )
     assert "one --truth per --slide" in run("simulate", "--slide", tmp_path / "a.tiff", "--out", tmp_path, code=3)
     slide = ("--slide", tmp_path / "a.tiff", "--truth", tmp_path / "a.geojson", "--out", tmp_path)
     assert "unknown balance 'equal'" in run("simulate", *slide, "--balance", "equal", code=3)
@@ -290,9 +390,16 @@ def _row(strategy: str, seed: int, session: int, labels: int, value: float) -> d
 
 
 def test_summary_labels_to_reach_the_reference() -> None:
-    rows = [_row(REFERENCE, 0, 0, 100, 0.8), _row(REFERENCE, 1, 0, 100, 0.8),
-            _row("cnfp", 0, 1, 10, 0.5), _row("cnfp", 0, 2, 20, 0.77), _row("cnfp", 0, 3, 30, 0.8),
-            _row("cnfp", 1, 1, 10, 0.76), _row("cnfp", 1, 2, 20, 0.7), _row("cnfp", 1, 3, 30, 0.75)]
+    rows = [
+        _row(REFERENCE, 0, 0, 100, 0.8),
+        _row(REFERENCE, 1, 0, 100, 0.8),
+        _row("cnfp", 0, 1, 10, 0.5),
+        _row("cnfp", 0, 2, 20, 0.77),
+        _row("cnfp", 0, 3, 30, 0.8),
+        _row("cnfp", 1, 1, 10, 0.76),
+        _row("cnfp", 1, 2, 20, 0.7),
+        _row("cnfp", 1, 3, 30, 0.75),
+    ]
     summary = summarise(rows, ("jaccard",))
     assert summary[REFERENCE]["jaccard"]["mean"] == pytest.approx(0.8)
     cnfp = summary["cnfp"]["jaccard"]
@@ -303,13 +410,15 @@ def test_summary_labels_to_reach_the_reference() -> None:
 
 
 def test_macro_average_over_slides() -> None:
-    per_slide = [{**_row("cnfp", 0, 1, 10, 0.4), "slide": "a", "f1": ""},
-                 {**_row("cnfp", 0, 1, 12, 0.8), "slide": "b", "f1": ""}]
+    per_slide = [
+        {**_row("cnfp", 0, 1, 10, 0.4), "slide": "a", "f1": ""},
+        {**_row("cnfp", 0, 1, 12, 0.8), "slide": "b", "f1": ""},
+    ]
     [row] = _macro_average(per_slide)
     assert row["jaccard"] == pytest.approx(0.6) and row["labels"] == 11 and row["f1"] == ""
 
 
-def test_fill_labels_from_classes(tmp_path) -> None:  # noqa: ANN001
+def test_fill_labels_from_classes(tmp_path) -> None:
     from wsi_il.simulate import fill_labels_from_classes
 
     batch = tmp_path / "b"

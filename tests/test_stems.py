@@ -11,7 +11,7 @@ from wsi_il.stems import ProjectStems
 def _fill(stems: ProjectStems, rows: np.ndarray, chunk: int = 3) -> None:
     for start in range(0, len(rows), chunk):
         assert stems.get(start, chunk) is None
-        stems.put(start, rows[start:start + chunk])
+        stems.put(start, rows[start : start + chunk])
 
 
 def test_a_cache_is_read_only_when_complete_and_for_its_own_key(tmp_path):
@@ -46,17 +46,23 @@ def test_the_key_follows_the_stem_weights_and_the_feature_files(tmp_path):
         id, tiled, n_patches = "s", True, 5
 
     class FakeProject(Project):
-        def slides(self, manifest):  # type: ignore[no-untyped-def]
+        def slides(self, manifest):
             return [Slide()]
 
     project = FakeProject(tmp_path / "p")
     project.features_path("s").parent.mkdir(parents=True)
     np.save(project.features_path("s"), np.zeros((5, 4, 2, 2), np.float16))
-    state = {"block.conv1.weight": torch.ones(4, 4, 3, 3), "block.bn1.bias": torch.zeros(4),
-             "block.conv2.weight": torch.ones(4, 4, 3, 3), "fc.weight": torch.ones(2, 4)}
+    state = {
+        "block.conv1.weight": torch.ones(4, 4, 3, 3),
+        "block.bn1.bias": torch.zeros(4),
+        "block.conv2.weight": torch.ones(4, 4, 3, 3),
+        "fc.weight": torch.ones(2, 4),
+    }
     key = stem_key(state, project, {})
-    assert stem_key({**state, "block.conv2.weight": torch.zeros(4, 4, 3, 3), "fc.weight": torch.zeros(2, 4)},
-                    project, {}) == key  # the trained rest does not matter
+    assert (
+        stem_key({**state, "block.conv2.weight": torch.zeros(4, 4, 3, 3), "fc.weight": torch.zeros(2, 4)}, project, {})
+        == key
+    )  # the trained rest does not matter
     assert stem_key({**state, "block.bn1.bias": torch.ones(4)}, project, {}) != key
     np.save(project.features_path("s"), np.ones((5, 4, 2, 2), np.float16))  # reextract writes a new file
     assert stem_key(state, project, {}) != key

@@ -28,8 +28,16 @@ def _readers(path, monkeypatch) -> tuple[TileReader, TileReader]:
     return direct, plain
 
 
-REGIONS = [(0, 0, 128, 128), (128, 256, 128, 128), (0, 0, 256, 256), (37, 51, 200, 150), (640, 512, 256, 188),
-           (800, 600, 128, 128), (-20, 10, 64, 64), (5, 5, 1, 1)]
+REGIONS = [
+    (0, 0, 128, 128),
+    (128, 256, 128, 128),
+    (0, 0, 256, 256),
+    (37, 51, 200, 150),
+    (640, 512, 256, 188),
+    (800, 600, 128, 128),
+    (-20, 10, 64, 64),
+    (5, 5, 1, 1),
+]
 """Aligned to the 128 px tiles, spanning several, at the page's edge, past it, outside it, one pixel."""
 
 
@@ -86,7 +94,7 @@ def test_a_damaged_tile_is_left_to_openslide(tmp_path, monkeypatch):
     direct, plain = _readers(path, monkeypatch)
     direct.read(0, 0, 8, 8)
 
-    def broken(self, index):  # type: ignore[no-untyped-def]
+    def broken(self, index):
         raise RuntimeError("corrupt JPEG data")
 
     monkeypatch.setattr(JpegTiles, "_tile", broken)

@@ -42,8 +42,9 @@ def test_split_after_layer3_for_resnet18():
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         cached = trunk(x)
-        full = model.layer4(model.layer3(model.layer2(model.layer1(
-            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+        full = model.layer4(
+            model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))))
+        )
         assert tuple(cached.shape[1:]) == (256, 14, 14)
         assert torch.allclose(head(cached), full, atol=1e-5)
         # the paper's split is unchanged: trunk up to layer4[0], the head is layer4[1]
@@ -97,8 +98,22 @@ def test_heads_train_and_predict_on_layer3_features(schedule):
 
 def test_cli_init_status_and_query_with_layer4(example_slide, tmp_path):
     project = tmp_path / "l4"
-    cli("init", project, "--slide", example_slide, "--weights", "random", "--device", "cpu", "--trainable", "layer4",
-        "--tile-size", "256", "--epochs", "2")
+    cli(
+        "init",
+        project,
+        "--slide",
+        example_slide,
+        "--weights",
+        "random",
+        "--device",
+        "cpu",
+        "--trainable",
+        "layer4",
+        "--tile-size",
+        "256",
+        "--epochs",
+        "2",
+    )
     manifest = json.loads((project / "project.json").read_text())
     assert manifest["features"]["trainable"] == "layer4"
     info = json.loads(cli("status", project, "--json").output)
@@ -133,8 +148,19 @@ def test_projects_without_the_setting_read_as_last():
 
 
 def test_unknown_trainable_is_refused(example_slide, tmp_path):
-    refused = cli("init", tmp_path / "bad", "--slide", example_slide, "--weights", "random",
-                  "--trainable", "layer3", "--device", "cpu", code=None)
+    refused = cli(
+        "init",
+        tmp_path / "bad",
+        "--slide",
+        example_slide,
+        "--weights",
+        "random",
+        "--trainable",
+        "layer3",
+        "--device",
+        "cpu",
+        code=None,
+    )
     assert refused.exit_code != 0
     line = error_line(refused)
     assert "layer3" in line and not (tmp_path / "bad").exists()

@@ -21,18 +21,29 @@ def test_refusals_are_one_unwrapped_line_without_traceback(block_slide, tmp_path
     commands = {
         "status of no project": (["status", tmp_path / "nowhere"], 4),
         "init with a missing slide": (["init", tmp_path / "new", "--slide", deep, "--weights", "random"], 3),
-        "query with a region that is not JSON": (["query", fresh, "--region", tmp_path / "notes.geojson",
-                                                  "--device", "cpu"], 3),
-        "ingest with a typo": (["ingest", reviewing, reviewing / "batches" / "s1-r1" / "labels.csv",
-                                "--device", "cpu"], 3),
+        "query with a region that is not JSON": (
+            ["query", fresh, "--region", tmp_path / "notes.geojson", "--device", "cpu"],
+            3,
+        ),
+        "ingest with a typo": (
+            ["ingest", reviewing, reviewing / "batches" / "s1-r1" / "labels.csv", "--device", "cpu"],
+            3,
+        ),
         "export before any training": (["export", other, "--out", tmp_path / "m.geojson"], 4),
         "query with an unknown strategy": (["query", fresh, "--region", region, "--strategy", "best"], 3),
     }
     env = {**os.environ, "COLUMNS": "80", "TERM": "xterm-256color"}
     env.pop("WSI_IL_DEBUG", None)
-    running = {name: subprocess.Popen([sys.executable, "-m", "wsi_il", *map(str, args)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env)
-               for name, (args, _) in commands.items()}
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "wsi_il", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, (args, _) in commands.items()
+    }
     longest = 0
     for name, process in running.items():
         stdout, stderr = process.communicate(timeout=300)
@@ -51,8 +62,13 @@ def test_a_damaged_cache_is_one_line_too(block_slide, tmp_path_factory, tmp_path
     features.write_bytes(features.read_bytes()[:200])  # cut behind wsi-il's back
     env = {**os.environ, "COLUMNS": "80"}
     env.pop("WSI_IL_DEBUG", None)
-    result = subprocess.run([sys.executable, "-m", "wsi_il", "query", str(project), "--patch", "block_x512_y512",
-                             "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "wsi_il", "query", str(project), "--patch", "block_x512_y512", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip() and "RANDOMLY" not in line]
     assert len(lines) == 1 and "feature cache of" in lines[0] and "is damaged" in lines[0], result.stderr

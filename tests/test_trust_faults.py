@@ -37,8 +37,17 @@ INIT_ARGS = ("--tile-size", "128", "--batch-size", "4", "--weights", "random", "
 FAST = {"init": (0.3, 0.7), "ingest": (0.3, 0.8), "export": (0.4, 0.9)}
 """Where the default run kills, as a fraction of the time from taking the lock to the end."""
 SLOW = {"init": 14, "ingest": 16, "export": 10}
-_VOLATILE = {"created", "written", "ingested", "seconds", "train_seconds", "pass_seconds", "batch_seconds",
-             "round_seconds", "time"}
+_VOLATILE = {
+    "created",
+    "written",
+    "ingested",
+    "seconds",
+    "train_seconds",
+    "pass_seconds",
+    "batch_seconds",
+    "round_seconds",
+    "time",
+}
 BATCH_FILES = ("labels.csv", "contact_sheet.png", "batch.geojson", "README.txt", "batch.json")
 
 
@@ -67,8 +76,7 @@ def timed_run(args: list[str], lock: Path, log: Path) -> tuple[float, float]:
 def kill_after(args: list[str], delay_s: float, log: Path) -> bool:
     """Start `python -m wsi_il ARGS`, SIGKILL it after ``delay_s``; return False when it had finished."""
     with open(log, "wb") as handle:  # a file, not a pipe: a full pipe would stall the child
-        process = subprocess.Popen([sys.executable, "-m", "wsi_il", *args], stdout=handle,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "wsi_il", *args], stdout=handle, stderr=subprocess.STDOUT)
     try:
         process.wait(timeout=delay_s)
         assert process.returncode == 0, log.read_text(errors="replace")[-2000:]
@@ -110,10 +118,12 @@ def describe(project: Path) -> str:
     progress = project / "slides" / "block" / "progress.json"
     done = json.loads(progress.read_text())["done"] if progress.is_file() else 0
     batch = project / "batches" / "s1-r2"
-    state = ("complete" if (batch / "batch.json").is_file() else "partial" if batch.is_dir() else "absent")
-    return (f"tiled={slides[0]['tiled']} features {done}/{slides[0]['n_patches']} extracted={slides[0]['extracted']}"
-            f" lock={'left' if (project / 'lock').exists() else 'none'} ledger={len(ledger(project))}"
-            f" next-batch={state} temporaries={len(list(project.rglob('.*.tmp')))}")
+    state = "complete" if (batch / "batch.json").is_file() else "partial" if batch.is_dir() else "absent"
+    return (
+        f"tiled={slides[0]['tiled']} features {done}/{slides[0]['n_patches']} extracted={slides[0]['extracted']}"
+        f" lock={'left' if (project / 'lock').exists() else 'none'} ledger={len(ledger(project))}"
+        f" next-batch={state} temporaries={len(list(project.rglob('.*.tmp')))}"
+    )
 
 
 def assert_clean(project: Path) -> None:
@@ -141,8 +151,9 @@ def init_reference(block_slide, tmp_path_factory) -> tuple[Path, tuple[float, fl
     """A project made by one unkilled `init` in a subprocess, and its timing."""
     folder = tmp_path_factory.mktemp("init-reference")
     project = folder / "p"
-    timing = timed_run(["init", str(project), "--slide", str(block_slide.path), *INIT_ARGS], project / "lock",
-                       folder / "log")
+    timing = timed_run(
+        ["init", str(project), "--slide", str(block_slide.path), *INIT_ARGS], project / "lock", folder / "log"
+    )
     return project, timing
 
 
@@ -152,8 +163,10 @@ def check_init_kills(init_reference, block_slide, tmp_path: Path, slow: bool) ->
         project = tmp_path / f"killed-{delay}"
         args = ["init", str(project), "--slide", str(block_slide.path), *INIT_ARGS]
         killed = kill_after(args, delay, tmp_path / f"log-{delay}")
-        print(f"TRUST-FAULT | init killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f} s)"
-              f" | {describe(project)}")
+        print(
+            f"TRUST-FAULT | init killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f} s)"
+            f" | {describe(project)}"
+        )
         cli(*args)
         assert_clean(project)
         manifest = json.loads((project / "project.json").read_text())
@@ -194,8 +207,9 @@ def ingest_reference(ingest_base, tmp_path_factory) -> tuple[Path, tuple[float, 
     reference = copy_project(ingest_base, folder / "reference")
     cli("ingest", reference, reference / "batches" / "s1-r1" / "labels.csv", *CPU)
     timed = copy_project(ingest_base, folder / "timed")
-    timing = timed_run(["ingest", str(timed), str(timed / "batches" / "s1-r1" / "labels.csv"), *CPU],
-                       timed / "lock", folder / "log")
+    timing = timed_run(
+        ["ingest", str(timed), str(timed / "batches" / "s1-r1" / "labels.csv"), *CPU], timed / "lock", folder / "log"
+    )
     assert_same_round(timed, reference)  # an unkilled run in another process gives the same round
     return reference, timing
 
@@ -227,8 +241,10 @@ def check_ingest_kills(ingest_base, ingest_reference, tmp_path: Path, slow: bool
         killed = kill_after(["ingest", str(project), str(labels), *CPU], delay, tmp_path / f"log-{delay}")
         session = json.loads((project / "sessions" / "s1.json").read_text())  # never torn
         assert_batch_complete(project / "batches" / "s1-r2")
-        print(f"TRUST-FAULT | ingest killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f}"
-              f" s) | {describe(project)} | session round {session['round']}")
+        print(
+            f"TRUST-FAULT | ingest killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f}"
+            f" s) | {describe(project)} | session round {session['round']}"
+        )
         status = json.loads(cli("status", project, "--json").stdout)  # readable in any state, despite the lock
         assert status["n_labels"] in (0, 4)
         output = cli("ingest", project, labels, *CPU).output
@@ -258,12 +274,20 @@ def _labels(project: Path) -> dict[str, str]:
 
 
 def _entries(labels: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"patch_id": pid, "label": label, "batch": "s1-r1", "session": "s1", "round": 1,
-             "time": "2025-01-01T00:00:00+00:00"} for pid, label in labels.items()]
+    return [
+        {
+            "patch_id": pid,
+            "label": label,
+            "batch": "s1-r1",
+            "session": "s1",
+            "round": 1,
+            "time": "2025-01-01T00:00:00+00:00",
+        }
+        for pid, label in labels.items()
+    ]
 
 
-def test_killed_after_the_labels_were_recorded_the_rerun_finishes_the_round(ingest_base, ingest_reference,
-                                                                           tmp_path):
+def test_killed_after_the_labels_were_recorded_the_rerun_finishes_the_round(ingest_base, ingest_reference, tmp_path):
     from wsi_il.project import Project
 
     project = copy_project(ingest_base, tmp_path / "p")
@@ -305,8 +329,7 @@ def test_a_half_written_next_batch_is_overwritten_cleanly(ingest_base, ingest_re
     assert_same_round(project, ingest_reference[0])
 
 
-def test_killed_after_the_next_batch_was_written_keeps_labels_already_filled(ingest_base, ingest_reference,
-                                                                             tmp_path):
+def test_killed_after_the_next_batch_was_written_keeps_labels_already_filled(ingest_base, ingest_reference, tmp_path):
     reference = ingest_reference[0]
     project = copy_project(reference, tmp_path / "p")
     shutil.copy(ingest_base / "sessions" / "s1.json", project / "sessions" / "s1.json")  # not advanced
@@ -336,8 +359,9 @@ def test_warm_start_rerun_starts_from_the_previous_round_not_its_own(ingest_base
     shutil.copy(middle / "sessions" / "s1.json", project / "sessions" / "s1.json")
     cli("ingest", project, project / "batches" / "s1-r2" / "labels.csv", *CPU)
     assert json.loads((project / "state" / "state.json").read_text())["previous"] == "s1-r1"
-    assert np.array_equal(np.load(project / "state" / "predictions.npy"),
-                          np.load(reference / "state" / "predictions.npy"))
+    assert np.array_equal(
+        np.load(project / "state" / "predictions.npy"), np.load(reference / "state" / "predictions.npy")
+    )
     assert [without_volatile(e) for e in ledger(project)] == [without_volatile(e) for e in ledger(reference)]
 
 
@@ -354,8 +378,11 @@ def export_reference(export_base, tmp_path_factory) -> tuple[Path, tuple[float, 
     folder = tmp_path_factory.mktemp("export-reference")
     project = copy_project(export_base, folder / "p")
     cli("export", project, "--out", folder / "out" / "mask.geojson", "--detections")
-    timing = timed_run(["export", str(project), "--out", str(folder / "timed" / "mask.geojson"), "--detections"],
-                       project / "lock", folder / "log")
+    timing = timed_run(
+        ["export", str(project), "--out", str(folder / "timed" / "mask.geojson"), "--detections"],
+        project / "lock",
+        folder / "log",
+    )
     for name in ("mask.geojson", "mask.png"):
         assert same_output(folder / "timed" / name, folder / "out" / name), name
     return folder / "out", timing
@@ -369,8 +396,10 @@ def check_export_kills(export_base, export_reference, tmp_path: Path, slow: bool
         out = tmp_path / f"out-{delay}"
         args = ["export", str(project), "--out", str(out / "mask.geojson"), "--detections"]
         killed = kill_after(args, delay, tmp_path / f"log-{delay}")
-        print(f"TRUST-FAULT | export killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f}"
-              f" s) | written: {sorted(p.name for p in out.iterdir()) if out.is_dir() else []}")
+        print(
+            f"TRUST-FAULT | export killed={killed} at {delay:.2f} s of {timing[0]:.1f} s (lock at {timing[1]:.1f}"
+            f" s) | written: {sorted(p.name for p in out.iterdir()) if out.is_dir() else []}"
+        )
         for name in ("mask.geojson", "mask.png"):  # whatever is there is whole: written aside, then renamed
             if (out / name).exists():
                 assert same_output(out / name, reference / name), (delay, name)

@@ -74,7 +74,7 @@ def _truncated_svs(folder: Path) -> Path:
 def _damaged_tiles_svs(folder: Path) -> Path:
     data = bytearray(EXAMPLE_SVS.read_bytes())
     start = len(data) // 4
-    data[start:start + 400_000] = b"\xff" * 400_000  # the header is intact, the JPEG tiles are not
+    data[start : start + 400_000] = b"\xff" * 400_000  # the header is intact, the JPEG tiles are not
     path = folder / "damaged.svs"
     path.write_bytes(bytes(data))
     return path
@@ -144,8 +144,9 @@ def _tiff_without_resolution(path: Path) -> Path:
     with tifffile.TiffWriter(path) as writer:
         level = rgb
         for index in range(3):
-            writer.write(level, tile=(256, 256), photometric="rgb", compression="jpeg",
-                         subfiletype=0 if index == 0 else 1)
+            writer.write(
+                level, tile=(256, 256), photometric="rgb", compression="jpeg", subfiletype=0 if index == 0 else 1
+            )
             level = np.asarray(Image.fromarray(level).reduce(2))
     return path
 
@@ -163,8 +164,11 @@ def test_slide_without_mpp_is_accepted_with_a_warning(tmp_path):
     assert manifest["slides"][0]["mpp"] is None and manifest["slides"][0]["n_patches"] > 0
     assert json.loads(cli("status", project, "--json").stdout)["slides"][0]["mpp"] is None
     assert "| -" in cli("status", project).stdout.replace("│", "|")
-    record("init --slide: TIFF without mpp", "warning: slide nompp (nompp.tiff) records no pixel size (mpp); "
-           "it is kept as unknown ...", "created (accepted)")
+    record(
+        "init --slide: TIFF without mpp",
+        "warning: slide nompp (nompp.tiff) records no pixel size (mpp); it is kept as unknown ...",
+        "created (accepted)",
+    )
 
 
 def test_bounds_offset_from_openslide_properties():
@@ -172,8 +176,12 @@ def test_bounds_offset_from_openslide_properties():
     # properties OpenSlide reports for such a slide; the session path is tested below with a recorded offset.
     from wsi_il.slide import bounds_and_offset
 
-    props = {"openslide.bounds-x": "1200", "openslide.bounds-y": "3400", "openslide.bounds-width": "50000",
-             "openslide.bounds-height": "60000"}
+    props = {
+        "openslide.bounds-x": "1200",
+        "openslide.bounds-y": "3400",
+        "openslide.bounds-width": "50000",
+        "openslide.bounds-height": "60000",
+    }
     assert bounds_and_offset(props, 90000, 200000) == ((1200, 3400, 50000, 60000), (1200.0, 3400.0))
     assert bounds_and_offset({"openslide.bounds-x": "7"}, 100, 80) == ((7, 0, 93, 80), (7.0, 0.0))
     assert bounds_and_offset(props, 90000, 200000, use_bounds=False) == ((0, 0, 90000, 200000), (0.0, 0.0))
@@ -195,13 +203,18 @@ def test_a_recorded_bounds_offset_shifts_query_batch_and_export_exactly(fresh, b
     boxes = np.load(fresh / "slides" / "block" / "patches.npy")
     ids = [f"block_x{x}_y{y}" for x, y in boxes[:, :2].tolist()]
     region = shapely.box(*QUERY_BOX)
-    expected = [pid for pid, (x, y, w, h) in zip(ids, boxes.tolist(), strict=True)
-                if shapely.box(x, y, x + w, y + h).intersection(region).area >= 0.5 * w * h]
+    expected = [
+        pid
+        for pid, (x, y, w, h) in zip(ids, boxes.tolist(), strict=True)
+        if shapely.box(x, y, x + w, y + h).intersection(region).area >= 0.5 * w * h
+    ]
     assert sorted(session["query"]["patch_ids"]) == sorted(expected) and expected
 
     batch = fresh / "batches" / "s1-r1"
-    placed = {f["properties"]["name"]: shapely.geometry.shape(f["geometry"]).bounds
-              for f in json.loads((batch / "batch.geojson").read_text())["features"]}
+    placed = {
+        f["properties"]["name"]: shapely.geometry.shape(f["geometry"]).bounds
+        for f in json.loads((batch / "batch.geojson").read_text())["features"]
+    }
     for row in rows(batch):
         x, y, w, h = (int(row[k]) for k in ("x", "y", "width", "height"))
         assert placed[row["patch_id"]] == pytest.approx((x - 100, y - 50, x + w - 100, y + h - 50))
@@ -213,14 +226,21 @@ def test_a_recorded_bounds_offset_shifts_query_batch_and_export_exactly(fresh, b
     predicted = np.load(fresh / "state" / "predictions.npy").argmax(axis=1)
     features = json.loads(out.read_text())["features"]
     for c, name in enumerate(manifest["classes"]):
-        mask = [shapely.geometry.shape(f["geometry"]) for f in features
-                if f["properties"]["objectType"] == "annotation" and f["properties"]["classification"]["name"] == name]
-        squares = [shapely.box(x - 100, y - 50, x + w - 100, y + h - 50)
-                   for (x, y, w, h), p in zip(boxes.tolist(), predicted, strict=True) if p == c]
+        mask = [
+            shapely.geometry.shape(f["geometry"])
+            for f in features
+            if f["properties"]["objectType"] == "annotation" and f["properties"]["classification"]["name"] == name
+        ]
+        squares = [
+            shapely.box(x - 100, y - 50, x + w - 100, y + h - 50)
+            for (x, y, w, h), p in zip(boxes.tolist(), predicted, strict=True)
+            if p == c
+        ]
         if squares:
             assert shapely.union_all(mask).symmetric_difference(shapely.union_all(squares)).area < 1e-6
-    detections = sorted(shapely.geometry.shape(f["geometry"]).bounds for f in features
-                        if f["properties"]["objectType"] == "detection")
+    detections = sorted(
+        shapely.geometry.shape(f["geometry"]).bounds for f in features if f["properties"]["objectType"] == "detection"
+    )
     assert detections == sorted((x - 100.0, y - 50.0, x + w - 100.0, y + h - 50.0) for x, y, w, h in boxes.tolist())
 
 
@@ -257,21 +277,28 @@ def _sparse(path: Path, size: int) -> Path:
 REGIONS = {
     "not JSON": (lambda p: _text(p, "Tumor at the top left"), "is not valid JSON"),
     "JSON, not GeoJSON": (lambda p: _text(p, '{"patient": 12, "region": "top left"}'), "is JSON but not GeoJSON"),
-    "empty FeatureCollection": (lambda p: _text(p, '{"type": "FeatureCollection", "features": []}'),
-                                "contains no objects"),
-    "only points": (lambda p: write_geojson(p, [shapely.Point(600, 600), shapely.MultiPoint([(1, 2), (3, 4)])]),
-                    "only points/lines"),
+    "empty FeatureCollection": (
+        lambda p: _text(p, '{"type": "FeatureCollection", "features": []}'),
+        "contains no objects",
+    ),
+    "only points": (
+        lambda p: write_geojson(p, [shapely.Point(600, 600), shapely.MultiPoint([(1, 2), (3, 4)])]),
+        "only points/lines",
+    ),
     "a line": (lambda p: write_geojson(p, [shapely.LineString([(600, 600), (900, 900)])]), "only points/lines"),
     "outside the slide": (lambda p: write_region(p, 5000, 5000, 6000, 6000), "lies outside slide block"),
-    "drawn on another, larger slide": (lambda p: write_region(p, 1800, 1300, 3800, 2900),
-                                       "most of the region lies outside the slide (2048 x 1536 px): was it drawn on "
-                                       "another slide?"),
+    "drawn on another, larger slide": (
+        lambda p: write_region(p, 1800, 1300, 3800, 2900),
+        "most of the region lies outside the slide (2048 x 1536 px): was it drawn on another slide?",
+    ),
     "no tissue (the white margin)": (lambda p: write_region(p, 16, 16, 240, 240), "no tissue patch"),
     "missing file": (lambda p: p, "no such file"),
     "a folder": (lambda p: p.parent, "is a folder"),
     "huge file (65 MiB)": (lambda p: _sparse(p, 65 * 2**20), "limit of 67,108,864 bytes (64 MiB)"),
-    "gzip bomb (65 MiB inflated)": (lambda p: _gzip_bomb(p.with_suffix(".geojson.gz")),
-                                    "decompresses to more than the limit of 67,108,864 bytes"),
+    "gzip bomb (65 MiB inflated)": (
+        lambda p: _gzip_bomb(p.with_suffix(".geojson.gz")),
+        "decompresses to more than the limit of 67,108,864 bytes",
+    ),
     "binary garbage": (lambda p: _bytes(p, bytes(range(256)) * 4), "GeoJSON"),
 }
 
@@ -303,8 +330,11 @@ def test_self_intersecting_region_is_repaired_with_a_warning(fresh, tmp_path):
     output = " ".join(result.output.split())
     assert "warning:" in output and "not a valid polygon" in output and "repaired" in output
     assert json.loads((fresh / "sessions" / "s1.json").read_text())["query"]["n"] > 0
-    record("query --region: self-intersecting polygon (bow tie)",
-           "warning: query was not a valid polygon (Self-intersection[...]); repaired", "repaired, session started")
+    record(
+        "query --region: self-intersecting polygon (bow tie)",
+        "warning: query was not a valid polygon (Self-intersection[...]); repaired",
+        "repaired, session started",
+    )
 
 
 # ---- labels ----------------------------------------------------------------------------------------
@@ -322,15 +352,16 @@ def test_spreadsheet_mangled_csv_is_accepted(reviewing):
     (batch / "labels.csv").write_bytes(b"\xef\xbb\xbf" + buffer.getvalue().encode("utf-8"))
     cli("ingest", reviewing, batch / "labels.csv", *CPU)
     assert [(e["patch_id"], e["label"]) for e in ledger(reviewing)] == [
-        (r["patch_id"], label) for r, label in zip(records, ["Tumor", "Normal", "Tumor", "Normal"], strict=True)]
+        (r["patch_id"], label) for r, label in zip(records, ["Tumor", "Normal", "Tumor", "Normal"], strict=True)
+    ]
 
 
-def _edit(batch: Path, change) -> Path:  # type: ignore[no-untyped-def]
+def _edit(batch: Path, change) -> Path:
     records = [dict(r, label=label) for r, label in zip(rows(batch), ["Tumor", "Normal", "yes", "no"], strict=True)]
     return write_rows(batch / "labels.csv", change(records))
 
 
-def _other_batch(records):  # type: ignore[no-untyped-def]
+def _other_batch(records):
     return [dict(r, batch="s1-r2") for r in records]
 
 
@@ -344,17 +375,25 @@ def _unclassified_geojson(batch: Path) -> Path:
 
 
 LABELS = {
-    "unknown label": (lambda rs: [dict(rs[0], label="tumour"), *rs[1:]], "label 'tumour' is not one of Tumor, "
-                      "Normal, yes, no, 1, 0, relevant, irrelevant, skip"),
-    "unknown patch id": (lambda rs: [dict(rs[0], patch_id="block_x9999_y9999"), *rs[1:]],
-                         "patch 'block_x9999_y9999' is not in batch s1-r1"),
+    "unknown label": (
+        lambda rs: [dict(rs[0], label="tumour"), *rs[1:]],
+        "label 'tumour' is not one of Tumor, Normal, yes, no, 1, 0, relevant, irrelevant, skip",
+    ),
+    "unknown patch id": (
+        lambda rs: [dict(rs[0], patch_id="block_x9999_y9999"), *rs[1:]],
+        "patch 'block_x9999_y9999' is not in batch s1-r1",
+    ),
     "added row (a patch of the project not in the batch)": (
-        lambda rs: [*rs, dict(rs[0], patch_id="block_x256_y256", n="05")], "is not in batch s1-r1"),
+        lambda rs: [*rs, dict(rs[0], patch_id="block_x256_y256", n="05")],
+        "is not in batch s1-r1",
+    ),
     "duplicate row with a conflicting label": (lambda rs: [*rs, dict(rs[0], label="Normal")], "labelled both"),
     "missing row": (lambda rs: rs[:3], "lacks the rows of 1 patches"),
     "another batch's CSV": (_other_batch, "this is the labels file of batch s1-r2, not s1-r1"),
-    "half-filled, no --partial": (lambda rs: [*rs[:2], *(dict(r, label="") for r in rs[2:])],
-                                  "2 of 4 patches have no label"),
+    "half-filled, no --partial": (
+        lambda rs: [*rs[:2], *(dict(r, label="") for r in rs[2:])],
+        "2 of 4 patches have no label",
+    ),
     "no label at all": (lambda rs: [dict(r, label="") for r in rs], "4 of 4 patches have no label"),
     "header removed": (lambda rs: [{k.upper() + "x": v for k, v in r.items()} for r in rs], "no 'patch_id'"),
 }
@@ -377,7 +416,9 @@ def test_half_filled_batch_with_partial_records_the_filled_rows_only(reviewing):
     records = fill(batch, ["Tumor", "", "no", ""])
     cli("ingest", reviewing, batch / "labels.csv", "--partial", *CPU)
     assert [(e["patch_id"], e["label"]) for e in ledger(reviewing)] == [
-        (records[0]["patch_id"], "Tumor"), (records[2]["patch_id"], "Normal")]
+        (records[0]["patch_id"], "Tumor"),
+        (records[2]["patch_id"], "Normal"),
+    ]
 
 
 def test_qupath_export_with_unclassified_objects_is_refused(reviewing):

@@ -80,9 +80,26 @@ def test_a_real_init_in_progress_refuses_a_second_command(block_slide, tmp_path)
     project = tmp_path / "p"
     log = tmp_path / "init.log"
     with open(log, "wb") as handle:
-        init = subprocess.Popen([sys.executable, "-m", "wsi_il", "init", str(project), "--slide",
-                                 str(block_slide.path), "--tile-size", "128", "--batch-size", "4", "--weights",
-                                 "random", *CPU], stdout=handle, stderr=subprocess.STDOUT)
+        init = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "wsi_il",
+                "init",
+                str(project),
+                "--slide",
+                str(block_slide.path),
+                "--tile-size",
+                "128",
+                "--batch-size",
+                "4",
+                "--weights",
+                "random",
+                *CPU,
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 120
         while not ((project / "lock").is_file() and (project / "project.json").is_file()):
@@ -109,9 +126,17 @@ def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
     project = Project(tmp_path / "p")
     project.root.mkdir()
     # our own, living pid, but a process start time that is not ours: the pid was reused after a kill
-    (project.root / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                   "command": "ingest", "since": "2025-01-01T00:00:00+00:00",
-                                                   "started": 1}))
+    (project.root / "lock").write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": "ingest",
+                "since": "2025-01-01T00:00:00+00:00",
+                "started": 1,
+            }
+        )
+    )
     with project.lock("query"):
         assert json.loads((project.root / "lock").read_text())["command"] == "query"
     assert not (project.root / "lock").exists()

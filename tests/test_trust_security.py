@@ -34,13 +34,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_il"
 
 
 def _calls(tree: ast.AST, module: str, function: str) -> list[ast.Call]:
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr == function and isinstance(node.func.value, ast.Name) and node.func.value.id == module]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == function
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == module
+    ]
 
 
 def _keyword(call: ast.Call, name: str) -> object:
-    return next((k.value.value for k in call.keywords if k.arg == name and isinstance(k.value, ast.Constant)),
-                "missing")
+    return next(
+        (k.value.value for k in call.keywords if k.arg == name and isinstance(k.value, ast.Constant)), "missing"
+    )
 
 
 def test_no_code_path_can_unpickle():
@@ -50,9 +58,12 @@ def test_no_code_path_can_unpickle():
             assert _keyword(call, "weights_only") is True, f"{path.name}:{call.lineno} torch.load without weights_only"
         for call in _calls(tree, "np", "load"):
             assert _keyword(call, "allow_pickle") in (False, "missing"), f"{path.name}:{call.lineno} allow_pickle"
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
-                    for alias in node.names} | {node.module for node in ast.walk(tree)
-                                               if isinstance(node, ast.ImportFrom)}
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not {"dill", "joblib", "cloudpickle", "shelve", "marshal"} & imported, path.name
         for call in _calls(tree, "pickle", "load") + _calls(tree, "pickle", "loads"):
             pytest.fail(f"{path.name}:{call.lineno} unpickles")
@@ -64,7 +75,7 @@ class _Payload:
     def __init__(self, target: Path) -> None:
         self.target = str(target)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (open, (self.target, "w"))
 
 
@@ -79,8 +90,9 @@ def test_a_pickle_planted_in_the_models_folder_is_refused_not_run(name, trained,
     import torch
 
     marker = tmp_path / "pwned"
-    torch.save({"retrieval": _Payload(marker), "classifier": {}, "classes": ["Tumor", "Normal"]},
-               trained / "models" / name)
+    torch.save(
+        {"retrieval": _Payload(marker), "classifier": {}, "classes": ["Tumor", "Normal"]}, trained / "models" / name
+    )
     region = write_region(tmp_path / "q.geojson", *QUERY_BOX)
     before = snapshot(trained)
     line = error_line(cli("query", trained, "--region", region, "--abandon", "-k", "2", *CPU, code=4))
@@ -94,8 +106,9 @@ def test_a_damaged_model_file_is_refused(trained, tmp_path):
     model = trained / "models" / "s1-r1.pt"
     model.write_bytes(model.read_bytes()[:1000])
     before = snapshot(trained)
-    line = error_line(cli("query", trained, "--region", write_region(tmp_path / "q.geojson", *QUERY_BOX), "--abandon",
-                          *CPU, code=4))
+    line = error_line(
+        cli("query", trained, "--region", write_region(tmp_path / "q.geojson", *QUERY_BOX), "--abandon", *CPU, code=4)
+    )
     assert "models/s1-r1.pt is damaged and was not loaded" in line, line
     assert_unchanged(trained, before)
     record("models/s1-r1.pt cut short", line, True)
@@ -114,14 +127,18 @@ def test_a_pickled_weights_file_is_refused_not_run(block_slide, tmp_path):
 
 
 def test_paths_in_a_labels_csv_are_never_used(block_slide, tmp_path_factory, tmp_path):
-    project = copy_project(session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path),
-                           tmp_path / "work" / "p")
+    project = copy_project(
+        session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path),
+        tmp_path / "work" / "p",
+    )
     outside = tmp_path / "work" / "secret.txt"
     outside.write_text("keep")
     batch = project / "batches" / "s1-r1"
     records = rows(batch)
-    hostile = [dict(r, image="../../../secret.txt", slide="../../../etc", label=label)
-               for r, label in zip(records, ["yes", "no", "no", "yes"], strict=True)]
+    hostile = [
+        dict(r, image="../../../secret.txt", slide="../../../etc", label=label)
+        for r, label in zip(records, ["yes", "no", "no", "yes"], strict=True)
+    ]
     write_rows(batch / "labels.csv", hostile)
     before = snapshot(tmp_path / "work")
     bad = [dict(hostile[0], patch_id="../../../secret.txt"), *hostile[1:]]
@@ -137,22 +154,29 @@ def test_paths_in_a_labels_csv_are_never_used(block_slide, tmp_path_factory, tmp
 
 
 def test_object_names_in_a_qupath_export_are_never_used_as_paths(block_slide, tmp_path_factory, tmp_path):
-    project = copy_project(session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path),
-                           tmp_path / "p")
+    project = copy_project(
+        session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path), tmp_path / "p"
+    )
     batch = project / "batches" / "s1-r1"
     data = json.loads((batch / "batch.geojson").read_text())
     for feature in data["features"]:
         feature["properties"]["classification"] = {"name": "Tumor", "color": [200, 0, 0]}
-    data["features"].append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]},
-                             "properties": {"name": "../../../../tmp/evil", "objectType": "annotation"}})
+    data["features"].append(
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [1, 1]},
+            "properties": {"name": "../../../../tmp/evil", "objectType": "annotation"},
+        }
+    )
     (batch / "exported.geojson").write_text(json.dumps(data))
     cli("ingest", project, batch / "exported.geojson", *CPU)
     assert len(ledger(project)) == 4 and not Path("/tmp/evil").exists()
 
 
 def test_inputs_read_whole_are_bounded(block_slide, tmp_path_factory, tmp_path):
-    project = copy_project(session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path),
-                           tmp_path / "p")
+    project = copy_project(
+        session_project(tmp_path_factory.getbasetemp(), block_slide.path, block_slide.truth_path), tmp_path / "p"
+    )
     batch = project / "batches" / "s1-r1"
     with open(batch / "labels.csv", "r+b") as handle:
         handle.truncate(65 * 2**20)  # sparse: a 65 MiB labels file
@@ -165,6 +189,7 @@ def test_inputs_read_whole_are_bounded(block_slide, tmp_path_factory, tmp_path):
 
 def _png_claiming(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` (only a few bytes of pixel data follow)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -173,12 +198,14 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("size", "expected"), [
-    ((6000, 5000), "is 6000 x 5000 px, more than a query image may have (25 megapixels)"),
-    ((60000, 40000), "is far too large for a query image"),  # a decompression bomb by Pillow's own limit
-])
-def test_a_huge_query_image_is_refused_before_it_is_decoded(size, expected, block_slide, tmp_path_factory,
-                                                            tmp_path):
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((6000, 5000), "is 6000 x 5000 px, more than a query image may have (25 megapixels)"),
+        ((60000, 40000), "is far too large for a query image"),  # a decompression bomb by Pillow's own limit
+    ],
+)
+def test_a_huge_query_image_is_refused_before_it_is_decoded(size, expected, block_slide, tmp_path_factory, tmp_path):
     from test_trust_support import init_project
 
     project = copy_project(init_project(tmp_path_factory.getbasetemp(), block_slide.path), tmp_path / "p")
@@ -222,15 +249,27 @@ def test_files_follow_the_users_umask(block_slide, tmp_path):
     private, shared = tmp_path / "private", tmp_path / "shared"
     private.mkdir(mode=0o700)
     shared.mkdir(mode=0o755)
-    result = subprocess.run([sys.executable, "-c", UMASK_SCRIPT, str(block_slide.path), str(block_slide.truth_path),
-                             str(region), str(private), str(shared), *INIT], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UMASK_SCRIPT,
+            str(block_slide.path),
+            str(block_slide.truth_path),
+            str(region),
+            str(private),
+            str(shared),
+            *INIT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     modes = _modes(private)
     assert len(modes) > 20 and any(name.endswith("features.npy") for name in modes)
     assert {name: oct(mode) for name, mode in modes.items() if mode & 0o077} == {}, "umask 077 not respected"
     modes = _modes(shared)
-    wrong = {name: oct(mode) for name, mode in modes.items()
-             if mode != (0o755 if (shared / name).is_dir() else 0o644)}
+    wrong = {name: oct(mode) for name, mode in modes.items() if mode != (0o755 if (shared / name).is_dir() else 0o644)}
     assert wrong == {}, "umask 022: every file 644, every folder 755 (none world-writable, none made private)"
     assert not os.path.exists(shared / "p" / "lock")

@@ -30,7 +30,7 @@ QUERY_BOX = (512, 512, 1024, 1024)  # inside the block slide's tumour
 _BUILT: dict[str, Path] = {}
 
 
-def cli(*args: object, code: int | None = 0):  # type: ignore[no-untyped-def]
+def cli(*args: object, code: int | None = 0):
     """Run the CLI in-process; check the exit code unless ``code`` is None."""
     result = runner.invoke(app, [str(a) for a in args])
     if code is not None:
@@ -38,12 +38,15 @@ def cli(*args: object, code: int | None = 0):  # type: ignore[no-untyped-def]
     return result
 
 
-def error_line(result) -> str:  # type: ignore[no-untyped-def]
+def error_line(result) -> str:
     """Return the one line a refused command printed, checking that it is one line without a traceback."""
     text = result.output
     assert "Traceback" not in text, text
-    lines = [line for line in text.strip().splitlines()
-             if "RANDOMLY initialised" not in line and not line.startswith("warning: ")]
+    lines = [
+        line
+        for line in text.strip().splitlines()
+        if "RANDOMLY initialised" not in line and not line.startswith("warning: ")
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: "), text
     return lines[0]
 
@@ -72,8 +75,14 @@ def copy_project(source: Path, target: Path) -> Path:
 
 
 def write_geojson(path: Path, geometries: list[Any], **properties: Any) -> Path:
-    features = [{"type": "Feature", "geometry": shapely.geometry.mapping(g) if not isinstance(g, dict) else g,
-                 "properties": {"objectType": "annotation", **properties}} for g in geometries]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": shapely.geometry.mapping(g) if not isinstance(g, dict) else g,
+            "properties": {"objectType": "annotation", **properties},
+        }
+        for g in geometries
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 
@@ -88,8 +97,7 @@ def rows(batch: Path) -> list[dict[str, str]]:
 
 def write_rows(path: Path, records: list[dict[str, str]], **fmt: Any) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator=fmt.pop("lineterminator", "\n"),
-                            **fmt)
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator=fmt.pop("lineterminator", "\n"), **fmt)
     writer.writeheader()
     writer.writerows(records)
     path.write_bytes(buffer.getvalue().encode("utf-8"))
@@ -147,8 +155,13 @@ def ingested_project(base: Path, slide: Path, truth: Path) -> Path:
 
 def wsi_il(*args: object, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m wsi_il`` in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "wsi_il", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_il", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def record(case: str, message: str, unchanged: bool | str) -> None:

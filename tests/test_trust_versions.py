@@ -25,7 +25,7 @@ def fresh(block_slide, tmp_path_factory, tmp_path) -> Path:
     return copy_project(init_project(tmp_path_factory.getbasetemp(), block_slide.path), tmp_path / "p")
 
 
-def edit(project: Path, change) -> None:  # type: ignore[no-untyped-def]
+def edit(project: Path, change) -> None:
     manifest = json.loads((project / "project.json").read_text())
     change(manifest)
     (project / "project.json").write_text(json.dumps(manifest, indent=2))
@@ -55,8 +55,13 @@ def test_a_project_from_an_incompatible_wsi_il_is_refused_by_every_command(case,
     edit(fresh, change)
     region = write_region(tmp_path / "q.geojson", *QUERY_BOX)
     before = snapshot(fresh)
-    for args in (("status", fresh), ("init", fresh, *CPU), ("query", fresh, "--region", region, *CPU),
-                 ("export", fresh, "--out", tmp_path / "m.geojson"), ("add-slide", fresh, "--slide", region, *CPU)):
+    for args in (
+        ("status", fresh),
+        ("init", fresh, *CPU),
+        ("query", fresh, "--region", region, *CPU),
+        ("export", fresh, "--out", tmp_path / "m.geojson"),
+        ("add-slide", fresh, "--slide", region, *CPU),
+    ):
         line = error_line(cli(*args, code=4))
         assert expected in line, line
     assert_unchanged(fresh, before)
@@ -91,8 +96,20 @@ def test_training_settings_may_be_edited(fresh, tmp_path):
 
 def test_other_torch_versions_are_warned_about(fresh, tmp_path):
     edit(fresh, lambda m: m["provenance"]["versions"].update(torch="1.13.0", torchvision="0.14.0"))
-    for args in (("init", fresh, *CPU), ("query", fresh, "--region", write_region(tmp_path / "q.geojson", *QUERY_BOX),
-                                         "-k", "2", "--rounds", "1", *CPU)):
+    for args in (
+        ("init", fresh, *CPU),
+        (
+            "query",
+            fresh,
+            "--region",
+            write_region(tmp_path / "q.geojson", *QUERY_BOX),
+            "-k",
+            "2",
+            "--rounds",
+            "1",
+            *CPU,
+        ),
+    ):
         output = " ".join(cli(*args).output.split())
         assert "warning: the project's features were computed with torch 1.13.0 (now " in output, output
         assert "torchvision 0.14.0" in output and "may differ slightly" in output
@@ -103,8 +120,10 @@ OPTIONS = {
     "--classes": (("--classes", "Tumor,Stroma"), "created with --classes Tumor,Normal, not --classes Tumor,Stroma"),
     "--weights": (("--weights", "imagenet"), "created with --weights random, not --weights imagenet"),
     "--epochs": (("--epochs", "7"), "created with --epochs 2, not --epochs 7"),
-    "--no-refine-query and --lr": (("--no-refine-query", "--lr", "0.001"),
-                                   "created with --lr 0.0001, --refine-query, not --lr 0.001, --no-refine-query"),
+    "--no-refine-query and --lr": (
+        ("--no-refine-query", "--lr", "0.001"),
+        "created with --lr 0.0001, --refine-query, not --lr 0.001, --no-refine-query",
+    ),
     "--schedule": (("--schedule", "paper"), "created with --schedule auto, not --schedule paper"),
 }
 
@@ -121,7 +140,21 @@ def test_init_again_with_other_settings_is_refused(case, fresh, block_slide):
 
 def test_init_again_with_the_recorded_settings_resumes(fresh, block_slide):
     before = snapshot(fresh)
-    output = cli("init", fresh, "--slide", block_slide.path, "--tile-size", "256", "--weights", "random",
-                 "--classes", "tumor, normal", "--epochs", "2", "--refine-query", *CPU).output
+    output = cli(
+        "init",
+        fresh,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "256",
+        "--weights",
+        "random",
+        "--classes",
+        "tumor, normal",
+        "--epochs",
+        "2",
+        "--refine-query",
+        *CPU,
+    ).output
     assert "resuming" in output and "ready" in output
     assert_unchanged(fresh, before)

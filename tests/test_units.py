@@ -101,13 +101,16 @@ def test_tissue_filter_on_the_example_slide_and_the_test_patches(example_slide, 
     settings = TilingSettings()
 
     def candidate(rgb: np.ndarray) -> bool:
-        kept = candidate_tiles(grid((0, 0, 512, 512), 512), tissue_mask(rgb, settings), 1.0, 512,
-                               settings.min_mask_fraction)
+        kept = candidate_tiles(
+            grid((0, 0, 512, 512), 512), tissue_mask(rgb, settings), 1.0, 512, settings.min_mask_fraction
+        )
         return len(kept) == 1
 
     with openslide.OpenSlide(str(example_slide)) as slide:
-        tile = {xy: np.asarray(slide.read_region(xy, 0, (512, 512)).convert("RGB"))
-                for xy in ((640, 2100), (1100, 2300), (0, 1500), (1600, 0), (0, 0))}
+        tile = {
+            xy: np.asarray(slide.read_region(xy, 0, (512, 512)).convert("RGB"))
+            for xy in ((640, 2100), (1100, 2300), (0, 1500), (1600, 0), (0, 0))
+        }
     for xy in ((640, 2100), (1100, 2300)):  # inside the section
         assert is_tissue_tile(tile[xy], settings) and candidate(tile[xy]), xy
     for xy in ((0, 1500), (1600, 0)):  # bare glass
@@ -175,7 +178,7 @@ class _Payload:
     def __init__(self, marker: str) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (open, (self.marker, "w"))  # unpickling would create the marker file
 
 
@@ -183,7 +186,7 @@ class _TensorDict(OrderedDict):
     """A dict subclass: looks like a state dict, but is not a plain type."""
 
 
-def _same_parameters(model, state) -> None:  # type: ignore[no-untyped-def]
+def _same_parameters(model, state) -> None:
     import torch
 
     loaded = model.state_dict()
@@ -373,7 +376,7 @@ def test_classifier_loss_for_not_class_targets():
     assert mixed == pytest.approx((ce - np.log(1 - p0)) / 2, rel=1e-5)
 
 
-def _two_classes(n: int, seed: int, shift: float):  # type: ignore[no-untyped-def]
+def _two_classes(n: int, seed: int, shift: float):
     """A random layer4[1] and n float16 features of two classes: class 0 a little more in the first half of the
     channels, class 1 in the second half."""
     import torch
@@ -396,8 +399,9 @@ def test_train_heads_learns_two_shifted_distributions(schedule):
     n = 40
     init, targets, features = _two_classes(n, seed=0, shift=0.25)
     ticks = []
-    heads = train_heads(features, targets, init, 2, TrainSettings(epochs=20, seed=0, schedule=schedule), "cpu",
-                        on_epoch=ticks.append)
+    heads = train_heads(
+        features, targets, init, 2, TrainSettings(epochs=20, seed=0, schedule=schedule), "cpu", on_epoch=ticks.append
+    )
     epochs = len(heads.losses["triplet"])
     assert sum(ticks) == epochs
     assert epochs == 20 if schedule == "paper" else 2 <= epochs <= 20  # fast: early stopping may end it sooner
@@ -477,7 +481,6 @@ def test_projects_written_before_the_schedule_setting_keep_the_papers():
     assert from_dict(TrainSettings, to_dict(TrainSettings())).schedule == "auto"
 
 
-
 def test_projects_written_before_the_frozen_first_convolution_keep_training_it():
     from wsi_il.config import fast_budget, from_dict, to_dict
 
@@ -492,8 +495,14 @@ def test_projects_written_before_the_frozen_first_convolution_keep_training_it()
 
 
 def _entry(i: int) -> dict:
-    return {"patch_id": f"p{i}", "label": "Tumor" if i % 2 else "not:Tumor", "batch": "s1-r1", "session": "s1",
-            "round": 1, "time": "2025-01-01T00:00:00+00:00"}
+    return {
+        "patch_id": f"p{i}",
+        "label": "Tumor" if i % 2 else "not:Tumor",
+        "batch": "s1-r1",
+        "session": "s1",
+        "round": 1,
+        "time": "2025-01-01T00:00:00+00:00",
+    }
 
 
 def test_ledger_round_trip_and_torn_line(tmp_path):
@@ -516,8 +525,11 @@ def test_ledger_round_trip_and_torn_line(tmp_path):
 
 
 def _write_lock(root: Path, pid: int) -> None:
-    (root / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "ingest",
-                                           "since": "2025-01-01T00:00:00+00:00"}))
+    (root / "lock").write_text(
+        json.dumps(
+            {"pid": pid, "host": socket.gethostname(), "command": "ingest", "since": "2025-01-01T00:00:00+00:00"}
+        )
+    )
 
 
 def test_lock_held_by_a_live_process_is_respected(tmp_path):
@@ -600,11 +612,15 @@ def test_check_floors_pins_every_dependency_at_its_floor(tmp_path) -> None:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\ndependencies = ["torch>=2.1", "faiss-cpu>=1.7.4", "hypothesis >= 6"]\n'
-                         '[project.optional-dependencies]\ntest = ["pytest>=7.3"]\n', encoding="utf-8")
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch>=2.1", "faiss-cpu>=1.7.4", "hypothesis >= 6"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest>=7.3"]\n',
+        encoding="utf-8",
+    )
     assert tool.floor_pins(pyproject) == ["torch==2.1.*", "faiss-cpu==1.7.4", "hypothesis==6.0.*", "pytest==7.3.*"]
-    pyproject.write_text('[project]\ndependencies = ["torch<3"]\n[project.optional-dependencies]\ntest = []\n',
-                         encoding="utf-8")
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch<3"]\n[project.optional-dependencies]\ntest = []\n', encoding="utf-8"
+    )
     with pytest.raises(SystemExit, match="not of the form"):
         tool.floor_pins(pyproject)
     real = tool.floor_pins(Path(__file__).parents[1] / "pyproject.toml")
@@ -619,7 +635,7 @@ def test_extraction_commits_unless_the_last_commit_took_a_tenth_of_the_time_sinc
     commits = database.Commits()
     assert commits.due()  # nothing committed yet
 
-    def sync_for(seconds: float):  # type: ignore[no-untyped-def]
+    def sync_for(seconds: float):
         return lambda: clock.__setitem__(0, clock[0] + seconds)
 
     commits.commit(sync_for(0.011))  # a slow disk: 11 ms of syncs

@@ -20,18 +20,30 @@ def waiting_project(block_slide, tmp_path) -> Path:
     return _waiting_project(block_slide, tmp_path)
 
 
-def _waiting_project(block_slide, tmp_path: Path, *init_options: str,  # type: ignore[no-untyped-def]
-                     device: str = "cpu") -> Path:
+def _waiting_project(block_slide, tmp_path: Path, *init_options: str, device: str = "cpu") -> Path:
     project = tmp_path / "proj"
-    run("init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random", "--epochs", "2",
-        "--device", device, *init_options)
+    run(
+        "init",
+        project,
+        "--slide",
+        block_slide.path,
+        "--tile-size",
+        "128",
+        "--weights",
+        "random",
+        "--epochs",
+        "2",
+        "--device",
+        device,
+        *init_options,
+    )
     x0, y0, _, _ = block_slide.tumour.bounds
     region = write_region(tmp_path / "query.geojson", x0 + 128, y0 + 128, x0 + 384, y0 + 384)
     run("query", project, "--region", region, "--label", "tumor", "-k", "6", "--rounds", "2", "--device", device)
     return project
 
 
-def _wait_for(condition, what: str, seconds: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(condition, what: str, seconds: float = 120.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -67,8 +79,9 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
 
     rounds: list[int] = []
     stopped = threading.Event()
-    watcher = threading.Thread(target=lambda: rounds.append(watch(project, ingest_batch, said.append, 0.05,
-                                                                  stopped.is_set)))
+    watcher = threading.Thread(
+        target=lambda: rounds.append(watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+    )
     watcher.start()
     try:
         first = waiting_project / "batches" / "s1-r1"
@@ -92,8 +105,13 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
 
 def test_watch_command_runs_the_rounds_and_says_what_comes_next(waiting_project, block_slide):
     results = []
-    command = threading.Thread(target=lambda: results.append(CliRunner().invoke(
-        app, ["watch", str(waiting_project), "--interval", "0.05", "--device", "cpu"], catch_exceptions=False)))
+    command = threading.Thread(
+        target=lambda: results.append(
+            CliRunner().invoke(
+                app, ["watch", str(waiting_project), "--interval", "0.05", "--device", "cpu"], catch_exceptions=False
+            )
+        )
+    )
     command.start()
     for batch in ("s1-r1", "s1-r2"):
         path = waiting_project / "batches" / batch
@@ -129,8 +147,10 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
     for n, feature in enumerate(exported["features"]):
         feature["properties"].pop("wsi_il", None)
         if n:  # the first object left unclassified: a partial export first
-            feature["properties"]["classification"] = {"name": truth[feature["properties"]["name"]],
-                                                       "color": [200, 0, 0]}
+            feature["properties"]["classification"] = {
+                "name": truth[feature["properties"]["name"]],
+                "color": [200, 0, 0],
+            }
     said: list[str] = []
     ingested: list[Path] = []
     stopped = threading.Event()
@@ -190,8 +210,7 @@ def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(block_sl
     assert all(np.array_equal(a, b) for a, b in zip(*results, strict=True))
 
 
-def test_the_watcher_warms_up_while_the_batch_waits_and_not_once_it_is_labelled(waiting_project, block_slide,
-                                                                                  capsys):
+def test_the_watcher_warms_up_while_the_batch_waits_and_not_once_it_is_labelled(waiting_project, block_slide, capsys):
     from wsi_il.cli import _rehearse
     from wsi_il.project import Project
     from wsi_il.watch import waiting_batches

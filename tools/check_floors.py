@@ -54,11 +54,13 @@ def main() -> int:
     if args.venv.exists():
         raise SystemExit(f"{args.venv} exists: give a new folder")
     python = str(args.venv / "bin" / "python")
-    steps = [[args.python, "-m", "venv", str(args.venv)],
-             [python, "-m", "pip", "install", *pins],
-             [python, "-m", "pip", "install", "--no-deps", "-e", str(ROOT)],
-             [python, "-m", "pip", "list"],
-             [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]]
+    steps = [
+        [args.python, "-m", "venv", str(args.venv)],
+        [python, "-m", "pip", "install", *pins],
+        [python, "-m", "pip", "install", "--no-deps", "-e", str(ROOT)],
+        [python, "-m", "pip", "list"],
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+    ]
     for step in steps:
         print("+", " ".join(step), flush=True)
         if subprocess.run(step, cwd=ROOT).returncode != 0:

@@ -50,14 +50,17 @@ def write_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch], a
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise LabelsError(f"cannot read {path}: {exc.strerror or exc}",
-                          "the batch folder may have been moved; restore it") from exc
+        raise LabelsError(
+            f"cannot read {path}: {exc.strerror or exc}", "the batch folder may have been moved; restore it"
+        ) from exc
     bom = data.startswith(_BOM)
     try:
-        text = data[len(_BOM) if bom else 0:].decode("utf-8")
+        text = data[len(_BOM) if bom else 0 :].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LabelsError(f"{path} is not UTF-8 text (saved by a spreadsheet in another encoding)",
-                          "save it as CSV UTF-8, or label this batch in labels.csv itself") from exc
+        raise LabelsError(
+            f"{path} is not UTF-8 text (saved by a spreadsheet in another encoding)",
+            "save it as CSV UTF-8, or label this batch in labels.csv itself",
+        ) from exc
     newline = "\r\n" if "\r\n" in text else "\n"
     header = next((line for line in text.splitlines() if line.strip()), "")
     delimiter = csv_delimiter(header)
@@ -67,12 +70,14 @@ def write_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch], a
         raise LabelsError(f"{path} is empty", "restore the labels.csv the batch came with")
     keys = [column_key(h) for h in records[start]]
     if "patch_id" not in keys or "label" not in keys:
-        raise LabelsError(f"{path.name} has no 'patch_id' or 'label' column in its first line",
-                          "keep the header line of the labels.csv the batch came with")
+        raise LabelsError(
+            f"{path.name} has no 'patch_id' or 'label' column in its first line",
+            "keep the header line of the labels.csv the batch came with",
+        )
     id_col, label_col = keys.index("patch_id"), keys.index("label")
     pending = dict(answers)
     sheet = {p.patch_id: patch_number(n, len(patches)) for n, p in enumerate(patches, start=1)}
-    for number, record in enumerate(records[start + 1:], start=start + 2):
+    for number, record in enumerate(records[start + 1 :], start=start + 2):
         patch_id = record[id_col].strip() if id_col < len(record) else ""
         if patch_id not in pending:
             continue
@@ -80,8 +85,10 @@ def write_answers(batch_dir: Path, info: BatchInfo, patches: list[BatchPatch], a
         record.extend([""] * (label_col + 1 - len(record)))
         record[label_col] = text_now
     if pending:
-        raise LabelsError(f"{path.name} lacks the rows of {', '.join(sorted(pending)[:5])}",
-                          "restore the rows (leave the label empty for patches not labelled yet)")
+        raise LabelsError(
+            f"{path.name} lacks the rows of {', '.join(sorted(pending)[:5])}",
+            "restore the rows (leave the label empty for patches not labelled yet)",
+        )
     buffer = io.StringIO()
     csv.writer(buffer, delimiter=delimiter, lineterminator=newline).writerows(records)
     atomic_write_bytes(path, (_BOM if bom else b"") + buffer.getvalue().encode("utf-8"))

@@ -63,12 +63,14 @@ def is_timm(arch: str) -> bool:
     return arch not in ARCHES
 
 
-def _timm():  # type: ignore[no-untyped-def]
+def _timm():
     try:
         import timm
     except ImportError as exc:
-        raise WeightsError("timm is not installed, and --arch names a timm model",
-                           "install it with `pip install 'wsi-il[timm]'` (or `pip install timm`)") from exc
+        raise WeightsError(
+            "timm is not installed, and --arch names a timm model",
+            "install it with `pip install 'wsi-il[timm]'` (or `pip install timm`)",
+        ) from exc
     return timm
 
 
@@ -77,9 +79,11 @@ def check_arch(arch: str) -> str:
     timm = _timm()
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-        raise WeightsError(f"--arch {arch!r} is neither resnet18/34/50 nor a timm architecture",
-                           "name one from `python -c \"import timm; print(timm.list_models('vit*'))\"`"
-                           + (f", e.g. {', '.join(close)}" if close else ""))
+        raise WeightsError(
+            f"--arch {arch!r} is neither resnet18/34/50 nor a timm architecture",
+            "name one from `python -c \"import timm; print(timm.list_models('vit*'))\"`"
+            + (f", e.g. {', '.join(close)}" if close else ""),
+        )
     return arch
 
 
@@ -90,8 +94,10 @@ def parse_args(text: str | None) -> dict[str, Any]:
     try:
         args = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"--arch-args {text!r} is not JSON ({exc.msg} at character {exc.pos})",
-                         "give an object, e.g. --arch-args '{\"init_values\": 1e-5}'") from exc
+        raise InputError(
+            f"--arch-args {text!r} is not JSON ({exc.msg} at character {exc.pos})",
+            "give an object, e.g. --arch-args '{\"init_values\": 1e-5}'",
+        ) from exc
     if not isinstance(args, dict):
         raise InputError(f"--arch-args {text!r} is not a JSON object", "e.g. --arch-args '{\"init_values\": 1e-5}'")
     return args
@@ -115,25 +121,31 @@ def hub_snapshot(repo: str) -> Path:
         found = try_to_load_from_cache(repo, name, cache_dir=str(cache))
         if isinstance(found, str):
             return Path(found).parent
-    raise WeightsError(f"{HUB_PREFIX}{repo} is not in the local hub cache ({cache}); nothing is downloaded",
-                       f"on a machine with access, run `hf download {repo}` and copy "
-                       f"{cache / ('models--' + repo.replace('/', '--'))} here (config.json and the weights must be "
-                       f"in {where}), or set HF_HUB_CACHE to the cache that holds it")
+    raise WeightsError(
+        f"{HUB_PREFIX}{repo} is not in the local hub cache ({cache}); nothing is downloaded",
+        f"on a machine with access, run `hf download {repo}` and copy "
+        f"{cache / ('models--' + repo.replace('/', '--'))} here (config.json and the weights must be "
+        f"in {where}), or set HF_HUB_CACHE to the cache that holds it",
+    )
 
 
 def snapshot_config(folder: Path) -> dict[str, Any]:
     """The timm configuration (``config.json``) of a snapshot folder."""
     path = folder / "config.json"
     if not path.is_file():
-        raise WeightsError(f"{folder} holds no config.json", "give the folder of a timm hub snapshot, or the weights "
-                           "file itself with --arch and --arch-args")
+        raise WeightsError(
+            f"{folder} holds no config.json",
+            "give the folder of a timm hub snapshot, or the weights file itself with --arch and --arch-args",
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{path} cannot be read as JSON ({exc})", "copy the snapshot again") from exc
     if not isinstance(config, dict) or "architecture" not in config:
-        raise WeightsError(f"{path} names no timm architecture (no 'architecture' key)",
-                           "this is not a timm model: give its weights file with --arch and --arch-args")
+        raise WeightsError(
+            f"{path} names no timm architecture (no 'architecture' key)",
+            "this is not a timm model: give its weights file with --arch and --arch-args",
+        )
     return config
 
 
@@ -142,8 +154,10 @@ def snapshot_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise WeightsError(f"{folder} holds none of {', '.join(WEIGHT_FILES)}",
-                       "copy the whole snapshot (the weights are stored beside config.json)")
+    raise WeightsError(
+        f"{folder} holds none of {', '.join(WEIGHT_FILES)}",
+        "copy the whole snapshot (the weights are stored beside config.json)",
+    )
 
 
 _PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -172,9 +186,16 @@ class TimmChoice:
     """The resolution the model was trained at, where known (``KNOWN_MPP``)."""
 
 
-KNOWN_MPP = {"MahmoodLab/UNI": 0.5, "MahmoodLab/UNI2-h": 0.5, "paige-ai/Virchow2": 0.5, "paige-ai/Virchow": 0.5,
-             "bioptimus/H-optimus-0": 0.5, "bioptimus/H-optimus-1": 0.5, "bioptimus/H0-mini": 0.5,
-             "prov-gigapath/prov-gigapath": 0.5}
+KNOWN_MPP = {
+    "MahmoodLab/UNI": 0.5,
+    "MahmoodLab/UNI2-h": 0.5,
+    "paige-ai/Virchow2": 0.5,
+    "paige-ai/Virchow": 0.5,
+    "bioptimus/H-optimus-0": 0.5,
+    "bioptimus/H-optimus-1": 0.5,
+    "bioptimus/H0-mini": 0.5,
+    "prov-gigapath/prov-gigapath": 0.5,
+}
 """µm/px each public pathology model was trained at, by hub id (docs/backbones.md says where each figure comes
 from): a project made with one tiles at it unless told otherwise."""
 
@@ -182,22 +203,25 @@ from): a project made with one tiles at it unless told otherwise."""
 def choose_timm(spec: str, arch: str | None, args: dict[str, Any]) -> TimmChoice:
     """Resolve ``--weights`` with ``--arch``/``--arch-args`` for a timm model (nothing is loaded yet)."""
     if spec == "imagenet":
-        raise WeightsError(f"--weights imagenet is for the torchvision ResNets, not --arch {arch}",
-                           "give a weights file, a snapshot folder or hf-hub:ORG/NAME from the local cache")
+        raise WeightsError(
+            f"--weights imagenet is for the torchvision ResNets, not --arch {arch}",
+            "give a weights file, a snapshot folder or hf-hub:ORG/NAME from the local cache",
+        )
     if spec == "random":
         if arch is None:
             raise WeightsError("--weights random needs --arch", "e.g. --arch vit_small_patch16_224")
         return TimmChoice(check_arch(arch), args, None, "random")
-    repo = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else None
+    repo = spec[len(HUB_PREFIX) :] if spec.startswith(HUB_PREFIX) else None
     folder = hub_snapshot(repo) if repo else (Path(spec) if Path(spec).is_dir() else None)
     if folder is None:
         path = Path(spec)
         if not path.is_file():
-            raise WeightsError(f"weights {spec} is neither a file, a folder nor {HUB_PREFIX}ORG/NAME",
-                               "check the path")
+            raise WeightsError(f"weights {spec} is neither a file, a folder nor {HUB_PREFIX}ORG/NAME", "check the path")
         if arch is None:
-            raise WeightsError(f"{path} is a timm model's weights file without its configuration",
-                               "name its architecture with --arch (and --arch-args), or give the snapshot folder")
+            raise WeightsError(
+                f"{path} is a timm model's weights file without its configuration",
+                "name its architecture with --arch (and --arch-args), or give the snapshot folder",
+            )
         return TimmChoice(check_arch(arch), args, path, str(path.resolve()))
     config = snapshot_config(folder)
     if arch is not None and arch != config["architecture"]:
@@ -206,11 +230,16 @@ def choose_timm(spec: str, arch: str | None, args: dict[str, Any]) -> TimmChoice
     preprocessing = {k: v for k, v in _pretrained_cfg(config).items() if k in _PREPROCESSING_KEYS}
     if preprocessing:
         merged.setdefault("pretrained_cfg_overlay", preprocessing)
-    return TimmChoice(check_arch(config["architecture"]), merged, snapshot_weights(folder),
-                      f"{HUB_PREFIX}{repo}" if repo else str(folder.resolve()), KNOWN_MPP.get(repo or ""))
+    return TimmChoice(
+        check_arch(config["architecture"]),
+        merged,
+        snapshot_weights(folder),
+        f"{HUB_PREFIX}{repo}" if repo else str(folder.resolve()),
+        KNOWN_MPP.get(repo or ""),
+    )
 
 
-def weights_of(choice: TimmChoice):  # type: ignore[no-untyped-def]
+def weights_of(choice: TimmChoice):
     """Load a choice's weights (``features.Weights``)."""
     from wsi_il.features import Weights, load_weights_file
 
@@ -222,14 +251,17 @@ def weights_of(choice: TimmChoice):  # type: ignore[no-untyped-def]
     return weights
 
 
-def create(arch: str, args: dict[str, Any]):  # type: ignore[no-untyped-def]
+def create(arch: str, args: dict[str, Any]):
     """A timm model without its classifier, randomly initialised (``pretrained=False``: never downloaded)."""
     timm = _timm()
     try:
         return timm.create_model(arch, pretrained=False, **{**_resolved(args), "num_classes": 0})
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        raise WeightsError(f"timm cannot build {arch} with {json.dumps(args)} ({type(exc).__name__}: "
-                           f"{' '.join(str(exc).split())[:160]})", "check --arch-args") from exc
+        raise WeightsError(
+            f"timm cannot build {arch} with {json.dumps(args)} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]})",
+            "check --arch-args",
+        ) from exc
 
 
 _LAYER_ARGS = ("mlp_layer", "embed_layer", "block_fn")
@@ -248,13 +280,14 @@ def _resolved(args: dict[str, Any]) -> dict[str, Any]:
         if isinstance(name, str):
             found = getattr(timm.layers, name, None) or getattr(timm.models.vision_transformer, name, None)
             if found is None:
-                raise WeightsError(f"--arch-args {key} {name!r} names no timm layer",
-                                   'e.g. "mlp_layer": "SwiGLUPacked"')
+                raise WeightsError(
+                    f"--arch-args {key} {name!r} names no timm layer", 'e.g. "mlp_layer": "SwiGLUPacked"'
+                )
             resolved[key] = found
     return resolved
 
 
-def build_timm(arch: str, args: dict[str, Any], weights: Any, seed: int):  # type: ignore[no-untyped-def]
+def build_timm(arch: str, args: dict[str, Any], weights: Any, seed: int):
     """Build a timm model with the given weights (seeded init when random), refusing weights that do not fit."""
     import torch
 
@@ -265,15 +298,17 @@ def build_timm(arch: str, args: dict[str, Any], weights: Any, seed: int):  # typ
         state = {k: v for k, v in weights.state.items() if k in expected or not _classifier_key(model, k)}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(k for k in set(state) & set(expected)
-                           if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape))
+        misshapen = sorted(
+            k for k in set(state) & set(expected) if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
+        )
         if missing or unexpected or misshapen:
             raise WeightsError(
                 f"{weights.source} does not fit {arch} {json.dumps(args)}: {len(missing)} missing keys (e.g. "
                 f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(misshapen)} of another "
                 f"shape (e.g. {misshapen[:2]})",
                 "give the architecture and the arguments the model was trained with (docs/backbones.md lists them "
-                "for the public pathology models: img_size, init_values, reg_tokens, mlp_layer ...)")
+                "for the public pathology models: img_size, init_values, reg_tokens, mlp_layer ...)",
+            )
         model.load_state_dict(state)
     model.wsi_il_spec = {"arch": arch, "args": args}
     return model.eval()
@@ -297,42 +332,45 @@ def preprocessing_of(model: Any) -> Preprocessing:
     fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if fixed and not getattr(model, "dynamic_img_size", False):  # a ViT built for one size takes only that size
         input_px = int(fixed[-1])
-    return Preprocessing(input_px, [float(v) for v in config["mean"]],
-                         [float(v) for v in config["std"]], interpolation)
+    return Preprocessing(input_px, [float(v) for v in config["mean"]], [float(v) for v in config["std"]], interpolation)
 
 
 def check_trainable(model: Any, trainable: str) -> str:
     """Return ``trainable`` when the model supports that split, else raise an InputError."""
     if trainable not in TIMM_TRAINABLE:
-        raise InputError(f"--trainable {trainable} is not one of {', '.join(TIMM_TRAINABLE)} for a timm model",
-                         "use --trainable embedding (the default) or --trainable last")
+        raise InputError(
+            f"--trainable {trainable} is not one of {', '.join(TIMM_TRAINABLE)} for a timm model",
+            "use --trainable embedding (the default) or --trainable last",
+        )
     if trainable == "last":
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer):
-            raise InputError(f"--trainable last needs a timm VisionTransformer, and {type(model).__name__} is not one",
-                             "use --trainable embedding (the frozen embedding and the heads on it)")
+            raise InputError(
+                f"--trainable last needs a timm VisionTransformer, and {type(model).__name__} is not one",
+                "use --trainable embedding (the frozen embedding and the heads on it)",
+            )
     return trainable
 
 
-def _nn():  # type: ignore[no-untyped-def]
+def _nn():
     import torch
 
     return torch.nn
 
 
-class EmbeddingTrunk(_nn().Module):  # type: ignore[misc]
+class EmbeddingTrunk(_nn().Module):
     """The whole frozen model up to its pooled embedding (``forward_head(..., pre_logits=True)``)."""
 
     def __init__(self, model: Any) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
 
-class TokenTrunk(_nn().Module):  # type: ignore[misc]
+class TokenTrunk(_nn().Module):
     """A vision transformer up to the tokens entering its last block (what ``forward_features`` computes first)."""
 
     def __init__(self, model: Any) -> None:
@@ -340,13 +378,13 @@ class TokenTrunk(_nn().Module):  # type: ignore[misc]
         self.model = model
         self.blocks = model.blocks[:-1]
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         model = self.model
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         return self.blocks(x)
 
 
-def trunk_of(model: Any, trainable: str):  # type: ignore[no-untyped-def]
+def trunk_of(model: Any, trainable: str):
     """The frozen part of a timm model for a split (its parameters frozen, in eval mode)."""
     check_trainable(model, trainable)
     trunk = EmbeddingTrunk(model) if trainable == "embedding" else TokenTrunk(model)
@@ -355,7 +393,7 @@ def trunk_of(model: Any, trainable: str):  # type: ignore[no-untyped-def]
     return trunk.eval()
 
 
-class EmbeddingTail(_nn().Module):  # type: ignore[misc]
+class EmbeddingTail(_nn().Module):
     """The trainable part on a cached embedding: a linear map, the identity to begin with."""
 
     def __init__(self, width: int, spec: Any) -> None:
@@ -367,11 +405,11 @@ class EmbeddingTail(_nn().Module):  # type: ignore[misc]
             nn.init.zeros_(self.linear.bias)
         self.register_buffer(TAIL_SPEC, spec)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         return self.linear(x)
 
 
-class TokenTail(_nn().Module):  # type: ignore[misc]
+class TokenTail(_nn().Module):
     """The trainable part on cached tokens: a vision transformer's last block, final norm and pooling.
 
     Built from the whole model with everything else taken out (so that the model's own pooling, class token or
@@ -392,12 +430,12 @@ class TokenTail(_nn().Module):  # type: ignore[misc]
         self.shell = model
         self.register_buffer(TAIL_SPEC, spec)
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         shell = self.shell
         return shell.forward_head(shell.norm(shell.blocks(x)), pre_logits=True)
 
 
-def _spec_tensor(spec: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _spec_tensor(spec: dict[str, Any]):
     import torch
 
     return torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8)
@@ -408,7 +446,7 @@ def read_spec(state: dict[str, Any]) -> dict[str, Any]:
     return json.loads(bytes(state[TAIL_SPEC].tolist()).decode())
 
 
-def _empty_tail(spec: dict[str, Any], spec_tensor: Any):  # type: ignore[no-untyped-def]
+def _empty_tail(spec: dict[str, Any], spec_tensor: Any):
     """A trainable part shaped by ``spec``, its weights not set (on the meta device)."""
     import torch
 
@@ -420,7 +458,7 @@ def _empty_tail(spec: dict[str, Any], spec_tensor: Any):  # type: ignore[no-unty
     return tail
 
 
-def make_tail(state: dict[str, Any]):  # type: ignore[no-untyped-def]
+def make_tail(state: dict[str, Any]):
     """The trainable part a state describes, holding that state (``wsi_il.heads.make_block`` for timm models)."""
     tail = _empty_tail(read_spec(state), state[TAIL_SPEC]).to_empty(device="cpu")
     tail.load_state_dict(state)
@@ -432,11 +470,15 @@ def tail_width(state: dict[str, Any]) -> int:
     return int(read_spec(state)["width"])
 
 
-def init_tail(model: Any, trainable: str):  # type: ignore[no-untyped-def]
+def init_tail(model: Any, trainable: str):
     """The trainable part of a timm model for a split, holding the model's weights (what every round starts from)."""
     check_trainable(model, trainable)
-    spec = {"kind": "embedding" if trainable == "embedding" else "tokens", "arch": model.wsi_il_spec["arch"],
-            "args": model.wsi_il_spec["args"], "width": int(model.num_features)}
+    spec = {
+        "kind": "embedding" if trainable == "embedding" else "tokens",
+        "arch": model.wsi_il_spec["arch"],
+        "args": model.wsi_il_spec["args"],
+        "width": int(model.num_features),
+    }
     if trainable == "embedding":
         return EmbeddingTail(spec["width"], _spec_tensor(spec))
     tail = _empty_tail(spec, _spec_tensor(spec)).to_empty(device="cpu")
@@ -447,8 +489,8 @@ def init_tail(model: Any, trainable: str):  # type: ignore[no-untyped-def]
         if key == TAIL_SPEC:
             state[key] = _spec_tensor(spec)
             continue
-        name = key[len("shell."):]
-        state[key] = source[last + name[len("blocks.0."):] if name.startswith("blocks.0.") else name]
+        name = key[len("shell.") :]
+        state[key] = source[last + name[len("blocks.0.") :] if name.startswith("blocks.0.") else name]
     tail.load_state_dict(state)
     return tail
 
@@ -472,10 +514,14 @@ def check_store_fits(folder: Path, patches: int, shape: tuple[int, ...] | list[i
     free = shutil.disk_usage(folder).free
     if need + STORE_MARGIN_BYTES > free:
         hint = ("use --trainable embedding (a few kB a patch), " if trainable == "last" else "") + (
-            "free space, or put the project on a larger disk")
-        raise InputError(f"the feature store would need {_size(need)} ({patches:,} patches x "
-                         f"{_size(bytes_per_patch(shape))}, --trainable {trainable}) and {folder} has {_size(free)} "
-                         f"free ({_size(STORE_MARGIN_BYTES)} kept spare)", hint)
+            "free space, or put the project on a larger disk"
+        )
+        raise InputError(
+            f"the feature store would need {_size(need)} ({patches:,} patches x "
+            f"{_size(bytes_per_patch(shape))}, --trainable {trainable}) and {folder} has {_size(free)} "
+            f"free ({_size(STORE_MARGIN_BYTES)} kept spare)",
+            hint,
+        )
 
 
 def _size(n: float) -> str:
@@ -486,7 +532,7 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def timm_feature_settings(choice: TimmChoice, weights: Any, trainable: str | None, batch_size: int, seed: int):  # type: ignore[no-untyped-def]
+def timm_feature_settings(choice: TimmChoice, weights: Any, trainable: str | None, batch_size: int, seed: int):
     """The ``FeatureSettings`` of a new project on a timm model (built here once: weights that do not fit, or a
     split the model does not support, are refused before anything is written)."""
     from wsi_il.config import FeatureSettings
@@ -496,10 +542,22 @@ def timm_feature_settings(choice: TimmChoice, weights: Any, trainable: str | Non
     prep = preprocessing_of(model)
     shape = trunk_output_shape(trunk_of(model, trainable), prep.input_px)
     if trainable == "embedding" and len(shape) != 1:
-        raise InputError(f"{choice.arch} pools nothing (its embedding is {list(shape)} a tile)",
-                         "name its pooling, e.g. --arch-args '{\"global_pool\": \"token\"}' (the class token) or "
-                         "\"avg\" (the mean of the patch tokens)")
-    return FeatureSettings(arch=choice.arch, arch_args=choice.args, weights=choice.recorded,
-                           weights_sha256=weights.sha256, input_px=prep.input_px, interpolation=prep.interpolation,
-                           mean=prep.mean, std=prep.std, feature_shape=list(shape), batch_size=batch_size, seed=seed,
-                           trainable=trainable)
+        raise InputError(
+            f"{choice.arch} pools nothing (its embedding is {list(shape)} a tile)",
+            'name its pooling, e.g. --arch-args \'{"global_pool": "token"}\' (the class token) or '
+            '"avg" (the mean of the patch tokens)',
+        )
+    return FeatureSettings(
+        arch=choice.arch,
+        arch_args=choice.args,
+        weights=choice.recorded,
+        weights_sha256=weights.sha256,
+        input_px=prep.input_px,
+        interpolation=prep.interpolation,
+        mean=prep.mean,
+        std=prep.std,
+        feature_shape=list(shape),
+        batch_size=batch_size,
+        seed=seed,
+        trainable=trainable,
+    )

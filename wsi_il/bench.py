@@ -142,16 +142,24 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
         data = data_dir(settings.data, "give --slide YOUR.svs, or --data DIR holding bach-iciar2018-1536jpeg-sample/")
         slide, truth = build_bench_slide(out, settings.patches, data, settings.seed)
     device = settings.device
-    result = BenchResult(device=device, device_name=_device_name(device), precision=precision_name(device),
-                         torch_threads=torch.get_num_threads(), cpus=default_workers(), slide=str(slide), patches=0)
+    result = BenchResult(
+        device=device,
+        device_name=_device_name(device),
+        precision=precision_name(device),
+        torch_threads=torch.get_num_threads(),
+        cpus=default_workers(),
+        slide=str(slide),
+        patches=0,
+    )
     project = Project(out / "project")
     say("extraction, end to end (tissue mask, statistics sample, features), in a child process")
     stage = _extract_in_child(project, slide, settings)
     result.patches = stage["patches"]
     if result.patches < settings.labels + 2 * settings.k:  # the timed round needs a next batch to write
-        raise InputError(f"the slide has {result.patches:,} tissue patches, too few for a round at "
-                         f"{settings.labels} labels", f"give --labels {max(1, result.patches - 2 * settings.k)} or "
-                         "less, or a larger slide (--patches, --slide)")
+        raise InputError(
+            f"the slide has {result.patches:,} tissue patches, too few for a round at {settings.labels} labels",
+            f"give --labels {max(1, result.patches - 2 * settings.k)} or less, or a larger slide (--patches, --slide)",
+        )
     result.setup_seconds = stage["setup_seconds"]
     result.tiling_seconds, result.features_seconds = stage["tiling_seconds"], stage["features_seconds"]
     result.extract_timeline = stage["timeline"]
@@ -160,8 +168,10 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result.gpu_utilisation = stage.get("gpu_utilisation")
     if device.startswith("cuda") and result.gpu_utilisation is None:
         why = stage.get("gpu_utilisation_error")
-        result.notes.append(f"GPU utilisation not measured: NVML did not answer ({why}); "
-                            "pip install nvidia-ml-py (or wsi-il[gpu]) and re-run")
+        result.notes.append(
+            f"GPU utilisation not measured: NVML did not answer ({why}); "
+            "pip install nvidia-ml-py (or wsi-il[gpu]) and re-run"
+        )
     result.bytes_per_patch = _bytes_per_patch(project)
     sample = settings.sample or (4096 if device.startswith("cuda") else 256)
     say("trunk limit (batches already in memory)")
@@ -185,24 +195,29 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     result.stem_cache_bytes_per_patch = stems.stat().st_size / result.patches if stems.is_file() else 0.0
     if result.round_frozen_conv1:
         say(f"round latency at {settings.labels} labels (fast schedule training the whole block)")
-        full = round_latency(project, out / "round-full-block", labels, settings,
-                             replace(default, fast_frozen_conv1=False))
+        full = round_latency(
+            project, out / "round-full-block", labels, settings, replace(default, fast_frozen_conv1=False)
+        )
         result.round_seconds_full_block, result.round_train_seconds_full_block = full.seconds, full.train_seconds
     if settings.paper:
         say(f"round latency at {settings.labels} labels (the paper's settings)")
-        paper_seconds = round_latency(project, out / "round-paper", labels, settings,
-                                      TrainSettings(schedule="paper")).seconds
+        paper_seconds = round_latency(
+            project, out / "round-paper", labels, settings, TrainSettings(schedule="paper")
+        ).seconds
         result.round_seconds_paper_settings = paper_seconds
         result.round_ratio_paper_to_default = paper_seconds / seconds
     say("export of the project's mask")
     result.export_seconds = export_latency(out / "round-default", out / "export" / "mask.geojson", device)
     say(f"export geometry + GeoJSON of {settings.export_patches:,} synthetic patches")
     result.export_synthetic_patches = settings.export_patches
-    result.export_synthetic_seconds = synthetic_export(out / "export" / "synthetic.geojson",
-                                                      settings.export_patches, settings.seed)
+    result.export_synthetic_seconds = synthetic_export(
+        out / "export" / "synthetic.geojson", settings.export_patches, settings.seed
+    )
     if settings.weights == "random":
-        result.notes.append("random weights: the same compute as ImageNet weights (timings are valid), but the "
-                            "predictions are meaningless")
+        result.notes.append(
+            "random weights: the same compute as ImageNet weights (timings are valid), but the "
+            "predictions are meaningless"
+        )
     if truth is None:
         result.notes.append("no truth: the round's labels are random (latency only)")
     return result
@@ -273,10 +288,16 @@ def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) ->
         import shutil
 
         shutil.rmtree(project.root)
-    args = json.dumps({"project": str(project.root), "slide": str(slide), "weights": settings.weights,
-                       "device": settings.device, "seed": settings.seed})
-    done = subprocess.run([sys.executable, "-m", "wsi_il.bench", args], capture_output=True, text=True,
-                          check=False)
+    args = json.dumps(
+        {
+            "project": str(project.root),
+            "slide": str(slide),
+            "weights": settings.weights,
+            "device": settings.device,
+            "seed": settings.seed,
+        }
+    )
+    done = subprocess.run([sys.executable, "-m", "wsi_il.bench", args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the extraction stage failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -290,10 +311,19 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
     weights = resolve_weights(weights_spec)
     project = Project(project_dir)
     manifest: dict[str, Any] = {
-        "classes": [TUMOUR, NORMAL], "tiling": to_dict(TilingSettings()),
-        "features": to_dict(FeatureSettings(weights=weights_spec if weights.kind != "file" else weights.source,
-                                            weights_sha256=weights.sha256, seed=seed)),
-        "train": to_dict(TrainSettings(seed=seed)), "normalisation": None, "slides": []}
+        "classes": [TUMOUR, NORMAL],
+        "tiling": to_dict(TilingSettings()),
+        "features": to_dict(
+            FeatureSettings(
+                weights=weights_spec if weights.kind != "file" else weights.source,
+                weights_sha256=weights.sha256,
+                seed=seed,
+            )
+        ),
+        "train": to_dict(TrainSettings(seed=seed)),
+        "normalisation": None,
+        "slides": [],
+    }
     register_slide(manifest, slide)
     project.create(manifest)
     reporter = _TimingReporter()
@@ -305,10 +335,16 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
         manifest = build_database(project, project.read_manifest(), reporter, device, weights)
     ended = time.perf_counter()
     feature_start = next((t for name, t in reporter.started if name.startswith("features")), ended)
-    return {"patches": sum(s["n_patches"] for s in manifest["slides"]), "setup_seconds": started - setup_started,
-            "tiling_seconds": feature_start - started, "features_seconds": ended - feature_start,
-            "peak_rss_mb": peak_rss_mb(), "timeline": reporter.timeline(started),
-            "gpu_utilisation": gpu.mean(), "gpu_utilisation_error": gpu.error}
+    return {
+        "patches": sum(s["n_patches"] for s in manifest["slides"]),
+        "setup_seconds": started - setup_started,
+        "tiling_seconds": feature_start - started,
+        "features_seconds": ended - feature_start,
+        "peak_rss_mb": peak_rss_mb(),
+        "timeline": reporter.timeline(started),
+        "gpu_utilisation": gpu.mean(),
+        "gpu_utilisation_error": gpu.error,
+    }
 
 
 def _setup(weights: Any, seed: int, device: str) -> None:
@@ -348,7 +384,7 @@ class _GpuSampler:
         while not self._stop:
             try:
                 self.samples.append(float(torch.cuda.utilization()))
-            except Exception as e:  # noqa: BLE001 - NVML missing or failing: reported as a note, not a failure
+            except Exception as e:
                 self.error = f"{type(e).__name__}: {e}"
                 return
             time.sleep(0.2)
@@ -380,7 +416,7 @@ def _bytes_per_patch(project: Project) -> float:
     return sum(f.stat().st_size for f in files) / max(1, n)
 
 
-def _extractor(project: Project, device: str):  # type: ignore[no-untyped-def]
+def _extractor(project: Project, device: str):
     from wsi_il.database import project_extractor
 
     return project_extractor(project.read_manifest(), device)
@@ -436,8 +472,10 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     batches = batch_ranges(0, len(corners), size)
     started = time.perf_counter()  # the readers' start counted, as in extraction
     with slide_readers(tiling, default_workers(), size) as readers:
-        kept = sum(int(tissue.sum()) for _, tissue in readers.read(batches, (px, px, 3), np.uint8,
-                                                                   lambda i: tile_spec(path, "tile", corners[i])))
+        kept = sum(
+            int(tissue.sum())
+            for _, tissue in readers.read(batches, (px, px, 3), np.uint8, lambda i: tile_spec(path, "tile", corners[i]))
+        )
     return kept / (time.perf_counter() - started)
 
 
@@ -457,7 +495,7 @@ def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> f
         started = time.perf_counter()
         for begin in range(0, sample, settings.batch_size):
             tiles = []
-            for x, y, w, h in table.boxes[begin:min(sample, begin + settings.batch_size)]:
+            for x, y, w, h in table.boxes[begin : min(sample, begin + settings.batch_size)]:
                 region = np.asarray(handle.read_region((int(x), int(y)), 0, (int(w), int(h))).convert("RGB"))
                 tiles.append(resize_tile(region, settings.input_px))
             extractor(np.stack(tiles))
@@ -509,8 +547,15 @@ def round_phases(history: list[dict[str, Any]], seconds: float) -> dict[str, flo
     return phases
 
 
-def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: BenchSettings,
-                  train: TrainSettings, next_round: bool = False, rehearsed: bool = False) -> RoundTiming:
+def round_latency(
+    base: Project,
+    folder: Path,
+    tumour: np.ndarray,
+    settings: BenchSettings,
+    train: TrainSettings,
+    next_round: bool = False,
+    rehearsed: bool = False,
+) -> RoundTiming:
     """Seconds of one ingest (filled batch -> next batch written) at ``settings.labels`` labels, its training
     seconds, the schedule, and with ``next_round`` the seconds of the ingest after it, in the same process.
 
@@ -533,14 +578,25 @@ def round_latency(base: Project, folder: Path, tumour: np.ndarray, settings: Ben
     query = rng.choice(positives, size=min(settings.queries, len(positives)), replace=False)
     rest = rng.permutation(np.setdiff1d(np.arange(len(tumour)), query))
     batches = 2 if resolve_schedule(train, settings.device) == "fast" or train.warm_start else 1
-    prior = rest[:max(0, settings.labels - batches * settings.k - len(query))]
+    prior = rest[: max(0, settings.labels - batches * settings.k - len(query))]
     if len(prior):
-        project.append_ledger([{"patch_id": ctx.table.ids[i], "label": TUMOUR if tumour[i] else NORMAL,
-                                "batch": "bench-earlier", "session": "bench", "round": 0, "time": now_iso()}
-                               for i in prior])
+        project.append_ledger(
+            [
+                {
+                    "patch_id": ctx.table.ids[i],
+                    "label": TUMOUR if tumour[i] else NORMAL,
+                    "batch": "bench-earlier",
+                    "session": "bench",
+                    "round": 0,
+                    "time": now_iso(),
+                }
+                for i in prior
+            ]
+        )
     rounds = 4 if next_round else 3  # the next round must write a batch too
-    result = start_session(ctx, TUMOUR, SessionSettings("cnfp", settings.k, rounds), query_indices=query,
-                           source="bench")
+    result = start_session(
+        ctx, TUMOUR, SessionSettings("cnfp", settings.k, rounds), query_indices=query, source="bench"
+    )
     index = ctx.table.index_of()
 
     def fill(batch: Path) -> None:  # the pseudo-expert: each patch's true class
@@ -588,8 +644,7 @@ def synthetic_export(out: Path, patches: int, seed: int) -> float:
     tile = TilingSettings().tile_size_px
     side = int(math.ceil(math.sqrt(patches / 0.6)))  # the island layout's tissue covers about 60% of the grid
     rng = np.random.default_rng(seed)
-    tissue, tumour = island_layout((side, side), rng, islands=max(6, patches // 5000), tumour_share=0.3,
-                                   margin_px=1)
+    tissue, tumour = island_layout((side, side), rng, islands=max(6, patches // 5000), tumour_share=0.3, margin_px=1)
     inside = rasterise(tissue, (side, side))
     rows, cols = np.nonzero(inside)
     keep = rng.permutation(len(rows))[:patches]  # exactly ``patches`` tissue squares
@@ -600,8 +655,15 @@ def synthetic_export(out: Path, patches: int, seed: int) -> float:
     features = []
     for name, chosen in ((TUMOUR, is_tumour), (NORMAL, ~is_tumour)):
         shape = union_squares(cols[chosen] * tile, rows[chosen] * tile, tile, tile)
-        features.append(make_feature(shape, name=f"{name} (wsi-il)", classification=name, color=class_color(name),
-                                     measurements={"Patches": float(chosen.sum())}))
+        features.append(
+            make_feature(
+                shape,
+                name=f"{name} (wsi-il)",
+                classification=name,
+                color=class_color(name),
+                measurements={"Patches": float(chosen.sum())},
+            )
+        )
     write_features(out, features)
     return time.perf_counter() - started
 
@@ -630,5 +692,8 @@ def result_json(result: BenchResult) -> str:
 
 if __name__ == "__main__":  # the extraction stage, run as a child process by run_bench
     spec = json.loads(sys.argv[1])
-    print(json.dumps(extract_stage(Path(spec["project"]), Path(spec["slide"]), spec["weights"], spec["device"],
-                                   spec["seed"])))
+    print(
+        json.dumps(
+            extract_stage(Path(spec["project"]), Path(spec["slide"]), spec["weights"], spec["device"], spec["seed"])
+        )
+    )

@@ -80,8 +80,9 @@ def bench_backbone(text: str, slide: Path, out: Path, device: str, sample: int, 
     return results
 
 
-def _measure(text: str, settings: Any, weights: Any, slide: Path, folder: Path, device: str,
-             sample: int) -> BackboneResult:
+def _measure(
+    text: str, settings: Any, weights: Any, slide: Path, folder: Path, device: str, sample: int
+) -> BackboneResult:
     import os
     import shutil
 
@@ -93,9 +94,14 @@ def _measure(text: str, settings: Any, weights: Any, slide: Path, folder: Path, 
     if folder.exists():
         shutil.rmtree(folder)
     project = Project(folder)
-    manifest: dict[str, Any] = {"classes": ["Tumor", "Normal"], "tiling": to_dict(TilingSettings()),
-                                "features": to_dict(settings), "train": to_dict(TrainSettings()),
-                                "normalisation": None, "slides": []}
+    manifest: dict[str, Any] = {
+        "classes": ["Tumor", "Normal"],
+        "tiling": to_dict(TilingSettings()),
+        "features": to_dict(settings),
+        "train": to_dict(TrainSettings()),
+        "normalisation": None,
+        "slides": [],
+    }
     register_slide(manifest, slide)
     project.create(manifest)
     cpu_before = _cpu_seconds()
@@ -106,9 +112,20 @@ def _measure(text: str, settings: Any, weights: Any, slide: Path, folder: Path, 
     patches = sum(s["n_patches"] for s in manifest["slides"])
     limit = trunk_limit(project, device, sample)
     rate = patches / max(seconds, 1e-9)
-    return BackboneResult(text, settings.arch, settings.trainable, settings.input_px,
-                          bytes_per_patch(store_shape(settings)), patches, seconds, cpu, rate, limit, rate / limit,
-                          os.getloadavg()[0])
+    return BackboneResult(
+        text,
+        settings.arch,
+        settings.trainable,
+        settings.input_px,
+        bytes_per_patch(store_shape(settings)),
+        patches,
+        seconds,
+        cpu,
+        rate,
+        limit,
+        rate / limit,
+        os.getloadavg()[0],
+    )
 
 
 def _cpu_seconds() -> float:

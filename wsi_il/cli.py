@@ -29,30 +29,58 @@ from wsi_il import __version__
 from wsi_il.config import TrainSettings
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  help="Annotate whole slide images by reviewing a few well-chosen patches (QuPath-compatible).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="Annotate whole slide images by reviewing a few well-chosen patches (QuPath-compatible).",
+)
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
-BalanceOpt = Annotated[str, typer.Option(help="How labels weigh in training: classes (each class the same, a "
-                                        "session's query as at most 10 labels) or none (each once, the paper).")]
-HeadInitOpt = Annotated[str, typer.Option(help="The classifier's linear layer each round: refit (fitted to the "
-                                          "labels on the block's output before and after the round's training), "
-                                          "fit (before only) or random (trained from scratch with the block, the "
-                                          "paper).")]
-ScheduleOpt = Annotated[str, typer.Option(help="Training each round: paper (two heads, 50 epochs from the pretrained "
-                                          "block), fast (one shared block, warm start, early stopping) or auto "
-                                          "(paper on a GPU, fast on CPU).")]
-FastBudgetOpt = Annotated[int, typer.Option(help="Fast schedule: the most training patch passes (labels x epochs) "
-                                            "per round; 0 = 7500 with a frozen first convolution, else 2500.",
-                                            min=0)]
-FrozenConv1Opt = Annotated[bool | None, typer.Option(
-    "--fast-frozen-conv1/--no-fast-frozen-conv1",
-    help="Fast schedule: keep the trained block's first convolution at its starting weights and cache its output "
-         "(as much disk again as the feature cache; shorter rounds) [default: on, off with --weights random].",
-    show_default=False)]
+BalanceOpt = Annotated[
+    str,
+    typer.Option(
+        help="How labels weigh in training: classes (each class the same, a "
+        "session's query as at most 10 labels) or none (each once, the paper)."
+    ),
+]
+HeadInitOpt = Annotated[
+    str,
+    typer.Option(
+        help="The classifier's linear layer each round: refit (fitted to the "
+        "labels on the block's output before and after the round's training), "
+        "fit (before only) or random (trained from scratch with the block, the "
+        "paper)."
+    ),
+]
+ScheduleOpt = Annotated[
+    str,
+    typer.Option(
+        help="Training each round: paper (two heads, 50 epochs from the pretrained "
+        "block), fast (one shared block, warm start, early stopping) or auto "
+        "(paper on a GPU, fast on CPU)."
+    ),
+]
+FastBudgetOpt = Annotated[
+    int,
+    typer.Option(
+        help="Fast schedule: the most training patch passes (labels x epochs) "
+        "per round; 0 = 7500 with a frozen first convolution, else 2500.",
+        min=0,
+    ),
+]
+FrozenConv1Opt = Annotated[
+    bool | None,
+    typer.Option(
+        "--fast-frozen-conv1/--no-fast-frozen-conv1",
+        help="Fast schedule: keep the trained block's first convolution at its starting weights and cache its output "
+        "(as much disk again as the feature cache; shorter rounds) [default: on, off with --weights random].",
+        show_default=False,
+    ),
+]
 
 
 class RichReporter:
@@ -87,9 +115,18 @@ def _warn(message: str, where: Console | None = None) -> None:
 
 @contextlib.contextmanager
 def _reporter() -> Iterator[RichReporter]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                        TextColumn("{task.fields[unit]}"), _SpeedColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        _SpeedColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
     reporter = RichReporter(progress)
     try:
         yield reporter
@@ -102,7 +139,7 @@ class _SpeedColumn(TextColumn):
     def __init__(self) -> None:
         super().__init__("")
 
-    def render(self, task):  # type: ignore[no-untyped-def]
+    def render(self, task):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
@@ -145,32 +182,45 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except OSError as exc:  # disk full, permissions, a file removed underneath us
         where = f" ({exc.filename})" if exc.filename else ""
-        _fail(WsiIlError(f"{exc.strerror or exc}{where}", "check free disk space and permissions, then run the "
-                         "same command again"))
+        _fail(
+            WsiIlError(
+                f"{exc.strerror or exc}{where}",
+                "check free disk space and permissions, then run the same command again",
+            )
+        )
     except Exception as exc:
         if os.environ.get("WSI_IL_DEBUG"):
             raise
-        _fail(WsiIlError(f"unexpected {type(exc).__name__}: {exc}",
-                         "this is a bug in wsi-il: please report it with the command you ran "
-                         "(WSI_IL_DEBUG=1 shows the traceback)"))
+        _fail(
+            WsiIlError(
+                f"unexpected {type(exc).__name__}: {exc}",
+                "this is a bug in wsi-il: please report it with the command you ran "
+                "(WSI_IL_DEBUG=1 shows the traceback)",
+            )
+        )
 
 
 def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> None:
     if manifest["features"]["weights"] == "random":
         where = project if project is not None else "PROJECT"
-        console.print("[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
-                      f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
-                      "and demos, poor for real annotation. Offline, run "
-                      f"`wsi-il pretrain {where} --apply` (a few minutes, no labels, the review goes on meanwhile); "
-                      f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]", soft_wrap=True)
+        console.print(
+            "[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
+            f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
+            "and demos, poor for real annotation. Offline, run "
+            f"`wsi-il pretrain {where} --apply` (a few minutes, no labels, the review goes on meanwhile); "
+            f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]",
+            soft_wrap=True,
+        )
 
 
 def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
     if record.get("kind") == "slide" and record.get("mpp") is None:
-        _warn(f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
-              f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
-              "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
-              "and tile at a physical resolution with --mpp")
+        _warn(
+            f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
+            f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
+            "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
+            "and tile at a physical resolution with --mpp"
+        )
 
 
 def _say_tiles(manifest: dict[str, Any]) -> None:
@@ -181,10 +231,15 @@ def _say_tiles(manifest: dict[str, Any]) -> None:
 
     tiling = from_dict(TilingSettings, manifest["tiling"])
     settings = from_dict(FeatureSettings, manifest["features"])
-    where = f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)" if tiling.target_mpp \
+    where = (
+        f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)"
+        if tiling.target_mpp
         else "of level 0"
-    out.print(f"tiles: {tiling.tile_size_px} px {where}; features: {settings.arch} --trainable {settings.trainable}, "
-              f"{bytes_per_patch(store_shape(settings)) / 1000:.1f} kB a patch")
+    )
+    out.print(
+        f"tiles: {tiling.tile_size_px} px {where}; features: {settings.arch} --trainable {settings.trainable}, "
+        f"{bytes_per_patch(store_shape(settings)) / 1000:.1f} kB a patch"
+    )
 
 
 # `init` options that are recorded in project.json: parameter -> (flag, where it is recorded)
@@ -265,9 +320,11 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
             asked.append(_option_text(flag, value))
             recorded.append(_option_text(flag, stored))
     if asked:
-        raise ProjectStateError(f"{project} was created with {', '.join(recorded)}, not {', '.join(asked)}",
-                                f"run `wsi-il init {project}` without these options to resume it; other settings "
-                                "need a new project (other weights: `wsi-il reextract`)")
+        raise ProjectStateError(
+            f"{project} was created with {', '.join(recorded)}, not {', '.join(asked)}",
+            f"run `wsi-il init {project}` without these options to resume it; other settings "
+            "need a new project (other weights: `wsi-il reextract`)",
+        )
 
 
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
@@ -323,30 +380,61 @@ def init(
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images (class subfolders optional).")] = None,
-    classes: Annotated[str | None, typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the "
-                                                "class subfolders of --patches].")] = None,
-    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels: of level 0, or at --mpp where given "
-                                                  "[default: 256, or the input side of a model trained at a known "
-                                                  "resolution].")] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated classes [default: Tumor,Normal, or the class subfolders of --patches]."),
+    ] = None,
+    tile_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Tile side in pixels: of level 0, or at --mpp where given "
+            "[default: 256, or the input side of a model trained at a known "
+            "resolution]."
+        ),
+    ] = None,
     tile_um: Annotated[float | None, typer.Option(help="Tile side in µm (with --mpp or --magnification).")] = None,
-    mpp: Annotated[float | None, typer.Option(help="Read tiles at this resolution (µm/px), from the best pyramid "
-                                              "level, resized [default: level-0 pixels, or the resolution a known "
-                                              "pathology model was trained at].")] = None,
-    magnification: Annotated[float | None, typer.Option(help="Read tiles at this magnification (10/x µm/px: 20 "
-                                                        "is 0.5 µm/px).")] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            help="Read tiles at this resolution (µm/px), from the best pyramid "
+            "level, resized [default: level-0 pixels, or the resolution a known "
+            "pathology model was trained at]."
+        ),
+    ] = None,
+    magnification: Annotated[
+        float | None, typer.Option(help="Read tiles at this magnification (10/x µm/px: 20 is 0.5 µm/px).")
+    ] = None,
     slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
-    norm_sample: Annotated[int, typer.Option(help="Tissue tiles read at random for the normalisation mean and "
-                                             "std; 0 = every tile (the paper's exact statistics; each tile is then "
-                                             "read twice).", min=0)] = 1024,
-    weights: Annotated[str, typer.Option(help="imagenet, pretrain (offline: learn the backbone from these slides, "
-                                         "a few minutes on a CPU, no labels; the review can start meanwhile), "
-                                         "random (tests/demos only), a weights file, a timm snapshot folder, or "
-                                         "hf-hub:ORG/NAME (local cache only).")] = "imagenet",
-    arch: Annotated[str | None, typer.Option(help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
-                                             "architecture [default: resnet18, or what a --weights file or hub "
-                                             "config names].")] = None,
-    arch_args: Annotated[str | None, typer.Option(help="A timm architecture's keyword arguments, as JSON (e.g. "
-                                                  "'{\"init_values\": 1e-5}').")] = None,
+    norm_sample: Annotated[
+        int,
+        typer.Option(
+            help="Tissue tiles read at random for the normalisation mean and "
+            "std; 0 = every tile (the paper's exact statistics; each tile is then "
+            "read twice).",
+            min=0,
+        ),
+    ] = 1024,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="imagenet, pretrain (offline: learn the backbone from these slides, "
+            "a few minutes on a CPU, no labels; the review can start meanwhile), "
+            "random (tests/demos only), a weights file, a timm snapshot folder, or "
+            "hf-hub:ORG/NAME (local cache only)."
+        ),
+    ] = "imagenet",
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="resnet18 (default, the paper), resnet34, resnet50, or any timm "
+            "architecture [default: resnet18, or what a --weights file or hub "
+            "config names]."
+        ),
+    ] = None,
+    arch_args: Annotated[
+        str | None,
+        typer.Option(help="A timm architecture's keyword arguments, as JSON (e.g. '{\"init_values\": 1e-5}')."),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 50,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     margin: Annotated[float, typer.Option(help="Triplet loss margin.")] = 0.2,
@@ -359,10 +447,15 @@ def init(
     head_init: HeadInitOpt = TrainSettings.head_init,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
-    trainable: Annotated[str | None, typer.Option(help="What the heads train: last (the last block of layer4, the "
-                                                  "paper; a ViT's last block) or layer4 (all of layer4, the paper's "
-                                                  "ablation; 4x the store); for timm models embedding (the heads on "
-                                                  "the frozen embedding) [default: last; embedding for timm].")] = None,
+    trainable: Annotated[
+        str | None,
+        typer.Option(
+            help="What the heads train: last (the last block of layer4, the "
+            "paper; a ViT's last block) or layer4 (all of layer4, the paper's "
+            "ablation; 4x the store); for timm models embedding (the heads on "
+            "the frozen embedding) [default: last; embedding for timm]."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Create a project: tile the slides, compute normalisation statistics and cache the features.
@@ -383,8 +476,10 @@ def init(
             known = {Path(s["path"]) for s in manifest["slides"]}
             asked = {p.resolve() for p in (slide or [])} | ({patches.resolve()} if patches else set())
             if asked - known:
-                raise InputError(f"{project} already exists with other slides",
-                                 f"add slides with `wsi-il add-slide {project} --slide FILE`")
+                raise InputError(
+                    f"{project} already exists with other slides",
+                    f"add slides with `wsi-il add-slide {project} --slide FILE`",
+                )
             _check_init_options(typer_ctx, project, manifest)
             for warning in check_settings(proj.manifest_path(), manifest):
                 _warn(warning)
@@ -393,33 +488,56 @@ def init(
             if not slide and patches is None:
                 raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
             feature_settings, weights_obj, model_mpp = _feature_settings(
-                "random" if weights == "pretrain" else weights, arch, arch_args, trainable, batch_size, seed)
+                "random" if weights == "pretrain" else weights, arch, arch_args, trainable, batch_size, seed
+            )
             if weights == "pretrain" and feature_settings.arch_args is not None:
-                raise InputError(f"--weights pretrain trains a ResNet; {feature_settings.arch} is a timm model",
-                                 "give the timm model's weights (a file, a snapshot folder or hf-hub:ORG/NAME), or "
-                                 "leave out --arch to pretrain a ResNet-18")
+                raise InputError(
+                    f"--weights pretrain trains a ResNet; {feature_settings.arch} is a timm model",
+                    "give the timm model's weights (a file, a snapshot folder or hf-hub:ORG/NAME), or "
+                    "leave out --arch to pretrain a ResNet-18",
+                )
             target = target_mpp(mpp, magnification) if mpp or magnification or not model_mpp else model_mpp
             # a timm model at a physical resolution: tiles at its input side, unless told
-            tile_side = tile_side_px(tile_size, tile_um, target,
-                                     feature_settings.input_px if target and feature_settings.arch_args is not None
-                                     else 256)
-            names = [c.strip() for c in classes.split(",")] if classes else (
-                folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
+            tile_side = tile_side_px(
+                tile_size,
+                tile_um,
+                target,
+                feature_settings.input_px if target and feature_settings.arch_args is not None else 256,
+            )
+            names = (
+                [c.strip() for c in classes.split(",")]
+                if classes
+                else (folder_classes(patches) if patches and folder_classes(patches) else ["Tumor", "Normal"])
+            )
             names = [n for n in names if n]
             if len(names) < 2 or len({n.lower() for n in names}) != len(names):
-                raise InputError(f"--classes {classes!r} must name at least two different classes",
-                                 "e.g. --classes Tumor,Normal")
-            manifest = {"classes": names, "tiling": to_dict(TilingSettings(tile_size_px=tile_side, target_mpp=target,
-                                                                     normalisation_sample=norm_sample)),
-                        "features": to_dict(feature_settings),
-                        "train": to_dict(TrainSettings(epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
-                                                       refine_query=refine_query, seed=seed,
-                                                       schedule=_schedule(schedule), fast_budget=fast_budget,
-                                                       fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1,
-                                                                                        weights, feature_settings),
-                                                       balance=_balance(balance),
-                                                       head_init=_head_init(head_init))),
-                        "normalisation": None, "slides": []}
+                raise InputError(
+                    f"--classes {classes!r} must name at least two different classes", "e.g. --classes Tumor,Normal"
+                )
+            manifest = {
+                "classes": names,
+                "tiling": to_dict(
+                    TilingSettings(tile_size_px=tile_side, target_mpp=target, normalisation_sample=norm_sample)
+                ),
+                "features": to_dict(feature_settings),
+                "train": to_dict(
+                    TrainSettings(
+                        epochs=epochs,
+                        lr=lr,
+                        margin=margin,
+                        warm_start=warm_start,
+                        refine_query=refine_query,
+                        seed=seed,
+                        schedule=_schedule(schedule),
+                        fast_budget=fast_budget,
+                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
+                        balance=_balance(balance),
+                        head_init=_head_init(head_init),
+                    )
+                ),
+                "normalisation": None,
+                "slides": [],
+            }
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
@@ -430,8 +548,10 @@ def init(
             created = weights_obj is not None
             if created:
                 if proj.exists():
-                    raise ProjectStateError(f"{project} was created by another command meanwhile",
-                                            f"run `wsi-il init {project}` to resume it")
+                    raise ProjectStateError(
+                        f"{project} was created by another command meanwhile",
+                        f"run `wsi-il init {project}` to resume it",
+                    )
                 proj.create(manifest)
                 manifest = proj.read_manifest()
             else:
@@ -443,8 +563,10 @@ def init(
                     proj.remove_created(before)
                 raise
         total = sum(s["n_patches"] for s in manifest["slides"])
-        out.print(f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
-                  f"source(s); classes {', '.join(manifest['classes'])}")
+        out.print(
+            f"[green]ready:[/] {project} holds {total} tissue patches from {len(manifest['slides'])} "
+            f"source(s); classes {', '.join(manifest['classes'])}"
+        )
         _say_tiles(manifest)
         if weights == "pretrain" and manifest["features"]["weights"] == "random":
             _init_pretrain(proj, dev, seed, manifest["classes"][0])
@@ -458,9 +580,11 @@ def _init_pretrain(proj: Any, dev: str, seed: int, first_class: str) -> None:
 
     base = PretrainSettings.for_device(dev, None, None, None, "quick")
     settings = PretrainSettings(base.steps, base.batch, base.crop_px, field_scale=base.field_scale, seed=seed)
-    console.print(f"pretraining the backbone on this project's tissue (no labels). Meanwhile, in another shell, "
-                  f"you can start: `wsi-il query {proj.root} --region QUERY.geojson --label {first_class}`; "
-                  "its batch is drawn again with the new features when they are ready, labels kept")
+    console.print(
+        f"pretraining the backbone on this project's tissue (no labels). Meanwhile, in another shell, "
+        f"you can start: `wsi-il query {proj.root} --region QUERY.geojson --label {first_class}`; "
+        "its batch is drawn again with the new features when they are ready, labels kept"
+    )
     _run_pretrain(proj, settings, dev, _free_weights_path(proj), restart=False, apply=True)
 
 
@@ -493,7 +617,7 @@ def add_slide(
                 _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
             if patches is not None:
                 register_patch_folder(manifest, patches)
-            added = [s["id"] for s in manifest["slides"][len(before["slides"]):]]
+            added = [s["id"] for s in manifest["slides"][len(before["slides"]) :]]
             proj.write_manifest(manifest)
             _random_warning(manifest, project)
             try:
@@ -556,12 +680,19 @@ def query(
             elif patch:
                 kwargs = {"query_indices": query_from_patch_ids(ctx, patch), "source": "patch ids"}
             else:
-                files = [f for p in images or [] for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
-                         if f.suffix.lower() in IMAGE_SUFFIXES]
+                files = [
+                    f
+                    for p in images or []
+                    for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
+                    if f.suffix.lower() in IMAGE_SUFFIXES
+                ]
                 if not files:
                     raise InputError("--images names no image files", "give image files or a folder of them")
-                kwargs = {"query_features": extract_query_images(ctx, files), "source": f"{len(files)} images",
-                          "images": [str(f.resolve()) for f in files]}
+                kwargs = {
+                    "query_features": extract_query_images(ctx, files),
+                    "source": f"{len(files)} images",
+                    "images": [str(f.resolve()) for f in files],
+                }
             result = start_session(ctx, label, SessionSettings(strategy, k, rounds), abandon=abandon, **kwargs)
         n = kwargs.get("query_indices")
         n = len(n) if isinstance(n, np.ndarray) else len(kwargs.get("query_features", []))
@@ -573,11 +704,12 @@ def _report_round(project: Path, result: Any, headline: str, watching: bool = Fa
     if result.batch_dir is not None:
         out.print(f"review batch {result.round}/{result.rounds} ({result.rule}): {result.batch_dir}")
         if watching:
-            out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv and "
-                      "save it: it is ingested as soon as every row is labelled")
+            out.print(
+                f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv and "
+                "save it: it is ingested as soon as every row is labelled"
+            )
         else:
-            out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv, "
-                      "then:")
+            out.print(f"  open {result.batch_dir / 'contact_sheet.png'}, fill the label column of labels.csv, then:")
             out.print(f"  wsi-il ingest {project} {result.batch_dir / 'labels.csv'}")
     else:
         _print_next(project)
@@ -628,13 +760,21 @@ def end(project: ProjectArg) -> None:
 @app.command()
 def relabel(
     project: ProjectArg,
-    patch: Annotated[str | None, typer.Argument(help="The patch id (as in labels.csv or the contact sheet).",
-                                                show_default=False)] = None,
-    label: Annotated[str | None, typer.Argument(help="Its new label: a class name, yes/no or skip.",
-                                                show_default=False)] = None,
-    labels: Annotated[Path | None, typer.Option(
-        "--labels", help="A batch's corrected labels.csv (or QuPath GeoJSON): every filled row that differs from "
-        "the label recorded becomes a correction.", show_default=False)] = None,
+    patch: Annotated[
+        str | None, typer.Argument(help="The patch id (as in labels.csv or the contact sheet).", show_default=False)
+    ] = None,
+    label: Annotated[
+        str | None, typer.Argument(help="Its new label: a class name, yes/no or skip.", show_default=False)
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="A batch's corrected labels.csv (or QuPath GeoJSON): every filled row that differs from "
+            "the label recorded becomes a correction.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Correct labels already given: the ledger keeps every answer, the newest wins, the next round trains on it."""
     from wsi_il.corrections import correct_labels
@@ -643,8 +783,9 @@ def relabel(
 
     with _errors():
         if (labels is None) == (patch is None) or (patch is not None and label is None):
-            raise InputError("give either PATCH LABEL or --labels FILE",
-                             f"e.g. wsi-il relabel {project} CMU-1_x1024_y512 Tumor")
+            raise InputError(
+                "give either PATCH LABEL or --labels FILE", f"e.g. wsi-il relabel {project} CMU-1_x1024_y512 Tumor"
+            )
         proj = Project(project)
         with proj.lock("relabel"):
             manifest = proj.read_manifest()
@@ -670,8 +811,10 @@ def _answers_in(proj: Any, manifest: dict[str, Any], labels: Path) -> list[tuple
         labels = batch_dir / "labels.csv"
     info, patches = read_batch(batch_dir)
     if info.project_uid != manifest["uid"]:
-        raise InputError(f"{labels} belongs to another project (uid {info.project_uid[:8]})",
-                         "correct it in the project that wrote the batch")
+        raise InputError(
+            f"{labels} belongs to another project (uid {info.project_uid[:8]})",
+            "correct it in the project that wrote the batch",
+        )
     read = read_labels(labels, info, patches, allow_partial=True, offsets=slide_offsets(proj))
     return [(pid, lab) for pid, lab in read.items()]
 
@@ -701,13 +844,17 @@ def watch(
         dev = _device(device)
         waiting = waiting_batches(proj)
         if not waiting:
-            raise ProjectStateError(f"no review batch of {project} waits for labels",
-                                    f"start a session with `wsi-il query {project} ...`, or export the mask")
+            raise ProjectStateError(
+                f"no review batch of {project} waits for labels",
+                f"start a session with `wsi-il query {project} ...`, or export the mask",
+            )
         for batch in waiting:
             out.print(f"watching {batch.labels}")
-        out.print("[dim]fill in the label column and save (or export the classified batch from QuPath into its "
-                  "folder); each batch is ingested once every patch is labelled (Ctrl-C stops watching; nothing "
-                  "is lost)[/]")
+        out.print(
+            "[dim]fill in the label column and save (or export the classified batch from QuPath into its "
+            "folder); each batch is ingested once every patch is labelled (Ctrl-C stops watching; nothing "
+            "is lost)[/]"
+        )
 
         _rehearse(proj, dev, waiting[0])
 
@@ -717,8 +864,10 @@ def watch(
             _report_round(project, result, result.message, watching=True)
 
         rounds = watch_batches(proj, ingest_batch, lambda text: out.print(f"[dim]{escape(text)}[/]"), interval)
-        out.print(f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
-                  f"wsi-il export {project} --out mask.geojson")
+        out.print(
+            f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
+            f"wsi-il export {project} --out mask.geojson"
+        )
 
 
 def _rehearse(proj: Any, dev: str, batch: Any) -> None:
@@ -748,16 +897,34 @@ def _rehearse(proj: Any, dev: str, batch: Any) -> None:
 def review(
     project: ProjectArg,
     port: Annotated[int, typer.Option(help="Port to listen on; 0 takes a free one.", min=0, max=65535)] = 8765,
-    host: Annotated[str, typer.Option(help="Address to listen on. Keep 127.0.0.1 and reach it through an SSH "
-                                      "tunnel; another address needs --allow-remote.")] = "127.0.0.1",
-    allow_remote: Annotated[bool, typer.Option(help="Allow --host to be an address other people on the network "
-                                               "can reach (only the token then protects the project).")] = False,
-    warm_up: Annotated[bool, typer.Option(help="Rehearse the first round while you label, so that it starts "
-                                          "faster (costs CPU while you label).")] = True,
-    prepare_ahead: Annotated[bool, typer.Option(help="While the last patch of a batch waits for its answer, "
-                                                "compute the next round for its likely answers, so that it is "
-                                                "ready when you submit (costs CPU and disk while you label).")
-                             ] = True,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. Keep 127.0.0.1 and reach it through an SSH "
+            "tunnel; another address needs --allow-remote."
+        ),
+    ] = "127.0.0.1",
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            help="Allow --host to be an address other people on the network "
+            "can reach (only the token then protects the project)."
+        ),
+    ] = False,
+    warm_up: Annotated[
+        bool,
+        typer.Option(
+            help="Rehearse the first round while you label, so that it starts faster (costs CPU while you label)."
+        ),
+    ] = True,
+    prepare_ahead: Annotated[
+        bool,
+        typer.Option(
+            help="While the last patch of a batch waits for its answer, "
+            "compute the next round for its likely answers, so that it is "
+            "ready when you submit (costs CPU and disk while you label)."
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
@@ -773,8 +940,10 @@ def review(
     with _errors():
         loopback = host in LOOPBACK_NAMES
         if not loopback and not allow_remote:
-            raise InputError(f"--host {host} would let other machines reach the project's slides and labels",
-                             "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote")
+            raise InputError(
+                f"--host {host} would let other machines reach the project's slides and labels",
+                "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote",
+            )
         desk = Desk(project, _device(device), prepare_ahead=prepare_ahead)
         _random_warning(desk.project.read_manifest(), project)
         sock = bind(host, port)
@@ -787,12 +956,15 @@ def review(
         else:
             desk.warmup = {"state": "off"}
         if not loopback:
-            _warn(f"listening on {host}:{port}, reachable from other machines: anyone with the URL below can read "
-                  "and change this project; prefer 127.0.0.1 with an SSH tunnel")
+            _warn(
+                f"listening on {host}:{port}, reachable from other machines: anyone with the URL below can read "
+                "and change this project; prefer 127.0.0.1 with an SSH tunnel"
+            )
         shown = "127.0.0.1" if loopback or host in ("0.0.0.0", "::") else host
         out.print(f"review desk for {project} (Ctrl-C stops it; answers are saved as you give them)")
-        out.print(f"on your laptop, open the tunnel: ssh -N -L {port}:{shown}:{port} "
-                  f"{getpass.getuser()}@{socket.getfqdn()}")
+        out.print(
+            f"on your laptop, open the tunnel: ssh -N -L {port}:{shown}:{port} {getpass.getuser()}@{socket.getfqdn()}"
+        )
         if not loopback:
             out.print(f"or, from another machine: http://{_url_host(host)}:{port}/?token={token}", soft_wrap=True)
         out.print(f"then open: http://127.0.0.1:{port}/?token={token}", soft_wrap=True)
@@ -849,19 +1021,28 @@ def _print_status(info: dict[str, Any]) -> None:
     out.print(f"weights: [{style}]{weights['description']}[/]")
     backbone = info.get("backbone") or {}
     if backbone.get("arch_args") is not None:
-        what = {"embedding": "the heads train on the frozen embedding",
-                "last": "the last block trains on the tokens entering it"}[backbone["trainable"]]
-        out.print(f"backbone: timm {backbone['arch']} {backbone['arch_args']}, {backbone['input_px']} px input; "
-                  f"--trainable {backbone['trainable']} ({what}), {backbone['bytes_per_patch'] / 1000:.1f} kB a patch")
+        what = {
+            "embedding": "the heads train on the frozen embedding",
+            "last": "the last block trains on the tokens entering it",
+        }[backbone["trainable"]]
+        out.print(
+            f"backbone: timm {backbone['arch']} {backbone['arch_args']}, {backbone['input_px']} px input; "
+            f"--trainable {backbone['trainable']} ({what}), {backbone['bytes_per_patch'] / 1000:.1f} kB a patch"
+        )
     elif info.get("trainable", "last") != "last":
         out.print(f"trainable: {info['trainable']} (the heads train all of layer4; features cached after layer3)")
     norm = info.get("normalisation")
     if backbone.get("mean") is not None:
-        out.print(f"normalisation: the model's own, mean {_triple(backbone['mean'])}, std {_triple(backbone['std'])}, "
-                  f"{backbone['interpolation']} resize")
+        out.print(
+            f"normalisation: the model's own, mean {_triple(backbone['mean'])}, std {_triple(backbone['std'])}, "
+            f"{backbone['interpolation']} resize"
+        )
     elif norm:
-        source = (f"a random sample of {norm['tiles_read']:,} of {norm['candidate_tiles']:,} candidate tiles"
-                  if norm.get("tiles_read", 0) < norm.get("candidate_tiles", 0) else "every tissue tile")
+        source = (
+            f"a random sample of {norm['tiles_read']:,} of {norm['candidate_tiles']:,} candidate tiles"
+            if norm.get("tiles_read", 0) < norm.get("candidate_tiles", 0)
+            else "every tissue tile"
+        )
         out.print(f"normalisation: mean {_triple(norm['mean'])}, std {_triple(norm['std'])} ({source})")
     tiling = info["settings"]["tiling"]
     at = f"at {tiling['target_mpp']:g} µm/px" if tiling.get("target_mpp") else "of level 0"
@@ -869,15 +1050,29 @@ def _print_status(info: dict[str, Any]) -> None:
     table = Table("slide", "kind", "size (px)", "mpp", "tile (µm)", "patches", "features")
     for s in info["slides"]:
         mpp = "-" if not s["mpp"] else f"{s['mpp']:g}" + (" (given)" if s.get("mpp_given") else "")
-        table.add_row(s["id"], s["kind"], f"{s['width']} x {s['height']}", mpp,
-                      "-" if s.get("tile_um") is None else f"{s['tile_um']:.1f}", str(s["patches"]),
-                      "done" if s["extracted"] else "[yellow]pending[/]")
+        table.add_row(
+            s["id"],
+            s["kind"],
+            f"{s['width']} x {s['height']}",
+            mpp,
+            "-" if s.get("tile_um") is None else f"{s['tile_um']:.1f}",
+            str(s["patches"]),
+            "done" if s["extracted"] else "[yellow]pending[/]",
+        )
     out.print(table)
     sessions = Table("session", "label", "strategy", "k", "round", "state", "query", "s/round", "batch drawn with")
     for s in info["sessions"]:
-        sessions.add_row(s["id"], s["label"], s["strategy"], str(s["k"]), f"{s['round']}/{s['rounds']}", s["state"],
-                         str(s["query_patches"]), f"{s['seconds_per_round']:.1f}" if s["seconds_per_round"] else "-",
-                         s.get("batch_features") or "-")
+        sessions.add_row(
+            s["id"],
+            s["label"],
+            s["strategy"],
+            str(s["k"]),
+            f"{s['round']}/{s['rounds']}",
+            s["state"],
+            str(s["query_patches"]),
+            f"{s['seconds_per_round']:.1f}" if s["seconds_per_round"] else "-",
+            s.get("batch_features") or "-",
+        )
     if info["sessions"]:
         out.print(sessions)
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
@@ -886,12 +1081,16 @@ def _print_status(info: dict[str, Any]) -> None:
     if fixes:
         out.print(f"corrections: {len(fixes)} (newest last; the ledger keeps every answer)")
         for fix in fixes[-5:]:
-            out.print(f"  {fix['patch_id']}: {fix['previous'] or 'unlabelled'} -> {fix['label']}  "
-                      f"({fix['via']}, {fix['time']})")
+            out.print(
+                f"  {fix['patch_id']}: {fix['previous'] or 'unlabelled'} -> {fix['label']}  "
+                f"({fix['via']}, {fix['time']})"
+            )
     running = info.get("pretraining")
     if running:
-        out.print(f"pretraining: running since {running.get('since')} (pid {running.get('pid')}); the review goes "
-                  "on with the current features until it switches them")
+        out.print(
+            f"pretraining: running since {running.get('since')} (pid {running.get('pid')}); the review goes "
+            "on with the current features until it switches them"
+        )
     out.print(f"next: {info['next']}")
 
 
@@ -926,34 +1125,47 @@ def export(
             written = export_masks(ctx, out_path, slide, label, detections, overview)
         for item in written:
             counts = ", ".join(f"{k}: {v}" for k, v in item.patches_per_class.items())
-            out.print(f"[green]wrote[/] {item.geojson} ({counts} patches)"
-                      + (f" and {item.overview}" if item.overview else ""))
+            out.print(
+                f"[green]wrote[/] {item.geojson} ({counts} patches)"
+                + (f" and {item.overview}" if item.overview else "")
+            )
 
 
-def _feature_settings(weights: str, arch: str | None, arch_args: str | None, trainable: str | None,
-                      batch_size: int, seed: int):  # type: ignore[no-untyped-def]
+def _feature_settings(
+    weights: str, arch: str | None, arch_args: str | None, trainable: str | None, batch_size: int, seed: int
+):
     """The feature settings, weights and trained-at resolution (None: unknown) of a new project."""
     from wsi_il import backbones
     from wsi_il.config import FeatureSettings
     from wsi_il.features import build_resnet
 
-    timm = (arch is not None and backbones.is_timm(arch)) or weights.startswith(backbones.HUB_PREFIX) or (
-        weights not in ("imagenet", "random") and Path(weights).is_dir()) or arch_args is not None
+    timm = (
+        (arch is not None and backbones.is_timm(arch))
+        or weights.startswith(backbones.HUB_PREFIX)
+        or (weights not in ("imagenet", "random") and Path(weights).is_dir())
+        or arch_args is not None
+    )
     if timm:
         choice = backbones.choose_timm(weights, arch, backbones.parse_args(arch_args))
         weights_obj = backbones.weights_of(choice)
-        settings = backbones.timm_feature_settings(choice, weights_obj, trainable and trainable.lower(), batch_size,
-                                                   seed)
+        settings = backbones.timm_feature_settings(
+            choice, weights_obj, trainable and trainable.lower(), batch_size, seed
+        )
         return settings, weights_obj, choice.mpp
     weights_obj, arch = _weights_and_arch(weights, arch)
     build_resnet(weights_obj, seed, arch)  # a file that does not fit fails here, before anything is written
-    settings = FeatureSettings(arch=arch, weights=weights if weights_obj.kind != "file" else weights_obj.source,
-                               weights_sha256=weights_obj.sha256, batch_size=batch_size, seed=seed,
-                               trainable=_trainable(trainable or "last"))
+    settings = FeatureSettings(
+        arch=arch,
+        weights=weights if weights_obj.kind != "file" else weights_obj.source,
+        weights_sha256=weights_obj.sha256,
+        batch_size=batch_size,
+        seed=seed,
+        trainable=_trainable(trainable or "last"),
+    )
     return settings, weights_obj, None
 
 
-def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-def]
+def _weights_and_arch(spec: str, arch: str | None):
     """Resolve --weights and --arch together: a weights file names its own architecture."""
     from wsi_il.features import ARCHES, detect_arch, get_arch, resolve_weights
 
@@ -964,32 +1176,50 @@ def _weights_and_arch(spec: str, arch: str | None):  # type: ignore[no-untyped-d
     weights = resolve_weights(spec)
     found = detect_arch(weights.state or {})
     if arch is None and found is None:
-        raise InputError(f"{spec} holds no ResNet that wsi-il knows ({', '.join(ARCHES)})",
-                         "give a torchvision or timm ResNet state dict, or name its architecture with --arch "
-                         "(any timm architecture, with --arch-args)")
+        raise InputError(
+            f"{spec} holds no ResNet that wsi-il knows ({', '.join(ARCHES)})",
+            "give a torchvision or timm ResNet state dict, or name its architecture with --arch "
+            "(any timm architecture, with --arch-args)",
+        )
     return weights, arch or found
 
 
 @app.command()
 def pretrain(
     project: ProjectArg,
-    recipe: Annotated[str, typer.Option(help="quick (CPU: 112 steps of 64 fields, 64 px views; 0.3 of full's time) "
-                                        "or full (CPU: 200 steps of 64 fields, 96 px views). On CUDA both are 500 "
-                                        "steps of 512 fields, 224 px views.")] = "quick",
-    apply: Annotated[bool, typer.Option(help="Then compute the features with the new weights (the review goes on "
-                                        "meanwhile) and switch the project to them between two rounds.")] = False,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="quick (CPU: 112 steps of 64 fields, 64 px views; 0.3 of full's time) "
+            "or full (CPU: 200 steps of 64 fields, 96 px views). On CUDA both are 500 "
+            "steps of 512 fields, 224 px views."
+        ),
+    ] = "quick",
+    apply: Annotated[
+        bool,
+        typer.Option(
+            help="Then compute the features with the new weights (the review goes on "
+            "meanwhile) and switch the project to them between two rounds."
+        ),
+    ] = False,
     steps: Annotated[int | None, typer.Option(help="Training steps [default: the recipe's].")] = None,
     batch: Annotated[int | None, typer.Option(help="Fields per step [default: the recipe's].")] = None,
     crop: Annotated[int | None, typer.Option(help="View side in px [default: the recipe's].")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule, 10% warm-up).")] = 1e-3,
     start: Annotated[str, typer.Option(help="Start from the project's weights ('project') or 'random'.")] = "project",
-    weights_out: Annotated[Path | None, typer.Option("--out", help="Weights file to write "
-                                                     "[default: PROJECT/pretrain/weights.pt].")] = None,
+    weights_out: Annotated[
+        Path | None, typer.Option("--out", help="Weights file to write [default: PROJECT/pretrain/weights.pt].")
+    ] = None,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run's checkpoint and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
-    method: Annotated[str, typer.Option(help="Self-supervised method: moco (MoCo v2: momentum encoder + queue of "
-                                        "negatives; measured best, docs/pretraining.md) or simclr (SimCLR, "
-                                        "NT-Xent).")] = "moco",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Self-supervised method: moco (MoCo v2: momentum encoder + queue of "
+            "negatives; measured best, docs/pretraining.md) or simclr (SimCLR, "
+            "NT-Xent)."
+        ),
+    ] = "moco",
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the backbone self-supervised (SimCLR or MoCo v2) on the project's own tissue; no labels are used.
@@ -1010,8 +1240,16 @@ def pretrain(
         proj.read_manifest()
         dev = _device(device)
         base = PretrainSettings.for_device(dev, steps, batch, crop, recipe)
-        settings = PretrainSettings(base.steps, base.batch, base.crop_px, field_scale=base.field_scale, lr=lr,
-                                    seed=seed, start=start, method=method)
+        settings = PretrainSettings(
+            base.steps,
+            base.batch,
+            base.crop_px,
+            field_scale=base.field_scale,
+            lr=lr,
+            seed=seed,
+            start=start,
+            method=method,
+        )
         _run_pretrain(proj, settings, dev, weights_out or _free_weights_path(proj), restart, apply)
 
 
@@ -1032,11 +1270,20 @@ def _run_pretrain(proj: Any, settings: Any, dev: str, target: Path, restart: boo
     with proj.lock("pretrain", scope="pretrain"):
         if restart:
             checkpoint_path(proj).unlink(missing_ok=True)
-        console.print(f"{METHOD_NAMES[settings.method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
-                      f"{settings.crop_px} px views; the review can go on meanwhile (`wsi-il review {project}`)")
-        progress = Progress(TextColumn("pretraining"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                            TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), console=console)
+        console.print(
+            f"{METHOD_NAMES[settings.method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
+            f"{settings.crop_px} px views; the review can go on meanwhile (`wsi-il review {project}`)"
+        )
+        progress = Progress(
+            TextColumn("pretraining"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("steps  loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         with progress:
             task = progress.add_task("pretrain", total=settings.steps, loss="-")
 
@@ -1052,11 +1299,14 @@ def _run_pretrain(proj: Any, settings: Any, dev: str, target: Path, restart: boo
         losses = f"; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
         out.print(f"[green]wrote[/] {result.weights} ({result.steps} steps, {result.seconds / 60:.1f} min{losses})")
         if settings.method == "moco" and len(result.losses) > 1 and result.losses[-1] > result.losses[0]:
-            console.print("[dim]MoCo's loss rises while its queue of negatives fills with real keys (it starts "
-                          "random, so the first steps are easy): expected, not a failed run[/]")
+            console.print(
+                "[dim]MoCo's loss rises while its queue of negatives fills with real keys (it starts "
+                "random, so the first steps are easy): expected, not a failed run[/]"
+            )
         if not apply:
-            out.print(f"next: wsi-il pretrain {project} --apply   (or wsi-il reextract {project} --weights "
-                      f"{result.weights})")
+            out.print(
+                f"next: wsi-il pretrain {project} --apply   (or wsi-il reextract {project} --weights {result.weights})"
+            )
             return
         _apply_weights(proj, result.weights, dev)
 
@@ -1076,8 +1326,10 @@ def _apply_weights(proj: Any, weights_path: Path, dev: str) -> None:
         console.print(f"switching features: waiting for the round in progress to end ({holder})")
 
     with proj.lock_when_free("pretrain --apply (switching features)", waiting):
-        console.print("switching features: the project is locked until the heads are retrained on the new "
-                      "features (seconds to a minute)")
+        console.print(
+            "switching features: the project is locked until the heads are retrained on the new "
+            "features (seconds to a minute)"
+        )
         with _reporter() as reporter:
             manifest = run_reextract(proj, weights_obj, arch_name, reporter, dev)
     shutil.rmtree(proj.staged_info_path().parent, ignore_errors=True)
@@ -1090,8 +1342,10 @@ def _apply_weights(proj: Any, weights_path: Path, dev: str) -> None:
 def reextract(
     project: ProjectArg,
     weights: Annotated[str, typer.Option(help="imagenet, random, or a weights file (e.g. from wsi-il pretrain).")],
-    arch: Annotated[str | None, typer.Option(help="resnet18, resnet34 or resnet50 [default: what the file "
-                                             "holds, else the project's].")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="resnet18, resnet34 or resnet50 [default: what the file holds, else the project's]."),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Recompute the project's features with other weights; labels are kept and the heads retrained."""
@@ -1103,8 +1357,9 @@ def reextract(
         manifest = proj.read_manifest()
         for warning in check_settings(proj.manifest_path(), manifest):
             console.print(f"[bold yellow]warning:[/] {warning}")
-        weights_obj, arch_name = _weights_and_arch(weights, arch or (
-            manifest["features"]["arch"] if weights in ("imagenet", "random") else None))
+        weights_obj, arch_name = _weights_and_arch(
+            weights, arch or (manifest["features"]["arch"] if weights in ("imagenet", "random") else None)
+        )
         with proj.lock("reextract"), _reporter() as reporter:
             manifest = run_reextract(proj, weights_obj, arch_name, reporter, _device(device))
         _random_warning(manifest, project)
@@ -1116,20 +1371,26 @@ def reextract(
 def simulate(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder (results.csv, summary.json, plots, runs).")],
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide (repeatable; with --truth).")] = None,
-    truth: Annotated[list[Path] | None, typer.Option("--truth", help="The slide's tumour truth, QuPath GeoJSON "
-                                                     "(repeatable, in --slide order).")] = None,
-    query_slide: Annotated[Path | None, typer.Option(help="Inter-slide mode: take the queries from this slide's "
-                                                     "tumour and annotate each --slide.")] = None,
+    truth: Annotated[
+        list[Path] | None,
+        typer.Option("--truth", help="The slide's tumour truth, QuPath GeoJSON (repeatable, in --slide order)."),
+    ] = None,
+    query_slide: Annotated[
+        Path | None,
+        typer.Option(help="Inter-slide mode: take the queries from this slide's tumour and annotate each --slide."),
+    ] = None,
     query_truth: Annotated[Path | None, typer.Option(help="The tumour truth of --query-slide.")] = None,
     patches: Annotated[Path | None, typer.Option(help="Patch dataset: a folder of class subfolders.")] = None,
     test: Annotated[Path | None, typer.Option(help="Held-out test folder (class subfolders) for --patches.")] = None,
-    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: random, topk, fme, cnfp, hybrid, "
-                                          "entropy.")] = "cnfp,entropy,random",
+    strategy: Annotated[
+        str, typer.Option(help="Comma-separated strategies: random, topk, fme, cnfp, hybrid, entropy.")
+    ] = "cnfp,entropy,random",
     seeds: Annotated[int, typer.Option(help="Seeds per strategy (--first-seed .. --first-seed + N - 1).")] = 1,
     first_seed: Annotated[int, typer.Option(help="The first seed (to run a long experiment in pieces).")] = 0,
     sessions: Annotated[int, typer.Option(help="Query sessions per run.")] = 10,
-    k: Annotated[int | None, typer.Option("-k", "--k", help="Patches per batch [default: 5 for slides, 10 for "
-                                          "patches].")] = None,
+    k: Annotated[
+        int | None, typer.Option("-k", "--k", help="Patches per batch [default: 5 for slides, 10 for patches].")
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Review rounds per session.")] = 5,
     queries: Annotated[int, typer.Option(help="Query set size (per class for patches); one per session.")] = 10,
     epochs: Annotated[int, typer.Option(help="Training epochs per round (the paper: 50).")] = 50,
@@ -1141,22 +1402,46 @@ def simulate(
     fast_budget: FastBudgetOpt = 0,
     fast_frozen_conv1: FrozenConv1Opt = None,
     tile_size: Annotated[int, typer.Option(help="Tile side in level-0 pixels.")] = 256,
-    weights: Annotated[str, typer.Option(help="imagenet, pretrain (offline: learn the backbone from these slides, "
-                                         "a few minutes on a CPU, no labels; the review can start meanwhile), "
-                                         "random (tests/demos only), or a weights file.")] = "imagenet",
-    trainable: Annotated[str, typer.Option(help="What the heads train: last (the last block of layer4, the paper) "
-                                           "or layer4 (all of layer4, the paper's ablation).")] = "last",
-    reference: Annotated[bool, typer.Option(help="Train the full-supervision reference (all labels; slow on "
-                                            "big data).")] = True,
-    reference_folds: Annotated[int, typer.Option(help="Slides: folds of the cross-validated reference (each "
-                                                 "patch scored by heads that never saw it).")] = 5,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="imagenet, pretrain (offline: learn the backbone from these slides, "
+            "a few minutes on a CPU, no labels; the review can start meanwhile), "
+            "random (tests/demos only), or a weights file."
+        ),
+    ] = "imagenet",
+    trainable: Annotated[
+        str,
+        typer.Option(
+            help="What the heads train: last (the last block of layer4, the paper) "
+            "or layer4 (all of layer4, the paper's ablation)."
+        ),
+    ] = "last",
+    reference: Annotated[
+        bool, typer.Option(help="Train the full-supervision reference (all labels; slow on big data).")
+    ] = True,
+    reference_folds: Annotated[
+        int,
+        typer.Option(
+            help="Slides: folds of the cross-validated reference (each patch scored by heads that never saw it)."
+        ),
+    ] = 5,
     reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
     balance: BalanceOpt = "classes",
     head_init: HeadInitOpt = TrainSettings.head_init,
-    query_patches: Annotated[int, typer.Option(help="Slides: each session's query is a connected region of this "
-                                               "many tumour patches (1: one random patch, the paper).")] = 1,
-    query_island_share: Annotated[float, typer.Option(help="Slides: each session's query is this share of the "
-                                                      "largest tumour island (0: use --query-patches).")] = 0.0,
+    query_patches: Annotated[
+        int,
+        typer.Option(
+            help="Slides: each session's query is a connected region of this "
+            "many tumour patches (1: one random patch, the paper)."
+        ),
+    ] = 1,
+    query_island_share: Annotated[
+        float,
+        typer.Option(
+            help="Slides: each session's query is this share of the largest tumour island (0: use --query-patches)."
+        ),
+    ] = 0.0,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure what the expert gains: run strategies with ground truth as the expert (the paper's experiments).
@@ -1177,8 +1462,10 @@ def simulate(
     with _errors():
         names = tuple(s.strip().lower() for s in strategy.split(",") if s.strip())
         if (patches is None) == (not slide):
-            raise InputError("give either --slide with --truth, or --patches with --test",
-                             "e.g. --slide s.tiff --truth s.truth.geojson")
+            raise InputError(
+                "give either --slide with --truth, or --patches with --test",
+                "e.g. --slide s.tiff --truth s.truth.geojson",
+            )
         if slide and len(truth or []) != len(slide):
             raise InputError(f"{len(slide)} --slide but {len(truth or [])} --truth", "give one --truth per --slide")
         if patches is not None and test is None:
@@ -1188,36 +1475,62 @@ def simulate(
         unknown = [s for s in names if s not in STRATEGIES]
         if unknown:
             raise InputError(f"--strategy {', '.join(unknown)} is not one of {', '.join(STRATEGIES)}", "pick them")
-        settings = SimulationSettings(strategies=names, seeds=seeds, first_seed=first_seed, sessions=sessions,
-                                      k=k or (10 if patches is not None else 5), rounds=rounds, queries=queries,
-                                      epochs=epochs, lr=lr, margin=margin, warm_start=warm_start,
-                                      refine_query=refine_query, schedule=_schedule(schedule),
-                                      fast_budget=fast_budget,
-                                      fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights),
-                                      tile_size_px=tile_size, weights=weights,
-                                      trainable=_trainable(trainable),
-                                      reference=reference, reference_folds=reference_folds,
-                                      reference_epochs=reference_epochs, balance=balance.strip().lower(),
-                                      head_init=_head_init(head_init),
-                                      query_patches=query_patches, query_island_share=query_island_share)
+        settings = SimulationSettings(
+            strategies=names,
+            seeds=seeds,
+            first_seed=first_seed,
+            sessions=sessions,
+            k=k or (10 if patches is not None else 5),
+            rounds=rounds,
+            queries=queries,
+            epochs=epochs,
+            lr=lr,
+            margin=margin,
+            warm_start=warm_start,
+            refine_query=refine_query,
+            schedule=_schedule(schedule),
+            fast_budget=fast_budget,
+            fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights),
+            tile_size_px=tile_size,
+            weights=weights,
+            trainable=_trainable(trainable),
+            reference=reference,
+            reference_folds=reference_folds,
+            reference_epochs=reference_epochs,
+            balance=balance.strip().lower(),
+            head_init=_head_init(head_init),
+            query_patches=query_patches,
+            query_island_share=query_island_share,
+        )
         settings.check()
         if weights == "random":
-            console.print("[bold yellow on red] WARNING [/] [bold yellow]--weights random: features of a RANDOMLY "
-                          "initialised ResNet-18; the numbers say nothing about pretrained features.[/]",
-                          soft_wrap=True)
+            console.print(
+                "[bold yellow on red] WARNING [/] [bold yellow]--weights random: features of a RANDOMLY "
+                "initialised ResNet-18; the numbers say nothing about pretrained features.[/]",
+                soft_wrap=True,
+            )
         dev = _device(device)
         source = SlideCase(query_slide, query_truth) if query_slide and query_truth else None
         cases = [SlideCase(s, t, source) for s, t in zip(slide or [], truth or [], strict=True)]
-        progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                            TextColumn("rounds"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=console)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("rounds"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
         with progress:
             task = progress.add_task("simulate", total=total_rounds(settings, max(1, len(cases))))
-            hooks = SimProgress(advance=lambda n: progress.advance(task, n),
-                                describe=lambda text: progress.update(task, description=text))
+            hooks = SimProgress(
+                advance=lambda n: progress.advance(task, n),
+                describe=lambda text: progress.update(task, description=text),
+            )
             with _reporter() as reporter:
                 if patches is not None:
-                    outcome = simulate_patches(patches, test, out_dir, settings, dev, hooks, reporter)  # type: ignore[arg-type]
+                    outcome = simulate_patches(patches, test, out_dir, settings, dev, hooks, reporter)
                 else:
                     outcome = simulate_slides(cases, out_dir, settings, dev, hooks, reporter)
         metrics = outcome.summary["metrics"]
@@ -1227,13 +1540,19 @@ def simulate(
                 table.add_row(name, "all", *[_mean_std(entry[m]) for m in metrics], "-")
                 continue
             reach = entry[metrics[0]]["labels_to_95pct"]
-            reached = f"{_mean_std(reach)} ({reach['reached']}/{entry['seeds']} seeds)" if reach["reached"] else \
-                f"not reached (0/{entry['seeds']} seeds)"
-            table.add_row(name, _mean_std(entry["final_labels"], 0), *[_mean_std(entry[m]["final"]) for m in metrics],
-                          reached)
+            reached = (
+                f"{_mean_std(reach)} ({reach['reached']}/{entry['seeds']} seeds)"
+                if reach["reached"]
+                else f"not reached (0/{entry['seeds']} seeds)"
+            )
+            table.add_row(
+                name, _mean_std(entry["final_labels"], 0), *[_mean_std(entry[m]["final"]) for m in metrics], reached
+            )
         out.print(table)
-        out.print(f"[green]wrote[/] {out_dir / 'results.csv'}, {out_dir / 'summary.json'} and "
-                  f"{', '.join(p.name for p in outcome.plots)}")
+        out.print(
+            f"[green]wrote[/] {out_dir / 'results.csv'}, {out_dir / 'summary.json'} and "
+            f"{', '.join(p.name for p in outcome.plots)}"
+        )
 
 
 def _mean_std(spread: dict[str, Any], digits: int = 3) -> str:
@@ -1271,61 +1590,109 @@ def evaluate(
             out.print_json(json.dumps(result))
             return
         table = Table("patches", "precision", "recall", "F1", "Jaccard", "balanced acc.", "n")
-        for name, key, n in (("all tissue", "patch", result["patches"]),
-                             ("not labelled", "patch_unlabelled", result["patches"] - result["labelled_patches"])):
+        for name, key, n in (
+            ("all tissue", "patch", result["patches"]),
+            ("not labelled", "patch_unlabelled", result["patches"] - result["labelled_patches"]),
+        ):
             s = result[key]
-            table.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
-                          f"{s['jaccard']:.3f}", f"{s['balanced_accuracy']:.3f}", str(n))
-        out.print(f"{result['slide']}: {result['label']} predicted on {result['predicted_patches']} patches, "
-                  f"{result['truth_patches']} in the truth")
+            table.add_row(
+                name,
+                f"{s['precision']:.3f}",
+                f"{s['recall']:.3f}",
+                f"{s['f1']:.3f}",
+                f"{s['jaccard']:.3f}",
+                f"{s['balanced_accuracy']:.3f}",
+                str(n),
+            )
+        out.print(
+            f"{result['slide']}: {result['label']} predicted on {result['predicted_patches']} patches, "
+            f"{result['truth_patches']} in the truth"
+        )
         out.print(table)
         rest = result["patch_unlabelled"]
-        out.print(f"not labelled: {rest['called_share']:.0%} called {result['label']}, {rest['truth_share']:.0%} "
-                  "truly (balanced accuracy 0.5 is chance: calling everything or nothing)")
+        out.print(
+            f"not labelled: {rest['called_share']:.0%} called {result['label']}, {rest['truth_share']:.0%} "
+            "truly (balanced accuracy 0.5 is chance: calling everything or nothing)"
+        )
         out.print(f"pixel-level IoU of the mask polygons with the truth: {result['pixel_iou']:.3f}")
 
 
 @app.command()
 def bench(
-    slide: Annotated[Path | None, typer.Option(help="A slide to measure on [default: build an island mosaic of "
-                                               "real BACH fields with --patches tissue patches].")] = None,
-    truth: Annotated[Path | None, typer.Option(help="The slide's tumour truth (QuPath GeoJSON), for the round's "
-                                               "labels [default: random labels; latency only].")] = None,
-    data: Annotated[Path | None, typer.Option(help="Folder holding bach-iciar2018-1536jpeg-sample/ (to build "
-                                              "the mosaic) [default: $WSI_IL_DATA].")] = None,
+    slide: Annotated[
+        Path | None,
+        typer.Option(
+            help="A slide to measure on [default: build an island mosaic of "
+            "real BACH fields with --patches tissue patches]."
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            help="The slide's tumour truth (QuPath GeoJSON), for the round's "
+            "labels [default: random labels; latency only]."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder holding bach-iciar2018-1536jpeg-sample/ (to build the mosaic) [default: $WSI_IL_DATA]."
+        ),
+    ] = None,
     patches: Annotated[int, typer.Option(help="About this many tissue patches in the built slide.")] = 12_500,
     labels: Annotated[int, typer.Option(help="Labels in the project when the round is timed.")] = 250,
     paper: Annotated[bool, typer.Option(help="Also time a round with the paper's settings (slow on CPU).")] = True,
-    weights: Annotated[str, typer.Option(help="random (same compute as ImageNet), imagenet or a weights "
-                                         "file.")] = "random",
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Working folder (slide, project, exports), kept afterwards [default: a temporary folder, "
-        "removed at the end].", show_default=False)] = None,
+    weights: Annotated[
+        str, typer.Option(help="random (same compute as ImageNet), imagenet or a weights file.")
+    ] = "random",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Working folder (slide, project, exports), kept afterwards [default: a temporary folder, "
+            "removed at the end].",
+            show_default=False,
+        ),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    backbone: Annotated[list[str] | None, typer.Option(
-        "--backbone", help="Also measure this timm backbone, under each split it supports: NAME[:JSON args] "
-        "(random weights, the same compute), a snapshot folder or hf-hub:ORG/NAME (repeat for several).")] = None,
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backbone",
+            help="Also measure this timm backbone, under each split it supports: NAME[:JSON args] "
+            "(random weights, the same compute), a snapshot folder or hf-hub:ORG/NAME (repeat for several).",
+        ),
+    ] = None,
     backbones_only: Annotated[bool, typer.Option(help="Measure only the --backbone ones (needs --slide).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Measure extraction, round latency, export and memory on this machine, next to limits and a naive baseline."""
     with _errors():
         if patches < 100 or labels < 30:
-            raise InputError(f"--patches {patches} / --labels {labels} are too small to measure",
-                             "use at least 100 patches and 30 labels")
+            raise InputError(
+                f"--patches {patches} / --labels {labels} are too small to measure",
+                "use at least 100 patches and 30 labels",
+            )
         dev = _device(device)
         work = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix="wsi-il-bench-"))
         if out_dir is None:
             console.print(f"[dim]working in {work} (removed at the end; --out DIR keeps it)[/]")
         if backbones_only and (slide is None or not backbone):
-            raise InputError("--backbones-only needs --slide and at least one --backbone",
-                             "e.g. --slide S.svs --backbone vit_small_patch16_224 --backbones-only")
+            raise InputError(
+                "--backbones-only needs --slide and at least one --backbone",
+                "e.g. --slide S.svs --backbone vit_small_patch16_224 --backbones-only",
+            )
         try:
             if not backbones_only:
                 _run_bench(work, slide, truth, data, patches, labels, weights, dev, paper, json_path)
             if backbone:
-                _bench_backbones(backbone, slide or _bench_slide(work), work / "backbones", dev,
-                                 json_path.with_suffix(".backbones.json") if json_path else None)
+                _bench_backbones(
+                    backbone,
+                    slide or _bench_slide(work),
+                    work / "backbones",
+                    dev,
+                    json_path.with_suffix(".backbones.json") if json_path else None,
+                )
         finally:
             if out_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -1351,59 +1718,131 @@ def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_p
         for spec in specs:
             status.update(f"backbone {spec}")
             results.extend(bench_backbone(spec, slide, work / f"b{len(results)}", dev, sample))
-    table = Table("backbone", "split", "kB a patch", "patches/s", "trunk limit/s", "ratio", "CPU s", "wall s",
-                  title=f"backbones on {slide.name} ({dev}; load {max(r.load_average for r in results):.1f} at most)")
+    table = Table(
+        "backbone",
+        "split",
+        "kB a patch",
+        "patches/s",
+        "trunk limit/s",
+        "ratio",
+        "CPU s",
+        "wall s",
+        title=f"backbones on {slide.name} ({dev}; load {max(r.load_average for r in results):.1f} at most)",
+    )
     for r in results:
-        table.add_row(f"{r.backbone} ({r.input_px} px)", r.trainable, f"{r.bytes_per_patch / 1000:.1f}",
-                      f"{r.extract_patches_per_s:.1f}", f"{r.trunk_limit_patches_per_s:.1f}",
-                      f"{r.extract_ratio_to_limit:.2f}", f"{r.extract_cpu_seconds:.1f}", f"{r.extract_seconds:.1f}")
+        table.add_row(
+            f"{r.backbone} ({r.input_px} px)",
+            r.trainable,
+            f"{r.bytes_per_patch / 1000:.1f}",
+            f"{r.extract_patches_per_s:.1f}",
+            f"{r.trunk_limit_patches_per_s:.1f}",
+            f"{r.extract_ratio_to_limit:.2f}",
+            f"{r.extract_cpu_seconds:.1f}",
+            f"{r.extract_seconds:.1f}",
+        )
     out.print(table)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(results_json(results), indent=2))
         out.print(f"wrote {json_path}")
 
 
-def _run_bench(out_dir: Path, slide: Path | None, truth: Path | None, data: Path | None, patches: int, labels: int,
-               weights: str, dev: str, paper: bool, json_path: Path | None) -> None:
+def _run_bench(
+    out_dir: Path,
+    slide: Path | None,
+    truth: Path | None,
+    data: Path | None,
+    patches: int,
+    labels: int,
+    weights: str,
+    dev: str,
+    paper: bool,
+    json_path: Path | None,
+) -> None:
     from wsi_il.bench import BenchSettings, result_json, run_bench
     from wsi_il.fsutil import atomic_write_text
 
-    settings = BenchSettings(out=out_dir, slide=slide, truth=truth, data=data, patches=patches, labels=labels,
-                             weights=weights, device=dev, paper=paper)
+    settings = BenchSettings(
+        out=out_dir,
+        slide=slide,
+        truth=truth,
+        data=data,
+        patches=patches,
+        labels=labels,
+        weights=weights,
+        device=dev,
+        paper=paper,
+    )
     started = time.perf_counter()
     with console.status("measuring") as status:
         result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
-    table = Table("stage", "measured", "reference", "ratio", title=f"wsi-il bench on {result.device_name} "
-                  f"({result.device}, {result.precision}, {result.torch_threads} threads)")
-    table.add_row("extraction, end to end", f"{result.extract_patches_per_s:.1f} patches/s",
-                  f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
-                  f"{result.extract_ratio_to_limit:.2f} of the limit")
-    table.add_row("", f"({result.patches:,} patches: mask + statistics {result.tiling_seconds:.1f} s, features "
-                  f"{result.features_seconds:.1f} s; setup before it {result.setup_seconds:.1f} s)",
-                  f"naive {result.naive_patches_per_s:.1f}/s",
-                  f"{result.extract_ratio_to_naive:.2f}x naive")
+    table = Table(
+        "stage",
+        "measured",
+        "reference",
+        "ratio",
+        title=f"wsi-il bench on {result.device_name} "
+        f"({result.device}, {result.precision}, {result.torch_threads} threads)",
+    )
+    table.add_row(
+        "extraction, end to end",
+        f"{result.extract_patches_per_s:.1f} patches/s",
+        f"trunk limit {result.trunk_limit_patches_per_s:.1f}/s",
+        f"{result.extract_ratio_to_limit:.2f} of the limit",
+    )
+    table.add_row(
+        "",
+        f"({result.patches:,} patches: mask + statistics {result.tiling_seconds:.1f} s, features "
+        f"{result.features_seconds:.1f} s; setup before it {result.setup_seconds:.1f} s)",
+        f"naive {result.naive_patches_per_s:.1f}/s",
+        f"{result.extract_ratio_to_naive:.2f}x naive",
+    )
     table.add_row("", "", f"reading limit {result.read_limit_patches_per_s:.1f}/s", "")
-    paper_text = (f"paper's settings {result.round_seconds_paper_settings:.1f} s"
-                  if result.round_seconds_paper_settings is not None else "paper's settings: not run")
-    ratio = (f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default
-             else "")
+    paper_text = (
+        f"paper's settings {result.round_seconds_paper_settings:.1f} s"
+        if result.round_seconds_paper_settings is not None
+        else "paper's settings: not run"
+    )
+    ratio = f"{result.round_ratio_paper_to_default:.1f}x faster" if result.round_ratio_paper_to_default else ""
     frozen = ", first convolution frozen" if result.round_frozen_conv1 else ""
-    table.add_row(f"round at {result.round_labels} labels", f"{result.round_seconds:.1f} s "
-                  f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
-                  paper_text, ratio)
+    table.add_row(
+        f"round at {result.round_labels} labels",
+        f"{result.round_seconds:.1f} s "
+        f"({result.round_schedule} schedule{frozen}; training {result.round_train_seconds:.1f} s)",
+        paper_text,
+        ratio,
+    )
     if result.round_seconds_next is not None:
-        table.add_row("", f"{result.round_seconds_next:.1f} s for the round after it, in the same process "
-                      "(as under wsi-il watch)", "", "")
+        table.add_row(
+            "",
+            f"{result.round_seconds_next:.1f} s for the round after it, in the same process (as under wsi-il watch)",
+            "",
+            "",
+        )
     if result.round_seconds_full_block is not None:
-        table.add_row("", f"{result.round_seconds_full_block:.1f} s training the whole block (training "
-                      f"{result.round_train_seconds_full_block:.1f} s)", "", "")
-    table.add_row("export", f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
-                  f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} "
-                  "synthetic patches", "")
-    stems = (f" + {result.stem_cache_bytes_per_patch / 1000:.1f} kB of frozen-convolution cache"
-             if result.stem_cache_bytes_per_patch else "")
-    table.add_row("memory", f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
-                  f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped){stems}", "")
+        table.add_row(
+            "",
+            f"{result.round_seconds_full_block:.1f} s training the whole block (training "
+            f"{result.round_train_seconds_full_block:.1f} s)",
+            "",
+            "",
+        )
+    table.add_row(
+        "export",
+        f"{result.export_seconds:.1f} s ({result.patches:,} patches)",
+        f"{result.export_synthetic_seconds:.1f} s for {result.export_synthetic_patches:,} synthetic patches",
+        "",
+    )
+    stems = (
+        f" + {result.stem_cache_bytes_per_patch / 1000:.1f} kB of frozen-convolution cache"
+        if result.stem_cache_bytes_per_patch
+        else ""
+    )
+    table.add_row(
+        "memory",
+        f"peak RSS {result.peak_rss_mb:.0f} MB during extraction",
+        f"{result.bytes_per_patch / 1000:.1f} kB per patch (memory-mapped){stems}",
+        "",
+    )
     if result.gpu_utilisation is not None:
         table.add_row("GPU utilisation", f"{result.gpu_utilisation:.0f}% during extraction", "", "")
     out.print(table)

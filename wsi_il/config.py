@@ -146,9 +146,10 @@ def fast_budget(settings: TrainSettings) -> int:
     return settings.fast_budget or (FAST_BUDGET_FROZEN if settings.fast_frozen_conv1 else FAST_BUDGET_FULL)
 
 
-_LEGACY: dict[str, dict[str, Any]] = {"TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False,
-                                                        "balance": "none", "head_init": "random"},
-                                      "TilingSettings": {"normalisation_sample": 0}}
+_LEGACY: dict[str, dict[str, Any]] = {
+    "TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False, "balance": "none", "head_init": "random"},
+    "TilingSettings": {"normalisation_sample": 0},
+}
 """Values a setting had before it existed: a project written then keeps behaving as it did."""
 
 

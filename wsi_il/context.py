@@ -17,8 +17,9 @@ OUTLINE_RGB = (0, 200, 255)
 """The patch's outline: a cyan that stands out on H&E's pinks and purples."""
 
 
-def context_box(box: tuple[int, int, int, int], slide_size: tuple[int, int], tiles: int = 3
-                ) -> tuple[int, int, int, int]:
+def context_box(
+    box: tuple[int, int, int, int], slide_size: tuple[int, int], tiles: int = 3
+) -> tuple[int, int, int, int]:
     """The level-0 square (x, y, width, height) of ``tiles`` patch sizes centred on ``box`` (x, y, w, h), moved
     inside the slide of ``slide_size`` (width, height)."""
     x, y, w, h = (int(v) for v in box)
@@ -28,8 +29,9 @@ def context_box(box: tuple[int, int, int, int], slide_size: tuple[int, int], til
     return left, top, width, height
 
 
-def context_image(reader: Any, box: tuple[int, int, int, int], slide_size: tuple[int, int], tiles: int = 3,
-                  size_px: int | None = None) -> Image.Image:
+def context_image(
+    reader: Any, box: tuple[int, int, int, int], slide_size: tuple[int, int], tiles: int = 3, size_px: int | None = None
+) -> Image.Image:
     """Read the neighbourhood of ``box`` with ``reader`` (``slide.TileReader`` or anything with the same
     ``read(x, y, w, h)``), outline the patch, and scale the square to ``size_px`` on its longer side (None: as
     read)."""

@@ -32,8 +32,15 @@ def corrections(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     found = []
     for entry in entries:
         if is_correction(entry):
-            found.append({"patch_id": entry["patch_id"], "previous": before.get(entry["patch_id"]),
-                          "label": entry["label"], "time": entry.get("time"), "via": entry.get("via")})
+            found.append(
+                {
+                    "patch_id": entry["patch_id"],
+                    "previous": before.get(entry["patch_id"]),
+                    "label": entry["label"],
+                    "time": entry.get("time"),
+                    "via": entry.get("via"),
+                }
+            )
         before[entry["patch_id"]] = entry["label"]
     return found
 
@@ -43,8 +50,9 @@ def patch_history(entries: Iterable[dict[str, Any]], patch_id: str) -> list[dict
     return [e for e in entries if e["patch_id"] == patch_id]
 
 
-def correct_labels(project: Project, manifest: dict[str, Any], patch_ids: Collection[str],
-                   answers: Iterable[tuple[str, str]], via: str) -> list[dict[str, Any]]:
+def correct_labels(
+    project: Project, manifest: dict[str, Any], patch_ids: Collection[str], answers: Iterable[tuple[str, str]], via: str
+) -> list[dict[str, Any]]:
     """Validate answers ``(patch_id, label as written)`` and append those that change a patch's label.
 
     Labels are read as ``ingest`` reads them (class names in any case, yes/no answering the patch's session's
@@ -60,22 +68,34 @@ def correct_labels(project: Project, manifest: dict[str, Any], patch_ids: Collec
     entries = []
     for patch_id, raw in answers:
         if patch_id not in patch_ids:
-            raise InputError(f"patch {patch_id!r} is not in {project.root}",
-                             "copy the patch id from labels.csv, the contact sheet or `wsi-il status`")
+            raise InputError(
+                f"patch {patch_id!r} is not in {project.root}",
+                "copy the patch id from labels.csv, the contact sheet or `wsi-il status`",
+            )
         session = _session_of(now.get(patch_id), sessions)
         if session is None and raw.strip().casefold() not in {c.casefold() for c in manifest["classes"]} | {SKIP}:
-            raise InputError(f"patch {patch_id}: {raw.strip()!r} answers no session's question",
-                             f"give a class name: {', '.join(manifest['classes'])}")
+            raise InputError(
+                f"patch {patch_id}: {raw.strip()!r} answers no session's question",
+                f"give a class name: {', '.join(manifest['classes'])}",
+            )
         label = _label(raw, manifest, session, patch_id)
         if label is None:
-            raise InputError(f"patch {patch_id}: the new label is empty",
-                             f"give one of {', '.join(manifest['classes'])}, yes, no or skip")
+            raise InputError(
+                f"patch {patch_id}: the new label is empty",
+                f"give one of {', '.join(manifest['classes'])}, yes, no or skip",
+            )
         if label == SKIP and patch_id not in now:
             raise InputError(f"patch {patch_id} has no label to skip", "skip only takes back a label given before")
         if now.get(patch_id, {}).get("label") == label:
             continue
-        entry = {"patch_id": patch_id, "label": label, "batch": CORRECTION, "source": CORRECTION, "via": via,
-                 "time": now_iso()}
+        entry = {
+            "patch_id": patch_id,
+            "label": label,
+            "batch": CORRECTION,
+            "source": CORRECTION,
+            "via": via,
+            "time": now_iso(),
+        }
         if session is not None:
             entry["session"] = session["id"]
         entries.append(entry)
@@ -87,7 +107,7 @@ def correct_labels(project: Project, manifest: dict[str, Any], patch_ids: Collec
 
 def _label(raw: str, manifest: dict[str, Any], session: dict[str, Any] | None, patch_id: str) -> str | None:
     """Read an answer as ``ingest`` does; a ``not:<class>`` that a labels file already resolved is kept."""
-    if raw.startswith(NOT_PREFIX) and raw[len(NOT_PREFIX):] in manifest["classes"]:
+    if raw.startswith(NOT_PREFIX) and raw[len(NOT_PREFIX) :] in manifest["classes"]:
         return raw
     return normalize_label(raw, _question(manifest, session), where=f"patch {patch_id}")
 

@@ -85,9 +85,18 @@ def register_slide(manifest: dict[str, Any], path: Path, mpp: float | None = Non
     if any(Path(s["path"]) == path for s in manifest["slides"]):
         raise InputError(f"{path} is already in the project", "each slide is added once")
     info = read_info(path)
-    record = {"id": _unique_id(path.stem, manifest), "kind": "slide", "path": str(path),
-              "width": info.width, "height": info.height, "mpp": info.mpp, "offset": list(info.offset),
-              "n_patches": 0, "tiled": False, "extracted": False}
+    record = {
+        "id": _unique_id(path.stem, manifest),
+        "kind": "slide",
+        "path": str(path),
+        "width": info.width,
+        "height": info.height,
+        "mpp": info.mpp,
+        "offset": list(info.offset),
+        "n_patches": 0,
+        "tiled": False,
+        "extracted": False,
+    }
     if mpp is not None and info.mpp is None:
         record.update(mpp=float(mpp), mpp_given=True)
     check_slide_mpp(record, manifest["tiling"])
@@ -100,22 +109,35 @@ def register_patch_folder(manifest: dict[str, Any], folder: Path) -> dict[str, A
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise InputError(f"patch folder {folder} does not exist or is not a folder", "check the path")
-    record = {"id": _unique_id(folder.name, manifest), "kind": "patches", "path": str(folder),
-              "width": 0, "height": 0, "mpp": None, "offset": [0.0, 0.0], "n_patches": 0,
-              "tiled": False, "extracted": False}
+    record = {
+        "id": _unique_id(folder.name, manifest),
+        "kind": "patches",
+        "path": str(folder),
+        "width": 0,
+        "height": 0,
+        "mpp": None,
+        "offset": [0.0, 0.0],
+        "n_patches": 0,
+        "tiled": False,
+        "extracted": False,
+    }
     manifest["slides"].append(record)
     return record
 
 
 def folder_classes(folder: Path) -> list[str]:
     """Return the class subfolders of a patch folder that hold images (empty when unlabelled)."""
-    return sorted(d.name for d in Path(folder).iterdir()
-                  if d.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*")))
+    return sorted(
+        d.name
+        for d in Path(folder).iterdir()
+        if d.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.rglob("*"))
+    )
 
 
 # ---- tiling -----------------------------------------------------------------------------------
-def slide_candidates(project: Project, slide_id: str, slide: Path, settings: TilingSettings,
-                     side0: int | None = None) -> np.ndarray:
+def slide_candidates(
+    project: Project, slide_id: str, slide: Path, settings: TilingSettings, side0: int | None = None
+) -> np.ndarray:
     """Return the grid tiles of a slide inside its thumbnail tissue mask (computed once, then read back);
     ``side0``: the grid's side in level-0 px (``resolution.level0_tile_px``; default ``tile_size_px``)."""
     path = project.candidates_path(slide_id)
@@ -124,8 +146,9 @@ def slide_candidates(project: Project, slide_id: str, slide: Path, settings: Til
     side0 = side0 or settings.tile_size_px
     info = read_info(slide)
     thumb, scale = read_thumbnail(info.path, settings.thumbnail_px)
-    corners = candidate_tiles(grid(info.bounds, side0), tissue_mask(thumb, settings), scale, side0,
-                              settings.min_mask_fraction)
+    corners = candidate_tiles(
+        grid(info.bounds, side0), tissue_mask(thumb, settings), scale, side0, settings.min_mask_fraction
+    )
     project.write_array(path, corners)
     return corners
 
@@ -139,8 +162,9 @@ def read_at_resolution(reader: TileReader, x: int, y: int, side0: int, out_px: i
     return resize_tile(reader.read_downsampled(x, y, side0, side0 / out_px), out_px)
 
 
-def read_tissue_tile(reader: TileReader, corner: Any, settings: TilingSettings,
-                     input_px: int | None = None, side0: int | None = None) -> Any:
+def read_tissue_tile(
+    reader: TileReader, corner: Any, settings: TilingSettings, input_px: int | None = None, side0: int | None = None
+) -> Any:
     """Read one candidate tile (``side0`` level-0 px a side, ``tile_size_px`` by default, as ``tile_size_px``):
     when the pixel rule keeps it, the tile (resized to ``input_px`` where given), else None."""
     tile = settings.tile_size_px
@@ -186,8 +210,14 @@ def _slide_loads(settings: TilingSettings) -> tuple[Callable[[Any], np.ndarray |
     return load, close
 
 
-def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSettings, seed: int,
-                  reporter: Reporter, readers: ReaderPool | None) -> dict[str, Any]:
+def normalisation(
+    project: Project,
+    manifest: dict[str, Any],
+    settings: TilingSettings,
+    seed: int,
+    reporter: Reporter,
+    readers: ReaderPool | None,
+) -> dict[str, Any]:
     """Per-channel mean and std of the project's tissue tiles (docs/method.md, "Patches and features" 3).
 
     Patch folders and slides tiled before count whole (their sums were kept). Over the other slides' candidate
@@ -200,8 +230,10 @@ def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSe
             sums += np.array(project.read_json(project.tiling_path(record["id"]))["channel_sums"])
     slides = [r for r in manifest["slides"] if not r["tiled"]]
     sides = [level0_tile_px(settings, slide_mpp(r)) for r in slides]
-    candidates = [slide_candidates(project, r["id"], Path(r["path"]), settings, side)
-                  for r, side in zip(slides, sides, strict=True)]
+    candidates = [
+        slide_candidates(project, r["id"], Path(r["path"]), settings, side)
+        for r, side in zip(slides, sides, strict=True)
+    ]
     total = sum(len(c) for c in candidates)
     size = total if settings.normalisation_sample <= 0 else min(total, settings.normalisation_sample)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False)) if total else np.zeros(0, int)
@@ -213,18 +245,18 @@ def normalisation(project: Project, manifest: dict[str, Any], settings: TilingSe
         if readers is None:
             raise ValueError("normalisation over slides needs their readers (slide_readers)")
         batches = batch_ranges(0, len(picked), 64)
-        for rows, kept in readers.read(batches, (7,), np.float64,
-                                       lambda i: tile_spec(path, "sums", picked[i], side)):  # noqa: B023
+        for rows, kept in readers.read(batches, (7,), np.float64, lambda i: tile_spec(path, "sums", picked[i], side)):  # noqa: B023
             sampled += rows[kept].sum(0)
             advance(len(rows))
     if size:
         sums += sampled * (total / size)
     if sums[6] == 0:
         if 0 < size < total:  # a sample without tissue says little: look at every tile before giving up
-            return normalisation(project, manifest, replace(settings, normalisation_sample=0), seed, reporter,
-                                 readers)
-        raise InputError("no tissue patch was found in the project's slides",
-                         "check the slides, or lower the tissue filter's thresholds")
+            return normalisation(project, manifest, replace(settings, normalisation_sample=0), seed, reporter, readers)
+        raise InputError(
+            "no tissue patch was found in the project's slides",
+            "check the slides, or lower the tissue filter's thresholds",
+        )
     mean, std = mean_std(sums)
     return {"mean": mean, "std": std, "tiles_read": int(size), "candidate_tiles": int(total)}
 
@@ -234,8 +266,10 @@ def tile_patch_folder(project: Project, record: dict[str, Any], reporter: Report
     folder = Path(record["path"])
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise InputError(f"patch folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                         "point --patches at a folder of patch images or of class subfolders")
+        raise InputError(
+            f"patch folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+            "point --patches at a folder of patch images or of class subfolders",
+        )
     classes = set(folder_classes(folder))
     advance = reporter.task(f"reading {record['id']}", len(files), "images")
 
@@ -254,8 +288,9 @@ def tile_patch_folder(project: Project, record: dict[str, Any], reporter: Report
     relative = [p.relative_to(folder) for p in files]
     labels = [r.parts[0] if len(r.parts) > 1 and r.parts[0] in classes else None for r in relative]
     ids = _image_ids(record["id"], relative)
-    project.write_json(project.images_path(record["id"]),
-                       {"files": [str(r) for r in relative], "labels": labels, "ids": ids})
+    project.write_json(
+        project.images_path(record["id"]), {"files": [str(r) for r in relative], "labels": labels, "ids": ids}
+    )
     _finish_tiling(project, record, boxes, table[:, 2:].sum(0))
 
 
@@ -278,8 +313,11 @@ def load_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{path} is {image.width} x {image.height} px, more than a patch image may have "
-                                 f"({MAX_IMAGE_PIXELS // 1_000_000} megapixels)", "tile large images into patches")
+                raise InputError(
+                    f"{path} is {image.width} x {image.height} px, more than a patch image may have "
+                    f"({MAX_IMAGE_PIXELS // 1_000_000} megapixels)",
+                    "tile large images into patches",
+                )
             return np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path} cannot be read as an image: {exc}", "remove or replace the file") from exc
@@ -305,7 +343,7 @@ def loaded_px(project: Project, record: SlideRecord, input_px: int, tiling: Tili
     return int(sizes[0]) if len(sizes) == 1 else input_px
 
 
-def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[no-untyped-def]
+def reader_for(project: Project, record: SlideRecord, px: int):
     """Return (load(i) -> RGB tile ``px`` a side, close()) for a slide or patch folder."""
     boxes = project.read_array(project.patches_path(record.id))
     if record.kind == "patches":
@@ -323,9 +361,16 @@ def reader_for(project: Project, record: SlideRecord, px: int):  # type: ignore[
     return load, reader.close
 
 
-def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtractor,
-                  settings: FeatureSettings, reporter: Reporter, workers: int, staged: bool = False,
-                  paths: tuple[Path, Path] | None = None) -> None:
+def extract_slide(
+    project: Project,
+    record: SlideRecord,
+    extractor: FeatureExtractor,
+    settings: FeatureSettings,
+    reporter: Reporter,
+    workers: int,
+    staged: bool = False,
+    paths: tuple[Path, Path] | None = None,
+) -> None:
     """Compute the features of every patch of a slide, resuming after the last committed batch.
 
     ``staged`` writes the next features (new weights) beside the current ones; ``paths`` (features, progress)
@@ -362,8 +407,15 @@ def extract_slide(project: Project, record: SlideRecord, extractor: FeatureExtra
         store.close()
 
 
-def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings, extractor: FeatureExtractor,
-                   settings: FeatureSettings, reporter: Reporter, readers: ReaderPool) -> int:
+def extract_tissue(
+    project: Project,
+    record: SlideRecord,
+    tiling: TilingSettings,
+    extractor: FeatureExtractor,
+    settings: FeatureSettings,
+    reporter: Reporter,
+    readers: ReaderPool,
+) -> int:
     """Apply the pixel rule to a slide's candidate tiles and compute the features of those kept, reading each
     tile once; returns the number of tissue patches.
 
@@ -419,8 +471,9 @@ def extract_tissue(project: Project, record: SlideRecord, tiling: TilingSettings
     return len(keep)
 
 
-def one_behind(extractor: FeatureExtractor, loaded: Iterable[tuple[range, tuple[np.ndarray, np.ndarray]]]
-               ) -> Iterator[tuple[range, Features | None, np.ndarray]]:
+def one_behind(
+    extractor: FeatureExtractor, loaded: Iterable[tuple[range, tuple[np.ndarray, np.ndarray]]]
+) -> Iterator[tuple[range, Features | None, np.ndarray]]:
     """Yield (batch, its features on their way (None where no tile was kept), kept) one batch behind the readers:
     a batch's features are handed over once the next batch's are submitted, so that on a GPU the trunk computes
     one batch while the host writes the one before and waits for the next (on a CPU nothing changes)."""
@@ -448,8 +501,9 @@ def cut_rows(path: Path, rows: int) -> None:
     with open(path, "r+b") as handle:
         shape, fortran, dtype, text_start, offset = _npy_header(handle)
         if shape[0] != rows:
-            text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
-                         "shape": (rows, *shape[1:])})
+            text = repr(
+                {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran, "shape": (rows, *shape[1:])}
+            )
             handle.seek(text_start)
             handle.write(text.ljust(offset - text_start - 1).encode("latin1") + b"\n")
         handle.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
@@ -495,8 +549,10 @@ class RowWriter:
         with open(path, "rb") as handle:
             found_shape, _, found_dtype, _, self.offset = _npy_header(handle)
         if found_shape != tuple(shape) or found_dtype != np.dtype(dtype):
-            raise ProjectStateError(f"{path} holds {found_shape} {found_dtype}, not {shape} {np.dtype(dtype)}",
-                                    "delete it and run the command again to recompute it")
+            raise ProjectStateError(
+                f"{path} holds {found_shape} {found_dtype}, not {shape} {np.dtype(dtype)}",
+                "delete it and run the command again to recompute it",
+            )
         self.dtype = np.dtype(dtype)
         self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
         self.fd = os.open(path, os.O_WRONLY)
@@ -519,8 +575,14 @@ class RowWriter:
         os.close(self.fd)
 
 
-def build_database(project: Project, manifest: dict[str, Any], reporter: Reporter, device: str,
-                   weights: Weights | None = None, workers: int | None = None) -> dict[str, Any]:
+def build_database(
+    project: Project,
+    manifest: dict[str, Any],
+    reporter: Reporter,
+    device: str,
+    weights: Weights | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Tile and extract every slide of the project that is not done yet; returns the manifest.
 
     The slides' readers start first (``slide_readers``: forked once for the statistics sample and the features,
@@ -534,8 +596,11 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
     needed = any(features_pending(entry) for entry in manifest["slides"])
     slides_to_read = any(not entry["tiled"] and entry["kind"] != "patches" for entry in manifest["slides"])
     with contextlib.ExitStack() as stack:
-        readers = (stack.enter_context(slide_readers(tiling, workers, trunk_batch_size(device, settings.batch_size)))
-                   if slides_to_read else None)
+        readers = (
+            stack.enter_context(slide_readers(tiling, workers, trunk_batch_size(device, settings.batch_size)))
+            if slides_to_read
+            else None
+        )
         ahead = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk"))
         trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if needed else None
         for record in manifest["slides"]:
@@ -543,11 +608,13 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                 tile_patch_folder(project, record, reporter, workers)
                 project.write_manifest(manifest)
             elif not record["tiled"]:
-                slide_candidates(project, record["id"], Path(record["path"]), tiling,
-                                 level0_tile_px(tiling, slide_mpp(record)))
+                slide_candidates(
+                    project, record["id"], Path(record["path"]), tiling, level0_tile_px(tiling, slide_mpp(record))
+                )
         if needed:
-            check_store_fits(project.root, pending_patches(project, manifest), store_shape(settings),
-                             settings.trainable)
+            check_store_fits(
+                project.root, pending_patches(project, manifest), store_shape(settings), settings.trainable
+            )
         if trunk is not None and trunk.done():
             trunk.result()  # a trunk that failed already (its weights, most often) is reported before the sample
         if manifest.get("normalisation") is None:
@@ -561,8 +628,11 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
         ahead.shutdown()
         if extractor is None:
             return manifest
-        pending = [record for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
-                   if features_pending(entry)]  # read now: tiling a patch folder changed its record
+        pending = [
+            record
+            for record, entry in zip(project.slides(manifest), manifest["slides"], strict=True)
+            if features_pending(entry)
+        ]  # read now: tiling a patch folder changed its record
         extractor.normalise_with(*normalisation_of(settings, manifest))
         for record in pending:
             if record.tiled:
@@ -573,8 +643,12 @@ def build_database(project: Project, manifest: dict[str, Any], reporter: Reporte
                 n_patches = extract_tissue(project, record, tiling, extractor, settings, reporter, readers)
             for entry in manifest["slides"]:
                 if entry["id"] == record.id:
-                    entry.update(tiled=True, n_patches=n_patches, extracted=n_patches > 0,
-                                 precision=extractor.precision if n_patches else None)
+                    entry.update(
+                        tiled=True,
+                        n_patches=n_patches,
+                        extracted=n_patches > 0,
+                        precision=extractor.precision if n_patches else None,
+                    )
             project.write_manifest(manifest)
     return manifest
 
@@ -592,14 +666,16 @@ def pending_patches(project: Project, manifest: dict[str, Any]) -> int:
     return total
 
 
-def _ready_trunk(project: Project, settings: FeatureSettings, weights: Weights | None, device: str,
-                 tile_px: int) -> FeatureExtractor:
+def _ready_trunk(
+    project: Project, settings: FeatureSettings, weights: Weights | None, device: str, tile_px: int
+) -> FeatureExtractor:
     """The project's trunk on its device, its first batch run (its normalisation is set once it is known)."""
     weights = weights or load_project_weights(settings)
     model = build_backbone(weights, settings)
     _save_init_block(project, model, settings.trainable)
-    extractor = FeatureExtractor(model, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], device, settings.trainable,
-                                 settings.input_px, settings.interpolation)
+    extractor = FeatureExtractor(
+        model, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], device, settings.trainable, settings.input_px, settings.interpolation
+    )
     extractor.warm_up(extractor.batch_size(settings.batch_size), tile_px)
     return extractor
 
@@ -608,8 +684,14 @@ def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExt
     """The trunk that made a project's features (its weights, checked), with its normalisation."""
     settings = from_dict(FeatureSettings, manifest["features"])
     model = build_backbone(load_project_weights(settings), settings)
-    return FeatureExtractor(model, *normalisation_of(settings, manifest), device, settings.trainable,
-                            settings.input_px, settings.interpolation), settings
+    return FeatureExtractor(
+        model,
+        *normalisation_of(settings, manifest),
+        device,
+        settings.trainable,
+        settings.input_px,
+        settings.interpolation,
+    ), settings
 
 
 def normalisation_of(settings: FeatureSettings, manifest: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -632,11 +714,12 @@ def load_project_weights(settings: FeatureSettings) -> Weights:
         raise InputError(
             f"the weights {weights.source} have changed since the project's features were made "
             f"(sha256 {weights.sha256[:12]} != {settings.weights_sha256[:12]})",
-            "restore the original weights file")
+            "restore the original weights file",
+        )
     return weights
 
 
-def _save_init_block(project: Project, model, trainable: str = "last") -> None:  # type: ignore[no-untyped-def]
+def _save_init_block(project: Project, model, trainable: str = "last") -> None:
     """Store the trainable part's pretrained weights (the last block of layer4, or all of layer4)."""
     path = project.init_model_path()
     if path.is_file():
@@ -675,8 +758,11 @@ class FeatureStore:
     """Read-only access to every patch's cached features, memory-mapped, in global order."""
 
     def __init__(self, project: Project, manifest: dict[str, Any]) -> None:
-        self.parts = [np.load(project.features_path(s.id), mmap_mode="r")
-                      for s in project.slides(manifest) if s.tiled and s.n_patches > 0]
+        self.parts = [
+            np.load(project.features_path(s.id), mmap_mode="r")
+            for s in project.slides(manifest)
+            if s.tiled and s.n_patches > 0
+        ]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.shape = tuple(self.parts[0].shape[1:]) if self.parts else (512, 7, 7)
 
@@ -695,9 +781,8 @@ class FeatureStore:
             out[where[order]] = self.parts[p][local[order]]
         return out
 
-    def chunks(self, size: int):  # type: ignore[no-untyped-def]
+    def chunks(self, size: int):
         """Yield (start, float16 block) over all patches in global order."""
         for p, part in enumerate(self.parts):
             for start in range(0, len(part), size):
-                yield int(self.offsets[p]) + start, np.asarray(part[start:start + size])
-
+                yield int(self.offsets[p]) + start, np.asarray(part[start : start + size])

@@ -31,9 +31,14 @@ def provenance(ctx: Context) -> dict[str, object]:
     """Describe what produced a prediction: weights, model, labels (goes into every export)."""
     features = ctx.manifest["features"]
     state = _state(ctx)
-    info: dict[str, object] = {"tool": f"wsi-il {__version__}", "project": ctx.manifest["uid"],
-                               "weights": features["weights"], "weights_sha256": features.get("weights_sha256"),
-                               "model": state.get("model"), "labels": state.get("n_labels")}
+    info: dict[str, object] = {
+        "tool": f"wsi-il {__version__}",
+        "project": ctx.manifest["uid"],
+        "weights": features["weights"],
+        "weights_sha256": features.get("weights_sha256"),
+        "model": state.get("model"),
+        "labels": state.get("n_labels"),
+    }
     if features["weights"] == "random":
         info["warning"] = "features from RANDOMLY initialised weights: not a pretrained model"
     return info
@@ -50,26 +55,47 @@ def _out_path(out: Path, slide: str, several: bool, suffix: str) -> Path:
     return out.with_name(name)
 
 
-def export_masks(ctx: Context, out: Path, slide_id: str | None = None, label: str | None = None,
-                 detections: bool = False, overview: bool = True) -> list[ExportedSlide]:
+def export_masks(
+    ctx: Context,
+    out: Path,
+    slide_id: str | None = None,
+    label: str | None = None,
+    detections: bool = False,
+    overview: bool = True,
+) -> list[ExportedSlide]:
     """Write one GeoJSON per slide with one MultiPolygon annotation per predicted class."""
     predictions = require_predictions(ctx)
     slides = slides_matching(ctx, slide_id)
     if slide_id is not None:
         if not slides:
-            raise InputError(f"slide {slide_id!r} is not in the project",
-                             f"use one of: {', '.join(s.id for s in ctx.table.slides)}")
+            raise InputError(
+                f"slide {slide_id!r} is not in the project", f"use one of: {', '.join(s.id for s in ctx.table.slides)}"
+            )
     if not slides:
-        raise InputError("the project has no slides to export masks for (it is a patch-folder database)",
-                         "use `wsi-il export PROJECT --out predictions.csv` for patch folders")
+        raise InputError(
+            "the project has no slides to export masks for (it is a patch-folder database)",
+            "use `wsi-il export PROJECT --out predictions.csv` for patch folders",
+        )
     classes = [ctx.classes[ctx.class_index(label)]] if label else ctx.classes
     marks = overview_marks(ctx) if overview else None
-    return [_export_slide(ctx, s, predictions, classes, out, len(slides) > 1, detections,
-                          None if marks is None else marks[s.id]) for s in slides]
+    return [
+        _export_slide(
+            ctx, s, predictions, classes, out, len(slides) > 1, detections, None if marks is None else marks[s.id]
+        )
+        for s in slides
+    ]
 
 
-def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, classes: list[str], out: Path,
-                  several: bool, detections: bool, marks: Marks | None) -> ExportedSlide:
+def _export_slide(
+    ctx: Context,
+    slide: SlideRecord,
+    predictions: np.ndarray,
+    classes: list[str],
+    out: Path,
+    several: bool,
+    detections: bool,
+    marks: Marks | None,
+) -> ExportedSlide:
     """Write one slide's GeoJSON and, given the expert's ``marks`` on it, its overview picture."""
     from wsi_il.qupath import class_color, make_feature, union_squares, write_features
 
@@ -86,17 +112,34 @@ def _export_slide(ctx: Context, slide: SlideRecord, predictions: np.ndarray, cla
         if not chosen.any():
             continue
         shape = union_squares(boxes[chosen, 0], boxes[chosen, 1], int(boxes[0, 2]), int(boxes[0, 3]))
-        features.append(make_feature(shape, name=f"{name} (wsi-il)", classification=name, color=class_color(name),
-                                     measurements={"Patches": float(chosen.sum())},
-                                     metadata=_metadata({**info, "slide": slide.id}), offset=slide.offset))
+        features.append(
+            make_feature(
+                shape,
+                name=f"{name} (wsi-il)",
+                classification=name,
+                color=class_color(name),
+                measurements={"Patches": float(chosen.sum())},
+                metadata=_metadata({**info, "slide": slide.id}),
+                offset=slide.offset,
+            )
+        )
     if detections:
         features.extend(_detections(ctx, boxes, probs, slide.offset))
     path = _out_path(out, slide.id, several, ".geojson")
     write_features(path, features)
     picture = _out_path(out, slide.id, several, ".png") if marks is not None else None
     if picture is not None:
-        write_overview(picture, slide, boxes, predicted, [ctx.class_index(n) for n in classes], ctx.classes, marks,
-                       _overview_notes(info), info.get("warning"))  # type: ignore[arg-type]
+        write_overview(
+            picture,
+            slide,
+            boxes,
+            predicted,
+            [ctx.class_index(n) for n in classes],
+            ctx.classes,
+            marks,
+            _overview_notes(info),
+            info.get("warning"),
+        )
     return ExportedSlide(slide.id, path, picture, counts)
 
 
@@ -114,8 +157,16 @@ def _detections(ctx: Context, boxes: np.ndarray, probs: np.ndarray, offset: tupl
     for square, row in zip(squares, probs, strict=True):
         best = int(row.argmax())
         measurements = {f"{name} probability": float(p) for name, p in zip(ctx.classes, row, strict=True)}
-        out.append(make_feature(square, object_type="detection", classification=ctx.classes[best],
-                                color=class_color(ctx.classes[best]), measurements=measurements, offset=offset))
+        out.append(
+            make_feature(
+                square,
+                object_type="detection",
+                classification=ctx.classes[best],
+                color=class_color(ctx.classes[best]),
+                measurements=measurements,
+                offset=offset,
+            )
+        )
     return out
 
 
@@ -123,9 +174,18 @@ OVERVIEW_PANEL_PX = 1400
 """The longer side of each of the overview's two pictures of the slide."""
 
 
-def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
-                   classes: list[str], marks: Marks | None = None, notes: str = "", warning: str | None = None,
-                   max_px: int = OVERVIEW_PANEL_PX) -> Overview:
+def write_overview(
+    path: Path,
+    slide: SlideRecord,
+    boxes: np.ndarray,
+    predicted: np.ndarray,
+    shown: list[int],
+    classes: list[str],
+    marks: Marks | None = None,
+    notes: str = "",
+    warning: str | None = None,
+    max_px: int = OVERVIEW_PANEL_PX,
+) -> Overview:
     """Save the overview PNG: the slide with the expert's labels and queries beside it with the predicted classes
     (a light wash and an edge line each), under a legend (``wsi_il.overview``); return what was drawn."""
     from wsi_il import png
@@ -137,8 +197,12 @@ def write_overview(path: Path, slide: SlideRecord, boxes: np.ndarray, predicted:
     header = [f"{slide.id}: {notes}" if notes else slide.id]
     drawn = render_overview(thumb, scale, boxes, predicted, shown, classes, marks or Marks(), header, warning)
     rgb = np.asarray(drawn.image)
-    stripes = list(core_threads().map(lambda bounds: png.encode_stripe(rgb, *bounds, OVERVIEW_COMPRESS_LEVEL),
-                                      png.stripe_bounds(rgb.shape[0], default_workers())))
+    stripes = list(
+        core_threads().map(
+            lambda bounds: png.encode_stripe(rgb, *bounds, OVERVIEW_COMPRESS_LEVEL),
+            png.stripe_bounds(rgb.shape[0], default_workers()),
+        )
+    )
     atomic_write_bytes(path, png.assemble(drawn.image.width, drawn.image.height, stripes))
     return drawn
 
@@ -158,16 +222,26 @@ def overview_marks(ctx: Context) -> dict[str, Marks]:
     known = [patch_id for patch_id in current if patch_id in index_of]
     labelled = np.array([index_of[p] for p in known], dtype=np.int64)
     labels = np.array([current[p]["label"] for p in known], dtype=object)
-    queries = [(session["id"], np.array([index_of[p] for p in session["query"].get("patch_ids") or []
-                                         if p in index_of], dtype=np.int64)) for session in list_sessions(ctx.project)]
+    queries = [
+        (
+            session["id"],
+            np.array([index_of[p] for p in session["query"].get("patch_ids") or [] if p in index_of], dtype=np.int64),
+        )
+        for session in list_sessions(ctx.project)
+    ]
     marks = {}
     for number, slide in enumerate(ctx.table.slides):
         indices = np.flatnonzero(ctx.table.slide_index == number)
         on_slide = ctx.table.slide_index[labelled] == number
-        slide_queries = [(session, np.searchsorted(indices, found[ctx.table.slide_index[found] == number]))
-                         for session, found in queries]
-        marks[slide.id] = Marks(np.searchsorted(indices, labelled[on_slide]), tuple(labels[on_slide].tolist()),
-                                tuple((session, found) for session, found in slide_queries if len(found)))
+        slide_queries = [
+            (session, np.searchsorted(indices, found[ctx.table.slide_index[found] == number]))
+            for session, found in queries
+        ]
+        marks[slide.id] = Marks(
+            np.searchsorted(indices, labelled[on_slide]),
+            tuple(labels[on_slide].tolist()),
+            tuple((session, found) for session, found in slide_queries if len(found)),
+        )
     return marks
 
 
@@ -176,12 +250,12 @@ def export_table(ctx: Context, out: Path) -> Path:
     predictions = require_predictions(ctx)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["patch_id", "slide", "x", "y", "width", "height", "predicted",
-                     *[f"p_{c}" for c in ctx.classes]])
+    writer.writerow(["patch_id", "slide", "x", "y", "width", "height", "predicted", *[f"p_{c}" for c in ctx.classes]])
     for i, pid in enumerate(ctx.table.ids):
         slide = ctx.table.slides[int(ctx.table.slide_index[i])]
         row = predictions[i]
-        writer.writerow([pid, slide.id, *ctx.table.boxes[i].tolist(), ctx.classes[int(row.argmax())],
-                         *[f"{p:.4f}" for p in row]])
+        writer.writerow(
+            [pid, slide.id, *ctx.table.boxes[i].tolist(), ctx.classes[int(row.argmax())], *[f"{p:.4f}" for p in row]]
+        )
     atomic_write_text(out, buffer.getvalue())
     return out

@@ -57,8 +57,10 @@ def check_trainable(trainable: str) -> str:
     """Return ``trainable`` when it names a known split of a ResNet, else raise an InputError (a timm model's:
     ``backbones.check_trainable``)."""
     if trainable not in TRAINABLE:
-        raise InputError(f"trainable part {trainable!r} is not one of {', '.join(TRAINABLE)}",
-                         "use --trainable last (the paper) or --trainable layer4")
+        raise InputError(
+            f"trainable part {trainable!r} is not one of {', '.join(TRAINABLE)}",
+            "use --trainable last (the paper) or --trainable layer4",
+        )
     return trainable
 
 
@@ -69,7 +71,7 @@ def store_shape(settings: Any) -> tuple[int, ...]:
     return feature_shape(settings.arch, settings.trainable)
 
 
-def build_backbone(weights: Weights, settings: Any):  # type: ignore[no-untyped-def]
+def build_backbone(weights: Weights, settings: Any):
     """Build the backbone ``FeatureSettings`` names (a torchvision ResNet or a timm model) with ``weights``."""
     if settings.arch in ARCHES:
         return build_resnet(weights, settings.seed, settings.arch)
@@ -139,13 +141,14 @@ def _imagenet_weights(arch: Arch) -> Weights:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
     try:
         state = spec.get_state_dict(progress=False)
-    except Exception as exc:  # noqa: BLE001 - urllib, SSL, HTTP and disk errors alike
+    except Exception as exc:
         raise WeightsError(
             f"the ImageNet weights of {arch.name} are not in torch's cache ({cached}) and could not be "
             f"downloaded ({type(exc).__name__}: {str(exc)[:120]})",
             "offline, pass --weights pretrain (learns the backbone from your slides in a few minutes, no labels); "
             f"or, from a machine with internet, copy {spec.url} to {cached}; or pass --weights FILE (your lab's "
-            "weights)") from exc
+            "weights)",
+        ) from exc
     sha = file_sha256(cached) if cached.is_file() else None
     return Weights(dict(state), "imagenet", f"torchvision {arch.imagenet}", sha)
 
@@ -153,9 +156,10 @@ def _imagenet_weights(arch: Arch) -> Weights:
 def load_weights_file(path: Path) -> Weights:
     """Load a state dict from a file: safetensors, or torch's format read with ``weights_only``."""
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist",
-                           "give a state dict saved with torch.save(model.state_dict(), PATH), "
-                           "'imagenet' or 'random'")
+        raise WeightsError(
+            f"weights file {path} does not exist",
+            "give a state dict saved with torch.save(model.state_dict(), PATH), 'imagenet' or 'random'",
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -166,13 +170,16 @@ def load_weights_file(path: Path) -> Weights:
 
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WeightsError(f"{path} holds pickled Python objects; only plain tensors are loaded",
-                           "save the weights with torch.save(model.state_dict(), PATH) or as .safetensors") from exc
-    except Exception as exc:  # noqa: BLE001 - corrupt zips, missing safetensors
+        raise WeightsError(
+            f"{path} holds pickled Python objects; only plain tensors are loaded",
+            "save the weights with torch.save(model.state_dict(), PATH) or as .safetensors",
+        ) from exc
+    except Exception as exc:
         first_line = " ".join(str(exc).split())[:160]
-        raise WeightsError(f"{path} cannot be loaded as a state dict ({type(exc).__name__}: {first_line})",
-                           "save plain tensors with torch.save(model.state_dict(), PATH); "
-                           "pickled objects are refused for safety") from exc
+        raise WeightsError(
+            f"{path} cannot be loaded as a state dict ({type(exc).__name__}: {first_line})",
+            "save plain tensors with torch.save(model.state_dict(), PATH); pickled objects are refused for safety",
+        ) from exc
     return Weights(_unwrap(state, path), "file", str(path.resolve()), file_sha256(path))
 
 
@@ -186,12 +193,12 @@ def _unwrap(state: Any, path: Path) -> dict[str, Any]:
     for key, value in state.items():
         for prefix in _PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         cleaned[key] = value
     return cleaned
 
 
-def build_resnet(weights: Weights, seed: int, arch: str = "resnet18"):  # type: ignore[no-untyped-def]
+def build_resnet(weights: Weights, seed: int, arch: str = "resnet18"):
     """Build a torchvision ResNet with the given weights (seeded init when random)."""
     import torch
     import torchvision.models as tvm
@@ -203,16 +210,22 @@ def build_resnet(weights: Weights, seed: int, arch: str = "resnet18"):  # type: 
         expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(k for k in set(state) & set(expected)
-                           if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape))
+        misshapen = sorted(
+            k for k in set(state) & set(expected) if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
+        )
         if missing or unexpected or misshapen:
             found = detect_arch(state)
-            hint = f"it looks like a {found}: pass --arch {found}" if found and found != arch else (
-                f"give a torchvision or timm {arch} state dict")
+            hint = (
+                f"it looks like a {found}: pass --arch {found}"
+                if found and found != arch
+                else (f"give a torchvision or timm {arch} state dict")
+            )
             raise WeightsError(
                 f"{weights.source} does not fit {_pretty(arch)}: {len(missing)} missing keys (e.g. {missing[:2]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(misshapen)} of another shape "
-                f"(e.g. {misshapen[:2]})", hint)
+                f"(e.g. {misshapen[:2]})",
+                hint,
+            )
         model.load_state_dict(state, strict=False)
     return model.eval()
 
@@ -221,7 +234,7 @@ def _pretty(arch: str) -> str:
     return arch.replace("resnet", "ResNet-")
 
 
-def trunk_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
+def trunk_of(model, trainable: str = "last"):
     """Return the frozen part of a ResNet: conv1 ... layer4 without its last block (``trainable='last'``),
     or conv1 ... layer3 (``trainable='layer4'``); of a timm model, ``backbones.trunk_of``."""
     import torch
@@ -232,14 +245,15 @@ def trunk_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
         return backbones.trunk_of(model, trainable)
 
     kept = [] if check_trainable(trainable) == "layer4" else list(model.layer4)[:-1]
-    trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
-                                model.layer2, model.layer3, *kept)
+    trunk = torch.nn.Sequential(
+        model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, *kept
+    )
     for param in trunk.parameters():
         param.requires_grad_(False)
     return trunk.eval()
 
 
-def head_block_of(model, trainable: str = "last"):  # type: ignore[no-untyped-def]
+def head_block_of(model, trainable: str = "last"):
     """Return the trainable part of a ResNet: the last block of layer4, or all of layer4 (a Sequential); of a
     timm model, ``backbones.init_tail``."""
     if hasattr(model, "wsi_il_spec"):
@@ -265,7 +279,7 @@ def resize_tile(rgb: np.ndarray, input_px: int) -> np.ndarray:
     return resize_batch(pixels, input_px)[0].permute(1, 2, 0).contiguous().numpy()
 
 
-def resize_batch(batch, input_px: int, mode: str = "bilinear"):  # type: ignore[no-untyped-def]
+def resize_batch(batch, input_px: int, mode: str = "bilinear"):
     """Resize a uint8 batch (B, 3, H, W) to ``input_px`` a side (antialiased bilinear); uint8 out.
 
     On a CPU, torch's uint8 kernel: per tile the same values as before (``resize_tile`` is this), and batched it
@@ -321,7 +335,7 @@ def default_workers() -> int:
     return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
 
 
-def upload(array: np.ndarray, dev: Any, into: Any = None):  # type: ignore[no-untyped-def]
+def upload(array: np.ndarray, dev: Any, into: Any = None):
     """A host array on a GPU, asynchronously: copied by every core into pinned memory (from torch's cache, which
     keeps it until the copy to the device is done), then to the device by DMA; into the device tensor ``into``
     where given. ``array`` may be reused as soon as this returns. A copy from pageable memory is one thread's
@@ -338,12 +352,15 @@ def upload(array: np.ndarray, dev: Any, into: Any = None):  # type: ignore[no-un
 def parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
     """``target[...] = source`` in slices of rows, one a core (numpy's copy leaves the interpreter lock free)."""
     bounds = np.linspace(0, len(source), min(len(source), default_workers()) + 1).astype(int)
-    list(core_threads().map(lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"),
-                            bounds[:-1], bounds[1:]))
+    list(
+        core_threads().map(
+            lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"), bounds[:-1], bounds[1:]
+        )
+    )
 
 
 @functools.cache
-def core_threads():  # type: ignore[no-untyped-def]
+def core_threads():
     """A thread a core, started once a process, for work that leaves the interpreter lock free (copies to a GPU's
     staging memory, PNG encoding)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -363,8 +380,16 @@ class FeatureExtractor:
     device, takes the resize off the readers, whose speed bounds extraction on a GPU machine.
     """
 
-    def __init__(self, model, mean: list[float], std: list[float], device: str,  # type: ignore[no-untyped-def]
-                 trainable: str = "last", input_px: int = 224, interpolation: str = "bilinear") -> None:
+    def __init__(
+        self,
+        model,
+        mean: list[float],
+        std: list[float],
+        device: str,
+        trainable: str = "last",
+        input_px: int = 224,
+        interpolation: str = "bilinear",
+    ) -> None:
         import torch
 
         self.torch = torch
@@ -387,8 +412,10 @@ class FeatureExtractor:
         """Set the per-channel mean and std (of pixels scaled to [0, 1]) the tiles are normalised with: in place
         once set, since a captured graph reads them where they were."""
         torch = self.torch
-        values = (torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0,
-                  torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0)
+        values = (
+            torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0,
+        )
         if hasattr(self, "mean"):
             self.mean.copy_(values[0])
             self.std.copy_(values[1])
@@ -411,9 +438,12 @@ class FeatureExtractor:
             except RuntimeError as exc:
                 import warnings
 
-                warnings.warn(f"the trunk could not be captured as a CUDA graph ({str(exc).splitlines()[0][:160]}); "
-                              f"its kernels are launched one by one, slower (set {GRAPHS_ENV}=0 to skip the "
-                              "attempt)", stacklevel=2)
+                warnings.warn(
+                    f"the trunk could not be captured as a CUDA graph ({str(exc).splitlines()[0][:160]}); "
+                    f"its kernels are launched one by one, slower (set {GRAPHS_ENV}=0 to skip the "
+                    "attempt)",
+                    stacklevel=2,
+                )
         self(np.zeros(shape, np.uint8))
 
     def batch_size(self, configured: int) -> int:
@@ -455,7 +485,7 @@ class FeatureExtractor:
             done.record()
             return Features(host, done)
 
-    def compute(self, batch):  # type: ignore[no-untyped-def]
+    def compute(self, batch):
         """The float16 features of uint8 tiles (B, H, W, 3) already on the device."""
         torch = self.torch
         batch = batch.permute(0, 3, 1, 2)
@@ -468,7 +498,7 @@ class FeatureExtractor:
         # 12,358-patch extraction on an H100 machine); the same values as numpy's conversion, bit for bit
         return out.to(torch.float16).contiguous()
 
-    def _on_device(self, array: np.ndarray):  # type: ignore[no-untyped-def]
+    def _on_device(self, array: np.ndarray):
         """``array`` as a tensor on the extractor's device: on a GPU through pinned memory (``upload``; from pageable
         memory even a small copy would wait for the previous batch's trunk), on a CPU the same memory."""
         return upload(array, self.device) if self.device.type == "cuda" else self.torch.from_numpy(array)
@@ -509,7 +539,7 @@ class TrunkGraph:
                 self.graph.capture_end()
         self.dev = dev
 
-    def run(self, tiles: np.ndarray):  # type: ignore[no-untyped-def]
+    def run(self, tiles: np.ndarray):
         """Copy ``tiles`` into the graph's input and replay it, on the current stream; returns its output (valid
         until the next run, which the stream's order keeps from overwriting it while it is read)."""
         upload(tiles, self.dev, into=self.tiles)

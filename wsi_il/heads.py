@@ -40,13 +40,13 @@ FAST_FITTED_LOSS = 0.02
 """Fast schedule: stop once the epoch's loss (cross-entropy + triplet) is below this (every label fitted)."""
 
 
-def _torch():  # type: ignore[no-untyped-def]
+def _torch():
     import torch
 
     return torch
 
 
-def make_block(init_state: dict[str, Any]):  # type: ignore[no-untyped-def]
+def make_block(init_state: dict[str, Any]):
     """Return a fresh trainable part shaped like ``init_state``, loaded with it.
 
     One residual block (Basic or Bottleneck; keys ``conv1.weight`` ...), or a whole ``layer4`` (keys ``0.conv1.weight``,
@@ -61,9 +61,12 @@ def make_block(init_state: dict[str, Any]):  # type: ignore[no-untyped-def]
     if not stages:
         block = _block_like(init_state, "", stride=1)
     else:
-        block = torch.nn.Sequential(*[
-            _block_like(init_state, f"{i}.", stride=2 if f"{i}.downsample.0.weight" in init_state else 1)
-            for i in stages])
+        block = torch.nn.Sequential(
+            *[
+                _block_like(init_state, f"{i}.", stride=2 if f"{i}.downsample.0.weight" in init_state else 1)
+                for i in stages
+            ]
+        )
     if not any(parameter.is_meta for parameter in block.parameters()):  # (a head built on "meta" loads later)
         block.load_state_dict(init_state)
     return block
@@ -80,7 +83,7 @@ def _stage_indices(init_state: dict[str, Any]) -> list[int]:
     return indices
 
 
-def _block_like(state: dict[str, Any], prefix: str, stride: int):  # type: ignore[no-untyped-def]
+def _block_like(state: dict[str, Any], prefix: str, stride: int):
     """A fresh torchvision BasicBlock or Bottleneck shaped like the weights under ``prefix`` (not loaded)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -99,8 +102,9 @@ def _block_like(state: dict[str, Any], prefix: str, stride: int):  # type: ignor
         extra = {}
     downsample = None
     if f"{prefix}downsample.0.weight" in state:
-        downsample = torch.nn.Sequential(torch.nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
-                                         torch.nn.BatchNorm2d(out))
+        downsample = torch.nn.Sequential(
+            torch.nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False), torch.nn.BatchNorm2d(out)
+        )
     return cls(inplanes, planes, stride=stride, downsample=downsample, **extra)
 
 
@@ -121,19 +125,19 @@ def block_width(init_state: dict[str, Any]) -> int:
     return int(init_state[key].shape[0])
 
 
-class RetrievalHead(_torch().nn.Module):  # type: ignore[misc]
+class RetrievalHead(_torch().nn.Module):
     """layer4[1] + global average pooling, L2-normalised."""
 
     def __init__(self, init_state: dict[str, Any]) -> None:
         super().__init__()
         self.block = make_block(init_state)
 
-    def forward(self, x, stem=None):  # type: ignore[no-untyped-def]
+    def forward(self, x, stem=None):
         """The embeddings of features ``x``; ``stem``: the block's stem output for them, when known."""
         return _torch().nn.functional.normalize(_pooled(self.block, x, stem), dim=1)
 
 
-class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
+class ClassifierHead(_torch().nn.Module):
     """layer4[1] + global average pooling + a linear layer."""
 
     def __init__(self, init_state: dict[str, Any], n_classes: int) -> None:
@@ -141,35 +145,35 @@ class ClassifierHead(_torch().nn.Module):  # type: ignore[misc]
         self.block = make_block(init_state)
         self.fc = _torch().nn.Linear(block_width(init_state), n_classes)
 
-    def pooled(self, x, stem=None):  # type: ignore[no-untyped-def]
+    def pooled(self, x, stem=None):
         """The block's globally average-pooled output, float32 (the retrieval embedding before normalisation);
         ``stem``: the block's stem output for ``x``, when known (``block_tail``)."""
         return _pooled(self.block, x, stem)
 
-    def logits(self, pooled):  # type: ignore[no-untyped-def]
+    def logits(self, pooled):
         """The linear layer on pooled features, in float32 even under autocast (it costs nothing)."""
         with _torch().autocast(pooled.device.type, enabled=False):
             return self.fc(pooled)
 
-    def forward(self, x, stem=None):  # type: ignore[no-untyped-def]
+    def forward(self, x, stem=None):
         return self.logits(self.pooled(x, stem))
 
 
-def _pooled(block, x, stem):  # type: ignore[no-untyped-def]
+def _pooled(block, x, stem):
     """A block's output for ``x`` (from its stem's output when given), average-pooled in float32 (under autocast
     too)."""
     out = block(x) if stem is None else block_tail(block, stem, x)
     return out.float() if out.ndim == 2 else out.float().mean(dim=(2, 3))  # a timm model's part pools itself
 
 
-def _freeze_batchnorm(module) -> None:  # type: ignore[no-untyped-def]
+def _freeze_batchnorm(module) -> None:
     """Keep BatchNorm statistics fixed: review batches are far too small to estimate them."""
     for child in module.modules():
         if isinstance(child, _torch().nn.BatchNorm2d):
             child.eval()
 
 
-def triplet_masks(targets):  # type: ignore[no-untyped-def]
+def triplet_masks(targets):
     """Return (same, different) boolean matrices for batch-hard mining over mixed targets."""
     torch = _torch()
     t = targets.view(-1, 1)
@@ -182,7 +186,7 @@ def triplet_masks(targets):  # type: ignore[no-untyped-def]
     return same, differ | not_of
 
 
-def batch_hard_triplet_loss(embeddings, targets, margin: float, weights=None):  # type: ignore[no-untyped-def]
+def batch_hard_triplet_loss(embeddings, targets, margin: float, weights=None):
     """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative (0 when no anchor
     has both); ``weights``: each anchor's weight in the mean (``training_selection``), else equal.
 
@@ -211,11 +215,14 @@ def has_triplet(targets: np.ndarray) -> bool:
     """
     known = targets[targets >= 0]
     classes, counts = np.unique(known, return_counts=True)
-    return any(count < len(known) or bool(np.any(targets == -c - 1))
-               for c, count in zip(classes, counts, strict=True) if count >= 2)
+    return any(
+        count < len(known) or bool(np.any(targets == -c - 1))
+        for c, count in zip(classes, counts, strict=True)
+        if count >= 2
+    )
 
 
-def classifier_loss(logits, targets, weights=None):  # type: ignore[no-untyped-def]
+def classifier_loss(logits, targets, weights=None):
     """Cross-entropy for class targets, -log(1 - p_c) for "not class c" targets (mean over the batch; ``weights``:
     each row's weight, ``training_selection``, whose mean over the training set is 1).
 
@@ -241,8 +248,9 @@ QUERY_FIT_SIZE = 500
 little per row, so a large region the expert drew is used, not a sample of ``QUERY_GROUP_SIZE``."""
 
 
-def training_selection(targets: np.ndarray, groups: np.ndarray, balance: str,
-                       seed: int = 0, query_cap: int = QUERY_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray | None]:
+def training_selection(
+    targets: np.ndarray, groups: np.ndarray, balance: str, seed: int = 0, query_cap: int = QUERY_GROUP_SIZE
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows of a training set a round trains on, and their loss weights (mean 1; None: every row once).
 
     ``groups`` holds -1 for a reviewed label and the session number for a query patch. 'none' (the paper): every
@@ -293,9 +301,15 @@ class TrainedHeads:
 
     def model(self) -> dict[str, Any]:
         """The model-file fields of these heads."""
-        return {"retrieval": self.retrieval, "classifier": self.classifier, "shared": self.shared,
-                "schedule": self.schedule, "frozen_stem": self.frozen_stem, "losses": self.losses,
-                "epochs_run": len(self.losses["triplet"])}
+        return {
+            "retrieval": self.retrieval,
+            "classifier": self.classifier,
+            "shared": self.shared,
+            "schedule": self.schedule,
+            "frozen_stem": self.frozen_stem,
+            "losses": self.losses,
+            "epochs_run": len(self.losses["triplet"]),
+        }
 
 
 def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int:
@@ -305,11 +319,21 @@ def planned_epochs(settings: TrainSettings, n_labels: int, schedule: str) -> int
     return max(1, min(settings.epochs, fast_budget(settings) // max(1, n_labels)))
 
 
-def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
-                settings: TrainSettings, device: str, start: TrainedHeads | None = None,
-                on_epoch: Callable[[int], None] | None = None, schedule: str | None = None,
-                early_stopping: bool = True, graphs: bool | None = None,
-                weights: np.ndarray | None = None, fit_set: FitSet | None = None) -> TrainedHeads:
+def train_heads(
+    features: np.ndarray,
+    targets: np.ndarray,
+    init_state: dict[str, Any],
+    n_classes: int,
+    settings: TrainSettings,
+    device: str,
+    start: TrainedHeads | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+    schedule: str | None = None,
+    early_stopping: bool = True,
+    graphs: bool | None = None,
+    weights: np.ndarray | None = None,
+    fit_set: FitSet | None = None,
+) -> TrainedHeads:
     """Train the retrieval and classifier heads on labelled features (float16 (n, C, 7, 7)).
 
     ``fit_set``: (features, targets, weights) the linear layer is fitted to when ``settings.head_init`` fits it
@@ -325,8 +349,20 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
     """
     schedule = schedule or resolve_schedule(settings, device)
     if schedule == "fast":
-        return _train_shared(features, targets, init_state, n_classes, settings, device, start, on_epoch,
-                             early_stopping, graphs, weights, fit_set)
+        return _train_shared(
+            features,
+            targets,
+            init_state,
+            n_classes,
+            settings,
+            device,
+            start,
+            on_epoch,
+            early_stopping,
+            graphs,
+            weights,
+            fit_set,
+        )
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -347,30 +383,42 @@ def train_heads(features: np.ndarray, targets: np.ndarray, init_state: dict[str,
         fit_linear(classifier, *_fit_inputs(fit_set, x_all, None, y_all, w_all), n_classes)
     opt_c = _adam(classifier.parameters(), settings.lr, _want_graphs(graphs, dev))
 
-    def retrieval_step(rows, y):  # type: ignore[no-untyped-def]
+    def retrieval_step(rows, y):
         with autocast(dev, cache=False):
             embedded = retrieval(rows[0])
         return (_step(opt_r, batch_hard_triplet_loss(embedded.float(), y, settings.margin, rows[1])),)
 
-    def classifier_step(rows, y):  # type: ignore[no-untyped-def]
+    def classifier_step(rows, y):
         with autocast(dev, cache=False):
             logits = classifier(rows[0])
         return (_step(opt_c, classifier_loss(logits.float(), y, rows[1])),)
 
-    updates = [_Update(retrieval_step, (0,), retrieval, opt_r, needs_triplet=True),  # no triplet: no step
-               _Update(classifier_step, (1,), classifier, opt_c)]
-    losses = _train_epochs(updates, (x_all, w_all), y_all, targets, settings.batch_size, settings.epochs, generator,
-                           on_epoch, graphs)
+    updates = [
+        _Update(retrieval_step, (0,), retrieval, opt_r, needs_triplet=True),  # no triplet: no step
+        _Update(classifier_step, (1,), classifier, opt_c),
+    ]
+    losses = _train_epochs(
+        updates, (x_all, w_all), y_all, targets, settings.batch_size, settings.epochs, generator, on_epoch, graphs
+    )
     if settings.head_init == "refit":
         fit_linear(classifier, *_fit_inputs(fit_set, x_all, None, y_all, w_all), n_classes)
     return TrainedHeads(_cpu_state(retrieval), _cpu_state(classifier), n_classes, losses)
 
 
-def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[str, Any], n_classes: int,
-                  settings: TrainSettings, device: str, start: TrainedHeads | None,
-                  on_epoch: Callable[[int], None] | None, early_stopping: bool = True,
-                  graphs: bool | None = None, weights: np.ndarray | None = None,
-                  fit_set: FitSet | None = None) -> TrainedHeads:
+def _train_shared(
+    features: np.ndarray,
+    targets: np.ndarray,
+    init_state: dict[str, Any],
+    n_classes: int,
+    settings: TrainSettings,
+    device: str,
+    start: TrainedHeads | None,
+    on_epoch: Callable[[int], None] | None,
+    early_stopping: bool = True,
+    graphs: bool | None = None,
+    weights: np.ndarray | None = None,
+    fit_set: FitSet | None = None,
+) -> TrainedHeads:
     """The fast schedule: one block for both heads, warm-started, early-stopped, bounded passes."""
     torch = _torch()
     generator = torch.Generator().manual_seed(settings.seed)
@@ -393,7 +441,7 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
         fit_linear(head, *_fit_inputs(fit_set, x_all, stem_all, y_all, w_all), n_classes)
     optimizer = _adam([p for p in head.parameters() if p.requires_grad], settings.lr, _want_graphs(graphs, dev))
 
-    def shared_step(rows, y):  # type: ignore[no-untyped-def]
+    def shared_step(rows, y):
         x, stem, weight = rows
         with autocast(dev, cache=False):
             pooled = head.pooled(x, stem)
@@ -406,14 +454,25 @@ def _train_shared(features: np.ndarray, targets: np.ndarray, init_state: dict[st
     epochs = planned_epochs(settings, len(y_all), "fast")
     # Early stopping only where the pass budget binds: a round within it is cheap and runs the paper's epochs.
     stopping = _EarlyStop() if early_stopping and epochs < settings.epochs else None
-    losses = _train_epochs([_Update(shared_step, (0, 1), head, optimizer)], (x_all, stem_all, w_all), y_all, targets,
-                           settings.batch_size, epochs, generator, on_epoch, graphs, stopping)
+    losses = _train_epochs(
+        [_Update(shared_step, (0, 1), head, optimizer)],
+        (x_all, stem_all, w_all),
+        y_all,
+        targets,
+        settings.batch_size,
+        epochs,
+        generator,
+        on_epoch,
+        graphs,
+        stopping,
+    )
     if settings.head_init == "refit":
         fit_linear(head, *_fit_inputs(fit_set, x_all, stem_all, y_all, w_all), n_classes)
     classifier = _cpu_state(head)
     retrieval = {k: v for k, v in classifier.items() if k.startswith("block.")}
-    return TrainedHeads(retrieval, classifier, n_classes, losses, shared=True, schedule="fast",
-                        frozen_stem=stem_all is not None)
+    return TrainedHeads(
+        retrieval, classifier, n_classes, losses, shared=True, schedule="fast", frozen_stem=stem_all is not None
+    )
 
 
 class _EarlyStop:
@@ -435,7 +494,7 @@ FitSet = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 """Features, targets and loss weights (None: equal) that ``fit_linear`` fits the classifier's linear layer to."""
 
 
-def _fit_inputs(fit_set: FitSet | None, x_all, stem_all, y_all, w_all):  # type: ignore[no-untyped-def]
+def _fit_inputs(fit_set: FitSet | None, x_all, stem_all, y_all, w_all):
     """What ``fit_linear`` fits to: the training rows (with their stem output), or ``fit_set`` on their device."""
     if fit_set is None:
         return x_all, stem_all, y_all, w_all
@@ -448,7 +507,7 @@ FIT_L2 = 1e-3
 """L2 penalty (per weight and bias, on standardised inputs' scale) of ``fit_linear``'s logistic regression."""
 
 
-def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # type: ignore[no-untyped-def]
+def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:
     """Set the classifier's linear layer to the weighted logistic regression of the labels on the block's current
     pooled output (L-BFGS; linear probing before fine-tuning), so that the round's fine-tuning starts from a
     classifier that already separates the labels instead of from a random or stale one. "Not class c" rows count
@@ -465,7 +524,7 @@ def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # 
     bias = torch.zeros(n_classes, device=z.device, requires_grad=True)
     optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
 
-    def closure():  # type: ignore[no-untyped-def]
+    def closure():
         optimiser.zero_grad()
         loss = classifier_loss(z @ weight.T + bias, y_all, w_all) + FIT_L2 * ((weight**2).sum() + (bias**2).sum())
         loss.backward()
@@ -477,7 +536,7 @@ def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:  # 
         head.fc.bias.copy_(bias - (weight / scale) @ mean)
 
 
-def _adam(parameters, lr: float, capturable: bool):  # type: ignore[no-untyped-def]
+def _adam(parameters, lr: float, capturable: bool):
     """Adam; ``capturable``: its state on the device, so that its step can be part of a captured graph."""
     return _torch().optim.Adam(parameters, lr=lr, capturable=capturable)
 
@@ -496,16 +555,24 @@ class _Update:
     """Skipped (no step, a loss of 0) for a batch where no anchor has both a positive and a negative."""
 
 
-def _apply(updates: list[_Update], rows: tuple[Any, ...], y, sums, size: int) -> None:  # type: ignore[no-untyped-def]
+def _apply(updates: list[_Update], rows: tuple[Any, ...], y, sums, size: int) -> None:
     for update in updates:
         for slot, loss in zip(update.slots, update.step(rows, y), strict=True):
             sums[slot] += loss * size
 
 
-def _train_epochs(updates: list[_Update], inputs: tuple[Any, ...], y_all, targets: np.ndarray,  # type: ignore[no-untyped-def]
-                  batch_size: int, epochs: int, generator, on_epoch: Callable[[int], None] | None,
-                  graphs: bool | None, stop: Callable[[dict[str, list[float]]], bool] | None = None,
-                  ) -> dict[str, list[float]]:
+def _train_epochs(
+    updates: list[_Update],
+    inputs: tuple[Any, ...],
+    y_all,
+    targets: np.ndarray,
+    batch_size: int,
+    epochs: int,
+    generator,
+    on_epoch: Callable[[int], None] | None,
+    graphs: bool | None,
+    stop: Callable[[dict[str, list[float]]], bool] | None = None,
+) -> dict[str, list[float]]:
     """Run up to ``epochs`` epochs of shuffled batches (until ``stop(losses)``); return the per-epoch mean losses.
 
     The order is drawn on the host (the same numbers on every device) and moved to the device once an epoch;
@@ -521,8 +588,9 @@ def _train_epochs(updates: list[_Update], inputs: tuple[Any, ...], y_all, target
         sums.zero_()
         order = torch.randperm(n, generator=generator)
         for batch, index in zip(order.split(batch_size), order.to(dev).split(batch_size), strict=True):
-            chosen = [k for k, update in enumerate(updates)
-                      if not update.needs_triplet or has_triplet(targets[batch.numpy()])]
+            chosen = [
+                k for k, update in enumerate(updates) if not update.needs_triplet or has_triplet(targets[batch.numpy()])
+            ]
             if runner is not None:
                 runner.run(chosen, index)
             else:
@@ -536,13 +604,14 @@ def _train_epochs(updates: list[_Update], inputs: tuple[Any, ...], y_all, target
     return losses
 
 
-def _want_graphs(graphs: bool | None, dev) -> bool:  # type: ignore[no-untyped-def]
+def _want_graphs(graphs: bool | None, dev) -> bool:
     """Whether training steps are to be captured: ``graphs`` when said, else ``cuda_graphs_wanted``."""
     return graphs if graphs is not None else cuda_graphs_wanted(dev)
 
 
-def _step_graphs(updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, batch_size: int,  # type: ignore[no-untyped-def]
-                 graphs: bool | None) -> _StepGraphs | None:
+def _step_graphs(
+    updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, batch_size: int, graphs: bool | None
+) -> _StepGraphs | None:
     """The captured steps where ``graphs`` asks for them (see ``train_heads``), else None (eager steps)."""
     import warnings
 
@@ -557,15 +626,18 @@ def _step_graphs(updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, b
         saved.restore()
         if graphs:
             raise
-        warnings.warn(f"training steps could not be captured as CUDA graphs ({str(exc).splitlines()[0][:160]}); "
-                      f"they run one by one, slower (set {GRAPHS_ENV}=0 to skip the attempt)", stacklevel=3)
+        warnings.warn(
+            f"training steps could not be captured as CUDA graphs ({str(exc).splitlines()[0][:160]}); "
+            f"they run one by one, slower (set {GRAPHS_ENV}=0 to skip the attempt)",
+            stacklevel=3,
+        )
         return None
 
 
 class _Snapshot:
     """The weights, optimiser state and loss sums before the warm-up steps of a capture, to put back after it."""
 
-    def __init__(self, updates: list[_Update], sums) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, updates: list[_Update], sums) -> None:
         self.updates, self.sums = updates, sums
         self.weights = [(p, p.detach().clone()) for u in updates for p in u.module.parameters()]
 
@@ -596,8 +668,9 @@ class _StepGraphs:
     WARMUP = 2
     """Eager steps before capture (kernel selection, the optimiser's state)."""
 
-    def __init__(self, updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, sizes: list[int],  # type: ignore[no-untyped-def]
-                 saved: _Snapshot) -> None:
+    def __init__(
+        self, updates: list[_Update], inputs: tuple[Any, ...], y_all, sums, sizes: list[int], saved: _Snapshot
+    ) -> None:
         import warnings
 
         torch = _torch()
@@ -636,7 +709,7 @@ class _StepGraphs:
         rows = tuple(None if tensor is None else tensor[index] for tensor in self.inputs)
         _apply([update], rows, self.y_all[index], self.sums, size)
 
-    def run(self, chosen: list[int], index) -> None:  # type: ignore[no-untyped-def]
+    def run(self, chosen: list[int], index) -> None:
         """One training step on the rows ``index`` (a device tensor): the chosen updates' graphs, replayed, the
         first on a second stream (the paper's two heads are independent: their small kernels overlap)."""
         torch = _torch()
@@ -655,27 +728,27 @@ class _StepGraphs:
                 graph.replay()
 
 
-def _weights_on(weights: np.ndarray | None, dev):  # type: ignore[no-untyped-def]
+def _weights_on(weights: np.ndarray | None, dev):
     """Per-row loss weights (float32) on the training device, or None (every row once)."""
     if weights is None:
         return None
     return _torch().from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(dev)
 
 
-def _on_device(features: np.ndarray, targets: np.ndarray, dev):  # type: ignore[no-untyped-def]
+def _on_device(features: np.ndarray, targets: np.ndarray, dev):
     """The labelled features (float32) and targets, moved to the training device once (not per batch)."""
     torch = _torch()
     x = torch.from_numpy(np.ascontiguousarray(features)).to(dev).float()
     return x, torch.from_numpy(targets.astype(np.int64)).to(dev)
 
 
-def block_stem(block, x):  # type: ignore[no-untyped-def]
+def block_stem(block, x):
     """The output of a residual block's first convolution, BatchNorm and ReLU (torchvision BasicBlock or
     Bottleneck): what ``block_tail`` continues from."""
     return block.relu(block.bn1(block.conv1(x)))
 
 
-def block_tail(block, stem, x):  # type: ignore[no-untyped-def]
+def block_tail(block, stem, x):
     """The rest of a residual block after ``block_stem``: ``block_tail(b, block_stem(b, x), x) == b(x)``."""
     out = block.bn2(block.conv2(stem))
     if hasattr(block, "conv3"):  # Bottleneck
@@ -684,14 +757,14 @@ def block_tail(block, stem, x):  # type: ignore[no-untyped-def]
     return block.relu(out + identity)
 
 
-def _append_epoch(losses: dict[str, list[float]], sums, n: int) -> None:  # type: ignore[no-untyped-def]
+def _append_epoch(losses: dict[str, list[float]], sums, n: int) -> None:
     """Record an epoch's mean losses from their device-side sums (the epoch's one wait for the GPU)."""
     triplet, cross_entropy = (sums / n).tolist()
     losses["triplet"].append(triplet)
     losses["cross_entropy"].append(cross_entropy)
 
 
-def _step(optimizer, loss):  # type: ignore[no-untyped-def]
+def _step(optimizer, loss):
     """Take one optimiser step on ``loss`` and return its detached value (still on the device)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -699,7 +772,7 @@ def _step(optimizer, loss):  # type: ignore[no-untyped-def]
     return loss.detach()
 
 
-def _cpu_state(module) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _cpu_state(module) -> dict[str, Any]:
     """The module's state as CPU tensors of its own: one copy each (``.cpu().clone()`` copied a GPU's tensors
     twice), and from a GPU all the copies started at once (into pinned memory) and waited for once, not one
     synchronous copy a tensor."""
@@ -720,7 +793,7 @@ class StemCache(Protocol):
         """Cache the stem outputs of patches from ``start`` on."""
 
 
-def _loaded(make: Callable[[], Any], state: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _loaded(make: Callable[[], Any], state: dict[str, Any]):
     """The head ``make()`` builds, holding ``state``, built without random initialisation: every value comes from
     ``state`` (random initialisation of a block's two 512-channel convolutions took about 8 ms each; a round
     builds heads several times)."""
@@ -737,8 +810,14 @@ def pretrained_retrieval(init_state: dict[str, Any]) -> dict[str, Any]:
     return _cpu_state(RetrievalHead(copy.deepcopy(init_state)))
 
 
-def embed(retrieval_state: dict[str, Any], init_state: dict[str, Any], chunks: Iterable[tuple[int, np.ndarray]],
-          n: int, device: str, stems: StemCache | None = None) -> np.ndarray:
+def embed(
+    retrieval_state: dict[str, Any],
+    init_state: dict[str, Any],
+    chunks: Iterable[tuple[int, np.ndarray]],
+    n: int,
+    device: str,
+    stems: StemCache | None = None,
+) -> np.ndarray:
     """Embed features (chunks of (start, float16 block)) with a retrieval head: float32 (n, width).
 
     ``stems``: the cache of this block's stem outputs (a block whose stem is frozen), as in ``embed_and_predict``.
@@ -747,8 +826,14 @@ def embed(retrieval_state: dict[str, Any], init_state: dict[str, Any], chunks: I
     return _run(head, chunks, n, block_width(init_state), device, stems)
 
 
-def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_classes: int,
-            chunks: Iterable[tuple[int, np.ndarray]], n: int, device: str) -> np.ndarray:
+def predict(
+    classifier_state: dict[str, Any],
+    init_state: dict[str, Any],
+    n_classes: int,
+    chunks: Iterable[tuple[int, np.ndarray]],
+    n: int,
+    device: str,
+) -> np.ndarray:
     """Return class probabilities float32 (n, C) of features under a classifier head."""
     torch = _torch()
     head = _loaded(lambda: ClassifierHead(init_state, n_classes), classifier_state)
@@ -756,9 +841,15 @@ def predict(classifier_state: dict[str, Any], init_state: dict[str, Any], n_clas
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
-def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_classes: int,
-                      chunks: Iterable[tuple[int, np.ndarray]], n: int, device: str,
-                      stems: StemCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_and_predict(
+    model: dict[str, Any],
+    init_state: dict[str, Any],
+    n_classes: int,
+    chunks: Iterable[tuple[int, np.ndarray]],
+    n: int,
+    device: str,
+    stems: StemCache | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (embeddings (n, width), probabilities (n, C)) of features under a model's two heads.
 
     One pass over the features; one block evaluation per patch when the heads share their block. With
@@ -790,7 +881,7 @@ def embed_and_predict(model: dict[str, Any], init_state: dict[str, Any], n_class
     return embeddings, probabilities
 
 
-def _stem_of(block, x, start: int, stems: StemCache):  # type: ignore[no-untyped-def]
+def _stem_of(block, x, start: int, stems: StemCache):
     """The stem outputs of a chunk's patches: from the cache, else computed and cached (float16, as the features;
     a bfloat16 stem output is exact in float16 at magnitudes from 6e-5 to 65504)."""
     cached = stems.get(start, len(x))
@@ -801,7 +892,7 @@ def _stem_of(block, x, start: int, stems: StemCache):  # type: ignore[no-untyped
     return stem
 
 
-def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
+def _as_input(block: np.ndarray, dev):
     """Cached float16 features as the block's input: moved as float16, converted by torch (all cores) straight
     to the compute precision, channels-last (a numpy float32 copy took a fifth of the pass).
 
@@ -818,8 +909,9 @@ def _as_input(block: np.ndarray, dev):  # type: ignore[no-untyped-def]
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x.contiguous()
 
 
-def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str,  # type: ignore[no-untyped-def]
-         stems: StemCache | None = None) -> np.ndarray:
+def _run(
+    head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, device: str, stems: StemCache | None = None
+) -> np.ndarray:
     torch = _torch()
     dev = torch.device(device)
     head = head.to(dev).eval()
@@ -829,5 +921,5 @@ def _run(head, chunks: Iterable[tuple[int, np.ndarray]], n: int, width: int, dev
             x = _as_input(block, dev)
             with autocast(dev):
                 result = head(x, None if stems is None else _stem_of(head.block, x, start, stems))
-            out[start:start + len(block)] = result.float().cpu().numpy()
+            out[start : start + len(block)] = result.float().cpu().numpy()
     return out

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def rank_by_distance(embeddings: np.ndarray, query: np.ndarray,
-                     candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rank_by_distance(
+    embeddings: np.ndarray, query: np.ndarray, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the candidate indices sorted by Euclidean distance to ``query``, and the distances."""
     import faiss
 

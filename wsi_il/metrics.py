@@ -48,11 +48,20 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> BinaryScores:
     tn = int((~predicted & ~truth).sum())
     recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
     n = max(1, len(truth))
-    return BinaryScores(precision=_ratio(tp, tp + fp), recall=recall,
-                        f1=_ratio(2 * tp, 2 * tp + fp + fn), jaccard=_ratio(tp, tp + fp + fn),
-                        true_positives=tp, false_positives=fp, false_negatives=fn, true_negatives=tn,
-                        specificity=specificity, balanced_accuracy=(recall + specificity) / 2,
-                        called_share=(tp + fp) / n, truth_share=(tp + fn) / n)
+    return BinaryScores(
+        precision=_ratio(tp, tp + fp),
+        recall=recall,
+        f1=_ratio(2 * tp, 2 * tp + fp + fn),
+        jaccard=_ratio(tp, tp + fp + fn),
+        true_positives=tp,
+        false_positives=fp,
+        false_negatives=fn,
+        true_negatives=tn,
+        specificity=specificity,
+        balanced_accuracy=(recall + specificity) / 2,
+        called_share=(tp + fp) / n,
+        truth_share=(tp + fn) / n,
+    )
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -68,8 +77,13 @@ def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float((predicted == truth).mean())
 
 
-def precision_at_k(query_embeddings: np.ndarray, query_labels: np.ndarray, database_embeddings: np.ndarray,
-                   database_labels: np.ndarray, k: int = 10) -> float:
+def precision_at_k(
+    query_embeddings: np.ndarray,
+    query_labels: np.ndarray,
+    database_embeddings: np.ndarray,
+    database_labels: np.ndarray,
+    k: int = 10,
+) -> float:
     """Macro-averaged P@k: per query, the share of its k nearest database items (Euclidean) of its class.
 
     Shares are averaged per class, then over classes (docs/method.md), so a large class does not dominate.

@@ -257,7 +257,7 @@ def _background(size_px: tuple[int, int], rng: np.random.Generator) -> np.ndarra
     for top in range(0, height, 512):
         rows = min(512, height - top)
         noise = rng.normal(0.0, _BACKGROUND_NOISE, size=(rows, width, 1)).astype(np.float32)
-        out[top:top + rows] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        out[top : top + rows] = np.clip(base + noise, 0, 255).astype(np.uint8)
     return out
 
 
@@ -329,8 +329,9 @@ def _jitter_stain(piece: np.ndarray, strength: float, rng: np.random.Generator) 
 
 
 # ---- island slides ------------------------------------------------------------------------------
-def random_blob(center: tuple[float, float], radius: float, rng: np.random.Generator,
-                roughness: float = 0.3, points: int = 128) -> Polygon:
+def random_blob(
+    center: tuple[float, float], radius: float, rng: np.random.Generator, roughness: float = 0.3, points: int = 128
+) -> Polygon:
     """A smooth irregular closed shape: a circle whose radius varies with a few random harmonics."""
     theta = np.linspace(0.0, 2 * np.pi, points, endpoint=False)
     r = np.ones(points)
@@ -380,7 +381,7 @@ def island_layout(
     return _largest_parts(shapely.set_precision(tissue, 0.01)), tumour
 
 
-def _largest_parts(shape, min_area: float = 0.0):  # type: ignore[no-untyped-def]
+def _largest_parts(shape, min_area: float = 0.0):
     """Keep the polygonal parts of a shapely result (and drop slivers smaller than ``min_area``)."""
     parts = [p for p in getattr(shape, "geoms", [shape]) if isinstance(p, Polygon) and p.area > min_area]
     if not parts:
@@ -431,14 +432,17 @@ def make_island_slide(
     if not tumour_images or not normal_images:
         raise InputError("no tumour or no normal images to build a mosaic from", "pass both lists")
     if not 0 < tumour_share < 1 or islands < 1:
-        raise InputError(f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
-                         "e.g. tumour_share=0.25, islands=6")
+        raise InputError(
+            f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
+            "e.g. tumour_share=0.25, islands=6",
+        )
     if min(size_px) < 4 * tile_px:
-        raise InputError(f"slide {size_px[0]}x{size_px[1]} px is too small for islands of {tile_px} px tiles",
-                         f"make both sides at least {4 * tile_px} px")
+        raise InputError(
+            f"slide {size_px[0]}x{size_px[1]} px is too small for islands of {tile_px} px tiles",
+            f"make both sides at least {4 * tile_px} px",
+        )
     rng = np.random.default_rng(seed)
-    tissue, tumour = island_layout(size_px, rng, islands=islands, tumour_share=tumour_share,
-                                   margin_px=tile_px // 2)
+    tissue, tumour = island_layout(size_px, rng, islands=islands, tumour_share=tumour_share, margin_px=tile_px // 2)
     scale = 1.0 if source_mpp is None else source_mpp / mpp
     piece = _piece_px(piece_px, tile_px)
     rgb = _background(size_px, rng)
@@ -452,11 +456,24 @@ def make_island_slide(
     path = Path(path)
     write_pyramidal_tiff(path, rgb, mpp=mpp, tile_px=tile_px)
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
-    feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
-                           feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
+    feature = make_feature(
+        tumour,
+        name="truth",
+        classification=TUMOR_CLASS["name"],
+        color=TUMOR_CLASS["color"],
+        feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+    )
     write_features(truth_path, [feature])
-    return MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
-                       tumour=tumour, tissue=tissue, mpp=mpp)
+    return MosaicSlide(
+        path=path,
+        truth_path=truth_path,
+        width=size_px[0],
+        height=size_px[1],
+        tile_px=tile_px,
+        tumour=tumour,
+        tissue=tissue,
+        mpp=mpp,
+    )
 
 
 # ---- patch mosaics: exact patch-level truth ----------------------------------------------------------
@@ -482,8 +499,10 @@ def labelled_patches(folder: Path) -> tuple[list[Path], list[Path]]:
     folder = Path(folder)
     tumour, normal = _jpegs(folder / "tumor"), _jpegs(folder / "normal")
     if not tumour or not normal:
-        raise InputError(f"no images in {folder}/tumor or {folder}/normal",
-                         "give a folder of per-patch-labelled images in tumor/ and normal/ (e.g. a PCam sample)")
+        raise InputError(
+            f"no images in {folder}/tumor or {folder}/normal",
+            "give a folder of per-patch-labelled images in tumor/ and normal/ (e.g. a PCam sample)",
+        )
     return tumour, normal
 
 
@@ -523,36 +542,59 @@ def make_patch_mosaic(
         label = bool(is_tumour[row, col])
         source, image = pools[label].draw(tile_px)
         x, y = int(col) * tile_px, int(row) * tile_px
-        rgb[y:y + tile_px, x:x + tile_px] = image
+        rgb[y : y + tile_px, x : x + tile_px] = image
         rows.append((x, y, tile_px, tile_px, "tumor" if label else "normal", source.name))
     path = Path(path)
     write_pyramidal_tiff(path, rgb, mpp=mpp, tile_px=_tiff_tile(tile_px), jpeg_quality=jpeg_quality)
     ys, xs = np.nonzero(is_tumour)
     truth = union_squares(xs * tile_px, ys * tile_px, tile_px, tile_px)
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
-    feature = make_feature(truth, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
-                           feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)))
+    feature = make_feature(
+        truth,
+        name="truth",
+        classification=TUMOR_CLASS["name"],
+        color=TUMOR_CLASS["color"],
+        feature_id=str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+    )
     write_features(truth_path, [feature])
     cells_path = path.with_name(f"{path.stem}.cells.csv")
-    atomic_write_text(cells_path, "x,y,width,height,label,source\n" + "".join(
-        ",".join(str(v) for v in r) + "\n" for r in rows))
+    atomic_write_text(
+        cells_path, "x,y,width,height,label,source\n" + "".join(",".join(str(v) for v in r) + "\n" for r in rows)
+    )
     ys, xs = np.nonzero(is_tissue)
-    slide = MosaicSlide(path=path, truth_path=truth_path, width=size_px[0], height=size_px[1], tile_px=tile_px,
-                        tumour=truth, tissue=union_squares(xs * tile_px, ys * tile_px, tile_px, tile_px), mpp=mpp)
-    return PatchMosaic(slide, cells_path, int(is_tumour.sum()), int((is_tissue & ~is_tumour).sum()),
-                       pools[True].reused + pools[False].reused)
+    slide = MosaicSlide(
+        path=path,
+        truth_path=truth_path,
+        width=size_px[0],
+        height=size_px[1],
+        tile_px=tile_px,
+        tumour=truth,
+        tissue=union_squares(xs * tile_px, ys * tile_px, tile_px, tile_px),
+        mpp=mpp,
+    )
+    return PatchMosaic(
+        slide,
+        cells_path,
+        int(is_tumour.sum()),
+        int((is_tissue & ~is_tumour).sum()),
+        pools[True].reused + pools[False].reused,
+    )
 
 
-def _check_patch_mosaic(tumour_images: list[Path], normal_images: list[Path], cells: tuple[int, int],
-                        islands: int, tumour_share: float) -> None:
+def _check_patch_mosaic(
+    tumour_images: list[Path], normal_images: list[Path], cells: tuple[int, int], islands: int, tumour_share: float
+) -> None:
     if not tumour_images or not normal_images:
         raise InputError("no tumour or no normal images to build a mosaic from", "pass both lists")
     if min(cells) < 8:
-        raise InputError(f"a grid of {cells[0]}x{cells[1]} cells is too small for tumour islands",
-                         "use at least 8 cells a side")
+        raise InputError(
+            f"a grid of {cells[0]}x{cells[1]} cells is too small for tumour islands", "use at least 8 cells a side"
+        )
     if not 0 < tumour_share < 1 or islands < 1:
-        raise InputError(f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
-                         "e.g. tumour_share=0.35, islands=5")
+        raise InputError(
+            f"tumour share {tumour_share} must lie in (0, 1) and islands ({islands}) be at least 1",
+            "e.g. tumour_share=0.35, islands=5",
+        )
 
 
 def _tiff_tile(tile_px: int) -> int:
@@ -560,8 +602,9 @@ def _tiff_tile(tile_px: int) -> int:
     return tile_px if tile_px % 16 == 0 else 256
 
 
-def _cell_classes(tissue: Polygon | MultiPolygon, tumour: Polygon | MultiPolygon, cells: tuple[int, int],
-                  tile_px: int) -> tuple[np.ndarray, np.ndarray]:
+def _cell_classes(
+    tissue: Polygon | MultiPolygon, tumour: Polygon | MultiPolygon, cells: tuple[int, int], tile_px: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, columns) boolean grids: cells whose centre lies in the tissue, and in a tumour island as well."""
     import shapely
 
@@ -616,11 +659,20 @@ def write_mirrored_tiling(path: Path, small: MosaicSlide, copies: int, jpeg_qual
         for index, level in enumerate(levels):
             height, width = level.shape[0] * copies, level.shape[1] * copies
             writer.write(
-                _mirrored_tiles(level, copies, tile), shape=(height, width, 3), dtype=np.uint8,
-                photometric="rgb", tile=(tile, tile), compression="jpeg", compressionargs={"level": jpeg_quality},
-                resolution=(10_000.0 / (small.mpp * 2**index),) * 2, resolutionunit="CENTIMETER",
-                subfiletype=0 if index == 0 else 1, description="wsi-il synthetic slide" if index == 0 else None,
-                software=False, metadata=None)
+                _mirrored_tiles(level, copies, tile),
+                shape=(height, width, 3),
+                dtype=np.uint8,
+                photometric="rgb",
+                tile=(tile, tile),
+                compression="jpeg",
+                compressionargs={"level": jpeg_quality},
+                resolution=(10_000.0 / (small.mpp * 2**index),) * 2,
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if index == 0 else 1,
+                description="wsi-il synthetic slide" if index == 0 else None,
+                software=False,
+                metadata=None,
+            )
     partial.replace(path)
     w, h = small.width, small.height
     parts = []
@@ -636,14 +688,27 @@ def write_mirrored_tiling(path: Path, small: MosaicSlide, copies: int, jpeg_qual
 
     tumour = union_all(parts)
     truth_path = path.with_name(f"{path.stem}.truth.geojson")
-    feature = make_feature(tumour, name="truth", classification=TUMOR_CLASS["name"], color=TUMOR_CLASS["color"],
-                           feature_id=str(uuid.uuid4()))
+    feature = make_feature(
+        tumour,
+        name="truth",
+        classification=TUMOR_CLASS["name"],
+        color=TUMOR_CLASS["color"],
+        feature_id=str(uuid.uuid4()),
+    )
     write_features(truth_path, [feature])
-    return MosaicSlide(path=path, truth_path=truth_path, width=w * copies, height=h * copies, tile_px=tile,
-                       tumour=tumour, tissue=small.tissue, mpp=small.mpp)
+    return MosaicSlide(
+        path=path,
+        truth_path=truth_path,
+        width=w * copies,
+        height=h * copies,
+        tile_px=tile,
+        tumour=tumour,
+        tissue=small.tissue,
+        mpp=small.mpp,
+    )
 
 
-def _mirrored_tiles(level: np.ndarray, copies: int, tile: int):  # type: ignore[no-untyped-def]
+def _mirrored_tiles(level: np.ndarray, copies: int, tile: int):
     """Yield the tiles (row by row) of ``level`` repeated copies x copies times with mirrored neighbours."""
     h, w = level.shape[:2]
 
@@ -672,8 +737,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="4096x4096", help="BACH: level-0 WIDTHxHEIGHT in px")
     parser.add_argument("--cells", default="48x48", help="--patches: grid COLUMNSxROWS, one patch a cell")
     parser.add_argument("--tile", type=int, default=96, help="--patches: cell side in px (the patches' own side)")
-    parser.add_argument("--part", default="1/1", help="--patches: use only part I of N of each class (I/N), so "
-                        "that slides built with different parts share no patch")
+    parser.add_argument(
+        "--part",
+        default="1/1",
+        help="--patches: use only part I of N of each class (I/N), so "
+        "that slides built with different parts share no patch",
+    )
     parser.add_argument("--islands", type=int, default=6)
     parser.add_argument("--tumour-share", type=float, default=None, help="[default: 0.25 BACH, 0.35 --patches]")
     parser.add_argument("--seed", type=int, default=0)
@@ -685,22 +754,40 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(3, f"error: {exc}\n")
 
 
-def _write_from_args(args) -> None:  # type: ignore[no-untyped-def]
+def _write_from_args(args) -> None:
     if args.patches is not None:
         tumour, normal = labelled_patches(args.patches)
         index, parts = (int(v) for v in args.part.split("/"))
-        tumour, normal = tumour[index - 1::parts], normal[index - 1::parts]
+        tumour, normal = tumour[index - 1 :: parts], normal[index - 1 :: parts]
         columns, rows = (int(v) for v in args.cells.lower().split("x"))
-        made = make_patch_mosaic(args.out, tumour, normal, cells=(columns, rows), islands=args.islands,
-                                 tumour_share=args.tumour_share or 0.35, tile_px=args.tile,
-                                 mpp=args.mpp or PCAM_MPP, seed=args.seed)
-        print(f"wrote {made.slide.path} ({made.slide.width}x{made.slide.height} px, {made.tumour_cells} tumour and "
-              f"{made.normal_cells} normal cells, {made.reused} reused), {made.slide.truth_path} and {made.cells_path}")
+        made = make_patch_mosaic(
+            args.out,
+            tumour,
+            normal,
+            cells=(columns, rows),
+            islands=args.islands,
+            tumour_share=args.tumour_share or 0.35,
+            tile_px=args.tile,
+            mpp=args.mpp or PCAM_MPP,
+            seed=args.seed,
+        )
+        print(
+            f"wrote {made.slide.path} ({made.slide.width}x{made.slide.height} px, {made.tumour_cells} tumour and "
+            f"{made.normal_cells} normal cells, {made.reused} reused), {made.slide.truth_path} and {made.cells_path}"
+        )
         return
     width, height = (int(v) for v in args.size.lower().split("x"))
     tumour, normal = bach_images(args.data)
-    slide = make_island_slide(args.out, tumour, normal, size_px=(width, height), islands=args.islands,
-                              tumour_share=args.tumour_share or 0.25, seed=args.seed, mpp=args.mpp or 0.5)
+    slide = make_island_slide(
+        args.out,
+        tumour,
+        normal,
+        size_px=(width, height),
+        islands=args.islands,
+        tumour_share=args.tumour_share or 0.25,
+        seed=args.seed,
+        mpp=args.mpp or 0.5,
+    )
     print(f"wrote {slide.path} ({slide.width}x{slide.height} px) and {slide.truth_path}")
 
 

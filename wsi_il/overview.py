@@ -69,14 +69,17 @@ def raster(boxes: np.ndarray, chosen: np.ndarray, scale: float, shape: tuple[int
     return covered[:height, :width] > 0
 
 
-def _pixel_boxes(boxes: np.ndarray, scale: float, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _pixel_boxes(
+    boxes: np.ndarray, scale: float, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     height, width = shape
     x, y, w, h = (boxes[:, k].astype(np.float64) for k in range(4))
-    return (np.clip(np.rint(x / scale), 0, width).astype(np.int64),
-            np.clip(np.rint(y / scale), 0, height).astype(np.int64),
-            np.clip(np.rint((x + w) / scale), 0, width).astype(np.int64),
-            np.clip(np.rint((y + h) / scale), 0, height).astype(np.int64))
+    return (
+        np.clip(np.rint(x / scale), 0, width).astype(np.int64),
+        np.clip(np.rint(y / scale), 0, height).astype(np.int64),
+        np.clip(np.rint((x + w) / scale), 0, width).astype(np.int64),
+        np.clip(np.rint((y + h) / scale), 0, height).astype(np.int64),
+    )
 
 
 def edge(mask: np.ndarray, width_px: int, inside: bool = True) -> np.ndarray:
@@ -98,8 +101,9 @@ def _shifted_all(mask: np.ndarray, reach: int) -> np.ndarray:
     return out
 
 
-def prediction_panel(thumb: np.ndarray, masks: list[tuple[np.ndarray, tuple[int, int, int]]], tissue: np.ndarray,
-                     line_px: int) -> np.ndarray:
+def prediction_panel(
+    thumb: np.ndarray, masks: list[tuple[np.ndarray, tuple[int, int, int]]], tissue: np.ndarray, line_px: int
+) -> np.ndarray:
     """The thumbnail with each (mask, colour) laid over as a light wash, and a line in the class's colour inside its
     region's edge wherever it meets other ``tissue`` (where it meets the background, the tissue's own edge shows
     it)."""
@@ -113,8 +117,14 @@ def prediction_panel(thumb: np.ndarray, masks: list[tuple[np.ndarray, tuple[int,
     return picture
 
 
-def expert_panel(thumb: np.ndarray, boxes: np.ndarray, scale: float, marks: Marks,
-                 colours: dict[str, tuple[int, int, int]], line_px: int) -> Image.Image:
+def expert_panel(
+    thumb: np.ndarray,
+    boxes: np.ndarray,
+    scale: float,
+    marks: Marks,
+    colours: dict[str, tuple[int, int, int]],
+    line_px: int,
+) -> Image.Image:
     """The thumbnail with each labelled patch outlined in its label's colour and each session's query patches as
     an outlined region, named by its session (sessions that share their query patches share one outline)."""
     picture = thumb.copy()
@@ -129,8 +139,9 @@ def expert_panel(thumb: np.ndarray, boxes: np.ndarray, scale: float, marks: Mark
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = _pixel_boxes(boxes[marks.labelled], scale, shape)
-    for left, top, right, bottom, label in zip(x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), marks.labels,
-                                               strict=True):
+    for left, top, right, bottom, label in zip(
+        x0.tolist(), y0.tolist(), x1.tolist(), y1.tolist(), marks.labels, strict=True
+    ):
         _draw_mark(draw, (left, top, right, bottom), colours.get(label, SKIP_RGB), line_px)
     font = ImageFont.load_default(size=_FONT_PX)
     for positions, sessions in regions.items():
@@ -143,8 +154,9 @@ def expert_panel(thumb: np.ndarray, boxes: np.ndarray, scale: float, marks: Mark
     return image
 
 
-def _draw_mark(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rgb: tuple[int, int, int],
-               line_px: int) -> None:
+def _draw_mark(
+    draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rgb: tuple[int, int, int], line_px: int
+) -> None:
     left, top, right, bottom = box
     if min(right - left, bottom - top) < _MIN_MARK_PX:
         cx, cy, half = (left + right) // 2, (top + bottom) // 2, _MIN_MARK_PX // 2
@@ -167,8 +179,17 @@ class Overview:
     """The width of the lines drawn on the slide."""
 
 
-def render_overview(thumb: np.ndarray, scale: float, boxes: np.ndarray, predicted: np.ndarray, shown: list[int],
-                    classes: list[str], marks: Marks, header: list[str], warning: str | None = None) -> Overview:
+def render_overview(
+    thumb: np.ndarray,
+    scale: float,
+    boxes: np.ndarray,
+    predicted: np.ndarray,
+    shown: list[int],
+    classes: list[str],
+    marks: Marks,
+    header: list[str],
+    warning: str | None = None,
+) -> Overview:
     """Draw the overview of one slide from its thumbnail (``scale`` level-0 px per pixel), its patches' ``boxes``
     and predicted class indices, the classes ``shown`` (indices into ``classes``) and the expert's ``marks``."""
     from wsi_il.qupath import class_color
@@ -181,8 +202,9 @@ def render_overview(thumb: np.ndarray, scale: float, boxes: np.ndarray, predicte
     colours = label_colours(classes)
     left = expert_panel(thumb, boxes, scale, marks, colours, line_px)
     titles = ("The slide, with your labels and queries", "The model's prediction")
-    image, corners = compose(left, right, titles, header, legend_items(predicted, shown, classes, marks, colours),
-                             warning)
+    image, corners = compose(
+        left, right, titles, header, legend_items(predicted, shown, classes, marks, colours), warning
+    )
     return Overview(image, *corners, line_px)
 
 
@@ -197,15 +219,18 @@ def label_colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:
     return colours
 
 
-def legend_items(predicted: np.ndarray, shown: list[int], classes: list[str], marks: Marks,
-                 colours: dict[str, tuple[int, int, int]]) -> list[LegendItem]:
+def legend_items(
+    predicted: np.ndarray, shown: list[int], classes: list[str], marks: Marks, colours: dict[str, tuple[int, int, int]]
+) -> list[LegendItem]:
     """What the legend lists: each shown class's predicted patches, each label's labelled patches, the queries."""
     from collections import Counter
 
     from wsi_il.review import NOT_PREFIX, SKIP
 
-    items = [LegendItem(f"predicted {classes[c]}: {int((predicted == c).sum())} patches", colours[classes[c]],
-                        "wash") for c in shown]
+    items = [
+        LegendItem(f"predicted {classes[c]}: {int((predicted == c).sum())} patches", colours[classes[c]], "wash")
+        for c in shown
+    ]
     counts = Counter(marks.labels)
     for label in [*classes, *sorted(set(counts) - set(classes))]:
         if counts[label]:
@@ -216,9 +241,14 @@ def legend_items(predicted: np.ndarray, shown: list[int], classes: list[str], ma
     return items
 
 
-def compose(left: Image.Image, right: Image.Image, titles: tuple[str, str], header: list[str],
-            legend: list[LegendItem], warning: str | None = None
-            ) -> tuple[Image.Image, tuple[tuple[int, int], tuple[int, int]]]:
+def compose(
+    left: Image.Image,
+    right: Image.Image,
+    titles: tuple[str, str],
+    header: list[str],
+    legend: list[LegendItem],
+    warning: str | None = None,
+) -> tuple[Image.Image, tuple[tuple[int, int], tuple[int, int]]]:
     """Put the two panels side by side (one above the other for a wide slide) under a header and a legend; return
     the picture and the panels' top-left corners."""
     font = ImageFont.load_default(size=_FONT_PX)
@@ -242,8 +272,9 @@ def compose(left: Image.Image, right: Image.Image, titles: tuple[str, str], head
     for row in legend_rows:
         _draw_legend_row(draw, (_PAD_PX, y), row, small)
         y += line_h
-    second = (_PAD_PX + left.width + _GAP_PX, panel_top) if beside else (_PAD_PX, panel_top + left.height + _GAP_PX
-                                                                          + line_h)
+    second = (
+        (_PAD_PX + left.width + _GAP_PX, panel_top) if beside else (_PAD_PX, panel_top + left.height + _GAP_PX + line_h)
+    )
     first = (_PAD_PX, panel_top)
     for (x, y), panel, title in ((first, left, titles[0]), (second, right, titles[1])):
         draw.text((x, y - line_h + 2), title, fill=_INK, font=font)
@@ -251,8 +282,9 @@ def compose(left: Image.Image, right: Image.Image, titles: tuple[str, str], head
     return canvas, (first, second)
 
 
-def _legend_rows(items: list[LegendItem], font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
-                 ) -> list[list[LegendItem]]:
+def _legend_rows(
+    items: list[LegendItem], font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int
+) -> list[list[LegendItem]]:
     rows: list[list[LegendItem]] = [[]]
     used = 0
     for item in items:
@@ -265,15 +297,20 @@ def _legend_rows(items: list[LegendItem], font: ImageFont.FreeTypeFont | ImageFo
     return [row for row in rows if row]
 
 
-def _draw_legend_row(draw: ImageDraw.ImageDraw, corner: tuple[int, int], items: list[LegendItem],
-                     font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> None:
+def _draw_legend_row(
+    draw: ImageDraw.ImageDraw,
+    corner: tuple[int, int],
+    items: list[LegendItem],
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> None:
     x, y = corner
     size = _SMALL_FONT_PX
     for item in items:
         box = (x, y + 2, x + size, y + 2 + size)
         if item.style == "wash":
-            draw.rectangle(box, fill=tuple(int(255 * (1 - 0.45) + c * 0.45) for c in item.rgb), outline=item.rgb,
-                           width=2)
+            draw.rectangle(
+                box, fill=tuple(int(255 * (1 - 0.45) + c * 0.45) for c in item.rgb), outline=item.rgb, width=2
+            )
         elif item.style == "outline":
             draw.rectangle(box, outline=item.rgb, width=3)
         else:

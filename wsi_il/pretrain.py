@@ -68,19 +68,20 @@ class PretrainSettings:
     """MoCo's number of negative keys kept from earlier batches."""
 
     @staticmethod
-    def for_device(device: str, steps: int | None, batch: int | None, crop_px: int | None,
-                   recipe: str = "full") -> PretrainSettings:
+    def for_device(
+        device: str, steps: int | None, batch: int | None, crop_px: int | None, recipe: str = "full"
+    ) -> PretrainSettings:
         """A recipe's setting on a device (see ``RECIPES``); given steps, batch or view side override it."""
         if recipe not in RECIPES:
             raise InputError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}", "pick one of them")
         base = RECIPES[recipe]["cuda" if device == "cuda" else "cpu"]
-        return PretrainSettings(steps or base.steps, batch or base.batch, crop_px or base.crop_px,
-                                field_scale=base.field_scale)
+        return PretrainSettings(
+            steps or base.steps, batch or base.batch, crop_px or base.crop_px, field_scale=base.field_scale
+        )
 
 
 RECIPES: dict[str, dict[str, PretrainSettings]] = {
-    "quick": {"cpu": PretrainSettings(112, 64, 64, field_scale=1.0),
-              "cuda": PretrainSettings(500, 512, 224)},
+    "quick": {"cpu": PretrainSettings(112, 64, 64, field_scale=1.0), "cuda": PretrainSettings(500, 512, 224)},
     "full": {"cpu": PretrainSettings(200, 64, 96), "cuda": PretrainSettings(500, 512, 224)},
 }
 """The pretraining recipes by name, per device. On a CPU, ``quick`` takes 64 px views of one-tile fields rather than
@@ -142,12 +143,12 @@ class TissueSampler:
 
 
 # ---- augmentations (batched tensor operations on the device) --------------------------------
-def augment(fields, crop_px: int, generator, mean, std):  # type: ignore[no-untyped-def]
+def augment(fields, crop_px: int, generator, mean, std):
     """Return one augmented, normalised view (B, 3, crop, crop) of uint8 fields (B, 3, H, W) in [0, 255]."""
     b = fields.shape[0]
     dev = fields.device
 
-    def uniform(lo: float, hi: float, *shape: int):  # type: ignore[no-untyped-def]
+    def uniform(lo: float, hi: float, *shape: int):
         return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=generator, device="cpu").to(dev)
 
     x = fields.float() / 255.0
@@ -159,8 +160,9 @@ def augment(fields, crop_px: int, generator, mean, std):  # type: ignore[no-unty
     flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
     quarter = torch.randint(0, 4, (b,), generator=generator).to(dev).float() * (math.pi / 2)
     cos, sin = quarter.cos().round(), quarter.sin().round()
-    theta = torch.stack([torch.stack([sx * cos * flip, -sy * sin, tx], 1),
-                         torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([sx * cos * flip, -sy * sin, tx], 1), torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1
+    )
     grid = F.affine_grid(theta, [b, 3, crop_px, crop_px], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     x = _stain_jitter(x, uniform(0.9, 1.1, b, 3), uniform(-0.04, 0.04, b, 3))
@@ -173,11 +175,11 @@ def augment(fields, crop_px: int, generator, mean, std):  # type: ignore[no-unty
     return (x.clamp(0, 1) - mean) / std
 
 
-def _luma(x):  # type: ignore[no-untyped-def]
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+def _luma(x):
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-def _colour_jitter(x, brightness, contrast, saturation):  # type: ignore[no-untyped-def]
+def _colour_jitter(x, brightness, contrast, saturation):
     x = x * brightness.view(-1, 1, 1, 1)
     mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast.view(-1, 1, 1, 1) + mean
@@ -185,7 +187,7 @@ def _colour_jitter(x, brightness, contrast, saturation):  # type: ignore[no-unty
     return (x - gray) * saturation.view(-1, 1, 1, 1) + gray
 
 
-def _stain_jitter(x, alpha, beta):  # type: ignore[no-untyped-def]
+def _stain_jitter(x, alpha, beta):
     """Scale and shift the haematoxylin, eosin and DAB concentrations (optical-density space)."""
     stains = torch.from_numpy(_STAINS / np.linalg.norm(_STAINS, axis=1, keepdims=True)).to(x.device)
     od = -torch.log(x.clamp(min=1e-3))  # (B, 3, H, W)
@@ -195,7 +197,7 @@ def _stain_jitter(x, alpha, beta):  # type: ignore[no-untyped-def]
     return torch.exp(-od)
 
 
-def nt_xent(z1, z2, temperature: float):  # type: ignore[no-untyped-def]
+def nt_xent(z1, z2, temperature: float):
     """SimCLR's normalised temperature-scaled cross-entropy over 2B views."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     logits = z @ z.t() / temperature
@@ -209,19 +211,20 @@ def nt_xent(z1, z2, temperature: float):  # type: ignore[no-untyped-def]
 class SimCLR(torch.nn.Module):
     """A ResNet without its classifier, plus SimCLR's two-layer projection head."""
 
-    def __init__(self, backbone) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, backbone) -> None:
         super().__init__()
         width = backbone.fc.in_features
         backbone.fc = torch.nn.Identity()
         self.backbone = backbone
-        self.projection = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(inplace=True),
-                                              torch.nn.Linear(width, 128))
+        self.projection = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.ReLU(inplace=True), torch.nn.Linear(width, 128)
+        )
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         return self.projection(self.backbone(x))
 
 
-def info_nce(q, k, queue, temperature: float):  # type: ignore[no-untyped-def]
+def info_nce(q, k, queue, temperature: float):
     """MoCo's InfoNCE: each query against its positive key (normalised) and the queue's negatives."""
     q = F.normalize(q.float(), dim=1)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / temperature
@@ -242,7 +245,7 @@ class MoCo(torch.nn.Module):
     queue: torch.Tensor
     queue_ptr: torch.Tensor
 
-    def __init__(self, backbone, queue_size: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, backbone, queue_size: int, seed: int) -> None:
         super().__init__()
         self.query = SimCLR(backbone)
         self.key = copy.deepcopy(self.query).requires_grad_(False)
@@ -251,14 +254,14 @@ class MoCo(torch.nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @property
-    def backbone(self):  # type: ignore[no-untyped-def]
+    def backbone(self):
         return self.query.backbone
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
+    def forward(self, x):
         return self.query(x)
 
     @torch.no_grad()
-    def keys(self, x, generator):  # type: ignore[no-untyped-def]
+    def keys(self, x, generator):
         """Return the normalised keys of a batch, with BatchNorm over two random halves of it."""
         order = torch.randperm(len(x), generator=generator).to(x.device)
         x = x[order].contiguous(memory_format=torch.channels_last)
@@ -266,11 +269,11 @@ class MoCo(torch.nn.Module):
         return F.normalize(shuffled[torch.argsort(order)].float(), dim=1)
 
     @torch.no_grad()
-    def update(self, keys, momentum: float) -> None:  # type: ignore[no-untyped-def]
+    def update(self, keys, momentum: float) -> None:
         """Move the key encoder towards the query encoder, then replace the oldest keys of the queue."""
         for k, q in zip(self.key.parameters(), self.query.parameters(), strict=True):
             k.lerp_(q, 1 - momentum)
-        keys = keys[-len(self.queue):]
+        keys = keys[-len(self.queue) :]
         index = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
         self.queue[index] = keys
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
@@ -325,7 +328,7 @@ class DurationEstimate:
 
     def step_done(self, step: int, now: float) -> None:
         """Note that ``step`` ended at ``now`` (``time.perf_counter()``); report the estimate if it is time."""
-        self.recent = [*self.recent[-self.RECENT_STEPS:], (step, now)]
+        self.recent = [*self.recent[-self.RECENT_STEPS :], (step, now)]
         if self.reported:
             self._revise(step, now)
             return
@@ -349,8 +352,7 @@ class DurationEstimate:
             return
         (old_step, old_time), left = self.recent[0], self.total - step
         seconds = (now - old_time) / max(1, step - old_step) * left
-        if left > 0 and abs(now + seconds - self.announced_end) > max(self.REVISE_SHARE * seconds,
-                                                                      self.REVISE_SECONDS):
+        if left > 0 and abs(now + seconds - self.announced_end) > max(self.REVISE_SHARE * seconds, self.REVISE_SECONDS):
             self.announced_end = now + seconds
             self.report(seconds, revised=True)
 
@@ -365,9 +367,15 @@ class DurationEstimate:
         self.report(max(0.0, seconds))
 
 
-def pretrain(project: Project, settings: PretrainSettings, device: str, out: Path,
-             on_step: Callable[[int, float], None] | None = None,
-             on_estimate: Callable[..., None] | None = None, workers: int | None = None) -> PretrainResult:
+def pretrain(
+    project: Project,
+    settings: PretrainSettings,
+    device: str,
+    out: Path,
+    on_step: Callable[[int, float], None] | None = None,
+    on_estimate: Callable[..., None] | None = None,
+    workers: int | None = None,
+) -> PretrainResult:
     """Train the project's backbone self-supervised; resumes from its checkpoint when there is one.
 
     ``on_estimate`` gets the expected remaining seconds a few steps into the run, and again (``revised=True``)
@@ -378,8 +386,9 @@ def pretrain(project: Project, settings: PretrainSettings, device: str, out: Pat
     if manifest.get("normalisation") is None:
         raise ProjectStateError("the project has no normalisation statistics yet", f"run `wsi-il init {project.root}`")
     weights = load_project_weights(features) if settings.start == "project" else None
-    model = _build_model(settings, build_resnet(weights or Weights(None, "random", "random", None), settings.seed,
-                                                features.arch))
+    model = _build_model(
+        settings, build_resnet(weights or Weights(None, "random", "random", None), settings.seed, features.arch)
+    )
     dev = torch.device(device)
     model = model.to(dev).to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -425,13 +434,14 @@ def pretrain(project: Project, settings: PretrainSettings, device: str, out: Pat
     return PretrainResult(out, step, time.perf_counter() - started, losses, resumed_from)
 
 
-def _build_model(settings: PretrainSettings, backbone) -> SimCLR | MoCo:  # type: ignore[no-untyped-def]
+def _build_model(settings: PretrainSettings, backbone) -> SimCLR | MoCo:
     if settings.method == "simclr":
         return SimCLR(backbone)
     if settings.method == "moco":
         return MoCo(backbone, settings.moco_queue, settings.seed)
-    raise InputError(f"pretraining method {settings.method!r} is not one of {', '.join(METHOD_NAMES)}",
-                     "pick one of them")
+    raise InputError(
+        f"pretraining method {settings.method!r} is not one of {', '.join(METHOD_NAMES)}", "pick one of them"
+    )
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -441,22 +451,25 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _views(fields: np.ndarray, settings: PretrainSettings, step: int, dev, mean, std):  # type: ignore[no-untyped-def]
+def _views(fields: np.ndarray, settings: PretrainSettings, step: int, dev, mean, std):
     """Return the two augmented views of a step's fields, and the step's generator for any further draws."""
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
     batch = torch.from_numpy(fields).to(dev, non_blocking=True).permute(0, 3, 1, 2)
-    views = [augment(batch, settings.crop_px, generator, mean, std).contiguous(memory_format=torch.channels_last)
-             for _ in range(2)]
+    views = [
+        augment(batch, settings.crop_px, generator, mean, std).contiguous(memory_format=torch.channels_last)
+        for _ in range(2)
+    ]
     return views, generator
 
 
-def _precision(dev) -> contextlib.AbstractContextManager[Any]:  # type: ignore[no-untyped-def]
+def _precision(dev) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA, full precision elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
 
-def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: PretrainSettings, step: int,  # type: ignore[no-untyped-def]
-                dev, mean, std) -> float:
+def _train_step(
+    model, optimizer, schedule, fields: np.ndarray, settings: PretrainSettings, step: int, dev, mean, std
+) -> float:
     """One step: SimCLR's NT-Xent over the batch, or MoCo's symmetric InfoNCE (each view's query against the
     other view's key and the queue), then MoCo's key-encoder and queue update."""
     views, generator = _views(fields, settings, step, dev, mean, std)
@@ -467,8 +480,9 @@ def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: Pretra
         if moco:
             k1, k2 = model.keys(views[0], generator), model.keys(views[1], generator)
     if moco:
-        loss = (info_nce(z1, k2, model.queue, settings.temperature)
-                + info_nce(z2, k1, model.queue, settings.temperature)) / 2
+        loss = (
+            info_nce(z1, k2, model.queue, settings.temperature) + info_nce(z2, k1, model.queue, settings.temperature)
+        ) / 2
     else:
         loss = nt_xent(z1, z2, settings.temperature)
     loss.backward()
@@ -479,15 +493,25 @@ def _train_step(model, optimizer, schedule, fields: np.ndarray, settings: Pretra
     return float(loss.detach())
 
 
-def _save_checkpoint(project: Project, settings: PretrainSettings, model, optimizer, schedule, step: int,  # type: ignore[no-untyped-def]
-                     losses: list[float]) -> None:
+def _save_checkpoint(
+    project: Project, settings: PretrainSettings, model, optimizer, schedule, step: int, losses: list[float]
+) -> None:
     buffer = io.BytesIO()
-    torch.save({"settings": asdict(settings), "step": step, "losses": losses, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, buffer)
+    torch.save(
+        {
+            "settings": asdict(settings),
+            "step": step,
+            "losses": losses,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+        },
+        buffer,
+    )
     atomic_write_bytes(checkpoint_path(project), buffer.getvalue())
 
 
-def _resume(project: Project, settings: PretrainSettings, model, optimizer, schedule) -> tuple[int, list[float]]:  # type: ignore[no-untyped-def]
+def _resume(project: Project, settings: PretrainSettings, model, optimizer, schedule) -> tuple[int, list[float]]:
     path = checkpoint_path(project)
     if not path.is_file():
         return 0, []
@@ -497,8 +521,10 @@ def _resume(project: Project, settings: PretrainSettings, model, optimizer, sche
     # ran that setting's default; before --method, every run was SimCLR
     if stored != asdict(settings):
         changed = [k for k, v in asdict(settings).items() if stored.get(k) != v]
-        raise InputError(f"{path} is a pretraining run with other settings ({', '.join(changed)})",
-                         "run with the same settings to resume it, or pass --restart to start over")
+        raise InputError(
+            f"{path} is a pretraining run with other settings ({', '.join(changed)})",
+            "run with the same settings to resume it, or pass --restart to start over",
+        )
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])

@@ -135,15 +135,18 @@ def _check_format(path: Path, manifest: dict[str, Any]) -> None:
         raise ProjectStateError(
             f"{path} was written by a newer wsi-il ({made_with}, project format {fmt}); this is wsi-il "
             f"{__version__}, which reads format {FORMAT_VERSION}",
-            f"upgrade wsi-il to {made_with} or later (pip install -U wsi-il)")
+            f"upgrade wsi-il to {made_with} or later (pip install -U wsi-il)",
+        )
     if fmt != FORMAT_VERSION:
         raise ProjectStateError(
             f"{path} has project format {fmt!r}; this wsi-il {__version__} reads format {FORMAT_VERSION}",
-            f"use the wsi-il version that made the project ({made_with})")
+            f"use the wsi-il version that made the project ({made_with})",
+        )
     if _major(made_with) != _major(__version__):
         raise ProjectStateError(
             f"{path} was made by wsi-il {made_with}, whose major version differs from this wsi-il {__version__}",
-            f"use wsi-il {_major(made_with)}.x for this project (pip install 'wsi-il=={_major(made_with)}.*')")
+            f"use wsi-il {_major(made_with)}.x for this project (pip install 'wsi-il=={_major(made_with)}.*')",
+        )
 
 
 def check_settings(path: Path, manifest: dict[str, Any]) -> list[str]:
@@ -157,16 +160,22 @@ def check_settings(path: Path, manifest: dict[str, Any]) -> list[str]:
             f"{path} was edited after the features were made: {'; '.join(changed[:3])}"
             + (f" and {len(changed) - 3} more" if len(changed) > 3 else ""),
             "restore the recorded values (provenance.settings in project.json); other settings need a new "
-            "project (`wsi-il init`), other weights `wsi-il reextract`")
+            "project (`wsi-il init`), other weights `wsi-il reextract`",
+        )
     recorded = record.get("versions") or {}
     now = current_versions()
-    differ = [f"{name} {recorded[name]} (now {now.get(name)})" for name in _FEATURE_VERSIONS
-              if recorded.get(name) and now.get(name) and recorded[name] != now[name]]
+    differ = [
+        f"{name} {recorded[name]} (now {now.get(name)})"
+        for name in _FEATURE_VERSIONS
+        if recorded.get(name) and now.get(name) and recorded[name] != now[name]
+    ]
     if not differ:
         return []
-    return [f"the project's features were computed with {', '.join(differ)}: features computed now (new "
-            "slides, query images) may differ slightly from the cached ones; install the recorded versions "
-            "to match them exactly"]
+    return [
+        f"the project's features were computed with {', '.join(differ)}: features computed now (new "
+        "slides, query images) may differ slightly from the cached ones; install the recorded versions "
+        "to match them exactly"
+    ]
 
 
 def _differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -185,9 +194,12 @@ def _differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str 
 def _same_weights_file(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
     """A weights file may move: the path may change while its recorded SHA-256 stays the same."""
     named = ("imagenet", "random")
-    return (recorded.get("weights") not in named and current.get("weights") not in named
-            and recorded.get("weights_sha256") is not None
-            and recorded.get("weights_sha256") == current.get("weights_sha256"))
+    return (
+        recorded.get("weights") not in named
+        and current.get("weights") not in named
+        and recorded.get("weights_sha256") is not None
+        and recorded.get("weights_sha256") == current.get("weights_sha256")
+    )
 
 
 def current_labels(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -297,24 +309,35 @@ class Project:
     def create(self, manifest: dict[str, Any]) -> None:
         """Create the folder and write its first manifest (with the versions that will make the features)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT_VERSION, "uid": uuid.uuid4().hex, "created": now_iso(),
-                    "wsi_il_version": __version__, "slides": [], **manifest}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "uid": uuid.uuid4().hex,
+            "created": now_iso(),
+            "wsi_il_version": __version__,
+            "slides": [],
+            **manifest,
+        }
         self.write_manifest(manifest)
 
     def read_manifest(self) -> dict[str, Any]:
         """Read project.json, checking that this version of wsi-il can use it."""
         path = self.manifest_path()
         if not path.is_file():
-            raise ProjectStateError(f"{self.root} is not a wsi-il project (no {MANIFEST})",
-                                    f"create one with `wsi-il init {self.root} --slide SLIDE`")
+            raise ProjectStateError(
+                f"{self.root} is not a wsi-il project (no {MANIFEST})",
+                f"create one with `wsi-il init {self.root} --slide SLIDE`",
+            )
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ProjectStateError(f"{path} cannot be read: {exc}",
-                                    "restore it from a backup; the project cannot be used without it") from exc
+            raise ProjectStateError(
+                f"{path} cannot be read: {exc}", "restore it from a backup; the project cannot be used without it"
+            ) from exc
         if not isinstance(manifest, dict) or not _REQUIRED_KEYS <= set(manifest):
-            raise ProjectStateError(f"{path} is not a wsi-il project manifest (keys missing)",
-                                    "restore it from a backup; the project cannot be used without it")
+            raise ProjectStateError(
+                f"{path} is not a wsi-il project manifest (keys missing)",
+                "restore it from a backup; the project cannot be used without it",
+            )
         _check_format(path, manifest)
         return manifest
 
@@ -334,9 +357,10 @@ class Project:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise ProjectStateError(f"{path} is damaged: {exc}",
-                                    "restore it from a backup (wsi-il writes it whole, so something else changed "
-                                    "it)") from exc
+            raise ProjectStateError(
+                f"{path} is damaged: {exc}",
+                "restore it from a backup (wsi-il writes it whole, so something else changed it)",
+            ) from exc
 
     def write_json(self, path: Path, data: Any) -> None:
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
@@ -365,8 +389,10 @@ class Project:
             except ValueError:
                 continue  # a line cut by a kill mid-write: it was never acknowledged
             if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in _LEDGER_KEYS):
-                raise ProjectStateError(f"{path} line {number} is not a label entry: {line[:80]!r}",
-                                        "restore labels.jsonl from a backup (wsi-il only ever appends to it)")
+                raise ProjectStateError(
+                    f"{path} line {number} is not a label entry: {line[:80]!r}",
+                    "restore labels.jsonl from a backup (wsi-il only ever appends to it)",
+                )
             entries.append(entry)
         return entries
 
@@ -411,8 +437,13 @@ class Project:
         if scope == "pretrain":
             self.pretrain_dir().mkdir(parents=True, exist_ok=True)
         path = self.pretrain_lock_path() if scope == "pretrain" else self.lock_path()
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": now_iso(),
-                "started": _process_start(os.getpid())}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "since": now_iso(),
+            "started": _process_start(os.getpid()),
+        }
         self._acquire(path, json.dumps(info).encode("utf-8"))
         try:
             self._remove_temporaries(self.pretrain_dir() if scope == "pretrain" else self.root)
@@ -455,8 +486,10 @@ class Project:
     def _lock_message(self, path: Path) -> str:
         try:
             other = json.loads(path.read_text())
-            return (f"{self.root} is in use by `wsi-il {other.get('command')}` (pid {other.get('pid')} "
-                    f"on {other.get('host')}, since {other.get('since')})")
+            return (
+                f"{self.root} is in use by `wsi-il {other.get('command')}` (pid {other.get('pid')} "
+                f"on {other.get('host')}, since {other.get('since')})"
+            )
         except (OSError, ValueError, AttributeError):
             return f"{self.root} is in use by another wsi-il command (lock file {path})"
 
@@ -527,8 +560,7 @@ class Project:
                 target.unlink(missing_ok=True)
 
 
-_LOCK_HINT = ("wait for it to finish, or stop it; a lock left by a command that was killed is taken over "
-              "automatically")
+_LOCK_HINT = "wait for it to finish, or stop it; a lock left by a command that was killed is taken over automatically"
 
 
 def _create_whole(path: Path, data: bytes) -> bool:

@@ -60,9 +60,14 @@ _EXPORT_HINT = "export the objects again from QuPath (File > Object data > Expor
 _AREA_HINT = "draw the query as an area (rectangle, polygon or brush) in QuPath"
 _OBJECT_TYPES = {t.lower(): t for t in ("annotation", "detection", "cell", "tile", "tmaCore", "root")}
 _OBJECT_TYPES["tma_core"] = "tmaCore"
-_LEGACY_TYPE_IDS = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
-                    "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tmaCore",
-                    "PathRootObject": "root"}
+_LEGACY_TYPE_IDS = {
+    "PathAnnotationObject": "annotation",
+    "PathDetectionObject": "detection",
+    "PathCellObject": "cell",
+    "PathTileObject": "tile",
+    "TMACoreObject": "tmaCore",
+    "PathRootObject": "root",
+}
 """QuPath 0.2 wrote the object's type as the Feature's ``id``."""
 REGION_TYPES = frozenset({"annotation"})
 """The object types that make a region (or carry a patch's label): what a pathologist draws."""
@@ -132,18 +137,14 @@ def class_color(name: str) -> Color:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_objects(
-    path: Path, offset: Offset = (0.0, 0.0), max_bytes: int = DEFAULT_MAX_BYTES
-) -> list[QuPathObject]:
+def read_objects(path: Path, offset: Offset = (0.0, 0.0), max_bytes: int = DEFAULT_MAX_BYTES) -> list[QuPathObject]:
     """Read the objects of a QuPath GeoJSON file, shifted by ``offset`` into wsi-il coordinates."""
     path = Path(path)
     root = _load_json(path, max_bytes)
     items = _guarded(path, None, _feature_items, root)
     items = _with_children(items)
     if not items:
-        raise GeoJsonError(
-            f"{path}: contains no objects", "draw or select objects in QuPath, then export again"
-        )
+        raise GeoJsonError(f"{path}: contains no objects", "draw or select objects in QuPath, then export again")
     return [_guarded(path, i, _parse_feature, item, i, offset) for i, item in enumerate(items)]
 
 
@@ -156,9 +157,10 @@ def read_region(
     detections, tiles and TMA cores that an "all objects" export carries are left out, with one warning."""
     objects, left_out = drawn_objects(read_objects(path, offset, max_bytes))
     if not objects:
-        raise GeoJsonError(f"{path}: holds no annotations, only {left_out}",
-                           "draw the region as an annotation in QuPath and export it (File > Export objects as "
-                           "GeoJSON)")
+        raise GeoJsonError(
+            f"{path}: holds no annotations, only {left_out}",
+            "draw the region as an annotation in QuPath and export it (File > Export objects as GeoJSON)",
+        )
     warnings = [f"left out {left_out} (only annotations make a region)"] if left_out else []
     areas: list[BaseGeometry] = []
     not_areas: list[str] = []
@@ -185,8 +187,9 @@ def drawn_objects(objects: list[QuPathObject]) -> tuple[list[QuPathObject], str]
     e.g. '12 cells, 3 detections'."""
     kept = [obj for obj in objects if obj.object_type in REGION_TYPES]
     left = Counter(obj.object_type for obj in objects if obj.object_type not in REGION_TYPES)
-    return kept, ", ".join(f"{n} {_TYPE_WORDS.get(kind, kind)}{'' if n == 1 else 's'}"
-                           for kind, n in sorted(left.items()))
+    return kept, ", ".join(
+        f"{n} {_TYPE_WORDS.get(kind, kind)}{'' if n == 1 else 's'}" for kind, n in sorted(left.items())
+    )
 
 
 _TYPE_WORDS = {"tmaCore": "TMA core", "root": "root object"}
@@ -217,9 +220,7 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise GeoJsonError(
-            f"{path}: cannot be read ({exc.strerror or exc})", "check the file's permissions"
-        ) from exc
+        raise GeoJsonError(f"{path}: cannot be read ({exc.strerror or exc})", "check the file's permissions") from exc
     return _gunzip(path, data, max_bytes) if data[:2] == b"\x1f\x8b" else data
 
 
@@ -238,8 +239,10 @@ def _gunzip(path: Path, data: bytes, max_bytes: int) -> bytes:
 
 def _too_big(path: Path, what: str, max_bytes: int) -> GeoJsonError:
     """Build the error for a file over the size limit."""
-    hint = ("export only the objects you need: select them in QuPath, then File > Export objects as GeoJSON "
-            "(the annotations, not thousands of detections)")
+    hint = (
+        "export only the objects you need: select them in QuPath, then File > Export objects as GeoJSON "
+        "(the annotations, not thousands of detections)"
+    )
     return GeoJsonError(f"{path}: {what} the limit of {max_bytes:,} bytes ({max_bytes / 2**20:g} MiB)", hint)
 
 
@@ -270,9 +273,7 @@ def _feature_items(root: Any) -> list[Any]:
     if isinstance(root, list):
         return root
     if not isinstance(root, dict):
-        raise _Invalid(
-            f"holds {_json_kind(root)}, not GeoJSON (a FeatureCollection, Feature or list of Features)"
-        )
+        raise _Invalid(f"holds {_json_kind(root)}, not GeoJSON (a FeatureCollection, Feature or list of Features)")
     kind = root.get("type")
     if kind == "FeatureCollection":
         features = root.get("features")
@@ -341,9 +342,7 @@ def _parse_geometry(value: Any, depth: int = 0) -> BaseGeometry:
         raise _Invalid(f"has a geometry that is {_json_kind(value)}, not a GeoJSON geometry object")
     kind = value.get("type")
     if not isinstance(kind, str) or kind not in _GEOMETRY_TYPES:
-        raise _Invalid(
-            f"has an unknown geometry type {_show(kind)}", f"use {', '.join(sorted(_GEOMETRY_TYPES))}"
-        )
+        raise _Invalid(f"has an unknown geometry type {_show(kind)}", f"use {', '.join(sorted(_GEOMETRY_TYPES))}")
     if kind == "GeometryCollection":
         geometry = _parse_collection(value.get("geometries"), depth)
     else:
@@ -384,9 +383,7 @@ def _position(value: Any) -> list[float]:
 def _positions(value: Any, minimum: int = 0) -> list[list[float]]:
     """Check a list of positions with at least ``minimum`` entries."""
     if not isinstance(value, list):
-        raise _Invalid(
-            f"expected a list of positions, got {_show(value)} (check the nesting of 'coordinates')"
-        )
+        raise _Invalid(f"expected a list of positions, got {_show(value)} (check the nesting of 'coordinates')")
     points = [_position(item) for item in value]
     if len(points) < minimum:
         raise _Invalid(f"a line has {len(points)} position(s); it needs at least {minimum}")
@@ -399,9 +396,7 @@ def _ring(value: Any) -> list[list[float]]:
     if points and points[0] != points[-1]:
         points.append(points[0])
     if len(points) < 4:
-        raise _Invalid(
-            f"a ring has {len(points)} position(s); it needs at least 4 (the first repeated at the end)"
-        )
+        raise _Invalid(f"a ring has {len(points)} position(s); it needs at least 4 (the first repeated at the end)")
     return points
 
 
@@ -439,9 +434,7 @@ def _parse_object_type(props: dict[str, Any], legacy: str | None = None) -> str:
             continue
         if isinstance(value, str) and value.lower() in _OBJECT_TYPES:
             return _OBJECT_TYPES[value.lower()]
-        raise _Invalid(
-            f"has an unknown {key} {_show(value)}", f"use one of {', '.join(_OBJECT_TYPES.values())}"
-        )
+        raise _Invalid(f"has an unknown {key} {_show(value)}", f"use one of {', '.join(_OBJECT_TYPES.values())}")
     alias = props.get("type")
     if isinstance(alias, str) and alias.lower() in _OBJECT_TYPES:
         return _OBJECT_TYPES[alias.lower()]
@@ -512,8 +505,11 @@ def _parse_metadata(value: Any) -> dict[str, str]:
     """Return QuPath's metadata map; like QuPath, keep the entries whose values are text, numbers or booleans."""
     if not isinstance(value, dict):
         return {}
-    return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()
-            if isinstance(item, str | int | float | bool)}
+    return {
+        str(key): item if isinstance(item, str) else json.dumps(item)
+        for key, item in value.items()
+        if isinstance(item, str | int | float | bool)
+    }
 
 
 def _parse_measurements(value: Any) -> dict[str, float]:
@@ -642,9 +638,7 @@ def make_feature(
         props["measurements"] = {str(key): _measurement_json(value) for key, value in measurements.items()}
     clash = sorted(set(properties or {}) & {*props, "metadata", "isLocked"})
     if clash:
-        raise ValueError(
-            f"properties {clash} would overwrite the ones make_feature writes; use its arguments"
-        )
+        raise ValueError(f"properties {clash} would overwrite the ones make_feature writes; use its arguments")
     props.update(properties or {})
     if metadata:
         props["metadata"] = {str(key): str(value) for key, value in metadata.items()}
@@ -798,9 +792,7 @@ def _union_lattice(x: np.ndarray, y: np.ndarray, width: int, height: int) -> Bas
     x0, y0 = x.min(), y.min()
     cols = np.rint((x - x0) / width).astype(np.int64)
     rows = np.rint((y - y0) / height).astype(np.int64)
-    keys = np.unique(
-        rows * (int(cols.max()) + 1) + cols
-    )  # drop duplicate patches: a coverage has no overlaps
+    keys = np.unique(rows * (int(cols.max()) + 1) + cols)  # drop duplicate patches: a coverage has no overlaps
     rows, cols = np.divmod(keys, int(cols.max()) + 1)
     left, top = x0 + cols * width, y0 + rows * height
     return shapely.coverage_union_all(shapely.box(left, top, left + width, top + height))
@@ -830,9 +822,7 @@ def _drop_collinear(area: Polygon | MultiPolygon) -> Polygon | MultiPolygon:
         after[:, 0] - coords[:, 0]
     )
     keep = cross != 0
-    simplified = shapely.polygons(
-        shapely.linearrings(coords[keep], indices=ring_of[keep]), indices=ring_polygon
-    )
+    simplified = shapely.polygons(shapely.linearrings(coords[keep], indices=ring_of[keep]), indices=ring_polygon)
     return simplified[0] if simplified.size == 1 else MultiPolygon(list(simplified))
 
 

@@ -53,8 +53,9 @@ def reader_kind() -> str:
     return "processes"
 
 
-def read_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
-                 dtype: Any = np.uint8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def read_batches(
+    make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...], dtype: Any = np.uint8
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (items (len(batch), *shape), kept (len(batch),) bool) for each batch, in order.
 
     A row whose item was not kept holds stale data. The yielded array is only valid until the next batch is
@@ -83,12 +84,14 @@ class ReaderPool:
         self.threads = reader_kind() == "threads" or workers < 2
         self.pool = None if self.threads else _ProcessPool(make_load, workers, batch_size, slot_bytes)
 
-    def read(self, batches: list[range], shape: tuple[int, ...], dtype: Any,
-             spec: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def read(
+        self, batches: list[range], shape: tuple[int, ...], dtype: Any, spec: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """As ``read_batches``, item ``i`` being ``load(spec(i))`` (``load(i)`` without ``spec``)."""
         if not batches:
             return
         if self.threads:
+
             def make_load() -> tuple[Load, Callable[[], None]]:
                 load, close = self.make_load()
                 return (load if spec is None else lambda i: load(spec(i))), close
@@ -122,8 +125,9 @@ def _item_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
-def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...],
-                    dtype: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _thread_batches(
+    make_load: MakeLoad, batches: list[range], workers: int, shape: tuple[int, ...], dtype: Any
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     load, close = make_load()
 
     def combine(items: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +144,9 @@ def _thread_batches(make_load: MakeLoad, batches: list[range], workers: int, sha
         close()
 
 
-def prefetch(load: Callable[[int], Any], batches: list[range], workers: int,
-             combine: Callable[[list[Any]], Any] = np.stack) -> Iterator[Any]:
+def prefetch(
+    load: Callable[[int], Any], batches: list[range], workers: int, combine: Callable[[list[Any]], Any] = np.stack
+) -> Iterator[Any]:
     """Yield batches of loaded tiles (stacked by default), reading the next batches while the caller computes."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: list[list[Future]] = []
@@ -174,17 +179,31 @@ class _ProcessPool:
         context = multiprocessing.get_context("fork")
         self.tasks: Any = context.Queue()
         self.results: Any = context.Queue()
-        self.workers = [context.Process(target=_work, args=(make_load, self.raw, self.tasks, self.results),
-                                        daemon=True, name=f"wsi-il-reader-{n}") for n in range(workers)]
+        self.workers = [
+            context.Process(
+                target=_work,
+                args=(make_load, self.raw, self.tasks, self.results),
+                daemon=True,
+                name=f"wsi-il-reader-{n}",
+            )
+            for n in range(workers)
+        ]
         for process in self.workers:
             process.start()
         self.next_task = 0
 
-    def _submit(self, batch: range, slot: int, shape: tuple[int, ...], dtype: np.dtype, chunk: int,
-                spec: Callable[[int], Any] | None) -> list[int]:
+    def _submit(
+        self,
+        batch: range,
+        slot: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        chunk: int,
+        spec: Callable[[int], Any] | None,
+    ) -> list[int]:
         ids = []
         for start in range(0, len(batch), chunk):
-            items = [i if spec is None else spec(i) for i in batch[start:start + chunk]]
+            items = [i if spec is None else spec(i) for i in batch[start : start + chunk]]
             self.tasks.put((self.next_task, slot, start, shape, dtype.str, items))
             ids.append(self.next_task)
             self.next_task += 1
@@ -197,21 +216,25 @@ class _ProcessPool:
             except queue.Empty:
                 stopped = [p for p in self.workers if not p.is_alive()]
                 if stopped:
-                    raise ReaderError(f"a reader process stopped (exit code {stopped[0].exitcode})",
-                                      "out of memory? run again: finished batches are kept") from None
+                    raise ReaderError(
+                        f"a reader process stopped (exit code {stopped[0].exitcode})",
+                        "out of memory? run again: finished batches are kept",
+                    ) from None
                 continue
             if error is not None:
                 raise error
             done[task] = kept
         return np.concatenate([done.pop(i) for i in ids])
 
-    def run(self, batches: list[range], shape: tuple[int, ...], dtype: np.dtype,
-            spec: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def run(
+        self, batches: list[range], shape: tuple[int, ...], dtype: np.dtype, spec: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         size = max(len(b) for b in batches)
         item = _item_bytes(shape, dtype)
         if size * item > self.slot_bytes:
-            raise ValueError(f"a batch of {size} items of {item} bytes exceeds the readers' {self.slot_bytes}-byte "
-                             "slots")
+            raise ValueError(
+                f"a batch of {size} items of {item} bytes exceeds the readers' {self.slot_bytes}-byte slots"
+            )
         depth, slots = self.depth, self.slots
         chunk = max(1, min(32, math.ceil(size / self.workers_count)))
 
@@ -224,7 +247,7 @@ class _ProcessPool:
             if k + depth < len(batches):  # into the slot of batch k - 1, which the caller is done with
                 pending.append(submit(k + depth))
             kept = self._wait(pending.pop(0), done)
-            view = self.raw[k % slots, :len(batch) * item].view(dtype).reshape(len(batch), *shape)
+            view = self.raw[k % slots, : len(batch) * item].view(dtype).reshape(len(batch), *shape)
             yield view, kept
 
     def stop(self, abort: bool) -> None:
@@ -252,7 +275,7 @@ def _work(make_load: MakeLoad, raw: np.ndarray, tasks: Any, results: Any) -> Non
     results.cancel_join_thread()  # a worker ended early must not wait for the parent to read its last reports
     try:
         load, close = make_load()
-    except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+    except Exception as exc:
         task = tasks.get()
         results.put((task[0] if task else -1, None, _portable(exc)))
         return
@@ -262,7 +285,7 @@ def _work(make_load: MakeLoad, raw: np.ndarray, tasks: Any, results: Any) -> Non
             number, slot, start, shape, dtype, items = task
             try:
                 size = _item_bytes(shape, np.dtype(dtype))
-                rows = raw[slot, start * size:(start + len(items)) * size].view(dtype).reshape(len(items), *shape)
+                rows = raw[slot, start * size : (start + len(items)) * size].view(dtype).reshape(len(items), *shape)
                 kept = np.zeros(len(items), bool)
                 for row, spec in enumerate(items):
                     item = load(spec)
@@ -270,7 +293,7 @@ def _work(make_load: MakeLoad, raw: np.ndarray, tasks: Any, results: Any) -> Non
                         rows[row] = item
                         kept[row] = True
                 results.put((number, kept, None))
-            except Exception as exc:  # noqa: BLE001 - sent to the parent, which raises it
+            except Exception as exc:
                 results.put((number, None, _portable(exc)))
     finally:
         close()
@@ -294,6 +317,6 @@ def _portable(exc: Exception) -> Exception:
         try:
             pickle.dumps(exc)
             return exc
-        except Exception:  # noqa: BLE001, S110 - its text is sent instead
+        except Exception:
             pass
     return RuntimeError(f"{type(exc).__name__}: {exc}")

@@ -27,8 +27,9 @@ from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project
 
 
-def reextract(project: Project, weights: Weights, arch: str, reporter: Reporter, device: str,
-              workers: int | None = None) -> dict[str, Any]:
+def reextract(
+    project: Project, weights: Weights, arch: str, reporter: Reporter, device: str, workers: int | None = None
+) -> dict[str, Any]:
     """Compute every slide's features with ``weights``, switch the project to them, retrain the heads."""
     manifest = project.read_manifest()
     finish_switch(project, manifest)
@@ -57,12 +58,17 @@ def reextract(project: Project, weights: Weights, arch: str, reporter: Reporter,
 
 def target_features(manifest: dict[str, Any], weights: Weights, arch: str) -> dict[str, Any]:
     """The feature settings of the project once switched to ``weights``."""
-    return {**manifest["features"], "arch": arch, "weights_sha256": weights.sha256,
-            "weights": weights.source if weights.kind == "file" else weights.kind}
+    return {
+        **manifest["features"],
+        "arch": arch,
+        "weights_sha256": weights.sha256,
+        "weights": weights.source if weights.kind == "file" else weights.kind,
+    }
 
 
-def stage_features(project: Project, weights: Weights, arch: str, reporter: Reporter, device: str,
-                   workers: int | None = None) -> None:
+def stage_features(
+    project: Project, weights: Weights, arch: str, reporter: Reporter, device: str, workers: int | None = None
+) -> None:
     """Compute every slide's features with ``weights`` into ``pretrain/staged/``, without the project lock.
 
     Hold the pretraining lock. Resumable; the current features are not touched. ``reextract`` (under the project
@@ -124,8 +130,7 @@ def _drop_staged(project: Project, manifest: dict[str, Any]) -> None:
         project.next_progress_path(record.id).unlink(missing_ok=True)
 
 
-def _save_block(project: Project, model, staged: bool,  # type: ignore[no-untyped-def]
-                trainable: str = "last") -> None:
+def _save_block(project: Project, model, staged: bool, trainable: str = "last") -> None:
     import torch
 
     buffer = io.BytesIO()
@@ -154,8 +159,10 @@ def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None
         elif query.get("images") and all(Path(p).is_file() for p in query["images"]):
             features = extract_query_images(ctx, [Path(p) for p in query["images"]])
         else:
-            reporter.warn(f"session {session['id']}: its query images are gone; its query patches are left out "
-                          "of training from now on")
+            reporter.warn(
+                f"session {session['id']}: its query images are gone; its query patches are left out "
+                "of training from now on"
+            )
             features = np.zeros((0, *ctx.store.shape), dtype=np.float16)
         project.write_array(project.query_features_path(session["id"]), features.astype(np.float16))
     if project.read_ledger() or list_sessions(project):
@@ -170,4 +177,3 @@ def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None
         project.write_json(project.session_path(session["id"]), session)
         if batch:
             reporter.info(f"batch {batch} was drawn again with the new features (labels given so far kept)")
-

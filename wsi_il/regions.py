@@ -14,8 +14,12 @@ def fraction_inside(boxes: np.ndarray, region: BaseGeometry) -> np.ndarray:
     if len(boxes) == 0 or region.is_empty:
         return out
     minx, miny, maxx, maxy = region.bounds
-    near = np.flatnonzero((boxes[:, 0] < maxx) & (boxes[:, 0] + boxes[:, 2] > minx)
-                          & (boxes[:, 1] < maxy) & (boxes[:, 1] + boxes[:, 3] > miny))
+    near = np.flatnonzero(
+        (boxes[:, 0] < maxx)
+        & (boxes[:, 0] + boxes[:, 2] > minx)
+        & (boxes[:, 1] < maxy)
+        & (boxes[:, 1] + boxes[:, 3] > miny)
+    )
     if len(near) == 0:
         return out
     b = boxes[near]
@@ -26,8 +30,7 @@ def fraction_inside(boxes: np.ndarray, region: BaseGeometry) -> np.ndarray:
     whole = shapely.contains_properly(region, squares)
     edge = np.flatnonzero(~whole & shapely.intersects(region, squares))
     share = whole.astype(np.float64)
-    share[edge] = shapely.area(shapely.intersection(squares[edge], region)) / np.maximum(
-        b[edge, 2] * b[edge, 3], 1e-9)
+    share[edge] = shapely.area(shapely.intersection(squares[edge], region)) / np.maximum(b[edge, 2] * b[edge, 3], 1e-9)
     out[near] = share
     return out
 

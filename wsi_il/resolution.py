@@ -25,10 +25,11 @@ def target_mpp(mpp: float | None, magnification: float | None) -> float | None:
     if magnification is not None and not magnification > 0:
         raise InputError(f"--magnification {magnification} is not positive", "e.g. --magnification 20")
     from_magnification = None if magnification is None else MAGNIFICATION_MPP / magnification
-    if mpp is not None and from_magnification is not None and not math.isclose(mpp, from_magnification,
-                                                                                rel_tol=0.01):
-        raise InputError(f"--mpp {mpp} and --magnification {magnification} ({from_magnification:g} µm/px) disagree",
-                         "give one of them")
+    if mpp is not None and from_magnification is not None and not math.isclose(mpp, from_magnification, rel_tol=0.01):
+        raise InputError(
+            f"--mpp {mpp} and --magnification {magnification} ({from_magnification:g} µm/px) disagree",
+            "give one of them",
+        )
     return mpp if mpp is not None else from_magnification
 
 
@@ -54,10 +55,12 @@ def slide_mpp(record: dict[str, Any]) -> float | None:
 def check_slide_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
     """Refuse a slide without a pixel size in a project that tiles at a physical resolution."""
     if tiling.get("target_mpp") and record.get("kind") == "slide" and slide_mpp(record) is None:
-        raise InputError(f"slide {record['path']} records no pixel size (µm/px), and tiles are to be read at "
-                         f"{tiling['target_mpp']:g} µm/px",
-                         "give its pixel size with --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan; the scanner's "
-                         "report or the file's metadata says it)")
+        raise InputError(
+            f"slide {record['path']} records no pixel size (µm/px), and tiles are to be read at "
+            f"{tiling['target_mpp']:g} µm/px",
+            "give its pixel size with --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan; the scanner's "
+            "report or the file's metadata says it)",
+        )
 
 
 def level0_tile_px(tiling: Any, mpp: float | None) -> int:
@@ -65,8 +68,10 @@ def level0_tile_px(tiling: Any, mpp: float | None) -> int:
     if not tiling.target_mpp:
         return int(tiling.tile_size_px)
     if mpp is None:
-        raise InputError(f"tiles are read at {tiling.target_mpp:g} µm/px and a slide records no pixel size",
-                         "give it with --slide-mpp")
+        raise InputError(
+            f"tiles are read at {tiling.target_mpp:g} µm/px and a slide records no pixel size",
+            "give it with --slide-mpp",
+        )
     return max(1, round(tiling.tile_size_px * tiling.target_mpp / mpp))
 
 

@@ -117,7 +117,6 @@ def suggestion_is_uncertain(probability: float | None) -> bool:
     return probability is not None and probability < UNCERTAIN_BELOW
 
 
-
 def accepted_labels(info: BatchInfo) -> list[str]:
     """List the labels an expert may write: class names, binary answers, then ``skip``."""
     return [*info.classes, *_BINARY_SHOWN, SKIP]
@@ -199,8 +198,9 @@ def write_batch(
             atomic_write_text(folder / LABELS_CSV, _labels_csv_text(info, patches, names), sync_dir=False)
         _write_batch_geojson(folder / BATCH_GEOJSON, info, patches, offsets or {})
         with_context = contexts is not None and any(c is not None for c in contexts)
-        atomic_write_text(folder / README, _readme_text(folder, info, patches, project_hint, with_context),
-                          sync_dir=False)
+        atomic_write_text(
+            folder / README, _readme_text(folder, info, patches, project_hint, with_context), sync_dir=False
+        )
     finally:
         futures.wait(writes)  # none outlives the call: a caller may remove the folder after an error
     for write in writes:
@@ -278,8 +278,9 @@ def _png_bytes(image: Image.Image, level: int = PNG_COMPRESS_LEVEL) -> bytes:
     return buffer.getvalue()
 
 
-def _write_pngs(folder: Path, sheet: Image.Image, names: list[str], images: list[Image.Image]
-                ) -> list[futures.Future[None]]:
+def _write_pngs(
+    folder: Path, sheet: Image.Image, names: list[str], images: list[Image.Image]
+) -> list[futures.Future[None]]:
     """Start encoding and writing the contact sheet and each image as ``folder / name`` on every core (PIL's
     encoder, zlib and the writes leave the interpreter lock free). The sheet's stripes go first (``wsi_il.png``:
     its compression shared by every core), then its assembly and write, then one task a patch, which overlaps one
@@ -291,13 +292,16 @@ def _write_pngs(folder: Path, sheet: Image.Image, names: list[str], images: list
 
     pool = core_threads()
     rgb = np.asarray(sheet.convert("RGB"))
-    stripes = [pool.submit(png.encode_stripe, rgb, start, stop, SHEET_COMPRESS_LEVEL)
-               for start, stop in png.stripe_bounds(rgb.shape[0], default_workers())]
+    stripes = [
+        pool.submit(png.encode_stripe, rgb, start, stop, SHEET_COMPRESS_LEVEL)
+        for start, stop in png.stripe_bounds(rgb.shape[0], default_workers())
+    ]
     # The sheet's task comes after its stripes in the queue, so it only ever waits for stripes already running.
     writes = [pool.submit(_write_sheet, folder / CONTACT_SHEET, sheet.size, stripes)]
     # Each task gets its own RGB copy: no image is shared with this thread or another task.
-    return writes + [pool.submit(_write_png, folder / name, image.convert("RGB"))
-                     for name, image in zip(names, images, strict=True)]
+    return writes + [
+        pool.submit(_write_png, folder / name, image.convert("RGB")) for name, image in zip(names, images, strict=True)
+    ]
 
 
 def _write_sheet(path: Path, size: tuple[int, int], stripes: list[futures.Future[Any]]) -> None:
@@ -342,8 +346,11 @@ def _write_batch_geojson(
 
     features = []
     for n, patch in enumerate(patches, start=1):
-        tag = {"wsi_il.batch": info.batch_id, "wsi_il.patch_id": patch.patch_id,
-               "wsi_il.n": patch_number(n, len(patches))}
+        tag = {
+            "wsi_il.batch": info.batch_id,
+            "wsi_il.patch_id": patch.patch_id,
+            "wsi_il.n": patch_number(n, len(patches)),
+        }
         if patch.suggestion is not None:
             tag["wsi_il.suggestion"] = f"{patch.suggestion} ({suggestion_certainty(patch)})"
         features.append(
@@ -390,21 +397,29 @@ def _batch_json_text(info: BatchInfo, patches: list[BatchPatch]) -> str:
     return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
 
 
-def _readme_text(folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str,
-                 with_context: bool = False) -> str:
+def _readme_text(
+    folder: Path, info: BatchInfo, patches: list[BatchPatch], project_hint: str, with_context: bool = False
+) -> str:
     labels = ", ".join(accepted_labels(info))
     negative = _negative_label(info)
-    shown = (" inside its surroundings (3 x 3 patches read from the slide, the patch itself outlined in cyan)"
-             if with_context else "")
+    shown = (
+        " inside its surroundings (3 x 3 patches read from the slide, the patch itself outlined in cyan)"
+        if with_context
+        else ""
+    )
     sheet = textwrap.fill(
         f"Open {CONTACT_SHEET}: it shows every patch{shown}, with its number (NN, the column n of {LABELS_CSV}), "
         "its full patch id and the model's suggestion where it has one; the single patches, at full resolution, "
-        "are the NN_<patch_id>.png files.", _README_WIDTH)
+        "are the NN_<patch_id>.png files.",
+        _README_WIDTH,
+    )
     hint = textwrap.fill(
         f"The model's suggestion is only a hint. Where its probability is below {UNCERTAIN_BELOW:.2f} it is close to "
         f'a coin toss: the sheet then writes "model uncertain: <class>? <probability>" in grey, and {LABELS_CSV} '
         f'says "{UNCERTAIN}" in its column suggestion_certainty ("{CONFIDENT}" otherwise). Judge those patches '
-        "yourself rather than copy the suggestion. Then either", _README_WIDTH)
+        "yourself rather than copy the suggestion. Then either",
+        _README_WIDTH,
+    )
     return f"""\
 wsi-il review batch {info.batch_id}
 Session {info.session}, round {info.round} of {info.rounds}: looking for "{info.query_label}".
@@ -522,9 +537,7 @@ def _read_head(path: Path, max_bytes: int) -> bytes:
     try:
         size = path.stat().st_size
         if not path.is_file():
-            raise LabelsError(
-                f"{path} is not a file", "give the labels.csv or the GeoJSON exported from QuPath"
-            )
+            raise LabelsError(f"{path} is not a file", "give the labels.csv or the GeoJSON exported from QuPath")
         with path.open("rb") as handle:
             head = handle.read(64)
     except FileNotFoundError as exc:
@@ -533,8 +546,7 @@ def _read_head(path: Path, max_bytes: int) -> bytes:
         raise LabelsError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if size > max_bytes:
         raise LabelsError(
-            f"{path.name} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.1f} MiB a labels file "
-            "may have",
+            f"{path.name} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.1f} MiB a labels file may have",
             "give the labels.csv of the batch or the GeoJSON exported from QuPath",
         )
     return head
@@ -580,9 +592,7 @@ def _csv_records(path: Path) -> list[list[str]]:
         raise LabelsError(f"{path.name} is not a readable CSV file: {exc}", _CSV_HINT) from exc
 
 
-_CSV_HINT = (
-    "save the sheet again as CSV (comma, semicolon or tab separated) with the columns patch_id and label"
-)
+_CSV_HINT = "save the sheet again as CSV (comma, semicolon or tab separated) with the columns patch_id and label"
 
 
 def _decode(data: bytes) -> str:
@@ -683,9 +693,7 @@ def _check_batch_column(path: Path, rows: list[_Row], info: BatchInfo) -> None:
             )
 
 
-def _labels_by_patch(
-    path: Path, rows: list[_Row], info: BatchInfo, patches: list[BatchPatch]
-) -> dict[str, str | None]:
+def _labels_by_patch(path: Path, rows: list[_Row], info: BatchInfo, patches: list[BatchPatch]) -> dict[str, str | None]:
     known = {p.patch_id for p in patches}
     if rows and not any(row.patch_id in known for row in rows):
         raise LabelsError(
@@ -725,8 +733,9 @@ def _check_filled(path: Path, labels: dict[str, str | None], patches: list[Batch
         )
 
 
-def _filled(path: Path, labels: dict[str, str | None], patches: list[BatchPatch],
-            allow_empty: bool = False) -> dict[str, str]:
+def _filled(
+    path: Path, labels: dict[str, str | None], patches: list[BatchPatch], allow_empty: bool = False
+) -> dict[str, str]:
     """Return the filled labels in batch order; raise when there are none (unless ``allow_empty``)."""
     filled: dict[str, str] = {}
     for patch in patches:

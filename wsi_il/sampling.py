@@ -66,8 +66,9 @@ def sample_entropy(probabilities: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-entropy, kind="stable")[: min(k, len(entropy))].astype(np.int64)
 
 
-def sample(strategy: str, k: int, m: int, rng: np.random.Generator,
-           probabilities: np.ndarray | None, positive_class: int) -> tuple[np.ndarray, str]:
+def sample(
+    strategy: str, k: int, m: int, rng: np.random.Generator, probabilities: np.ndarray | None, positive_class: int
+) -> tuple[np.ndarray, str]:
     """Pick K positions of a ranked list of M with ``strategy``; returns them and the rule applied.
 
     ``probabilities`` (M, C) are the previous round's classifier predictions for the ranked list,

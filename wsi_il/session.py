@@ -62,8 +62,10 @@ class Context:
     def class_index(self, name: str) -> int:
         lowered = [c.lower() for c in self.classes]
         if name.lower() not in lowered:
-            raise InputError(f"label {name!r} is not one of the project's classes: {', '.join(self.classes)}",
-                             "pick one of them with --label")
+            raise InputError(
+                f"label {name!r} is not one of the project's classes: {', '.join(self.classes)}",
+                "pick one of them with --label",
+            )
         return lowered.index(name.lower())
 
     def offsets(self) -> dict[str, tuple[float, float]]:
@@ -92,18 +94,24 @@ def open_context(project: Project, device: str, reporter: Reporter) -> Context:
         reporter.warn(warning)
     unfinished = [s["id"] for s in manifest["slides"] if features_pending(s)]
     if unfinished or not manifest["slides"]:
-        raise ProjectStateError(f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
-                                f"run `wsi-il init {project.root}` again to finish them")
+        raise ProjectStateError(
+            f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
+            f"run `wsi-il init {project.root}` again to finish them",
+        )
     try:
         table = patch_table(project, manifest)
         store = FeatureStore(project, manifest)
     except (ValueError, EOFError) as exc:  # numpy's words for a cut or overwritten .npy file
-        raise ProjectStateError(f"the patch or feature cache of {project.root} is damaged ({exc})",
-                                "restore the project folder from a backup (wsi-il writes these files whole or "
-                                "resumably, so something else changed them)") from exc
+        raise ProjectStateError(
+            f"the patch or feature cache of {project.root} is damaged ({exc})",
+            "restore the project folder from a backup (wsi-il writes these files whole or "
+            "resumably, so something else changed them)",
+        ) from exc
     if len(store) != len(table):
-        raise ProjectStateError(f"the feature cache of {project.root} holds {len(store)} patches, its patch table "
-                                f"{len(table)}", "restore the project folder from a backup")
+        raise ProjectStateError(
+            f"the feature cache of {project.root} holds {len(store)} patches, its patch table {len(table)}",
+            "restore the project folder from a backup",
+        )
     return Context(project, manifest, table, store, device, reporter)
 
 
@@ -119,15 +127,20 @@ def load_tensors(path: Path) -> dict[str, Any]:
     import torch
 
     if not path.is_file():
-        raise ProjectStateError(f"{path} is missing", "restore the project folder from a backup; "
-                                "a model file is only ever replaced whole")
-    hint = ("it was replaced or damaged outside wsi-il: restore it from a backup, or delete it and ingest the "
-            "last batch again")
+        raise ProjectStateError(
+            f"{path} is missing", "restore the project folder from a backup; a model file is only ever replaced whole"
+        )
+    hint = (
+        "it was replaced or damaged outside wsi-il: restore it from a backup, or delete it and ingest the "
+        "last batch again"
+    )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ProjectStateError(f"{path} holds pickled Python objects, not plain tensors: it was not loaded "
-                                "(wsi-il writes only tensors)", hint) from exc
+        raise ProjectStateError(
+            f"{path} holds pickled Python objects, not plain tensors: it was not loaded (wsi-il writes only tensors)",
+            hint,
+        ) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().split("\n")[0] or type(exc).__name__
         raise ProjectStateError(f"{path} is damaged and was not loaded ({first[:160]})", hint) from exc
@@ -144,9 +157,11 @@ def _load_model(ctx: Context, model_id: str) -> dict[str, Any]:
     path = ctx.project.model_path(model_id)
     data = load_tensors(path)
     if data.get("classes") not in (None, ctx.classes):
-        raise ProjectStateError(f"{path} was trained for the classes {', '.join(map(str, data['classes']))}, "
-                                f"not this project's {', '.join(ctx.classes)}",
-                                "restore the model file that belongs to this project")
+        raise ProjectStateError(
+            f"{path} was trained for the classes {', '.join(map(str, data['classes']))}, "
+            f"not this project's {', '.join(ctx.classes)}",
+            "restore the model file that belongs to this project",
+        )
     return data
 
 
@@ -175,8 +190,9 @@ def current_embeddings(ctx: Context) -> np.ndarray:
     retrieval = model["retrieval"] if model else pretrained_retrieval(init)
     stems = _stem_cache(ctx, retrieval, init) if model is None or model.get("frozen_stem") else None
     advance = ctx.reporter.task(_pass_title("embedding the database", stems), len(ctx.store))
-    embeddings = embed(retrieval, init, _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance), len(ctx.store),
-                       ctx.device, stems)
+    embeddings = embed(
+        retrieval, init, _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance), len(ctx.store), ctx.device, stems
+    )
     if stems is not None:
         stems.finish()
     ctx.project.write_array(path, embeddings)
@@ -193,15 +209,14 @@ def _stem_cache(ctx: Context, block_state: dict[str, Any], init: dict[str, Any])
     settings = from_dict(TrainSettings, ctx.manifest["train"])
     if not (settings.fast_frozen_conv1 and resolve_schedule(settings, ctx.device) == "fast" and single_block(init)):
         return None
-    return ProjectStems(ctx.project, stem_key(block_state, ctx.project, ctx.manifest), len(ctx.store),
-                        ctx.store.shape)
+    return ProjectStems(ctx.project, stem_key(block_state, ctx.project, ctx.manifest), len(ctx.store), ctx.store.shape)
 
 
 def _pass_title(title: str, stems: ProjectStems | None) -> str:
     return title if stems is None or stems.complete else f"{title} (caching the frozen stem)"
 
 
-def _counted(chunks, advance):  # type: ignore[no-untyped-def]
+def _counted(chunks, advance):
     for start, block in chunks:
         yield start, block
         advance(len(block))
@@ -221,8 +236,14 @@ def current_predictions(ctx: Context) -> np.ndarray | None:
             return cached
     classifier = _load_model(ctx, state["model"])["classifier"]
     advance = ctx.reporter.task("predicting the database", len(ctx.store))
-    predictions = predict(classifier, _init_state(ctx), len(ctx.classes),
-                          _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance), len(ctx.store), ctx.device)
+    predictions = predict(
+        classifier,
+        _init_state(ctx),
+        len(ctx.classes),
+        _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance),
+        len(ctx.store),
+        ctx.device,
+    )
     ctx.project.write_array(path, predictions)
     ctx.project.write_json(ctx.project.state_path(), {**_state(ctx), "predictions": state["model"]})
     return predictions
@@ -232,8 +253,10 @@ def require_predictions(ctx: Context) -> np.ndarray:
     """Return the current classifier's predictions, refusing when no classifier exists yet."""
     predictions = current_predictions(ctx)
     if predictions is None:
-        raise ProjectStateError("no classifier has been trained yet",
-                                f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)")
+        raise ProjectStateError(
+            "no classifier has been trained yet",
+            f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)",
+        )
     return predictions
 
 
@@ -284,32 +307,41 @@ def query_from_region(ctx: Context, region_path: Path, slide_id: str | None) -> 
     slides = [s for s in ctx.table.slides if s.kind == "slide"]
     if slide_id is None:
         if len(slides) != 1:
-            raise InputError(f"the project has {len(slides)} slides; say which one the region was drawn on",
-                             f"add --slide with one of: {', '.join(s.id for s in slides)}")
+            raise InputError(
+                f"the project has {len(slides)} slides; say which one the region was drawn on",
+                f"add --slide with one of: {', '.join(s.id for s in slides)}",
+            )
         slide = slides[0]
     else:
         matches = [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
         if not matches:
-            raise InputError(f"slide {slide_id!r} is not in the project",
-                             f"use one of: {', '.join(s.id for s in slides)}")
+            raise InputError(
+                f"slide {slide_id!r} is not in the project", f"use one of: {', '.join(s.id for s in slides)}"
+            )
         slide = matches[0]
     region, warnings = read_region(region_path, offset=slide.offset, max_bytes=REGION_MAX_BYTES)
     minx, miny, maxx, maxy = region.bounds
     if maxx <= 0 or maxy <= 0 or minx >= slide.width or miny >= slide.height:
-        raise InputError(f"{region_path}: the region ({minx:.0f}, {miny:.0f})-({maxx:.0f}, {maxy:.0f}) lies "
-                         f"outside slide {slide.id} ({slide.width} x {slide.height} px)",
-                         "export the annotation from the same image in QuPath, or pick the slide with --slide")
+        raise InputError(
+            f"{region_path}: the region ({minx:.0f}, {miny:.0f})-({maxx:.0f}, {maxy:.0f}) lies "
+            f"outside slide {slide.id} ({slide.width} x {slide.height} px)",
+            "export the annotation from the same image in QuPath, or pick the slide with --slide",
+        )
     indices = ctx.table.of_slide(slide.id)
     inside = indices[patches_inside(ctx.table.boxes[indices], region)]
     if len(inside) == 0 and region.difference(box(0, 0, slide.width, slide.height)).area > region.area / 2:
-        raise InputError(f"{region_path}: no tissue patch of slide {slide.id} lies inside the region, and most of "
-                         f"the region lies outside the slide ({slide.width} x {slide.height} px): was it drawn on "
-                         "another slide?", "export the annotation from the same image in QuPath, or pick the slide "
-                         "with --slide")
+        raise InputError(
+            f"{region_path}: no tissue patch of slide {slide.id} lies inside the region, and most of "
+            f"the region lies outside the slide ({slide.width} x {slide.height} px): was it drawn on "
+            "another slide?",
+            "export the annotation from the same image in QuPath, or pick the slide with --slide",
+        )
     if len(inside) == 0:
-        raise InputError(f"{region_path}: no tissue patch of slide {slide.id} lies at least 50% inside the region",
-                         "draw a larger region over tissue (a patch is "
-                         f"{int(ctx.table.boxes[indices[0], 2]) if len(indices) else 0} px wide)")
+        raise InputError(
+            f"{region_path}: no tissue patch of slide {slide.id} lies at least 50% inside the region",
+            "draw a larger region over tissue (a patch is "
+            f"{int(ctx.table.boxes[indices[0], 2]) if len(indices) else 0} px wide)",
+        )
     return inside, slide.id, warnings
 
 
@@ -318,8 +350,10 @@ def query_from_patch_ids(ctx: Context, patch_ids: list[str]) -> np.ndarray:
     index = ctx.table.index_of()
     unknown = [p for p in patch_ids if p not in index]
     if unknown:
-        raise InputError(f"patch ids not in the project: {', '.join(unknown[:5])}",
-                         "take ids from a batch's labels.csv or `wsi-il status --json`")
+        raise InputError(
+            f"patch ids not in the project: {', '.join(unknown[:5])}",
+            "take ids from a batch's labels.csv or `wsi-il status --json`",
+        )
     return np.array([index[p] for p in patch_ids], dtype=np.int64)
 
 
@@ -348,13 +382,25 @@ def _check_image_size(path: Path) -> None:
     except (OSError, UnidentifiedImageError, ValueError):
         return  # load_image says what is wrong with it
     if width * height > QUERY_IMAGE_MAX_PX:
-        raise InputError(f"{path} is {width} x {height} px, more than a query image may have "
-                         f"({QUERY_IMAGE_MAX_PX / 1e6:g} megapixels)", hint)
+        raise InputError(
+            f"{path} is {width} x {height} px, more than a query image may have "
+            f"({QUERY_IMAGE_MAX_PX / 1e6:g} megapixels)",
+            hint,
+        )
 
 
-def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_indices: np.ndarray | None = None,
-                  query_features: np.ndarray | None = None, source: str = "", slide: str | None = None,
-                  abandon: bool = False, images: list[str] | None = None) -> RoundResult:
+def start_session(
+    ctx: Context,
+    label: str,
+    settings: SessionSettings,
+    *,
+    query_indices: np.ndarray | None = None,
+    query_features: np.ndarray | None = None,
+    source: str = "",
+    slide: str | None = None,
+    abandon: bool = False,
+    images: list[str] | None = None,
+) -> RoundResult:
     """Start a query session and write its first review batch."""
     started = time.perf_counter()
     project = ctx.project
@@ -366,7 +412,8 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
             raise ProjectStateError(
                 f"session {open_session['id']} is waiting for the labels of batch {batch}",
                 f"ingest them with `wsi-il ingest {project.root} {project.batch_dir(batch)}/labels.csv`, "
-                f"or end that session with `wsi-il end {project.root}` (or pass --abandon)")
+                f"or end that session with `wsi-il end {project.root}` (or pass --abandon)",
+            )
     ids: list[str] = []
     if query_indices is not None:
         ids = [ctx.table.ids[i] for i in query_indices]
@@ -375,11 +422,25 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
         raise InputError("the query is empty", "give a region, patch ids or query images")
     session_id = f"s{len(list_sessions(project)) + 1}"
     q = _embed_features(ctx, query_features).mean(axis=0)
-    session = {"id": session_id, "label": ctx.classes[label_index], "strategy": settings.strategy,
-               "k": settings.k, "rounds": settings.rounds, "round": 1, "state": "reviewing",
-               "query": {"source": source, "slide": slide, "patch_ids": ids, "n": int(len(query_features)),
-                         "images": images or []},
-               "q": q.tolist(), "created": now_iso(), "history": []}
+    session = {
+        "id": session_id,
+        "label": ctx.classes[label_index],
+        "strategy": settings.strategy,
+        "k": settings.k,
+        "rounds": settings.rounds,
+        "round": 1,
+        "state": "reviewing",
+        "query": {
+            "source": source,
+            "slide": slide,
+            "patch_ids": ids,
+            "n": int(len(query_features)),
+            "images": images or [],
+        },
+        "q": q.tolist(),
+        "created": now_iso(),
+        "history": [],
+    }
     rule = _write_next_batch(ctx, session)
     session["history"][-1]["seconds"] = round(time.perf_counter() - started, 3)
     # Nothing is recorded before the batch is written: a refusal or a kill up to here leaves the project as it
@@ -390,8 +451,16 @@ def start_session(ctx: Context, label: str, settings: SessionSettings, *, query_
     project.write_array(project.query_features_path(session_id), query_features.astype(np.float16))
     project.write_json(project.session_path(session_id), session)
     batch_dir = project.batch_dir(f"{session_id}-r1")
-    return RoundResult(session_id, 1, settings.rounds, batch_dir, rule, time.perf_counter() - started, True,
-                       f"session {session_id} started with {len(query_features)} query patches")
+    return RoundResult(
+        session_id,
+        1,
+        settings.rounds,
+        batch_dir,
+        rule,
+        time.perf_counter() - started,
+        True,
+        f"session {session_id} started with {len(query_features)} query patches",
+    )
 
 
 def end_session(project: Project) -> str:
@@ -404,8 +473,10 @@ def end_session(project: Project) -> str:
     session["state"] = "ended"
     session["ended"] = now_iso()
     project.write_json(project.session_path(session["id"]), session)
-    return (f"session {session['id']} ended after {session['round'] - 1} of {session['rounds']} rounds; "
-            f"batch {batch} was closed unlabelled")
+    return (
+        f"session {session['id']} ended after {session['round'] - 1} of {session['rounds']} rounds; "
+        f"batch {batch} was closed unlabelled"
+    )
 
 
 def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
@@ -418,20 +489,30 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
     seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
     candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
     if len(candidates) == 0:
-        raise ProjectStateError("every patch of the project has been reviewed",
-                                f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`")
+        raise ProjectStateError(
+            "every patch of the project has been reviewed",
+            f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
+        )
     ranked, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), candidates)
     seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
     rng = np.random.default_rng(seed)
     probs = predictions[ranked] if predictions is not None else None
-    positions, rule = sample(session["strategy"], session["k"], len(ranked), rng, probs,
-                             ctx.class_index(session["label"]))
+    positions, rule = sample(
+        session["strategy"], session["k"], len(ranked), rng, probs, ctx.class_index(session["label"])
+    )
     chosen = ranked[positions]
     batch_id = f"{session['id']}-r{session['round']}"
     _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule)
-    session["history"].append({"round": session["round"], "batch": batch_id, "rule": rule,
-                               "written": now_iso(), "candidates": int(len(ranked)),
-                               "features": features_name(ctx.manifest["features"])})
+    session["history"].append(
+        {
+            "round": session["round"],
+            "batch": batch_id,
+            "rule": rule,
+            "written": now_iso(),
+            "candidates": int(len(ranked)),
+            "features": features_name(ctx.manifest["features"]),
+        }
+    )
     return rule
 
 
@@ -467,8 +548,15 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
     shutil.rmtree(old, ignore_errors=True)
     os.replace(folder, old)
     _finish_swap(folder)
-    entry.update({"rule": fresh[0], "features": features_name(ctx.manifest["features"]), "redrawn": now_iso(),
-                  "kept_labels": len(answers), "candidates": fresh[1]})
+    entry.update(
+        {
+            "rule": fresh[0],
+            "features": features_name(ctx.manifest["features"]),
+            "redrawn": now_iso(),
+            "kept_labels": len(answers),
+            "candidates": fresh[1],
+        }
+    )
     return batch_id
 
 
@@ -491,8 +579,14 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
     drawn, rule = np.zeros(0, dtype=np.int64), str(entry.get("rule", session["strategy"]))
     if session["k"] > len(kept) and len(rest):
-        drawn, rule = sample(session["strategy"], session["k"] - len(kept), len(rest), np.random.default_rng(seed),
-                             predictions[rest] if predictions is not None else None, ctx.class_index(session["label"]))
+        drawn, rule = sample(
+            session["strategy"],
+            session["k"] - len(kept),
+            len(rest),
+            np.random.default_rng(seed),
+            predictions[rest] if predictions is not None else None,
+            ctx.class_index(session["label"]),
+        )
     chosen = np.concatenate([kept, rest[drawn]]).astype(np.int64)
     place = {int(i): n for n, i in enumerate(ranked.tolist())}
     positions = np.array([place.get(int(i), 0) for i in chosen], dtype=np.int64)
@@ -500,8 +594,12 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     shutil.rmtree(fresh, ignore_errors=True)
     _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule, folder=fresh)
     new_info, new_patches = read_batch(fresh)
-    write_answers(fresh, new_info, new_patches, {pid: "no" if label.startswith(NOT_PREFIX) else label
-                                                 for pid, label in answers.items()})
+    write_answers(
+        fresh,
+        new_info,
+        new_patches,
+        {pid: "no" if label.startswith(NOT_PREFIX) else label for pid, label in answers.items()},
+    )
     return rule, int(len(ranked))
 
 
@@ -518,15 +616,29 @@ def _finish_swap(folder: Path) -> None:
         shutil.rmtree(fresh, ignore_errors=True)
 
 
-def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, chosen: np.ndarray,
-                       positions: np.ndarray, predictions: np.ndarray | None, rule: str,
-                       folder: Path | None = None) -> None:
+def _write_batch_files(
+    ctx: Context,
+    session: dict[str, Any],
+    batch_id: str,
+    chosen: np.ndarray,
+    positions: np.ndarray,
+    predictions: np.ndarray | None,
+    rule: str,
+    folder: Path | None = None,
+) -> None:
     from wsi_il.features import core_threads
     from wsi_il.slide import TileReader
 
-    info = BatchInfo(batch_id=batch_id, project_uid=ctx.manifest["uid"], session=session["id"],
-                     round=session["round"], rounds=session["rounds"], query_label=session["label"],
-                     classes=tuple(ctx.classes), strategy=rule)
+    info = BatchInfo(
+        batch_id=batch_id,
+        project_uid=ctx.manifest["uid"],
+        session=session["id"],
+        round=session["round"],
+        rounds=session["rounds"],
+        query_label=session["label"],
+        classes=tuple(ctx.classes),
+        strategy=rule,
+    )
     patches = []
     for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
         slide = ctx.table.slides[int(ctx.table.slide_index[index])]
@@ -535,8 +647,19 @@ def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, cho
         if predictions is not None:
             best = int(predictions[index].argmax())
             suggestion, probability = ctx.classes[best], float(predictions[index, best])
-        patches.append(BatchPatch(ctx.table.ids[index], slide.id, x, y, w, h, suggestion, probability,
-                                  None if rule == "random" else position + 1))
+        patches.append(
+            BatchPatch(
+                ctx.table.ids[index],
+                slide.id,
+                x,
+                y,
+                w,
+                h,
+                suggestion,
+                probability,
+                None if rule == "random" else position + 1,
+            )
+        )
     readers: dict[str, Any] = {}  # one open slide for all the batch's patches of it, shared by the threads
     try:
         for position in np.unique(ctx.table.slide_index[chosen]).tolist():
@@ -547,8 +670,15 @@ def _write_batch_files(ctx: Context, session: dict[str, Any], batch_id: str, cho
     finally:
         for reader in readers.values():
             reader.close()
-    write_batch(folder or ctx.project.batch_dir(batch_id), info, patches, [image for image, _ in pictures],
-                ctx.offsets(), project_hint=str(ctx.project.root), contexts=[context for _, context in pictures])
+    write_batch(
+        folder or ctx.project.batch_dir(batch_id),
+        info,
+        patches,
+        [image for image, _ in pictures],
+        ctx.offsets(),
+        project_hint=str(ctx.project.root),
+        contexts=[context for _, context in pictures],
+    )
 
 
 class _ReadRegion:
@@ -558,10 +688,10 @@ class _ReadRegion:
         self.pixels, self.left, self.top = pixels, left, top
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self.pixels[y - self.top: y - self.top + height, x - self.left: x - self.left + width]
+        return self.pixels[y - self.top : y - self.top + height, x - self.left : x - self.left + width]
 
 
-def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _patch_image(ctx: Context, index: int, readers: dict[str, Any]):
     """The patch's pixels and what the contact sheet shows of it: its 3 x 3 neighbourhood with the patch outlined
     (None for a patch-folder image, which has no slide around it). The neighbourhood is read once from the slide's
     reader in ``readers`` and the patch cut from it."""
@@ -591,8 +721,10 @@ def find_batch_dir(project: Project, labels_path: Path) -> Path:
         return labels_path
     if (labels_path.parent / "batch.json").is_file():
         return labels_path.parent
-    raise InputError(f"{labels_path} is not inside a review batch folder (no batch.json beside it)",
-                     f"give the labels.csv inside {project.root / 'batches'}/<batch>/, or copy the file back there")
+    raise InputError(
+        f"{labels_path} is not inside a review batch folder (no batch.json beside it)",
+        f"give the labels.csv inside {project.root / 'batches'}/<batch>/, or copy the file back there",
+    )
 
 
 def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> RoundResult:
@@ -605,28 +737,43 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
         labels_path = batch_dir / "labels.csv"
     info, patches = read_batch(batch_dir)
     if info.project_uid != ctx.manifest["uid"]:
-        raise InputError(f"{labels_path} belongs to another project (uid {info.project_uid[:8]})",
-                         "ingest it into the project that wrote the batch")
+        raise InputError(
+            f"{labels_path} belongs to another project (uid {info.project_uid[:8]})",
+            "ingest it into the project that wrote the batch",
+        )
     labels = read_labels(labels_path, info, patches, allow_partial=allow_partial, offsets=ctx.offsets())
     session = project.read_json(project.session_path(info.session))
     if session is None:
-        raise ProjectStateError(f"session {info.session} of batch {info.batch_id} is not in the project",
-                                "the project folder may be incomplete")
+        raise ProjectStateError(
+            f"session {info.session} of batch {info.batch_id} is not in the project",
+            "the project folder may be incomplete",
+        )
     entry = session["history"][info.round - 1] if len(session["history"]) >= info.round else None
     if entry is not None and entry.get("ingested"):
         previous = _labels_now(project, info.batch_id)
         if previous != labels:
             changed = sorted(p for p in set(previous) | set(labels) if previous.get(p) != labels.get(p))
             raise ProjectStateError(
-                f"batch {info.batch_id} was already ingested with other labels (differences: "
-                f"{', '.join(changed[:5])})", "labels already given are kept; to correct them run "
-                f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)")
-        return RoundResult(session["id"], info.round, session["rounds"], None, None, 0.0, False,
-                           f"batch {info.batch_id} was already ingested; nothing changed")
+                f"batch {info.batch_id} was already ingested with other labels (differences: {', '.join(changed[:5])})",
+                "labels already given are kept; to correct them run "
+                f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)",
+            )
+        return RoundResult(
+            session["id"],
+            info.round,
+            session["rounds"],
+            None,
+            None,
+            0.0,
+            False,
+            f"batch {info.batch_id} was already ingested; nothing changed",
+        )
     if session["state"] != "reviewing" or session["round"] != info.round:
-        raise ProjectStateError(f"batch {info.batch_id} is not the batch session {session['id']} waits for "
-                                f"(state {session['state']}, round {session['round']})",
-                                "ingest the newest batch of the open session")
+        raise ProjectStateError(
+            f"batch {info.batch_id} is not the batch session {session['id']} waits for "
+            f"(state {session['state']}, round {session['round']})",
+            "ingest the newest batch of the open session",
+        )
     # Crash safety: the labels are made durable first, the session file is rewritten last. A command killed
     # in between is finished by running it again: the ledger is completed, not duplicated, and training is
     # seeded, so the round comes out as it would have.
@@ -648,18 +795,28 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
         message = f"{recorded} labels recorded; batch {session['id']}-r{session['round']} is ready"
     else:
         session["state"] = "done"
-        message = (f"{recorded} labels recorded; session {session['id']} is complete "
-                   f"({session['rounds']} rounds)")
+        message = f"{recorded} labels recorded; session {session['id']} is complete ({session['rounds']} rounds)"
     entry["round_seconds"] = round(time.perf_counter() - started, 3)
     project.write_json(project.session_path(session["id"]), session)
-    return RoundResult(session["id"], session["round"], session["rounds"], batch_out, rule,
-                       time.perf_counter() - started, True, message)
+    return RoundResult(
+        session["id"],
+        session["round"],
+        session["rounds"],
+        batch_out,
+        rule,
+        time.perf_counter() - started,
+        True,
+        message,
+    )
 
 
 def _ledger_labels(project: Project, batch_id: str, ledger: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """The labels a batch's ingest recorded (corrections made since are entries of their own)."""
-    return {e["patch_id"]: e["label"] for e in (project.read_ledger() if ledger is None else ledger)
-            if e.get("batch") == batch_id and e.get("source") != "correction"}
+    return {
+        e["patch_id"]: e["label"]
+        for e in (project.read_ledger() if ledger is None else ledger)
+        if e.get("batch") == batch_id and e.get("source") != "correction"
+    }
 
 
 def _labels_now(project: Project, batch_id: str) -> dict[str, str]:
@@ -678,14 +835,26 @@ def _record_labels(ctx: Context, info: BatchInfo, labels: dict[str, str]) -> int
     if changed:
         raise ProjectStateError(
             f"batch {info.batch_id}'s labels were recorded by an ingest that did not finish, with other labels "
-            f"for {', '.join(changed[:5])}", "labels already given are kept: restore them in the labels file and "
-            "run the same ingest again to finish the round")
+            f"for {', '.join(changed[:5])}",
+            "labels already given are kept: restore them in the labels file and "
+            "run the same ingest again to finish the round",
+        )
     missing = [(pid, label) for pid, label in labels.items() if pid not in previous]
     if missing:
         when = now_iso()
-        ctx.project.append_ledger([{"patch_id": pid, "label": label, "batch": info.batch_id,
-                                    "session": info.session, "round": info.round, "time": when}
-                                   for pid, label in missing])
+        ctx.project.append_ledger(
+            [
+                {
+                    "patch_id": pid,
+                    "label": label,
+                    "batch": info.batch_id,
+                    "session": info.session,
+                    "round": info.round,
+                    "time": when,
+                }
+                for pid, label in missing
+            ]
+        )
     return len(labels)
 
 
@@ -739,24 +908,43 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     if (settings.warm_start or schedule == "fast") and base:
         previous = _load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
-    advance = ctx.reporter.task(f"training on {len(rows)} labels ({schedule} schedule)",
-                                planned_epochs(settings, len(rows), schedule), "epochs")
-    heads = train_heads(features[rows], targets[rows], init, len(ctx.classes), settings, ctx.device, start, advance,
-                        schedule, weights=weights)
+    advance = ctx.reporter.task(
+        f"training on {len(rows)} labels ({schedule} schedule)", planned_epochs(settings, len(rows), schedule), "epochs"
+    )
+    heads = train_heads(
+        features[rows],
+        targets[rows],
+        init,
+        len(ctx.classes),
+        settings,
+        ctx.device,
+        start,
+        advance,
+        schedule,
+        weights=weights,
+    )
     _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     trained = time.perf_counter()
     stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
     advance = ctx.reporter.task(_pass_title("re-embedding and predicting", stems), len(ctx.store))
     chunks = _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance)
-    embeddings, predictions = embed_and_predict(heads.model(), init, len(ctx.classes), chunks, len(ctx.store),
-                                                ctx.device, stems)
+    embeddings, predictions = embed_and_predict(
+        heads.model(), init, len(ctx.classes), chunks, len(ctx.store), ctx.device, stems
+    )
     if stems is not None:
         stems.finish()
     ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
     ctx.project.write_array(ctx.project.predictions_path(), predictions)
-    ctx.project.write_json(ctx.project.state_path(), {"model": model_id, "embeddings": model_id,
-                                                      "predictions": model_id, "n_labels": int(len(targets)),
-                                                      "previous": base})
+    ctx.project.write_json(
+        ctx.project.state_path(),
+        {
+            "model": model_id,
+            "embeddings": model_id,
+            "predictions": model_id,
+            "n_labels": int(len(targets)),
+            "previous": base,
+        },
+    )
     return trained - started, time.perf_counter() - trained
 
 
@@ -780,11 +968,11 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
     features = np.concatenate([features, ctx.store.take(rows)])
     targets = np.concatenate([targets, np.arange(len(rows)) % len(ctx.classes)])
     init = _init_state(ctx)
-    heads = train_heads(features, targets, init, len(ctx.classes), replace(settings, epochs=1), ctx.device,
-                        early_stopping=False)
+    heads = train_heads(
+        features, targets, init, len(ctx.classes), replace(settings, epochs=1), ctx.device, early_stopping=False
+    )
     chunk = min(len(ctx.store), embed_chunk(ctx.device))
-    embed_and_predict(heads.model(), init, len(ctx.classes), [(0, ctx.store.take(np.arange(chunk)))], chunk,
-                      ctx.device)
+    embed_and_predict(heads.model(), init, len(ctx.classes), [(0, ctx.store.take(np.arange(chunk)))], chunk, ctx.device)
     return time.perf_counter() - started
 
 

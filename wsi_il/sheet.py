@@ -63,13 +63,17 @@ class SheetLayout:
     @property
     def size(self) -> tuple[int, int]:
         rows = math.ceil(len(self.pictures) / self.columns)
-        return (self.columns * (self.side + _PAD_PX) + _PAD_PX,
-                self.title_px + rows * (self.side + self.caption_px + _PAD_PX) + _PAD_PX)
+        return (
+            self.columns * (self.side + _PAD_PX) + _PAD_PX,
+            self.title_px + rows * (self.side + self.caption_px + _PAD_PX) + _PAD_PX,
+        )
 
     def picture_corner(self, i: int) -> tuple[int, int]:
         """The top-left corner of cell ``i``'s picture square."""
-        return (_PAD_PX + (i % self.columns) * (self.side + _PAD_PX),
-                self.title_px + (i // self.columns) * (self.side + self.caption_px + _PAD_PX))
+        return (
+            _PAD_PX + (i % self.columns) * (self.side + _PAD_PX),
+            self.title_px + (i // self.columns) * (self.side + self.caption_px + _PAD_PX),
+        )
 
 
 def sheet_layout(
@@ -81,8 +85,11 @@ def sheet_layout(
     """Lay out the contact sheet: the pictures' side, the columns (wider than tall), the captions' lines."""
     pictures = [c if c is not None else i for c, i in zip(contexts or [None] * len(images), images, strict=True)]
     with_context = any(c is not None for c in contexts or [])
-    side = max(max(p.size) for p in pictures) if with_context else sheet_picture_px(
-        max(max(i.size) for i in images), context=False)
+    side = (
+        max(max(p.size) for p in pictures)
+        if with_context
+        else sheet_picture_px(max(max(i.size) for i in images), context=False)
+    )
     captions = _captions(patches, side - 2 * _CAPTION_INSET_PX)
     columns = _sheet_columns(len(patches))
     title = _title_lines(info, len(patches), with_context, columns * (side + _PAD_PX) - _PAD_PX)
@@ -166,8 +173,10 @@ def _captions(patches: list[BatchPatch], width_px: int) -> list[_Caption]:
         uncertain = suggestion_is_uncertain(patch.suggestion_probability)
         swatch = None if patch.suggestion is None or uncertain else class_color(patch.suggestion)
         room = width_px - int(number_font.getlength(number.text + "  ")) - (_SUGGESTION_FONT_PX if swatch else 0)
-        suggestion = [_Line(text, suggestion_font, _MUTED_INK if uncertain else _INK)
-                      for text in wrap_text(suggestion_text(patch), suggestion_font, room, breaks=" ")]
+        suggestion = [
+            _Line(text, suggestion_font, _MUTED_INK if uncertain else _INK)
+            for text in wrap_text(suggestion_text(patch), suggestion_font, room, breaks=" ")
+        ]
         ids = [_Line(text, id_font, _ID_INK) for text in wrap_text(patch.patch_id, id_font, width_px)]
         captions.append(_Caption(number, suggestion, ids, swatch))
     return captions
@@ -223,13 +232,21 @@ def _longest_fitting(word: str, font: Any, width_px: int) -> int:
 def _title_lines(info: BatchInfo, count: int, with_context: bool, width_px: int) -> list[_Line]:
     big = ImageFont.load_default(size=_TITLE_FONT_PX[0])
     small = ImageFont.load_default(size=_TITLE_FONT_PX[1])
-    where = ("Each patch is outlined in cyan inside its surroundings (3 x 3 patches). " if with_context else "")
+    where = "Each patch is outlined in cyan inside its surroundings (3 x 3 patches). " if with_context else ""
     texts = [
         (f"Batch {info.batch_id}: is this {info.query_label}?", big, _INK),
-        (f"Round {info.round} of {info.rounds}, {count} patches. {where}Fill the 'label' column of {LABELS_CSV} "
-         "(its column n is the number shown here).", small, _INK),
-        (f"'model uncertain' (grey, with a question mark): the model's probability is below {UNCERTAIN_BELOW:.2f}, "
-         "close to a coin toss; judge those patches yourself.", small, _MUTED_INK),
+        (
+            f"Round {info.round} of {info.rounds}, {count} patches. {where}Fill the 'label' column of {LABELS_CSV} "
+            "(its column n is the number shown here).",
+            small,
+            _INK,
+        ),
+        (
+            f"'model uncertain' (grey, with a question mark): the model's probability is below {UNCERTAIN_BELOW:.2f}, "
+            "close to a coin toss; judge those patches yourself.",
+            small,
+            _MUTED_INK,
+        ),
     ]
     return [_Line(line, font, fill) for text, font, fill in texts for line in wrap_text(text, font, width_px, " ")]
 
@@ -238,8 +255,9 @@ def _draw_lines(draw: ImageDraw.ImageDraw, corner: tuple[int, int], lines: list[
     """Draw ``lines`` one under the other from ``corner``; return the y under the last."""
     x, y = corner
     for line in lines:
-        draw.text((x, y), line.text, fill=line.fill, font=line.font,
-                  stroke_width=1 if line.bold else 0, stroke_fill=line.fill)
+        draw.text(
+            (x, y), line.text, fill=line.fill, font=line.font, stroke_width=1 if line.bold else 0, stroke_fill=line.fill
+        )
         y += line.height_px
     return y
 

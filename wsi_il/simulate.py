@@ -51,10 +51,30 @@ from wsi_il.metrics import accuracy, area_under_curve, binary_scores, labels_to_
 from wsi_il.project import Project
 
 TUMOUR, NORMAL = "Tumor", "Normal"
-COLUMNS = ("strategy", "seed", "session", "labels", "label_share", "reviewed", "query_patches", "accuracy",
-           "p_at_10", "f1", "jaccard", "precision", "recall", "balanced_accuracy", "f1_unlabelled",
-           "jaccard_unlabelled", "balanced_accuracy_unlabelled", "called_unlabelled", "suggestion_accuracy",
-           "confident_share", "confident_accuracy", "seconds")
+COLUMNS = (
+    "strategy",
+    "seed",
+    "session",
+    "labels",
+    "label_share",
+    "reviewed",
+    "query_patches",
+    "accuracy",
+    "p_at_10",
+    "f1",
+    "jaccard",
+    "precision",
+    "recall",
+    "balanced_accuracy",
+    "f1_unlabelled",
+    "jaccard_unlabelled",
+    "balanced_accuracy_unlabelled",
+    "called_unlabelled",
+    "suggestion_accuracy",
+    "confident_share",
+    "confident_accuracy",
+    "seconds",
+)
 PATCH_METRICS = ("accuracy", "p_at_10")
 SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled", "balanced_accuracy_unlabelled")
 SUGGESTION_COLUMNS = ("strategy", "seed", "session", "round", "patch_id", "suggestion", "probability", "truth")
@@ -116,8 +136,10 @@ class SimulationSettings:
     def check(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
-            raise InputError(f"unknown strategy {', '.join(unknown) or '(none)'}",
-                             f"use a comma-separated list of {', '.join(STRATEGIES)}")
+            raise InputError(
+                f"unknown strategy {', '.join(unknown) or '(none)'}",
+                f"use a comma-separated list of {', '.join(STRATEGIES)}",
+            )
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         from wsi_il.features import check_trainable
@@ -126,25 +148,50 @@ class SimulationSettings:
         if self.balance not in BALANCES:
             raise InputError(f"unknown balance {self.balance!r}", f"use one of {', '.join(BALANCES)}")
         if not 0 <= self.query_island_share <= 1:
-            raise InputError(f"--query-island-share {self.query_island_share} is not in 0..1",
-                             "e.g. 0.8 for most of the largest tumour island, or 0 for --query-patches")
-        for name in ("seeds", "sessions", "k", "rounds", "queries", "epochs", "fast_budget", "reference_folds",
-                     "reference_epochs", "query_patches", "first_seed"):
+            raise InputError(
+                f"--query-island-share {self.query_island_share} is not in 0..1",
+                "e.g. 0.8 for most of the largest tumour island, or 0 for --query-patches",
+            )
+        for name in (
+            "seeds",
+            "sessions",
+            "k",
+            "rounds",
+            "queries",
+            "epochs",
+            "fast_budget",
+            "reference_folds",
+            "reference_epochs",
+            "query_patches",
+            "first_seed",
+        ):
             zero_ok = name in ("fast_budget", "reference_epochs", "first_seed")  # 0: the default, or seed 0
             least = 0 if zero_ok else 2 if name == "reference_folds" else 1
             if getattr(self, name) < least:
-                raise InputError(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}",
-                                 f"e.g. {least} or more")
+                raise InputError(
+                    f"--{name.replace('_', '-')} must be at least {least}, not {getattr(self, name)}",
+                    f"e.g. {least} or more",
+                )
 
     def seed_range(self) -> range:
         return range(self.first_seed, self.first_seed + self.seeds)
 
     def train(self, seed: int) -> TrainSettings:
-        return TrainSettings(epochs=self.epochs, lr=self.lr, margin=self.margin, warm_start=self.warm_start,
-                             refine_query=self.refine_query, seed=seed, schedule=self.schedule,
-                             fast_budget=self.fast_budget, balance=self.balance, head_init=self.head_init,
-                             fast_frozen_conv1=(frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None
-                                                else self.fast_frozen_conv1))
+        return TrainSettings(
+            epochs=self.epochs,
+            lr=self.lr,
+            margin=self.margin,
+            warm_start=self.warm_start,
+            refine_query=self.refine_query,
+            seed=seed,
+            schedule=self.schedule,
+            fast_budget=self.fast_budget,
+            balance=self.balance,
+            head_init=self.head_init,
+            fast_frozen_conv1=(
+                frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None else self.fast_frozen_conv1
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -178,8 +225,15 @@ class Outcome:
 
 
 # ---- projects -----------------------------------------------------------------------------------
-def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, device: str, *,
-               slide: Path | None = None, patches: Path | None = None) -> Project:
+def build_base(
+    folder: Path,
+    settings: SimulationSettings,
+    reporter: Reporter,
+    device: str,
+    *,
+    slide: Path | None = None,
+    patches: Path | None = None,
+) -> Project:
     """Create (or finish) a project over one slide or one patch folder; reused when already complete."""
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
     from wsi_il.features import resolve_weights
@@ -188,24 +242,34 @@ def build_base(folder: Path, settings: SimulationSettings, reporter: Reporter, d
     if project.exists():
         manifest = project.read_manifest()
         if manifest["features"].get("trainable", "last") != settings.trainable:
-            raise InputError(f"{folder} caches features for --trainable {manifest['features'].get('trainable', 'last')}"
-                             f", not {settings.trainable}", "use another --out folder for the other setting")
+            raise InputError(
+                f"{folder} caches features for --trainable {manifest['features'].get('trainable', 'last')}"
+                f", not {settings.trainable}",
+                "use another --out folder for the other setting",
+            )
         build_database(project, manifest, reporter, device)
         return project
     weights = resolve_weights(settings.weights)
     classes = folder_classes(patches) if patches is not None else [TUMOUR, NORMAL]
     if len(classes) < 2:
         raise InputError(f"{patches} has fewer than two class subfolders", "give a folder of class subfolders")
-    features = FeatureSettings(weights=settings.weights if weights.kind != "file" else weights.source,
-                               weights_sha256=weights.sha256, trainable=settings.trainable)
-    manifest: dict[str, Any] = {"classes": classes,
-                                "tiling": to_dict(TilingSettings(tile_size_px=settings.tile_size_px)),
-                                "features": to_dict(features), "train": to_dict(settings.train(0)),
-                                "normalisation": None, "slides": []}
+    features = FeatureSettings(
+        weights=settings.weights if weights.kind != "file" else weights.source,
+        weights_sha256=weights.sha256,
+        trainable=settings.trainable,
+    )
+    manifest: dict[str, Any] = {
+        "classes": classes,
+        "tiling": to_dict(TilingSettings(tile_size_px=settings.tile_size_px)),
+        "features": to_dict(features),
+        "train": to_dict(settings.train(0)),
+        "normalisation": None,
+        "slides": [],
+    }
     if slide is not None:
         register_slide(manifest, slide)
     else:
-        register_patch_folder(manifest, patches)  # type: ignore[arg-type]
+        register_patch_folder(manifest, patches)
     project.create(manifest)
     build_database(project, project.read_manifest(), reporter, device, weights)
     return project
@@ -234,9 +298,16 @@ def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str
 
 
 # ---- one run: sessions through the engine ---------------------------------------------------------
-def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings: SimulationSettings,
-                  strategy: str, label_batch: Callable[[Path], dict[str, str]], score: Callable[[Any], dict[str, Any]],
-                  progress: Progress, shown: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def _run_sessions(
+    ctx: Any,
+    queries: list[tuple[str, dict[str, Any]]],
+    settings: SimulationSettings,
+    strategy: str,
+    label_batch: Callable[[Path], dict[str, str]],
+    score: Callable[[Any], dict[str, Any]],
+    progress: Progress,
+    shown: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """Run one session per query through start_session/ingest, scoring after each; returns the rows.
 
     ``shown`` collects every patch shown with a suggestion (SUGGESTION_COLUMNS, less strategy and seed).
@@ -248,8 +319,9 @@ def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings:
     for number, (label, query) in enumerate(queries, start=1):
         started = time.perf_counter()
         try:
-            result = start_session(ctx, label, SessionSettings(strategy, settings.k, settings.rounds),
-                                   source="simulate", **query)
+            result = start_session(
+                ctx, label, SessionSettings(strategy, settings.k, settings.rounds), source="simulate", **query
+            )
         except ProjectStateError as exc:  # every patch reviewed: the curve ends here
             if not _exhausted(exc):
                 raise
@@ -266,15 +338,22 @@ def _run_sessions(ctx: Any, queries: list[tuple[str, dict[str, Any]]], settings:
             except ProjectStateError as exc:  # the last candidates were used: no next batch to write
                 if not _exhausted(exc):
                     raise
-                result = None  # type: ignore[assignment]
+                result = None
                 break
             rounds_done += 1
             progress.advance(1)
         progress.advance(settings.rounds - rounds_done)
         seconds = time.perf_counter() - started
-        row = {"strategy": strategy, "session": number, "labels": labels, "reviewed": labels - query_patches,
-               "query_patches": query_patches, "seconds": round(seconds, 3), **suggestion_scores(shown[first:]),
-               **score(ctx)}
+        row = {
+            "strategy": strategy,
+            "session": number,
+            "labels": labels,
+            "reviewed": labels - query_patches,
+            "query_patches": query_patches,
+            "seconds": round(seconds, 3),
+            **suggestion_scores(shown[first:]),
+            **score(ctx),
+        }
         rows.append(row)
         progress.on_row(row)
         if result is None:
@@ -290,9 +369,18 @@ def _shown(batch_dir: Path, answers: dict[str, str], session: int, round_number:
     """The batch's patches that came with a suggestion, with the answer the truth gave."""
     from wsi_il.review import read_batch
 
-    return [{"session": session, "round": round_number, "patch_id": p.patch_id, "suggestion": p.suggestion,
-             "probability": p.suggestion_probability, "truth": answers[p.patch_id]}
-            for p in read_batch(batch_dir)[1] if p.suggestion is not None and p.patch_id in answers]
+    return [
+        {
+            "session": session,
+            "round": round_number,
+            "patch_id": p.patch_id,
+            "suggestion": p.suggestion,
+            "probability": p.suggestion_probability,
+            "truth": answers[p.patch_id],
+        }
+        for p in read_batch(batch_dir)[1]
+        if p.suggestion is not None and p.patch_id in answers
+    ]
 
 
 def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -301,8 +389,14 @@ def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for patch in shown:
         groups.setdefault(tuple(patch.get(k) for k in keys), []).append(patch)
-    return [{**{k: v for k, v in zip(keys, key, strict=True) if v is not None}, "shown": len(patches),
-             **suggestion_scores(patches)} for key, patches in groups.items()]
+    return [
+        {
+            **{k: v for k, v in zip(keys, key, strict=True) if v is not None},
+            "shown": len(patches),
+            **suggestion_scores(patches),
+        }
+        for key, patches in groups.items()
+    ]
 
 
 def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,8 +411,11 @@ def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
         return {"suggestion_accuracy": "", "confident_share": "", "confident_accuracy": ""}
     right = np.array([s["suggestion"] == s["truth"] for s in shown])
     confident = np.array([not suggestion_is_uncertain(s["probability"]) for s in shown])
-    return {"suggestion_accuracy": float(right.mean()), "confident_share": float(confident.mean()),
-            "confident_accuracy": float(right[confident].mean()) if confident.any() else ""}
+    return {
+        "suggestion_accuracy": float(right.mean()),
+        "confident_share": float(confident.mean()),
+        "confident_accuracy": float(right[confident].mean()) if confident.any() else "",
+    }
 
 
 def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -348,14 +445,22 @@ def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
 
 def _score_columns(every: Any, rest: Any) -> dict[str, Any]:
     """The slide columns of a row from the scores on every tissue patch and on the unlabelled ones."""
-    return {"f1": every.f1, "jaccard": every.jaccard, "precision": every.precision, "recall": every.recall,
-            "balanced_accuracy": every.balanced_accuracy, "f1_unlabelled": rest.f1,
-            "jaccard_unlabelled": rest.jaccard, "balanced_accuracy_unlabelled": rest.balanced_accuracy,
-            "called_unlabelled": rest.called_share}
+    return {
+        "f1": every.f1,
+        "jaccard": every.jaccard,
+        "precision": every.precision,
+        "recall": every.recall,
+        "balanced_accuracy": every.balanced_accuracy,
+        "f1_unlabelled": rest.f1,
+        "jaccard_unlabelled": rest.jaccard,
+        "balanced_accuracy_unlabelled": rest.balanced_accuracy,
+        "called_unlabelled": rest.called_share,
+    }
 
 
-def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int,
-                     progress: Progress | None = None) -> dict[str, Any]:
+def _slide_reference(
+    ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, progress: Progress | None = None
+) -> dict[str, Any]:
     """Cross-validated full supervision: per fold, both heads trained on every other fold's patches with their
     true labels, predicting the fold; scored on all patches, each predicted by heads that never saw it."""
     from wsi_il.heads import predict
@@ -375,8 +480,9 @@ def _slide_reference(ctx: Any, truth: np.ndarray, train: TrainSettings, folds: i
     return _score_columns(scores, scores)
 
 
-def _full_supervision(ctx: Any, rows: np.ndarray, targets: np.ndarray, train: TrainSettings,
-                      epochs: int = 0) -> tuple[Any, dict[str, Any]]:
+def _full_supervision(
+    ctx: Any, rows: np.ndarray, targets: np.ndarray, train: TrainSettings, epochs: int = 0
+) -> tuple[Any, dict[str, Any]]:
     """Both heads trained on the database patches ``rows`` with their true classes, with the runs' schedule.
 
     The fast schedule's per-round pass budget and early stopping are lifted here: the reference trains its
@@ -394,13 +500,22 @@ def _full_supervision(ctx: Any, rows: np.ndarray, targets: np.ndarray, train: Tr
     unbounded = replace(train, epochs=epochs, fast_budget=max(fast_budget(train), epochs * len(rows)))
     chosen = targets[rows]
     weights = None if train.balance == "none" else training_weights(chosen)
-    heads = train_heads(ctx.store.take(rows), chosen, init, len(ctx.classes), unbounded, ctx.device,
-                        early_stopping=False, weights=weights)
+    heads = train_heads(
+        ctx.store.take(rows),
+        chosen,
+        init,
+        len(ctx.classes),
+        unbounded,
+        ctx.device,
+        early_stopping=False,
+        weights=weights,
+    )
     return heads, init
 
 
-def _tumour_query_images(case: SlideCase, base: Project, count: int, rng: np.random.Generator,
-                         folder: Path) -> list[Path]:
+def _tumour_query_images(
+    case: SlideCase, base: Project, count: int, rng: np.random.Generator, folder: Path
+) -> list[Path]:
     """Save ``count`` random tumour patches of a query slide as PNG files (inter-slide queries)."""
     from PIL import Image
 
@@ -411,8 +526,10 @@ def _tumour_query_images(case: SlideCase, base: Project, count: int, rng: np.ran
     table = patch_table(base, base.read_manifest())
     tumour = np.flatnonzero(truth_mask(table.boxes, case.truth, table.slides[0].offset))
     if len(tumour) == 0:
-        raise InputError(f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% tumour",
-                         "check that the truth belongs to the query slide")
+        raise InputError(
+            f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% tumour",
+            "check that the truth belongs to the query slide",
+        )
     chosen = rng.choice(tumour, size=min(count, len(tumour)), replace=False)
     folder.mkdir(parents=True, exist_ok=True)
     reader = TileReader(case.slide)
@@ -427,8 +544,14 @@ def _tumour_query_images(case: SlideCase, base: Project, count: int, rng: np.ran
     return paths
 
 
-def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSettings, device: str,
-                    progress: Progress | None = None, reporter: Reporter | None = None) -> Outcome:
+def simulate_slides(
+    cases: list[SlideCase],
+    out: Path,
+    settings: SimulationSettings,
+    device: str,
+    progress: Progress | None = None,
+    reporter: Reporter | None = None,
+) -> Outcome:
     """Run every strategy and seed on every slide; rows are macro-averaged over slides per session."""
     from wsi_il.session import current_embeddings, extract_query_images, open_context
 
@@ -440,8 +563,9 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
         for source in (case, case.query_from) if case.query_from else (case,):
             if source.slide.resolve() not in bases:
                 progress.describe(f"features of {source.slide.name}")
-                bases[source.slide.resolve()] = build_base(out / "base" / _unique_names([source.slide])[0],
-                                                           settings, reporter, device, slide=source.slide)
+                bases[source.slide.resolve()] = build_base(
+                    out / "base" / _unique_names([source.slide])[0], settings, reporter, device, slide=source.slide
+                )
     per_slide: list[dict[str, Any]] = []
     suggestions: list[dict[str, Any]] = []
     for case, name in zip(cases, names, strict=True):
@@ -452,40 +576,70 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
             ctx = open_context(base, device, SilentReporter())
             truth = _slide_truth(ctx, case.truth)
             if not truth.any():
-                raise InputError(f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% inside the "
-                                 "truth", "check that the truth GeoJSON belongs to the slide")
+                raise InputError(
+                    f"{case.truth}: no tissue patch of {case.slide.name} is at least 50% inside the truth",
+                    "check that the truth GeoJSON belongs to the slide",
+                )
             rng = np.random.default_rng(seed)
             if case.query_from is None:
-                queries = [(TUMOUR, {"query_indices": region, "slide": ctx.table.slides[0].id})
-                           for region in query_regions(ctx.table.boxes, truth, settings, rng)]
+                queries = [
+                    (TUMOUR, {"query_indices": region, "slide": ctx.table.slides[0].id})
+                    for region in query_regions(ctx.table.boxes, truth, settings, rng)
+                ]
             else:
-                images = _tumour_query_images(case.query_from, bases[case.query_from.slide.resolve()],
-                                              settings.queries, rng, out / "runs" / name / f"queries-seed{seed}")
+                images = _tumour_query_images(
+                    case.query_from,
+                    bases[case.query_from.slide.resolve()],
+                    settings.queries,
+                    rng,
+                    out / "runs" / name / f"queries-seed{seed}",
+                )
                 features = extract_query_images(ctx, images)
-                queries = [(TUMOUR, {"query_features": features[i:i + 1], "images": [str(images[i])]})
-                           for i in range(len(images))]
+                queries = [
+                    (TUMOUR, {"query_features": features[i : i + 1], "images": [str(images[i])]})
+                    for i in range(len(images))
+                ]
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
             if seed == settings.first_seed and settings.reference:  # once per slide (the seed spread is not asked)
                 progress.describe(f"{name}: full-supervision reference")
-                reference = _slide_reference(ctx, truth, train, settings.reference_folds, settings.reference_epochs,
-                                             progress)
-                per_slide.append({"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n,
-                                  "label_share": 1.0, "seconds": "", **reference})
+                reference = _slide_reference(
+                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, progress
+                )
+                per_slide.append(
+                    {
+                        "slide": name,
+                        "strategy": REFERENCE,
+                        "seed": seed,
+                        "session": 0,
+                        "labels": n,
+                        "label_share": 1.0,
+                        "seconds": "",
+                        **reference,
+                    }
+                )
             for strategy in settings.strategies:
                 progress.describe(f"{name}: {strategy}, seed {seed}")
                 project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
                 run_ctx = open_context(project, device, SilentReporter())
                 offset = run_ctx.table.slides[0].offset
 
-                def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> dict[str, str]:  # noqa: ANN001
+                def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> dict[str, str]:
                     from wsi_il.truth import fill_labels_from_truth
 
                     return fill_labels_from_truth(batch, truth_path, offset)
 
                 shown: list[dict[str, Any]] = []
-                rows = _run_sessions(run_ctx, queries, settings, strategy, label_batch,
-                                     lambda c, t=truth: _slide_scores(c, t), progress, shown)
+                rows = _run_sessions(
+                    run_ctx,
+                    queries,
+                    settings,
+                    strategy,
+                    label_batch,
+                    lambda c, t=truth: _slide_scores(c, t),
+                    progress,
+                    shown,
+                )
                 suggestions.extend({"slide": name, "strategy": strategy, "seed": seed, **s} for s in shown)
                 for row in rows:
                     per_slide.append({"slide": name, "seed": seed, "label_share": row["labels"] / n, **row})
@@ -494,8 +648,9 @@ def simulate_slides(cases: list[SlideCase], out: Path, settings: SimulationSetti
     return finish(out, outcome, SLIDE_METRICS, settings, {"mode": "slides", "slides": names})
 
 
-def query_regions(boxes: np.ndarray, truth: np.ndarray, settings: SimulationSettings,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+def query_regions(
+    boxes: np.ndarray, truth: np.ndarray, settings: SimulationSettings, rng: np.random.Generator
+) -> list[np.ndarray]:
     """One query per session, as patch indices: a connected region of tumour patches grown from a random seed.
 
     ``query_island_share`` > 0: that share of the largest tumour island; else ``query_patches`` patches (1: a
@@ -610,15 +765,17 @@ def _test_set(ctx: Any, test: Path, base: Project) -> tuple[np.ndarray, np.ndarr
         files.extend(found)
         labels.extend([c] * len(found))
     if not files:
-        raise InputError(f"the test folder {test} has no images in subfolders named {', '.join(ctx.classes)}",
-                         "give a held-out folder with the same class subfolders as --patches")
+        raise InputError(
+            f"the test folder {test} has no images in subfolders named {', '.join(ctx.classes)}",
+            "give a held-out folder with the same class subfolders as --patches",
+        )
     cache = base.root / "simulate-test.npz"
     names = np.array([str(p.resolve()) for p in files])
     if cache.is_file():
         with np.load(cache) as stored:
             if stored["names"].tolist() == names.tolist():
                 return stored["features"], stored["labels"]
-    features = np.concatenate([extract_query_images(ctx, files[i:i + 64]) for i in range(0, len(files), 64)])
+    features = np.concatenate([extract_query_images(ctx, files[i : i + 64]) for i in range(0, len(files), 64)])
     np.savez(cache, names=names, features=features, labels=np.array(labels))
     return features, np.array(labels)
 
@@ -628,20 +785,31 @@ def _patch_truth(ctx: Any) -> np.ndarray:
     slide = ctx.table.slides[0]
     labels = ctx.project.read_json(ctx.project.images_path(slide.id))["labels"]
     if any(label is None for label in labels):
-        raise InputError(f"{slide.path} holds images outside class subfolders",
-                         "simulate needs every database patch in a class subfolder")
+        raise InputError(
+            f"{slide.path} holds images outside class subfolders",
+            "simulate needs every database patch in a class subfolder",
+        )
     return np.array([ctx.class_index(label) for label in labels], dtype=np.int64)
 
 
-def _head_scores(retrieval: dict[str, Any], classifier: dict[str, Any], init: dict[str, Any], ctx: Any,
-                 database_embeddings: np.ndarray, database_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray) -> dict[str, Any]:
+def _head_scores(
+    retrieval: dict[str, Any],
+    classifier: dict[str, Any],
+    init: dict[str, Any],
+    ctx: Any,
+    database_embeddings: np.ndarray,
+    database_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+) -> dict[str, Any]:
     from wsi_il.heads import embed, predict
 
     probs = predict(classifier, init, len(ctx.classes), [(0, test_x)], len(test_x), ctx.device)
     test_embeddings = embed(retrieval, init, [(0, test_x)], len(test_x), ctx.device)
-    return {"accuracy": accuracy(probs.argmax(axis=1), test_y),
-            "p_at_10": precision_at_k(test_embeddings, test_y, database_embeddings, database_y, 10)}
+    return {
+        "accuracy": accuracy(probs.argmax(axis=1), test_y),
+        "p_at_10": precision_at_k(test_embeddings, test_y, database_embeddings, database_y, 10),
+    }
 
 
 def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
@@ -651,19 +819,26 @@ def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: 
     return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y)
 
 
-def _patch_reference(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                     train: TrainSettings) -> dict[str, Any]:
+def _patch_reference(
+    ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, train: TrainSettings
+) -> dict[str, Any]:
     """Both heads trained on every database patch with its class (full supervision), scored on the test set."""
     from wsi_il.heads import embed
 
     heads, init = _full_supervision(ctx, np.arange(len(database_y)), database_y, train)
     database_embeddings = embed(heads.retrieval, init, ctx.store.chunks(256), len(ctx.store), ctx.device)
-    return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x,
-                        test_y)
+    return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x, test_y)
 
 
-def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationSettings, device: str,
-                     progress: Progress | None = None, reporter: Reporter | None = None) -> Outcome:
+def simulate_patches(
+    patches: Path,
+    test: Path,
+    out: Path,
+    settings: SimulationSettings,
+    device: str,
+    progress: Progress | None = None,
+    reporter: Reporter | None = None,
+) -> Outcome:
     """Run every strategy and seed on a patch dataset with explicit class labels, scored on a held-out set."""
     from wsi_il.session import current_embeddings, open_context
 
@@ -679,40 +854,64 @@ def simulate_patches(patches: Path, test: Path, out: Path, settings: SimulationS
     database_y = _patch_truth(ctx)
     classes = ctx.classes
     if settings.sessions > settings.queries * len(classes):
-        raise InputError(f"{settings.sessions} sessions need more than the {settings.queries} x {len(classes)} "
-                         "query patches", f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}")
+        raise InputError(
+            f"{settings.sessions} sessions need more than the {settings.queries} x {len(classes)} query patches",
+            f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}",
+        )
     rows: list[dict[str, Any]] = []
     suggestions: list[dict[str, Any]] = []
     for seed in settings.seed_range():
         train = settings.train(seed)
         rng = np.random.default_rng(seed)
-        query_sets = [rng.permutation(np.flatnonzero(database_y == c))[:settings.queries] for c in range(len(classes))]
-        order = [int(c) for _ in range(math.ceil(settings.sessions / len(classes)))
-                 for c in rng.permutation(len(classes))]
+        query_sets = [rng.permutation(np.flatnonzero(database_y == c))[: settings.queries] for c in range(len(classes))]
+        order = [
+            int(c) for _ in range(math.ceil(settings.sessions / len(classes))) for c in rng.permutation(len(classes))
+        ]
         taken = [0] * len(classes)
         queries = []
-        for c in order[:settings.sessions]:
+        for c in order[: settings.sessions]:
             if taken[c] < len(query_sets[c]):
-                queries.append((classes[c], {"query_indices": query_sets[c][taken[c]:taken[c] + 1]}))
+                queries.append((classes[c], {"query_indices": query_sets[c][taken[c] : taken[c] + 1]}))
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
         if seed == settings.first_seed and settings.reference:  # trained once (its seed spread is not the question)
             progress.describe(f"{name}: full-supervision reference")
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
-            rows.append({"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table),
-                         "label_share": 1.0, "seconds": "", **reference})
+            rows.append(
+                {
+                    "strategy": REFERENCE,
+                    "seed": seed,
+                    "session": 0,
+                    "labels": len(ctx.table),
+                    "label_share": 1.0,
+                    "seconds": "",
+                    **reference,
+                }
+            )
         for strategy in settings.strategies:
             progress.describe(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
             run_ctx = open_context(project, device, SilentReporter())
             shown: list[dict[str, Any]] = []
-            found = _run_sessions(run_ctx, queries, settings, strategy,
-                                  lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
-                                  lambda c: _patch_scores(c, database_y, test_x, test_y), progress, shown)
+            found = _run_sessions(
+                run_ctx,
+                queries,
+                settings,
+                strategy,
+                lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
+                lambda c: _patch_scores(c, database_y, test_x, test_y),
+                progress,
+                shown,
+            )
             suggestions.extend({"strategy": strategy, "seed": seed, **s} for s in shown)
             rows.extend({"seed": seed, "label_share": r["labels"] / len(ctx.table), **r} for r in found)
-    return finish(out, Outcome(rows, suggestions=suggestions), PATCH_METRICS, settings,
-                  {"mode": "patches", "patches": str(patches), "test": str(test)})
+    return finish(
+        out,
+        Outcome(rows, suggestions=suggestions),
+        PATCH_METRICS,
+        settings,
+        {"mode": "patches", "patches": str(patches), "test": str(test)},
+    )
 
 
 def total_rounds(settings: SimulationSettings, cases: int = 1) -> int:
@@ -721,18 +920,26 @@ def total_rounds(settings: SimulationSettings, cases: int = 1) -> int:
 
 
 # ---- reports --------------------------------------------------------------------------------------
-def finish(out: Path, outcome: Outcome, metrics: tuple[str, ...], settings: SimulationSettings,
-           about: dict[str, Any]) -> Outcome:
+def finish(
+    out: Path, outcome: Outcome, metrics: tuple[str, ...], settings: SimulationSettings, about: dict[str, Any]
+) -> Outcome:
     """Write results.csv (and per_slide.csv), summary.json and one plot per metric."""
     write_rows(out / "results.csv", outcome.rows, COLUMNS)
     if outcome.per_slide:
         write_rows(out / "per_slide.csv", outcome.per_slide, ("slide", *COLUMNS))
     slide_column = ("slide",) if any("slide" in s for s in outcome.suggestions) else ()
     write_rows(out / "suggestions.csv", outcome.suggestions, (*slide_column, *SUGGESTION_COLUMNS))
-    write_rows(out / "rounds.csv", suggestion_rounds(outcome.suggestions),
-               (*slide_column, "strategy", "seed", "session", "round", "shown", *SUGGESTION_SCORES))
-    outcome.summary = {**about, "settings": {**asdict(settings), "strategies": list(settings.strategies)},
-                       "metrics": list(metrics), "strategies": summarise(outcome.rows, metrics)}
+    write_rows(
+        out / "rounds.csv",
+        suggestion_rounds(outcome.suggestions),
+        (*slide_column, "strategy", "seed", "session", "round", "shown", *SUGGESTION_SCORES),
+    )
+    outcome.summary = {
+        **about,
+        "settings": {**asdict(settings), "strategies": list(settings.strategies)},
+        "metrics": list(metrics),
+        "strategies": summarise(outcome.rows, metrics),
+    }
     atomic_write_text(out / "summary.json", json.dumps(outcome.summary, indent=2, default=_json_default) + "\n")
     outcome.plots = [plot_metric(outcome.rows, metric, out / f"{metric}.png") for metric in metrics]
     return outcome
@@ -767,20 +974,28 @@ def _spread(values: list[float]) -> dict[str, float | int | None]:
     clean = [v for v in values if v is not None and not math.isnan(v)]
     if not clean:
         return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(np.mean(clean)), "std": float(np.std(clean)), "min": float(np.min(clean)),
-            "max": float(np.max(clean)), "n": len(clean)}
+    return {
+        "mean": float(np.mean(clean)),
+        "std": float(np.std(clean)),
+        "min": float(np.min(clean)),
+        "max": float(np.max(clean)),
+        "n": len(clean),
+    }
 
 
 def summarise(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
     """Per strategy: final metrics, labels to reach 95% / 100% of the reference, area under the curve."""
-    reference = {m: _spread([float(r[m]) for r in rows if r["strategy"] == REFERENCE and r.get(m) != ""])
-                 for m in metrics}
+    reference = {
+        m: _spread([float(r[m]) for r in rows if r["strategy"] == REFERENCE and r.get(m) != ""]) for m in metrics
+    }
     out: dict[str, Any] = {REFERENCE: {m: reference[m] for m in metrics}}
     for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != REFERENCE):
         entry: dict[str, Any] = {}
         seeds = sorted({r["seed"] for r in rows if r["strategy"] == strategy})
-        curves = {s: sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == s),
-                            key=lambda r: r["session"]) for s in seeds}
+        curves = {
+            s: sorted((r for r in rows if r["strategy"] == strategy and r["seed"] == s), key=lambda r: r["session"])
+            for s in seeds
+        }
         entry["seeds"] = len(seeds)
         entry["final_labels"] = _spread([float(c[-1]["labels"]) for c in curves.values() if c])
         for m in metrics:
@@ -788,14 +1003,24 @@ def summarise(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str,
             target = reference[m]["mean"]
             reach: dict[str, Any] = {}
             for share in (0.95, 1.0):
-                needed = [labels_to_reach(np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]),
-                                          share * target) if target is not None else None
-                          for c in curves.values()]
+                needed = [
+                    labels_to_reach(
+                        np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]), share * target
+                    )
+                    if target is not None
+                    else None
+                    for c in curves.values()
+                ]
                 reach[f"labels_to_{round(share * 100)}pct"] = {
-                    "per_seed": needed, "reached": sum(n is not None for n in needed), **_spread(
-                        [n for n in needed if n is not None])}
-            auc = [area_under_curve(np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]))
-                   for c in curves.values() if c]
+                    "per_seed": needed,
+                    "reached": sum(n is not None for n in needed),
+                    **_spread([n for n in needed if n is not None]),
+                }
+            auc = [
+                area_under_curve(np.array([r["labels"] for r in c]), np.array([float(r[m]) for r in c]))
+                for c in curves.values()
+                if c
+            ]
             entry[m] = {"final": _spread(finals), "auc": _spread(auc), **reach}
         out[strategy] = entry
     return out
@@ -830,13 +1055,13 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
         labels, mean, low, high = curve(rows, strategy, metric)
         if len(labels) == 0:
             continue
-        line = axes.plot(labels, mean, marker="o", markersize=3, label=strategy,
-                         linewidth=2.2 if strategy == "cnfp" else 1.4)[0]
+        line = axes.plot(
+            labels, mean, marker="o", markersize=3, label=strategy, linewidth=2.2 if strategy == "cnfp" else 1.4
+        )[0]
         axes.fill_between(labels, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     reference = [float(r[metric]) for r in rows if r["strategy"] == REFERENCE and r.get(metric) != ""]
     if reference:
-        axes.axhline(float(np.mean(reference)), color="black", linestyle="--", linewidth=1,
-                     label="full supervision")
+        axes.axhline(float(np.mean(reference)), color="black", linestyle="--", linewidth=1, label="full supervision")
     seeds = len({r["seed"] for r in rows})
     axes.set_xlabel("labels (query patches + reviewed patches)")
     axes.set_ylabel(metric.replace("_", " "))
@@ -851,8 +1076,9 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
 
 
 # ---- evaluate a real project ------------------------------------------------------------------------
-def evaluate_project(ctx: Any, truth_path: Path, slide_id: str | None = None,
-                     label: str | None = None) -> dict[str, Any]:
+def evaluate_project(
+    ctx: Any, truth_path: Path, slide_id: str | None = None, label: str | None = None
+) -> dict[str, Any]:
     """Score a project's current mask of one slide against a truth annotation (patch- and pixel-level).
 
     Patch level: a patch is truly ``label`` when at least half of it lies in the truth; scored on all tissue
@@ -868,9 +1094,12 @@ def evaluate_project(ctx: Any, truth_path: Path, slide_id: str | None = None,
     slides = slides_matching(ctx, slide_id)
     if len(slides) != 1:
         known = ", ".join(s.id for s in ctx.table.slides if s.kind == "slide") or "none"
-        raise InputError("say which slide the truth belongs to" if slide_id is None and len(slides) > 1
-                         else f"slide {slide_id!r} is not a slide of the project",
-                         f"add --slide with one of: {known}")
+        raise InputError(
+            "say which slide the truth belongs to"
+            if slide_id is None and len(slides) > 1
+            else f"slide {slide_id!r} is not a slide of the project",
+            f"add --slide with one of: {known}",
+        )
     slide = slides[0]
     label = ctx.classes[ctx.class_index(label or ctx.classes[0])]
     region, warnings = read_region(Path(truth_path), offset=slide.offset)
@@ -880,10 +1109,20 @@ def evaluate_project(ctx: Any, truth_path: Path, slide_id: str | None = None,
     truth = fraction_inside(boxes, region) >= 0.5
     seen = reviewed_ids(ctx.project)
     unlabelled = np.array([ctx.table.ids[i] not in seen for i in indices], dtype=bool)
-    mask = (union_squares(boxes[predicted, 0], boxes[predicted, 1], int(boxes[0, 2]), int(boxes[0, 3]))
-            if predicted.any() else region.difference(region))
-    return {"slide": slide.id, "label": label, "patches": int(len(indices)), "truth_patches": int(truth.sum()),
-            "predicted_patches": int(predicted.sum()), "labelled_patches": int((~unlabelled).sum()),
-            "patch": binary_scores(predicted, truth).as_dict(),
-            "patch_unlabelled": binary_scores(predicted[unlabelled], truth[unlabelled]).as_dict(),
-            "pixel_iou": polygon_iou(mask, region), "warnings": warnings}
+    mask = (
+        union_squares(boxes[predicted, 0], boxes[predicted, 1], int(boxes[0, 2]), int(boxes[0, 3]))
+        if predicted.any()
+        else region.difference(region)
+    )
+    return {
+        "slide": slide.id,
+        "label": label,
+        "patches": int(len(indices)),
+        "truth_patches": int(truth.sum()),
+        "predicted_patches": int(predicted.sum()),
+        "labelled_patches": int((~unlabelled).sum()),
+        "patch": binary_scores(predicted, truth).as_dict(),
+        "patch_unlabelled": binary_scores(predicted[unlabelled], truth[unlabelled]).as_dict(),
+        "pixel_iou": polygon_iou(mask, region),
+        "warnings": warnings,
+    }

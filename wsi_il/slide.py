@@ -13,8 +13,9 @@ import numpy as np
 
 from wsi_il.errors import SlideError
 
-SLIDE_SUFFIXES = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-                            ".dcm"})
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+)
 """File name suffixes of the formats OpenSlide reads."""
 
 
@@ -33,16 +34,17 @@ class SlideInfo:
     vendor: str
 
 
-def _openslide():  # type: ignore[no-untyped-def]
+def _openslide():
     try:
         import openslide
     except (ImportError, OSError) as exc:  # OSError: the shared library is missing
-        raise SlideError(f"OpenSlide cannot be loaded: {exc}",
-                         "install it with `pip install openslide-python openslide-bin`") from exc
+        raise SlideError(
+            f"OpenSlide cannot be loaded: {exc}", "install it with `pip install openslide-python openslide-bin`"
+        ) from exc
     return openslide
 
 
-def open_slide(path: Path):  # type: ignore[no-untyped-def]
+def open_slide(path: Path):
     """Open a slide with OpenSlide, turning every failure into a SlideError."""
     path = Path(path)
     if not path.exists():
@@ -54,12 +56,16 @@ def open_slide(path: Path):  # type: ignore[no-untyped-def]
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
         if path.suffix.lower() in SLIDE_SUFFIXES:  # the right name, unreadable content: cut short or damaged
-            raise SlideError(f"{path} cannot be read by OpenSlide although it is named like a slide: it is "
-                             "truncated (an interrupted copy), damaged, or not a tiled pyramidal slide",
-                             "copy it again and compare its size with the original; convert a plain image with "
-                             "`vips tiffsave IN OUT.tif --tile --pyramid`") from exc
-        raise SlideError(f"{path} is not a slide format OpenSlide reads",
-                         "convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)") from exc
+            raise SlideError(
+                f"{path} cannot be read by OpenSlide although it is named like a slide: it is "
+                "truncated (an interrupted copy), damaged, or not a tiled pyramidal slide",
+                "copy it again and compare its size with the original; convert a plain image with "
+                "`vips tiffsave IN OUT.tif --tile --pyramid`",
+            ) from exc
+        raise SlideError(
+            f"{path} is not a slide format OpenSlide reads",
+            "convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)",
+        ) from exc
     except (openslide.OpenSlideError, OSError) as exc:
         raise SlideError(f"{path} cannot be opened: {exc}", "the file may be truncated or corrupt") from exc
 
@@ -79,8 +85,9 @@ def read_info(path: Path, use_bounds: bool = True) -> SlideInfo:
         slide.close()
 
 
-def bounds_and_offset(props: Mapping[str, str], width: int, height: int,
-                      use_bounds: bool = True) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
+def bounds_and_offset(
+    props: Mapping[str, str], width: int, height: int, use_bounds: bool = True
+) -> tuple[tuple[int, int, int, int], tuple[float, float]]:
     """Return the scanned area (x, y, width, height) and QuPath's offset from OpenSlide's properties.
 
     QuPath crops a slide with ``openslide.bounds-*`` properties (MRXS, some others) to those bounds, so its
@@ -111,7 +118,7 @@ def read_thumbnail(path: Path, max_px: int) -> tuple[np.ndarray, float]:
         if thumb is None:
             thumb = np.asarray(slide.get_thumbnail((max_px, max_px)).convert("RGB"))
         return thumb, width / thumb.shape[1]
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the slide's
+    except Exception as exc:
         if isinstance(exc, SlideError):
             raise
         raise SlideError(f"{path}: cannot read a thumbnail: {exc}", "the file may be corrupt") from exc
@@ -167,7 +174,7 @@ class TileReader:
         self._handles: list = []
         self._lock = threading.Lock()
 
-    def _handle(self):  # type: ignore[no-untyped-def]
+    def _handle(self):
         if self._pid != os.getpid():  # a forked reader process: its own handles, never the parent's
             self._forget_handles()
         handle = getattr(self._local, "slide", None)
@@ -189,7 +196,7 @@ class TileReader:
         if self._local.tiles is not None:
             try:
                 rgb = self._local.tiles.read(int(x), int(y), int(width), int(height))
-            except Exception:  # noqa: BLE001 - a tile that does not decode: OpenSlide reads it (and says why)
+            except Exception:
                 rgb = None
             if rgb is not None:
                 return rgb
@@ -197,9 +204,10 @@ class TileReader:
             region = handle.read_region((int(x), int(y)), 0, (int(width), int(height)))
         except SlideError:
             raise
-        except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
-            raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}): {exc}",
-                             "the slide file may be damaged") from exc
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: cannot read the region at ({x}, {y}): {exc}", "the slide file may be damaged"
+            ) from exc
         return _flatten(region)
 
     def read_downsampled(self, x: int, y: int, side0: int, downsample: float) -> np.ndarray:
@@ -213,9 +221,11 @@ class TileReader:
         size = max(1, round(side0 / handle.level_downsamples[level]))
         try:
             return _flatten(handle.read_region((int(x), int(y)), level, (size, size)))
-        except Exception as exc:  # noqa: BLE001 - OpenSlide errors on damaged tiles
-            raise SlideError(f"{self.path}: cannot read the region at ({x}, {y}) from level {level}: {exc}",
-                             "the slide file may be damaged") from exc
+        except Exception as exc:
+            raise SlideError(
+                f"{self.path}: cannot read the region at ({x}, {y}) from level {level}: {exc}",
+                "the slide file may be damaged",
+            ) from exc
 
     def close(self) -> None:
         with self._lock:

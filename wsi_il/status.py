@@ -24,18 +24,30 @@ def _weights(features: dict[str, Any]) -> dict[str, Any]:
     else:
         text = f"file {features['weights']}"
     sha = features.get("weights_sha256")
-    return {"kind": kind, "source": features["weights"], "sha256": sha,
-            "description": text + (f", sha256 {sha[:12]}" if sha else "")}
+    return {
+        "kind": kind,
+        "source": features["weights"],
+        "sha256": sha,
+        "description": text + (f", sha256 {sha[:12]}" if sha else ""),
+    }
 
 
 def _session_row(session: dict[str, Any]) -> dict[str, Any]:
     timed = [h["round_seconds"] for h in session["history"] if "round_seconds" in h]
-    return {"id": session["id"], "label": session["label"], "strategy": session["strategy"], "k": session["k"],
-            "round": session["round"], "rounds": session["rounds"], "state": session["state"],
-            "query_patches": session["query"]["n"], "query_source": session["query"]["source"],
-            "seconds_per_round": sum(timed) / len(timed) if timed else None,
-            "batch_features": session["history"][-1].get("features") if session["history"] else None,
-            "rounds_detail": session["history"]}
+    return {
+        "id": session["id"],
+        "label": session["label"],
+        "strategy": session["strategy"],
+        "k": session["k"],
+        "round": session["round"],
+        "rounds": session["rounds"],
+        "state": session["state"],
+        "query_patches": session["query"]["n"],
+        "query_source": session["query"]["source"],
+        "seconds_per_round": sum(timed) / len(timed) if timed else None,
+        "batch_features": session["history"][-1].get("features") if session["history"] else None,
+        "rounds_detail": session["history"],
+    }
 
 
 def _pretraining(project: Project) -> dict[str, Any] | None:
@@ -52,8 +64,10 @@ def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, An
     open_session = next((s for s in sessions if s["state"] == "reviewing"), None)
     if open_session:
         batch = root / "batches" / f"{open_session['id']}-r{open_session['round']}"
-        return (f"fill {batch / 'labels.csv'}, then: wsi-il ingest {root} {batch / 'labels.csv'}   (or end the "
-                f"session here: wsi-il end {root})")
+        return (
+            f"fill {batch / 'labels.csv'}, then: wsi-il ingest {root} {batch / 'labels.csv'}   (or end the "
+            f"session here: wsi-il end {root})"
+        )
     if model:
         return f"export the mask (wsi-il export {root} --out mask.geojson) or start another query (wsi-il query)"
     return f"start a session: wsi-il query {root} --region QUERY.geojson --label {manifest['classes'][0]}"
@@ -65,9 +79,16 @@ def _backbone(features: dict[str, Any]) -> dict[str, Any]:
     from wsi_il.features import store_shape
 
     settings = from_dict(FeatureSettings, features)
-    return {"arch": settings.arch, "arch_args": settings.arch_args, "trainable": settings.trainable,
-            "input_px": settings.input_px, "bytes_per_patch": bytes_per_patch(store_shape(settings)),
-            "mean": settings.mean, "std": settings.std, "interpolation": settings.interpolation}
+    return {
+        "arch": settings.arch,
+        "arch_args": settings.arch_args,
+        "trainable": settings.trainable,
+        "input_px": settings.input_px,
+        "bytes_per_patch": bytes_per_patch(store_shape(settings)),
+        "mean": settings.mean,
+        "std": settings.std,
+        "interpolation": settings.interpolation,
+    }
 
 
 def project_status(root: Path) -> dict[str, Any]:
@@ -80,17 +101,39 @@ def project_status(root: Path) -> dict[str, Any]:
     labelled = current_labels(ledger)
     counts = Counter(e["label"] for e in labelled.values())
     tiling = from_dict(TilingSettings, manifest["tiling"])
-    slides = [{"id": s["id"], "kind": s["kind"], "path": s["path"], "width": s["width"], "height": s["height"],
-               "mpp": s["mpp"], "mpp_given": s.get("mpp_given", False), "patches": s["n_patches"],
-               "tile_um": tile_um(tiling, s["mpp"]) if s["kind"] == "slide" else None,
-               "tiled": s["tiled"], "extracted": s["extracted"]}
-              for s in manifest["slides"]]
-    return {"project": str(root), "uid": manifest["uid"], "classes": manifest["classes"],
-            "weights": _weights(manifest["features"]), "settings": {k: manifest[k] for k in ("tiling", "train")},
-            "trainable": manifest["features"].get("trainable", "last"), "normalisation": manifest.get("normalisation"),
-            "backbone": _backbone(manifest["features"]),
-            "slides": slides, "patches": sum(s["patches"] for s in slides),
-            "sessions": [_session_row(s) for s in sessions], "n_labels": len(labelled), "labels": dict(counts),
-            "corrections": corrections(ledger), "pretraining": _pretraining(project),
-            "model": state.get("model"), "next": _next_step(Path(root), manifest, sessions, state.get("model")),
-            "versions": (manifest.get("provenance") or {}).get("versions")}
+    slides = [
+        {
+            "id": s["id"],
+            "kind": s["kind"],
+            "path": s["path"],
+            "width": s["width"],
+            "height": s["height"],
+            "mpp": s["mpp"],
+            "mpp_given": s.get("mpp_given", False),
+            "patches": s["n_patches"],
+            "tile_um": tile_um(tiling, s["mpp"]) if s["kind"] == "slide" else None,
+            "tiled": s["tiled"],
+            "extracted": s["extracted"],
+        }
+        for s in manifest["slides"]
+    ]
+    return {
+        "project": str(root),
+        "uid": manifest["uid"],
+        "classes": manifest["classes"],
+        "weights": _weights(manifest["features"]),
+        "settings": {k: manifest[k] for k in ("tiling", "train")},
+        "trainable": manifest["features"].get("trainable", "last"),
+        "normalisation": manifest.get("normalisation"),
+        "backbone": _backbone(manifest["features"]),
+        "slides": slides,
+        "patches": sum(s["patches"] for s in slides),
+        "sessions": [_session_row(s) for s in sessions],
+        "n_labels": len(labelled),
+        "labels": dict(counts),
+        "corrections": corrections(ledger),
+        "pretraining": _pretraining(project),
+        "model": state.get("model"),
+        "next": _next_step(Path(root), manifest, sessions, state.get("model")),
+        "versions": (manifest.get("provenance") or {}).get("versions"),
+    }

@@ -72,7 +72,7 @@ class ProjectStems:
         return self.rows is not None
 
     def get(self, start: int, count: int) -> np.ndarray | None:
-        return None if self.rows is None else np.asarray(self.rows[start:start + count])
+        return None if self.rows is None else np.asarray(self.rows[start : start + count])
 
     def put(self, start: int, rows: np.ndarray) -> None:
         if self.rows is not None:

@@ -87,7 +87,7 @@ class JpegTiles:
                 left, top = col * self.tile_w, row * self.tile_h
                 x0, y0 = max(x, left), max(y, top)
                 x1, y1 = min(x + width, left + self.tile_w), min(y + height, top + self.tile_h)
-                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - top:y1 - top, x0 - left:x1 - left]
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - top : y1 - top, x0 - left : x1 - left]
         return out
 
 
@@ -106,12 +106,11 @@ def open_direct(path: Path, slide: Any, level: int = 0) -> JpegTiles | None:
             if level == 0:
                 page = tiff.pages.first if hasattr(tiff.pages, "first") else tiff.pages[0]
             else:  # the tiled page of the level's size (Aperio keeps stripped thumbnail, label and macro pages)
-                page = next((p for p in tiff.pages if p.is_tiled and (p.imagewidth, p.imagelength) == dimensions),
-                            None)
+                page = next((p for p in tiff.pages if p.is_tiled and (p.imagewidth, p.imagelength) == dimensions), None)
             if page is None or not _eligible(page, dimensions):
                 return None
             tiles = JpegTiles(path, page)
-    except Exception:  # noqa: BLE001 - anything unexpected about the file: OpenSlide reads it, as before
+    except Exception:
         return None
     if not _agrees(tiles, slide, level):
         tiles.close()
@@ -129,18 +128,24 @@ def read_level(path: Path, slide: Any, level: int) -> np.ndarray | None:
         return None
     try:
         return tiles.read(0, 0, tiles.width, tiles.height)
-    except Exception:  # noqa: BLE001 - a tile that does not decode: OpenSlide reads the level (and says why)
+    except Exception:
         return None
     finally:
         tiles.close()
 
 
 def _eligible(page: Any, dimensions: tuple[int, int]) -> bool:
-    return (bool(page.is_tiled) and int(page.compression) == _JPEG and int(page.photometric) in (_RGB, _YCBCR)
-            and int(page.samplesperpixel) == 3 and int(page.planarconfig) == 1
-            and all(int(bits) == 8 for bits in np.atleast_1d(page.bitspersample))
-            and not page.extrasamples and int(getattr(page, "imagedepth", 1)) == 1
-            and (int(page.imagewidth), int(page.imagelength)) == tuple(dimensions))
+    return (
+        bool(page.is_tiled)
+        and int(page.compression) == _JPEG
+        and int(page.photometric) in (_RGB, _YCBCR)
+        and int(page.samplesperpixel) == 3
+        and int(page.planarconfig) == 1
+        and all(int(bits) == 8 for bits in np.atleast_1d(page.bitspersample))
+        and not page.extrasamples
+        and int(getattr(page, "imagedepth", 1)) == 1
+        and (int(page.imagewidth), int(page.imagelength)) == tuple(dimensions)
+    )
 
 
 def _agrees(tiles: JpegTiles, slide: Any, level: int = 0) -> bool:
@@ -154,9 +159,10 @@ def _agrees(tiles: JpegTiles, slide: Any, level: int = 0) -> bool:
         x = y = 0
     try:
         mine = tiles.read(x, y, tiles.tile_w, tiles.tile_h)
-        theirs = np.asarray(slide.read_region((round(x * scale), round(y * scale)), level,
-                                              (tiles.tile_w, tiles.tile_h)))
-    except Exception:  # noqa: BLE001 - a tile that does not decode: OpenSlide reads the slide
+        theirs = np.asarray(
+            slide.read_region((round(x * scale), round(y * scale)), level, (tiles.tile_w, tiles.tile_h))
+        )
+    except Exception:
         return False
     if mine is None or theirs.shape[-1] != 4 or theirs[..., 3].min() != 255:
         return False

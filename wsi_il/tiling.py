@@ -52,8 +52,9 @@ def grid(bounds: tuple[int, int, int, int], tile_px: int) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def candidate_tiles(corners: np.ndarray, mask: np.ndarray, scale: float, tile_px: int,
-                    min_fraction: float) -> np.ndarray:
+def candidate_tiles(
+    corners: np.ndarray, mask: np.ndarray, scale: float, tile_px: int, min_fraction: float
+) -> np.ndarray:
     """Keep the grid tiles of which at least ``min_fraction`` lies in the thumbnail tissue mask."""
     if len(corners) == 0:
         return corners

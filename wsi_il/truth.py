@@ -23,8 +23,9 @@ def truth_mask(boxes: np.ndarray, truth_path: Path, offset: tuple[float, float] 
     return fraction_inside(boxes, region) >= 0.5
 
 
-def fill_labels_from_truth(batch_dir: Path, truth_path: Path,
-                           offset: tuple[float, float] = (0.0, 0.0)) -> dict[str, str]:
+def fill_labels_from_truth(
+    batch_dir: Path, truth_path: Path, offset: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, str]:
     """Fill a review batch's labels.csv as an expert would: the query's class inside the truth, else the other."""
     info, patches = read_batch(batch_dir)
     boxes = np.array([[p.x, p.y, p.width, p.height] for p in patches]).reshape(-1, 4)

@@ -50,8 +50,11 @@ def waiting_batches(project: Project) -> list[Waiting]:
     """The batches of the sessions that wait for labels (one a session: its current round's)."""
     from wsi_il.session import list_sessions
 
-    return [Waiting(s["id"], project.batch_dir(f"{s['id']}-r{s['round']}"))
-            for s in list_sessions(project) if s["state"] == "reviewing"]
+    return [
+        Waiting(s["id"], project.batch_dir(f"{s['id']}-r{s['round']}"))
+        for s in list_sessions(project)
+        if s["state"] == "reviewing"
+    ]
 
 
 def slide_offsets(project: Project) -> dict[str, tuple[float, float]]:
@@ -75,8 +78,13 @@ def _signature(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def watch(project: Project, ingest_batch: Callable[[Path], object], say: Callable[[str], None],
-          interval: float = 1.0, stop: Callable[[], bool] = lambda: False) -> int:
+def watch(
+    project: Project,
+    ingest_batch: Callable[[Path], object],
+    say: Callable[[str], None],
+    interval: float = 1.0,
+    stop: Callable[[], bool] = lambda: False,
+) -> int:
     """Call ``ingest_batch(labels_path)`` for each waiting batch once its labels file is complete; return how
     many batches were ingested.
 
@@ -112,8 +120,10 @@ def watch(project: Project, ingest_batch: Callable[[Path], object], say: Callabl
                 tell(path, f"{path}: {exc}")
                 continue
             if done < total:
-                tell(path, f"batch {batch.batch_dir.name}: {done} of {total} patches labelled; waiting for the rest "
-                     f"({path})")
+                tell(
+                    path,
+                    f"batch {batch.batch_dir.name}: {done} of {total} patches labelled; waiting for the rest ({path})",
+                )
                 continue
             try:
                 ingest_batch(path)

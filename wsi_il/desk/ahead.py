@@ -116,8 +116,9 @@ def make_shadow(project: Project) -> Path:
     return shadow
 
 
-def prepare(project: Project, batch_id: str, labels: dict[str, str], device: str,
-            cancel: threading.Event | None = None) -> Prepared:
+def prepare(
+    project: Project, batch_id: str, labels: dict[str, str], device: str, cancel: threading.Event | None = None
+) -> Prepared:
     """Run the ingest of batch ``batch_id`` with ``labels`` ({patch id: label}) on a shadow of the project; the
     project itself is not written. Raises ``Cancelled`` when ``cancel`` is set before it ends, and what
     ``ingest`` raises (the shadow is then removed)."""
@@ -139,9 +140,15 @@ def prepare(project: Project, batch_id: str, labels: dict[str, str], device: str
     except BaseException:
         shutil.rmtree(shadow, ignore_errors=True)
         raise
-    return Prepared(batch_id, dict(labels), before, shadow, result.message,
-                    result.batch_dir.name if result.batch_dir is not None else None,
-                    time.perf_counter() - started)
+    return Prepared(
+        batch_id,
+        dict(labels),
+        before,
+        shadow,
+        result.message,
+        result.batch_dir.name if result.batch_dir is not None else None,
+        time.perf_counter() - started,
+    )
 
 
 class Stale(WsiIlError):
@@ -156,7 +163,7 @@ def commit(project: Project, prepared: Prepared) -> None:
         raise Stale("the project changed while the round was prepared", "the round is computed again")
     shadow = Project(prepared.shadow)
     own = project.read_ledger()
-    added = shadow.read_ledger()[len(own):]
+    added = shadow.read_ledger()[len(own) :]
     when = now_iso()
     if added:
         project.append_ledger([{**entry, "time": when} for entry in added])
@@ -307,7 +314,7 @@ class Preparer:
                 if self._closed:
                     self._thread = None
                     return
-                key, batch_id, labels = self._next()  # type: ignore[misc]
+                key, batch_id, labels = self._next()
                 cancel = threading.Event()
                 self._running = (key, cancel)
             prepared = None
@@ -315,7 +322,7 @@ class Preparer:
                 prepared = prepare(self.project, batch_id, labels, self.device, cancel)
             except Cancelled:
                 pass
-            except Exception:  # noqa: BLE001 (the submit computes the round itself and says what went wrong)
+            except Exception:
                 with self._cond:
                     self._failed.add(key)
             with self._cond:

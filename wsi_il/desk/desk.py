@@ -126,12 +126,19 @@ class Desk:
         known = self._patches()
         manifest = known.manifest
         waiting = waiting_batches(self.project)
-        slides = [{"id": s.id, "kind": s.kind, "width": s.width, "height": s.height, "patches": s.n_patches}
-                  for s in known.table.slides]
-        return {"project": self.project.root.name, "classes": list(manifest["classes"]),
-                "random_weights": manifest["features"]["weights"] == "random", "slides": slides,
-                "batch": waiting[0].batch_dir.name if waiting else None, "warmup": dict(self.warmup),
-                "ahead": self.ahead_state()}
+        slides = [
+            {"id": s.id, "kind": s.kind, "width": s.width, "height": s.height, "patches": s.n_patches}
+            for s in known.table.slides
+        ]
+        return {
+            "project": self.project.root.name,
+            "classes": list(manifest["classes"]),
+            "random_weights": manifest["features"]["weights"] == "random",
+            "slides": slides,
+            "batch": waiting[0].batch_dir.name if waiting else None,
+            "warmup": dict(self.warmup),
+            "ahead": self.ahead_state(),
+        }
 
     def ahead_state(self) -> dict[str, Any] | None:
         """Whether a round is being prepared ahead, and how many wait ready (None: not preparing ahead)."""
@@ -153,16 +160,33 @@ class Desk:
         for n, patch in enumerate(patches, start=1):
             slide = slides.get(patch.slide)
             confident = patch.suggestion is not None and not suggestion_is_uncertain(patch.suggestion_probability)
-            shown.append({"patch_id": patch.patch_id, "n": n, "slide": patch.slide,
-                          "box": [patch.x, patch.y, patch.width, patch.height],
-                          "slide_size": [slide.width, slide.height] if slide else None,
-                          "has_slide": bool(slide and slide.kind == "slide"),
-                          "suggestion": patch.suggestion, "probability": patch.suggestion_probability,
-                          "confident": confident, "label": answers.get(patch.patch_id)})
+            shown.append(
+                {
+                    "patch_id": patch.patch_id,
+                    "n": n,
+                    "slide": patch.slide,
+                    "box": [patch.x, patch.y, patch.width, patch.height],
+                    "slide_size": [slide.width, slide.height] if slide else None,
+                    "has_slide": bool(slide and slide.kind == "slide"),
+                    "suggestion": patch.suggestion,
+                    "probability": patch.suggestion_probability,
+                    "confident": confident,
+                    "label": answers.get(patch.patch_id),
+                }
+            )
         shown.sort(key=lambda p: (not p["confident"], p["n"]))
-        return {"batch": info.batch_id, "session": info.session, "round": info.round, "rounds": info.rounds,
-                "query_label": info.query_label, "classes": list(info.classes), "strategy": info.strategy,
-                "ingested": self._ingested(info), "patches": shown, "error": error}
+        return {
+            "batch": info.batch_id,
+            "session": info.session,
+            "round": info.round,
+            "rounds": info.rounds,
+            "query_label": info.query_label,
+            "classes": list(info.classes),
+            "strategy": info.strategy,
+            "ingested": self._ingested(info),
+            "patches": shown,
+            "error": error,
+        }
 
     def _ingested(self, info: Any) -> bool:
         session = self.project.read_json(self.project.session_path(info.session)) or {}
@@ -180,8 +204,10 @@ class Desk:
                 raise NotFound(f"patch {patch_id[:80]!r} is not in batch {batch_id}", "reload the page")
         with self._answers:
             if self._ingested(info):
-                raise ProjectStateError(f"batch {batch_id} was already ingested",
-                                        "change its labels as corrections: click the patch on the slide view")
+                raise ProjectStateError(
+                    f"batch {batch_id} was already ingested",
+                    "change its labels as corrections: click the patch on the slide view",
+                )
             write_answers(folder, info, patches, dict(answers))
             now = read_answers(folder, info, patches)
             self._prepare_ahead(info, patches, now)
@@ -215,8 +241,12 @@ class Desk:
             if done is None:
                 ctx = open_context(self.project, self.device, SilentReporter())
                 result = ingest(ctx, folder / LABELS_CSV)
-                done = {"message": result.message, "changed": result.changed, "prepared_ahead": False,
-                        "next_batch": result.batch_dir.name if result.batch_dir is not None else None}
+                done = {
+                    "message": result.message,
+                    "changed": result.changed,
+                    "prepared_ahead": False,
+                    "next_batch": result.batch_dir.name if result.batch_dir is not None else None,
+                }
         return {**done, "seconds": round(time.perf_counter() - started, 3)}
 
     def _commit_prepared(self, folder: Path) -> dict[str, Any] | None:
@@ -236,8 +266,7 @@ class Desk:
             commit(self.project, prepared)
         except Stale:
             return None
-        return {"message": prepared.message, "changed": True, "prepared_ahead": True,
-                "next_batch": prepared.next_batch}
+        return {"message": prepared.message, "changed": True, "prepared_ahead": True, "next_batch": prepared.next_batch}
 
     # ---- warm-up --------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -288,13 +317,22 @@ class Desk:
         for batch in waiting_batches(self.project):
             if any(p.patch_id == patch_id for p in read_batch(batch.batch_dir)[1]):
                 waiting = batch.batch_dir.name
-        return {"patch_id": patch_id, "slide": slide.id, "box": known.table.boxes[index].tolist(),
-                "has_slide": slide.kind == "slide", "label": now["label"] if now else None,
-                "history": [{"label": e["label"], "batch": e["batch"], "time": e.get("time"), "via": e.get("via")}
-                            for e in patch_history(ledger, patch_id)],
-                "suggestion": suggestion, "probability": probability,
-                "confident": suggestion is not None and not suggestion_is_uncertain(probability),
-                "waiting_batch": waiting, "classes": list(known.manifest["classes"])}
+        return {
+            "patch_id": patch_id,
+            "slide": slide.id,
+            "box": known.table.boxes[index].tolist(),
+            "has_slide": slide.kind == "slide",
+            "label": now["label"] if now else None,
+            "history": [
+                {"label": e["label"], "batch": e["batch"], "time": e.get("time"), "via": e.get("via")}
+                for e in patch_history(ledger, patch_id)
+            ],
+            "suggestion": suggestion,
+            "probability": probability,
+            "confident": suggestion is not None and not suggestion_is_uncertain(probability),
+            "waiting_batch": waiting,
+            "classes": list(known.manifest["classes"]),
+        }
 
     def _suggestion(self, index: int, known: _Table) -> tuple[str | None, float | None]:
         predictions = self._predictions()
@@ -313,8 +351,9 @@ class Desk:
         slide = self._slide(slide_id)
         rows = known.table.of_slide(slide.id)
         boxes = known.table.boxes[rows]
-        inside = ((boxes[:, 0] <= x) & (x < boxes[:, 0] + boxes[:, 2]) & (boxes[:, 1] <= y)
-                  & (y < boxes[:, 1] + boxes[:, 3]))
+        inside = (
+            (boxes[:, 0] <= x) & (x < boxes[:, 0] + boxes[:, 2]) & (boxes[:, 1] <= y) & (y < boxes[:, 1] + boxes[:, 3])
+        )
         hits = rows[inside]
         return known.table.ids[int(hits[0])] if len(hits) else None
 
@@ -329,8 +368,10 @@ class Desk:
         known, index = self._patch(patch_id)
         path = self.project.embeddings_path()
         if not path.is_file():
-            raise ProjectStateError("there are no embeddings yet to find similar patches with",
-                                    "ingest a batch first: each round embeds every patch")
+            raise ProjectStateError(
+                "there are no embeddings yet to find similar patches with",
+                "ingest a batch first: each round embeds every patch",
+            )
         embeddings = self.project.read_array(path, mmap=True)
         taken = set(current_labels(self.project.read_ledger())) | {patch_id}
         for session in list_sessions(self.project):
@@ -338,15 +379,21 @@ class Desk:
         for batch in waiting_batches(self.project):
             taken |= {p.patch_id for p in read_batch(batch.batch_dir)[1]}
         candidates = np.array([i for i, pid in enumerate(known.table.ids) if pid not in taken], dtype=np.int64)
-        ranked, distances = rank_by_distance(embeddings, np.asarray(embeddings[index], dtype=np.float32),
-                                             candidates)
+        ranked, distances = rank_by_distance(embeddings, np.asarray(embeddings[index], dtype=np.float32), candidates)
         found = []
-        for i, distance in zip(ranked[:max(1, min(count, SIMILAR_MAX))].tolist(), distances.tolist(), strict=False):
+        for i, distance in zip(ranked[: max(1, min(count, SIMILAR_MAX))].tolist(), distances.tolist(), strict=False):
             suggestion, probability = self._suggestion(i, known)
             slide = known.table.slides[int(known.table.slide_index[i])]
-            found.append({"patch_id": known.table.ids[i], "slide": slide.id, "distance": round(distance, 4),
-                          "suggestion": suggestion, "probability": probability,
-                          "confident": suggestion is not None and not suggestion_is_uncertain(probability)})
+            found.append(
+                {
+                    "patch_id": known.table.ids[i],
+                    "slide": slide.id,
+                    "distance": round(distance, 4),
+                    "suggestion": suggestion,
+                    "probability": probability,
+                    "confident": suggestion is not None and not suggestion_is_uncertain(probability),
+                }
+            )
         return found
 
     # ---- pictures ---------------------------------------------------------------------------------
@@ -402,8 +449,11 @@ class Desk:
         ids = [known.table.ids[i] for i in rows.tolist()]
         where = dict(zip(ids, rows.tolist(), strict=True))
         if kind == "labelled":
-            marked = [(where[pid], _label_colour(e["label"], classes, class_color))
-                      for pid, e in current_labels(self.project.read_ledger()).items() if pid in where]
+            marked = [
+                (where[pid], _label_colour(e["label"], classes, class_color))
+                for pid, e in current_labels(self.project.read_ledger()).items()
+                if pid in where
+            ]
         elif kind == "query":
             wanted = {pid for s in list_sessions(self.project) for pid in s["query"].get("patch_ids") or []}
             marked = [(where[pid], QUERY_RGB) for pid in wanted if pid in where]

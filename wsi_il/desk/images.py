@@ -104,16 +104,24 @@ class SlideImages:
         with self._lock:
             if slide.id not in self._zooms:
                 handle = open_slide(Path(slide.path))
-                self._zooms[slide.id] = (DeepZoomGenerator(handle, DZ_TILE_PX, DZ_OVERLAP_PX, limit_bounds=False),
-                                         handle)
+                self._zooms[slide.id] = (
+                    DeepZoomGenerator(handle, DZ_TILE_PX, DZ_OVERLAP_PX, limit_bounds=False),
+                    handle,
+                )
             return self._zooms[slide.id][0]
 
     def deep_zoom(self, slide: SlideRecord) -> dict[str, Any]:
         """The Deep Zoom description of a slide (level-0 size, tile size, overlap), as OpenSeadragon reads it."""
         width, height = self._zoom(slide).level_dimensions[-1]
-        return {"Image": {"xmlns": "http://schemas.microsoft.com/deepzoom/2008", "Format": "jpeg",
-                          "Overlap": str(DZ_OVERLAP_PX), "TileSize": str(DZ_TILE_PX),
-                          "Size": {"Width": str(width), "Height": str(height)}}}
+        return {
+            "Image": {
+                "xmlns": "http://schemas.microsoft.com/deepzoom/2008",
+                "Format": "jpeg",
+                "Overlap": str(DZ_OVERLAP_PX),
+                "TileSize": str(DZ_TILE_PX),
+                "Size": {"Width": str(width), "Height": str(height)},
+            }
+        }
 
     def tile(self, slide: SlideRecord, level: int, column: int, row: int) -> bytes | None:
         """One Deep Zoom tile, or None when there is no such tile."""

@@ -65,7 +65,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if _host_name(headers.get("host", "")) not in self.hosts:
             await _plain(403, "this address is not the review desk's; open the URL `wsi-il review` printed")(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         given = (query.get("token") or [""])[0]
@@ -73,20 +74,23 @@ class Guard:
             if not self._same(given):
                 await _plain(401, "wrong token: open the URL `wsi-il review` printed")(scope, receive, send)
                 return
-            response = Response(status_code=303, headers={"location": "/", "cache-control": "no-store",
-                                                          "referrer-policy": "no-referrer"})
+            response = Response(
+                status_code=303,
+                headers={"location": "/", "cache-control": "no-store", "referrer-policy": "no-referrer"},
+            )
             response.set_cookie(cookie_name(self.port), self.token, httponly=True, samesite="strict", path="/")
             await response(scope, receive, send)
             return
         cookies = SimpleCookie()
         try:
             cookies.load(headers.get("cookie", ""))
-        except Exception:  # noqa: BLE001 - a malformed Cookie header is the same as none
+        except Exception:
             cookies = SimpleCookie()
         cookie = cookies.get(cookie_name(self.port))
         if cookie is None or not self._same(cookie.value):
             await _plain(401, "not signed in: open the URL with the token that `wsi-il review` printed")(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         if scope["method"] not in SAFE_METHODS and not self._same(headers.get(TOKEN_HEADER, "")):
             await _plain(403, f"a change needs the {TOKEN_HEADER} header (the page sends it)")(scope, receive, send)
@@ -100,7 +104,7 @@ class Guard:
 def _host_name(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):  # [::1]:8000
-        return host[1:host.find("]")] if "]" in host else host
+        return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -110,8 +114,11 @@ def _plain(status: int, text: str) -> Response:
 
 def _error(exc: WsiIlError) -> JSONResponse:
     status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, ProjectStateError) else 400
-    return JSONResponse({"error": exc.message, "hint": exc.hint, "text": str(exc)}, status_code=status,
-                        headers={"cache-control": "no-store"})
+    return JSONResponse(
+        {"error": exc.message, "hint": exc.hint, "text": str(exc)},
+        status_code=status,
+        headers={"cache-control": "no-store"},
+    )
 
 
 def _json(data: Any) -> JSONResponse:
@@ -119,8 +126,9 @@ def _json(data: Any) -> JSONResponse:
 
 
 def _image(data: bytes, media_type: str, cache: bool = True) -> Response:
-    return Response(data, media_type=media_type,
-                    headers={"cache-control": "private, max-age=3600" if cache else "no-store"})
+    return Response(
+        data, media_type=media_type, headers={"cache-control": "private, max-age=3600" if cache else "no-store"}
+    )
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -142,8 +150,9 @@ def _answers(data: dict[str, Any]) -> list[tuple[str, str]]:
         raise InputError("the request holds no answers", "reload the page")
     answers = []
     for item in items:
-        if not (isinstance(item, dict) and isinstance(item.get("patch_id"), str)
-                and isinstance(item.get("label"), str)):
+        if not (
+            isinstance(item, dict) and isinstance(item.get("patch_id"), str) and isinstance(item.get("label"), str)
+        ):
             raise InputError("an answer needs a patch_id and a label", "reload the page")
         answers.append((item["patch_id"], item["label"]))
     return answers
@@ -164,8 +173,13 @@ def create_app(desk: Desk, token: str, hosts: set[str], port: int) -> ASGIApp:
             except WsiIlError as exc:
                 return _error(exc)
             except OSError as exc:  # disk full, permissions, a file removed underneath
-                return _error(WsiIlError(f"{exc.strerror or exc} ({exc.filename or 'file'})",
-                                         "check free disk space and permissions, then try again"))
+                return _error(
+                    WsiIlError(
+                        f"{exc.strerror or exc} ({exc.filename or 'file'})",
+                        "check free disk space and permissions, then try again",
+                    )
+                )
+
         return endpoint
 
     async def index(request: Request) -> Response:
@@ -211,8 +225,13 @@ def create_app(desk: Desk, token: str, hosts: set[str], port: int) -> ASGIApp:
         found = _TILE.match(request.path_params["tile"])
         if not found:
             raise NotFound("no such tile", "reload the page")
-        data = await run(desk.tile, request.path_params["slide_id"], request.path_params["level"],
-                         int(found.group(1)), int(found.group(2)))
+        data = await run(
+            desk.tile,
+            request.path_params["slide_id"],
+            request.path_params["level"],
+            int(found.group(1)),
+            int(found.group(2)),
+        )
         return _image(data, "image/jpeg")
 
     async def overlay(request: Request) -> Response:
@@ -262,16 +281,22 @@ def create_app(desk: Desk, token: str, hosts: set[str], port: int) -> ASGIApp:
 def _headers(app: ASGIApp) -> ASGIApp:
     """Add the headers every answer carries: no framing, no referrer (the URL had the token), scripts only from
     the desk itself."""
-    extra = [(b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
-             (b"x-content-type-options", b"nosniff"),
-             (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; "
-                                          b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")]
+    extra = [
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        (b"x-content-type-options", b"nosniff"),
+        (
+            b"content-security-policy",
+            b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    ]
 
     async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
+
         await app(scope, receive, sending)
 
     return wrapped
@@ -300,8 +325,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                         "pick another --port (0 takes a free one)") from exc
+        raise InputError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}", "pick another --port (0 takes a free one)"
+        ) from exc
     return sock
 
 
@@ -311,8 +337,7 @@ def serve(app: ASGIApp, sock: socket.socket) -> None:
 
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     # uvicorn raises the signal that stopped it again once it is done: let that one end nothing more.
     quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
