@@ -14,7 +14,7 @@ import signal
 
 import pytest
 from test_cli_e2e import run
-from test_desk_server import EXAMPLES, ledger, start_server, truth_answers
+from test_desk_server import ledger, make_desk_project, start_server, truth_answers
 
 from wsi_il.review import read_batch, read_labels
 
@@ -40,22 +40,7 @@ def desk(tmp_path_factory):
         from playwright.sync_api import sync_playwright
     except ImportError:
         _need("Playwright for Python is not installed (pip install playwright; no browser download needed)")
-    project = tmp_path_factory.mktemp("desk-browser") / "cmu"
-    run(
-        "init",
-        project,
-        "--slide",
-        EXAMPLES / "CMU-1-Small-Region.svs",
-        "--tile-size",
-        "128",
-        "--weights",
-        "random",
-        "--epochs",
-        "2",
-        "--device",
-        "cpu",
-    )
-    run("query", project, "--region", EXAMPLES / "query.geojson", "-k", "6", "--rounds", "3", "--device", "cpu")
+    project = make_desk_project(tmp_path_factory.mktemp("desk-browser") / "cmu")
     server, _, web = start_server(project)
     web.close()
     try:

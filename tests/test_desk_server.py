@@ -43,7 +43,11 @@ BASE = f"http://127.0.0.1:{PORT}"
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory):
     """The bundled slide with a session started (3 rounds of 6); copied by each test that changes it."""
-    project = tmp_path_factory.mktemp("desk") / "cmu"
+    return make_desk_project(tmp_path_factory.mktemp("desk") / "cmu")
+
+
+def make_desk_project(project: Path) -> Path:
+    """A project of the bundled slide (random weights, 128 px tiles) with a session started: 3 rounds of 6."""
     run(
         "init",
         project,
