@@ -116,7 +116,8 @@ def test_the_review_goes_on_while_pretraining_runs_and_a_killed_run_changes_noth
         batch = project / "batches" / "s1-r1"
         answer(batch, {0: "Tumor", 1: "Normal", 2: "Normal", 3: "Tumor"})
         assert "batch s1-r2 is ready" in " ".join(run("ingest", project, batch / "labels.csv", *CPU).split())
-        run("export", project, "--out", tmp_path / "mask.geojson")
+        exported = " ".join(run("export", project, "--out", tmp_path / "mask.geojson").split())
+        assert "pretraining is running" in exported and "Offline, run" not in exported
         assert pretraining.poll() is None, "pretraining ended before the review's commands ran beside it"
     finally:
         pretraining.kill()

@@ -203,6 +203,15 @@ def _errors() -> Iterator[None]:
 def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> None:
     if manifest["features"]["weights"] == "random":
         where = project if project is not None else "PROJECT"
+        if project is not None and (run := _pretraining_now(project)) is not None:
+            console.print(
+                "[yellow]features from random weights for now: pretraining is running "
+                f"(since {str(run.get('since', '?'))[:19]}, "
+                "see `wsi-il status`); the batch waiting for review is drawn again with the new features when "
+                "they are ready, labels kept[/]",
+                soft_wrap=True,
+            )
+            return
         console.print(
             "[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
             f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
@@ -211,6 +220,13 @@ def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> No
             f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]",
             soft_wrap=True,
         )
+
+
+def _pretraining_now(project: Path) -> dict[str, Any] | None:
+    from wsi_il.project import Project
+    from wsi_il.status import pretraining_run
+
+    return pretraining_run(Project(project))
 
 
 def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:

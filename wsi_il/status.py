@@ -50,7 +50,7 @@ def _session_row(session: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _pretraining(project: Project) -> dict[str, Any] | None:
+def pretraining_run(project: Project) -> dict[str, Any] | None:
     """The pretraining run in progress (its lock's holder), or None."""
     path = project.pretrain_lock_path()
     if not path.is_file() or Project._lock_is_stale(path):
@@ -132,7 +132,7 @@ def project_status(root: Path) -> dict[str, Any]:
         "n_labels": len(labelled),
         "labels": dict(counts),
         "corrections": corrections(ledger),
-        "pretraining": _pretraining(project),
+        "pretraining": pretraining_run(project),
         "model": state.get("model"),
         "next": _next_step(Path(root), manifest, sessions, state.get("model")),
         "versions": (manifest.get("provenance") or {}).get("versions"),
