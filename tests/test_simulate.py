@@ -372,6 +372,29 @@ def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:
         assert (out / "runs" / "db" / "cnfp-seed0" / "state" / "stems.npy").is_file() == bool(frozen)
 
 
+def test_a_stopped_simulate_reuses_the_runs_that_ended(tiny_split, tmp_path) -> None:
+    database, test = tiny_split
+    out = tmp_path / "resumed"
+    common = ["--patches", database, "--test", test, "--sessions", "1", "--rounds", "1", "-k", "2", "--queries", "1"]
+    run("simulate", *common, "--strategy", "random", "--no-reference", *FAST[:-2], "--out", out)
+    first = read_rows(out / "results.csv")
+    marker = out / "runs" / "db" / "random-seed0" / "kept"
+    marker.write_text("a rerun would have removed this folder")
+    with (out / "runs.jsonl").open("a") as journal:
+        journal.write('{"run": "db/cnfp/seed0", "rows": [{"stra')  # a line a kill cut short
+    output = run("simulate", *common, "--strategy", "random,cnfp", "--no-reference", *FAST[:-2], "--out", out)
+    assert "1 run(s) already done" in " ".join(output.split())
+    assert marker.is_file()  # the random run was not done again
+    rows = read_rows(out / "results.csv")
+    assert [r for r in rows if r["strategy"] == "random"] == first
+    assert [r["strategy"] for r in rows] == ["random", "cnfp"]
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3  # the experiment and two runs
+    other = run(
+        "simulate", *common, "--strategy", "random", "--no-reference", *FAST[:-2], "--epochs", "2", "--out", out, code=3
+    )
+    assert "holds the runs of another experiment (different epochs)" in " ".join(other.split())
+
+
 def test_simulate_refuses_bad_input(tmp_path) -> None:
     assert "either --slide" in run("simulate", "--out", tmp_path, code=3)
     assert "not one of" in run(

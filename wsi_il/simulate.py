@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -222,6 +223,79 @@ class Outcome:
     """Every patch shown with a suggestion: SUGGESTION_COLUMNS."""
     summary: dict[str, Any] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+
+
+class RunJournal:
+    """The runs of one experiment that have ended, kept in ``OUT/runs.jsonl`` one line a run as each ends.
+
+    A simulate stopped (a dropped SSH link, a kill) and started again with the same settings and ``--out`` takes
+    the runs recorded here and does only the rest; more seeds or strategies with the same settings add to them.
+    The first line records the experiment (every setting that changes a run's result); other settings in the same
+    folder are refused rather than mixed.
+    """
+
+    def __init__(self, out: Path, settings: SimulationSettings, about: dict[str, Any], reporter: Reporter) -> None:
+        self.path = out / "runs.jsonl"
+        shape = {k: v for k, v in asdict(settings).items() if k not in ("strategies", "seeds", "first_seed")}
+        self.experiment = json.loads(json.dumps({**about, **shape}, default=_json_default))
+        self.done: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"experiment": self.experiment}) + "\n")
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0]) if lines else {}
+        if head.get("experiment") != self.experiment:
+            changed = sorted(
+                k
+                for k in {*self.experiment, *head.get("experiment", {})}
+                if head.get("experiment", {}).get(k) != self.experiment.get(k)
+            )
+            raise InputError(
+                f"{out} holds the runs of another experiment (different {', '.join(changed) or 'settings'})",
+                "give another --out folder, or remove that one to start again",
+            )
+        kept = [lines[0]]
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the line a kill cut short: that run is done again
+                continue
+            self.done[entry["run"]] = entry
+            kept.append(line)
+        atomic_write_text(self.path, "\n".join(kept) + "\n")
+        if self.done:
+            reporter.info(f"{len(self.done)} run(s) already done in {self.path}: reused, the others run now")
+
+    def get(self, run: str) -> dict[str, Any] | None:
+        """The recorded rows and suggestions of ``run``, or None when it has not ended yet."""
+        return self.done.get(run)
+
+    def add(self, run: str, rows: list[dict[str, Any]], suggestions: list[dict[str, Any]]) -> None:
+        """Record an ended run (appended and synced, so that a kill afterwards keeps it)."""
+        entry = {"run": run, "rows": rows, "suggestions": suggestions}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=_json_default) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done[run] = json.loads(json.dumps(entry, default=_json_default))
+
+
+def _reuse(
+    done: dict[str, Any] | None,
+    rows: list[dict[str, Any]],
+    suggestions: list[dict[str, Any]],
+    progress: Progress | None = None,
+    settings: SimulationSettings | None = None,
+) -> bool:
+    """Add a recorded run's rows and suggestions; with ``progress``, count its rounds as done. False: not run yet."""
+    if done is None:
+        return False
+    rows.extend(done["rows"])
+    suggestions.extend(done["suggestions"])
+    if progress is not None and settings is not None:
+        progress.advance(settings.sessions * settings.rounds)
+    return True
 
 
 # ---- projects -----------------------------------------------------------------------------------
@@ -566,6 +640,22 @@ def simulate_slides(
                 bases[source.slide.resolve()] = build_base(
                     out / "base" / _unique_names([source.slide])[0], settings, reporter, device, slide=source.slide
                 )
+    journal = RunJournal(
+        out,
+        settings,
+        {
+            "mode": "slides",
+            "cases": [
+                [
+                    str(c.slide.resolve()),
+                    str(c.truth.resolve()),
+                    str(c.query_from.slide.resolve()) if c.query_from else "",
+                ]
+                for c in cases
+            ],
+        },
+        reporter,
+    )
     per_slide: list[dict[str, Any]] = []
     suggestions: list[dict[str, Any]] = []
     for case, name in zip(cases, names, strict=True):
@@ -601,24 +691,20 @@ def simulate_slides(
                 ]
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
-            if seed == settings.first_seed and settings.reference:  # once per slide (the seed spread is not asked)
-                progress.describe(f"{name}: full-supervision reference")
+            reference_run = f"{name}/{REFERENCE}/seed{seed}"
+            if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
+                progress.describe(f"{name}: full-supervision reference")  # once per slide (not a seed spread)
                 reference = _slide_reference(
                     ctx, truth, train, settings.reference_folds, settings.reference_epochs, progress
                 )
-                per_slide.append(
-                    {
-                        "slide": name,
-                        "strategy": REFERENCE,
-                        "seed": seed,
-                        "session": 0,
-                        "labels": n,
-                        "label_share": 1.0,
-                        "seconds": "",
-                        **reference,
-                    }
-                )
+                row = {"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n}
+                journal.add(reference_run, [{**row, "label_share": 1.0, "seconds": "", **reference}], [])
+            if seed == settings.first_seed and settings.reference:
+                per_slide.extend(journal.done[reference_run]["rows"])
             for strategy in settings.strategies:
+                run_name = f"{name}/{strategy}/seed{seed}"
+                if _reuse(journal.get(run_name), per_slide, suggestions, progress, settings):
+                    continue
                 progress.describe(f"{name}: {strategy}, seed {seed}")
                 project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
                 run_ctx = open_context(project, device, SilentReporter())
@@ -640,9 +726,12 @@ def simulate_slides(
                     progress,
                     shown,
                 )
-                suggestions.extend({"slide": name, "strategy": strategy, "seed": seed, **s} for s in shown)
-                for row in rows:
-                    per_slide.append({"slide": name, "seed": seed, "label_share": row["labels"] / n, **row})
+                journal.add(
+                    run_name,
+                    [{"slide": name, "seed": seed, "label_share": row["labels"] / n, **row} for row in rows],
+                    [{"slide": name, "strategy": strategy, "seed": seed, **s} for s in shown],
+                )
+                _reuse(journal.done[run_name], per_slide, suggestions)
     rows = _macro_average(per_slide)
     outcome = Outcome(rows, per_slide if len(cases) > 1 else [], suggestions)
     return finish(out, outcome, SLIDE_METRICS, settings, {"mode": "slides", "slides": names})
@@ -858,6 +947,12 @@ def simulate_patches(
             f"{settings.sessions} sessions need more than the {settings.queries} x {len(classes)} query patches",
             f"raise --queries to at least {math.ceil(settings.sessions / len(classes))}",
         )
+    journal = RunJournal(
+        out,
+        settings,
+        {"mode": "patches", "patches": str(Path(patches).resolve()), "test": str(Path(test).resolve())},
+        reporter,
+    )
     rows: list[dict[str, Any]] = []
     suggestions: list[dict[str, Any]] = []
     for seed in settings.seed_range():
@@ -874,21 +969,18 @@ def simulate_patches(
                 queries.append((classes[c], {"query_indices": query_sets[c][taken[c] : taken[c] + 1]}))
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
-        if seed == settings.first_seed and settings.reference:  # trained once (its seed spread is not the question)
-            progress.describe(f"{name}: full-supervision reference")
+        reference_run = f"{name}/{REFERENCE}/seed{seed}"
+        if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
+            progress.describe(f"{name}: full-supervision reference")  # trained once (not a seed spread)
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
-            rows.append(
-                {
-                    "strategy": REFERENCE,
-                    "seed": seed,
-                    "session": 0,
-                    "labels": len(ctx.table),
-                    "label_share": 1.0,
-                    "seconds": "",
-                    **reference,
-                }
-            )
+            row = {"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table), "label_share": 1.0}
+            journal.add(reference_run, [{**row, "seconds": "", **reference}], [])
+        if seed == settings.first_seed and settings.reference:
+            rows.extend(journal.done[reference_run]["rows"])
         for strategy in settings.strategies:
+            run_name = f"{name}/{strategy}/seed{seed}"
+            if _reuse(journal.get(run_name), rows, suggestions, progress, settings):
+                continue
             progress.describe(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
             run_ctx = open_context(project, device, SilentReporter())
@@ -903,8 +995,12 @@ def simulate_patches(
                 progress,
                 shown,
             )
-            suggestions.extend({"strategy": strategy, "seed": seed, **s} for s in shown)
-            rows.extend({"seed": seed, "label_share": r["labels"] / len(ctx.table), **r} for r in found)
+            journal.add(
+                run_name,
+                [{"seed": seed, "label_share": r["labels"] / len(ctx.table), **r} for r in found],
+                [{"strategy": strategy, "seed": seed, **s} for s in shown],
+            )
+            _reuse(journal.done[run_name], rows, suggestions)
     return finish(
         out,
         Outcome(rows, suggestions=suggestions),
