@@ -64,8 +64,8 @@ def main() -> None:
 
 
 def _build_slide(work: Path, data: Path | None) -> Path:
-    from wsi_il.bench import data_dir
-    from wsi_il.mosaic import bach_images, make_block_slide
+    from wsi_il.measure.bench import data_dir
+    from wsi_il.measure.mosaic import bach_images, make_block_slide
 
     tumour, normal = bach_images(data_dir(data))
     return make_block_slide(work / "slide.tiff", tumour, normal, size_px=(4096, 3072), seed=1).path

@@ -11,8 +11,8 @@ from test_cli_e2e import run
 
 from wsi_il.corrections import correct_labels, corrections
 from wsi_il.errors import InputError
+from wsi_il.measure.truth import fill_labels_from_truth
 from wsi_il.project import Project, current_labels
-from wsi_il.truth import fill_labels_from_truth
 
 
 @pytest.fixture()

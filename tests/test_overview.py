@@ -144,7 +144,7 @@ def test_overview_legend_counts(cmu_picture) -> None:
 @pytest.fixture(scope="module")
 def corrected_project(example_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled slide after one ingested round, one of its labels then corrected."""
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     project = tmp_path_factory.mktemp("overview") / "cmu"
     examples = example_slide.parent

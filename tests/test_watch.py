@@ -11,7 +11,7 @@ from test_cli_e2e import run, write_region
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.truth import fill_labels_from_truth, write_batch_labels
+from wsi_il.measure.truth import fill_labels_from_truth, write_batch_labels
 
 
 @pytest.fixture()

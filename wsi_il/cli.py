@@ -1449,7 +1449,7 @@ def simulate(
     Every run goes through the same code as `query` and `ingest`: real review batches, filled from the truth.
     """
     from wsi_il.config import STRATEGIES
-    from wsi_il.simulate import (
+    from wsi_il.measure.simulate import (
         REFERENCE,
         SimulationSettings,
         SlideCase,
@@ -1457,7 +1457,7 @@ def simulate(
         simulate_slides,
         total_rounds,
     )
-    from wsi_il.simulate import Progress as SimProgress
+    from wsi_il.measure.simulate import Progress as SimProgress
 
     with _errors():
         names = tuple(s.strip().lower() for s in strategy.split(",") if s.strip())
@@ -1574,9 +1574,9 @@ def evaluate(
 ) -> None:
     """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, balanced accuracy
     and the share called, pixel IoU. Needs truth exact at patch level (docs/quality.md)."""
+    from wsi_il.measure.simulate import evaluate_project
     from wsi_il.project import Project
     from wsi_il.session import open_context
-    from wsi_il.simulate import evaluate_project
 
     with _errors():
         proj = Project(project)
@@ -1709,8 +1709,8 @@ def _bench_slide(work: Path) -> Path:
 def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_path: Path | None) -> None:
     import json
 
-    from wsi_il.bench_backbones import bench_backbone, results_json
     from wsi_il.fsutil import atomic_write_text
+    from wsi_il.measure.bench_backbones import bench_backbone, results_json
 
     results = []
     sample = 4096 if dev.startswith("cuda") else 64
@@ -1758,8 +1758,8 @@ def _run_bench(
     paper: bool,
     json_path: Path | None,
 ) -> None:
-    from wsi_il.bench import BenchSettings, result_json, run_bench
     from wsi_il.fsutil import atomic_write_text
+    from wsi_il.measure.bench import BenchSettings, result_json, run_bench
 
     settings = BenchSettings(
         out=out_dir,

@@ -399,7 +399,8 @@ class FeatureExtractor:
         self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
         self.normalise_with(mean, std)
         self.precision = precision_name(self.device)
-        """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features)."""
+        """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features); set it
+        to 'fp32' to compute in float32 where bf16 would be chosen (a comparison's baseline)."""
         self.threads = default_workers() if self.device.type == "cpu" else 0
         """Threads the trunk computes with on a CPU: every core (set in the thread that computes: OpenMP's count is
         a thread's own, and ``build_database`` builds the extractor in another)."""
@@ -492,7 +493,7 @@ class FeatureExtractor:
         if batch.shape[-2:] != (self.input_px, self.input_px):
             batch = resize_batch(batch, self.input_px, self.interpolation)
         batch = ((batch.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
+        with autocast(self.device, wanted=self.precision):
             out = self.trunk(batch)
         # float16 on the device: half the bytes to copy back, and no conversion on the host (1.9 s of a
         # 12,358-patch extraction on an H100 machine); the same values as numpy's conversion, bit for bit

@@ -14,7 +14,7 @@ Layout of an output folder::
     rounds.csv                   per round: how the suggestions shown fared (``suggestion_scores``)
 
 Slides need exact patch-level truth to be scored (a mosaic of per-patch-labelled patches such as PCam,
-``wsi_il.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
+``wsi_il.measure.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
 
 def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str, str]:
     """Fill a review batch's labels.csv with each patch's true class name, as an expert would."""
-    from wsi_il.truth import write_batch_labels
+    from wsi_il.measure.truth import write_batch_labels
 
     return write_batch_labels(batch_dir, truth)
 
@@ -428,7 +428,7 @@ def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
 
 # ---- slides ---------------------------------------------------------------------------------------
 def _slide_truth(ctx: Any, truth: Path) -> np.ndarray:
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     slide = ctx.table.slides[0]
     return truth_mask(ctx.table.boxes, truth, slide.offset)
@@ -520,8 +520,8 @@ def _tumour_query_images(
     from PIL import Image
 
     from wsi_il.database import patch_table
+    from wsi_il.measure.truth import truth_mask
     from wsi_il.slide import TileReader
-    from wsi_il.truth import truth_mask
 
     table = patch_table(base, base.read_manifest())
     tumour = np.flatnonzero(truth_mask(table.boxes, case.truth, table.slides[0].offset))
@@ -625,7 +625,7 @@ def simulate_slides(
                 offset = run_ctx.table.slides[0].offset
 
                 def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> dict[str, str]:
-                    from wsi_il.truth import fill_labels_from_truth
+                    from wsi_il.measure.truth import fill_labels_from_truth
 
                     return fill_labels_from_truth(batch, truth_path, offset)
 

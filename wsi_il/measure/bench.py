@@ -239,7 +239,7 @@ def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[P
     A slide of tens of thousands of pixels a side would not fit in memory as one image, so an island mosaic
     of real BACH fields (at most 8192 px a side) is written once and tiled, mirrored, into the large slide.
     """
-    from wsi_il.mosaic import bach_images, make_island_slide, write_mirrored_tiling
+    from wsi_il.measure.mosaic import bach_images, make_island_slide, write_mirrored_tiling
 
     tile = TilingSettings().tile_size_px
     side = int(math.ceil(math.sqrt(patches / TISSUE_SHARE))) * tile
@@ -297,7 +297,9 @@ def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) ->
             "seed": settings.seed,
         }
     )
-    done = subprocess.run([sys.executable, "-m", "wsi_il.bench", args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi_il.measure.bench", args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the extraction stage failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -487,9 +489,8 @@ def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> f
 
     extractor, settings = _extractor(project, device)
     table = patch_table(project, project.read_manifest())
+    extractor.precision = "fp32"
     handle = open_slide(slide)
-    previous = os.environ.get("WSI_IL_PRECISION")
-    os.environ["WSI_IL_PRECISION"] = "fp32"
     try:
         extractor(np.zeros((1, settings.input_px, settings.input_px, 3), dtype=np.uint8))  # warm-up
         started = time.perf_counter()
@@ -503,10 +504,6 @@ def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> f
         return sample / (time.perf_counter() - started)
     finally:
         handle.close()
-        if previous is None:
-            os.environ.pop("WSI_IL_PRECISION", None)
-        else:
-            os.environ["WSI_IL_PRECISION"] = previous
 
 
 def _sync(device: str) -> None:
@@ -520,7 +517,7 @@ def _sync(device: str) -> None:
 def _label_all(project: Project, truth: Path | None, seed: int) -> np.ndarray:
     """True where a patch is tumour (from the truth; random when there is none)."""
     from wsi_il.database import patch_table
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     table = patch_table(project, project.read_manifest())
     if truth is not None:
@@ -565,11 +562,11 @@ def round_latency(
     watch`` does while the expert labels.
     """
     from wsi_il.config import resolve_schedule
+    from wsi_il.measure.simulate import fork_project
+    from wsi_il.measure.truth import write_batch_labels
     from wsi_il.project import now_iso
     from wsi_il.review import read_batch
     from wsi_il.session import ingest, open_context, rehearse, start_session
-    from wsi_il.simulate import fork_project
-    from wsi_il.truth import write_batch_labels
 
     project = fork_project(base, folder, replace(train, seed=settings.seed))
     ctx = open_context(project, settings.device, SilentReporter())
@@ -638,7 +635,7 @@ def synthetic_export(out: Path, patches: int, seed: int) -> float:
     As ``export`` does by default: one valid MultiPolygon annotation per class (tumour and normal), made from
     the union of the patch squares predicted as that class.
     """
-    from wsi_il.mosaic import island_layout, rasterise
+    from wsi_il.measure.mosaic import island_layout, rasterise
     from wsi_il.qupath import class_color, make_feature, union_squares, write_features
 
     tile = TilingSettings().tile_size_px
