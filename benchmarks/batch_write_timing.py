@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import wsi_il
-    from wsi_il.features import default_workers
+    from wsi_il.threads import default_workers
 
     work = Path(tempfile.mkdtemp(prefix="batch-write-timing-", dir=args.work))
     try:
@@ -148,9 +148,9 @@ def _read(ctx: Any, slide_path: Path, chosen: np.ndarray) -> tuple[list[Any], li
 def _context(work: Path, slide_path: Path, count: int):
     """A session context holding one slide and ``count`` patches of its tissue: what ``_write_batch_files`` reads,
     without computing features."""
+    from wsi_il.batch import BatchInfo, BatchPatch
     from wsi_il.database import PatchTable
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.review import BatchInfo, BatchPatch
     from wsi_il.session import Context
     from wsi_il.slide import read_info
 

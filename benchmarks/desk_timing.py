@@ -78,7 +78,7 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     index = ctx.table.index_of()
 
     def fill(batch: Path) -> None:
-        from wsi_il.review import read_batch
+        from wsi_il.batch import read_batch
 
         ids = [p.patch_id for p in read_batch(batch)[1]]
         write_batch_labels(batch, {pid: "Tumor" if tumour[index[pid]] else "Normal" for pid in ids})
@@ -120,8 +120,8 @@ KEY_TIMER = """() => {
 
 
 def answers_for(project: Path, batch: str, truth: Path) -> dict[str, str]:
+    from wsi_il.batch import read_batch
     from wsi_il.measure.truth import truth_mask
-    from wsi_il.review import read_batch
 
     _, patches = read_batch(project / "batches" / batch)
     inside = truth_mask(np.array([[p.x, p.y, p.width, p.height] for p in patches]), truth)
@@ -197,7 +197,7 @@ def time_run(
 
 def _click_patch(page, project: Path, batch: str) -> None:
     """Click, on the slide view, the middle of the first patch of ``batch`` (a labelled one by now)."""
-    from wsi_il.review import read_batch
+    from wsi_il.batch import read_batch
 
     patch = read_batch(project / "batches" / batch)[1][0]
     x, y = page.evaluate(

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from wsi_il.answers import read_answers, write_answers
+from wsi_il.batch import read_batch
 from wsi_il.cli import app
 from wsi_il.pretrain import DurationEstimate
 from wsi_il.project import Project
-from wsi_il.review import read_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PCAM = REPO / "tests" / "data" / "pcam"

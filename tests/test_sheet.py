@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFont
 
-from wsi_il.review import UNCERTAIN_BELOW, BatchPatch, read_batch, suggestion_certainty
+from wsi_il.batch import UNCERTAIN_BELOW, BatchPatch, read_batch, suggestion_certainty
 from wsi_il.sheet import sheet_layout, suggestion_text, wrap_text
 
 LONG_ID = "TCGA-A2-A0T2-01Z-00-DX1.70C8C0AB-5C8E-4A8B-9D1C-31F3A9E1A2B4_x{x}_y{y}"

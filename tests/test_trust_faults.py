@@ -266,7 +266,8 @@ def test_ingest_killed_at_many_instants(ingest_base, ingest_reference, tmp_path)
 
 
 def _labels(project: Path) -> dict[str, str]:
-    from wsi_il.review import read_batch, read_labels
+    from wsi_il.batch import read_batch
+    from wsi_il.labels import read_labels
 
     batch = project / "batches" / "s1-r1"
     info, patches = read_batch(batch)

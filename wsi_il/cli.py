@@ -802,7 +802,8 @@ def relabel(
 
 def _answers_in(proj: Any, manifest: dict[str, Any], labels: Path) -> list[tuple[str, str]]:
     """The filled rows of a batch's labels file, as (patch id, label) answers."""
-    from wsi_il.review import read_batch, read_labels
+    from wsi_il.batch import read_batch
+    from wsi_il.labels import read_labels
     from wsi_il.session import find_batch_dir
     from wsi_il.watch import slide_offsets
 

@@ -189,9 +189,9 @@ def write_overview(
     """Save the overview PNG: the slide with the expert's labels and queries beside it with the predicted classes
     (a light wash and an edge line each), under a legend (``wsi_il.overview``); return what was drawn."""
     from wsi_il import png
-    from wsi_il.features import core_threads, default_workers
     from wsi_il.overview import render_overview
     from wsi_il.slide import read_thumbnail
+    from wsi_il.threads import core_threads, default_workers
 
     thumb, scale = read_thumbnail(Path(slide.path), max_px)
     header = [f"{slide.id}: {notes}" if notes else slide.id]

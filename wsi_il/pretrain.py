@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from wsi_il.config import FeatureSettings, TilingSettings, from_dict
-from wsi_il.database import load_image, load_project_weights
 from wsi_il.errors import InputError, ProjectStateError
-from wsi_il.features import Weights, build_resnet, default_workers
+from wsi_il.features import Weights, build_resnet, load_project_weights
 from wsi_il.fsutil import atomic_write_bytes
+from wsi_il.imagefiles import load_image
 from wsi_il.project import Project
 from wsi_il.readers import read_batches
+from wsi_il.threads import default_workers
 
 METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
 """The self-supervised methods, by the name that selects them."""

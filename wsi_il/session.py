@@ -18,13 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.batch import BatchInfo, BatchPatch, read_batch
 from wsi_il.config import SessionSettings, TrainSettings, from_dict
-from wsi_il.database import FeatureStore, PatchTable, load_image, patch_table
+from wsi_il.database import FeatureStore, PatchTable, patch_table
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
 from wsi_il.fsutil import atomic_write_bytes
+from wsi_il.imagefiles import load_image
+from wsi_il.labels import read_labels
 from wsi_il.project import Project, check_settings, current_versions, features_pending, now_iso
-from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
+from wsi_il.review import write_batch
 from wsi_il.stems import ProjectStems, stem_key
 
 EMBED_CHUNK = 256
@@ -563,8 +566,8 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
 def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: dict[str, str]) -> tuple[str, int]:
     """Write the redrawn batch beside the waiting one (``.<batch>.redraw``); return its rule and candidates."""
     from wsi_il.answers import write_answers
+    from wsi_il.batch import NOT_PREFIX
     from wsi_il.index import rank_by_distance
-    from wsi_il.review import NOT_PREFIX
     from wsi_il.sampling import sample
 
     folder = ctx.project.batch_dir(batch_id)
@@ -626,8 +629,8 @@ def _write_batch_files(
     rule: str,
     folder: Path | None = None,
 ) -> None:
-    from wsi_il.features import core_threads
     from wsi_il.slide import TileReader
+    from wsi_il.threads import core_threads
 
     info = BatchInfo(
         batch_id=batch_id,

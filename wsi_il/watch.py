@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_il.batch import BATCH_GEOJSON, LABELS_CSV, read_batch
 from wsi_il.errors import WsiIlError
+from wsi_il.labels import read_labels
 from wsi_il.project import Project
-from wsi_il.review import BATCH_GEOJSON, LABELS_CSV, read_batch, read_labels
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.answers import read_answers, write_answers
+from wsi_il.batch import BATCH_JSON, LABELS_CSV, SKIP, read_batch, suggestion_is_uncertain
 from wsi_il.desk.ahead import Preparer, Stale, commit, likely_answers
 from wsi_il.desk.ahead import clear as clear_shadows
 from wsi_il.desk.images import (
@@ -33,7 +34,6 @@ from wsi_il.desk.images import (
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 from wsi_il.events import SilentReporter
 from wsi_il.project import Project
-from wsi_il.review import BATCH_JSON, LABELS_CSV, SKIP, read_batch, suggestion_is_uncertain
 
 BATCH_ID = re.compile(r"^s[0-9]{1,6}-r[0-9]{1,6}$")
 OVERLAYS = ("probability", "labelled", "query", "batch")

@@ -131,8 +131,8 @@ def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text:
     """Run every stage and return the figures (``say`` hears what is being measured)."""
     import torch
 
-    from wsi_il.features import default_workers
     from wsi_il.precision import precision_name
+    from wsi_il.threads import default_workers
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,7 +463,8 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
     from wsi_il.config import from_dict
     from wsi_il.database import slide_readers, tile_spec
-    from wsi_il.features import batch_ranges, default_workers, trunk_batch_size
+    from wsi_il.features import batch_ranges, trunk_batch_size
+    from wsi_il.threads import default_workers
 
     manifest = project.read_manifest()
     settings = from_dict(FeatureSettings, manifest["features"])
@@ -561,11 +562,11 @@ def round_latency(
     use, and the next is timed. ``rehearsed``: ``session.rehearse`` runs before the timed ingest, as ``wsi-il
     watch`` does while the expert labels.
     """
+    from wsi_il.batch import read_batch
     from wsi_il.config import resolve_schedule
     from wsi_il.measure.simulate import fork_project
     from wsi_il.measure.truth import write_batch_labels
     from wsi_il.project import now_iso
-    from wsi_il.review import read_batch
     from wsi_il.session import ingest, open_context, rehearse, start_session
 
     project = fork_project(base, folder, replace(train, seed=settings.seed))

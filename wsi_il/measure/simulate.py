@@ -367,7 +367,7 @@ def _exhausted(exc: ProjectStateError) -> bool:
 
 def _shown(batch_dir: Path, answers: dict[str, str], session: int, round_number: int) -> list[dict[str, Any]]:
     """The batch's patches that came with a suggestion, with the answer the truth gave."""
-    from wsi_il.review import read_batch
+    from wsi_il.batch import read_batch
 
     return [
         {
@@ -401,11 +401,11 @@ def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
     """How the suggestions shown in a session's batches fared: the share that matched the truth, the share shown
-    as confident (``review.suggestion_is_uncertain`` false) and the share of those that matched.
+    as confident (``batch.suggestion_is_uncertain`` false) and the share of those that matched.
 
     The last two say what one "accept every confident suggestion" action would record, and how well.
     """
-    from wsi_il.review import suggestion_is_uncertain
+    from wsi_il.batch import suggestion_is_uncertain
 
     if not shown:
         return {"suggestion_accuracy": "", "confident_share": "", "confident_accuracy": ""}
