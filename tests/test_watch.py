@@ -70,7 +70,8 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
     from wsi_il.watch import watch
 
     project = Project(waiting_project)
-    said: list[str] = []
+    reporter = SilentReporter()
+    said = reporter.statuses
     ingested: list[str] = []
 
     def ingest_batch(labels: Path) -> None:
@@ -80,7 +81,7 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
     rounds: list[int] = []
     stopped = threading.Event()
     watcher = threading.Thread(
-        target=lambda: rounds.append(watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+        target=lambda: rounds.append(watch(project, ingest_batch, reporter, 0.05, stopped.is_set))
     )
     watcher.start()
     try:
@@ -151,7 +152,8 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
                 "name": truth[feature["properties"]["name"]],
                 "color": [200, 0, 0],
             }
-    said: list[str] = []
+    reporter = SilentReporter()
+    said = reporter.statuses
     ingested: list[Path] = []
     stopped = threading.Event()
 
@@ -161,7 +163,7 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
         stopped.set()
 
     (batch / "qupath-export.geojson").write_text(json.dumps(exported))
-    watcher = threading.Thread(target=lambda: watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+    watcher = threading.Thread(target=lambda: watch(project, ingest_batch, reporter, 0.05, stopped.is_set))
     watcher.start()
     try:
         _wait_for(lambda: any("5 of 6" in s and "qupath-export" in s for s in said), "the partial export")

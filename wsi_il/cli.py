@@ -97,6 +97,16 @@ class RichReporter:
         task_id = self.progress.add_task(description, total=max(total, 0), unit=unit)
         return lambda n: self.progress.advance(task_id, n)
 
+    def status(self, message: str) -> None:
+        """Show ``message`` as the description of the newest unfinished bar, or as a dim line when there is none."""
+        running = [task for task in self.progress.tasks if not task.finished]
+        if running:
+            self.progress.update(running[-1].id, description=message)
+            return
+        from rich.markup import escape
+
+        self.progress.console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+
     def info(self, message: str) -> None:
         from rich.markup import escape
 
@@ -829,7 +839,6 @@ def watch(
     """Ingest each review batch as soon as its labels.csv is filled in and saved (or a GeoJSON exported from
     QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
     is complete; Ctrl-C stops it, losing nothing."""
-    from rich.markup import escape
 
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
@@ -864,7 +873,8 @@ def watch(
                 result = ingest_labels(open_context(proj, dev, reporter), labels)
             _report_round(project, result, result.message, watching=True)
 
-        rounds = watch_batches(proj, ingest_batch, lambda text: out.print(f"[dim]{escape(text)}[/]"), interval)
+        with _reporter() as reporter:
+            rounds = watch_batches(proj, ingest_batch, reporter, interval)
         out.print(
             f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
             f"wsi-il export {project} --out mask.geojson"
@@ -1456,9 +1466,7 @@ def simulate(
         SlideCase,
         simulate_patches,
         simulate_slides,
-        total_rounds,
     )
-    from wsi_il.measure.simulate import Progress as SimProgress
 
     with _errors():
         names = tuple(s.strip().lower() for s in strategy.split(",") if s.strip())
@@ -1513,27 +1521,11 @@ def simulate(
         dev = _device(device)
         source = SlideCase(query_slide, query_truth) if query_slide and query_truth else None
         cases = [SlideCase(s, t, source) for s, t in zip(slide or [], truth or [], strict=True)]
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("rounds"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        with progress:
-            task = progress.add_task("simulate", total=total_rounds(settings, max(1, len(cases))))
-            hooks = SimProgress(
-                advance=lambda n: progress.advance(task, n),
-                describe=lambda text: progress.update(task, description=text),
-            )
-            with _reporter() as reporter:
-                if patches is not None:
-                    outcome = simulate_patches(patches, test, out_dir, settings, dev, hooks, reporter)
-                else:
-                    outcome = simulate_slides(cases, out_dir, settings, dev, hooks, reporter)
+        with _reporter() as reporter:
+            if patches is not None:
+                outcome = simulate_patches(patches, test, out_dir, settings, dev, reporter)
+            else:
+                outcome = simulate_slides(cases, out_dir, settings, dev, reporter)
         metrics = outcome.summary["metrics"]
         table = Table("strategy", "labels", *[f"final {m}" for m in metrics], f"labels to 95% ({metrics[0]})")
         for name, entry in outcome.summary["strategies"].items():
@@ -1774,8 +1766,8 @@ def _run_bench(
         paper=paper,
     )
     started = time.perf_counter()
-    with console.status("measuring") as status:
-        result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
+    with _reporter() as reporter:
+        result = run_bench(settings, reporter)
     table = Table(
         "stage",
         "measured",

@@ -35,7 +35,7 @@ import numpy as np
 
 from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, to_dict
 from wsi_il.errors import InputError
-from wsi_il.events import SilentReporter
+from wsi_il.events import Reporter, SilentReporter
 from wsi_il.project import Project
 
 TUMOUR, NORMAL = "Tumor", "Normal"
@@ -127,8 +127,9 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text: None) -> BenchResult:
-    """Run every stage and return the figures (``say`` hears what is being measured)."""
+def run_bench(settings: BenchSettings, reporter: Reporter | None = None) -> BenchResult:
+    """Run every stage and return the figures (the reporter's status says what is being measured)."""
+    say = (reporter or SilentReporter()).status
     import torch
 
     from wsi_il.precision import precision_name

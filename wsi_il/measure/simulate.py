@@ -204,15 +204,6 @@ class SlideCase:
 
 
 @dataclass
-class Progress:
-    """Callbacks a front end passes in: one step per ingested round, and every finished row."""
-
-    advance: Callable[[int], None] = lambda n: None
-    on_row: Callable[[dict[str, Any]], None] = lambda row: None
-    describe: Callable[[str], None] = lambda text: None
-
-
-@dataclass
 class Outcome:
     """What a simulation produced."""
 
@@ -305,10 +296,11 @@ def _run_sessions(
     strategy: str,
     label_batch: Callable[[Path], dict[str, str]],
     score: Callable[[Any], dict[str, Any]],
-    progress: Progress,
+    advance: Callable[[int], None],
     shown: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one session per query through start_session/ingest, scoring after each; returns the rows.
+    """Run one session per query through start_session/ingest, scoring after each; returns the rows. ``advance``
+    (a reporter's task) moves one step per round, ingested or not.
 
     ``shown`` collects every patch shown with a suggestion (SUGGESTION_COLUMNS, less strategy and seed).
     """
@@ -341,8 +333,8 @@ def _run_sessions(
                 result = None
                 break
             rounds_done += 1
-            progress.advance(1)
-        progress.advance(settings.rounds - rounds_done)
+            advance(1)
+        advance(settings.rounds - rounds_done)
         seconds = time.perf_counter() - started
         row = {
             "strategy": strategy,
@@ -355,7 +347,6 @@ def _run_sessions(
             **score(ctx),
         }
         rows.append(row)
-        progress.on_row(row)
         if result is None:
             break
     return rows
@@ -459,7 +450,7 @@ def _score_columns(every: Any, rest: Any) -> dict[str, Any]:
 
 
 def _slide_reference(
-    ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, progress: Progress | None = None
+    ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, reporter: Reporter
 ) -> dict[str, Any]:
     """Cross-validated full supervision: per fold, both heads trained on every other fold's patches with their
     true labels, predicting the fold; scored on all patches, each predicted by heads that never saw it."""
@@ -469,8 +460,7 @@ def _slide_reference(
     fold_of = np.random.default_rng(train.seed).permutation(len(targets)) % folds
     predicted = np.zeros(len(targets), dtype=bool)
     for fold in range(folds):
-        if progress is not None:
-            progress.describe(f"full-supervision reference, fold {fold + 1} of {folds}")
+        reporter.status(f"full-supervision reference, fold {fold + 1} of {folds}")
         held_out = np.flatnonzero(fold_of == fold)
         heads, init = _full_supervision(ctx, np.flatnonzero(fold_of != fold), targets, train, epochs)
         features = ctx.store.take(held_out)
@@ -549,20 +539,20 @@ def simulate_slides(
     out: Path,
     settings: SimulationSettings,
     device: str,
-    progress: Progress | None = None,
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on every slide; rows are macro-averaged over slides per session."""
     from wsi_il.session import current_embeddings, extract_query_images, open_context
 
     settings.check()
-    progress, reporter = progress or Progress(), reporter or SilentReporter()
+    reporter = reporter or SilentReporter()
+    advance = reporter.task("simulate", total_rounds(settings, max(1, len(cases))), unit="rounds")
     names = _unique_names([c.slide for c in cases])
     bases: dict[Path, Project] = {}
     for case in cases:
         for source in (case, case.query_from) if case.query_from else (case,):
             if source.slide.resolve() not in bases:
-                progress.describe(f"features of {source.slide.name}")
+                reporter.status(f"features of {source.slide.name}")
                 bases[source.slide.resolve()] = build_base(
                     out / "base" / _unique_names([source.slide])[0], settings, reporter, device, slide=source.slide
                 )
@@ -602,9 +592,9 @@ def simulate_slides(
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
             if seed == settings.first_seed and settings.reference:  # once per slide (the seed spread is not asked)
-                progress.describe(f"{name}: full-supervision reference")
+                reporter.status(f"{name}: full-supervision reference")
                 reference = _slide_reference(
-                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, progress
+                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, reporter
                 )
                 per_slide.append(
                     {
@@ -619,7 +609,7 @@ def simulate_slides(
                     }
                 )
             for strategy in settings.strategies:
-                progress.describe(f"{name}: {strategy}, seed {seed}")
+                reporter.status(f"{name}: {strategy}, seed {seed}")
                 project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
                 run_ctx = open_context(project, device, SilentReporter())
                 offset = run_ctx.table.slides[0].offset
@@ -637,7 +627,7 @@ def simulate_slides(
                     strategy,
                     label_batch,
                     lambda c, t=truth: _slide_scores(c, t),
-                    progress,
+                    advance,
                     shown,
                 )
                 suggestions.extend({"slide": name, "strategy": strategy, "seed": seed, **s} for s in shown)
@@ -836,20 +826,20 @@ def simulate_patches(
     out: Path,
     settings: SimulationSettings,
     device: str,
-    progress: Progress | None = None,
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on a patch dataset with explicit class labels, scored on a held-out set."""
     from wsi_il.session import current_embeddings, open_context
 
     settings.check()
-    progress, reporter = progress or Progress(), reporter or SilentReporter()
-    progress.describe(f"features of {Path(patches).name}")
+    reporter = reporter or SilentReporter()
+    advance = reporter.task("simulate", total_rounds(settings), unit="rounds")
+    reporter.status(f"features of {Path(patches).name}")
     name = _unique_names([patches])[0]
     base = build_base(out / "base" / name, settings, reporter, device, patches=patches)
     ctx = open_context(base, device, SilentReporter())
     current_embeddings(ctx)
-    progress.describe(f"features of {Path(test).name}")
+    reporter.status(f"features of {Path(test).name}")
     test_x, test_y = _test_set(ctx, test, base)
     database_y = _patch_truth(ctx)
     classes = ctx.classes
@@ -875,7 +865,7 @@ def simulate_patches(
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
         if seed == settings.first_seed and settings.reference:  # trained once (its seed spread is not the question)
-            progress.describe(f"{name}: full-supervision reference")
+            reporter.status(f"{name}: full-supervision reference")
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
             rows.append(
                 {
@@ -889,7 +879,7 @@ def simulate_patches(
                 }
             )
         for strategy in settings.strategies:
-            progress.describe(f"{name}: {strategy}, seed {seed}")
+            reporter.status(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
             run_ctx = open_context(project, device, SilentReporter())
             shown: list[dict[str, Any]] = []
@@ -900,7 +890,7 @@ def simulate_patches(
                 strategy,
                 lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
                 lambda c: _patch_scores(c, database_y, test_x, test_y),
-                progress,
+                advance,
                 shown,
             )
             suggestions.extend({"strategy": strategy, "seed": seed, **s} for s in shown)
