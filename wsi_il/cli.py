@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from wsi_il import __version__
-from wsi_il.config import TrainSettings
+from wsi_il.config import TilingSettings, TrainSettings, settings_of
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
 app = typer.Typer(
@@ -211,11 +211,12 @@ def _errors() -> Iterator[None]:
 
 
 def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> None:
-    if manifest["features"]["weights"] == "random":
+    features = settings_of(manifest).features
+    if features.weights == "random":
         where = project if project is not None else "PROJECT"
         console.print(
             "[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
-            f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
+            f"initialised {features.arch} (--weights random): fine for tests "
             "and demos, poor for real annotation. Offline, run "
             f"`wsi-il pretrain {where} --apply` (a few minutes, no labels, the review goes on meanwhile); "
             f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]",
@@ -223,11 +224,11 @@ def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> No
         )
 
 
-def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
+def _warn_unknown_mpp(record: dict[str, Any], tiling: TilingSettings) -> None:
     if record.get("kind") == "slide" and record.get("mpp") is None:
         _warn(
             f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
-            f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
+            f"unknown. Tiles are {tiling.tile_size_px} px of level 0 whatever the magnification: put only "
             "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
             "and tile at a physical resolution with --mpp"
         )
@@ -236,11 +237,9 @@ def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
 def _say_tiles(manifest: dict[str, Any]) -> None:
     """Print what a tile is (its side in px and µm) and what a patch costs in the feature store."""
     from wsi_il.backbones import bytes_per_patch
-    from wsi_il.config import FeatureSettings, TilingSettings, from_dict
     from wsi_il.features import store_shape
 
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling, settings = settings_of(manifest).tiling, settings_of(manifest).features
     where = (
         f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)"
         if tiling.target_mpp
@@ -318,14 +317,14 @@ def _trainable(value: str) -> str:
 
 def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[str, Any]) -> None:
     """Refuse `init` on an existing project with options (given explicitly) other than those it recorded."""
+    settings = settings_of(manifest)  # a setting older than the project reads as the value it had then
     asked, recorded = [], []
     for name, (flag, keys) in _INIT_SETTINGS.items():
         source = typer_ctx.get_parameter_source(name) if name in typer_ctx.params else None
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # not given: keeps what is recorded
             continue
-        value, stored = typer_ctx.params[name], manifest
-        for key in keys:
-            stored = stored.get(key) if isinstance(stored, dict) else None
+        value = typer_ctx.params[name]
+        stored = getattr(getattr(settings, keys[0]), keys[1]) if len(keys) == 2 else manifest.get(keys[0])
         if not _same_setting(name, value, stored, manifest):
             asked.append(_option_text(flag, value))
             recorded.append(_option_text(flag, stored))
@@ -340,14 +339,8 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
     import math
 
-    if name == "trainable":  # a project made before the setting existed trains the last block
-        return str(value).lower() == (stored or "last")
-    if name == "balance":  # a project made before the setting existed counted every label once
-        return str(value).strip().lower() == (stored or "none")
-    if name == "head_init":  # a project made before the setting existed trained the linear layer from scratch
-        return str(value).strip().lower() == (stored or "random")
-    if name == "norm_sample":  # a project made before the setting existed read every tile
-        return value == (0 if stored is None else stored)
+    if name in ("trainable", "balance", "head_init"):
+        return str(value).strip().lower() == stored
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
@@ -363,7 +356,7 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
             return True
         from wsi_il.features import file_sha256
 
-        return file_sha256(path) == manifest["features"].get("weights_sha256")
+        return file_sha256(path) == settings_of(manifest).features.weights_sha256
     if isinstance(value, float) and isinstance(stored, int | float) and not isinstance(stored, bool):
         return math.isclose(value, stored, rel_tol=1e-9)
     return value == stored
@@ -472,7 +465,7 @@ def init(
 
     Run it again to resume an interrupted run.
     """
-    from wsi_il.config import TilingSettings, TrainSettings, to_dict
+    from wsi_il.config import new_manifest
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
     from wsi_il.project import Project, check_settings
     from wsi_il.resolution import target_mpp, tile_side_px
@@ -524,32 +517,26 @@ def init(
                 raise InputError(
                     f"--classes {classes!r} must name at least two different classes", "e.g. --classes Tumor,Normal"
                 )
-            manifest = {
-                "classes": names,
-                "tiling": to_dict(
-                    TilingSettings(tile_size_px=tile_side, target_mpp=target, normalisation_sample=norm_sample)
+            manifest = new_manifest(
+                names,
+                TilingSettings(tile_size_px=tile_side, target_mpp=target, normalisation_sample=norm_sample),
+                feature_settings,
+                TrainSettings(
+                    epochs=epochs,
+                    lr=lr,
+                    margin=margin,
+                    warm_start=warm_start,
+                    refine_query=refine_query,
+                    seed=seed,
+                    schedule=_schedule(schedule),
+                    fast_budget=fast_budget,
+                    fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
+                    balance=_balance(balance),
+                    head_init=_head_init(head_init),
                 ),
-                "features": to_dict(feature_settings),
-                "train": to_dict(
-                    TrainSettings(
-                        epochs=epochs,
-                        lr=lr,
-                        margin=margin,
-                        warm_start=warm_start,
-                        refine_query=refine_query,
-                        seed=seed,
-                        schedule=_schedule(schedule),
-                        fast_budget=fast_budget,
-                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
-                        balance=_balance(balance),
-                        head_init=_head_init(head_init),
-                    )
-                ),
-                "normalisation": None,
-                "slides": [],
-            }
+            )
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), settings_of(manifest).tiling)
             if patches is not None:
                 register_patch_folder(manifest, patches)
         if weights != "pretrain":
@@ -578,7 +565,7 @@ def init(
             f"source(s); classes {', '.join(manifest['classes'])}"
         )
         _say_tiles(manifest)
-        if weights == "pretrain" and manifest["features"]["weights"] == "random":
+        if weights == "pretrain" and settings_of(manifest).features.weights == "random":
             _init_pretrain(proj, dev, seed, manifest["classes"][0])
             return
         out.print(f"next: wsi-il query {project} --region QUERY.geojson --label {manifest['classes'][0]}")
@@ -624,7 +611,7 @@ def add_slide(
                 _warn(warning)
             before = copy.deepcopy(manifest)
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), settings_of(manifest).tiling)
             if patches is not None:
                 register_patch_folder(manifest, patches)
             added = [s["id"] for s in manifest["slides"][len(before["slides"]) :]]
@@ -1267,7 +1254,7 @@ def pretrain(
 def _free_weights_path(proj: Any) -> Path:
     """PROJECT/pretrain/weights.pt, or weights-2.pt when the project's features come from the first: a new run must
     not overwrite the weights that the project's features (and any slide added later) are computed with."""
-    current = Path(str(proj.read_manifest()["features"]["weights"]))
+    current = Path(settings_of(proj.read_manifest()).features.weights)
     first = proj.pretrain_dir() / "weights.pt"
     return first if first.resolve() != current else proj.pretrain_dir() / "weights-2.pt"
 
@@ -1369,7 +1356,7 @@ def reextract(
         for warning in check_settings(proj.manifest_path(), manifest):
             console.print(f"[bold yellow]warning:[/] {warning}")
         weights_obj, arch_name = _weights_and_arch(
-            weights, arch or (manifest["features"]["arch"] if weights in ("imagenet", "random") else None)
+            weights, arch or (settings_of(manifest).features.arch if weights in ("imagenet", "random") else None)
         )
         with proj.lock("reextract"), _reporter() as reporter:
             manifest = run_reextract(proj, weights_obj, arch_name, reporter, _device(device))

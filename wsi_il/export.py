@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_il import __version__
+from wsi_il.config import settings_of
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
 from wsi_il.overview import Marks, Overview
@@ -29,17 +30,17 @@ class ExportedSlide:
 
 def provenance(ctx: Context) -> dict[str, object]:
     """Describe what produced a prediction: weights, model, labels (goes into every export)."""
-    features = ctx.manifest["features"]
+    features = settings_of(ctx.manifest).features
     state = _state(ctx)
     info: dict[str, object] = {
         "tool": f"wsi-il {__version__}",
         "project": ctx.manifest["uid"],
-        "weights": features["weights"],
-        "weights_sha256": features.get("weights_sha256"),
+        "weights": features.weights,
+        "weights_sha256": features.weights_sha256,
         "model": state.get("model"),
         "labels": state.get("n_labels"),
     }
-    if features["weights"] == "random":
+    if features.weights == "random":
         info["warning"] = "features from RANDOMLY initialised weights: not a pretrained model"
     return info
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings, from_dict
+from wsi_il.config import FeatureSettings, from_dict, settings_of
 from wsi_il.database import extract_slide
 from wsi_il.errors import InputError
 from wsi_il.events import Reporter
@@ -34,7 +34,7 @@ def reextract(
     """Compute every slide's features with ``weights``, switch the project to them, retrain the heads."""
     manifest = project.read_manifest()
     finish_switch(project, manifest)
-    model = build_resnet(weights, int(manifest["features"].get("seed", 0)), arch)
+    model = build_resnet(weights, settings_of(manifest).features.seed, arch)
     target = target_features(manifest, weights, arch)
     if target == manifest["features"]:
         raise InputError("the project's features already come from these weights", "nothing to do")
@@ -84,7 +84,7 @@ def stage_features(
         shutil.rmtree(info_path.parent, ignore_errors=True)  # staged for other weights: start over
         info_path.parent.mkdir(parents=True, exist_ok=True)
         project.write_json(info_path, target)
-    model = build_resnet(weights, int(manifest["features"].get("seed", 0)), arch)
+    model = build_resnet(weights, settings_of(manifest).features.seed, arch)
     settings = from_dict(FeatureSettings, target)
     norm = manifest["normalisation"]
     extractor = FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable, settings.input_px)

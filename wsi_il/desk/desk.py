@@ -21,6 +21,7 @@ import numpy as np
 
 from wsi_il.answers import read_answers, write_answers
 from wsi_il.batch import BATCH_JSON, LABELS_CSV, SKIP, read_batch, suggestion_is_uncertain
+from wsi_il.config import settings_of
 from wsi_il.desk.ahead import Preparer, Stale, commit, likely_answers
 from wsi_il.desk.ahead import clear as clear_shadows
 from wsi_il.desk.images import (
@@ -133,7 +134,7 @@ class Desk:
         return {
             "project": self.project.root.name,
             "classes": list(manifest["classes"]),
-            "random_weights": manifest["features"]["weights"] == "random",
+            "random_weights": settings_of(manifest).features.weights == "random",
             "slides": slides,
             "batch": waiting[0].batch_dir.name if waiting else None,
             "warmup": dict(self.warmup),

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, to_dict
+from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, new_manifest, settings_of
 from wsi_il.errors import InputError
 from wsi_il.events import Reporter, SilentReporter
 from wsi_il.project import Project
@@ -313,20 +313,15 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
 
     weights = resolve_weights(weights_spec)
     project = Project(project_dir)
-    manifest: dict[str, Any] = {
-        "classes": [TUMOUR, NORMAL],
-        "tiling": to_dict(TilingSettings()),
-        "features": to_dict(
-            FeatureSettings(
-                weights=weights_spec if weights.kind != "file" else weights.source,
-                weights_sha256=weights.sha256,
-                seed=seed,
-            )
+    manifest = new_manifest(
+        [TUMOUR, NORMAL],
+        features=FeatureSettings(
+            weights=weights_spec if weights.kind != "file" else weights.source,
+            weights_sha256=weights.sha256,
+            seed=seed,
         ),
-        "train": to_dict(TrainSettings(seed=seed)),
-        "normalisation": None,
-        "slides": [],
-    }
+        train=TrainSettings(seed=seed),
+    )
     register_slide(manifest, slide)
     project.create(manifest)
     reporter = _TimingReporter()
@@ -462,14 +457,12 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     """Patches/s of extraction's reader pool alone over the slide's first ``sample`` candidate tiles (read,
     decode and the pixel rule, into shared memory; no trunk): with the trunk limit, the two ceilings of
     end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
-    from wsi_il.config import from_dict
     from wsi_il.database import slide_readers, tile_spec
     from wsi_il.features import batch_ranges, trunk_batch_size
     from wsi_il.threads import default_workers
 
     manifest = project.read_manifest()
-    settings = from_dict(FeatureSettings, manifest["features"])
-    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings, tiling = settings_of(manifest).features, settings_of(manifest).tiling
     record = project.slides(manifest)[0]
     corners = project.read_array(project.candidates_path(record.id))[:sample]
     px, path, size = tiling.tile_size_px, Path(record.path), trunk_batch_size(device, settings.batch_size)
