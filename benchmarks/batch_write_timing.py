@@ -150,8 +150,8 @@ def _context(work: Path, slide_path: Path, count: int):
     without computing features."""
     from wsi_il.batch import BatchInfo, BatchPatch
     from wsi_il.database import PatchTable
+    from wsi_il.model import Context
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.session import Context
     from wsi_il.slide import read_info
 
     slide_info = read_info(slide_path)

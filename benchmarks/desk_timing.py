@@ -51,8 +51,9 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     from wsi_il.events import SilentReporter
     from wsi_il.measure.simulate import fork_project
     from wsi_il.measure.truth import truth_mask, write_batch_labels
+    from wsi_il.model import open_context
     from wsi_il.project import Project, now_iso
-    from wsi_il.session import ingest, open_context, start_session
+    from wsi_il.session import ingest, start_session
 
     project = fork_project(Project(base), folder, TrainSettings())  # the settings `wsi-il bench` times a round with
     ctx = open_context(project, device, SilentReporter())

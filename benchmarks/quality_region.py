@@ -42,8 +42,8 @@ def main() -> None:
     from wsi_il.measure.simulate import grow_region, tumour_islands
     from wsi_il.measure.truth import truth_mask
     from wsi_il.metrics import binary_scores
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project", type=Path)
@@ -146,7 +146,7 @@ def main() -> None:
 
 def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):
     from wsi_il.heads import embed_and_predict, train_heads, training_selection
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     tumour, normal = ctx.class_index("Tumor"), ctx.class_index("Normal")
     rows = np.concatenate([picked, query])

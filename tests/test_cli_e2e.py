@@ -288,8 +288,8 @@ def test_frozen_stem_is_cached_once_and_gives_the_full_blocks_predictions(block_
     import torch
 
     from wsi_il.heads import block_stem, make_block, predict
+    from wsi_il.model import load_tensors
     from wsi_il.project import Project
-    from wsi_il.session import load_tensors
 
     project = tmp_path / "frozen"
     run(

@@ -76,7 +76,8 @@ def test_relabel_appends_and_the_newest_wins_in_training(labelled_project):
     assert "corrections: 1" in run("status", project)
 
     from wsi_il.events import SilentReporter  # the next round trains on the corrected label, once
-    from wsi_il.session import open_context, training_set
+    from wsi_il.model import open_context
+    from wsi_il.session import training_set
 
     ctx = open_context(Project(project), "cpu", SilentReporter())
     _, targets = training_set(ctx)

@@ -75,8 +75,8 @@ def test_uncertain_suggestions_are_written_as_such() -> None:
 def _slide_context(example_slide: Path, tmp_path: Path, ids_like: str):
     """A session context of the bundled slide's patches at a few places (no features: a batch needs none)."""
     from wsi_il.database import PatchTable
+    from wsi_il.model import Context
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.session import Context
     from wsi_il.slide import read_info
 
     info = read_info(example_slide)

@@ -327,7 +327,7 @@ def test_simulate_patches(tiny_split, tmp_path) -> None:
 
 
 def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     database, test = tiny_split
     for schedule in ("paper", "fast", "fast-frozen"):

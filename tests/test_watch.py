@@ -65,8 +65,9 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
     """Empty, half-filled, mistyped, then complete: only the complete file is ingested; the watcher says what it
     waits for and what is wrong, and ends with the session."""
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context
+    from wsi_il.session import ingest
     from wsi_il.watch import watch
 
     project = Project(waiting_project)
@@ -136,8 +137,9 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
     import json
 
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context
+    from wsi_il.session import ingest
     from wsi_il.watch import watch
 
     project = Project(waiting_project)
@@ -192,8 +194,9 @@ def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(block_sl
     import numpy as np
 
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context, rehearse
+    from wsi_il.session import ingest, rehearse
 
     waiting_project = _waiting_project(block_slide, tmp_path, *options)
     twin = tmp_path / "twin"

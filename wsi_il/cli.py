@@ -647,14 +647,9 @@ def query(
 
     from wsi_il.config import STRATEGIES, SessionSettings
     from wsi_il.database import IMAGE_SUFFIXES
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import (
-        extract_query_images,
-        open_context,
-        query_from_patch_ids,
-        query_from_region,
-        start_session,
-    )
+    from wsi_il.session import extract_query_images, query_from_patch_ids, query_from_region, start_session
 
     with _errors():
         if strategy not in STRATEGIES:
@@ -728,9 +723,9 @@ def ingest(
     device: DeviceOpt = "auto",
 ) -> None:
     """Record a batch's labels, train both heads, refine the query and write the next batch."""
+    from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
-    from wsi_il.session import open_context
 
     with _errors():
         proj = Project(project)
@@ -827,9 +822,9 @@ def watch(
     QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
     is complete; Ctrl-C stops it, losing nothing."""
 
+    from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
-    from wsi_il.session import open_context
     from wsi_il.watch import waiting_batches
     from wsi_il.watch import watch as watch_batches
 
@@ -873,7 +868,8 @@ def _rehearse(proj: Any, dev: str, batch: Any) -> None:
     is labelled already (the round would only wait for it). Without the project's lock: the rehearsal writes
     nothing, and taking the lock removes temporary files, which would race with a labels file being saved."""
     from wsi_il.events import SilentReporter
-    from wsi_il.session import open_context, rehearse
+    from wsi_il.model import open_context
+    from wsi_il.session import rehearse
     from wsi_il.watch import labelled, slide_offsets
 
     try:
@@ -1108,8 +1104,8 @@ def export(
 ) -> None:
     """Write the predicted mask as QuPath GeoJSON (one file per slide) and an overview picture."""
     from wsi_il.export import export_masks, export_table
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
 
     with _errors():
         proj = Project(project)
@@ -1555,8 +1551,8 @@ def evaluate(
     """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, balanced accuracy
     and the share called, pixel IoU. Needs truth exact at patch level (docs/quality.md)."""
     from wsi_il.measure.simulate import evaluate_project
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
 
     with _errors():
         proj = Project(project)

@@ -13,9 +13,9 @@ from wsi_il import __version__
 from wsi_il.config import settings_of
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.model import Context, model_state, require_predictions, slides_matching
 from wsi_il.overview import Marks, Overview
 from wsi_il.project import SlideRecord
-from wsi_il.session import Context, _state, require_predictions, slides_matching
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ExportedSlide:
 def provenance(ctx: Context) -> dict[str, object]:
     """Describe what produced a prediction: weights, model, labels (goes into every export)."""
     features = settings_of(ctx.manifest).features
-    state = _state(ctx)
+    state = model_state(ctx)
     info: dict[str, object] = {
         "tool": f"wsi-il {__version__}",
         "project": ctx.manifest["uid"],

@@ -142,14 +142,8 @@ def _save_block(project: Project, model, staged: bool, trainable: str = "last") 
 
 def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None:
     """Re-take each session's query features, retrain the heads on all labels, re-embed open queries."""
-    from wsi_il.session import (
-        _refined_query,
-        _train_round,
-        extract_query_images,
-        list_sessions,
-        open_context,
-        redraw_waiting_batch,
-    )
+    from wsi_il.model import open_context
+    from wsi_il.session import extract_query_images, list_sessions, redraw_waiting_batch, refined_query, train_round
 
     ctx = open_context(project, device, reporter)
     index = ctx.table.index_of()
@@ -168,12 +162,12 @@ def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None
         project.write_array(project.query_features_path(session["id"]), features.astype(np.float16))
     if project.read_ledger() or list_sessions(project):
         n = len(list(project.root.glob("models/reextract-*.pt"))) + 1
-        _train_round(ctx, f"reextract-{n}")
+        train_round(ctx, f"reextract-{n}")
     for session in list_sessions(project):
         if session["state"] != "reviewing":
             continue
         if session["query"]["n"] and len(project.read_array(project.query_features_path(session["id"]))):
-            session["q"] = _refined_query(ctx, session, []).tolist()
+            session["q"] = refined_query(ctx, session, []).tolist()
         batch = redraw_waiting_batch(ctx, session)
         project.write_json(project.session_path(session["id"]), session)
         if batch:

@@ -124,7 +124,8 @@ def prepare(
     ``ingest`` raises (the shadow is then removed)."""
     from wsi_il.answers import write_answers
     from wsi_il.batch import LABELS_CSV, read_batch
-    from wsi_il.session import ingest, open_context
+    from wsi_il.model import open_context
+    from wsi_il.session import ingest
 
     started = time.perf_counter()
     before = fingerprint(project)

@@ -233,7 +233,8 @@ class Desk:
     def submit(self, batch_id: str) -> dict[str, Any]:
         """Ingest a fully answered batch exactly as ``wsi-il ingest`` does (same validation, the project's lock);
         returns what it did and the next batch, if any."""
-        from wsi_il.session import ingest, open_context
+        from wsi_il.model import open_context
+        from wsi_il.session import ingest
 
         folder = self._batch_dir(batch_id)
         started = time.perf_counter()
@@ -273,7 +274,8 @@ class Desk:
     def warm_up(self) -> None:
         """Rehearse the first round while the expert labels (``session.rehearse``, as ``wsi-il watch`` does);
         without the lock: it writes nothing. Run in a thread; its state is in ``self.warmup``."""
-        from wsi_il.session import open_context, rehearse
+        from wsi_il.model import open_context
+        from wsi_il.session import rehearse
         from wsi_il.watch import waiting_batches
 
         waiting = waiting_batches(self.project)
@@ -474,7 +476,7 @@ class Desk:
         """Write the predicted masks (GeoJSON and overview picture; a CSV for patch folders) into the project's
         ``exports/`` folder, as ``wsi-il export`` would; returns the file names written."""
         from wsi_il.export import export_masks, export_table
-        from wsi_il.session import open_context
+        from wsi_il.model import open_context
 
         folder = self.project.root / EXPORTS
         with self._answers, self._work, self.project.lock("review"):

@@ -560,8 +560,9 @@ def round_latency(
     from wsi_il.config import resolve_schedule
     from wsi_il.measure.simulate import fork_project
     from wsi_il.measure.truth import write_batch_labels
+    from wsi_il.model import open_context
     from wsi_il.project import now_iso
-    from wsi_il.session import ingest, open_context, rehearse, start_session
+    from wsi_il.session import ingest, rehearse, start_session
 
     project = fork_project(base, folder, replace(train, seed=settings.seed))
     ctx = open_context(project, settings.device, SilentReporter())
@@ -616,7 +617,7 @@ def round_latency(
 def export_latency(project_dir: Path, out: Path, device: str) -> float:
     """Seconds of ``export_masks`` (GeoJSON + overview) once the last round's predictions exist."""
     from wsi_il.export import export_masks
-    from wsi_il.session import open_context
+    from wsi_il.model import open_context
 
     ctx = open_context(Project(project_dir), device, SilentReporter())
     started = time.perf_counter()

@@ -410,7 +410,7 @@ def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     state = ctx.project.read_json(ctx.project.state_path(), {})
     model = load_tensors(ctx.project.model_path(state["model"]))
@@ -426,7 +426,8 @@ def _slide_truth(ctx: Any, truth: Path) -> np.ndarray:
 
 
 def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
-    from wsi_il.session import current_predictions, reviewed_ids
+    from wsi_il.model import current_predictions
+    from wsi_il.session import reviewed_ids
 
     predicted = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
     seen = reviewed_ids(ctx.project)
@@ -483,7 +484,7 @@ def _full_supervision(
 
     from wsi_il.config import fast_budget
     from wsi_il.heads import train_heads, training_weights
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     init = load_tensors(ctx.project.init_model_path())
     epochs = epochs or train.epochs
@@ -542,7 +543,8 @@ def simulate_slides(
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on every slide; rows are macro-averaged over slides per session."""
-    from wsi_il.session import current_embeddings, extract_query_images, open_context
+    from wsi_il.model import current_embeddings, open_context
+    from wsi_il.session import extract_query_images
 
     settings.check()
     reporter = reporter or SilentReporter()
@@ -803,7 +805,7 @@ def _head_scores(
 
 
 def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
-    from wsi_il.session import current_embeddings
+    from wsi_il.model import current_embeddings
 
     retrieval, classifier, init = _current_heads(ctx)
     return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y)
@@ -829,7 +831,7 @@ def simulate_patches(
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on a patch dataset with explicit class labels, scored on a held-out set."""
-    from wsi_il.session import current_embeddings, open_context
+    from wsi_il.model import current_embeddings, open_context
 
     settings.check()
     reporter = reporter or SilentReporter()
@@ -1076,9 +1078,10 @@ def evaluate_project(
     exported mask) with the truth polygons.
     """
     from wsi_il.metrics import polygon_iou
+    from wsi_il.model import require_predictions, slides_matching
     from wsi_il.qupath import read_region, union_squares
     from wsi_il.regions import fraction_inside
-    from wsi_il.session import require_predictions, reviewed_ids, slides_matching
+    from wsi_il.session import reviewed_ids
 
     predictions = require_predictions(ctx)
     slides = slides_matching(ctx, slide_id)
