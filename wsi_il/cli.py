@@ -98,10 +98,11 @@ class RichReporter:
         return lambda n: self.progress.advance(task_id, n)
 
     def status(self, message: str) -> None:
-        """Show ``message`` as the description of the newest unfinished bar, or as a dim line when there is none."""
+        """Show ``message`` as the description of the oldest unfinished bar (the outermost work: a simulation's
+        rounds, not the extraction inside one), or as a dim line when there is none."""
         running = [task for task in self.progress.tasks if not task.finished]
         if running:
-            self.progress.update(running[-1].id, description=message)
+            self.progress.update(running[0].id, description=message)
             return
         from rich.markup import escape
 
@@ -821,7 +822,6 @@ def watch(
     """Ingest each review batch as soon as its labels.csv is filled in and saved (or a GeoJSON exported from
     QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
     is complete; Ctrl-C stops it, losing nothing."""
-
     from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
