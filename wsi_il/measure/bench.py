@@ -129,11 +129,12 @@ class BenchResult:
 
 def run_bench(settings: BenchSettings, reporter: Reporter | None = None) -> BenchResult:
     """Run every stage and return the figures (the reporter's status says what is being measured)."""
-    say = (reporter or SilentReporter()).status
     import torch
 
     from wsi_il.precision import precision_name
     from wsi_il.threads import default_workers
+
+    say = (reporter or SilentReporter()).status
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
