@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import wsi_il
-    from wsi_il.features import default_workers
+    from wsi_il.threads import default_workers
 
     work = Path(tempfile.mkdtemp(prefix="batch-write-timing-", dir=args.work))
     try:
@@ -64,8 +64,8 @@ def main() -> None:
 
 
 def _build_slide(work: Path, data: Path | None) -> Path:
-    from wsi_il.bench import data_dir
-    from wsi_il.mosaic import bach_images, make_block_slide
+    from wsi_il.measure.bench import data_dir
+    from wsi_il.measure.mosaic import bach_images, make_block_slide
 
     tumour, normal = bach_images(data_dir(data))
     return make_block_slide(work / "slide.tiff", tumour, normal, size_px=(4096, 3072), seed=1).path
@@ -148,10 +148,10 @@ def _read(ctx: Any, slide_path: Path, chosen: np.ndarray) -> tuple[list[Any], li
 def _context(work: Path, slide_path: Path, count: int):
     """A session context holding one slide and ``count`` patches of its tissue: what ``_write_batch_files`` reads,
     without computing features."""
+    from wsi_il.batch import BatchInfo, BatchPatch
     from wsi_il.database import PatchTable
+    from wsi_il.model import Context
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.review import BatchInfo, BatchPatch
-    from wsi_il.session import Context
     from wsi_il.slide import read_info
 
     slide_info = read_info(slide_path)

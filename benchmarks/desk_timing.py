@@ -49,10 +49,11 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     """A copy of ``base`` with earlier labels, a session and its first batch ingested; returns (copy, batch)."""
     from wsi_il.config import SessionSettings, TrainSettings
     from wsi_il.events import SilentReporter
+    from wsi_il.measure.simulate import fork_project
+    from wsi_il.measure.truth import truth_mask, write_batch_labels
+    from wsi_il.model import open_context
     from wsi_il.project import Project, now_iso
-    from wsi_il.session import ingest, open_context, start_session
-    from wsi_il.simulate import fork_project
-    from wsi_il.truth import truth_mask, write_batch_labels
+    from wsi_il.session import ingest, start_session
 
     project = fork_project(Project(base), folder, TrainSettings())  # the settings `wsi-il bench` times a round with
     ctx = open_context(project, device, SilentReporter())
@@ -78,7 +79,7 @@ def prepare(base: Path, folder: Path, truth: Path, labels: int, k: int, device: 
     index = ctx.table.index_of()
 
     def fill(batch: Path) -> None:
-        from wsi_il.review import read_batch
+        from wsi_il.batch import read_batch
 
         ids = [p.patch_id for p in read_batch(batch)[1]]
         write_batch_labels(batch, {pid: "Tumor" if tumour[index[pid]] else "Normal" for pid in ids})
@@ -120,8 +121,8 @@ KEY_TIMER = """() => {
 
 
 def answers_for(project: Path, batch: str, truth: Path) -> dict[str, str]:
-    from wsi_il.review import read_batch
-    from wsi_il.truth import truth_mask
+    from wsi_il.batch import read_batch
+    from wsi_il.measure.truth import truth_mask
 
     _, patches = read_batch(project / "batches" / batch)
     inside = truth_mask(np.array([[p.x, p.y, p.width, p.height] for p in patches]), truth)
@@ -197,7 +198,7 @@ def time_run(
 
 def _click_patch(page, project: Path, batch: str) -> None:
     """Click, on the slide view, the middle of the first patch of ``batch`` (a labelled one by now)."""
-    from wsi_il.review import read_batch
+    from wsi_il.batch import read_batch
 
     patch = read_batch(project / "batches" / batch)[1][0]
     x, y = page.evaluate(
@@ -215,7 +216,7 @@ def _click_patch(page, project: Path, batch: str) -> None:
 def bulk_quality(project: Path, batch: str, truth: Path) -> dict:
     """Labels per action and their accuracy for `a` (confident suggestions) and "more like this" (12 nearest)."""
     from wsi_il.desk.desk import Desk
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     desk = Desk(project, "cpu")
     view = desk.batch(batch)

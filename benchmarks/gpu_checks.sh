@@ -68,7 +68,7 @@ for stage in $stages; do
                 --backbone 'vit_large_patch16_224:{"init_values": 1e-5}' --backbone vit_small_patch16_224 \
                 --out "$work/backbones" --json "$out/backbones_$device.json" ;;
         large-slide)  # only build bench-large's slide (e.g. in the background while other stages run)
-            logged large_slide "$py" -c "import sys; from pathlib import Path; from wsi_il.bench import build_bench_slide
+            logged large_slide "$py" -c "import sys; from pathlib import Path; from wsi_il.measure.bench import build_bench_slide
 print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 0))" \
                 "$work/bench-large" "${LARGE_PATCHES:-50000}" "$data" ;;
         bench-large)
@@ -83,7 +83,7 @@ print(build_bench_slide(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 
         extract-ab)
             spec=$(stage_spec "$work/ab-project")
             logged extract_ab bash -c "for graphs in 1 0 1 0; do rm -rf $work/ab-project
-                    WSI_IL_CUDA_GRAPHS=\$graphs $py -m wsi_il.bench '$spec' | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit
+                    WSI_IL_CUDA_GRAPHS=\$graphs $py -m wsi_il.measure.bench '$spec' | tail -1 | sed \"s/^/graphs=\$graphs /\" || exit
                 done" ;;
         rehearse-ab)
             logged rehearse_ab bash -c "$py -c 'import time, torch; started = time.perf_counter(); import torch._dynamo
@@ -98,7 +98,7 @@ print(\"import torch._dynamo:\", round(time.perf_counter() - started, 3), \"s\")
             rm -rf "$work/profile-project"
             logged profile bash -c "$py -m cProfile -o $out/round.prof benchmarks/round_timing.py $work/bench \
                     --runs 2 --device $device --variant paper ${ROUND_ARGS:-} &&
-                $py -m cProfile -o $out/extract.prof -m wsi_il.bench '$spec'" ;;
+                $py -m cProfile -o $out/extract.prof -m wsi_il.measure.bench '$spec'" ;;
         probe-moco | probe-simclr)
             method=${stage#probe-}
             logged "probe_$method" "$py" benchmarks/pretrain_probe.py --device "$device" --method "$method" \

@@ -177,20 +177,20 @@ def main() -> int:
         type=Path,
         nargs=2,
         default=None,
-        help="two exact-truth mosaic slides (python -m wsi_il.mosaic --patches), truth beside each",
+        help="two exact-truth mosaic slides (python -m wsi_il.measure.mosaic --patches), truth beside each",
     )
     parser.add_argument("--tile-size", type=int, default=256, help="the project's tile side (96 for PCam mosaics)")
     parser.add_argument("--recipe", default=None, help="wsi-il pretrain --recipe [default: the command's default]")
     args = parser.parse_args()
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.slides:
         slide_paths = [s.resolve() for s in args.slides]
         truths = [s.with_suffix(".truth.geojson") for s in slide_paths]
     else:
-        from wsi_il.bench import data_dir
-        from wsi_il.mosaic import bach_images, make_block_slide
+        from wsi_il.measure.bench import data_dir
+        from wsi_il.measure.mosaic import bach_images, make_block_slide
 
         tumour, normal = bach_images(data_dir(args.data))
         made = [

@@ -1,7 +1,7 @@
 """Does the model follow the size of the query region? What do more labels buy? Heads trained directly.
 
 On a project whose features are computed (e.g. ``<simulate --out>/base/<slide>``) and the slide's exact truth
-(a patch mosaic, ``python -m wsi_il.mosaic --patches``), trains both heads as one round of the loop does (the
+(a patch mosaic, ``python -m wsi_il.measure.mosaic --patches``), trains both heads as one round of the loop does (the
 project's training settings and schedule, from the pretrained block) on
 
 - a query region: ``small`` (10 connected tumour patches) or ``large`` (80% of the largest tumour island), and
@@ -39,11 +39,11 @@ import numpy as np
 def main() -> None:
     from wsi_il.config import TrainSettings, from_dict
     from wsi_il.events import SilentReporter
+    from wsi_il.measure.simulate import grow_region, tumour_islands
+    from wsi_il.measure.truth import truth_mask
     from wsi_il.metrics import binary_scores
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
-    from wsi_il.simulate import grow_region, tumour_islands
-    from wsi_il.truth import truth_mask
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("project", type=Path)
@@ -146,7 +146,7 @@ def main() -> None:
 
 def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):
     from wsi_il.heads import embed_and_predict, train_heads, training_selection
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     tumour, normal = ctx.class_index("Tumor"), ctx.class_index("Normal")
     rows = np.concatenate([picked, query])

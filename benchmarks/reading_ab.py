@@ -26,7 +26,7 @@ def main() -> None:
 
     import torch  # noqa: F401 - imported before the readers fork, as in `init`
 
-    from wsi_il.bench import read_limit
+    from wsi_il.measure.bench import read_limit
     from wsi_il.project import Project
     from wsi_il.tifftiles import DIRECT_ENV
 

@@ -34,8 +34,8 @@ def main() -> None:
     parser.add_argument("--rehearse", action="store_true", help="rehearse before each timed round (wsi-il watch)")
     args = parser.parse_args()
 
-    from wsi_il.bench import BenchSettings, _label_all, round_latency
     from wsi_il.config import TrainSettings
+    from wsi_il.measure.bench import BenchSettings, _label_all, round_latency
     from wsi_il.project import Project
 
     settings_of = {

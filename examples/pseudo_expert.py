@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from wsi_il.truth import fill_labels_from_truth
+from wsi_il.measure.truth import fill_labels_from_truth
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

@@ -60,7 +60,7 @@ def _white_share(path: Path) -> float:
 def dense_pcam() -> tuple[list[Path], list[Path]]:
     """(tumour, normal) PCam patches of dense tissue: without the mostly white fat and background patches, so
     that every tile of a block slide's tissue is kept by the tissue filter, as in a section's dense part."""
-    from wsi_il.mosaic import labelled_patches
+    from wsi_il.measure.mosaic import labelled_patches
 
     tumour, normal = labelled_patches(PCAM)
     return (
@@ -70,7 +70,7 @@ def dense_pcam() -> tuple[list[Path], list[Path]]:
 
 
 def _block_slide(path: Path, dense_pcam, seed: int, block=None):
-    from wsi_il.mosaic import PCAM_MPP, make_block_slide
+    from wsi_il.measure.mosaic import PCAM_MPP, make_block_slide
 
     tumour, normal = dense_pcam
     return make_block_slide(
@@ -97,7 +97,7 @@ def second_block_slide(dense_pcam, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bench_slide(tmp_path_factory):
     """A PCam patch mosaic of 3456 x 3456 px with exact truth: about 125 tissue tiles of 256 px for ``bench``."""
-    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+    from wsi_il.measure.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(PCAM)
     folder = tmp_path_factory.mktemp("bench-slide")

@@ -18,7 +18,7 @@ from wsi_il import backbones  # noqa: E402
 from wsi_il.cli import app  # noqa: E402
 from wsi_il.errors import InputError, WeightsError  # noqa: E402
 from wsi_il.heads import block_width, make_block  # noqa: E402
-from wsi_il.truth import fill_labels_from_truth  # noqa: E402
+from wsi_il.measure.truth import fill_labels_from_truth  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SLIDE = EXAMPLES / "CMU-1-Small-Region.svs"

@@ -14,7 +14,7 @@ pytest.importorskip("openslide")
 def test_mirrored_tiling_repeats_the_small_slide_and_its_truth(dense_pcam, tmp_path):
     import openslide
 
-    from wsi_il.mosaic import make_island_slide, write_mirrored_tiling
+    from wsi_il.measure.mosaic import make_island_slide, write_mirrored_tiling
     from wsi_il.qupath import read_region
 
     tumour, normal = dense_pcam
@@ -158,7 +158,7 @@ def test_gpu_sampler_says_why_it_has_no_utilisation(monkeypatch):
     """Without NVML the sampler takes no sample and keeps the reason (bench turns it into a note)."""
     import torch
 
-    from wsi_il.bench import _GpuSampler
+    from wsi_il.measure.bench import _GpuSampler
 
     def no_nvml(device=None):
         raise ModuleNotFoundError("No module named 'pynvml'")

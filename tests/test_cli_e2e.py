@@ -11,7 +11,7 @@ import shapely.geometry
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.truth import fill_labels_from_truth
+from wsi_il.measure.truth import fill_labels_from_truth
 
 runner = CliRunner()
 
@@ -212,7 +212,7 @@ def _label_by_slide(batch: Path, truths: dict[str, Path]) -> None:
     import csv
     import io
 
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     rows = list(csv.DictReader(io.StringIO((batch / "labels.csv").read_text())))
     for row in rows:
@@ -288,8 +288,8 @@ def test_frozen_stem_is_cached_once_and_gives_the_full_blocks_predictions(block_
     import torch
 
     from wsi_il.heads import block_stem, make_block, predict
+    from wsi_il.model import load_tensors
     from wsi_il.project import Project
-    from wsi_il.session import load_tensors
 
     project = tmp_path / "frozen"
     run(

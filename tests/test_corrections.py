@@ -11,8 +11,8 @@ from test_cli_e2e import run
 
 from wsi_il.corrections import correct_labels, corrections
 from wsi_il.errors import InputError
+from wsi_il.measure.truth import fill_labels_from_truth
 from wsi_il.project import Project, current_labels
-from wsi_il.truth import fill_labels_from_truth
 
 
 @pytest.fixture()
@@ -76,7 +76,8 @@ def test_relabel_appends_and_the_newest_wins_in_training(labelled_project):
     assert "corrections: 1" in run("status", project)
 
     from wsi_il.events import SilentReporter  # the next round trains on the corrected label, once
-    from wsi_il.session import open_context, training_set
+    from wsi_il.model import open_context
+    from wsi_il.session import training_set
 
     ctx = open_context(Project(project), "cpu", SilentReporter())
     _, targets = training_set(ctx)

@@ -17,10 +17,10 @@ import torch
 from test_cli_e2e import run
 from test_desk_server import base_project, truth_answers  # noqa: F401 (base_project: a fixture)
 
+from wsi_il.batch import read_batch
 from wsi_il.desk.ahead import AHEAD_DIR, fingerprint, likely_answers
 from wsi_il.desk.desk import Desk
 from wsi_il.project import Project
-from wsi_il.review import read_batch
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -16,7 +16,8 @@ import pytest
 from test_cli_e2e import run
 from test_desk_server import ledger, make_desk_project, start_server, truth_answers
 
-from wsi_il.review import read_batch, read_labels
+from wsi_il.batch import read_batch
+from wsi_il.labels import read_labels
 
 CHROMIUM = shutil.which("chromium")
 

@@ -24,12 +24,13 @@ import pytest
 from starlette.testclient import TestClient
 from test_cli_e2e import run
 
+from wsi_il.batch import read_batch
 from wsi_il.desk.desk import Desk
 from wsi_il.desk.server import LOOPBACK_NAMES, TOKEN_HEADER, cookie_name, create_app
 from wsi_il.errors import LabelsError, ProjectStateError
+from wsi_il.labels import read_labels
+from wsi_il.measure.truth import truth_mask
 from wsi_il.project import Project
-from wsi_il.review import read_batch, read_labels
-from wsi_il.truth import truth_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

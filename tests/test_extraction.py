@@ -13,7 +13,7 @@ from test_trust_support import cli
 from wsi_il.config import TilingSettings
 from wsi_il.database import cut_rows, project_extractor
 from wsi_il.features import channel_sums, mean_std, resize_tile
-from wsi_il.mosaic import write_pyramidal_tiff
+from wsi_il.measure.mosaic import write_pyramidal_tiff
 from wsi_il.project import Project
 from wsi_il.slide import TileReader
 from wsi_il.tiling import is_tissue_tile

@@ -223,8 +223,9 @@ def test_a_rehearsal_on_cuda_writes_nothing_and_the_round_after_it_runs(block_sl
     from test_watch import _files, _fill, _waiting_project
 
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context, rehearse
+    from wsi_il.session import ingest, rehearse
 
     root = _waiting_project(block_slide, tmp_path, device="cuda")
     project, batch = Project(root), root / "batches" / "s1-r1"

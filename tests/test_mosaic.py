@@ -1,4 +1,4 @@
-"""Tests for wsi_il.mosaic: pyramidal TIFFs that OpenSlide opens, and mosaic slides with known truth."""
+"""Tests for wsi_il.measure.mosaic: pyramidal TIFFs that OpenSlide opens, and mosaic slides with known truth."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from shapely.geometry import Point, box, shape
 
 from wsi_il.errors import InputError
-from wsi_il.mosaic import (
+from wsi_il.measure.mosaic import (
     PCAM_MPP,
     MosaicSlide,
     bach_images,
@@ -248,7 +248,7 @@ def test_patch_mosaic_has_exact_patch_level_truth(tmp_path: Path) -> None:
     """Every 96 px tile of a patch mosaic is one labelled PCam patch; the truth marks exactly the tumour tiles."""
     import csv
 
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     tumour, normal = labelled_patches(PCAM)
     made = make_patch_mosaic(
@@ -288,7 +288,7 @@ def test_patch_mosaic_reuses_a_short_pool_and_refuses_bad_input(tmp_path: Path) 
 
 
 def test_mosaic_command_writes_a_patch_mosaic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from wsi_il.mosaic import main
+    from wsi_il.measure.mosaic import main
 
     main([str(tmp_path / "m.tiff"), "--patches", str(PCAM), "--cells", "10x8", "--part", "2/2", "--seed", "5"])
     assert "tumour and" in capsys.readouterr().out and (tmp_path / "m.truth.geojson").is_file()

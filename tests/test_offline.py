@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from wsi_il.answers import read_answers, write_answers
+from wsi_il.batch import read_batch
 from wsi_il.cli import app
 from wsi_il.pretrain import DurationEstimate
 from wsi_il.project import Project
-from wsi_il.review import read_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PCAM = REPO / "tests" / "data" / "pcam"
@@ -57,7 +57,7 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 6
 @pytest.fixture(scope="module")
 def reviewing(tmp_path_factory) -> Path:
     """A project of a PCam mosaic (random weights, 96 px tiles) whose session waits for its first batch."""
-    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+    from wsi_il.measure.mosaic import labelled_patches, make_patch_mosaic
 
     folder = tmp_path_factory.mktemp("offline")
     tumour, normal = labelled_patches(PCAM)
@@ -204,7 +204,7 @@ def test_the_duration_estimate_follows_a_machine_that_slows_down_and_recovers():
 @pytest.mark.slow
 def test_one_command_takes_a_new_offline_user_to_pretrained_features(tmp_path):
     """`init --weights pretrain` with the quick recipe: the project ends on the pretrained features (minutes)."""
-    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+    from wsi_il.measure.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(PCAM)
     slide = make_patch_mosaic(tmp_path / "island.tiff", tumour, normal, cells=(12, 12), islands=2, seed=4).slide

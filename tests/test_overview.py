@@ -144,7 +144,7 @@ def test_overview_legend_counts(cmu_picture) -> None:
 @pytest.fixture(scope="module")
 def corrected_project(example_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled slide after one ingested round, one of its labels then corrected."""
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     project = tmp_path_factory.mktemp("overview") / "cmu"
     examples = example_slide.parent
@@ -173,8 +173,8 @@ def corrected_project(example_slide: Path, tmp_path_factory: pytest.TempPathFact
 def test_export_overview_marks_the_newest_labels_and_the_query(corrected_project: Path, tmp_path: Path) -> None:
     from wsi_il.events import SilentReporter
     from wsi_il.export import overview_marks, write_overview
+    from wsi_il.model import current_predictions, open_context
     from wsi_il.project import Project, current_labels
-    from wsi_il.session import current_predictions, open_context
 
     out = run("export", corrected_project, "--out", tmp_path / "mask.geojson")
     assert "mask.png" in out
@@ -213,8 +213,8 @@ def test_overview_marks_each_slide_with_its_own_patches(example_slide: Path, tmp
     newest ledger entry of a patch winning."""
     from wsi_il.database import PatchTable
     from wsi_il.export import overview_marks
+    from wsi_il.model import Context
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.session import Context
 
     info = read_info(example_slide)
     records = [

@@ -209,7 +209,7 @@ def test_an_unknown_method_is_refused_in_one_line(small_project):
 
 
 def test_reextract_keeps_labels_and_retrains(block_slide, tmp_path):
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     project = tmp_path / "p"
     run(
@@ -263,7 +263,7 @@ def test_reextract_keeps_labels_and_retrains(block_slide, tmp_path):
 
 @pytest.mark.parametrize(("arch", "channels"), [("resnet34", 512), ("resnet50", 2048)])
 def test_other_backbones_run_the_loop(block_slide, tmp_path, arch, channels):
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     project = tmp_path / arch
     run(

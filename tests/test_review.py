@@ -17,17 +17,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from shapely.geometry import box
 
+from wsi_il.batch import CSV_COLUMNS, BatchInfo, BatchPatch, accepted_labels, normalize_label, read_batch
 from wsi_il.errors import LabelsError, ProjectStateError
-from wsi_il.review import (
-    CSV_COLUMNS,
-    BatchInfo,
-    BatchPatch,
-    accepted_labels,
-    normalize_label,
-    read_batch,
-    read_labels,
-    write_batch,
-)
+from wsi_il.labels import read_labels
+from wsi_il.review import write_batch
 
 K = 7
 OFFSET = (100.0, 50.0)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFont
 
-from wsi_il.review import UNCERTAIN_BELOW, BatchPatch, read_batch, suggestion_certainty
+from wsi_il.batch import UNCERTAIN_BELOW, BatchPatch, read_batch, suggestion_certainty
 from wsi_il.sheet import sheet_layout, suggestion_text, wrap_text
 
 LONG_ID = "TCGA-A2-A0T2-01Z-00-DX1.70C8C0AB-5C8E-4A8B-9D1C-31F3A9E1A2B4_x{x}_y{y}"
@@ -75,8 +75,8 @@ def test_uncertain_suggestions_are_written_as_such() -> None:
 def _slide_context(example_slide: Path, tmp_path: Path, ids_like: str):
     """A session context of the bundled slide's patches at a few places (no features: a batch needs none)."""
     from wsi_il.database import PatchTable
+    from wsi_il.model import Context
     from wsi_il.project import Project, SlideRecord
-    from wsi_il.session import Context
     from wsi_il.slide import read_info
 
     info = read_info(example_slide)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.simulate import (
+from wsi_il.measure.simulate import (
     COLUMNS,
     REFERENCE,
     SimulationSettings,
@@ -54,7 +54,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def island_slide(tmp_path_factory):
     """A PCam patch mosaic from the repository's test data: exact truth at the 96 px patch level."""
-    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+    from wsi_il.measure.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(PCAM)
     folder = tmp_path_factory.mktemp("island")
@@ -146,8 +146,8 @@ def test_simulate_a_drawn_region(slide_run, island_slide, tmp_path) -> None:
     """--query-island-share: the session's query is a connected part of the largest tumour island; the
     suggestions shown are scored against the truth."""
     from wsi_il.database import patch_table
+    from wsi_il.measure.truth import truth_mask
     from wsi_il.project import Project
-    from wsi_il.truth import truth_mask
 
     base, out = slide_run[0] / "base", tmp_path / "region"
     shutil.copytree(base, out / "base")  # the features, computed once
@@ -327,7 +327,7 @@ def test_simulate_patches(tiny_split, tmp_path) -> None:
 
 
 def test_simulate_schedules_and_no_reference(tiny_split, tmp_path) -> None:
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     database, test = tiny_split
     for schedule in ("paper", "fast", "fast-frozen"):
@@ -442,7 +442,7 @@ def test_macro_average_over_slides() -> None:
 
 
 def test_fill_labels_from_classes(tmp_path) -> None:
-    from wsi_il.simulate import fill_labels_from_classes
+    from wsi_il.measure.simulate import fill_labels_from_classes
 
     batch = tmp_path / "b"
     batch.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_il.mosaic import write_pyramidal_tiff
+from wsi_il.measure.mosaic import write_pyramidal_tiff
 from wsi_il.slide import TileReader
 from wsi_il.tifftiles import DIRECT_ENV
 

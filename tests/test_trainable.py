@@ -13,8 +13,8 @@ from test_trust_support import cli, error_line
 from wsi_il import heads
 from wsi_il.config import TrainSettings
 from wsi_il.features import Weights, build_resnet, feature_shape, head_block_of, trunk_of
+from wsi_il.model import load_tensors
 from wsi_il.project import Project
-from wsi_il.session import load_tensors
 
 RANDOM = Weights(None, "random", "random", None)
 

@@ -266,7 +266,8 @@ def test_ingest_killed_at_many_instants(ingest_base, ingest_reference, tmp_path)
 
 
 def _labels(project: Path) -> dict[str, str]:
-    from wsi_il.review import read_batch, read_labels
+    from wsi_il.batch import read_batch
+    from wsi_il.labels import read_labels
 
     batch = project / "batches" / "s1-r1"
     info, patches = read_batch(batch)
@@ -342,7 +343,7 @@ def test_killed_after_the_next_batch_was_written_keeps_labels_already_filled(ing
 
 
 def test_warm_start_rerun_starts_from_the_previous_round_not_its_own(ingest_base, block_slide, tmp_path):
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     middle = copy_project(ingest_base, tmp_path / "middle")
     manifest = json.loads((middle / "project.json").read_text())

@@ -190,7 +190,7 @@ def test_bounds_offset_from_openslide_properties():
 
 def test_a_recorded_bounds_offset_shifts_query_batch_and_export_exactly(fresh, block_slide, tmp_path):
     # As if the slide were an MRXS that QuPath crops at (100, 50): QuPath coordinates = ours - offset.
-    from wsi_il.truth import fill_labels_from_truth
+    from wsi_il.measure.truth import fill_labels_from_truth
 
     offset = (100.0, 50.0)
     manifest = json.loads((fresh / "project.json").read_text())

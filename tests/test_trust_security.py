@@ -222,7 +222,7 @@ import os, sys
 from pathlib import Path
 from typer.testing import CliRunner
 from wsi_il.cli import app
-from wsi_il.truth import fill_labels_from_truth
+from wsi_il.measure.truth import fill_labels_from_truth
 
 def run(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])

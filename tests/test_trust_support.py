@@ -133,7 +133,7 @@ def session_project(base: Path, slide: Path, truth: Path) -> Path:
     """The initialised project with session s1 (k 4, 3 rounds) whose batch s1-r1 is filled from the truth."""
     key = f"session:{slide}"
     if key not in _BUILT:
-        from wsi_il.truth import fill_labels_from_truth
+        from wsi_il.measure.truth import fill_labels_from_truth
 
         project = copy_project(init_project(base, slide), base / "trust-session")
         region = write_region(base / "trust-query.geojson", *QUERY_BOX)

@@ -11,7 +11,7 @@ from test_cli_e2e import run, write_region
 from typer.testing import CliRunner
 
 from wsi_il.cli import app
-from wsi_il.truth import fill_labels_from_truth, write_batch_labels
+from wsi_il.measure.truth import fill_labels_from_truth, write_batch_labels
 
 
 @pytest.fixture()
@@ -65,12 +65,14 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
     """Empty, half-filled, mistyped, then complete: only the complete file is ingested; the watcher says what it
     waits for and what is wrong, and ends with the session."""
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context
+    from wsi_il.session import ingest
     from wsi_il.watch import watch
 
     project = Project(waiting_project)
-    said: list[str] = []
+    reporter = SilentReporter()
+    said = reporter.statuses
     ingested: list[str] = []
 
     def ingest_batch(labels: Path) -> None:
@@ -80,7 +82,7 @@ def test_watch_ingests_each_batch_once_it_is_complete(waiting_project, block_sli
     rounds: list[int] = []
     stopped = threading.Event()
     watcher = threading.Thread(
-        target=lambda: rounds.append(watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+        target=lambda: rounds.append(watch(project, ingest_batch, reporter, 0.05, stopped.is_set))
     )
     watcher.start()
     try:
@@ -135,8 +137,9 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
     import json
 
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context
+    from wsi_il.session import ingest
     from wsi_il.watch import watch
 
     project = Project(waiting_project)
@@ -151,7 +154,8 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
                 "name": truth[feature["properties"]["name"]],
                 "color": [200, 0, 0],
             }
-    said: list[str] = []
+    reporter = SilentReporter()
+    said = reporter.statuses
     ingested: list[Path] = []
     stopped = threading.Event()
 
@@ -161,7 +165,7 @@ def test_watch_ingests_a_geojson_exported_from_qupath_into_the_batch_folder(wait
         stopped.set()
 
     (batch / "qupath-export.geojson").write_text(json.dumps(exported))
-    watcher = threading.Thread(target=lambda: watch(project, ingest_batch, said.append, 0.05, stopped.is_set))
+    watcher = threading.Thread(target=lambda: watch(project, ingest_batch, reporter, 0.05, stopped.is_set))
     watcher.start()
     try:
         _wait_for(lambda: any("5 of 6" in s and "qupath-export" in s for s in said), "the partial export")
@@ -190,8 +194,9 @@ def test_a_rehearsal_writes_nothing_and_leaves_the_round_as_it_would_be(block_sl
     import numpy as np
 
     from wsi_il.events import SilentReporter
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import ingest, open_context, rehearse
+    from wsi_il.session import ingest, rehearse
 
     waiting_project = _waiting_project(block_slide, tmp_path, *options)
     twin = tmp_path / "twin"

@@ -12,20 +12,10 @@ import csv
 import io
 from pathlib import Path
 
+from wsi_il.batch import LABELS_CSV, NOT_PREFIX, BatchInfo, BatchPatch, normalize_label, patch_number
 from wsi_il.errors import LabelsError
 from wsi_il.fsutil import atomic_write_bytes
-from wsi_il.review import (
-    LABELS_CSV,
-    NOT_PREFIX,
-    BatchInfo,
-    BatchPatch,
-    column_key,
-    csv_delimiter,
-    normalize_label,
-    patch_number,
-    read_labels,
-    row_place,
-)
+from wsi_il.labels import column_key, csv_delimiter, read_labels, row_place
 
 _BOM = b"\xef\xbb\xbf"
 

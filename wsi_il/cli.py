@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from wsi_il import __version__
-from wsi_il.config import TrainSettings
+from wsi_il.config import TilingSettings, TrainSettings, settings_of
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 
 app = typer.Typer(
@@ -96,6 +96,17 @@ class RichReporter:
             self.started = True
         task_id = self.progress.add_task(description, total=max(total, 0), unit=unit)
         return lambda n: self.progress.advance(task_id, n)
+
+    def status(self, message: str) -> None:
+        """Show ``message`` as the description of the oldest unfinished bar (the outermost work: a simulation's
+        rounds, not the extraction inside one), or as a dim line when there is none."""
+        running = [task for task in self.progress.tasks if not task.finished]
+        if running:
+            self.progress.update(running[0].id, description=message)
+            return
+        from rich.markup import escape
+
+        self.progress.console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
     def info(self, message: str) -> None:
         from rich.markup import escape
@@ -201,7 +212,8 @@ def _errors() -> Iterator[None]:
 
 
 def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> None:
-    if manifest["features"]["weights"] == "random":
+    features = settings_of(manifest).features
+    if features.weights == "random":
         where = project if project is not None else "PROJECT"
         if project is not None and (run := _pretraining_now(project)) is not None:
             console.print(
@@ -214,7 +226,7 @@ def _random_warning(manifest: dict[str, Any], project: Path | None = None) -> No
             return
         console.print(
             "[bold yellow on red] WARNING [/] [bold yellow]this project's features come from a RANDOMLY "
-            f"initialised {manifest['features'].get('arch', 'resnet18')} (--weights random): fine for tests "
+            f"initialised {features.arch} (--weights random): fine for tests "
             "and demos, poor for real annotation. Offline, run "
             f"`wsi-il pretrain {where} --apply` (a few minutes, no labels, the review goes on meanwhile); "
             f"or `wsi-il reextract {where} --weights imagenet|FILE`.[/]",
@@ -229,11 +241,11 @@ def _pretraining_now(project: Path) -> dict[str, Any] | None:
     return pretraining_run(Project(project))
 
 
-def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
+def _warn_unknown_mpp(record: dict[str, Any], tiling: TilingSettings) -> None:
     if record.get("kind") == "slide" and record.get("mpp") is None:
         _warn(
             f"slide {record['id']} ({Path(record['path']).name}) records no pixel size (mpp); it is kept as "
-            f"unknown. Tiles are {tiling['tile_size_px']} px of level 0 whatever the magnification: put only "
+            f"unknown. Tiles are {tiling.tile_size_px} px of level 0 whatever the magnification: put only "
             "slides scanned at the same magnification in one project, or give its pixel size with --slide-mpp "
             "and tile at a physical resolution with --mpp"
         )
@@ -242,11 +254,9 @@ def _warn_unknown_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
 def _say_tiles(manifest: dict[str, Any]) -> None:
     """Print what a tile is (its side in px and µm) and what a patch costs in the feature store."""
     from wsi_il.backbones import bytes_per_patch
-    from wsi_il.config import FeatureSettings, TilingSettings, from_dict
     from wsi_il.features import store_shape
 
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling, settings = settings_of(manifest).tiling, settings_of(manifest).features
     where = (
         f"at {tiling.target_mpp:g} µm/px ({tiling.tile_size_px * tiling.target_mpp:g} µm)"
         if tiling.target_mpp
@@ -324,14 +334,14 @@ def _trainable(value: str) -> str:
 
 def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[str, Any]) -> None:
     """Refuse `init` on an existing project with options (given explicitly) other than those it recorded."""
+    settings = settings_of(manifest)  # a setting older than the project reads as the value it had then
     asked, recorded = [], []
     for name, (flag, keys) in _INIT_SETTINGS.items():
         source = typer_ctx.get_parameter_source(name) if name in typer_ctx.params else None
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):  # not given: keeps what is recorded
             continue
-        value, stored = typer_ctx.params[name], manifest
-        for key in keys:
-            stored = stored.get(key) if isinstance(stored, dict) else None
+        value = typer_ctx.params[name]
+        stored = getattr(getattr(settings, keys[0]), keys[1]) if len(keys) == 2 else manifest.get(keys[0])
         if not _same_setting(name, value, stored, manifest):
             asked.append(_option_text(flag, value))
             recorded.append(_option_text(flag, stored))
@@ -346,14 +356,8 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
     import math
 
-    if name == "trainable":  # a project made before the setting existed trains the last block
-        return str(value).lower() == (stored or "last")
-    if name == "balance":  # a project made before the setting existed counted every label once
-        return str(value).strip().lower() == (stored or "none")
-    if name == "head_init":  # a project made before the setting existed trained the linear layer from scratch
-        return str(value).strip().lower() == (stored or "random")
-    if name == "norm_sample":  # a project made before the setting existed read every tile
-        return value == (0 if stored is None else stored)
+    if name in ("trainable", "balance", "head_init"):
+        return str(value).strip().lower() == stored
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
         return wanted == [str(c).casefold() for c in stored or []]
@@ -369,7 +373,7 @@ def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) 
             return True
         from wsi_il.features import file_sha256
 
-        return file_sha256(path) == manifest["features"].get("weights_sha256")
+        return file_sha256(path) == settings_of(manifest).features.weights_sha256
     if isinstance(value, float) and isinstance(stored, int | float) and not isinstance(stored, bool):
         return math.isclose(value, stored, rel_tol=1e-9)
     return value == stored
@@ -478,7 +482,7 @@ def init(
 
     Run it again to resume an interrupted run.
     """
-    from wsi_il.config import TilingSettings, TrainSettings, to_dict
+    from wsi_il.config import new_manifest
     from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
     from wsi_il.project import Project, check_settings
     from wsi_il.resolution import target_mpp, tile_side_px
@@ -530,32 +534,26 @@ def init(
                 raise InputError(
                     f"--classes {classes!r} must name at least two different classes", "e.g. --classes Tumor,Normal"
                 )
-            manifest = {
-                "classes": names,
-                "tiling": to_dict(
-                    TilingSettings(tile_size_px=tile_side, target_mpp=target, normalisation_sample=norm_sample)
+            manifest = new_manifest(
+                names,
+                TilingSettings(tile_size_px=tile_side, target_mpp=target, normalisation_sample=norm_sample),
+                feature_settings,
+                TrainSettings(
+                    epochs=epochs,
+                    lr=lr,
+                    margin=margin,
+                    warm_start=warm_start,
+                    refine_query=refine_query,
+                    seed=seed,
+                    schedule=_schedule(schedule),
+                    fast_budget=fast_budget,
+                    fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
+                    balance=_balance(balance),
+                    head_init=_head_init(head_init),
                 ),
-                "features": to_dict(feature_settings),
-                "train": to_dict(
-                    TrainSettings(
-                        epochs=epochs,
-                        lr=lr,
-                        margin=margin,
-                        warm_start=warm_start,
-                        refine_query=refine_query,
-                        seed=seed,
-                        schedule=_schedule(schedule),
-                        fast_budget=fast_budget,
-                        fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
-                        balance=_balance(balance),
-                        head_init=_head_init(head_init),
-                    )
-                ),
-                "normalisation": None,
-                "slides": [],
-            }
+            )
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), settings_of(manifest).tiling)
             if patches is not None:
                 register_patch_folder(manifest, patches)
         if weights != "pretrain":
@@ -584,7 +582,7 @@ def init(
             f"source(s); classes {', '.join(manifest['classes'])}"
         )
         _say_tiles(manifest)
-        if weights == "pretrain" and manifest["features"]["weights"] == "random":
+        if weights == "pretrain" and settings_of(manifest).features.weights == "random":
             _init_pretrain(proj, dev, seed, manifest["classes"][0])
             return
         out.print(f"next: wsi-il query {project} --region QUERY.geojson --label {manifest['classes'][0]}")
@@ -630,7 +628,7 @@ def add_slide(
                 _warn(warning)
             before = copy.deepcopy(manifest)
             for path in slide or []:
-                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), manifest["tiling"])
+                _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), settings_of(manifest).tiling)
             if patches is not None:
                 register_patch_folder(manifest, patches)
             added = [s["id"] for s in manifest["slides"][len(before["slides"]) :]]
@@ -666,14 +664,9 @@ def query(
 
     from wsi_il.config import STRATEGIES, SessionSettings
     from wsi_il.database import IMAGE_SUFFIXES
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import (
-        extract_query_images,
-        open_context,
-        query_from_patch_ids,
-        query_from_region,
-        start_session,
-    )
+    from wsi_il.session import extract_query_images, query_from_patch_ids, query_from_region, start_session
 
     with _errors():
         if strategy not in STRATEGIES:
@@ -747,9 +740,9 @@ def ingest(
     device: DeviceOpt = "auto",
 ) -> None:
     """Record a batch's labels, train both heads, refine the query and write the next batch."""
+    from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
-    from wsi_il.session import open_context
 
     with _errors():
         proj = Project(project)
@@ -818,7 +811,8 @@ def relabel(
 
 def _answers_in(proj: Any, manifest: dict[str, Any], labels: Path) -> list[tuple[str, str]]:
     """The filled rows of a batch's labels file, as (patch id, label) answers."""
-    from wsi_il.review import read_batch, read_labels
+    from wsi_il.batch import read_batch
+    from wsi_il.labels import read_labels
     from wsi_il.session import find_batch_dir
     from wsi_il.watch import slide_offsets
 
@@ -844,11 +838,9 @@ def watch(
     """Ingest each review batch as soon as its labels.csv is filled in and saved (or a GeoJSON exported from
     QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
     is complete; Ctrl-C stops it, losing nothing."""
-    from rich.markup import escape
-
+    from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
-    from wsi_il.session import open_context
     from wsi_il.watch import waiting_batches
     from wsi_il.watch import watch as watch_batches
 
@@ -879,7 +871,8 @@ def watch(
                 result = ingest_labels(open_context(proj, dev, reporter), labels)
             _report_round(project, result, result.message, watching=True)
 
-        rounds = watch_batches(proj, ingest_batch, lambda text: out.print(f"[dim]{escape(text)}[/]"), interval)
+        with _reporter() as reporter:
+            rounds = watch_batches(proj, ingest_batch, reporter, interval)
         out.print(
             f"[green]no batch waits for labels any more[/] ({rounds} ingested here); next: "
             f"wsi-il export {project} --out mask.geojson"
@@ -891,7 +884,8 @@ def _rehearse(proj: Any, dev: str, batch: Any) -> None:
     is labelled already (the round would only wait for it). Without the project's lock: the rehearsal writes
     nothing, and taking the lock removes temporary files, which would race with a labels file being saved."""
     from wsi_il.events import SilentReporter
-    from wsi_il.session import open_context, rehearse
+    from wsi_il.model import open_context
+    from wsi_il.session import rehearse
     from wsi_il.watch import labelled, slide_offsets
 
     try:
@@ -1126,8 +1120,8 @@ def export(
 ) -> None:
     """Write the predicted mask as QuPath GeoJSON (one file per slide) and an overview picture."""
     from wsi_il.export import export_masks, export_table
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
 
     with _errors():
         proj = Project(project)
@@ -1272,7 +1266,7 @@ def pretrain(
 def _free_weights_path(proj: Any) -> Path:
     """PROJECT/pretrain/weights.pt, or weights-2.pt when the project's features come from the first: a new run must
     not overwrite the weights that the project's features (and any slide added later) are computed with."""
-    current = Path(str(proj.read_manifest()["features"]["weights"]))
+    current = Path(settings_of(proj.read_manifest()).features.weights)
     first = proj.pretrain_dir() / "weights.pt"
     return first if first.resolve() != current else proj.pretrain_dir() / "weights-2.pt"
 
@@ -1374,7 +1368,7 @@ def reextract(
         for warning in check_settings(proj.manifest_path(), manifest):
             console.print(f"[bold yellow]warning:[/] {warning}")
         weights_obj, arch_name = _weights_and_arch(
-            weights, arch or (manifest["features"]["arch"] if weights in ("imagenet", "random") else None)
+            weights, arch or (settings_of(manifest).features.arch if weights in ("imagenet", "random") else None)
         )
         with proj.lock("reextract"), _reporter() as reporter:
             manifest = run_reextract(proj, weights_obj, arch_name, reporter, _device(device))
@@ -1465,15 +1459,13 @@ def simulate(
     Every run goes through the same code as `query` and `ingest`: real review batches, filled from the truth.
     """
     from wsi_il.config import STRATEGIES
-    from wsi_il.simulate import (
+    from wsi_il.measure.simulate import (
         REFERENCE,
         SimulationSettings,
         SlideCase,
         simulate_patches,
         simulate_slides,
-        total_rounds,
     )
-    from wsi_il.simulate import Progress as SimProgress
 
     with _errors():
         names = tuple(s.strip().lower() for s in strategy.split(",") if s.strip())
@@ -1528,27 +1520,11 @@ def simulate(
         dev = _device(device)
         source = SlideCase(query_slide, query_truth) if query_slide and query_truth else None
         cases = [SlideCase(s, t, source) for s, t in zip(slide or [], truth or [], strict=True)]
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("rounds"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        with progress:
-            task = progress.add_task("simulate", total=total_rounds(settings, max(1, len(cases))))
-            hooks = SimProgress(
-                advance=lambda n: progress.advance(task, n),
-                describe=lambda text: progress.update(task, description=text),
-            )
-            with _reporter() as reporter:
-                if patches is not None:
-                    outcome = simulate_patches(patches, test, out_dir, settings, dev, hooks, reporter)
-                else:
-                    outcome = simulate_slides(cases, out_dir, settings, dev, hooks, reporter)
+        with _reporter() as reporter:
+            if patches is not None:
+                outcome = simulate_patches(patches, test, out_dir, settings, dev, reporter)
+            else:
+                outcome = simulate_slides(cases, out_dir, settings, dev, reporter)
         metrics = outcome.summary["metrics"]
         table = Table("strategy", "labels", *[f"final {m}" for m in metrics], f"labels to 95% ({metrics[0]})")
         for name, entry in outcome.summary["strategies"].items():
@@ -1590,9 +1566,9 @@ def evaluate(
 ) -> None:
     """Score the project's current mask against a truth annotation: patch-level P/R/F1/Jaccard, balanced accuracy
     and the share called, pixel IoU. Needs truth exact at patch level (docs/quality.md)."""
+    from wsi_il.measure.simulate import evaluate_project
+    from wsi_il.model import open_context
     from wsi_il.project import Project
-    from wsi_il.session import open_context
-    from wsi_il.simulate import evaluate_project
 
     with _errors():
         proj = Project(project)
@@ -1725,8 +1701,8 @@ def _bench_slide(work: Path) -> Path:
 def _bench_backbones(specs: list[str], slide: Path, work: Path, dev: str, json_path: Path | None) -> None:
     import json
 
-    from wsi_il.bench_backbones import bench_backbone, results_json
     from wsi_il.fsutil import atomic_write_text
+    from wsi_il.measure.bench_backbones import bench_backbone, results_json
 
     results = []
     sample = 4096 if dev.startswith("cuda") else 64
@@ -1774,8 +1750,8 @@ def _run_bench(
     paper: bool,
     json_path: Path | None,
 ) -> None:
-    from wsi_il.bench import BenchSettings, result_json, run_bench
     from wsi_il.fsutil import atomic_write_text
+    from wsi_il.measure.bench import BenchSettings, result_json, run_bench
 
     settings = BenchSettings(
         out=out_dir,
@@ -1789,8 +1765,8 @@ def _run_bench(
         paper=paper,
     )
     started = time.perf_counter()
-    with console.status("measuring") as status:
-        result = run_bench(settings, lambda text: (status.update(text), console.print(f"[dim]{text}[/]")))
+    with _reporter() as reporter:
+        result = run_bench(settings, reporter)
     table = Table(
         "stage",
         "measured",

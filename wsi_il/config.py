@@ -1,4 +1,8 @@
-"""Settings of each stage, as frozen dataclasses saved in the project (docs/method.md's options)."""
+"""Settings of each stage, as frozen dataclasses saved in the project (docs/method.md's options).
+
+This module owns the project's settings: ``new_manifest`` builds a project's manifest from them, ``settings_of``
+reads them back typed (with the values a setting had before it existed, ``_LEGACY``, for older projects), and no
+other module holds a default of its own."""
 
 from __future__ import annotations
 
@@ -165,3 +169,39 @@ def resolve_schedule(settings: TrainSettings, device: str) -> str:
     if settings.schedule == "auto":
         return "paper" if str(device).startswith("cuda") else "fast"
     return settings.schedule
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    """A project's settings, typed: what ``settings_of`` reads from its manifest."""
+
+    tiling: TilingSettings
+    features: FeatureSettings
+    train: TrainSettings
+
+
+def settings_of(manifest: dict[str, Any]) -> ProjectSettings:
+    """Read a project manifest's settings as dataclasses; a setting the manifest lacks reads as its legacy value
+    (``_LEGACY``) or its default."""
+    return ProjectSettings(
+        tiling=from_dict(TilingSettings, manifest.get("tiling", {})),
+        features=from_dict(FeatureSettings, manifest.get("features", {})),
+        train=from_dict(TrainSettings, manifest.get("train", {})),
+    )
+
+
+def new_manifest(
+    classes: list[str],
+    tiling: TilingSettings | None = None,
+    features: FeatureSettings | None = None,
+    train: TrainSettings | None = None,
+) -> dict[str, Any]:
+    """The manifest of a new project, before its slides are registered: its classes and settings, no statistics."""
+    return {
+        "classes": list(classes),
+        "tiling": to_dict(tiling or TilingSettings()),
+        "features": to_dict(features or FeatureSettings()),
+        "train": to_dict(train or TrainSettings()),
+        "normalisation": None,
+        "slides": [],
+    }

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from wsi_il.batch import NOT_PREFIX, SKIP, BatchInfo, normalize_label
 from wsi_il.errors import InputError
 from wsi_il.project import Project, current_labels, now_iso
-from wsi_il.review import NOT_PREFIX, SKIP, BatchInfo, normalize_label
 
 CORRECTION = "correction"
 """The ``source`` (and the ``batch``) of a correction's ledger entry."""

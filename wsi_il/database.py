@@ -31,12 +31,13 @@ from wsi_il.features import (
     channel_sums,
     default_workers,
     head_block_of,
+    load_project_weights,
     mean_std,
     resize_tile,
-    resolve_weights,
     store_shape,
     trunk_batch_size,
 )
+from wsi_il.imagefiles import load_image
 from wsi_il.project import Project, SlideRecord, features_pending, safe_id
 from wsi_il.readers import ReaderPool, prefetch, read_batches
 from wsi_il.resolution import check_slide_mpp, level0_tile_px, slide_mpp
@@ -44,7 +45,6 @@ from wsi_il.slide import TileReader, read_info, read_thumbnail
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-MAX_IMAGE_PIXELS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -304,23 +304,6 @@ def _image_ids(prefix: str, relative: list[Path]) -> list[str]:
         seen.add(candidate)
         ids.append(candidate)
     return ids
-
-
-def load_image(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(
-                    f"{path} is {image.width} x {image.height} px, more than a patch image may have "
-                    f"({MAX_IMAGE_PIXELS // 1_000_000} megapixels)",
-                    "tile large images into patches",
-                )
-            return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path} cannot be read as an image: {exc}", "remove or replace the file") from exc
 
 
 def _finish_tiling(project: Project, record: dict[str, Any], boxes: np.ndarray, sums: np.ndarray) -> None:
@@ -700,23 +683,6 @@ def normalisation_of(settings: FeatureSettings, manifest: dict[str, Any]) -> tup
     if settings.mean is not None and settings.std is not None:
         return list(settings.mean), list(settings.std)
     return manifest["normalisation"]["mean"], manifest["normalisation"]["std"]
-
-
-def load_project_weights(settings: FeatureSettings) -> Weights:
-    """Load the weights that made the project's features, checking the file has not changed."""
-    if settings.arch_args is not None:
-        from wsi_il.backbones import choose_timm, weights_of
-
-        weights = weights_of(choose_timm(settings.weights, settings.arch, {}))
-    else:
-        weights = resolve_weights(settings.weights, settings.arch)
-    if settings.weights_sha256 and weights.sha256 and weights.sha256 != settings.weights_sha256:
-        raise InputError(
-            f"the weights {weights.source} have changed since the project's features were made "
-            f"(sha256 {weights.sha256[:12]} != {settings.weights_sha256[:12]})",
-            "restore the original weights file",
-        )
-    return weights
 
 
 def _save_init_block(project: Project, model, trainable: str = "last") -> None:

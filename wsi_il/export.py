@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from wsi_il import __version__
+from wsi_il.config import settings_of
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
+from wsi_il.model import Context, model_state, require_predictions, slides_matching
 from wsi_il.overview import Marks, Overview
 from wsi_il.project import SlideRecord
-from wsi_il.session import Context, _state, require_predictions, slides_matching
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,17 @@ class ExportedSlide:
 
 def provenance(ctx: Context) -> dict[str, object]:
     """Describe what produced a prediction: weights, model, labels (goes into every export)."""
-    features = ctx.manifest["features"]
-    state = _state(ctx)
+    features = settings_of(ctx.manifest).features
+    state = model_state(ctx)
     info: dict[str, object] = {
         "tool": f"wsi-il {__version__}",
         "project": ctx.manifest["uid"],
-        "weights": features["weights"],
-        "weights_sha256": features.get("weights_sha256"),
+        "weights": features.weights,
+        "weights_sha256": features.weights_sha256,
         "model": state.get("model"),
         "labels": state.get("n_labels"),
     }
-    if features["weights"] == "random":
+    if features.weights == "random":
         info["warning"] = "features from RANDOMLY initialised weights: not a pretrained model"
     return info
 
@@ -189,9 +190,9 @@ def write_overview(
     """Save the overview PNG: the slide with the expert's labels and queries beside it with the predicted classes
     (a light wash and an edge line each), under a legend (``wsi_il.overview``); return what was drawn."""
     from wsi_il import png
-    from wsi_il.features import core_threads, default_workers
     from wsi_il.overview import render_overview
     from wsi_il.slide import read_thumbnail
+    from wsi_il.threads import core_threads, default_workers
 
     thumb, scale = read_thumbnail(Path(slide.path), max_px)
     header = [f"{slide.id}: {notes}" if notes else slide.id]

@@ -10,18 +10,20 @@ the cache stops after ``layer3`` (256 x 14 x 14 for ResNet-18/34, 1024 x 14 x 14
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_il.errors import InputError, WeightsError
 from wsi_il.precision import GRAPHS_ENV, autocast, cuda_graphs_wanted, precision_name
+from wsi_il.threads import core_threads, default_workers
+
+if TYPE_CHECKING:
+    from wsi_il.config import FeatureSettings
 
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.", "resnet.", "net.")
 
@@ -330,11 +332,6 @@ def trunk_batch_size(device: Any, configured: int) -> int:
     return configured if str(device).startswith("cpu") else max(configured, GPU_BATCH)
 
 
-def default_workers() -> int:
-    """Return how many readers (processes, or threads) to use: every core, at least two."""
-    return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)
-
-
 def upload(array: np.ndarray, dev: Any, into: Any = None):
     """A host array on a GPU, asynchronously: copied by every core into pinned memory (from torch's cache, which
     keeps it until the copy to the device is done), then to the device by DMA; into the device tensor ``into``
@@ -357,15 +354,6 @@ def parallel_copy(target: np.ndarray, source: np.ndarray) -> None:
             lambda a, b: np.copyto(target[a:b], source[a:b], casting="same_kind"), bounds[:-1], bounds[1:]
         )
     )
-
-
-@functools.cache
-def core_threads():
-    """A thread a core, started once a process, for work that leaves the interpreter lock free (copies to a GPU's
-    staging memory, PNG encoding)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="wsi-il-core")
 
 
 def batch_ranges(start: int, stop: int, size: int) -> list[range]:
@@ -399,7 +387,8 @@ class FeatureExtractor:
         self.trunk = trunk_of(model, trainable).to(self.device).to(memory_format=torch.channels_last)
         self.normalise_with(mean, std)
         self.precision = precision_name(self.device)
-        """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features)."""
+        """'bf16' where the device computes it natively, else 'fp32' (recorded with each slide's features); set it
+        to 'fp32' to compute in float32 where bf16 would be chosen (a comparison's baseline)."""
         self.threads = default_workers() if self.device.type == "cpu" else 0
         """Threads the trunk computes with on a CPU: every core (set in the thread that computes: OpenMP's count is
         a thread's own, and ``build_database`` builds the extractor in another)."""
@@ -492,7 +481,7 @@ class FeatureExtractor:
         if batch.shape[-2:] != (self.input_px, self.input_px):
             batch = resize_batch(batch, self.input_px, self.interpolation)
         batch = ((batch.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
+        with autocast(self.device, wanted=self.precision):
             out = self.trunk(batch)
         # float16 on the device: half the bytes to copy back, and no conversion on the host (1.9 s of a
         # 12,358-patch extraction on an H100 machine); the same values as numpy's conversion, bit for bit
@@ -558,3 +547,20 @@ class Features:
             self.done.synchronize()
             self.done = None
         return self.values.numpy()
+
+
+def load_project_weights(settings: FeatureSettings) -> Weights:
+    """Load the weights that made the project's features, checking the file has not changed."""
+    if settings.arch_args is not None:
+        from wsi_il.backbones import choose_timm, weights_of
+
+        weights = weights_of(choose_timm(settings.weights, settings.arch, {}))
+    else:
+        weights = resolve_weights(settings.weights, settings.arch)
+    if settings.weights_sha256 and weights.sha256 and weights.sha256 != settings.weights_sha256:
+        raise InputError(
+            f"the weights {weights.source} have changed since the project's features were made "
+            f"(sha256 {weights.sha256[:12]} != {settings.weights_sha256[:12]})",
+            "restore the original weights file",
+        )
+    return weights

@@ -210,8 +210,8 @@ def render_overview(
 
 def label_colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:
     """The colour of each label a patch can have: its class's (QuPath's), grey for skip, dark for a "not"."""
+    from wsi_il.batch import NOT_PREFIX, SKIP
     from wsi_il.qupath import class_color
-    from wsi_il.review import NOT_PREFIX, SKIP
 
     colours = {name: class_color(name) for name in classes}
     colours.update({f"{NOT_PREFIX}{name}": NOT_RGB for name in classes})
@@ -225,7 +225,7 @@ def legend_items(
     """What the legend lists: each shown class's predicted patches, each label's labelled patches, the queries."""
     from collections import Counter
 
-    from wsi_il.review import NOT_PREFIX, SKIP
+    from wsi_il.batch import NOT_PREFIX, SKIP
 
     items = [
         LegendItem(f"predicted {classes[c]}: {int((predicted == c).sum())} patches", colours[classes[c]], "wash")

@@ -1,7 +1,8 @@
 """Mixed precision where the hardware runs it natively: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX.
 
 Elsewhere (older CPUs) bfloat16 is emulated and slower than float32, so everything stays float32 there.
-``WSI_IL_PRECISION=fp32`` forces float32 everywhere (for comparisons and debugging).
+``WSI_IL_PRECISION=fp32`` forces float32 everywhere (for comparisons and debugging); a caller that wants float32 for
+one computation passes ``wanted="fp32"`` instead.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ def _cpu_has_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def mixed_precision_dtype(device: Any) -> Any:
-    """Return torch.bfloat16 when ``device`` computes it natively, else None (float32)."""
+def mixed_precision_dtype(device: Any, wanted: str = "auto") -> Any:
+    """Return torch.bfloat16 when ``device`` computes it natively, else None (float32); always None when ``wanted``
+    is 'fp32'."""
     import torch
 
-    if os.environ.get("WSI_IL_PRECISION", "auto").lower() == "fp32":
+    if wanted == "fp32" or os.environ.get("WSI_IL_PRECISION", "auto").lower() == "fp32":
         return None
     kind = torch.device(device).type
     if kind == "cuda" or (kind == "cpu" and _cpu_has_bf16()):
@@ -34,9 +36,9 @@ def mixed_precision_dtype(device: Any) -> Any:
     return None
 
 
-def precision_name(device: Any) -> str:
+def precision_name(device: Any, wanted: str = "auto") -> str:
     """'bf16' or 'fp32': what the trunk and heads compute in on ``device`` (recorded with results)."""
-    return "bf16" if mixed_precision_dtype(device) is not None else "fp32"
+    return "bf16" if mixed_precision_dtype(device, wanted) is not None else "fp32"
 
 
 GRAPHS_ENV = "WSI_IL_CUDA_GRAPHS"
@@ -52,14 +54,14 @@ def cuda_graphs_wanted(dev: Any) -> bool:
 
 
 @contextlib.contextmanager
-def autocast(device: Any, cache: bool = True) -> Iterator[None]:
+def autocast(device: Any, cache: bool = True, wanted: str = "auto") -> Iterator[None]:
     """Run the enclosed forward passes in bfloat16 where that is native, else unchanged.
 
     ``cache=False`` casts weights anew at each use, as a captured CUDA graph needs (training steps): a cast
-    cached from before the capture would not follow the weights' updates."""
+    cached from before the capture would not follow the weights' updates. ``wanted="fp32"`` keeps float32."""
     import torch
 
-    dtype = mixed_precision_dtype(device)
+    dtype = mixed_precision_dtype(device, wanted)
     if dtype is None:
         yield
         return

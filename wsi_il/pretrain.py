@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from wsi_il.config import FeatureSettings, TilingSettings, from_dict
-from wsi_il.database import load_image, load_project_weights
+from wsi_il.config import settings_of
 from wsi_il.errors import InputError, ProjectStateError
-from wsi_il.features import Weights, build_resnet, default_workers
+from wsi_il.features import Weights, build_resnet, load_project_weights
 from wsi_il.fsutil import atomic_write_bytes
+from wsi_il.imagefiles import load_image
 from wsi_il.project import Project
 from wsi_il.readers import read_batches
+from wsi_il.threads import default_workers
 
 METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
 """The self-supervised methods, by the name that selects them."""
@@ -108,7 +109,7 @@ class TissueSampler:
         from wsi_il.slide import TileReader, read_thumbnail
         from wsi_il.tiling import tissue_mask
 
-        tiling = from_dict(TilingSettings, manifest["tiling"])
+        tiling = settings_of(manifest).tiling
         self.field_px = field_px
         self.sources: list[tuple[str, Any, np.ndarray, float]] = []
         for record in project.slides(manifest):
@@ -382,7 +383,7 @@ def pretrain(
     when the machine's speed changes (see ``DurationEstimate``).
     """
     manifest = project.read_manifest()
-    features = from_dict(FeatureSettings, manifest["features"])
+    features = settings_of(manifest).features
     if manifest.get("normalisation") is None:
         raise ProjectStateError("the project has no normalisation statistics yet", f"run `wsi-il init {project.root}`")
     weights = load_project_weights(features) if settings.start == "project" else None
@@ -399,7 +400,7 @@ def pretrain(
     norm = manifest["normalisation"]
     mean = torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1)
     std = torch.tensor(norm["std"], device=dev).view(1, 3, 1, 1)
-    tile = int(manifest["tiling"]["tile_size_px"])
+    tile = settings_of(manifest).tiling.tile_size_px
     field_px = max(int(tile * settings.field_scale), settings.crop_px)
     sampler = TissueSampler(project, manifest, field_px)
     workers = workers or default_workers()

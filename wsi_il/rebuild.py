@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings, from_dict
+from wsi_il.config import FeatureSettings, from_dict, settings_of
 from wsi_il.database import extract_slide
 from wsi_il.errors import InputError
 from wsi_il.events import Reporter
-from wsi_il.features import FeatureExtractor, Weights, build_resnet, default_workers, head_block_of
+from wsi_il.features import FeatureExtractor, Weights, build_resnet, head_block_of
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project
+from wsi_il.threads import default_workers
 
 
 def reextract(
@@ -33,7 +34,7 @@ def reextract(
     """Compute every slide's features with ``weights``, switch the project to them, retrain the heads."""
     manifest = project.read_manifest()
     finish_switch(project, manifest)
-    model = build_resnet(weights, int(manifest["features"].get("seed", 0)), arch)
+    model = build_resnet(weights, settings_of(manifest).features.seed, arch)
     target = target_features(manifest, weights, arch)
     if target == manifest["features"]:
         raise InputError("the project's features already come from these weights", "nothing to do")
@@ -83,7 +84,7 @@ def stage_features(
         shutil.rmtree(info_path.parent, ignore_errors=True)  # staged for other weights: start over
         info_path.parent.mkdir(parents=True, exist_ok=True)
         project.write_json(info_path, target)
-    model = build_resnet(weights, int(manifest["features"].get("seed", 0)), arch)
+    model = build_resnet(weights, settings_of(manifest).features.seed, arch)
     settings = from_dict(FeatureSettings, target)
     norm = manifest["normalisation"]
     extractor = FeatureExtractor(model, norm["mean"], norm["std"], device, settings.trainable, settings.input_px)
@@ -141,14 +142,8 @@ def _save_block(project: Project, model, staged: bool, trainable: str = "last") 
 
 def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None:
     """Re-take each session's query features, retrain the heads on all labels, re-embed open queries."""
-    from wsi_il.session import (
-        _refined_query,
-        _train_round,
-        extract_query_images,
-        list_sessions,
-        open_context,
-        redraw_waiting_batch,
-    )
+    from wsi_il.model import open_context
+    from wsi_il.session import extract_query_images, list_sessions, redraw_waiting_batch, refined_query, train_round
 
     ctx = open_context(project, device, reporter)
     index = ctx.table.index_of()
@@ -167,12 +162,12 @@ def _refresh_sessions(project: Project, reporter: Reporter, device: str) -> None
         project.write_array(project.query_features_path(session["id"]), features.astype(np.float16))
     if project.read_ledger() or list_sessions(project):
         n = len(list(project.root.glob("models/reextract-*.pt"))) + 1
-        _train_round(ctx, f"reextract-{n}")
+        train_round(ctx, f"reextract-{n}")
     for session in list_sessions(project):
         if session["state"] != "reviewing":
             continue
         if session["query"]["n"] and len(project.read_array(project.query_features_path(session["id"]))):
-            session["q"] = _refined_query(ctx, session, []).tolist()
+            session["q"] = refined_query(ctx, session, []).tolist()
         batch = redraw_waiting_batch(ctx, session)
         project.write_json(project.session_path(session["id"]), session)
         if batch:

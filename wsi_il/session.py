@@ -7,9 +7,7 @@ killed in between is completed by running it again (training is seeded, so the r
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -18,58 +16,32 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.batch import BatchInfo, BatchPatch, read_batch
 from wsi_il.config import SessionSettings, TrainSettings, from_dict
-from wsi_il.database import FeatureStore, PatchTable, load_image, patch_table
 from wsi_il.errors import InputError, ProjectStateError
-from wsi_il.events import Reporter
-from wsi_il.fsutil import atomic_write_bytes
-from wsi_il.project import Project, check_settings, current_versions, features_pending, now_iso
-from wsi_il.review import BatchInfo, BatchPatch, read_batch, read_labels, write_batch
-from wsi_il.stems import ProjectStems, stem_key
-
-EMBED_CHUNK = 256
-"""Patches per block of a pass over the database (embedding, prediction) on a CPU."""
-GPU_EMBED_CHUNK = 2048
-"""The same on a GPU, where each block's fixed cost (kernel launches, a wait for its results) would otherwise
-set the pace: 12,500 patches are seven blocks, not forty-nine."""
+from wsi_il.imagefiles import load_image
+from wsi_il.labels import read_labels
+from wsi_il.model import (
+    Context,
+    counted,
+    current_embeddings,
+    current_predictions,
+    embed_chunk,
+    embed_features,
+    init_state,
+    load_model,
+    model_state,
+    pass_title,
+    save_model,
+    stem_cache,
+)
+from wsi_il.project import Project, now_iso
+from wsi_il.review import write_batch
 
 REGION_MAX_BYTES = 64 * 2**20
 """The largest query GeoJSON read (after decompression): a few annotations take kilobytes."""
 QUERY_IMAGE_MAX_PX = 25_000_000
 """The largest query image decoded (query images are patches of a few hundred px)."""
-
-
-def embed_chunk(device: Any) -> int:
-    """Patches per block of a pass over the database on ``device``."""
-    return EMBED_CHUNK if str(device).startswith("cpu") else GPU_EMBED_CHUNK
-
-
-@dataclass
-class Context:
-    """An opened project, ready for a session command."""
-
-    project: Project
-    manifest: dict[str, Any]
-    table: PatchTable
-    store: FeatureStore
-    device: str
-    reporter: Reporter
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    def class_index(self, name: str) -> int:
-        lowered = [c.lower() for c in self.classes]
-        if name.lower() not in lowered:
-            raise InputError(
-                f"label {name!r} is not one of the project's classes: {', '.join(self.classes)}",
-                "pick one of them with --label",
-            )
-        return lowered.index(name.lower())
-
-    def offsets(self) -> dict[str, tuple[float, float]]:
-        return {s.id: s.offset for s in self.table.slides}
 
 
 @dataclass(frozen=True)
@@ -85,196 +57,6 @@ class RoundResult:
     seconds: float
     changed: bool
     message: str
-
-
-def open_context(project: Project, device: str, reporter: Reporter) -> Context:
-    """Open a project whose features are complete, made with the settings it records."""
-    manifest = project.read_manifest()
-    for warning in check_settings(project.manifest_path(), manifest):
-        reporter.warn(warning)
-    unfinished = [s["id"] for s in manifest["slides"] if features_pending(s)]
-    if unfinished or not manifest["slides"]:
-        raise ProjectStateError(
-            f"the features of {', '.join(unfinished) or 'any slide'} are not computed yet",
-            f"run `wsi-il init {project.root}` again to finish them",
-        )
-    try:
-        table = patch_table(project, manifest)
-        store = FeatureStore(project, manifest)
-    except (ValueError, EOFError) as exc:  # numpy's words for a cut or overwritten .npy file
-        raise ProjectStateError(
-            f"the patch or feature cache of {project.root} is damaged ({exc})",
-            "restore the project folder from a backup (wsi-il writes these files whole or "
-            "resumably, so something else changed them)",
-        ) from exc
-    if len(store) != len(table):
-        raise ProjectStateError(
-            f"the feature cache of {project.root} holds {len(store)} patches, its patch table {len(table)}",
-            "restore the project folder from a backup",
-        )
-    return Context(project, manifest, table, store, device, reporter)
-
-
-# ---- model state ------------------------------------------------------------------------------
-def _init_state(ctx: Context) -> dict[str, Any]:
-    return load_tensors(ctx.project.init_model_path())
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    """Load a model file of the project as plain tensors (``weights_only``: a pickled object is never run)."""
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise ProjectStateError(
-            f"{path} is missing", "restore the project folder from a backup; a model file is only ever replaced whole"
-        )
-    hint = (
-        "it was replaced or damaged outside wsi-il: restore it from a backup, or delete it and ingest the "
-        "last batch again"
-    )
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ProjectStateError(
-            f"{path} holds pickled Python objects, not plain tensors: it was not loaded (wsi-il writes only tensors)",
-            hint,
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().split("\n")[0] or type(exc).__name__
-        raise ProjectStateError(f"{path} is damaged and was not loaded ({first[:160]})", hint) from exc
-    if not isinstance(data, dict):
-        raise ProjectStateError(f"{path} does not hold a wsi-il model", "restore it from a backup")
-    return data
-
-
-def _state(ctx: Context) -> dict[str, Any]:
-    return ctx.project.read_json(ctx.project.state_path(), {"model": None, "embeddings": None})
-
-
-def _load_model(ctx: Context, model_id: str) -> dict[str, Any]:
-    path = ctx.project.model_path(model_id)
-    data = load_tensors(path)
-    if data.get("classes") not in (None, ctx.classes):
-        raise ProjectStateError(
-            f"{path} was trained for the classes {', '.join(map(str, data['classes']))}, "
-            f"not this project's {', '.join(ctx.classes)}",
-            "restore the model file that belongs to this project",
-        )
-    return data
-
-
-def _save_model(ctx: Context, model_id: str, data: dict[str, Any]) -> None:
-    import torch
-
-    made_with = {"train": ctx.manifest["train"], "versions": current_versions()}
-    buffer = io.BytesIO()
-    torch.save({**data, "made_with": made_with}, buffer)
-    atomic_write_bytes(ctx.project.model_path(model_id), buffer.getvalue())
-
-
-def current_embeddings(ctx: Context) -> np.ndarray:
-    """Return every patch's embedding under the current retrieval head (computed once per model)."""
-    from wsi_il.heads import embed, pretrained_retrieval
-
-    state = _state(ctx)
-    key = state["model"] or "pretrained"
-    path = ctx.project.embeddings_path()
-    if state.get("embeddings") == key and path.is_file():
-        cached = ctx.project.read_array(path)
-        if len(cached) == len(ctx.store):  # slides added since then make it stale
-            return cached
-    init = _init_state(ctx)
-    model = _load_model(ctx, key) if state["model"] else None
-    retrieval = model["retrieval"] if model else pretrained_retrieval(init)
-    stems = _stem_cache(ctx, retrieval, init) if model is None or model.get("frozen_stem") else None
-    advance = ctx.reporter.task(_pass_title("embedding the database", stems), len(ctx.store))
-    embeddings = embed(
-        retrieval, init, _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance), len(ctx.store), ctx.device, stems
-    )
-    if stems is not None:
-        stems.finish()
-    ctx.project.write_array(path, embeddings)
-    ctx.project.write_json(ctx.project.state_path(), {**state, "embeddings": key})
-    return embeddings
-
-
-def _stem_cache(ctx: Context, block_state: dict[str, Any], init: dict[str, Any]) -> ProjectStems | None:
-    """The stem cache for a block (keys ``block.conv1.weight`` ...) in a project whose rounds keep the stem frozen
-    (the fast schedule with ``fast_frozen_conv1`` on this device, one trainable block); None elsewhere."""
-    from wsi_il.config import resolve_schedule
-    from wsi_il.heads import single_block
-
-    settings = from_dict(TrainSettings, ctx.manifest["train"])
-    if not (settings.fast_frozen_conv1 and resolve_schedule(settings, ctx.device) == "fast" and single_block(init)):
-        return None
-    return ProjectStems(ctx.project, stem_key(block_state, ctx.project, ctx.manifest), len(ctx.store), ctx.store.shape)
-
-
-def _pass_title(title: str, stems: ProjectStems | None) -> str:
-    return title if stems is None or stems.complete else f"{title} (caching the frozen stem)"
-
-
-def _counted(chunks, advance):
-    for start, block in chunks:
-        yield start, block
-        advance(len(block))
-
-
-def current_predictions(ctx: Context) -> np.ndarray | None:
-    """Return every patch's class probabilities under the current classifier, or None before one."""
-    from wsi_il.heads import predict
-
-    state = _state(ctx)
-    if not state["model"]:
-        return None
-    path = ctx.project.predictions_path()
-    if state.get("predictions") == state["model"] and path.is_file():
-        cached = ctx.project.read_array(path)
-        if len(cached) == len(ctx.store):
-            return cached
-    classifier = _load_model(ctx, state["model"])["classifier"]
-    advance = ctx.reporter.task("predicting the database", len(ctx.store))
-    predictions = predict(
-        classifier,
-        _init_state(ctx),
-        len(ctx.classes),
-        _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance),
-        len(ctx.store),
-        ctx.device,
-    )
-    ctx.project.write_array(path, predictions)
-    ctx.project.write_json(ctx.project.state_path(), {**_state(ctx), "predictions": state["model"]})
-    return predictions
-
-
-def require_predictions(ctx: Context) -> np.ndarray:
-    """Return the current classifier's predictions, refusing when no classifier exists yet."""
-    predictions = current_predictions(ctx)
-    if predictions is None:
-        raise ProjectStateError(
-            "no classifier has been trained yet",
-            f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)",
-        )
-    return predictions
-
-
-def slides_matching(ctx: Context, slide_id: str | None) -> list[Any]:
-    """Return the project's slides (not patch folders), only the one named by id or file name when given."""
-    slides = [s for s in ctx.table.slides if s.kind == "slide"]
-    if slide_id is None:
-        return slides
-    return [s for s in slides if s.id == slide_id or Path(s.path).name == slide_id]
-
-
-def _embed_features(ctx: Context, features: np.ndarray) -> np.ndarray:
-    from wsi_il.heads import embed, pretrained_retrieval
-
-    state = _state(ctx)
-    init = _init_state(ctx)
-    retrieval = _load_model(ctx, state["model"])["retrieval"] if state["model"] else pretrained_retrieval(init)
-    return embed(retrieval, init, [(0, features)], len(features), ctx.device)
 
 
 # ---- sessions ---------------------------------------------------------------------------------
@@ -421,7 +203,7 @@ def start_session(
     if query_features is None or len(query_features) == 0:
         raise InputError("the query is empty", "give a region, patch ids or query images")
     session_id = f"s{len(list_sessions(project)) + 1}"
-    q = _embed_features(ctx, query_features).mean(axis=0)
+    q = embed_features(ctx, query_features).mean(axis=0)
     session = {
         "id": session_id,
         "label": ctx.classes[label_index],
@@ -563,8 +345,8 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
 def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: dict[str, str]) -> tuple[str, int]:
     """Write the redrawn batch beside the waiting one (``.<batch>.redraw``); return its rule and candidates."""
     from wsi_il.answers import write_answers
+    from wsi_il.batch import NOT_PREFIX
     from wsi_il.index import rank_by_distance
-    from wsi_il.review import NOT_PREFIX
     from wsi_il.sampling import sample
 
     folder = ctx.project.batch_dir(batch_id)
@@ -626,8 +408,8 @@ def _write_batch_files(
     rule: str,
     folder: Path | None = None,
 ) -> None:
-    from wsi_il.features import core_threads
     from wsi_il.slide import TileReader
+    from wsi_il.threads import core_threads
 
     info = BatchInfo(
         batch_id=batch_id,
@@ -778,9 +560,9 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
     # in between is finished by running it again: the ledger is completed, not duplicated, and training is
     # seeded, so the round comes out as it would have.
     recorded = _record_labels(ctx, info, labels)
-    train_seconds, pass_seconds = _train_round(ctx, info.batch_id)
+    train_seconds, pass_seconds = train_round(ctx, info.batch_id)
     relevant = [pid for pid, lab in labels.items() if lab == session["label"]]
-    session["q"] = _refined_query(ctx, session, relevant).tolist()
+    session["q"] = refined_query(ctx, session, relevant).tolist()
     entry["ingested"] = now_iso()
     entry["labels"] = len(labels)
     entry["train_seconds"] = round(train_seconds, 3)
@@ -889,7 +671,7 @@ def _target(ctx: Context, label: str) -> int:
     return ctx.class_index(label)
 
 
-def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
+def train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     """Train both heads on all labels, then embed and predict every patch with them (one pass); returns the
     seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
@@ -900,13 +682,13 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     schedule = resolve_schedule(settings, ctx.device)
     features, targets, groups = _training_rows(ctx)
     rows, weights = training_selection(targets, groups, settings.balance, settings.seed)
-    init = _init_state(ctx)
-    state = _state(ctx)
+    init = init_state(ctx)
+    state = model_state(ctx)
     # A rerun after a kill may find this round's own model already current: start from the one before it.
     base = state.get("previous") if state["model"] == model_id else state["model"]
     start = None
     if (settings.warm_start or schedule == "fast") and base:
-        previous = _load_model(ctx, base)
+        previous = load_model(ctx, base)
         start = TrainedHeads(previous["retrieval"], previous["classifier"], len(ctx.classes), {})
     advance = ctx.reporter.task(
         f"training on {len(rows)} labels ({schedule} schedule)", planned_epochs(settings, len(rows), schedule), "epochs"
@@ -923,11 +705,11 @@ def _train_round(ctx: Context, model_id: str) -> tuple[float, float]:
         schedule,
         weights=weights,
     )
-    _save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
+    save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
     trained = time.perf_counter()
-    stems = _stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
-    advance = ctx.reporter.task(_pass_title("re-embedding and predicting", stems), len(ctx.store))
-    chunks = _counted(ctx.store.chunks(embed_chunk(ctx.device)), advance)
+    stems = stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
+    advance = ctx.reporter.task(pass_title("re-embedding and predicting", stems), len(ctx.store))
+    chunks = counted(ctx.store.chunks(embed_chunk(ctx.device)), advance)
     embeddings, predictions = embed_and_predict(
         heads.model(), init, len(ctx.classes), chunks, len(ctx.store), ctx.device, stems
     )
@@ -967,7 +749,7 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
     rows = np.array([index[p.patch_id] for p in read_batch(batch_dir)[1] if p.patch_id in index], dtype=np.int64)
     features = np.concatenate([features, ctx.store.take(rows)])
     targets = np.concatenate([targets, np.arange(len(rows)) % len(ctx.classes)])
-    init = _init_state(ctx)
+    init = init_state(ctx)
     heads = train_heads(
         features, targets, init, len(ctx.classes), replace(settings, epochs=1), ctx.device, early_stopping=False
     )
@@ -976,11 +758,11 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def _refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
+def refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
     """Recompute q with the new head; with refinement, average it with this round's relevant patches."""
     settings = from_dict(TrainSettings, ctx.manifest["train"])
     query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
-    q = _embed_features(ctx, query).mean(axis=0)
+    q = embed_features(ctx, query).mean(axis=0)
     if not settings.refine_query or not relevant:
         return q
     embeddings = current_embeddings(ctx)

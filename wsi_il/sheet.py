@@ -3,7 +3,7 @@
 Each cell shows the patch's context image (``context.context_image``: its 3 x 3 neighbourhood read from the slide,
 the patch outlined) or, for a patch-folder image, the patch alone; under it, the number the batch gives the patch
 (the column ``n`` of labels.csv), the model's suggestion (in grey with a question mark when it is uncertain,
-``review.suggestion_is_uncertain``) and the patch's full id, wrapped over as many lines as it needs, never cut.
+``batch.suggestion_is_uncertain``) and the patch's full id, wrapped over as many lines as it needs, never cut.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from wsi_il.review import LABELS_CSV, UNCERTAIN_BELOW, BatchInfo, BatchPatch, patch_number, suggestion_is_uncertain
+from wsi_il.batch import LABELS_CSV, UNCERTAIN_BELOW, BatchInfo, BatchPatch, patch_number, suggestion_is_uncertain
 
 _MAX_COLUMNS = 5
 

@@ -6,27 +6,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+from wsi_il.config import FeatureSettings, settings_of
 from wsi_il.corrections import corrections
 from wsi_il.project import Project, current_labels, features_pending
 from wsi_il.resolution import tile_um
 from wsi_il.session import list_sessions
 
 
-def _weights(features: dict[str, Any]) -> dict[str, Any]:
-    kind = features["weights"] if features["weights"] in ("imagenet", "random") else "file"
+def _weights(features: FeatureSettings) -> dict[str, Any]:
+    kind = features.weights if features.weights in ("imagenet", "random") else "file"
     if kind == "random":
         text = "RANDOM initialisation (--weights random): features are not pretrained"
     elif kind == "imagenet":
         text = "torchvision ImageNet ResNet-18 (IMAGENET1K_V1)"
-    elif features["weights"].startswith("hf-hub:"):
-        text = f"{features['weights']} (local hub cache)"
+    elif features.weights.startswith("hf-hub:"):
+        text = f"{features.weights} (local hub cache)"
     else:
-        text = f"file {features['weights']}"
-    sha = features.get("weights_sha256")
+        text = f"file {features.weights}"
+    sha = features.weights_sha256
     return {
         "kind": kind,
-        "source": features["weights"],
+        "source": features.weights,
         "sha256": sha,
         "description": text + (f", sha256 {sha[:12]}" if sha else ""),
     }
@@ -73,12 +73,11 @@ def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, An
     return f"start a session: wsi-il query {root} --region QUERY.geojson --label {manifest['classes'][0]}"
 
 
-def _backbone(features: dict[str, Any]) -> dict[str, Any]:
+def _backbone(settings: FeatureSettings) -> dict[str, Any]:
     """The backbone, its split and what a patch costs in the feature store."""
     from wsi_il.backbones import bytes_per_patch
     from wsi_il.features import store_shape
 
-    settings = from_dict(FeatureSettings, features)
     return {
         "arch": settings.arch,
         "arch_args": settings.arch_args,
@@ -100,7 +99,8 @@ def project_status(root: Path) -> dict[str, Any]:
     state = project.read_json(project.state_path(), {"model": None})
     labelled = current_labels(ledger)
     counts = Counter(e["label"] for e in labelled.values())
-    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings = settings_of(manifest)
+    tiling = settings.tiling
     slides = [
         {
             "id": s["id"],
@@ -121,11 +121,11 @@ def project_status(root: Path) -> dict[str, Any]:
         "project": str(root),
         "uid": manifest["uid"],
         "classes": manifest["classes"],
-        "weights": _weights(manifest["features"]),
+        "weights": _weights(settings.features),
         "settings": {k: manifest[k] for k in ("tiling", "train")},
-        "trainable": manifest["features"].get("trainable", "last"),
+        "trainable": settings.features.trainable,
         "normalisation": manifest.get("normalisation"),
-        "backbone": _backbone(manifest["features"]),
+        "backbone": _backbone(settings.features),
         "slides": slides,
         "patches": sum(s["patches"] for s in slides),
         "sessions": [_session_row(s) for s in sessions],

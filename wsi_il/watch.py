@@ -24,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_il.batch import BATCH_GEOJSON, LABELS_CSV, read_batch
 from wsi_il.errors import WsiIlError
+from wsi_il.events import Reporter
+from wsi_il.labels import read_labels
 from wsi_il.project import Project
-from wsi_il.review import BATCH_GEOJSON, LABELS_CSV, read_batch, read_labels
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,14 @@ def _signature(path: Path) -> tuple[int, int] | None:
 def watch(
     project: Project,
     ingest_batch: Callable[[Path], object],
-    say: Callable[[str], None],
+    reporter: Reporter,
     interval: float = 1.0,
     stop: Callable[[], bool] = lambda: False,
 ) -> int:
     """Call ``ingest_batch(labels_path)`` for each waiting batch once its labels file is complete; return how
     many batches were ingested.
 
-    ``say`` hears, once each, what is waited for and what is wrong with a file (or with an ingest, which is
+    The reporter's status says, once each, what is waited for and what is wrong with a file (or with an ingest, which is
     tried again at the next poll). Ends when no batch waits (or when ``stop()``).
     """
     examined: dict[Path, tuple[int, int] | None] = {}
@@ -98,7 +100,7 @@ def watch(
     def tell(path: Path, text: str) -> None:
         if said.get(path) != text:
             said[path] = text
-            say(text)
+            reporter.status(text)
 
     rounds = 0
     while not stop():

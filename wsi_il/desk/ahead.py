@@ -123,8 +123,9 @@ def prepare(
     project itself is not written. Raises ``Cancelled`` when ``cancel`` is set before it ends, and what
     ``ingest`` raises (the shadow is then removed)."""
     from wsi_il.answers import write_answers
-    from wsi_il.review import LABELS_CSV, read_batch
-    from wsi_il.session import ingest, open_context
+    from wsi_il.batch import LABELS_CSV, read_batch
+    from wsi_il.model import open_context
+    from wsi_il.session import ingest
 
     started = time.perf_counter()
     before = fingerprint(project)

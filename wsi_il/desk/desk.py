@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from wsi_il.answers import read_answers, write_answers
+from wsi_il.batch import BATCH_JSON, LABELS_CSV, SKIP, read_batch, suggestion_is_uncertain
+from wsi_il.config import settings_of
 from wsi_il.desk.ahead import Preparer, Stale, commit, likely_answers
 from wsi_il.desk.ahead import clear as clear_shadows
 from wsi_il.desk.images import (
@@ -33,7 +35,6 @@ from wsi_il.desk.images import (
 from wsi_il.errors import InputError, ProjectStateError, WsiIlError
 from wsi_il.events import SilentReporter
 from wsi_il.project import Project
-from wsi_il.review import BATCH_JSON, LABELS_CSV, SKIP, read_batch, suggestion_is_uncertain
 
 BATCH_ID = re.compile(r"^s[0-9]{1,6}-r[0-9]{1,6}$")
 OVERLAYS = ("probability", "labelled", "query", "batch")
@@ -133,7 +134,7 @@ class Desk:
         return {
             "project": self.project.root.name,
             "classes": list(manifest["classes"]),
-            "random_weights": manifest["features"]["weights"] == "random",
+            "random_weights": settings_of(manifest).features.weights == "random",
             "slides": slides,
             "batch": waiting[0].batch_dir.name if waiting else None,
             "warmup": dict(self.warmup),
@@ -232,7 +233,8 @@ class Desk:
     def submit(self, batch_id: str) -> dict[str, Any]:
         """Ingest a fully answered batch exactly as ``wsi-il ingest`` does (same validation, the project's lock);
         returns what it did and the next batch, if any."""
-        from wsi_il.session import ingest, open_context
+        from wsi_il.model import open_context
+        from wsi_il.session import ingest
 
         folder = self._batch_dir(batch_id)
         started = time.perf_counter()
@@ -272,7 +274,8 @@ class Desk:
     def warm_up(self) -> None:
         """Rehearse the first round while the expert labels (``session.rehearse``, as ``wsi-il watch`` does);
         without the lock: it writes nothing. Run in a thread; its state is in ``self.warmup``."""
-        from wsi_il.session import open_context, rehearse
+        from wsi_il.model import open_context
+        from wsi_il.session import rehearse
         from wsi_il.watch import waiting_batches
 
         waiting = waiting_batches(self.project)
@@ -473,7 +476,7 @@ class Desk:
         """Write the predicted masks (GeoJSON and overview picture; a CSV for patch folders) into the project's
         ``exports/`` folder, as ``wsi-il export`` would; returns the file names written."""
         from wsi_il.export import export_masks, export_table
-        from wsi_il.session import open_context
+        from wsi_il.model import open_context
 
         folder = self.project.root / EXPORTS
         with self._answers, self._work, self.project.lock("review"):

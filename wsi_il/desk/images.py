@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from wsi_il.context import context_image
-from wsi_il.database import load_image
+from wsi_il.imagefiles import load_image
 from wsi_il.project import Project, SlideRecord
 
 JPEG_QUALITY = 90

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_il.config import TilingSettings, TrainSettings, to_dict
+from wsi_il.config import new_manifest
 from wsi_il.events import SilentReporter
 from wsi_il.project import Project
 
@@ -87,21 +87,14 @@ def _measure(
     import shutil
 
     from wsi_il.backbones import bytes_per_patch
-    from wsi_il.bench import trunk_limit
     from wsi_il.database import build_database, register_slide
     from wsi_il.features import store_shape
+    from wsi_il.measure.bench import trunk_limit
 
     if folder.exists():
         shutil.rmtree(folder)
     project = Project(folder)
-    manifest: dict[str, Any] = {
-        "classes": ["Tumor", "Normal"],
-        "tiling": to_dict(TilingSettings()),
-        "features": to_dict(settings),
-        "train": to_dict(TrainSettings()),
-        "normalisation": None,
-        "slides": [],
-    }
+    manifest = new_manifest(["Tumor", "Normal"], features=settings)
     register_slide(manifest, slide)
     project.create(manifest)
     cpu_before = _cpu_seconds()

@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, to_dict
+from wsi_il.config import FeatureSettings, SessionSettings, TilingSettings, TrainSettings, new_manifest, settings_of
 from wsi_il.errors import InputError
-from wsi_il.events import SilentReporter
+from wsi_il.events import Reporter, SilentReporter
 from wsi_il.project import Project
 
 TUMOUR, NORMAL = "Tumor", "Normal"
@@ -127,12 +127,14 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda text: None) -> BenchResult:
-    """Run every stage and return the figures (``say`` hears what is being measured)."""
+def run_bench(settings: BenchSettings, reporter: Reporter | None = None) -> BenchResult:
+    """Run every stage and return the figures (the reporter's status says what is being measured)."""
     import torch
 
-    from wsi_il.features import default_workers
     from wsi_il.precision import precision_name
+    from wsi_il.threads import default_workers
+
+    say = (reporter or SilentReporter()).status
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +241,7 @@ def build_bench_slide(out: Path, patches: int, data: Path, seed: int) -> tuple[P
     A slide of tens of thousands of pixels a side would not fit in memory as one image, so an island mosaic
     of real BACH fields (at most 8192 px a side) is written once and tiled, mirrored, into the large slide.
     """
-    from wsi_il.mosaic import bach_images, make_island_slide, write_mirrored_tiling
+    from wsi_il.measure.mosaic import bach_images, make_island_slide, write_mirrored_tiling
 
     tile = TilingSettings().tile_size_px
     side = int(math.ceil(math.sqrt(patches / TISSUE_SHARE))) * tile
@@ -297,7 +299,9 @@ def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) ->
             "seed": settings.seed,
         }
     )
-    done = subprocess.run([sys.executable, "-m", "wsi_il.bench", args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "wsi_il.measure.bench", args], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the extraction stage failed: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -310,20 +314,15 @@ def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str
 
     weights = resolve_weights(weights_spec)
     project = Project(project_dir)
-    manifest: dict[str, Any] = {
-        "classes": [TUMOUR, NORMAL],
-        "tiling": to_dict(TilingSettings()),
-        "features": to_dict(
-            FeatureSettings(
-                weights=weights_spec if weights.kind != "file" else weights.source,
-                weights_sha256=weights.sha256,
-                seed=seed,
-            )
+    manifest = new_manifest(
+        [TUMOUR, NORMAL],
+        features=FeatureSettings(
+            weights=weights_spec if weights.kind != "file" else weights.source,
+            weights_sha256=weights.sha256,
+            seed=seed,
         ),
-        "train": to_dict(TrainSettings(seed=seed)),
-        "normalisation": None,
-        "slides": [],
-    }
+        train=TrainSettings(seed=seed),
+    )
     register_slide(manifest, slide)
     project.create(manifest)
     reporter = _TimingReporter()
@@ -459,13 +458,12 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     """Patches/s of extraction's reader pool alone over the slide's first ``sample`` candidate tiles (read,
     decode and the pixel rule, into shared memory; no trunk): with the trunk limit, the two ceilings of
     end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
-    from wsi_il.config import from_dict
     from wsi_il.database import slide_readers, tile_spec
-    from wsi_il.features import batch_ranges, default_workers, trunk_batch_size
+    from wsi_il.features import batch_ranges, trunk_batch_size
+    from wsi_il.threads import default_workers
 
     manifest = project.read_manifest()
-    settings = from_dict(FeatureSettings, manifest["features"])
-    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings, tiling = settings_of(manifest).features, settings_of(manifest).tiling
     record = project.slides(manifest)[0]
     corners = project.read_array(project.candidates_path(record.id))[:sample]
     px, path, size = tiling.tile_size_px, Path(record.path), trunk_batch_size(device, settings.batch_size)
@@ -487,9 +485,8 @@ def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> f
 
     extractor, settings = _extractor(project, device)
     table = patch_table(project, project.read_manifest())
+    extractor.precision = "fp32"
     handle = open_slide(slide)
-    previous = os.environ.get("WSI_IL_PRECISION")
-    os.environ["WSI_IL_PRECISION"] = "fp32"
     try:
         extractor(np.zeros((1, settings.input_px, settings.input_px, 3), dtype=np.uint8))  # warm-up
         started = time.perf_counter()
@@ -503,10 +500,6 @@ def naive_baseline(project: Project, slide: Path, device: str, sample: int) -> f
         return sample / (time.perf_counter() - started)
     finally:
         handle.close()
-        if previous is None:
-            os.environ.pop("WSI_IL_PRECISION", None)
-        else:
-            os.environ["WSI_IL_PRECISION"] = previous
 
 
 def _sync(device: str) -> None:
@@ -520,7 +513,7 @@ def _sync(device: str) -> None:
 def _label_all(project: Project, truth: Path | None, seed: int) -> np.ndarray:
     """True where a patch is tumour (from the truth; random when there is none)."""
     from wsi_il.database import patch_table
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     table = patch_table(project, project.read_manifest())
     if truth is not None:
@@ -564,12 +557,13 @@ def round_latency(
     use, and the next is timed. ``rehearsed``: ``session.rehearse`` runs before the timed ingest, as ``wsi-il
     watch`` does while the expert labels.
     """
+    from wsi_il.batch import read_batch
     from wsi_il.config import resolve_schedule
+    from wsi_il.measure.simulate import fork_project
+    from wsi_il.measure.truth import write_batch_labels
+    from wsi_il.model import open_context
     from wsi_il.project import now_iso
-    from wsi_il.review import read_batch
-    from wsi_il.session import ingest, open_context, rehearse, start_session
-    from wsi_il.simulate import fork_project
-    from wsi_il.truth import write_batch_labels
+    from wsi_il.session import ingest, rehearse, start_session
 
     project = fork_project(base, folder, replace(train, seed=settings.seed))
     ctx = open_context(project, settings.device, SilentReporter())
@@ -624,7 +618,7 @@ def round_latency(
 def export_latency(project_dir: Path, out: Path, device: str) -> float:
     """Seconds of ``export_masks`` (GeoJSON + overview) once the last round's predictions exist."""
     from wsi_il.export import export_masks
-    from wsi_il.session import open_context
+    from wsi_il.model import open_context
 
     ctx = open_context(Project(project_dir), device, SilentReporter())
     started = time.perf_counter()
@@ -638,7 +632,7 @@ def synthetic_export(out: Path, patches: int, seed: int) -> float:
     As ``export`` does by default: one valid MultiPolygon annotation per class (tumour and normal), made from
     the union of the patch squares predicted as that class.
     """
-    from wsi_il.mosaic import island_layout, rasterise
+    from wsi_il.measure.mosaic import island_layout, rasterise
     from wsi_il.qupath import class_color, make_feature, union_squares, write_features
 
     tile = TilingSettings().tile_size_px

@@ -725,11 +725,11 @@ def _mirrored_tiles(level: np.ndarray, copies: int, tile: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write a mosaic slide and its truth: ``python -m wsi_il.mosaic OUT.tiff --data DIR`` (BACH islands, for looks)
-    or ``--patches DIR`` (a per-patch-labelled folder such as PCam: exact patch-level truth, for scoring)."""
+    """Write a mosaic slide and its truth: ``python -m wsi_il.measure.mosaic OUT.tiff --data DIR`` (BACH islands, for
+    looks) or ``--patches DIR`` (a per-patch-labelled folder such as PCam: exact patch-level truth, for scoring)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m wsi_il.mosaic", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m wsi_il.measure.mosaic", description=main.__doc__)
     parser.add_argument("out", type=Path, help="the pyramidal TIFF to write (the truth goes beside it)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="folder holding bach-iciar2018-1536jpeg-sample/")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_il.batch import read_batch
 from wsi_il.fsutil import atomic_write_text
 from wsi_il.qupath import read_region
 from wsi_il.regions import fraction_inside
-from wsi_il.review import read_batch
 
 
 def truth_mask(boxes: np.ndarray, truth_path: Path, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:

@@ -14,7 +14,7 @@ Layout of an output folder::
     rounds.csv                   per round: how the suggestions shown fared (``suggestion_scores``)
 
 Slides need exact patch-level truth to be scored (a mosaic of per-patch-labelled patches such as PCam,
-``wsi_il.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
+``wsi_il.measure.mosaic.make_patch_mosaic``); a mosaic of whole labelled fields (BACH) is for looks (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -205,15 +205,6 @@ class SlideCase:
 
 
 @dataclass
-class Progress:
-    """Callbacks a front end passes in: one step per ingested round, and every finished row."""
-
-    advance: Callable[[int], None] = lambda n: None
-    on_row: Callable[[dict[str, Any]], None] = lambda row: None
-    describe: Callable[[str], None] = lambda text: None
-
-
-@dataclass
 class Outcome:
     """What a simulation produced."""
 
@@ -285,16 +276,16 @@ def _reuse(
     done: dict[str, Any] | None,
     rows: list[dict[str, Any]],
     suggestions: list[dict[str, Any]],
-    progress: Progress | None = None,
+    advance: Callable[[int], None] | None = None,
     settings: SimulationSettings | None = None,
 ) -> bool:
-    """Add a recorded run's rows and suggestions; with ``progress``, count its rounds as done. False: not run yet."""
+    """Add a recorded run's rows and suggestions; with ``advance``, count its rounds as done. False: not run yet."""
     if done is None:
         return False
     rows.extend(done["rows"])
     suggestions.extend(done["suggestions"])
-    if progress is not None and settings is not None:
-        progress.advance(settings.sessions * settings.rounds)
+    if advance is not None and settings is not None:
+        advance(settings.sessions * settings.rounds)
     return True
 
 
@@ -366,7 +357,7 @@ def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
 
 def fill_labels_from_classes(batch_dir: Path, truth: dict[str, str]) -> dict[str, str]:
     """Fill a review batch's labels.csv with each patch's true class name, as an expert would."""
-    from wsi_il.truth import write_batch_labels
+    from wsi_il.measure.truth import write_batch_labels
 
     return write_batch_labels(batch_dir, truth)
 
@@ -379,10 +370,11 @@ def _run_sessions(
     strategy: str,
     label_batch: Callable[[Path], dict[str, str]],
     score: Callable[[Any], dict[str, Any]],
-    progress: Progress,
+    advance: Callable[[int], None],
     shown: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one session per query through start_session/ingest, scoring after each; returns the rows.
+    """Run one session per query through start_session/ingest, scoring after each; returns the rows. ``advance``
+    (a reporter's task) moves one step per round, ingested or not.
 
     ``shown`` collects every patch shown with a suggestion (SUGGESTION_COLUMNS, less strategy and seed).
     """
@@ -415,8 +407,8 @@ def _run_sessions(
                 result = None
                 break
             rounds_done += 1
-            progress.advance(1)
-        progress.advance(settings.rounds - rounds_done)
+            advance(1)
+        advance(settings.rounds - rounds_done)
         seconds = time.perf_counter() - started
         row = {
             "strategy": strategy,
@@ -429,7 +421,6 @@ def _run_sessions(
             **score(ctx),
         }
         rows.append(row)
-        progress.on_row(row)
         if result is None:
             break
     return rows
@@ -441,7 +432,7 @@ def _exhausted(exc: ProjectStateError) -> bool:
 
 def _shown(batch_dir: Path, answers: dict[str, str], session: int, round_number: int) -> list[dict[str, Any]]:
     """The batch's patches that came with a suggestion, with the answer the truth gave."""
-    from wsi_il.review import read_batch
+    from wsi_il.batch import read_batch
 
     return [
         {
@@ -475,11 +466,11 @@ def suggestion_rounds(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
     """How the suggestions shown in a session's batches fared: the share that matched the truth, the share shown
-    as confident (``review.suggestion_is_uncertain`` false) and the share of those that matched.
+    as confident (``batch.suggestion_is_uncertain`` false) and the share of those that matched.
 
     The last two say what one "accept every confident suggestion" action would record, and how well.
     """
-    from wsi_il.review import suggestion_is_uncertain
+    from wsi_il.batch import suggestion_is_uncertain
 
     if not shown:
         return {"suggestion_accuracy": "", "confident_share": "", "confident_accuracy": ""}
@@ -493,7 +484,7 @@ def suggestion_scores(shown: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     state = ctx.project.read_json(ctx.project.state_path(), {})
     model = load_tensors(ctx.project.model_path(state["model"]))
@@ -502,14 +493,15 @@ def _current_heads(ctx: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
 
 # ---- slides ---------------------------------------------------------------------------------------
 def _slide_truth(ctx: Any, truth: Path) -> np.ndarray:
-    from wsi_il.truth import truth_mask
+    from wsi_il.measure.truth import truth_mask
 
     slide = ctx.table.slides[0]
     return truth_mask(ctx.table.boxes, truth, slide.offset)
 
 
 def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
-    from wsi_il.session import current_predictions, reviewed_ids
+    from wsi_il.model import current_predictions
+    from wsi_il.session import reviewed_ids
 
     predicted = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
     seen = reviewed_ids(ctx.project)
@@ -533,7 +525,7 @@ def _score_columns(every: Any, rest: Any) -> dict[str, Any]:
 
 
 def _slide_reference(
-    ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, progress: Progress | None = None
+    ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, reporter: Reporter
 ) -> dict[str, Any]:
     """Cross-validated full supervision: per fold, both heads trained on every other fold's patches with their
     true labels, predicting the fold; scored on all patches, each predicted by heads that never saw it."""
@@ -543,8 +535,7 @@ def _slide_reference(
     fold_of = np.random.default_rng(train.seed).permutation(len(targets)) % folds
     predicted = np.zeros(len(targets), dtype=bool)
     for fold in range(folds):
-        if progress is not None:
-            progress.describe(f"full-supervision reference, fold {fold + 1} of {folds}")
+        reporter.status(f"full-supervision reference, fold {fold + 1} of {folds}")
         held_out = np.flatnonzero(fold_of == fold)
         heads, init = _full_supervision(ctx, np.flatnonzero(fold_of != fold), targets, train, epochs)
         features = ctx.store.take(held_out)
@@ -567,7 +558,7 @@ def _full_supervision(
 
     from wsi_il.config import fast_budget
     from wsi_il.heads import train_heads, training_weights
-    from wsi_il.session import load_tensors
+    from wsi_il.model import load_tensors
 
     init = load_tensors(ctx.project.init_model_path())
     epochs = epochs or train.epochs
@@ -594,8 +585,8 @@ def _tumour_query_images(
     from PIL import Image
 
     from wsi_il.database import patch_table
+    from wsi_il.measure.truth import truth_mask
     from wsi_il.slide import TileReader
-    from wsi_il.truth import truth_mask
 
     table = patch_table(base, base.read_manifest())
     tumour = np.flatnonzero(truth_mask(table.boxes, case.truth, table.slides[0].offset))
@@ -623,20 +614,21 @@ def simulate_slides(
     out: Path,
     settings: SimulationSettings,
     device: str,
-    progress: Progress | None = None,
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on every slide; rows are macro-averaged over slides per session."""
-    from wsi_il.session import current_embeddings, extract_query_images, open_context
+    from wsi_il.model import current_embeddings, open_context
+    from wsi_il.session import extract_query_images
 
     settings.check()
-    progress, reporter = progress or Progress(), reporter or SilentReporter()
+    reporter = reporter or SilentReporter()
+    advance = reporter.task("simulate", total_rounds(settings, max(1, len(cases))), unit="rounds")
     names = _unique_names([c.slide for c in cases])
     bases: dict[Path, Project] = {}
     for case in cases:
         for source in (case, case.query_from) if case.query_from else (case,):
             if source.slide.resolve() not in bases:
-                progress.describe(f"features of {source.slide.name}")
+                reporter.status(f"features of {source.slide.name}")
                 bases[source.slide.resolve()] = build_base(
                     out / "base" / _unique_names([source.slide])[0], settings, reporter, device, slide=source.slide
                 )
@@ -693,9 +685,9 @@ def simulate_slides(
             n = len(ctx.table)
             reference_run = f"{name}/{REFERENCE}/seed{seed}"
             if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
-                progress.describe(f"{name}: full-supervision reference")  # once per slide (not a seed spread)
+                reporter.status(f"{name}: full-supervision reference")  # once per slide (not a seed spread)
                 reference = _slide_reference(
-                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, progress
+                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, reporter
                 )
                 row = {"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n}
                 journal.add(reference_run, [{**row, "label_share": 1.0, "seconds": "", **reference}], [])
@@ -703,15 +695,15 @@ def simulate_slides(
                 per_slide.extend(journal.done[reference_run]["rows"])
             for strategy in settings.strategies:
                 run_name = f"{name}/{strategy}/seed{seed}"
-                if _reuse(journal.get(run_name), per_slide, suggestions, progress, settings):
+                if _reuse(journal.get(run_name), per_slide, suggestions, advance, settings):
                     continue
-                progress.describe(f"{name}: {strategy}, seed {seed}")
+                reporter.status(f"{name}: {strategy}, seed {seed}")
                 project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
                 run_ctx = open_context(project, device, SilentReporter())
                 offset = run_ctx.table.slides[0].offset
 
                 def label_batch(batch: Path, truth_path: Path = case.truth, offset=offset) -> dict[str, str]:
-                    from wsi_il.truth import fill_labels_from_truth
+                    from wsi_il.measure.truth import fill_labels_from_truth
 
                     return fill_labels_from_truth(batch, truth_path, offset)
 
@@ -723,7 +715,7 @@ def simulate_slides(
                     strategy,
                     label_batch,
                     lambda c, t=truth: _slide_scores(c, t),
-                    progress,
+                    advance,
                     shown,
                 )
                 journal.add(
@@ -902,7 +894,7 @@ def _head_scores(
 
 
 def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
-    from wsi_il.session import current_embeddings
+    from wsi_il.model import current_embeddings
 
     retrieval, classifier, init = _current_heads(ctx)
     return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y)
@@ -925,20 +917,20 @@ def simulate_patches(
     out: Path,
     settings: SimulationSettings,
     device: str,
-    progress: Progress | None = None,
     reporter: Reporter | None = None,
 ) -> Outcome:
     """Run every strategy and seed on a patch dataset with explicit class labels, scored on a held-out set."""
-    from wsi_il.session import current_embeddings, open_context
+    from wsi_il.model import current_embeddings, open_context
 
     settings.check()
-    progress, reporter = progress or Progress(), reporter or SilentReporter()
-    progress.describe(f"features of {Path(patches).name}")
+    reporter = reporter or SilentReporter()
+    advance = reporter.task("simulate", total_rounds(settings), unit="rounds")
+    reporter.status(f"features of {Path(patches).name}")
     name = _unique_names([patches])[0]
     base = build_base(out / "base" / name, settings, reporter, device, patches=patches)
     ctx = open_context(base, device, SilentReporter())
     current_embeddings(ctx)
-    progress.describe(f"features of {Path(test).name}")
+    reporter.status(f"features of {Path(test).name}")
     test_x, test_y = _test_set(ctx, test, base)
     database_y = _patch_truth(ctx)
     classes = ctx.classes
@@ -971,7 +963,7 @@ def simulate_patches(
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
         reference_run = f"{name}/{REFERENCE}/seed{seed}"
         if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
-            progress.describe(f"{name}: full-supervision reference")  # trained once (not a seed spread)
+            reporter.status(f"{name}: full-supervision reference")  # trained once (not a seed spread)
             reference = _patch_reference(ctx, database_y, test_x, test_y, train)
             row = {"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table), "label_share": 1.0}
             journal.add(reference_run, [{**row, "seconds": "", **reference}], [])
@@ -979,9 +971,9 @@ def simulate_patches(
             rows.extend(journal.done[reference_run]["rows"])
         for strategy in settings.strategies:
             run_name = f"{name}/{strategy}/seed{seed}"
-            if _reuse(journal.get(run_name), rows, suggestions, progress, settings):
+            if _reuse(journal.get(run_name), rows, suggestions, advance, settings):
                 continue
-            progress.describe(f"{name}: {strategy}, seed {seed}")
+            reporter.status(f"{name}: {strategy}, seed {seed}")
             project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
             run_ctx = open_context(project, device, SilentReporter())
             shown: list[dict[str, Any]] = []
@@ -992,7 +984,7 @@ def simulate_patches(
                 strategy,
                 lambda batch: fill_labels_from_classes(batch, truth),  # noqa: B023
                 lambda c: _patch_scores(c, database_y, test_x, test_y),
-                progress,
+                advance,
                 shown,
             )
             journal.add(
@@ -1182,9 +1174,10 @@ def evaluate_project(
     exported mask) with the truth polygons.
     """
     from wsi_il.metrics import polygon_iou
+    from wsi_il.model import require_predictions, slides_matching
     from wsi_il.qupath import read_region, union_squares
     from wsi_il.regions import fraction_inside
-    from wsi_il.session import require_predictions, reviewed_ids, slides_matching
+    from wsi_il.session import reviewed_ids
 
     predictions = require_predictions(ctx)
     slides = slides_matching(ctx, slide_id)

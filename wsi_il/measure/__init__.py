@@ -1,0 +1,1 @@
+"""Measuring the tool: pseudo-feedback experiments, speed benchmarks, and test slides with known truth."""
