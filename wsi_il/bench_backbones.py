@@ -88,7 +88,8 @@ def _measure(
 
     from wsi_il.backbones import bytes_per_patch
     from wsi_il.bench import trunk_limit
-    from wsi_il.database import build_database, register_slide
+    from wsi_il.database import register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.features import store_shape
 
     if folder.exists():

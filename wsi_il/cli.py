@@ -463,7 +463,8 @@ def init(
     Run it again to resume an interrupted run.
     """
     from wsi_il.config import TilingSettings, TrainSettings, to_dict
-    from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
+    from wsi_il.database import folder_classes, register_patch_folder, register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.project import Project, check_settings
     from wsi_il.resolution import target_mpp, tile_side_px
 
@@ -599,7 +600,8 @@ def add_slide(
     """Add slides to a project and cache their features (with the project's normalisation)."""
     import copy
 
-    from wsi_il.database import build_database, register_patch_folder, register_slide
+    from wsi_il.database import register_patch_folder, register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.project import Project, check_settings
 
     with _errors():
