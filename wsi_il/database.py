@@ -56,6 +56,42 @@ def _unique_id(stem: str, manifest: dict[str, Any]) -> str:
     return candidate
 
 
+def slide_paths(files: list[Path], patterns: list[str], list_file: Path | None) -> list[Path]:
+    """The slides a command is given, each once, in order: files, then glob patterns (expanded here, each
+    sorted: ``'dir/*.svs'`` in quotes lists thousands of files that a shell could not pass), then a list file
+    (one path a line; blank lines and lines starting with # are skipped; relative paths are from the list's
+    folder)."""
+    import glob
+
+    found = [Path(f) for f in files]
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matched:
+            raise InputError(f"--slides {pattern!r} matches no file", "check the pattern (quote it for the shell)")
+        found.extend(Path(m) for m in matched)
+    if list_file is not None:
+        try:
+            lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(
+                f"--slide-list {list_file} cannot be read: {exc}", "give a text file, a path a line"
+            ) from exc
+        base = Path(list_file).resolve().parent
+        for line in lines:
+            if line.strip() and not line.strip().startswith("#"):
+                found.append(base / Path(line.strip()).expanduser())
+    missing = [str(f) for f in found if not f.is_file()]
+    if missing:
+        raise InputError(
+            f"{len(missing)} slide file(s) not found: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
+            "check the paths",
+        )
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
 def register_slide(manifest: dict[str, Any], path: Path, mpp: float | None = None) -> dict[str, Any]:
     """Add a slide to the manifest (not yet tiled); checks that OpenSlide can read it. ``mpp``: its pixel size where
     the slide records none (``--slide-mpp``); refused in a project that tiles at a physical resolution without

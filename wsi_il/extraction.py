@@ -413,23 +413,10 @@ def build_database(
         )
         ahead = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-il-trunk"))
         trunk = ahead.submit(_ready_trunk, project, settings, weights, device, tiling.tile_size_px) if needed else None
-        for record in manifest["slides"]:
-            if not record["tiled"] and record["kind"] == "patches":
-                tile_patch_folder(project, record, reporter, workers)
-                project.write_manifest(manifest)
-            elif not record["tiled"]:
-                slide_candidates(
-                    project, record["id"], Path(record["path"]), tiling, level0_tile_px(tiling, slide_mpp(record))
-                )
-        if needed:
-            check_store_fits(
-                project.root, pending_patches(project, manifest), store_shape(settings), settings.trainable
-            )
+        tile_sources(project, manifest, reporter, workers)
         if trunk is not None and trunk.done():
             trunk.result()  # a trunk that failed already (its weights, most often) is reported before the sample
-        if manifest.get("normalisation") is None:
-            manifest["normalisation"] = normalisation(project, manifest, tiling, settings.seed, reporter, readers)
-            project.write_manifest(manifest)
+        ensure_normalisation(project, manifest, reporter, readers)
         # the trunk's thread ends before any other reader is forked (a patch folder's, a tiled slide's; on an
         # error above, leaving the ExitStack waits for it the same way), and before the trunk computes: kept idle
         # to the end, it slowed a CPU's features stage by 5-10% (three interleaved runs each; the thread that
@@ -463,6 +450,37 @@ def build_database(
     return manifest
 
 
+def tile_sources(project: Project, manifest: dict[str, Any], reporter: Reporter, workers: int) -> None:
+    """List the images of patch folders not tiled yet and the candidate tiles of slides not tiled yet (computed
+    once, then read back), then check that the features still to compute fit on the disk."""
+    tiling = from_dict(TilingSettings, manifest["tiling"])
+    settings = from_dict(FeatureSettings, manifest["features"])
+    for record in manifest["slides"]:
+        if not record["tiled"] and record["kind"] == "patches":
+            tile_patch_folder(project, record, reporter, workers)
+            project.write_manifest(manifest)
+        elif not record["tiled"]:
+            slide_candidates(project, record["id"], Path(record["path"]), tiling, slide_side0(tiling, record))
+    if any(features_pending(entry) for entry in manifest["slides"]):
+        check_store_fits(project.root, pending_patches(project, manifest), store_shape(settings), settings.trainable)
+
+
+def slide_side0(tiling: TilingSettings, entry: dict[str, Any]) -> int:
+    """A slide's tile side in level-0 px (its manifest entry)."""
+    return level0_tile_px(tiling, slide_mpp(entry))
+
+
+def ensure_normalisation(
+    project: Project, manifest: dict[str, Any], reporter: Reporter, readers: ReaderPool | None
+) -> None:
+    """Compute the project's tissue statistics once (``normalisation``) and record them in the manifest."""
+    if manifest.get("normalisation") is None:
+        tiling = from_dict(TilingSettings, manifest["tiling"])
+        seed = from_dict(FeatureSettings, manifest["features"]).seed
+        manifest["normalisation"] = normalisation(project, manifest, tiling, seed, reporter, readers)
+        project.write_manifest(manifest)
+
+
 def pending_patches(project: Project, manifest: dict[str, Any]) -> int:
     """The most patches whose features are still to compute (a slide's candidate tiles before the pixel rule)."""
     total = 0
@@ -482,7 +500,7 @@ def _ready_trunk(
     """The project's trunk on its device, its first batch run (its normalisation is set once it is known)."""
     weights = weights or load_project_weights(settings)
     model = build_backbone(weights, settings)
-    _save_init_block(project, model, settings.trainable)
+    save_init_block(project, model, settings.trainable)
     extractor = FeatureExtractor(
         model, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], device, settings.trainable, settings.input_px, settings.interpolation
     )
@@ -512,7 +530,7 @@ def normalisation_of(settings: FeatureSettings, manifest: dict[str, Any]) -> tup
     return manifest["normalisation"]["mean"], manifest["normalisation"]["std"]
 
 
-def _save_init_block(project: Project, model, trainable: str = "last") -> None:
+def save_init_block(project: Project, model, trainable: str = "last") -> None:
     """Store the trainable part's pretrained weights (the last block of layer4, or all of layer4)."""
     path = project.init_model_path()
     if path.is_file():
