@@ -139,8 +139,9 @@ def connect(spec: ClusterSpec) -> Iterator[Any]:
 
 
 def check_workers(client: Any) -> dict[str, int]:
-    """Refuse workers whose packages differ from this machine's; return the compute threads of a worker on each
-    host (its cores shared among the workers on it; by host name, so that a restarted worker finds its own)."""
+    """Refuse workers whose packages differ from this machine's; return the compute threads of a worker by where
+    it runs (its host and the cores it may use, shared among the workers that may use the same cores: a local
+    cluster's share one machine, Slurm jobs each their own cores; keyed so that a restarted worker finds its own)."""
     here = current_versions()
     found = client.run(_worker_facts)
     for address, facts in found.items():
@@ -154,14 +155,20 @@ def check_workers(client: Any) -> dict[str, int]:
                 f"the Dask worker {address} on {facts['host']} has {', '.join(differ)}",
                 "install the same versions on every worker as here, so that every slide's features are the same",
             )
-    per_host: dict[str, int] = {}
+    sharing: dict[str, int] = {}
     for facts in found.values():
-        per_host[facts["host"]] = per_host.get(facts["host"], 0) + 1
-    return {facts["host"]: max(1, facts["cores"] // per_host[facts["host"]]) for facts in found.values()}
+        sharing[facts["where"]] = sharing.get(facts["where"], 0) + 1
+    return {facts["where"]: max(1, facts["cores"] // sharing[facts["where"]]) for facts in found.values()}
 
 
 def _worker_facts() -> dict[str, Any]:
-    return {"versions": current_versions(), "host": socket.gethostname(), "cores": default_workers()}
+    return {"versions": current_versions(), "host": socket.gethostname(), "where": _where(), "cores": default_workers()}
+
+
+def _where() -> str:
+    """This process's host and the cores it may run on."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [os.cpu_count() or 1]
+    return f"{socket.gethostname()}:{','.join(map(str, cores))}"
 
 
 # ---- the coordinator --------------------------------------------------------------------------------------------
@@ -251,8 +258,8 @@ def _run(
     totals: dict[str, int],
     enter: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> dict[str, str]:
-    """Run every job on the cluster, at most as many at a time as the workers have slots, each tried up to
-    ``TRIES`` times; ``enter`` takes each finished attempt. Returns the slides that failed, with why."""
+    """Run every job on the cluster, one a worker at a time (a slide uses all of its worker's cores), each tried
+    up to ``TRIES`` times; ``enter`` takes each finished attempt. Returns the slides that failed, with why."""
     distributed = _distributed()
     overall = reporter.task(f"{stage} on the cluster", len(jobs), "slides")
     waiting = list(jobs)
@@ -261,7 +268,7 @@ def _run(
     bars: dict[str, tuple[Callable[[int], None], list[int]]] = {}
     failed: dict[str, str] = {}
     while waiting or running:
-        slots = max(1, sum(client.nthreads().values()))
+        slots = max(1, len(client.nthreads()))  # read each time: workers join and leave
         while waiting and len(running) < slots:
             slide_id = waiting.pop(0)
             tries[slide_id] += 1
@@ -406,7 +413,7 @@ def features_task(
         settings.input_px,
         settings.interpolation,
     )
-    cores = threads.get(socket.gethostname(), default_workers())
+    cores = threads.get(_where(), default_workers())
     if extractor.threads:
         extractor.threads = cores
     record = SlideRecord(**{**entry, "offset": tuple(entry["offset"])})
