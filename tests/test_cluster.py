@@ -91,9 +91,10 @@ def _slides(root: Path) -> dict[str, dict]:
 
 
 def test_the_cluster_computes_the_same_features_bit_for_bit(cohort, reference, scheduler, tmp_path):
-    listing = tmp_path / "slides.txt"
-    listing.write_text("# the cohort\n" + "".join(f"{cohort / f's{n}.tiff'}\n" for n in range(SLIDES)))
-    result = _init(tmp_path / "p", "--slide-list", listing, "--cluster", scheduler)
+    listing = tmp_path / "slides.txt"  # a comment, a blank line, a path relative to the list, a slide given twice
+    relative = os.path.relpath(cohort / "s2.tiff", tmp_path)
+    listing.write_text(f"# the cohort\n{cohort / 's0.tiff'}\n\n{cohort / 's1.tiff'}\n{relative}\n")
+    result = _init(tmp_path / "p", "--slide", cohort / "s0.tiff", "--slide-list", listing, "--cluster", scheduler)
     assert "features on the cluster" in result.output
     ours, theirs = _slides(tmp_path / "p"), _slides(reference)
     assert ours == theirs and len(ours) == SLIDES
@@ -160,7 +161,10 @@ def test_a_slide_that_fails_twice_is_named_and_left_out_and_the_others_finish(co
     finally:
         killer.stop.set()
     assert len(killer.killed) == 2
-    line = error_line(result)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    line = " ".join(errors[0].split())
     assert "1 slide(s) failed 2 times on the cluster" in line and "s2 (its worker died" in line
     assert "wsi-il add-slide" in line
     ours = _slides(root)

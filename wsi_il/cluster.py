@@ -142,23 +142,27 @@ def check_workers(client: Any) -> dict[str, int]:
     """Refuse workers whose packages differ from this machine's; return the compute threads of a worker by where
     it runs (its host and the cores it may use, shared among the workers that may use the same cores: a local
     cluster's share one machine, Slurm jobs each their own cores; keyed so that a restarted worker finds its own)."""
-    here = current_versions()
     found = client.run(_worker_facts)
     for address, facts in found.items():
-        differ = [
-            f"{name} {facts['versions'].get(name)} (here {here.get(name)})"
-            for name in _SAME_VERSIONS
-            if facts["versions"].get(name) != here.get(name)
-        ]
-        if differ:
-            raise InputError(
-                f"the Dask worker {address} on {facts['host']} has {', '.join(differ)}",
-                "install the same versions on every worker as here, so that every slide's features are the same",
-            )
+        _check_versions(facts["versions"], current_versions(), f"the Dask worker {address} on {facts['host']}")
     sharing: dict[str, int] = {}
     for facts in found.values():
         sharing[facts["where"]] = sharing.get(facts["where"], 0) + 1
     return {facts["where"]: max(1, facts["cores"] // sharing[facts["where"]]) for facts in found.values()}
+
+
+def _check_versions(there: dict[str, Any], here: dict[str, Any], who: str) -> None:
+    differ = [
+        f"{name} {there.get(name)} (here {here.get(name)})"
+        for name in _SAME_VERSIONS
+        if there.get(name) != here.get(name)
+    ]
+    if differ:
+        raise InputError(
+            f"{who} has {', '.join(differ)}",
+            "install the same versions on every worker as on the machine that runs the command, so that every "
+            "slide's features are the same",
+        )
 
 
 def _worker_facts() -> dict[str, Any]:
@@ -246,6 +250,7 @@ def _features_job(
     project: Project, manifest: dict[str, Any], entry: dict[str, Any], device: str, threads: dict[str, int]
 ) -> _Job:
     part = {key: manifest[key] for key in ("tiling", "features", "normalisation")}
+    part["versions"] = current_versions()  # a worker that joins later is checked by the task itself
     return _Job(features_task, (str(project.root), dict(entry), part, device, threads))
 
 
@@ -397,6 +402,8 @@ def features_task(
 ) -> dict[str, Any]:
     """On a worker: the pixel rule and the features of one slide, into the attempt's own folder."""
     started = time.perf_counter()
+    if "versions" in manifest:
+        _check_versions(current_versions(), manifest["versions"], f"the worker on {socket.gethostname()}")
     project = Project(Path(root))
     staged = Project(project.attempt_dir(attempt))
     slide_id = entry["id"]
