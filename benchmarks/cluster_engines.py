@@ -68,7 +68,7 @@ def make_slides(folder: Path, count: int, cells: int) -> list[Path]:
 
     tumour, normal = labelled_patches(REPO / "tests" / "data" / "pcam")
     return [
-        make_patch_mosaic(folder / f"s{n}.tiff", tumour, normal, cells=(cells, cells), islands=2, seed=n).slide
+        make_patch_mosaic(folder / f"s{n}.tiff", tumour, normal, cells=(cells, cells), islands=2, seed=n).slide.path
         for n in range(count)
     ]
 
@@ -88,6 +88,7 @@ def prepared_project(root: Path, slides: list[Path]) -> Any:
         "features": to_dict(FeatureSettings(weights="random", batch_size=32)),
         "train": to_dict(TrainSettings()),
         "normalisation": None,
+        "slides": [],
     }
     for slide in slides:
         register_slide(manifest, slide)
@@ -115,12 +116,13 @@ def time_local(template: Path, work: Path) -> dict[str, Any]:
 
 
 def _jobs(project: Any) -> tuple[list[tuple[Any, ...]], str]:
-    """The features_task arguments of every slide (less the threads and the attempt), and this host's name."""
+    """The features_task arguments of every slide (less the threads and the attempt), and where this process runs
+    (its host and cores: the key of a worker's compute threads, ``cluster.check_workers``)."""
     manifest = project.read_manifest()
     part = {key: manifest[key] for key in ("tiling", "features", "normalisation")}
-    import socket
+    from wsi_il.cluster import where_running
 
-    return [(str(project.root), dict(e), part, "cpu") for e in manifest["slides"]], socket.gethostname()
+    return [(str(project.root), dict(e), part, "cpu") for e in manifest["slides"]], where_running()
 
 
 def time_dask(template: Path, work: Path, workers: int) -> dict[str, Any]:
@@ -130,8 +132,8 @@ def time_dask(template: Path, work: Path, workers: int) -> dict[str, Any]:
 
     root = work / f"dask{workers}"
     shutil.copytree(template, root)
-    jobs, host = _jobs(Project(root))
-    threads = {host: max(1, default_workers() // workers)}
+    jobs, where = _jobs(Project(root))
+    threads = {where: max(1, default_workers() // workers)}
     cpu0, start = tree_cpu_s(), time.perf_counter()
     with connect(ClusterSpec(local_workers=workers)) as client:
         client.run(lambda: __import__("torch"))  # what the first task would otherwise import
@@ -159,8 +161,8 @@ def time_ray(template: Path, work: Path, workers: int) -> dict[str, Any]:
 
     root = work / f"ray{workers}"
     shutil.copytree(template, root)
-    jobs, host = _jobs(Project(root))
-    threads = {host: max(1, default_workers() // workers)}
+    jobs, where = _jobs(Project(root))
+    threads = {where: max(1, default_workers() // workers)}
     cpu0, start = tree_cpu_s(), time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": _pythonpath()})
     try:

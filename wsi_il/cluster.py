@@ -166,10 +166,15 @@ def _check_versions(there: dict[str, Any], here: dict[str, Any], who: str) -> No
 
 
 def _worker_facts() -> dict[str, Any]:
-    return {"versions": current_versions(), "host": socket.gethostname(), "where": _where(), "cores": default_workers()}
+    return {
+        "versions": current_versions(),
+        "host": socket.gethostname(),
+        "where": where_running(),
+        "cores": default_workers(),
+    }
 
 
-def _where() -> str:
+def where_running() -> str:
     """This process's host and the cores it may run on."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [os.cpu_count() or 1]
     return f"{socket.gethostname()}:{','.join(map(str, cores))}"
@@ -420,7 +425,7 @@ def features_task(
         settings.input_px,
         settings.interpolation,
     )
-    cores = threads.get(_where(), default_workers())
+    cores = threads.get(where_running(), default_workers())
     if extractor.threads:
         extractor.threads = cores
     record = SlideRecord(**{**entry, "offset": tuple(entry["offset"])})
