@@ -60,7 +60,8 @@ def gap_features(project: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def colour_features(project: Path) -> np.ndarray:
     """Mean and std of RGB per patch (the floor any learnt feature should beat)."""
-    from wsi_il.database import patch_table, reader_for
+    from wsi_il.database import patch_table
+    from wsi_il.extraction import reader_for
     from wsi_il.project import Project
 
     proj = Project(project)

@@ -11,7 +11,8 @@ import pytest
 from test_trust_support import cli
 
 from wsi_il.config import TilingSettings
-from wsi_il.database import cut_rows, project_extractor
+from wsi_il.database import cut_rows
+from wsi_il.extraction import project_extractor
 from wsi_il.features import channel_sums, mean_std, resize_tile
 from wsi_il.measure.mosaic import write_pyramidal_tiff
 from wsi_il.project import Project
@@ -136,7 +137,7 @@ def test_the_extractor_resizes_raw_tiles_as_the_readers_did(tissue_field):
 
 
 def test_one_behind_hands_each_batch_over_after_the_next_is_submitted():
-    from wsi_il.database import one_behind
+    from wsi_il.extraction import one_behind
 
     events = []
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from wsi_il.cli import app
 from wsi_il.config import TilingSettings
-from wsi_il.database import read_at_resolution
 from wsi_il.errors import InputError
+from wsi_il.extraction import read_at_resolution
 from wsi_il.features import resize_tile
 from wsi_il.measure.mosaic import write_pyramidal_tiff
 from wsi_il.resolution import level0_tile_px, target_mpp, tile_side_px, tile_um

@@ -40,6 +40,20 @@ out = Console(highlight=False, soft_wrap=True)
 
 ProjectArg = Annotated[Path, typer.Argument(help="The project folder.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="Where to compute: auto (CUDA when present), cpu or cuda.")]
+SlidesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--slides", help="A glob pattern of slide files, in quotes (e.g. 'cohort/*.svs'; repeatable)."),
+]
+SlideListOpt = Annotated[
+    Path | None, typer.Option("--slide-list", help="A text file naming a slide file a line (# comments).")
+]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compute the slides on a Dask cluster: a scheduler's address (tcp://host:8786) or local:N "
+        "(N worker processes here); needs pip install 'wsi-il[cluster]' (docs/cluster.md)."
+    ),
+]
 BalanceOpt = Annotated[
     str,
     typer.Option(
@@ -157,16 +171,48 @@ class _SpeedColumn(TextColumn):
         return Text(f"{speed:6.1f}/s" if speed else "     -/s", style="cyan")
 
 
-def _device(choice: str) -> str:
+def _device(choice: str, cluster: str | None = None) -> str:
+    """The device of this machine for ``--device``; with a cluster, ``cuda`` is the workers' (this machine
+    computes only what stays here, on its GPU where it has one)."""
     if choice not in ("auto", "cpu", "cuda"):
         raise InputError(f"--device {choice!r} is not auto, cpu or cuda", "pick one of them")
     import torch
 
-    if choice == "auto":
+    if choice == "auto" or (cluster and choice == "cuda"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
     return choice
+
+
+def _check_cluster(cluster: str | None) -> None:
+    """Refuse a ``--cluster`` value that names no cluster before any work is done."""
+    if cluster is not None:
+        from wsi_il.cluster import parse_cluster
+
+        parse_cluster(cluster)
+
+
+def _build(
+    proj: Any,
+    manifest: dict[str, Any],
+    reporter: RichReporter,
+    dev: str,
+    weights: Any,
+    cluster: str | None,
+    device: str,
+) -> dict[str, Any]:
+    """Build the project's feature cache here, or on the cluster ``--cluster`` names."""
+    if cluster is None:
+        from wsi_il.extraction import build_database
+
+        return build_database(proj, manifest, reporter, dev, weights)
+    from wsi_il.cluster import build_on_cluster, connect, parse_cluster
+
+    spec = parse_cluster(cluster)
+    with connect(spec) as client:
+        reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
+        return build_on_cluster(proj, manifest, reporter, client, device, dev, weights)
 
 
 def _fail(exc: WsiIlError) -> None:
@@ -399,6 +445,8 @@ def init(
     typer_ctx: typer.Context,
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
+    slides: SlidesOpt = None,
+    slide_list: SlideListOpt = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images (class subfolders optional).")] = None,
     classes: Annotated[
         str | None,
@@ -477,20 +525,23 @@ def init(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    cluster: ClusterOpt = None,
 ) -> None:
     """Create a project: tile the slides, compute normalisation statistics and cache the features.
 
     Run it again to resume an interrupted run.
     """
     from wsi_il.config import new_manifest
-    from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
+    from wsi_il.database import folder_classes, register_patch_folder, register_slide, slide_paths
     from wsi_il.project import Project, check_settings
     from wsi_il.resolution import target_mpp, tile_side_px
 
     with _errors():
         proj = Project(project)
         before = proj.entries()
-        dev = _device(device)
+        dev = _device(device, cluster)
+        slide = slide_paths(slide or [], slides or [], slide_list)
+        _check_cluster(cluster)
         if proj.exists():
             manifest = proj.read_manifest()
             known = {Path(s["path"]) for s in manifest["slides"]}
@@ -506,7 +557,7 @@ def init(
             weights_obj = None
         else:
             if not slide and patches is None:
-                raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
+                raise InputError("no slides given", "add --slide FILE (repeatable), --slides PATTERN or --patches DIR")
             feature_settings, weights_obj, model_mpp = _feature_settings(
                 "random" if weights == "pretrain" else weights, arch, arch_args, trainable, batch_size, seed
             )
@@ -571,7 +622,7 @@ def init(
             else:
                 console.print(f"resuming {project}")
             try:
-                manifest = build_database(proj, manifest, reporter, dev, weights_obj)
+                manifest = _build(proj, manifest, reporter, dev, weights_obj, cluster, device)
             except InputError:
                 if created:  # a slide that cannot be read, no tissue: leave no half-made project behind
                     proj.remove_created(before)
@@ -606,22 +657,27 @@ def _init_pretrain(proj: Any, dev: str, seed: int, first_class: str) -> None:
 def add_slide(
     project: ProjectArg,
     slide: Annotated[list[Path] | None, typer.Option("--slide", help="A slide file (repeat for several).")] = None,
+    slides: SlidesOpt = None,
+    slide_list: SlideListOpt = None,
     patches: Annotated[Path | None, typer.Option(help="A folder of patch images.")] = None,
     slide_mpp: Annotated[float | None, typer.Option(help="Pixel size (µm/px) of slides that record none.")] = None,
     device: DeviceOpt = "auto",
+    cluster: ClusterOpt = None,
 ) -> None:
     """Add slides to a project and cache their features (with the project's normalisation)."""
     import copy
 
-    from wsi_il.database import build_database, register_patch_folder, register_slide
+    from wsi_il.database import register_patch_folder, register_slide, slide_paths
     from wsi_il.project import Project, check_settings
 
     with _errors():
         proj = Project(project)
         proj.read_manifest()
+        slide = slide_paths(slide or [], slides or [], slide_list)
         if not slide and patches is None:
-            raise InputError("no slides given", "add --slide FILE (repeatable) or --patches DIR")
-        dev = _device(device)
+            raise InputError("no slides given", "add --slide FILE (repeatable), --slides PATTERN or --patches DIR")
+        dev = _device(device, cluster)
+        _check_cluster(cluster)
         with proj.lock("add-slide"):
             manifest = proj.read_manifest()
             for warning in check_settings(proj.manifest_path(), manifest):
@@ -636,7 +692,7 @@ def add_slide(
             _random_warning(manifest, project)
             try:
                 with _reporter() as reporter:
-                    manifest = build_database(proj, manifest, reporter, dev)
+                    manifest = _build(proj, manifest, reporter, dev, None, cluster, device)
             except InputError:  # a slide that cannot be read: the project goes back to what it was
                 proj.write_manifest(before)
                 for slide_id in added:

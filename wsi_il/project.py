@@ -25,6 +25,8 @@ Layout::
       state/embeddings.npy         retrieval embeddings of every patch under the current model
       state/predictions.npy        classifier probabilities of every patch under the current model
       batches/<sid>-r<n>/          review batches
+      incoming/<attempt>/          a cluster worker's attempt at a slide (``slides/<id>/`` as above, and
+                                   attempt.json), moved into slides/ when whole, removed when it fails
 """
 
 from __future__ import annotations
@@ -301,6 +303,19 @@ class Project:
 
     def batch_dir(self, batch_id: str) -> Path:
         return self.root / "batches" / batch_id
+
+    def incoming_dir(self) -> Path:
+        """Where cluster workers write the slides they compute, one folder an attempt, until each is entered."""
+        return self.root / "incoming"
+
+    def attempt_dir(self, attempt: str) -> Path:
+        """One worker's attempt at a slide: laid out as a project (``slides/<id>/``), so extraction writes it as
+        it writes the project."""
+        return self.incoming_dir() / attempt
+
+    def attempt_info_path(self) -> Path:
+        """In an attempt's folder: which worker process computes it (host, pid, slide)."""
+        return self.root / "attempt.json"
 
     # ---- manifest ----------------------------------------------------------------------------
     def exists(self) -> bool:

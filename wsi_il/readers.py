@@ -46,10 +46,13 @@ class ReaderError(WsiIlError):
 
 
 def reader_kind() -> str:
-    """'processes' where fork is available (Linux) unless $WSI_IL_READERS says 'threads'; else 'threads'."""
+    """'processes' where fork is available (Linux) unless $WSI_IL_READERS says 'threads' or this process may not
+    have children (a daemonic one); else 'threads'."""
+    import multiprocessing
+
     wanted = os.environ.get(READERS_ENV, "").strip().lower()
-    if wanted == "threads" or not sys.platform.startswith("linux"):
-        return "threads"
+    if wanted == "threads" or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        return "threads"  # a daemonic process (a Dask worker by default) may not start processes of its own
     return "processes"
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from wsi_il.config import FeatureSettings, from_dict, settings_of
-from wsi_il.database import extract_slide
 from wsi_il.errors import InputError
 from wsi_il.events import Reporter
+from wsi_il.extraction import extract_slide
 from wsi_il.features import FeatureExtractor, Weights, build_resnet, head_block_of
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.project import Project

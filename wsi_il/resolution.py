@@ -3,7 +3,7 @@
 Without a target resolution a tile is ``tile_size_px`` level-0 pixels a side, whatever the slide's scan. With
 one (``TilingSettings.target_mpp``), ``tile_size_px`` is the side at that resolution: on a slide of ``mpp`` µm/px
 the grid's tiles are ``tile_size_px * target_mpp / mpp`` level-0 pixels a side (rounded), read from the
-coarsest pyramid level still at least as fine as the target (``database.read_at_resolution``) and resized to
+coarsest pyramid level still at least as fine as the target (``extraction.read_at_resolution``) and resized to
 ``tile_size_px``. The grid, the patch boxes and every export stay in level-0 pixels.
 """
 

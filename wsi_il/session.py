@@ -141,7 +141,7 @@ def query_from_patch_ids(ctx: Context, patch_ids: list[str]) -> np.ndarray:
 
 def extract_query_images(ctx: Context, paths: list[Path]) -> np.ndarray:
     """Compute trunk features of query images from outside the database."""
-    from wsi_il.database import project_extractor
+    from wsi_il.extraction import project_extractor
     from wsi_il.features import resize_tile
 
     extractor, settings = project_extractor(ctx.manifest, ctx.device)

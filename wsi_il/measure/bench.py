@@ -309,7 +309,8 @@ def _extract_in_child(project: Project, slide: Path, settings: BenchSettings) ->
 
 def extract_stage(project_dir: Path, slide: Path, weights_spec: str, device: str, seed: int) -> dict[str, Any]:
     """Create a project over one slide and build it as ``init`` does; return stage times and peak RSS."""
-    from wsi_il.database import build_database, register_slide
+    from wsi_il.database import register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.features import resolve_weights
 
     weights = resolve_weights(weights_spec)
@@ -416,7 +417,7 @@ def _bytes_per_patch(project: Project) -> float:
 
 
 def _extractor(project: Project, device: str):
-    from wsi_il.database import project_extractor
+    from wsi_il.extraction import project_extractor
 
     return project_extractor(project.read_manifest(), device)
 
@@ -458,7 +459,7 @@ def read_limit(project: Project, device: str, sample: int) -> float:
     """Patches/s of extraction's reader pool alone over the slide's first ``sample`` candidate tiles (read,
     decode and the pixel rule, into shared memory; no trunk): with the trunk limit, the two ceilings of
     end-to-end extraction. Counted as extraction counts, in tissue patches kept."""
-    from wsi_il.database import slide_readers, tile_spec
+    from wsi_il.extraction import slide_readers, tile_spec
     from wsi_il.features import batch_ranges, trunk_batch_size
     from wsi_il.threads import default_workers
 

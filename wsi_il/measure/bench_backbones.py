@@ -87,7 +87,8 @@ def _measure(
     import shutil
 
     from wsi_il.backbones import bytes_per_patch
-    from wsi_il.database import build_database, register_slide
+    from wsi_il.database import register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.features import store_shape
     from wsi_il.measure.bench import trunk_limit
 

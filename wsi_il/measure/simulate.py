@@ -300,7 +300,8 @@ def build_base(
     patches: Path | None = None,
 ) -> Project:
     """Create (or finish) a project over one slide or one patch folder; reused when already complete."""
-    from wsi_il.database import build_database, folder_classes, register_patch_folder, register_slide
+    from wsi_il.database import folder_classes, register_patch_folder, register_slide
+    from wsi_il.extraction import build_database
     from wsi_il.features import resolve_weights
 
     project = Project(folder)
