@@ -196,4 +196,4 @@ def test_slide_patterns_and_lists_that_name_no_file_are_refused(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("missing.svs\n")
     result = _init(tmp_path / "p", "--slide-list", listing, code=3)
-    assert "1 slide file(s) not found" in error_line(result)
+    assert "names 1 file(s) that do not exist (line 1: " in error_line(result)
