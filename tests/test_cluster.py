@@ -196,4 +196,25 @@ def test_slide_patterns_and_lists_that_name_no_file_are_refused(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("missing.svs\n")
     result = _init(tmp_path / "p", "--slide-list", listing, code=3)
-    assert "1 slide file(s) not found" in error_line(result)
+    assert "names 1 file(s) that do not exist (line 1: " in error_line(result)
+
+
+def _kind_into(queue) -> None:
+    from wsi_il.readers import reader_kind
+
+    queue.put(reader_kind())
+
+
+def test_a_daemonic_process_reads_tiles_on_threads(monkeypatch):
+    import multiprocessing
+
+    from wsi_il.readers import READERS_ENV, reader_kind
+
+    monkeypatch.delenv(READERS_ENV, raising=False)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=_kind_into, args=(queue,), daemon=True)  # as a Dask worker runs by default
+    process.start()
+    assert queue.get(timeout=30) == "threads"
+    process.join()
+    assert reader_kind() == "processes"  # this process may start its own

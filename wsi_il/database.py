@@ -74,15 +74,22 @@ def slide_paths(files: list[Path], patterns: list[str], list_file: Path | None) 
                 f"--slide-list {list_file} cannot be read: {exc}", "give a text file, a path a line"
             ) from exc
         base = Path(list_file).resolve().parent
-        for line in lines:
-            if line.strip() and not line.strip().startswith("#"):
-                found.append(base / Path(line.strip()).expanduser())
-    missing = [str(f) for f in found if not f.is_file()]
-    if missing:
-        raise InputError(
-            f"{len(missing)} slide file(s) not found: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
-            "check the paths",
-        )
+        listed = [
+            (n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")
+        ]
+        missing = [
+            f"line {n}: {base / Path(text).expanduser()}"
+            for n, text in listed
+            if not (base / Path(text).expanduser()).is_file()
+        ]
+        if missing:
+            raise InputError(
+                f"--slide-list {list_file} names {len(missing)} file(s) that do not exist ({'; '.join(missing[:3])}"
+                + ("; ..." if len(missing) > 3 else "")
+                + ")",
+                "correct the list: one slide's path a line, relative paths from the list's folder",
+            )
+        found.extend(base / Path(text).expanduser() for _, text in listed)
     unique: dict[Path, Path] = {}
     for path in found:
         unique.setdefault(path.resolve(), path)
