@@ -64,7 +64,7 @@ def tree_cpu_s() -> float:
 
 
 def make_slides(folder: Path, count: int, cells: int) -> list[Path]:
-    from wsi_il.mosaic import labelled_patches, make_patch_mosaic
+    from wsi_il.measure.mosaic import labelled_patches, make_patch_mosaic
 
     tumour, normal = labelled_patches(REPO / "tests" / "data" / "pcam")
     return [

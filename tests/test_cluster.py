@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_trust_support import cli, error_line
-from wsi_il.mosaic import make_block_slide
 
+from wsi_il.measure.mosaic import make_block_slide
 from wsi_il.project import Project
 
 pytest.importorskip("distributed", reason="the cluster extra is not installed (pip install -e '.[test]')")
@@ -27,7 +27,7 @@ SLIDES = 3
 @pytest.fixture(scope="module")
 def cohort(dense_pcam, tmp_path_factory) -> Path:
     """A folder of three small slides of real tissue (1024 x 768 px: 48 candidate tiles of 128 px each)."""
-    from wsi_il.mosaic import PCAM_MPP
+    from wsi_il.measure.mosaic import PCAM_MPP
 
     folder = tmp_path_factory.mktemp("cohort")
     tumour, normal = dense_pcam
