@@ -140,11 +140,12 @@ def test_cli_init_status_and_query_with_layer4(example_slide, tmp_path):
 
 def test_projects_without_the_setting_read_as_last():
     from wsi_il.cli import _same_setting
-    from wsi_il.config import FeatureSettings, from_dict
+    from wsi_il.config import FeatureSettings, from_dict, settings_of
 
     assert from_dict(FeatureSettings, {"arch": "resnet18", "weights": "random"}).trainable == "last"
-    assert _same_setting("trainable", "last", None, {})
-    assert not _same_setting("trainable", "layer4", None, {})
+    stored = settings_of({"features": {"arch": "resnet18", "weights": "random"}}).features.trainable  # as init reads it
+    assert _same_setting("trainable", "last", stored, {})
+    assert not _same_setting("trainable", "layer4", stored, {})
 
 
 def test_unknown_trainable_is_refused(example_slide, tmp_path):
