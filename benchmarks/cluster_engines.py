@@ -127,8 +127,8 @@ def _jobs(project: Any) -> tuple[list[tuple[Any, ...]], str]:
 
 def time_dask(template: Path, work: Path, workers: int) -> dict[str, Any]:
     from wsi_il.cluster import ClusterSpec, connect, features_task
-    from wsi_il.features import default_workers
     from wsi_il.project import Project
+    from wsi_il.threads import default_workers
 
     root = work / f"dask{workers}"
     shutil.copytree(template, root)
@@ -156,8 +156,8 @@ def time_ray(template: Path, work: Path, workers: int) -> dict[str, Any]:
     import ray
 
     from wsi_il.cluster import features_task
-    from wsi_il.features import default_workers
     from wsi_il.project import Project
+    from wsi_il.threads import default_workers
 
     root = work / f"ray{workers}"
     shutil.copytree(template, root)

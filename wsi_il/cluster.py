@@ -43,12 +43,12 @@ from wsi_il.features import (
     FeatureExtractor,
     Weights,
     build_backbone,
-    default_workers,
     load_project_weights,
     trunk_batch_size,
 )
 from wsi_il.fsutil import fsync_dir
 from wsi_il.project import Project, SlideRecord, current_versions, features_pending
+from wsi_il.threads import default_workers
 
 TRIES = 2
 """Times a slide is tried on the cluster before it is reported and left out."""

@@ -35,7 +35,6 @@ from wsi_il.features import (
     batch_ranges,
     build_backbone,
     channel_sums,
-    default_workers,
     head_block_of,
     load_project_weights,
     mean_std,
@@ -48,6 +47,7 @@ from wsi_il.project import Project, SlideRecord, features_pending
 from wsi_il.readers import ReaderPool, prefetch, read_batches
 from wsi_il.resolution import level0_tile_px, slide_mpp
 from wsi_il.slide import TileReader, read_info, read_thumbnail
+from wsi_il.threads import default_workers
 from wsi_il.tiling import candidate_tiles, grid, is_tissue_tile, tissue_mask
 
 
