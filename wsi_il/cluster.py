@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+from wsi_il.config import TilingSettings, settings_of
 from wsi_il.errors import InputError, WsiIlError
 from wsi_il.events import Reporter, SilentReporter
 from wsi_il.extraction import (
@@ -206,8 +206,8 @@ def build_on_cluster(
     from wsi_il.extraction import build_database
 
     threads = check_workers(client)
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling = settings_of(manifest).tiling
+    settings = settings_of(manifest).features
     failed: dict[str, str] = {}
     untiled = [e for e in manifest["slides"] if e["kind"] == "slide" and not e["tiled"]]
     thumbnails = [e for e in untiled if not project.candidates_path(e["id"]).is_file()]
@@ -421,8 +421,8 @@ def features_task(
     staged.slide_dir(slide_id).mkdir(parents=True, exist_ok=True)
     staged.write_json(staged.attempt_info_path(), {"slide": slide_id, "host": socket.gethostname(), "pid": os.getpid()})
     shutil.copyfile(project.candidates_path(slide_id), staged.candidates_path(slide_id))
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling = settings_of(manifest).tiling
+    settings = settings_of(manifest).features
     extractor = FeatureExtractor(
         build_backbone(load_project_weights(settings), settings),
         *normalisation_of(settings, manifest),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.config import settings_of
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.project import Project, SlideRecord, safe_id
 from wsi_il.resolution import check_slide_mpp
@@ -118,7 +119,7 @@ def register_slide(manifest: dict[str, Any], path: Path, mpp: float | None = Non
     }
     if mpp is not None and info.mpp is None:
         record.update(mpp=float(mpp), mpp_given=True)
-    check_slide_mpp(record, manifest["tiling"])
+    check_slide_mpp(record, settings_of(manifest).tiling)
     manifest["slides"].append(record)
     return record
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.backbones import check_store_fits
-from wsi_il.config import FeatureSettings, TilingSettings, from_dict
+from wsi_il.config import FeatureSettings, TilingSettings, settings_of
 from wsi_il.database import (
     IMAGE_SUFFIXES,
     Commits,
@@ -286,7 +286,7 @@ def extract_slide(
     advance = reporter.task(f"features {record.id}", n, "patches")
     advance(done)
     commits = Commits()
-    tiling = from_dict(TilingSettings, project.read_manifest()["tiling"])
+    tiling = settings_of(project.read_manifest()).tiling
     px = loaded_px(project, record, settings.input_px, tiling)
     extractor.warm_up(extractor.batch_size(settings.batch_size), px)
 
@@ -401,8 +401,8 @@ def build_database(
     masked and the statistics sample is read.
     """
     workers = workers or default_workers()
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling = settings_of(manifest).tiling
+    settings = settings_of(manifest).features
     needed = any(features_pending(entry) for entry in manifest["slides"])
     slides_to_read = any(not entry["tiled"] and entry["kind"] != "patches" for entry in manifest["slides"])
     with contextlib.ExitStack() as stack:
@@ -453,8 +453,8 @@ def build_database(
 def tile_sources(project: Project, manifest: dict[str, Any], reporter: Reporter, workers: int) -> None:
     """List the images of patch folders not tiled yet and the candidate tiles of slides not tiled yet (computed
     once, then read back), then check that the features still to compute fit on the disk."""
-    tiling = from_dict(TilingSettings, manifest["tiling"])
-    settings = from_dict(FeatureSettings, manifest["features"])
+    tiling = settings_of(manifest).tiling
+    settings = settings_of(manifest).features
     for record in manifest["slides"]:
         if not record["tiled"] and record["kind"] == "patches":
             tile_patch_folder(project, record, reporter, workers)
@@ -475,8 +475,8 @@ def ensure_normalisation(
 ) -> None:
     """Compute the project's tissue statistics once (``normalisation``) and record them in the manifest."""
     if manifest.get("normalisation") is None:
-        tiling = from_dict(TilingSettings, manifest["tiling"])
-        seed = from_dict(FeatureSettings, manifest["features"]).seed
+        tiling = settings_of(manifest).tiling
+        seed = settings_of(manifest).features.seed
         manifest["normalisation"] = normalisation(project, manifest, tiling, seed, reporter, readers)
         project.write_manifest(manifest)
 
@@ -510,7 +510,7 @@ def _ready_trunk(
 
 def project_extractor(manifest: dict[str, Any], device: str) -> tuple[FeatureExtractor, FeatureSettings]:
     """The trunk that made a project's features (its weights, checked), with its normalisation."""
-    settings = from_dict(FeatureSettings, manifest["features"])
+    settings = settings_of(manifest).features
     model = build_backbone(load_project_weights(settings), settings)
     return FeatureExtractor(
         model,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_il.config import TrainSettings, from_dict
+from wsi_il.config import settings_of
 from wsi_il.database import FeatureStore, PatchTable, patch_table
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.events import Reporter
@@ -184,7 +184,7 @@ def stem_cache(ctx: Context, block_state: dict[str, Any], init: dict[str, Any]) 
     from wsi_il.config import resolve_schedule
     from wsi_il.heads import single_block
 
-    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    settings = settings_of(ctx.manifest).train
     if not (settings.fast_frozen_conv1 and resolve_schedule(settings, ctx.device) == "fast" and single_block(init)):
         return None
     return ProjectStems(ctx.project, stem_key(block_state, ctx.project, ctx.manifest), len(ctx.store), ctx.store.shape)

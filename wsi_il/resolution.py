@@ -52,12 +52,13 @@ def slide_mpp(record: dict[str, Any]) -> float | None:
     return float(value) if value else None
 
 
-def check_slide_mpp(record: dict[str, Any], tiling: dict[str, Any]) -> None:
-    """Refuse a slide without a pixel size in a project that tiles at a physical resolution."""
-    if tiling.get("target_mpp") and record.get("kind") == "slide" and slide_mpp(record) is None:
+def check_slide_mpp(record: dict[str, Any], tiling: Any) -> None:
+    """Refuse a slide without a pixel size in a project that tiles at a physical resolution (``tiling``:
+    ``TilingSettings``)."""
+    if tiling.target_mpp and record.get("kind") == "slide" and slide_mpp(record) is None:
         raise InputError(
             f"slide {record['path']} records no pixel size (µm/px), and tiles are to be read at "
-            f"{tiling['target_mpp']:g} µm/px",
+            f"{tiling.target_mpp:g} µm/px",
             "give its pixel size with --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan; the scanner's "
             "report or the file's metadata says it)",
         )

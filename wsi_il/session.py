@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.batch import BatchInfo, BatchPatch, read_batch
-from wsi_il.config import SessionSettings, TrainSettings, from_dict
+from wsi_il.config import FeatureSettings, SessionSettings, settings_of
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.imagefiles import load_image
 from wsi_il.labels import read_labels
@@ -276,7 +276,7 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
             f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
         )
     ranked, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), candidates)
-    seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
     rng = np.random.default_rng(seed)
     probs = predictions[ranked] if predictions is not None else None
     positions, rule = sample(
@@ -292,17 +292,17 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
             "rule": rule,
             "written": now_iso(),
             "candidates": int(len(ranked)),
-            "features": features_name(ctx.manifest["features"]),
+            "features": features_name(settings_of(ctx.manifest).features),
         }
     )
     return rule
 
 
-def features_name(features: dict[str, Any]) -> str:
+def features_name(features: FeatureSettings) -> str:
     """A short name of the weights a project's features come from: imagenet, random or the file's name."""
-    source = str(features["weights"])
+    source = str(features.weights)
     name = source if source in ("imagenet", "random") else Path(source).name
-    sha = features.get("weights_sha256")
+    sha = features.weights_sha256
     return f"{name} ({sha[:8]})" if sha and source not in ("imagenet", "random") else name
 
 
@@ -333,7 +333,7 @@ def redraw_waiting_batch(ctx: Context, session: dict[str, Any]) -> str | None:
     entry.update(
         {
             "rule": fresh[0],
-            "features": features_name(ctx.manifest["features"]),
+            "features": features_name(settings_of(ctx.manifest).features),
             "redrawn": now_iso(),
             "kept_labels": len(answers),
             "candidates": fresh[1],
@@ -358,7 +358,7 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     ranked, _ = rank_by_distance(current_embeddings(ctx), np.asarray(session["q"], dtype=np.float32), candidates)
     rest = ranked[~np.isin(ranked, kept)]
     predictions = current_predictions(ctx)
-    seed = int(ctx.manifest["train"].get("seed", 0)) * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
     drawn, rule = np.zeros(0, dtype=np.int64), str(entry.get("rule", session["strategy"]))
     if session["k"] > len(kept) and len(rest):
         drawn, rule = sample(
@@ -678,7 +678,7 @@ def train_round(ctx: Context, model_id: str) -> tuple[float, float]:
     from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads, training_selection
 
     started = time.perf_counter()
-    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    settings = settings_of(ctx.manifest).train
     schedule = resolve_schedule(settings, ctx.device)
     features, targets, groups = _training_rows(ctx)
     rows, weights = training_selection(targets, groups, settings.balance, settings.seed)
@@ -743,7 +743,7 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
     from wsi_il.heads import embed_and_predict, train_heads
 
     started = time.perf_counter()
-    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    settings = settings_of(ctx.manifest).train
     features, targets = training_set(ctx)
     index = ctx.table.index_of()
     rows = np.array([index[p.patch_id] for p in read_batch(batch_dir)[1] if p.patch_id in index], dtype=np.int64)
@@ -760,7 +760,7 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
 
 def refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
     """Recompute q with the new head; with refinement, average it with this round's relevant patches."""
-    settings = from_dict(TrainSettings, ctx.manifest["train"])
+    settings = settings_of(ctx.manifest).train
     query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
     q = embed_features(ctx, query).mean(axis=0)
     if not settings.refine_query or not relevant:

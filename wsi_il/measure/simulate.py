@@ -43,6 +43,8 @@ from wsi_il.config import (
     TilingSettings,
     TrainSettings,
     frozen_conv1_default,
+    new_manifest,
+    settings_of,
     to_dict,
 )
 from wsi_il.errors import InputError, ProjectStateError
@@ -307,10 +309,10 @@ def build_base(
     project = Project(folder)
     if project.exists():
         manifest = project.read_manifest()
-        if manifest["features"].get("trainable", "last") != settings.trainable:
+        cached = settings_of(manifest).features.trainable
+        if cached != settings.trainable:
             raise InputError(
-                f"{folder} caches features for --trainable {manifest['features'].get('trainable', 'last')}"
-                f", not {settings.trainable}",
+                f"{folder} caches features for --trainable {cached}, not {settings.trainable}",
                 "use another --out folder for the other setting",
             )
         build_database(project, manifest, reporter, device)
@@ -324,14 +326,7 @@ def build_base(
         weights_sha256=weights.sha256,
         trainable=settings.trainable,
     )
-    manifest: dict[str, Any] = {
-        "classes": classes,
-        "tiling": to_dict(TilingSettings(tile_size_px=settings.tile_size_px)),
-        "features": to_dict(features),
-        "train": to_dict(settings.train(0)),
-        "normalisation": None,
-        "slides": [],
-    }
+    manifest = new_manifest(classes, TilingSettings(tile_size_px=settings.tile_size_px), features, settings.train(0))
     if slide is not None:
         register_slide(manifest, slide)
     else:
