@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from wsi_il import pretrain as pretrain_module
 from wsi_il.cli import app
+from wsi_il.events import SilentReporter
 from wsi_il.pretrain import DurationEstimate, PretrainSettings, checkpoint_path, pretrain
 from wsi_il.project import Project
 
@@ -118,12 +119,19 @@ def test_an_interrupted_run_resumes_to_the_same_weights(small_project, tmp_path,
     pretrain(Project(whole), settings, "cpu", tmp_path / "whole.pt")
     broken = _copy(small_project, tmp_path / "b")
 
-    def stop_at_3(step: int, loss: float) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
+    class StopAt3(SilentReporter):  # a kill at the end of step 3
+        def task(self, description: str, total: int, unit: str = "patches"):
+            done = [0]
+
+            def advance(n: int) -> None:
+                done[0] += n
+                if done[0] == 3:
+                    raise KeyboardInterrupt
+
+            return advance
 
     with pytest.raises(KeyboardInterrupt):
-        pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt", on_step=stop_at_3)
+        pretrain(Project(broken), settings, "cpu", tmp_path / "resumed.pt", StopAt3())
     if method == "simclr":  # a checkpoint from before --method resumes as the SimCLR run it was
         path = checkpoint_path(Project(broken))
         saved = torch.load(path, weights_only=True)
@@ -157,18 +165,25 @@ def test_the_duration_estimate_leaves_out_slow_first_steps(small_project, tmp_pa
     monkeypatch.setattr(pretrain_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     done: list[int] = []
     estimates: list[tuple[int, float]] = []
-    result = pretrain(
-        Project(project),
-        settings,
-        "cpu",
-        tmp_path / "w.pt",
-        on_step=lambda step, loss: done.append(step),
-        on_estimate=lambda seconds: estimates.append((done[-1], seconds)),
-    )
+    real_estimate = pretrain_module.DurationEstimate
+
+    def recorded(first, total, report, started):  # the seconds the estimate reports, with the step it came at
+        return real_estimate(
+            first, total, lambda s, revised=False: (estimates.append((done[-1], s)), report(s)), started
+        )
+
+    class Steps(SilentReporter):
+        def task(self, description: str, total: int, unit: str = "patches"):
+            return lambda n: done.append((done[-1] if done else 0) + n)
+
+    monkeypatch.setattr(pretrain_module, "DurationEstimate", recorded)
+    reporter = Steps()
+    result = pretrain(Project(project), settings, "cpu", tmp_path / "w.pt", reporter)
     assert result.steps == 12 and result.seconds == pytest.approx(10.5 + 11 * 0.5)
     # the latest report of a 12-step run is after 2 warm-up + 3 steady steps: 7 steps of 0.5 s left
     # (the first two steps' mean said 10 steps of 5.5 s: 55 s)
     assert estimates == [(5, pytest.approx(7 * 0.5))]
+    assert reporter.messages == ["expected duration: about 4 s more"] and done[-1] == 12
 
 
 def test_the_duration_estimate_waits_for_a_window_and_reports_once():

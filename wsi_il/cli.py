@@ -1340,28 +1340,8 @@ def _run_pretrain(proj: Any, settings: Any, dev: str, target: Path, restart: boo
             f"{METHOD_NAMES[settings.method]} on {dev}: {settings.steps} steps of {settings.batch} fields, "
             f"{settings.crop_px} px views; the review can go on meanwhile (`wsi-il review {project}`)"
         )
-        progress = Progress(
-            TextColumn("pretraining"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("steps  loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-        )
-        with progress:
-            task = progress.add_task("pretrain", total=settings.steps, loss="-")
-
-            def on_step(step: int, loss: float) -> None:
-                progress.update(task, completed=step, loss=f"{loss:.3f}")
-
-            def on_estimate(seconds: float, revised: bool = False) -> None:
-                text = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
-                what = "re-estimated (the machine's speed changed)" if revised else "expected duration"
-                progress.console.print(f"{what}: about {text} more")
-
-            result = run_pretrain(proj, settings, dev, target, on_step, on_estimate)
+        with _reporter() as reporter:
+            result = run_pretrain(proj, settings, dev, target, reporter)
         losses = f"; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else ""
         out.print(f"[green]wrote[/] {result.weights} ({result.steps} steps, {result.seconds / 60:.1f} min{losses})")
         if settings.method == "moco" and len(result.losses) > 1 and result.losses[-1] > result.losses[0]:

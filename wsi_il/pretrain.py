@@ -29,6 +29,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from wsi_il.config import settings_of
 from wsi_il.errors import InputError, ProjectStateError
+from wsi_il.events import Reporter, SilentReporter
 from wsi_il.features import Weights, build_resnet, load_project_weights
 from wsi_il.fsutil import atomic_write_bytes
 from wsi_il.imagefiles import load_image
@@ -284,6 +285,13 @@ def checkpoint_path(project: Project) -> Path:
     return project.root / "pretrain" / "checkpoint.pt"
 
 
+def duration_text(seconds: float, revised: bool = False) -> str:
+    """The line that says how long a pretraining run has left."""
+    text = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    what = "re-estimated (the machine's speed changed)" if revised else "expected duration"
+    return f"{what}: about {text} more"
+
+
 class DurationEstimate:
     """The expected remaining duration of a pretraining run, reported once, a few steps into it.
 
@@ -373,15 +381,15 @@ def pretrain(
     settings: PretrainSettings,
     device: str,
     out: Path,
-    on_step: Callable[[int, float], None] | None = None,
-    on_estimate: Callable[..., None] | None = None,
+    reporter: Reporter | None = None,
     workers: int | None = None,
 ) -> PretrainResult:
     """Train the project's backbone self-supervised; resumes from its checkpoint when there is one.
 
-    ``on_estimate`` gets the expected remaining seconds a few steps into the run, and again (``revised=True``)
-    when the machine's speed changes (see ``DurationEstimate``).
+    ``reporter`` shows the steps as a task (the last loss as its status) and says the expected remaining duration
+    a few steps into the run, and again when the machine's speed changes (``DurationEstimate``, ``duration_text``).
     """
+    reporter = reporter or SilentReporter()
     manifest = project.read_manifest()
     features = settings_of(manifest).features
     if manifest.get("normalisation") is None:
@@ -405,7 +413,11 @@ def pretrain(
     sampler = TissueSampler(project, manifest, field_px)
     workers = workers or default_workers()
     started = time.perf_counter()
-    estimate = DurationEstimate(resumed_from, settings.steps, on_estimate, started)
+    estimate = DurationEstimate(
+        resumed_from, settings.steps, lambda s, revised=False: reporter.info(duration_text(s, revised)), started
+    )
+    advance = reporter.task("pretraining", settings.steps, unit="steps")
+    advance(resumed_from)
     try:
         batches = [range(s * settings.batch, (s + 1) * settings.batch) for s in range(step, settings.steps)]
 
@@ -418,8 +430,8 @@ def pretrain(
             loss = _train_step(model, optimizer, schedule, fields, settings, step, dev, mean, std)
             losses.append(loss)
             step += 1
-            if on_step:
-                on_step(step, loss)
+            reporter.status(f"pretraining (loss {loss:.3f})")
+            advance(1)
             estimate.step_done(step, time.perf_counter())
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 _save_checkpoint(project, settings, model, optimizer, schedule, step, losses)
