@@ -680,14 +680,14 @@ def simulate_slides(
             queries = [queries[i % len(queries)] for i in range(settings.sessions)]
             n = len(ctx.table)
             reference_run = f"{name}/{REFERENCE}/seed{seed}"
-            if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
-                reporter.status(f"{name}: full-supervision reference")  # once per slide (not a seed spread)
-                reference = _slide_reference(
-                    ctx, truth, train, settings.reference_folds, settings.reference_epochs, reporter
-                )
-                row = {"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n}
-                journal.add(reference_run, [{**row, "label_share": 1.0, "seconds": "", **reference}], [])
-            if seed == settings.first_seed and settings.reference:
+            if seed == settings.first_seed and settings.reference:  # once per slide (not a seed spread)
+                if journal.get(reference_run) is None:
+                    reporter.status(f"{name}: full-supervision reference")
+                    reference = _slide_reference(
+                        ctx, truth, train, settings.reference_folds, settings.reference_epochs, reporter
+                    )
+                    row = {"slide": name, "strategy": REFERENCE, "seed": seed, "session": 0, "labels": n}
+                    journal.add(reference_run, [{**row, "label_share": 1.0, "seconds": "", **reference}], [])
                 per_slide.extend(journal.done[reference_run]["rows"])
             for strategy in settings.strategies:
                 run_name = f"{name}/{strategy}/seed{seed}"
@@ -958,12 +958,12 @@ def simulate_patches(
                 taken[c] += 1
         truth = {pid: classes[y] for pid, y in zip(ctx.table.ids, database_y, strict=True)}
         reference_run = f"{name}/{REFERENCE}/seed{seed}"
-        if seed == settings.first_seed and settings.reference and journal.get(reference_run) is None:
-            reporter.status(f"{name}: full-supervision reference")  # trained once (not a seed spread)
-            reference = _patch_reference(ctx, database_y, test_x, test_y, train)
-            row = {"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table), "label_share": 1.0}
-            journal.add(reference_run, [{**row, "seconds": "", **reference}], [])
-        if seed == settings.first_seed and settings.reference:
+        if seed == settings.first_seed and settings.reference:  # trained once (not a seed spread)
+            if journal.get(reference_run) is None:
+                reporter.status(f"{name}: full-supervision reference")
+                reference = _patch_reference(ctx, database_y, test_x, test_y, train)
+                row = {"strategy": REFERENCE, "seed": seed, "session": 0, "labels": len(ctx.table), "label_share": 1.0}
+                journal.add(reference_run, [{**row, "seconds": "", **reference}], [])
             rows.extend(journal.done[reference_run]["rows"])
         for strategy in settings.strategies:
             run_name = f"{name}/{strategy}/seed{seed}"
