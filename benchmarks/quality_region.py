@@ -66,6 +66,12 @@ def main() -> None:
         default=0,
         help="the linear layer's fit takes up to this many query patches (0: the training rows)",
     )
+    parser.add_argument(
+        "--query-picks",
+        default="random",
+        help="how a round picks its rows of a large region: random (as wsi-il does), spread, typical (_pick_rows)",
+    )
+    parser.add_argument("--query-cap", type=int, default=0, help="a round's most rows of the region (0: default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     ctx = open_context(Project(args.project), "cpu", SilentReporter())
@@ -108,7 +114,9 @@ def main() -> None:
             query = queries[region]
             for reviewed in (int(r) for r in args.reviewed.split(",")):
                 picked = pool[:reviewed]
-                for balance, head_init in ((b, h) for b in args.balances.split(",") for h in head_inits):
+                for balance, head_init, pick in (
+                    (b, h, p) for b in args.balances.split(",") for h in head_inits for p in args.query_picks.split(",")
+                ):
                     started = time.perf_counter()
                     predicted = _train_and_predict(
                         ctx,
@@ -117,6 +125,8 @@ def main() -> None:
                         truth,
                         replace(settings, balance=balance, seed=seed, head_init=head_init),
                         args.fit_query,
+                        pick,
+                        args.query_cap,
                     )
                     rest = np.ones(n, dtype=bool)  # labelled in no run of this seed: one set for every region
                     rest[picked] = False
@@ -131,6 +141,7 @@ def main() -> None:
                         "reviewed_tumour": int(truth[picked].sum()),
                         "balance": balance,
                         "head_init": head_init,
+                        "query_pick": pick,
                         "jaccard": s.jaccard,
                         "balanced_accuracy": s.balanced_accuracy,
                         "f1": s.f1,
@@ -144,15 +155,20 @@ def main() -> None:
                         args.out.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):
-    from wsi_il.heads import embed_and_predict, train_heads, training_selection
+def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0, pick="random", query_cap=0):
+    from wsi_il.heads import QUERY_GROUP_SIZE, embed_and_predict, train_heads, training_selection, training_weights
     from wsi_il.model import load_tensors
 
     tumour, normal = ctx.class_index("Tumor"), ctx.class_index("Normal")
     rows = np.concatenate([picked, query])
     targets = np.concatenate([np.where(truth[picked], tumour, normal), np.full(len(query), tumour)]).astype(np.int64)
     groups = np.concatenate([np.full(len(picked), -1), np.zeros(len(query), dtype=np.int64)])
-    keep, weights = training_selection(targets, groups, settings.balance, settings.seed)
+    cap = query_cap or QUERY_GROUP_SIZE
+    keep, weights = training_selection(targets, groups, settings.balance, settings.seed, cap)
+    if pick != "random" and len(query) > cap:
+        vectors = ctx.store.take(query).astype(np.float32).mean(axis=(2, 3))
+        keep = np.concatenate([np.arange(len(picked)), len(picked) + _pick_rows(vectors, cap, pick, settings.seed)])
+        weights = training_weights(targets[keep])
     init = load_tensors(ctx.project.init_model_path())
     fit_set = None
     if fit_query:
@@ -163,6 +179,27 @@ def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0):
     )
     _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
     return probs.argmax(axis=1) == tumour
+
+
+def _pick_rows(vectors: np.ndarray, count: int, pick: str, seed: int) -> np.ndarray:
+    """``count`` rows of a region's pooled features other than at random: 'spread' (the row nearest each centre of
+    a k-means with ``count`` centres) or 'typical' (the rows nearest the region's mean)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if pick == "typical":
+        return np.sort(np.argsort(((vectors - vectors.mean(axis=0)) ** 2).sum(axis=1))[:count])
+    if pick != "spread":
+        raise ValueError(f"unknown pick {pick!r}")
+    kmeans = faiss.Kmeans(vectors.shape[1], count, niter=25, seed=seed, min_points_per_centroid=1)
+    kmeans.train(vectors)
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    index.add(vectors)
+    _, nearest = index.search(kmeans.centroids, count)
+    chosen: list[int] = []
+    for row in nearest:  # each centre's nearest row not yet taken
+        chosen.append(int(next(r for r in row if r not in chosen)))
+    return np.sort(np.array(chosen, dtype=np.int64))
 
 
 def _pooled(ctx):

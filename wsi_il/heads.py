@@ -243,11 +243,6 @@ QUERY_GROUP_SIZE = 10
 anew when the labels change), however large the region the expert drew."""
 
 
-QUERY_FIT_SIZE = 500
-"""The linear layer's fit (``fit_linear``) takes up to this many patches of each session's query: the fit costs
-little per row, so a large region the expert drew is used, not a sample of ``QUERY_GROUP_SIZE``."""
-
-
 def training_selection(
     targets: np.ndarray, groups: np.ndarray, balance: str, seed: int = 0, query_cap: int = QUERY_GROUP_SIZE
 ) -> tuple[np.ndarray, np.ndarray | None]:
