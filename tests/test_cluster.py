@@ -174,6 +174,12 @@ def test_a_slide_that_fails_twice_is_named_and_left_out_and_the_others_finish(co
     assert not Project(root).slide_dir("s2").exists() and not (root / "incoming").exists()
     status = cli("status", root)
     assert "s2" not in status.output
+    # The command the error names finishes the project on the cluster: the same slide as on one machine.
+    added = cli("add-slide", root, "--slide", cohort / "s2.tiff", "--cluster", scheduler)
+    assert "features on the cluster" in added.output
+    assert _slides(root) == _slides(reference)
+    _same_slide(Project(root), Project(reference), "s2")
+    assert not (root / "incoming").exists()
 
 
 def test_without_the_engine_the_cluster_option_is_refused_in_one_line(cohort, tmp_path, monkeypatch):
