@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-FLAT_UP_TO = 1_000_000
-"""The most patches searched with an exact flat index (2 KB a patch in memory, 0.3 s for a top 1,000 at 10⁶);
-above, an IVF-PQ index (``IVF_SUBQUANTIZERS`` bytes a patch)."""
+FLAT_UP_TO = 200_000
+"""The most patches searched with an exact flat index, rebuilt from the frozen embeddings when a round needs it
+(2 KB a patch in memory; about 1 CPU s to build at 2 x 10⁵, 5 at 10⁶: benchmarks/pool_choice.py); above, an
+IVF-PQ index (``IVF_SUBQUANTIZERS`` bytes a patch), built once and saved."""
 IVF_SUBQUANTIZERS = 64
 """Product-quantizer codes of an IVF-PQ index: sub-quantizers of 8 bits, so this many bytes a patch."""
 IVF_TRAIN_MAX = 100_000
