@@ -4,6 +4,7 @@ full pass after the batch, the setting in old and new manifests, and the frozen 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -231,3 +232,29 @@ def test_the_index_is_exact_up_to_its_size_and_approximate_above(tmp_path):
     assert (near >= 0).all()  # enough lists probed for every neighbour asked
     recall = np.mean([len(set(truth[i]) & set(near[i])) / 50 for i in range(5)])
     assert recall > 0.9
+
+
+def test_an_approximate_index_is_saved_once_and_rebuilt_when_the_features_change(base, tmp_path, monkeypatch):
+    from wsi_il import index as search
+    from wsi_il.pool import frozen_embeddings, frozen_index
+
+    project = copy_project(base, tmp_path / "indexed")
+    reporter = RecordingReporter()
+    ctx = open_context(project, "cpu", reporter)
+    frozen = frozen_embeddings(ctx)
+    assert frozen.shape == (len(ctx.table), 512) and frozen.dtype == np.float16
+    monkeypatch.setattr(search, "FLAT_UP_TO", 1000)  # the project's 96 patches stand for a large cohort's
+    rng = np.random.default_rng(1)
+    large = rng.normal(size=(3000, 64)).astype(np.float16)
+    built = frozen_index(ctx, large)
+    assert not search.is_exact(built) and project.frozen_index_path().is_file()
+    saved = project.frozen_index_path().stat().st_mtime_ns
+    again = frozen_index(open_context(project, "cpu", SilentReporter()), large)
+    assert again.ntotal == 3000 and project.frozen_index_path().stat().st_mtime_ns == saved
+    assert sum("building the search index" in s for s in reporter.statuses) == 1
+    # New features (a reextract, an added slide) make the frozen embeddings, and so the index, stale.
+    features = project.features_path(project.slides()[0].id)
+    stat = features.stat()
+    os.utime(features, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert frozen_embeddings(open_context(project, "cpu", SilentReporter())).shape == frozen.shape
+    assert not project.frozen_index_path().exists()

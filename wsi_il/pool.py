@@ -154,7 +154,7 @@ def frozen_index(ctx: Context, frozen: np.ndarray) -> Any:
         if built.ntotal == len(frozen):
             return built
     ctx.reporter.status(f"building the search index over {len(frozen)} patches (once, for pooled rounds)")
-    built = search.build_index(frozen, seed=0)
+    built = search.build_index(frozen, seed=0, flat_up_to=search.FLAT_UP_TO)
     atomic_write_bytes(path, search.index_bytes(built))
     atomic_write_text(project.frozen_meta_path(), json.dumps({**meta, "index": meta.get("key")}) + "\n")
     return built
