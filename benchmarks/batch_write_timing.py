@@ -101,7 +101,7 @@ def _time_runs(work: Path, slide_path: Path, count: int, runs: int) -> dict[str,
             f"{session['id']}-r1",
             chosen,
             chosen,
-            predictions,
+            predictions[chosen],
             "uncertainty",
         )
         images, contexts = timed("single_thread_read_s", _read, ctx, slide_path, chosen)

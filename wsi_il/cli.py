@@ -70,6 +70,16 @@ HeadInitOpt = Annotated[
         "paper)."
     ),
 ]
+RoundOpt = Annotated[
+    str,
+    typer.Option(
+        "--round",
+        help="How a round picks its batch: exact (every patch re-embedded and "
+        "ranked), pool (a bounded candidate pool ranked exactly, the full pass "
+        "after the batch is written) or auto (exact up to 100,000 patches).",
+    ),
+]
+PoolSizeOpt = Annotated[int, typer.Option(help="The most unreviewed patches a pooled round re-embeds and ranks.")]
 ScheduleOpt = Annotated[
     str,
     typer.Option(
@@ -335,6 +345,8 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "balance": ("--balance", ("train", "balance")),
     "head_init": ("--head-init", ("train", "head_init")),
     "trainable": ("--trainable", ("features", "trainable")),
+    "round_mode": ("--round", ("round", "round_mode")),
+    "pool_size": ("--pool-size", ("round", "pool_size")),
 }
 
 
@@ -344,6 +356,16 @@ def _schedule(value: str) -> str:
     if value.lower() not in SCHEDULES:
         raise InputError(f"--schedule {value!r} is not one of {', '.join(SCHEDULES)}", "e.g. --schedule paper")
     return value.lower()
+
+
+def _round_settings(mode: str, pool_size: int) -> Any:
+    from wsi_il.config import ROUND_MODES, RoundSettings
+
+    if mode.lower() not in ROUND_MODES:
+        raise InputError(f"--round {mode!r} is not one of {', '.join(ROUND_MODES)}", "e.g. --round auto")
+    if pool_size < 1:
+        raise InputError(f"--pool-size must be at least 1, not {pool_size}", "e.g. --pool-size 50000")
+    return RoundSettings(round_mode=mode.lower(), pool_size=pool_size)
 
 
 def _frozen_conv1(value: bool | None, weights: str, features: Any = None) -> bool:
@@ -402,7 +424,7 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
     import math
 
-    if name in ("trainable", "balance", "head_init"):
+    if name in ("trainable", "balance", "head_init", "round_mode"):
         return str(value).strip().lower() == stored
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
@@ -513,6 +535,8 @@ def init(
     fast_frozen_conv1: FrozenConv1Opt = None,
     balance: BalanceOpt = "classes",
     head_init: HeadInitOpt = TrainSettings.head_init,
+    round_mode: RoundOpt = "auto",
+    pool_size: PoolSizeOpt = 50_000,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for sampling, training and random weights.")] = 0,
     trainable: Annotated[
@@ -602,6 +626,7 @@ def init(
                     balance=_balance(balance),
                     head_init=_head_init(head_init),
                 ),
+                _round_settings(round_mode, pool_size),
             )
             for path in slide or []:
                 _warn_unknown_mpp(register_slide(manifest, path, slide_mpp), settings_of(manifest).tiling)
@@ -1143,6 +1168,17 @@ def _print_status(info: dict[str, Any]) -> None:
         out.print(sessions)
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
     out.print(f"labels: {info['n_labels']} ({labels}); model: {info['model'] or 'none (pretrained head)'}")
+    rounds = info.get("rounds") or {}
+    if rounds.get("pooled"):
+        out.print(
+            f"rounds: pooled (--round {rounds['round_mode']}): each round ranks at most {rounds['pool_size']:,} "
+            "candidates, then re-embeds every patch after writing the batch"
+        )
+    if info["model"] and info.get("predictions_of") != info["model"]:
+        out.print(
+            f"[yellow]predictions: from model {info.get('predictions_of') or 'none'}, not the current "
+            f"{info['model']}[/] (its full pass did not finish: the next ingest or export redoes it)"
+        )
     fixes = info.get("corrections") or []
     if fixes:
         out.print(f"corrections: {len(fixes)} (newest last; the ledger keeps every answer)")
@@ -1475,6 +1511,8 @@ def simulate(
     reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
     balance: BalanceOpt = "classes",
     head_init: HeadInitOpt = TrainSettings.head_init,
+    round_mode: RoundOpt = "auto",
+    pool_size: PoolSizeOpt = 50_000,
     query_patches: Annotated[
         int,
         typer.Option(
@@ -1545,6 +1583,7 @@ def simulate(
             head_init=_head_init(head_init),
             query_patches=query_patches,
             query_island_share=query_island_share,
+            round=_round_settings(round_mode, pool_size),
         )
         settings.check()
         if weights == "random":

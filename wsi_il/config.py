@@ -122,6 +122,32 @@ class SessionSettings:
     rounds: int = 5
 
 
+ROUND_MODES = ("auto", "exact", "pool")
+POOL_ABOVE = 100_000
+"""With ``round_mode`` 'auto', rounds are exact up to this many patches and pooled above (docs/cluster.md)."""
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How a round chooses its batch: exactly over every patch, or from a candidate pool of bounded size."""
+
+    round_mode: str = "auto"
+    """'exact': each round re-embeds every patch with the trained block before ranking every unreviewed patch;
+    'pool': each round ranks exactly only a pool of at most ``pool_size`` candidates chosen in the frozen
+    embedding, writes the batch, then re-embeds every patch (the full pass) for the export and the next pool;
+    'auto': exact up to ``POOL_ABOVE`` patches, pool above. Projects made before this setting existed read as
+    'auto', which is exact for them unless they hold more than ``POOL_ABOVE`` patches."""
+    pool_size: int = 50_000
+    """The most unreviewed patches a pooled round re-embeds and ranks (its interactive cost)."""
+
+
+def round_is_pooled(settings: RoundSettings, n_patches: int) -> bool:
+    """Whether a round over ``n_patches`` patches runs on a candidate pool."""
+    if settings.round_mode == "auto":
+        return n_patches > POOL_ABOVE
+    return settings.round_mode == "pool"
+
+
 def to_dict(settings: Any) -> dict[str, Any]:
     """Turn a settings dataclass into a JSON-ready dict."""
     return asdict(settings)
@@ -178,6 +204,7 @@ class ProjectSettings:
     tiling: TilingSettings
     features: FeatureSettings
     train: TrainSettings
+    round: RoundSettings
 
 
 def settings_of(manifest: dict[str, Any]) -> ProjectSettings:
@@ -187,6 +214,7 @@ def settings_of(manifest: dict[str, Any]) -> ProjectSettings:
         tiling=from_dict(TilingSettings, manifest.get("tiling", {})),
         features=from_dict(FeatureSettings, manifest.get("features", {})),
         train=from_dict(TrainSettings, manifest.get("train", {})),
+        round=from_dict(RoundSettings, manifest.get("round", {})),
     )
 
 
@@ -195,6 +223,7 @@ def new_manifest(
     tiling: TilingSettings | None = None,
     features: FeatureSettings | None = None,
     train: TrainSettings | None = None,
+    round_settings: RoundSettings | None = None,
 ) -> dict[str, Any]:
     """The manifest of a new project, before its slides are registered: its classes and settings, no statistics."""
     return {
@@ -202,6 +231,7 @@ def new_manifest(
         "tiling": to_dict(tiling or TilingSettings()),
         "features": to_dict(features or FeatureSettings()),
         "train": to_dict(train or TrainSettings()),
+        "round": to_dict(round_settings or RoundSettings()),
         "normalisation": None,
         "slides": [],
     }

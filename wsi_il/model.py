@@ -229,6 +229,17 @@ def current_predictions(ctx: Context) -> np.ndarray | None:
     return predictions
 
 
+def last_pass_predictions(ctx: Context) -> tuple[np.ndarray, str] | None:
+    """The predictions of the last full pass over the database (memory-mapped) and the model they come from, which
+    a pooled round's pass may not have caught up with yet; None before any pass."""
+    of = model_state(ctx).get("predictions")
+    path = ctx.project.predictions_path()
+    if not of or not path.is_file():
+        return None
+    cached = ctx.project.read_array(path, mmap=True)
+    return (cached, str(of)) if len(cached) == len(ctx.store) else None
+
+
 def require_predictions(ctx: Context) -> np.ndarray:
     """Return the current classifier's predictions, refusing when no classifier exists yet."""
     predictions = current_predictions(ctx)

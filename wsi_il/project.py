@@ -294,6 +294,18 @@ class Project:
     def state_path(self) -> Path:
         return self.root / "state" / "state.json"
 
+    def frozen_embeddings_path(self) -> Path:
+        """Every patch's embedding under the pretrained block, float16: what a pooled round searches
+        (``wsi_il.pool``)."""
+        return self.root / "state" / "frozen.npy"
+
+    def frozen_meta_path(self) -> Path:
+        return self.root / "state" / "frozen.json"
+
+    def frozen_index_path(self) -> Path:
+        """The approximate (IVF-PQ) index over the frozen embeddings of a large project (``wsi_il.index``)."""
+        return self.root / "state" / "frozen.faiss"
+
     def stems_path(self) -> Path:
         """The frozen stem's output of every patch (``wsi_il.stems``): float16, shaped as the features."""
         return self.root / "state" / "stems.npy"

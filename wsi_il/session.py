@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from wsi_il.batch import BatchInfo, BatchPatch, read_batch
-from wsi_il.config import FeatureSettings, SessionSettings, settings_of
+from wsi_il.config import FeatureSettings, SessionSettings, round_is_pooled, settings_of
 from wsi_il.errors import InputError, ProjectStateError
 from wsi_il.imagefiles import load_image
 from wsi_il.labels import read_labels
@@ -29,6 +29,7 @@ from wsi_il.model import (
     embed_chunk,
     embed_features,
     init_state,
+    last_pass_predictions,
     load_model,
     model_state,
     pass_title,
@@ -223,7 +224,7 @@ def start_session(
         "created": now_iso(),
         "history": [],
     }
-    rule = _write_next_batch(ctx, session)
+    rule = _write_next_batch(ctx, session, query_features)
     session["history"][-1]["seconds"] = round(time.perf_counter() - started, 3)
     # Nothing is recorded before the batch is written: a refusal or a kill up to here leaves the project as it
     # was (a half-written batch folder has no batch.json and is overwritten by the next try).
@@ -261,11 +262,16 @@ def end_session(project: Project) -> str:
     )
 
 
-def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
-    """Rank the unreviewed patches, sample K with the session's strategy and write the batch."""
+def _write_next_batch(ctx: Context, session: dict[str, Any], query_features: np.ndarray | None = None) -> str:
+    """Rank the unreviewed patches, sample K with the session's strategy and write the batch: all of them
+    (exact), or a pool of them where the project's rounds are pooled (``query_features``: the query's, when the
+    session file does not hold them yet)."""
     from wsi_il.index import rank_by_distance
     from wsi_il.sampling import sample
 
+    settings = settings_of(ctx.manifest).round
+    if round_is_pooled(settings, len(ctx.store)):
+        return _write_pooled_batch(ctx, session, settings.pool_size, query_features)
     embeddings = current_embeddings(ctx)
     predictions = current_predictions(ctx)
     seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
@@ -284,7 +290,8 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
     )
     chosen = ranked[positions]
     batch_id = f"{session['id']}-r{session['round']}"
-    _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule)
+    suggestions = predictions[chosen] if predictions is not None else None
+    _write_batch_files(ctx, session, batch_id, chosen, positions, suggestions, rule)
     session["history"].append(
         {
             "round": session["round"],
@@ -292,6 +299,64 @@ def _write_next_batch(ctx: Context, session: dict[str, Any]) -> str:
             "rule": rule,
             "written": now_iso(),
             "candidates": int(len(ranked)),
+            "features": features_name(settings_of(ctx.manifest).features),
+        }
+    )
+    return rule
+
+
+def _write_pooled_batch(
+    ctx: Context, session: dict[str, Any], pool_size: int, query_features: np.ndarray | None
+) -> str:
+    """Choose a pool of unreviewed patches in the frozen embedding, re-embed and rank only the pool with the
+    current heads, sample K with the session's strategy and write the batch."""
+    from wsi_il.index import rank_by_distance
+    from wsi_il.pool import choose_pool, embed_rows, frozen_query
+    from wsi_il.sampling import sample
+
+    started = time.perf_counter()
+    free = np.ones(len(ctx.table), dtype=bool)
+    index = ctx.table.index_of()
+    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
+    free[[index[p] for p in seen if p in index]] = False
+    if not free.any():
+        raise ProjectStateError(
+            "every patch of the project has been reviewed",
+            f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
+        )
+    if "frozen_q" not in session:
+        if query_features is None:
+            query_features = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
+        session["frozen_q"] = frozen_query(ctx, query_features).tolist()
+    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    pool = choose_pool(ctx, session, free, pool_size, np.random.default_rng([seed, 1]), last_pass_predictions(ctx))
+    chosen_at = time.perf_counter()
+    embeddings, probabilities = embed_rows(ctx, pool.rows, model_state(ctx)["model"])
+    embedded_at = time.perf_counter()
+    order, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), np.arange(len(pool.rows)))
+    ranked = pool.rows[order]
+    probs = probabilities[order] if probabilities is not None else None
+    positions, rule = sample(
+        session["strategy"],
+        session["k"],
+        len(ranked),
+        np.random.default_rng(seed),
+        probs,
+        ctx.class_index(session["label"]),
+    )
+    batch_id = f"{session['id']}-r{session['round']}"
+    suggestions = probs[positions] if probs is not None else None
+    _write_batch_files(ctx, session, batch_id, ranked[positions], positions, suggestions, rule)
+    session["history"].append(
+        {
+            "round": session["round"],
+            "batch": batch_id,
+            "rule": rule,
+            "written": now_iso(),
+            "candidates": pool.unreviewed,
+            "pool": pool.record(),
+            "pool_seconds": round(chosen_at - started, 3),
+            "pool_embed_seconds": round(embedded_at - chosen_at, 3),
             "features": features_name(settings_of(ctx.manifest).features),
         }
     )
@@ -374,7 +439,8 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     positions = np.array([place.get(int(i), 0) for i in chosen], dtype=np.int64)
     fresh = folder.with_name(f".{batch_id}.redraw")
     shutil.rmtree(fresh, ignore_errors=True)
-    _write_batch_files(ctx, session, batch_id, chosen, positions, predictions, rule, folder=fresh)
+    suggestions = predictions[chosen] if predictions is not None else None
+    _write_batch_files(ctx, session, batch_id, chosen, positions, suggestions, rule, folder=fresh)
     new_info, new_patches = read_batch(fresh)
     write_answers(
         fresh,
@@ -404,10 +470,12 @@ def _write_batch_files(
     batch_id: str,
     chosen: np.ndarray,
     positions: np.ndarray,
-    predictions: np.ndarray | None,
+    suggestions: np.ndarray | None,
     rule: str,
     folder: Path | None = None,
 ) -> None:
+    """Write a batch of the patches ``chosen`` at ``positions`` of the ranking, with the classifier's
+    probabilities of each (``suggestions``, in the order of ``chosen``) where one exists."""
     from wsi_il.slide import TileReader
     from wsi_il.threads import core_threads
 
@@ -422,13 +490,13 @@ def _write_batch_files(
         strategy=rule,
     )
     patches = []
-    for index, position in zip(chosen.tolist(), positions.tolist(), strict=True):
+    for number, (index, position) in enumerate(zip(chosen.tolist(), positions.tolist(), strict=True)):
         slide = ctx.table.slides[int(ctx.table.slide_index[index])]
         x, y, w, h = (int(v) for v in ctx.table.boxes[index])
         suggestion, probability = None, None
-        if predictions is not None:
-            best = int(predictions[index].argmax())
-            suggestion, probability = ctx.classes[best], float(predictions[index, best])
+        if suggestions is not None:
+            best = int(suggestions[number].argmax())
+            suggestion, probability = ctx.classes[best], float(suggestions[number, best])
         patches.append(
             BatchPatch(
                 ctx.table.ids[index],
@@ -540,15 +608,17 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                 "labels already given are kept; to correct them run "
                 f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)",
             )
+        finished = finish_full_pass(ctx)
         return RoundResult(
             session["id"],
             info.round,
             session["rounds"],
             None,
             None,
-            0.0,
-            False,
-            f"batch {info.batch_id} was already ingested; nothing changed",
+            time.perf_counter() - started,
+            finished is not None,
+            f"batch {info.batch_id} was already ingested"
+            + ("; the full pass it left unfinished is done now" if finished is not None else "; nothing changed"),
         )
     if session["state"] != "reviewing" or session["round"] != info.round:
         raise ProjectStateError(
@@ -559,14 +629,19 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
     # Crash safety: the labels are made durable first, the session file is rewritten last. A command killed
     # in between is finished by running it again: the ledger is completed, not duplicated, and training is
     # seeded, so the round comes out as it would have.
+    # A pooled round writes the next batch before the full pass, and the session file with it: the expert can
+    # start while the pass runs. A pass cut short is finished by the same ingest run again, or redone by the
+    # next round's (every command reads the predictions of a model whose pass is complete, or none).
+    pooled = round_is_pooled(settings_of(ctx.manifest).round, len(ctx.store))
     recorded = _record_labels(ctx, info, labels)
-    train_seconds, pass_seconds = train_round(ctx, info.batch_id)
+    train_seconds, pass_seconds = train_round(ctx, info.batch_id, full_pass=not pooled)
     relevant = [pid for pid, lab in labels.items() if lab == session["label"]]
-    session["q"] = refined_query(ctx, session, relevant).tolist()
+    session["q"] = refined_query(ctx, session, relevant, pooled).tolist()
     entry["ingested"] = now_iso()
     entry["labels"] = len(labels)
     entry["train_seconds"] = round(train_seconds, 3)
-    entry["pass_seconds"] = round(pass_seconds, 3)
+    if not pooled:
+        entry["pass_seconds"] = round(pass_seconds, 3)
     batch_out, rule = None, None
     if session["round"] < session["rounds"]:
         session["round"] += 1
@@ -580,6 +655,10 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
         message = f"{recorded} labels recorded; session {session['id']} is complete ({session['rounds']} rounds)"
     entry["round_seconds"] = round(time.perf_counter() - started, 3)
     project.write_json(project.session_path(session["id"]), session)
+    if pooled:
+        ctx.reporter.info(f"{message}; now updating every patch's predictions (the full pass)")
+        entry["pass_seconds"] = round(full_pass(ctx, info.batch_id), 3)
+        project.write_json(project.session_path(session["id"]), session)
     return RoundResult(
         session["id"],
         session["round"],
@@ -671,11 +750,11 @@ def _target(ctx: Context, label: str) -> int:
     return ctx.class_index(label)
 
 
-def train_round(ctx: Context, model_id: str) -> tuple[float, float]:
-    """Train both heads on all labels, then embed and predict every patch with them (one pass); returns the
-    seconds of each (the heads saved with the training, the results saved with the pass)."""
+def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[float, float]:
+    """Train both heads on all labels, then (with ``full_pass``) embed and predict every patch with them (one
+    pass); returns the seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
-    from wsi_il.heads import TrainedHeads, embed_and_predict, planned_epochs, train_heads, training_selection
+    from wsi_il.heads import TrainedHeads, planned_epochs, train_heads, training_selection
 
     started = time.perf_counter()
     settings = settings_of(ctx.manifest).train
@@ -706,28 +785,57 @@ def train_round(ctx: Context, model_id: str) -> tuple[float, float]:
         weights=weights,
     )
     save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
+    # The model is current from here; the cached embeddings and predictions stay those of the model they were
+    # computed with until the pass replaces them.
+    ctx.project.write_json(
+        ctx.project.state_path(),
+        {
+            "model": model_id,
+            "embeddings": state.get("embeddings"),
+            "predictions": state.get("predictions"),
+            "n_labels": int(len(targets)),
+            "previous": base,
+        },
+    )
     trained = time.perf_counter()
-    stems = stem_cache(ctx, heads.classifier, init) if heads.frozen_stem else None
+    if not full_pass:
+        return trained - started, 0.0
+    return trained - started, _full_pass(ctx, model_id, heads.model(), init)
+
+
+def full_pass(ctx: Context, model_id: str) -> float:
+    """Embed and predict every patch with a round's saved heads and make them the cached ones; returns its
+    seconds."""
+    return _full_pass(ctx, model_id, load_model(ctx, model_id), init_state(ctx))
+
+
+def finish_full_pass(ctx: Context) -> float | None:
+    """Run the current model's full pass when a command cut short left it undone; returns its seconds, or None
+    when there was nothing to finish."""
+    state = model_state(ctx)
+    if not state["model"] or (state.get("embeddings") == state.get("predictions") == state["model"]):
+        return None
+    return full_pass(ctx, state["model"])
+
+
+def _full_pass(ctx: Context, model_id: str, model: dict[str, Any], init: dict[str, Any]) -> float:
+    from wsi_il.heads import embed_and_predict
+
+    started = time.perf_counter()
+    stems = stem_cache(ctx, model["classifier"], init) if model.get("frozen_stem") else None
     advance = ctx.reporter.task(pass_title("re-embedding and predicting", stems), len(ctx.store))
     chunks = counted(ctx.store.chunks(embed_chunk(ctx.device)), advance)
     embeddings, predictions = embed_and_predict(
-        heads.model(), init, len(ctx.classes), chunks, len(ctx.store), ctx.device, stems
+        model, init, len(ctx.classes), chunks, len(ctx.store), ctx.device, stems
     )
     if stems is not None:
         stems.finish()
     ctx.project.write_array(ctx.project.embeddings_path(), embeddings)
     ctx.project.write_array(ctx.project.predictions_path(), predictions)
     ctx.project.write_json(
-        ctx.project.state_path(),
-        {
-            "model": model_id,
-            "embeddings": model_id,
-            "predictions": model_id,
-            "n_labels": int(len(targets)),
-            "previous": base,
-        },
+        ctx.project.state_path(), {**model_state(ctx), "embeddings": model_id, "predictions": model_id}
     )
-    return trained - started, time.perf_counter() - trained
+    return time.perf_counter() - started
 
 
 def rehearse(ctx: Context, batch_dir: Path) -> float:
@@ -758,14 +866,22 @@ def rehearse(ctx: Context, batch_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def refined_query(ctx: Context, session: dict[str, Any], relevant: list[str]) -> np.ndarray:
-    """Recompute q with the new head; with refinement, average it with this round's relevant patches."""
+def refined_query(ctx: Context, session: dict[str, Any], relevant: list[str], pooled: bool = False) -> np.ndarray:
+    """Recompute q with the new head; with refinement, average it with this round's relevant patches (in a pooled
+    round embedded on their own, the full pass being still to come)."""
     settings = settings_of(ctx.manifest).train
     query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
     q = embed_features(ctx, query).mean(axis=0)
     if not settings.refine_query or not relevant:
         return q
-    embeddings = current_embeddings(ctx)
     index = ctx.table.index_of()
-    vectors = np.vstack([q[None, :], embeddings[[index[p] for p in relevant]]])
-    return vectors.mean(axis=0)
+    rows = np.array([index[p] for p in relevant], dtype=np.int64)
+    if pooled:
+        from wsi_il.pool import embed_rows
+
+        order = np.argsort(rows, kind="stable")
+        embedded = np.empty((len(rows), len(q)), dtype=np.float32)
+        embedded[order] = embed_rows(ctx, rows[order], model_state(ctx)["model"])[0]
+    else:
+        embedded = current_embeddings(ctx)[rows]
+    return np.vstack([q[None, :], embedded]).mean(axis=0)

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from wsi_il.config import FeatureSettings, settings_of
+from wsi_il.config import FeatureSettings, round_is_pooled, settings_of
 from wsi_il.corrections import corrections
 from wsi_il.project import Project, current_labels, features_pending
 from wsi_il.resolution import tile_um
@@ -90,6 +90,16 @@ def _backbone(settings: FeatureSettings) -> dict[str, Any]:
     }
 
 
+def _rounds(settings: Any, patches: int) -> dict[str, Any]:
+    """How the project's rounds pick their batches: the setting and what it means at the project's size."""
+    mode = settings.round
+    return {
+        "round_mode": mode.round_mode,
+        "pool_size": mode.pool_size,
+        "pooled": round_is_pooled(mode, patches),
+    }
+
+
 def project_status(root: Path) -> dict[str, Any]:
     """Collect everything `wsi-il status` shows, as a JSON-ready dict."""
     project = Project(root)
@@ -123,6 +133,7 @@ def project_status(root: Path) -> dict[str, Any]:
         "classes": manifest["classes"],
         "weights": _weights(settings.features),
         "settings": {k: manifest[k] for k in ("tiling", "train")},
+        "rounds": _rounds(settings, sum(s["patches"] for s in slides)),
         "trainable": settings.features.trainable,
         "normalisation": manifest.get("normalisation"),
         "backbone": _backbone(settings.features),
@@ -134,6 +145,7 @@ def project_status(root: Path) -> dict[str, Any]:
         "corrections": corrections(ledger),
         "pretraining": pretraining_run(project),
         "model": state.get("model"),
+        "predictions_of": state.get("predictions"),
         "next": _next_step(Path(root), manifest, sessions, state.get("model")),
         "versions": (manifest.get("provenance") or {}).get("versions"),
     }

@@ -39,6 +39,7 @@ from wsi_il.config import (
     SCHEDULES,
     STRATEGIES,
     FeatureSettings,
+    RoundSettings,
     SessionSettings,
     TilingSettings,
     TrainSettings,
@@ -135,6 +136,8 @@ class SimulationSettings:
     weights: str = "imagenet"
     trainable: str = "last"
     """FeatureSettings.trainable of the base projects: last (the paper) or layer4 (the paper's ablation)."""
+    round: RoundSettings = RoundSettings()
+    """How the runs' rounds pick their batches (RoundSettings: exact, pool or auto, and the pool's size)."""
 
     def check(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
@@ -230,6 +233,8 @@ class RunJournal:
     def __init__(self, out: Path, settings: SimulationSettings, about: dict[str, Any], reporter: Reporter) -> None:
         self.path = out / "runs.jsonl"
         shape = {k: v for k, v in asdict(settings).items() if k not in ("strategies", "seeds", "first_seed")}
+        if settings.round == RoundSettings():  # experiments recorded before the setting existed stay comparable
+            del shape["round"]
         self.experiment = json.loads(json.dumps({**about, **shape}, default=_json_default))
         self.done: dict[str, dict[str, Any]] = {}
         if not self.path.is_file():
@@ -336,8 +341,11 @@ def build_base(
     return project
 
 
-def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
-    """Copy a project made before any session (its feature files too), with its own uid and training settings."""
+def fork_project(
+    base: Project, target: Path, train: TrainSettings, round_settings: RoundSettings | None = None
+) -> Project:
+    """Copy a project made before any session (its feature files too), with its own uid, training and round
+    settings."""
     if target.exists():
         shutil.rmtree(target)
     if (base.root / "sessions").exists() or base.ledger_path().exists():
@@ -347,6 +355,7 @@ def fork_project(base: Project, target: Path, train: TrainSettings) -> Project:
     manifest = project.read_manifest()
     manifest["uid"] = uuid.uuid4().hex
     manifest["train"] = to_dict(train)
+    manifest["round"] = to_dict(round_settings or RoundSettings())
     project.write_manifest(manifest)
     return project
 
@@ -694,7 +703,7 @@ def simulate_slides(
                 if _reuse(journal.get(run_name), per_slide, suggestions, advance, settings):
                     continue
                 reporter.status(f"{name}: {strategy}, seed {seed}")
-                project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
+                project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train, settings.round)
                 run_ctx = open_context(project, device, SilentReporter())
                 offset = run_ctx.table.slides[0].offset
 
@@ -970,7 +979,7 @@ def simulate_patches(
             if _reuse(journal.get(run_name), rows, suggestions, advance, settings):
                 continue
             reporter.status(f"{name}: {strategy}, seed {seed}")
-            project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train)
+            project = fork_project(base, out / "runs" / name / f"{strategy}-seed{seed}", train, settings.round)
             run_ctx = open_context(project, device, SilentReporter())
             shown: list[dict[str, Any]] = []
             found = _run_sessions(
