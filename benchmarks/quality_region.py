@@ -95,6 +95,7 @@ def main() -> None:
             k: getattr(settings, k)
             for k in ("epochs", "lr", "fast_budget", "fast_frozen_conv1", "schedule", "head_init")
         },
+        "options": {"query_cap": args.query_cap, "fit_query": args.fit_query},
         "probe": _probe_cv(ctx, truth, args.folds),
         "runs": [],
     }
