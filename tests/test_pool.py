@@ -139,6 +139,21 @@ def test_pooled_round_embeds_only_the_pool_and_runs_the_full_pass_after_the_batc
     assert third["pool"]["predictions_of"] == "s1-r1" and third["pool"]["parts"]["predicted"] > 0
 
 
+def test_a_random_batch_is_drawn_from_every_unreviewed_patch_not_only_from_the_pool(base, block_slide, tmp_path):
+    project = copy_project(base, tmp_path / "p")
+    reporter = RecordingReporter()
+    ctx = open_context(project, "cpu", reporter)
+    query = query_indices(ctx, block_slide)
+    start_session(ctx, "Tumor", SessionSettings("random", 4, 2), query_indices=query)
+    embedded = [total for title, total in reporter.tasks if title == POOL_TITLE]
+    # The pool holds 30 patches, mostly near the query; the batch's 4 are drawn from all 90-odd unreviewed ones,
+    # so some lie outside it and are embedded beside it (for their suggestions and ranks).
+    assert len(embedded) == 1 and POOL < embedded[0] <= POOL + 4
+    chosen = batch_ids(project, "s1-r1")
+    assert len(set(chosen)) == 4 and not set(chosen) & {ctx.table.ids[i] for i in query}
+    assert project.read_json(project.session_path("s1"))["history"][0]["rule"] == "random"
+
+
 def test_a_pool_as_large_as_the_slide_gives_the_exact_rounds_batches(base, block_slide, tmp_path):
     exact = copy_project(base, tmp_path / "exact", round_mode="exact")
     pooled = copy_project(base, tmp_path / "pooled", round_mode="pool", pool_size=10_000)

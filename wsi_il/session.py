@@ -330,20 +330,31 @@ def _write_pooled_batch(
         session["frozen_q"] = frozen_query(ctx, query_features).tolist()
     seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
     pool = choose_pool(ctx, session, free, pool_size, np.random.default_rng([seed, 1]), last_pass_predictions(ctx))
+    rows, drawn = pool.rows, None
+    if session["strategy"] == "random" and len(pool.rows) < pool.unreviewed:
+        # A random batch needs no ranking: it is drawn from every unreviewed patch, not from the pool (which
+        # leans towards the query), and joins the pool only to be ranked and given its suggestions.
+        drawn = np.random.default_rng([seed, 2]).choice(
+            np.flatnonzero(free), size=min(session["k"], int(free.sum())), replace=False
+        )
+        rows = np.union1d(pool.rows, drawn)
     chosen_at = time.perf_counter()
-    embeddings, probabilities = embed_rows(ctx, pool.rows, model_state(ctx)["model"])
+    embeddings, probabilities = embed_rows(ctx, rows, model_state(ctx)["model"])
     embedded_at = time.perf_counter()
-    order, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), np.arange(len(pool.rows)))
-    ranked = pool.rows[order]
+    order, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), np.arange(len(rows)))
+    ranked = rows[order]
     probs = probabilities[order] if probabilities is not None else None
-    positions, rule = sample(
-        session["strategy"],
-        session["k"],
-        len(ranked),
-        np.random.default_rng(seed),
-        probs,
-        ctx.class_index(session["label"]),
-    )
+    if drawn is not None:
+        positions, rule = np.flatnonzero(np.isin(ranked, drawn)), "random"
+    else:
+        positions, rule = sample(
+            session["strategy"],
+            session["k"],
+            len(ranked),
+            np.random.default_rng(seed),
+            probs,
+            ctx.class_index(session["label"]),
+        )
     batch_id = f"{session['id']}-r{session['round']}"
     suggestions = probs[positions] if probs is not None else None
     _write_batch_files(ctx, session, batch_id, ranked[positions], positions, suggestions, rule)
