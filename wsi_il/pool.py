@@ -25,7 +25,7 @@ from wsi_il.errors import ProjectStateError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text, fsync_dir
 from wsi_il.model import Context, counted, embed_chunk, init_state, load_model, stem_cache
 from wsi_il.project import Project, current_labels
-from wsi_il.stems import ProjectStems
+from wsi_il.stems import ProjectStems, add_feature_files
 
 FROZEN_DTYPE = np.float16
 """The frozen embedding's storage: 2 bytes a value (1,024 bytes a patch for a 512-wide block)."""
@@ -69,11 +69,7 @@ def frozen_key(project: Project, manifest: dict[str, Any]) -> str:
     if model.is_file():
         stat = model.stat()
         digest.update(f"init:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for slide in project.slides(manifest):
-        path = project.features_path(slide.id)
-        if slide.tiled and slide.n_patches > 0 and path.is_file():
-            stat = path.stat()
-            digest.update(f"{slide.id}:{slide.n_patches}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    add_feature_files(digest, project, manifest)
     return digest.hexdigest()
 
 

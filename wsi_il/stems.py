@@ -41,12 +41,18 @@ def stem_key(classifier_state: dict[str, Any], project: Project, manifest: dict[
             tensor = classifier_state[name].detach().cpu()
             digest.update(f"{local}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(np.ascontiguousarray(tensor.float().numpy()).tobytes())
+    add_feature_files(digest, project, manifest)
+    return digest.hexdigest()
+
+
+def add_feature_files(digest, project: Project, manifest: dict[str, Any]) -> None:
+    """Feed ``digest`` what identifies the project's feature files as they are now (per slide: its patches, and
+    the file's inode, size and modification time), so that a cache keyed by it is dropped when they change."""
     for slide in project.slides(manifest):
         path = project.features_path(slide.id)
         if slide.tiled and slide.n_patches > 0 and path.is_file():
             stat = path.stat()
             digest.update(f"{slide.id}:{slide.n_patches}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
 
 
 class ProjectStems:
