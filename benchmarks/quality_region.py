@@ -168,7 +168,8 @@ def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0, pick="r
     keep, weights = training_selection(targets, groups, settings.balance, settings.seed, cap)
     if pick != "random" and len(query) > cap:
         vectors = ctx.store.take(query).astype(np.float32).mean(axis=(2, 3))
-        keep = np.concatenate([np.arange(len(picked)), len(picked) + _pick_rows(vectors, cap, pick, settings.seed)])
+        chosen = _pick_rows(vectors, cap, pick, _kmeans_seed(settings.seed, len(targets)))
+        keep = np.concatenate([np.arange(len(picked)), len(picked) + chosen])
         weights = training_weights(targets[keep])
     init = load_tensors(ctx.project.init_model_path())
     fit_set = None
@@ -180,6 +181,12 @@ def _train_and_predict(ctx, picked, query, truth, settings, fit_query=0, pick="r
     )
     _, probs = embed_and_predict(heads.model(), init, 2, ctx.store.chunks(512), len(ctx.store), "cpu")
     return probs.argmax(axis=1) == tumour
+
+
+def _kmeans_seed(seed: int, rows: int) -> int:
+    """The k-means seed of a round's 'spread' pick: the first draw of the generator ``training_selection`` uses
+    for the same training set (the seed the published runs used)."""
+    return int(np.random.default_rng([seed, rows]).integers(2**31))
 
 
 def _pick_rows(vectors: np.ndarray, count: int, pick: str, seed: int) -> np.ndarray:
