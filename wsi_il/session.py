@@ -262,6 +262,24 @@ def end_session(project: Project) -> str:
     )
 
 
+def _round_seed(ctx: Context, session: dict[str, Any]) -> int:
+    """The seed of a round's sampling: the project's seed, the session and the round."""
+    return settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
+
+
+def _unreviewed(ctx: Context, session: dict[str, Any], refuse_none: bool = True) -> np.ndarray:
+    """A mask over the database of the patches neither reviewed nor in the session's query; with
+    ``refuse_none``, a one-line error when there is none left."""
+    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
+    free = np.array([pid not in seen for pid in ctx.table.ids], dtype=bool)
+    if refuse_none and not free.any():
+        raise ProjectStateError(
+            "every patch of the project has been reviewed",
+            f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
+        )
+    return free
+
+
 def _write_next_batch(ctx: Context, session: dict[str, Any], query_features: np.ndarray | None = None) -> str:
     """Rank the unreviewed patches, sample K with the session's strategy and write the batch: all of them
     (exact), or a pool of them where the project's rounds are pooled (``query_features``: the query's, when the
@@ -274,15 +292,9 @@ def _write_next_batch(ctx: Context, session: dict[str, Any], query_features: np.
         return _write_pooled_batch(ctx, session, settings.pool_size, query_features)
     embeddings = current_embeddings(ctx)
     predictions = current_predictions(ctx)
-    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
-    candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
-    if len(candidates) == 0:
-        raise ProjectStateError(
-            "every patch of the project has been reviewed",
-            f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
-        )
+    candidates = np.flatnonzero(_unreviewed(ctx, session))
     ranked, _ = rank_by_distance(embeddings, np.asarray(session["q"], dtype=np.float32), candidates)
-    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    seed = _round_seed(ctx, session)
     rng = np.random.default_rng(seed)
     probs = predictions[ranked] if predictions is not None else None
     positions, rule = sample(
@@ -315,20 +327,12 @@ def _write_pooled_batch(
     from wsi_il.sampling import sample
 
     started = time.perf_counter()
-    free = np.ones(len(ctx.table), dtype=bool)
-    index = ctx.table.index_of()
-    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
-    free[[index[p] for p in seen if p in index]] = False
-    if not free.any():
-        raise ProjectStateError(
-            "every patch of the project has been reviewed",
-            f"export the mask with `wsi-il export {ctx.project.root} --out mask.geojson`",
-        )
+    free = _unreviewed(ctx, session)
     if "frozen_q" not in session:
         if query_features is None:
             query_features = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
         session["frozen_q"] = frozen_query(ctx, query_features).tolist()
-    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    seed = _round_seed(ctx, session)
     pool = choose_pool(ctx, session, free, pool_size, np.random.default_rng([seed, 1]), last_pass_predictions(ctx))
     rows, drawn = pool.rows, None
     if session["strategy"] == "random" and len(pool.rows) < pool.unreviewed:
@@ -429,12 +433,11 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     entry = session["history"][-1]
     index = ctx.table.index_of()
     kept = np.array([index[pid] for pid in answers], dtype=np.int64)
-    seen = reviewed_ids(ctx.project) | set(session["query"]["patch_ids"])
-    candidates = np.array([i for i, pid in enumerate(ctx.table.ids) if pid not in seen], dtype=np.int64)
+    candidates = np.flatnonzero(_unreviewed(ctx, session, refuse_none=False))
     ranked, _ = rank_by_distance(current_embeddings(ctx), np.asarray(session["q"], dtype=np.float32), candidates)
     rest = ranked[~np.isin(ranked, kept)]
     predictions = current_predictions(ctx)
-    seed = settings_of(ctx.manifest).train.seed * 1000 + int(session["id"][1:]) * 100 + session["round"]
+    seed = _round_seed(ctx, session)
     drawn, rule = np.zeros(0, dtype=np.int64), str(entry.get("rule", session["strategy"]))
     if session["k"] > len(kept) and len(rest):
         drawn, rule = sample(
