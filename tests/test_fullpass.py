@@ -104,7 +104,9 @@ def test_the_next_batch_is_ingested_while_a_pass_runs_and_only_the_newer_models_
         daemon=True,
     )
     newer.start()
-    time.sleep(1.5)  # the newer pass finds the pass lock taken and waits for it
+    deadline = time.monotonic() + 120
+    while not waits and time.monotonic() < deadline:  # the newer pass finds the pass lock taken and waits for it
+        time.sleep(0.1)
     assert waits and "pass s1-r1" in waits[0]
     stalled.release.set()
     older.join(120)

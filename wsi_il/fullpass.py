@@ -60,13 +60,16 @@ def run_pass(
     guard: AbstractContextManager[Any] | None = None,
 ) -> PassOutcome:
     """Embed and predict every patch with round ``model_id``'s heads outside the project lock and enter the
-    results when the model is still current. ``on_wait`` is told once about a lock it waits for (another pass,
-    a round in progress); ``stop`` is asked between chunks whether to give up (the review desk closing): the
-    pass then ends without entering anything. ``guard`` is held around taking the project lock to enter (the
-    review desk's turn at it, so that a submit in the same process waits instead of finding the lock taken)."""
+    results when the model is still current.
+
+    ``on_wait`` is told once about a lock it waits for (another pass, a round in progress). ``stop`` is asked
+    between chunks and while waiting whether to give up (the review desk closing): the pass then ends without
+    entering anything (a wait, with the holder's ``ProjectStateError``). ``guard`` is held around taking the
+    project lock to enter (the review desk's turn at it, so that a submit in the same process waits for it
+    instead of finding the lock taken)."""
     started = time.perf_counter()
     project = ctx.project
-    with project.lock_when_free(f"pass {model_id}", on_wait, scope="pass"):
+    with project.lock_when_free(f"pass {model_id}", on_wait, poll_s=0.5, scope="pass", stop=stop):
         for leftover in project.pass_dir().glob("*.npy"):  # a pass killed before entering its arrays
             leftover.unlink(missing_ok=True)
         state = model_state(ctx)
@@ -84,7 +87,8 @@ def run_pass(
         paths = project.pass_arrays(model_id)
         project.write_array(paths[0], embeddings)
         project.write_array(paths[1], predictions)
-        with guard or nullcontext(), project.lock_when_free(f"pass {model_id} (entering its predictions)", on_wait):
+        entering = f"pass {model_id} (entering its predictions)"
+        with guard or nullcontext(), project.lock_when_free(entering, on_wait, poll_s=0.5, stop=stop):
             return _enter(ctx, model_id, paths, features, started)
 
 

@@ -504,10 +504,16 @@ class Project:
 
     @contextlib.contextmanager
     def lock_when_free(
-        self, command: str, on_wait: Callable[[str], None], poll_s: float = 1.0, scope: str = "project"
+        self,
+        command: str,
+        on_wait: Callable[[str], None],
+        poll_s: float = 1.0,
+        scope: str = "project",
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[None]:
         """Hold a lock as ``lock`` does, first waiting for the command that holds it (a round in progress) to
-        end; ``on_wait`` gets the holder's description once, when there is one to wait for."""
+        end; ``on_wait`` gets the holder's description once, when there is one to wait for. ``stop`` is asked
+        while waiting whether to give up: the wait then ends with the holder's ``ProjectStateError``."""
         import time
 
         waited = False
@@ -516,6 +522,8 @@ class Project:
             try:
                 stack.enter_context(self.lock(command, scope=scope))
             except ProjectStateError as busy:
+                if stop is not None and stop():
+                    raise
                 if not waited:
                     on_wait(busy.message)
                     waited = True

@@ -284,8 +284,8 @@ class Desk:
             outcome = run_pass(ctx, model_id, stop=self._stop_passes.is_set, guard=self._locking)
             done = {"state": "done" if outcome.entered else "discarded", "seconds": round(outcome.seconds, 2)}
             result = {**done, "message": outcome.message}
-        except WsiIlError as exc:
-            result = {"state": "failed", "message": str(exc)}
+        except Exception as exc:  # a thread's failure is shown on the page, not lost with the thread
+            result = {"state": "failed", "message": str(exc) or type(exc).__name__}
         if self.passing.get("model") == model_id:  # a newer round's pass reports for itself
             self.passing = {**result, "model": model_id}
 
