@@ -270,6 +270,8 @@ class Desk:
         """Run a pooled round's full pass in a thread, outside the project lock (an older one still running stops
         at its next chunk: its model is no longer current)."""
         self._passes = [t for t in self._passes if t.is_alive()]
+        if any(t.name == f"pass {model_id}" for t in self._passes):
+            return  # a second submit of the same batch (another tab): its pass is under way
         self.passing = {"state": "running", "model": model_id}
         thread = threading.Thread(target=self._run_pass, args=(model_id,), name=f"pass {model_id}", daemon=True)
         self._passes.append(thread)
