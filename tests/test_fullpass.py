@@ -197,3 +197,19 @@ def test_the_desk_answers_a_submit_before_the_pass_and_the_pass_lands_afterwards
         assert state(project)["embeddings"] == state(project)["predictions"] == "s1-r2"
     finally:
         desk.close()
+
+
+def test_closing_the_desk_stops_its_pass_and_enters_nothing(pooled, block_slide, tmp_path):
+    from wsi_il.desk.desk import Desk
+
+    project = copy_project(pooled, tmp_path / "p")
+    desk = Desk(project.root, "cpu", prepare_ahead=False)
+    with project.lock("a pass of another process", scope="pass"):
+        fill_labels_from_truth(project.batch_dir("s1-r1"), block_slide.truth_path)
+        assert desk.submit("s1-r1")["pass"]["state"] == "running"
+        started = time.monotonic()
+        desk.close()  # its pass waits for the pass lock: it gives up instead of keeping the desk open
+        assert time.monotonic() - started < 30
+    assert desk.overview()["pass"]["state"] == "not entered" and "stopped" in desk.overview()["pass"]["message"]
+    assert state(project)["model"] == "s1-r1" and state(project)["predictions"] is None
+    assert not list(project.pass_dir().glob("*.npy"))

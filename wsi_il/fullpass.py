@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_il.errors import ProjectStateError
 from wsi_il.fsutil import fsync_dir
 from wsi_il.model import Context, counted, embed_chunk, init_state, load_model, model_state, pass_title, stem_cache
 from wsi_il.project import Project
@@ -64,10 +65,26 @@ def run_pass(
 
     ``on_wait`` is told once about a lock it waits for (another pass, a round in progress). ``stop`` is asked
     between chunks and while waiting whether to give up (the review desk closing): the pass then ends without
-    entering anything (a wait, with the holder's ``ProjectStateError``). ``guard`` is held around taking the
+    entering anything. ``guard`` is held around taking the
     project lock to enter (the review desk's turn at it, so that a submit in the same process waits for it
     instead of finding the lock taken)."""
     started = time.perf_counter()
+    try:
+        return _run(ctx, model_id, on_wait, stop, guard, started)
+    except ProjectStateError:
+        if not stop():
+            raise
+        return _outcome(model_id, False, started, f"the full pass of model {model_id} was stopped")
+
+
+def _run(
+    ctx: Context,
+    model_id: str,
+    on_wait: Callable[[str], None],
+    stop: Callable[[], bool],
+    guard: AbstractContextManager[Any] | None,
+    started: float,
+) -> PassOutcome:
     project = ctx.project
     with project.lock_when_free(f"pass {model_id}", on_wait, poll_s=0.5, scope="pass", stop=stop):
         for leftover in project.pass_dir().glob("*.npy"):  # a pass killed before entering its arrays

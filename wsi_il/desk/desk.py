@@ -284,7 +284,7 @@ class Desk:
         try:
             ctx = open_context(self.project, self.device, SilentReporter())
             outcome = run_pass(ctx, model_id, stop=self._stop_passes.is_set, guard=self._locking)
-            done = {"state": "done" if outcome.entered else "discarded", "seconds": round(outcome.seconds, 2)}
+            done = {"state": "done" if outcome.entered else "not entered", "seconds": round(outcome.seconds, 2)}
             result = {**done, "message": outcome.message}
         except Exception as exc:  # a thread's failure is shown on the page, not lost with the thread
             result = {"state": "failed", "message": str(exc) or type(exc).__name__}
