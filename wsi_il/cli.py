@@ -827,10 +827,31 @@ def ingest(
 
     with _errors():
         proj = Project(project)
+        dev = _device(device)
         with proj.lock("ingest"), _reporter() as reporter:
-            ctx = open_context(proj, _device(device), reporter)
-            result = ingest_labels(ctx, labels, allow_partial=partial)
+            ctx = open_context(proj, dev, reporter)
+            result = ingest_labels(ctx, labels, allow_partial=partial, pass_later=True)
         _report_round(project, result, result.message)
+        _run_pass(proj, dev, result)
+
+
+def _run_pass(proj: Any, dev: str, result: Any) -> None:
+    """Run the full pass a pooled round left (``fullpass.run_pass``), after the project lock was released."""
+    from wsi_il.fullpass import run_pass
+    from wsi_il.model import open_context
+
+    if result.pass_model is None:
+        return
+    ready = f"batch {result.batch_dir.name} is ready; " if result.batch_dir is not None else ""
+    out.print(
+        f"{ready}updating every patch's predictions (the full pass) in this command, outside the project's "
+        "lock: you can review and ingest meanwhile"
+    )
+    with _reporter() as reporter:
+        ctx = open_context(proj, dev, reporter)
+        outcome = run_pass(ctx, result.pass_model, on_wait=lambda holder: out.print(f"[dim]waiting: {holder}[/]"))
+    colour = "green" if outcome.entered else "yellow"
+    out.print(f"[{colour}]{outcome.message}[/] [dim]({outcome.seconds:.1f} s)[/]")
 
 
 @app.command()
@@ -949,8 +970,9 @@ def watch(
 
         def ingest_batch(labels: Path) -> None:
             with proj.lock("watch"), _reporter() as reporter:
-                result = ingest_labels(open_context(proj, dev, reporter), labels)
+                result = ingest_labels(open_context(proj, dev, reporter), labels, pass_later=True)
             _report_round(project, result, result.message, watching=True)
+            _run_pass(proj, dev, result)
 
         with _reporter() as reporter:
             rounds = watch_batches(proj, ingest_batch, reporter, interval)
@@ -1172,12 +1194,19 @@ def _print_status(info: dict[str, Any]) -> None:
     if rounds.get("pooled"):
         out.print(
             f"rounds: pooled (--round {rounds['round_mode']}): each round ranks at most {rounds['pool_size']:,} "
-            "candidates, then re-embeds every patch after writing the batch"
+            "candidates, then re-embeds every patch after writing the batch, outside the project's lock"
         )
+    passing = info.get("full_pass")
     if info["model"] and info.get("predictions_of") != info["model"]:
+        why = (
+            f"its full pass is running: `wsi-il {passing.get('command')}`, pid {passing.get('pid')}, since "
+            f"{passing.get('since')}"
+            if passing
+            else "its full pass did not finish: the next ingest or export redoes it"
+        )
         out.print(
             f"[yellow]predictions: from model {info.get('predictions_of') or 'none'}, not the current "
-            f"{info['model']}[/] (its full pass did not finish: the next ingest or export redoes it)"
+            f"{info['model']}[/] ({why})"
         )
     fixes = info.get("corrections") or []
     if fixes:

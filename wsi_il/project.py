@@ -18,6 +18,8 @@ Layout::
       slides/<id>/features.next.npy  features under new weights while `reextract` runs
       pretrain/                    self-supervised pretraining: its own lock, checkpoint, weights, and the features
                                    staged under the new weights until the switch (``pretrain/staged/``)
+      pass/                        a pooled round's full pass outside the project lock: its own lock and its
+                                   arrays (``<model>.embeddings.npy``, ``<model>.predictions.npy``) until entered
       sessions/<sid>.json          one query session and its rounds
       sessions/<sid>.query.npy     the session's query features (float16)
       models/init.pt               the pretrained layer4[1] every round starts from (--trainable layer4: all of layer4)
@@ -36,6 +38,7 @@ import datetime as _dt
 import json
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -270,6 +273,14 @@ class Project:
         """What the staged features are: the feature settings they were computed for."""
         return self.pretrain_dir() / "staged" / "staged.json"
 
+    def pass_dir(self) -> Path:
+        """Where a full pass run outside the project lock keeps its lock and its arrays until they are entered."""
+        return self.root / "pass"
+
+    def pass_arrays(self, model_id: str) -> tuple[Path, Path]:
+        """The embeddings and predictions a full pass computed with model ``model_id``, before they are entered."""
+        return self.pass_dir() / f"{model_id}.embeddings.npy", self.pass_dir() / f"{model_id}.predictions.npy"
+
     def ledger_path(self) -> Path:
         return self.root / "labels.jsonl"
 
@@ -447,23 +458,35 @@ class Project:
     def pretrain_lock_path(self) -> Path:
         return self.pretrain_dir() / "lock"
 
+    def pass_lock_path(self) -> Path:
+        return self.pass_dir() / "lock"
+
+    def _scope_dir(self, scope: str) -> Path:
+        """The folder a lock scope guards: the project (less the other scopes' folders), ``pretrain/`` or ``pass/``."""
+        folders = {"project": self.root, "pretrain": self.pretrain_dir(), "pass": self.pass_dir()}
+        if scope not in folders:
+            raise ValueError(f"unknown lock scope {scope!r}")
+        return folders[scope]
+
     @contextlib.contextmanager
     def lock(self, command: str, create: bool = False, scope: str = "project") -> Iterator[None]:
-        """Hold the project's write lock (or, with ``scope="pretrain"``, pretraining's) for a command.
+        """Hold the project's write lock (or, with ``scope="pretrain"`` or ``"pass"``, pretraining's or the full
+        pass's) for a command.
 
         The lock file names the holder (pid, host, command); it appears whole (written aside, then
         hard-linked into place), and a lock whose process is gone is taken over. ``create`` allows a
         project folder that does not exist yet (``init``). Leftover temporary files of killed commands
-        are removed once the lock is held: the project lock's in the project less ``pretrain/``, the
-        pretraining lock's in ``pretrain/``. Pretraining writes only under ``pretrain/``, so it runs beside the
-        commands that hold the project lock.
+        are removed once the lock is held: the project lock's in the project less ``pretrain/`` and ``pass/``,
+        the other scopes' in their own folder. Pretraining writes only under ``pretrain/`` and a full pass under
+        ``pass/`` (until it enters its arrays under the project lock), so they run beside the commands that hold
+        the project lock.
         """
         if not create and not self.root.is_dir():
             self.read_manifest()  # says that this is not a wsi-il project, and creates nothing
         self.root.mkdir(parents=True, exist_ok=True)
-        if scope == "pretrain":
-            self.pretrain_dir().mkdir(parents=True, exist_ok=True)
-        path = self.pretrain_lock_path() if scope == "pretrain" else self.lock_path()
+        folder = self._scope_dir(scope)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "lock"
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -473,24 +496,34 @@ class Project:
         }
         self._acquire(path, json.dumps(info).encode("utf-8"))
         try:
-            self._remove_temporaries(self.pretrain_dir() if scope == "pretrain" else self.root)
+            self._remove_temporaries(folder)
             yield
         finally:
             if self._lock_is_ours(path, info):
                 path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock_when_free(self, command: str, on_wait: Callable[[str], None], poll_s: float = 1.0) -> Iterator[None]:
-        """Hold the project lock as ``lock`` does, first waiting for the command that holds it (a round in
-        progress) to end; ``on_wait`` gets the holder's description once, when there is one to wait for."""
+    def lock_when_free(
+        self,
+        command: str,
+        on_wait: Callable[[str], None],
+        poll_s: float = 1.0,
+        scope: str = "project",
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[None]:
+        """Hold a lock as ``lock`` does, first waiting for the command that holds it (a round in progress) to
+        end; ``on_wait`` gets the holder's description once, when there is one to wait for. ``stop`` is asked
+        while waiting whether to give up: the wait then ends with the holder's ``ProjectStateError``."""
         import time
 
         waited = False
         while True:
             stack = contextlib.ExitStack()
             try:
-                stack.enter_context(self.lock(command))
+                stack.enter_context(self.lock(command, scope=scope))
             except ProjectStateError as busy:
+                if stop is not None and stop():
+                    raise
                 if not waited:
                     on_wait(busy.message)
                     waited = True
@@ -551,9 +584,9 @@ class Project:
 
     def _remove_temporaries(self, top: Path) -> None:
         """Delete the temporary files that killed commands left (``.<name>.<random>.tmp``, lock claims) under
-        ``top``; the project's own walk leaves ``pretrain/`` to the pretraining lock, and ``.ahead/`` (rounds the
-        review desk prepares ahead, ``wsi_il.desk.ahead``) to the desk."""
-        skip = {self.pretrain_dir(), self.root / ".ahead"} if top == self.root else set()
+        ``top``; the project's own walk leaves ``pretrain/`` and ``pass/`` to their locks, and ``.ahead/`` (rounds
+        the review desk prepares ahead, ``wsi_il.desk.ahead``) to the desk."""
+        skip = {self.pretrain_dir(), self.pass_dir(), self.root / ".ahead"} if top == self.root else set()
         for folder, subfolders, files in os.walk(top):
             if skip and Path(folder) == self.root:
                 subfolders[:] = [d for d in subfolders if self.root / d not in skip]
@@ -592,7 +625,7 @@ _LOCK_HINT = "wait for it to finish, or stop it; a lock left by a command that w
 
 def _create_whole(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists; readers never see it empty."""
-    claim = path.with_name(f"{path.name}-{os.getpid()}.claim")
+    claim = path.with_name(f"{path.name}-{os.getpid()}-{threading.get_ident()}.claim")  # threads claim apart
     try:
         claim.write_bytes(data)
         try:

@@ -58,6 +58,9 @@ class RoundResult:
     seconds: float
     changed: bool
     message: str
+    pass_model: str | None = None
+    """A model whose full pass the caller runs after releasing the project lock (``fullpass.run_pass``): a pooled
+    round's, with ``ingest(pass_later=True)``."""
 
 
 # ---- sessions ---------------------------------------------------------------------------------
@@ -591,8 +594,11 @@ def find_batch_dir(project: Project, labels_path: Path) -> Path:
     )
 
 
-def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> RoundResult:
-    """Record a batch's labels, train both heads, refine the query and write the next batch."""
+def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False, pass_later: bool = False) -> RoundResult:
+    """Record a batch's labels, train both heads, refine the query and write the next batch.
+
+    A pooled round then runs the full pass here, or with ``pass_later`` leaves it to the caller, who runs it
+    outside the project lock (``RoundResult.pass_model``); so does an ingest run again to finish a pass."""
     started = time.perf_counter()
     project = ctx.project
     labels_path = Path(labels_path)
@@ -621,6 +627,20 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
                 f"batch {info.batch_id} was already ingested with other labels (differences: {', '.join(changed[:5])})",
                 "labels already given are kept; to correct them run "
                 f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)",
+            )
+        if pass_later:
+            owed = unfinished_pass(ctx)
+            return RoundResult(
+                session["id"],
+                info.round,
+                session["rounds"],
+                None,
+                None,
+                time.perf_counter() - started,
+                False,
+                f"batch {info.batch_id} was already ingested"
+                + ("; its full pass is unfinished" if owed is not None else "; nothing changed"),
+                owed,
             )
         finished = finish_full_pass(ctx)
         return RoundResult(
@@ -669,6 +689,18 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False) -> Roun
         message = f"{recorded} labels recorded; session {session['id']} is complete ({session['rounds']} rounds)"
     entry["round_seconds"] = round(time.perf_counter() - started, 3)
     project.write_json(project.session_path(session["id"]), session)
+    if pooled and pass_later:
+        return RoundResult(
+            session["id"],
+            session["round"],
+            session["rounds"],
+            batch_out,
+            rule,
+            time.perf_counter() - started,
+            True,
+            message,
+            info.batch_id,
+        )
     if pooled:
         ctx.reporter.info(f"{message}; now updating every patch's predictions (the full pass)")
         entry["pass_seconds"] = round(full_pass(ctx, info.batch_id), 3)
@@ -823,13 +855,19 @@ def full_pass(ctx: Context, model_id: str) -> float:
     return _full_pass(ctx, model_id, load_model(ctx, model_id), init_state(ctx))
 
 
-def finish_full_pass(ctx: Context) -> float | None:
-    """Run the current model's full pass when a command cut short left it undone; returns its seconds, or None
-    when there was nothing to finish."""
+def unfinished_pass(ctx: Context) -> str | None:
+    """The current model when its full pass has not been entered yet (cut short, or still running), else None."""
     state = model_state(ctx)
     if not state["model"] or (state.get("embeddings") == state.get("predictions") == state["model"]):
         return None
-    return full_pass(ctx, state["model"])
+    return str(state["model"])
+
+
+def finish_full_pass(ctx: Context) -> float | None:
+    """Run the current model's full pass when a command cut short left it undone; returns its seconds, or None
+    when there was nothing to finish."""
+    model_id = unfinished_pass(ctx)
+    return None if model_id is None else full_pass(ctx, model_id)
 
 
 def _full_pass(ctx: Context, model_id: str, model: dict[str, Any], init: dict[str, Any]) -> float:

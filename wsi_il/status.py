@@ -58,6 +58,14 @@ def pretraining_run(project: Project) -> dict[str, Any] | None:
     return project.read_json(path, None)
 
 
+def pass_run(project: Project) -> dict[str, Any] | None:
+    """The full pass in progress outside the project lock (its lock's holder), or None."""
+    path = project.pass_lock_path()
+    if not path.is_file() or Project._lock_is_stale(path):
+        return None
+    return project.read_json(path, None)
+
+
 def _next_step(root: Path, manifest: dict[str, Any], sessions: list[dict[str, Any]], model: str | None) -> str:
     if any(features_pending(s) for s in manifest["slides"]) or manifest["normalisation"] is None:
         return f"finish the feature cache: wsi-il init {root}"
@@ -146,6 +154,7 @@ def project_status(root: Path) -> dict[str, Any]:
         "pretraining": pretraining_run(project),
         "model": state.get("model"),
         "predictions_of": state.get("predictions"),
+        "full_pass": pass_run(project),
         "next": _next_step(Path(root), manifest, sessions, state.get("model")),
         "versions": (manifest.get("provenance") or {}).get("versions"),
     }

@@ -93,18 +93,21 @@ class Prepared:
     message: str
     next_batch: str | None
     seconds: float
+    pass_model: str | None = None
+    """The model whose full pass is left to run after the commit (a pooled round's)."""
 
 
 def make_shadow(project: Project) -> Path:
     """A shadow of the project: hard links to its files, a copy of its ledger. Nothing in the shadow is the
-    lock: commands on the shadow never wait for the project's."""
+    lock: commands on the shadow never wait for the project's. A full pass's folder (``pass/``: its lock and
+    arrays not entered yet) stays out too: a commit must never move them back."""
     shadow = project.root / AHEAD_DIR / f"{os.getpid()}-{next(_numbers)}"
     shutil.rmtree(shadow, ignore_errors=True)
     lock = project.lock_path().name
     for folder, dirs, files in os.walk(project.root):
         here = Path(folder)
         if here == project.root:
-            dirs[:] = [d for d in dirs if d != AHEAD_DIR]
+            dirs[:] = [d for d in dirs if d not in (AHEAD_DIR, project.pass_dir().name)]
         target = shadow / here.relative_to(project.root)
         target.mkdir(parents=True, exist_ok=True)
         for name in files:
@@ -137,7 +140,7 @@ def prepare(
         labels_file = folder / LABELS_CSV  # replaced whole (a new file), so the project's own stays as it is
         write_answers(folder, info, patches, {p.patch_id: labels.get(p.patch_id, "") for p in patches})
         ctx = open_context(copy, device, _CancellableReporter(cancel or threading.Event()))
-        result = ingest(ctx, labels_file)
+        result = ingest(ctx, labels_file, pass_later=True)
     except BaseException:
         shutil.rmtree(shadow, ignore_errors=True)
         raise
@@ -149,6 +152,7 @@ def prepare(
         result.message,
         result.batch_dir.name if result.batch_dir is not None else None,
         time.perf_counter() - started,
+        result.pass_model,
     )
 
 

@@ -72,6 +72,11 @@ class Desk:
         self._tables = threading.Lock()
         self._table: _Table | None = None
         self.warmup: dict[str, Any] = {"state": "not started"}
+        self.passing: dict[str, Any] = {"state": "none"}
+        """The full pass a pooled round left to this desk (``fullpass.run_pass``, in a thread of its own)."""
+        self._locking = threading.Lock()  # this process's turns at the project lock: a submit, the pass entering
+        self._passes: list[threading.Thread] = []
+        self._stop_passes = threading.Event()
         self._closed = False
         clear_shadows(self.project)  # rounds prepared ahead by a desk that was killed
         self.ahead = Preparer(self.project, device) if prepare_ahead else None
@@ -81,9 +86,13 @@ class Desk:
         return self._work.locked()
 
     def close(self) -> None:
-        """Wait for the training under way, if any (a process must not end inside torch), then close the slides."""
+        """Wait for the training under way, if any (a process must not end inside torch), then close the slides.
+        A full pass under way stops at its next chunk, entering nothing: the next ingest of its batch redoes it."""
         if self.ahead is not None:
             self.ahead.close()
+        self._stop_passes.set()
+        for thread in self._passes:
+            thread.join()
         with self._work:
             self._closed = True
             self.images.close()
@@ -139,6 +148,7 @@ class Desk:
             "batch": waiting[0].batch_dir.name if waiting else None,
             "warmup": dict(self.warmup),
             "ahead": self.ahead_state(),
+            "pass": dict(self.passing),
         }
 
     def ahead_state(self) -> dict[str, Any] | None:
@@ -238,18 +248,48 @@ class Desk:
 
         folder = self._batch_dir(batch_id)
         started = time.perf_counter()
-        with self._answers, self._work, self.project.lock("review"):
+        with self._answers, self._work, self._locking, self.project.lock("review"):
             done = self._commit_prepared(folder)
             if done is None:
                 ctx = open_context(self.project, self.device, SilentReporter())
-                result = ingest(ctx, folder / LABELS_CSV)
+                result = ingest(ctx, folder / LABELS_CSV, pass_later=True)
                 done = {
                     "message": result.message,
                     "changed": result.changed,
                     "prepared_ahead": False,
                     "next_batch": result.batch_dir.name if result.batch_dir is not None else None,
+                    "pass_model": result.pass_model,
                 }
-        return {**done, "seconds": round(time.perf_counter() - started, 3)}
+        owed = done.pop("pass_model")
+        if owed is not None:
+            self._start_pass(owed)
+        return {**done, "seconds": round(time.perf_counter() - started, 3), "pass": dict(self.passing)}
+
+    # ---- a pooled round's full pass ----------------------------------------------------------------
+    def _start_pass(self, model_id: str) -> None:
+        """Run a pooled round's full pass in a thread, outside the project lock (an older one still running stops
+        at its next chunk: its model is no longer current)."""
+        self._passes = [t for t in self._passes if t.is_alive()]
+        if any(t.name == f"pass {model_id}" for t in self._passes):
+            return  # a second submit of the same batch (another tab): its pass is under way
+        self.passing = {"state": "running", "model": model_id}
+        thread = threading.Thread(target=self._run_pass, args=(model_id,), name=f"pass {model_id}", daemon=True)
+        self._passes.append(thread)
+        thread.start()
+
+    def _run_pass(self, model_id: str) -> None:
+        from wsi_il.fullpass import run_pass
+        from wsi_il.model import open_context
+
+        try:
+            ctx = open_context(self.project, self.device, SilentReporter())
+            outcome = run_pass(ctx, model_id, stop=self._stop_passes.is_set, guard=self._locking)
+            done = {"state": "done" if outcome.entered else "not entered", "seconds": round(outcome.seconds, 2)}
+            result = {**done, "message": outcome.message}
+        except Exception as exc:  # a thread's failure is shown on the page, not lost with the thread
+            result = {"state": "failed", "message": str(exc) or type(exc).__name__}
+        if self.passing.get("model") == model_id:  # a newer round's pass reports for itself
+            self.passing = {**result, "model": model_id}
 
     def _commit_prepared(self, folder: Path) -> dict[str, Any] | None:
         """Put in place the round prepared ahead for the batch's labels as they stand, if there is one and the
@@ -268,7 +308,13 @@ class Desk:
             commit(self.project, prepared)
         except Stale:
             return None
-        return {"message": prepared.message, "changed": True, "prepared_ahead": True, "next_batch": prepared.next_batch}
+        return {
+            "message": prepared.message,
+            "changed": True,
+            "prepared_ahead": True,
+            "next_batch": prepared.next_batch,
+            "pass_model": prepared.pass_model,
+        }
 
     # ---- warm-up --------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -302,7 +348,7 @@ class Desk:
         known = self._patches()
         for patch_id, _ in answers:
             self._patch(patch_id)
-        with self._answers, self.project.lock("review"):
+        with self._answers, self._locking, self.project.lock("review"):
             return correct_labels(self.project, known.manifest, known.index.keys(), answers, via="page")
 
     def patch(self, patch_id: str) -> dict[str, Any]:
@@ -479,7 +525,7 @@ class Desk:
         from wsi_il.model import open_context
 
         folder = self.project.root / EXPORTS
-        with self._answers, self._work, self.project.lock("review"):
+        with self._answers, self._work, self._locking, self.project.lock("review"):
             ctx = open_context(self.project, "cpu", SilentReporter())
             if all(s.kind == "patches" for s in ctx.table.slides):
                 return [export_table(ctx, folder / "predictions.csv").name]

@@ -49,6 +49,15 @@ async function loadProject() {
   $("slide-tab").hidden = !state.project.slides.some((s) => s.kind === "slide");
   showWarmup(state.project.warmup);
   showAhead(state.project.ahead);
+  showPass(state.project.pass);
+}
+
+function showPass(pass) {
+  // A pooled round's full pass, run after the batch is written (wsi_il/fullpass.py); the review goes on meanwhile.
+  let text = "";
+  if (pass && pass.state === "running") text = "updating every patch's predictions (you can go on) …";
+  else if (pass && pass.state === "failed") text = `predictions not updated: ${pass.message}`;
+  $("pass").textContent = text;
 }
 
 function showAhead(ahead) {
@@ -367,6 +376,8 @@ async function submit() {
     const result = await post(`/api/batches/${enc(state.batch.batch)}/submit`);
     await loadBatch(result.next_batch);
     showAhead(null);
+    showPass(result.pass);
+    if (result.pass && result.pass.state === "running") watchServer();
     state.lastRound = { seconds: (performance.now() - started) / 1000, server: result.seconds,
                         preparedAhead: result.prepared_ahead };
     say(result.next_batch
@@ -574,15 +585,17 @@ async function main() {
 let poll = null;
 
 function watchServer() {
-  // The warm-up's and the round prepared ahead's progress, every 2 s while either is under way.
+  // The warm-up's, the round prepared ahead's and the full pass's progress, every 2 s while one is under way.
   if (poll) return;
   poll = setInterval(async () => {
     try {
       const project = await get("/api/project");
       showWarmup(project.warmup);
       showAhead(project.ahead);
+      showPass(project.pass);
       const warming = project.warmup.state === "running" || project.warmup.state === "not started";
-      if (!warming && !(project.ahead && project.ahead.preparing)) stopWatching();
+      const passing = project.pass && project.pass.state === "running";
+      if (!warming && !passing && !(project.ahead && project.ahead.preparing)) stopWatching();
     } catch (error) {
       stopWatching();
     }
