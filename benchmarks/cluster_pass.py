@@ -58,12 +58,12 @@ else:
 
 def prepare(root: Path) -> str:
     """Give the project a current model (a first round ingested, its pass left undone); return the model's id."""
+    from wsi_il.batch import read_batch
     from wsi_il.config import SessionSettings
     from wsi_il.events import SilentReporter
     from wsi_il.measure.truth import write_batch_labels
     from wsi_il.model import model_state, open_context
     from wsi_il.project import Project
-    from wsi_il.batch import read_batch
     from wsi_il.session import ingest, start_session
 
     project = Project(root)

@@ -120,7 +120,7 @@ def compute_on_cluster(
         )
     if stems is not None and stem_mode == "write":
         stems.finish()
-    if not arrays:  # a project without patches cannot have a pooled round; kept total for the types
+    if not arrays:  # no slide with patches: open_context refuses such a project before a round
         raise WsiIlError(f"the full pass of model {model_id} found no patches", "add slides with patches")
     return arrays[0], arrays[1]
 
