@@ -219,3 +219,45 @@ def test_a_slide_that_fails_every_try_is_named_and_nothing_is_entered(ingested, 
     assert np.array_equal(after[0], before[0]) and np.array_equal(after[1], before[1])
     assert not list(project.pass_dir().glob("*.npy")) and not list(project.pass_attempts_dir().glob("*"))
     assert "from model s1-r1, not the current s1-r2" in cli("status", project.root).output
+
+
+def test_the_review_desk_runs_its_pass_on_the_cluster(ingested, block_slide, scheduler, tmp_path):
+    from wsi_il.desk.desk import Desk
+    from wsi_il.measure.truth import fill_labels_from_truth
+
+    project = copy_project(ingested, tmp_path / "p")
+    assert run_pass(open_context(project, "cpu", SilentReporter()), "s1-r1").entered
+    seen: set[str] = set()
+    looking = threading.Event()
+
+    def look() -> None:
+        while not looking.is_set():
+            seen.update(folder.name for folder in project.pass_attempts_dir().glob("*"))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=look, daemon=True)
+    watcher.start()
+    desk = Desk(project.root, "cpu", prepare_ahead=False, cluster=scheduler, cluster_device="cpu")
+    try:
+        fill_labels_from_truth(project.batch_dir("s1-r2"), block_slide.truth_path)
+        assert desk.submit("s1-r2")["pass"] == {"state": "running", "model": "s1-r2"}
+        deadline = time.monotonic() + 120
+        while desk.overview()["pass"]["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert desk.overview()["pass"]["state"] == "done", desk.overview()["pass"]
+    finally:
+        desk.close()
+        looking.set()
+    assert {name.split(".")[1] for name in seen} == set(slide_rows(project))  # each slide's rows on a worker
+    assert state(project)["embeddings"] == state(project)["predictions"] == "s1-r2"
+    here = pass_here_after_reset(project, "s1-r2")
+    ours = entered(project)
+    assert np.array_equal(ours[0], here[0]) and np.array_equal(ours[1], here[1])
+
+
+def pass_here_after_reset(project: Project, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays the pass of ``model_id`` computes here, on a copy of ``project`` whose cached arrays are dropped."""
+    copy = copy_project(project.root, project.root.with_name(f"{project.root.name}-again"))
+    copy.write_json(copy.state_path(), {**state(copy), "embeddings": None, "predictions": None})
+    assert run_pass(open_context(copy, "cpu", SilentReporter()), model_id).entered
+    return copy.read_array(copy.embeddings_path()), copy.read_array(copy.predictions_path())

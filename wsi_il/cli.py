@@ -848,6 +848,7 @@ def ingest(
 def _run_pass(proj: Any, dev: str, result: Any, cluster: str | None = None, device: str = "auto") -> None:
     """Run the full pass a pooled round left (``fullpass.run_pass``), after the project lock was released: here,
     or on the cluster ``--cluster`` names (``device``: the workers')."""
+    from wsi_il.clusterpass import pass_cluster
     from wsi_il.fullpass import run_pass
     from wsi_il.model import open_context
 
@@ -859,27 +860,13 @@ def _run_pass(proj: Any, dev: str, result: Any, cluster: str | None = None, devi
         f"{ready}updating every patch's predictions (the full pass) {where}, outside the project's "
         "lock: you can review and ingest meanwhile"
     )
-    with _reporter() as reporter, _pass_cluster(cluster, device, reporter) as on:
+    with _reporter() as reporter, pass_cluster(cluster, device, reporter) as on:
         ctx = open_context(proj, dev, reporter)
         outcome = run_pass(
             ctx, result.pass_model, on_wait=lambda holder: out.print(f"[dim]waiting: {holder}[/]"), cluster=on
         )
     colour = "green" if outcome.entered else "yellow"
     out.print(f"[{colour}]{outcome.message}[/] [dim]({outcome.seconds:.1f} s)[/]")
-
-
-@contextlib.contextmanager
-def _pass_cluster(cluster: str | None, device: str, reporter: Any) -> Iterator[Any]:
-    """The cluster a full pass runs on (``clusterpass.ClusterPass``), connected for the pass; None without one."""
-    if cluster is None:
-        yield None
-        return
-    from wsi_il.cluster import connect, parse_cluster
-    from wsi_il.clusterpass import ClusterPass
-
-    with connect(parse_cluster(cluster)) as client:
-        reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
-        yield ClusterPass(client, device)
 
 
 @app.command()
@@ -1073,6 +1060,7 @@ def review(
         ),
     ] = True,
     device: DeviceOpt = "auto",
+    cluster: PassClusterOpt = None,
 ) -> None:
     """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
     correct labels, export. Prints the URL with its secret token and the SSH tunnel line; Ctrl-C stops it."""
@@ -1091,7 +1079,9 @@ def review(
                 f"--host {host} would let other machines reach the project's slides and labels",
                 "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote",
             )
-        desk = Desk(project, _device(device), prepare_ahead=prepare_ahead)
+        _check_cluster(cluster)
+        dev = _device(device, cluster)
+        desk = Desk(project, dev, prepare_ahead=prepare_ahead, cluster=cluster, cluster_device=device)
         _random_warning(desk.project.read_manifest(), project)
         sock = bind(host, port)
         port = sock.getsockname()[1]

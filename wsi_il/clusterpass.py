@@ -17,6 +17,7 @@ the whole pass fail, naming it, with nothing entered.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,13 +38,16 @@ from wsi_il.cluster import (
     ClusterError,
     check_versions,
     check_workers,
+    connect,
     failure_reason,
+    parse_cluster,
     require_distributed,
     where_running,
     worker_device,
 )
 from wsi_il.database import RowWriter
 from wsi_il.errors import WsiIlError
+from wsi_il.events import Reporter
 from wsi_il.model import Context, init_state, load_model, load_tensors, pass_title, stem_cache
 from wsi_il.project import Project, current_versions
 from wsi_il.stems import ProjectStems
@@ -60,6 +64,18 @@ class ClusterPass:
 
     client: Any
     device: str = "auto"
+
+
+@contextlib.contextmanager
+def pass_cluster(cluster: str | None, device: str, reporter: Reporter) -> Iterator[ClusterPass | None]:
+    """The cluster ``--cluster`` names, connected for a pass (a ``local:N`` cluster started for it and stopped
+    after); None without ``--cluster``. ``device``: the workers' ``--device``."""
+    if cluster is None:
+        yield None
+        return
+    with connect(parse_cluster(cluster)) as client:
+        reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
+        yield ClusterPass(client, device)
 
 
 @dataclass(frozen=True)
