@@ -117,8 +117,7 @@ def compute_on_cluster(
         embeddings, predictions = _read_attempt(ctx.project, attempt, shard, len(ctx.classes))
         if not arrays:
             arrays.extend(
-                np.zeros((len(ctx.store), width), dtype=np.float32)
-                for width in (embeddings.shape[1], predictions.shape[1])
+                np.zeros((len(ctx.store), found.shape[1]), dtype=found.dtype) for found in (embeddings, predictions)
             )
         arrays[0][shard.start : shard.start + shard.rows] = embeddings
         arrays[1][shard.start : shard.start + shard.rows] = predictions
@@ -189,6 +188,7 @@ def _run(
                     future.result()
                     take(shard, attempt)
                 except Exception as exc:  # a worker's death (KilledWorker), the slide's own error, a partial attempt
+                    check()  # a worker that stopped because the pass is no longer wanted did not fail
                     if tries[shard.slide_id] < TRIES:
                         why = failure_reason(exc)
                         ctx.reporter.warn(f"the pass of {shard.slide_id} failed ({why}); trying it again")
