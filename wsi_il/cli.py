@@ -54,6 +54,14 @@ ClusterOpt = Annotated[
         "(N worker processes here); needs pip install 'wsi-il[cluster]' (docs/cluster.md)."
     ),
 ]
+PassClusterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="Run a pooled round's full pass on a Dask cluster's workers, a slide a task: a scheduler's address "
+        "(tcp://host:8786) or local:N; --device is then the workers' (docs/cluster.md).",
+    ),
+]
 BalanceOpt = Annotated[
     str,
     typer.Option(
@@ -819,6 +827,7 @@ def ingest(
     labels: Annotated[Path, typer.Argument(help="The batch's labels.csv, or the GeoJSON QuPath exported for it.")],
     partial: Annotated[bool, typer.Option(help="Accept a half-filled batch (only the filled rows count).")] = False,
     device: DeviceOpt = "auto",
+    cluster: PassClusterOpt = None,
 ) -> None:
     """Record a batch's labels, train both heads, refine the query and write the next batch."""
     from wsi_il.model import open_context
@@ -827,29 +836,35 @@ def ingest(
 
     with _errors():
         proj = Project(project)
-        dev = _device(device)
+        dev = _device(device, cluster)
+        _check_cluster(cluster)
         with proj.lock("ingest"), _reporter() as reporter:
             ctx = open_context(proj, dev, reporter)
             result = ingest_labels(ctx, labels, allow_partial=partial, pass_later=True)
         _report_round(project, result, result.message)
-        _run_pass(proj, dev, result)
+        _run_pass(proj, dev, result, cluster, device)
 
 
-def _run_pass(proj: Any, dev: str, result: Any) -> None:
-    """Run the full pass a pooled round left (``fullpass.run_pass``), after the project lock was released."""
+def _run_pass(proj: Any, dev: str, result: Any, cluster: str | None = None, device: str = "auto") -> None:
+    """Run the full pass a pooled round left (``fullpass.run_pass``), after the project lock was released: here,
+    or on the cluster ``--cluster`` names (``device``: the workers')."""
+    from wsi_il.clusterpass import pass_cluster
     from wsi_il.fullpass import run_pass
     from wsi_il.model import open_context
 
     if result.pass_model is None:
         return
     ready = f"batch {result.batch_dir.name} is ready; " if result.batch_dir is not None else ""
+    where = "on the cluster" if cluster else "in this command"
     out.print(
-        f"{ready}updating every patch's predictions (the full pass) in this command, outside the project's "
+        f"{ready}updating every patch's predictions (the full pass) {where}, outside the project's "
         "lock: you can review and ingest meanwhile"
     )
-    with _reporter() as reporter:
+    with _reporter() as reporter, pass_cluster(cluster, device, reporter) as on:
         ctx = open_context(proj, dev, reporter)
-        outcome = run_pass(ctx, result.pass_model, on_wait=lambda holder: out.print(f"[dim]waiting: {holder}[/]"))
+        outcome = run_pass(
+            ctx, result.pass_model, on_wait=lambda holder: out.print(f"[dim]waiting: {holder}[/]"), cluster=on
+        )
     colour = "green" if outcome.entered else "yellow"
     out.print(f"[{colour}]{outcome.message}[/] [dim]({outcome.seconds:.1f} s)[/]")
 
@@ -936,10 +951,12 @@ def watch(
     project: ProjectArg,
     interval: Annotated[float, typer.Option(help="Seconds between looks at the labels files.")] = 1.0,
     device: DeviceOpt = "auto",
+    cluster: PassClusterOpt = None,
 ) -> None:
     """Ingest each review batch as soon as its labels.csv is filled in and saved (or a GeoJSON exported from
     QuPath into its folder): every round in one process, no start-up between rounds. Stops when every session
     is complete; Ctrl-C stops it, losing nothing."""
+    from wsi_il.cluster import ClusterError
     from wsi_il.model import open_context
     from wsi_il.project import Project
     from wsi_il.session import ingest as ingest_labels
@@ -951,7 +968,8 @@ def watch(
             raise InputError(f"--interval {interval} is not a positive number of seconds", "e.g. --interval 1")
         proj = Project(project)
         proj.read_manifest()
-        dev = _device(device)
+        dev = _device(device, cluster)
+        _check_cluster(cluster)
         waiting = waiting_batches(proj)
         if not waiting:
             raise ProjectStateError(
@@ -972,7 +990,10 @@ def watch(
             with proj.lock("watch"), _reporter() as reporter:
                 result = ingest_labels(open_context(proj, dev, reporter), labels, pass_later=True)
             _report_round(project, result, result.message, watching=True)
-            _run_pass(proj, dev, result)
+            try:
+                _run_pass(proj, dev, result, cluster, device)
+            except ClusterError as exc:  # the round is done; watching goes on, with the older predictions
+                out.print(f"[yellow]{exc.message}[/] [dim]({exc.hint})[/]")
 
         with _reporter() as reporter:
             rounds = watch_batches(proj, ingest_batch, reporter, interval)
@@ -1039,6 +1060,7 @@ def review(
         ),
     ] = True,
     device: DeviceOpt = "auto",
+    cluster: PassClusterOpt = None,
 ) -> None:
     """Serve the review desk: label batches in a browser (keyboard first), see the slide with the predictions,
     correct labels, export. Prints the URL with its secret token and the SSH tunnel line; Ctrl-C stops it."""
@@ -1057,7 +1079,9 @@ def review(
                 f"--host {host} would let other machines reach the project's slides and labels",
                 "keep the default 127.0.0.1 and use an SSH tunnel, or add --allow-remote",
             )
-        desk = Desk(project, _device(device), prepare_ahead=prepare_ahead)
+        _check_cluster(cluster)
+        dev = _device(device, cluster)
+        desk = Desk(project, dev, prepare_ahead=prepare_ahead, cluster=cluster, cluster_device=device)
         _random_warning(desk.project.read_manifest(), project)
         sock = bind(host, port)
         port = sock.getsockname()[1]

@@ -91,7 +91,8 @@ def parse_cluster(text: str) -> ClusterSpec:
     )
 
 
-def _distributed() -> Any:
+def require_distributed() -> Any:
+    """Dask's ``distributed`` module, or a one-line error saying how to install it."""
     try:
         import distributed
     except ImportError as exc:
@@ -105,7 +106,7 @@ def _distributed() -> Any:
 @contextlib.contextmanager
 def connect(spec: ClusterSpec) -> Iterator[Any]:
     """A Dask client of the cluster ``spec`` names; a local cluster is started here and stopped on leaving."""
-    distributed = _distributed()
+    distributed = require_distributed()
     import dask
 
     if spec.local_workers:
@@ -150,14 +151,15 @@ def check_workers(client: Any) -> dict[str, int]:
     cluster's share one machine, Slurm jobs each their own cores; keyed so that a restarted worker finds its own)."""
     found = client.run(_worker_facts)
     for address, facts in found.items():
-        _check_versions(facts["versions"], current_versions(), f"the Dask worker {address} on {facts['host']}")
+        check_versions(facts["versions"], current_versions(), f"the Dask worker {address} on {facts['host']}")
     sharing: dict[str, int] = {}
     for facts in found.values():
         sharing[facts["where"]] = sharing.get(facts["where"], 0) + 1
     return {facts["where"]: max(1, facts["cores"] // sharing[facts["where"]]) for facts in found.values()}
 
 
-def _check_versions(there: dict[str, Any], here: dict[str, Any], who: str) -> None:
+def check_versions(there: dict[str, Any], here: dict[str, Any], who: str) -> None:
+    """Refuse a worker (``who``) whose packages that the results depend on differ from this machine's."""
     differ = [
         f"{name} {there.get(name)} (here {here.get(name)})"
         for name in _SAME_VERSIONS
@@ -276,7 +278,7 @@ def _run(
 ) -> dict[str, str]:
     """Run every job on the cluster, one a worker at a time (a slide uses all of its worker's cores), each tried
     up to ``TRIES`` times; ``enter`` takes each finished attempt. Returns the slides that failed, with why."""
-    distributed = _distributed()
+    distributed = require_distributed()
     overall = reporter.task(f"{stage} on the cluster", len(jobs), "slides")
     waiting = list(jobs)
     tries = dict.fromkeys(jobs, 0)
@@ -308,10 +310,10 @@ def _run(
             except Exception as exc:  # a worker's death (KilledWorker), the slide's own error, an attempt not whole
                 _discard(project, attempt)
                 if tries[slide_id] < TRIES:
-                    reporter.warn(f"{stage} of {slide_id} failed ({_why(exc)}); trying it again")
+                    reporter.warn(f"{stage} of {slide_id} failed ({failure_reason(exc)}); trying it again")
                     waiting.append(slide_id)
                 else:
-                    failed[slide_id] = _why(exc)
+                    failed[slide_id] = failure_reason(exc)
                     overall(1)
                 continue
             if slide_id in bars:
@@ -337,7 +339,8 @@ def _show_progress(project: Project, running: Any, bars: dict[str, tuple[Callabl
             shown[0] = done
 
 
-def _why(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """Why a slide's task failed, in one short line."""
     if type(exc).__name__ == "KilledWorker":
         return "its worker died: killed, or out of memory"
     text = exc.message if isinstance(exc, WsiIlError) else f"{type(exc).__name__}: {exc}"
@@ -414,7 +417,7 @@ def features_task(
     """On a worker: the pixel rule and the features of one slide, into the attempt's own folder."""
     started = time.perf_counter()
     if "versions" in manifest:
-        _check_versions(current_versions(), manifest["versions"], f"the worker on {socket.gethostname()}")
+        check_versions(current_versions(), manifest["versions"], f"the worker on {socket.gethostname()}")
     project = Project(Path(root))
     staged = Project(project.attempt_dir(attempt))
     slide_id = entry["id"]
@@ -426,7 +429,7 @@ def features_task(
     extractor = FeatureExtractor(
         build_backbone(load_project_weights(settings), settings),
         *normalisation_of(settings, manifest),
-        _worker_device(device),
+        worker_device(device),
         settings.trainable,
         settings.input_px,
         settings.interpolation,
@@ -447,7 +450,8 @@ def features_task(
     }
 
 
-def _worker_device(device: str) -> str:
+def worker_device(device: str) -> str:
+    """The device a worker computes on for ``--device`` (``auto``: its GPU where it has one)."""
     if device != "auto":
         return device
     import torch

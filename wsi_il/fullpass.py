@@ -12,18 +12,21 @@ releasing that lock: the expert can ingest the next batch meanwhile.
   the features are those it read; otherwise they are discarded. Entering clears the state's record of the
   cached arrays, moves the two arrays into place, then names their model: a kill at any point leaves complete
   arrays of a named model, or none named, and the next ingest of the batch finishes the pass.
+- Given a Dask cluster, the computation runs on its workers, a slide a task (``wsi_il.clusterpass``); the checks
+  and the entering are the same.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +35,9 @@ from wsi_il.fsutil import fsync_dir
 from wsi_il.model import Context, counted, embed_chunk, init_state, load_model, model_state, pass_title, stem_cache
 from wsi_il.project import Project
 from wsi_il.stems import add_feature_files
+
+if TYPE_CHECKING:
+    from wsi_il.clusterpass import ClusterPass
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ def run_pass(
     on_wait: Callable[[str], None] = lambda holder: None,
     stop: Callable[[], bool] = lambda: False,
     guard: AbstractContextManager[Any] | None = None,
+    cluster: ClusterPass | None = None,
 ) -> PassOutcome:
     """Embed and predict every patch with round ``model_id``'s heads outside the project lock and enter the
     results when the model is still current.
@@ -67,10 +74,12 @@ def run_pass(
     between chunks and while waiting whether to give up (the review desk closing): the pass then ends without
     entering anything. ``guard`` is held around taking the
     project lock to enter (the review desk's turn at it, so that a submit in the same process waits for it
-    instead of finding the lock taken)."""
+    instead of finding the lock taken). ``cluster``: compute on that Dask cluster's workers, a slide a task
+    (``wsi_il.clusterpass``), and enter the result the same way; a slide that fails there every try raises
+    ``cluster.ClusterError`` and nothing is entered."""
     started = time.perf_counter()
     try:
-        return _run(ctx, model_id, on_wait, stop, guard, started)
+        return _run(ctx, model_id, on_wait, stop, guard, cluster, started)
     except ProjectStateError:
         if not stop():
             raise
@@ -83,12 +92,14 @@ def _run(
     on_wait: Callable[[str], None],
     stop: Callable[[], bool],
     guard: AbstractContextManager[Any] | None,
+    cluster: ClusterPass | None,
     started: float,
 ) -> PassOutcome:
     project = ctx.project
     with project.lock_when_free(f"pass {model_id}", on_wait, poll_s=0.5, scope="pass", stop=stop):
         for leftover in project.pass_dir().glob("*.npy"):  # a pass killed before entering its arrays
             leftover.unlink(missing_ok=True)
+        shutil.rmtree(project.pass_attempts_dir(), ignore_errors=True)  # and its workers' attempts
         state = model_state(ctx)
         if state["model"] != model_id:
             return _outcome(model_id, False, started, _replaced(model_id, state["model"]))
@@ -96,7 +107,7 @@ def _run(
             return _outcome(model_id, True, started, f"predictions are already those of model {model_id}")
         features = _features_key(project, ctx.manifest)
         try:
-            embeddings, predictions = _compute(ctx, model_id, stop)
+            embeddings, predictions = _compute(ctx, model_id, stop, cluster)
         except _Superseded as newer:
             return _outcome(model_id, False, started, _replaced(model_id, newer.current))
         if embeddings is None:
@@ -110,11 +121,18 @@ def _run(
 
 
 def _compute(
-    ctx: Context, model_id: str, stop: Callable[[], bool]
+    ctx: Context, model_id: str, stop: Callable[[], bool], cluster: ClusterPass | None
 ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    """The pass itself, as a synchronous round runs it; (None, None) when ``stop`` said so."""
+    """The pass itself, as a synchronous round runs it (or on the cluster); (None, None) when ``stop`` said so."""
     from wsi_il.heads import embed_and_predict
 
+    if cluster is not None:
+        from wsi_il.clusterpass import compute_on_cluster
+
+        try:
+            return compute_on_cluster(ctx, model_id, cluster, lambda: _check(ctx, model_id, stop))
+        except _Stopped:
+            return None, None
     init = init_state(ctx)
     model = load_model(ctx, model_id)
     stems = stem_cache(ctx, model["classifier"], init) if model.get("frozen_stem") else None
@@ -140,12 +158,17 @@ def _watched(
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Hand on the chunks, checking before each that the pass is still wanted (not stopped, its model current)."""
     for chunk in chunks:
-        if stop():
-            raise _Stopped()
-        current = model_state(ctx)["model"]
-        if current != model_id:
-            raise _Superseded(current)
+        _check(ctx, model_id, stop)
         yield chunk
+
+
+def _check(ctx: Context, model_id: str, stop: Callable[[], bool]) -> None:
+    """Raise when the caller asked the pass to stop, or a newer model than ``model_id`` is current."""
+    if stop():
+        raise _Stopped()
+    current = model_state(ctx)["model"]
+    if current != model_id:
+        raise _Superseded(current)
 
 
 def _enter(ctx: Context, model_id: str, paths: tuple[Path, Path], features: str, started: float) -> PassOutcome:

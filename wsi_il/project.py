@@ -20,6 +20,9 @@ Layout::
                                    staged under the new weights until the switch (``pretrain/staged/``)
       pass/                        a pooled round's full pass outside the project lock: its own lock and its
                                    arrays (``<model>.embeddings.npy``, ``<model>.predictions.npy``) until entered
+      pass/attempts/<attempt>/     on a cluster, one worker's try at a slide's rows of the pass (``<model>.<slide>.
+                                   <random>``: embeddings.npy, predictions.npy, stems.npy, progress.json,
+                                   worker.json), read back into the pass when whole, removed either way
       sessions/<sid>.json          one query session and its rounds
       sessions/<sid>.query.npy     the session's query features (float16)
       models/init.pt               the pretrained layer4[1] every round starts from (--trainable layer4: all of layer4)
@@ -280,6 +283,16 @@ class Project:
     def pass_arrays(self, model_id: str) -> tuple[Path, Path]:
         """The embeddings and predictions a full pass computed with model ``model_id``, before they are entered."""
         return self.pass_dir() / f"{model_id}.embeddings.npy", self.pass_dir() / f"{model_id}.predictions.npy"
+
+    def pass_attempts_dir(self) -> Path:
+        """Where cluster workers write their slides' rows of a full pass, one folder an attempt."""
+        return self.pass_dir() / "attempts"
+
+    def pass_attempt_file(self, attempt: str, name: str) -> Path:
+        """A file of one worker's attempt at a slide's rows of a full pass: ``embeddings.npy``,
+        ``predictions.npy``, ``stems.npy`` (the frozen stem's output, when the pass fills that cache),
+        ``progress.json`` (rows done) or ``worker.json`` (the process computing it)."""
+        return self.pass_attempts_dir() / attempt / name
 
     def ledger_path(self) -> Path:
         return self.root / "labels.jsonl"

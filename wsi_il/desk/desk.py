@@ -62,10 +62,19 @@ class _Table:
 class Desk:
     """One project served to the page."""
 
-    def __init__(self, root: Path, device: str, prepare_ahead: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        device: str,
+        prepare_ahead: bool = True,
+        cluster: str | None = None,
+        cluster_device: str = "auto",
+    ) -> None:
         self.project = Project(Path(root))
         self.project.read_manifest()  # says now, in one line, when this is not a project
         self.device = device
+        self.cluster, self.cluster_device = cluster, cluster_device
+        """Where a pooled round's full pass runs: ``--cluster`` (None: here) and the workers' ``--device``."""
         self.images = SlideImages(self.project)
         self._answers = threading.Lock()
         self._work = threading.Lock()  # one training at a time: the warm-up, a submit, an export
@@ -278,12 +287,14 @@ class Desk:
         thread.start()
 
     def _run_pass(self, model_id: str) -> None:
+        from wsi_il.clusterpass import pass_cluster
         from wsi_il.fullpass import run_pass
         from wsi_il.model import open_context
 
         try:
             ctx = open_context(self.project, self.device, SilentReporter())
-            outcome = run_pass(ctx, model_id, stop=self._stop_passes.is_set, guard=self._locking)
+            with pass_cluster(self.cluster, self.cluster_device, ctx.reporter) as on:
+                outcome = run_pass(ctx, model_id, stop=self._stop_passes.is_set, guard=self._locking, cluster=on)
             done = {"state": "done" if outcome.entered else "not entered", "seconds": round(outcome.seconds, 2)}
             result = {**done, "message": outcome.message}
         except Exception as exc:  # a thread's failure is shown on the page, not lost with the thread
