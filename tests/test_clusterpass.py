@@ -111,7 +111,9 @@ def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("stems", ["cached", "filled", "none"])
+@pytest.mark.parametrize(
+    "stems", ["cached", pytest.param("filled", marks=pytest.mark.slow), pytest.param("none", marks=pytest.mark.slow)]
+)
 def test_the_cluster_pass_enters_the_same_arrays_as_the_pass_here_bit_for_bit(ingested, scheduler, tmp_path, stems):
     project = copy_project(ingested, tmp_path / "p")
     if stems == "cached":  # a first pass here fills the frozen stem's cache, which later passes read
