@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pool import PASS_TITLE, POOL, copy_project, query_indices
+from test_pool import PASS_TITLE, copy_project, pooled_project, query_indices
 from typer.testing import CliRunner
 
 import wsi_il.model
@@ -52,11 +52,7 @@ class StallingReporter(SilentReporter):
 @pytest.fixture(scope="module")
 def pooled(block_slide, tmp_path_factory) -> Path:
     """A pooled project of the block slide (96 tissue patches, a pool of 30) with a session of 3 rounds started."""
-    project = tmp_path_factory.mktemp("fullpass") / "base"
-    args = ["init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random"]
-    args += ["--epochs", "2", "--device", "cpu", "--round", "pool", "--pool-size", str(POOL)]
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    project = pooled_project(block_slide, tmp_path_factory.mktemp("fullpass") / "base")
     ctx = open_context(Project(project), "cpu", SilentReporter())
     start_session(ctx, "Tumor", SessionSettings("cnfp", 4, 3), query_indices=query_indices(ctx, block_slide))
     return project

@@ -48,15 +48,18 @@ class RecordingReporter(SilentReporter):
         return advance
 
 
-@pytest.fixture(scope="module")
-def base(block_slide, tmp_path_factory) -> Path:
+def pooled_project(block_slide, project: Path) -> Path:
     """A project of the block slide (128 px tiles: 96 tissue patches) made with `init --round pool`."""
-    project = tmp_path_factory.mktemp("pool") / "base"
     args = ["init", project, "--slide", block_slide.path, "--tile-size", "128", "--weights", "random"]
     args += ["--epochs", "2", "--device", "cpu", "--round", "pool", "--pool-size", str(POOL)]
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return project
+
+
+@pytest.fixture(scope="module")
+def base(block_slide, tmp_path_factory) -> Path:
+    return pooled_project(block_slide, tmp_path_factory.mktemp("pool") / "base")
 
 
 def copy_project(base: Path, target: Path, **round_settings) -> Project:

@@ -267,6 +267,63 @@ def _features_job(
     return _Job(features_task, (str(project.root), dict(entry), part, device, threads))
 
 
+def run_slides(
+    client: Any,
+    slide_ids: list[str],
+    submit: Callable[[str], tuple[Any, str]],
+    take: Callable[[str, str, Any], None],
+    failed_try: Callable[[str, str, Exception, bool], None],
+    poll: Callable[[list[tuple[str, str]]], None],
+    discard: Callable[[str], None],
+) -> dict[str, str]:
+    """Run one task a slide on the cluster, one a worker thread at a time (a slide uses all of its worker's cores),
+    each tried up to ``TRIES`` times; returns the slides that failed every try, with why.
+
+    ``submit(slide_id)`` starts a try and returns its future and attempt name; ``take(slide_id, attempt, result)``
+    takes a finished try (an exception there fails the try); ``failed_try(slide_id, attempt, error, again)`` hears
+    of each failed try and whether it is tried again; ``poll(running)`` runs before each wait and after it, with the
+    (slide id, attempt) pairs still running (progress; it may raise to stop everything). A try's attempt is
+    ``discard``-ed when it failed, and, with its task cancelled, when the run ends by an exception."""
+    distributed = require_distributed()
+    waiting = list(slide_ids)
+    tries = dict.fromkeys(slide_ids, 0)
+    running: dict[Any, tuple[str, str]] = {}  # future -> (slide id, attempt)
+    failed: dict[str, str] = {}
+    try:
+        while waiting or running:
+            poll(list(running.values()))
+            slots = max(1, len(client.nthreads()))  # read each time: workers join and leave
+            while waiting and len(running) < slots:
+                slide_id = waiting.pop(0)
+                tries[slide_id] += 1
+                future, attempt = submit(slide_id)
+                running[future] = (slide_id, attempt)
+            try:
+                done = distributed.wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED").done
+            except TimeoutError:  # none finished meanwhile
+                done = set()
+            poll(list(running.values()))
+            for future in done:
+                slide_id, attempt = running.pop(future)
+                try:
+                    take(slide_id, attempt, future.result())
+                except Exception as exc:  # a worker's death (KilledWorker), the slide's own error, an attempt not whole
+                    again = tries[slide_id] < TRIES
+                    discard(attempt)
+                    failed_try(slide_id, attempt, exc, again)
+                    if again:
+                        waiting.append(slide_id)
+                    else:
+                        failed[slide_id] = failure_reason(exc)
+    except BaseException:  # stopped or interrupted: the tasks still running are cancelled, their attempts removed
+        if running:
+            client.cancel(list(running))
+            for _, attempt in running.values():
+                discard(attempt)
+        raise
+    return failed
+
+
 def _run(
     client: Any,
     project: Project,
@@ -276,51 +333,42 @@ def _run(
     totals: dict[str, int],
     enter: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> dict[str, str]:
-    """Run every job on the cluster, one a worker at a time (a slide uses all of its worker's cores), each tried
-    up to ``TRIES`` times; ``enter`` takes each finished attempt. Returns the slides that failed, with why."""
-    distributed = require_distributed()
+    """Run every job on the cluster (``run_slides``); ``enter`` takes each finished attempt. Returns the slides
+    that failed, with why."""
     overall = reporter.task(f"{stage} on the cluster", len(jobs), "slides")
-    waiting = list(jobs)
-    tries = dict.fromkeys(jobs, 0)
-    running: dict[Any, tuple[str, str]] = {}  # future -> (slide id, attempt)
     bars: dict[str, tuple[Callable[[int], None], list[int]]] = {}
-    failed: dict[str, str] = {}
-    while waiting or running:
-        slots = max(1, len(client.nthreads()))  # read each time: workers join and leave
-        while waiting and len(running) < slots:
-            slide_id = waiting.pop(0)
-            tries[slide_id] += 1
-            attempt = f"{slide_id}.{uuid.uuid4().hex[:12]}"
-            job = jobs[slide_id]
-            future = client.submit(job.task, *job.args, attempt, key=f"wsi-il-{stage}-{attempt}", pure=False)
-            running[future] = (slide_id, attempt)
-            if slide_id in totals and slide_id not in bars:
-                bars[slide_id] = (reporter.task(f"{stage} {slide_id}", totals[slide_id], "tiles"), [0])
-        try:
-            done = distributed.wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED").done
-        except TimeoutError:  # none finished meanwhile
-            done = set()
-        _show_progress(project, running.values(), bars)
-        for future in done:
-            slide_id, attempt = running.pop(future)
-            try:
-                result = future.result()
-                if enter is not None:
-                    enter(slide_id, attempt, result)
-            except Exception as exc:  # a worker's death (KilledWorker), the slide's own error, an attempt not whole
-                _discard(project, attempt)
-                if tries[slide_id] < TRIES:
-                    reporter.warn(f"{stage} of {slide_id} failed ({failure_reason(exc)}); trying it again")
-                    waiting.append(slide_id)
-                else:
-                    failed[slide_id] = failure_reason(exc)
-                    overall(1)
-                continue
-            if slide_id in bars:
-                advance, shown = bars[slide_id]
-                advance(totals[slide_id] - shown[0])
+
+    def submit(slide_id: str) -> tuple[Any, str]:
+        attempt = f"{slide_id}.{uuid.uuid4().hex[:12]}"
+        job = jobs[slide_id]
+        future = client.submit(job.task, *job.args, attempt, key=f"wsi-il-{stage}-{attempt}", pure=False)
+        if slide_id in totals and slide_id not in bars:
+            bars[slide_id] = (reporter.task(f"{stage} {slide_id}", totals[slide_id], "tiles"), [0])
+        return future, attempt
+
+    def take(slide_id: str, attempt: str, result: Any) -> None:
+        if enter is not None:
+            enter(slide_id, attempt, result)
+        if slide_id in bars:
+            advance, shown = bars[slide_id]
+            advance(totals[slide_id] - shown[0])
+        overall(1)
+
+    def failed_try(slide_id: str, attempt: str, exc: Exception, again: bool) -> None:
+        if again:
+            reporter.warn(f"{stage} of {slide_id} failed ({failure_reason(exc)}); trying it again")
+        else:
             overall(1)
-    return failed
+
+    return run_slides(
+        client,
+        list(jobs),
+        submit,
+        take,
+        failed_try,
+        lambda running: _show_progress(project, running, bars),
+        lambda attempt: _discard(project, attempt),
+    )
 
 
 def _show_progress(project: Project, running: Any, bars: dict[str, tuple[Callable[[int], None], list[int]]]) -> None:

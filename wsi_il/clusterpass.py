@@ -33,7 +33,6 @@ import numpy as np
 
 from wsi_il import model as model_module
 from wsi_il.cluster import (
-    POLL_S,
     TRIES,
     ClusterError,
     check_versions,
@@ -41,7 +40,7 @@ from wsi_il.cluster import (
     connect,
     failure_reason,
     parse_cluster,
-    require_distributed,
+    run_slides,
     where_running,
     worker_device,
 )
@@ -157,55 +156,36 @@ def _run(
     advance: Callable[[int], None],
     take: Callable[[_Shard, str], None],
 ) -> dict[str, str]:
-    """Run every slide's task, one a worker at a time, each tried up to ``TRIES`` times; ``take`` reads each
-    finished attempt. Returns the slides that failed every try, with why."""
-    distributed = require_distributed()
+    """Run every slide's task on the cluster (``cluster.run_slides``); ``take`` reads each finished attempt.
+    ``check`` raises when the pass is no longer wanted. Returns the slides that failed every try, with why."""
     project = ctx.project
-    waiting = list(task_args)
-    tries = dict.fromkeys(task_args, 0)
-    running: dict[Any, tuple[_Shard, str]] = {}  # future -> (shard, attempt)
+    shards = {slide_id: args[2] for slide_id, args in task_args.items()}
     shown = dict.fromkeys(task_args, 0)
-    failed: dict[str, str] = {}
-    try:
-        while waiting or running:
-            check()
-            slots = max(1, len(client.nthreads()))  # read each time: workers join and leave
-            while waiting and len(running) < slots:
-                slide_id = waiting.pop(0)
-                tries[slide_id] += 1
-                attempt = f"{model_id}.{slide_id}.{uuid.uuid4().hex[:12]}"
-                args = task_args[slide_id]
-                future = client.submit(pass_task, *args, extra, attempt, key=f"wsi-il-pass-{attempt}", pure=False)
-                running[future] = (args[2], attempt)
-            try:
-                done = distributed.wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED").done
-            except TimeoutError:  # none finished meanwhile
-                done = set()
-            _show_progress(project, running.values(), shown, advance)
-            for future in done:
-                shard, attempt = running.pop(future)
-                try:
-                    future.result()
-                    take(shard, attempt)
-                except Exception as exc:  # a worker's death (KilledWorker), the slide's own error, a partial attempt
-                    check()  # a worker that stopped because the pass is no longer wanted did not fail
-                    if tries[shard.slide_id] < TRIES:
-                        why = failure_reason(exc)
-                        ctx.reporter.warn(f"the pass of {shard.slide_id} failed ({why}); trying it again")
-                        waiting.append(shard.slide_id)
-                    else:
-                        failed[shard.slide_id] = failure_reason(exc)
-                    continue
-                finally:
-                    shutil.rmtree(project.pass_attempts_dir() / attempt, ignore_errors=True)
-                advance(shard.rows - shown[shard.slide_id])
-                shown[shard.slide_id] = shard.rows
-    finally:  # stopped, superseded or interrupted: the workers see their folders go and stop at their next chunk
-        if running:
-            client.cancel(list(running))
-            for _, attempt in running.values():
-                shutil.rmtree(project.pass_attempts_dir() / attempt, ignore_errors=True)
-    return failed
+
+    def submit(slide_id: str) -> tuple[Any, str]:
+        attempt = f"{model_id}.{slide_id}.{uuid.uuid4().hex[:12]}"
+        args = task_args[slide_id]
+        return client.submit(pass_task, *args, extra, attempt, key=f"wsi-il-pass-{attempt}", pure=False), attempt
+
+    def took(slide_id: str, attempt: str, result: Any) -> None:
+        take(shards[slide_id], attempt)
+        discard(attempt)
+        advance(shards[slide_id].rows - shown[slide_id])
+        shown[slide_id] = shards[slide_id].rows
+
+    def failed_try(slide_id: str, attempt: str, exc: Exception, again: bool) -> None:
+        check()  # a worker that stopped because the pass is no longer wanted did not fail
+        if again:
+            ctx.reporter.warn(f"the pass of {slide_id} failed ({failure_reason(exc)}); trying it again")
+
+    def poll(running: list[tuple[str, str]]) -> None:
+        check()
+        _show_progress(project, [(shards[slide_id], attempt) for slide_id, attempt in running], shown, advance)
+
+    def discard(attempt: str) -> None:
+        shutil.rmtree(project.pass_attempts_dir() / attempt, ignore_errors=True)
+
+    return run_slides(client, list(task_args), submit, took, failed_try, poll, discard)
 
 
 def _show_progress(project: Project, running: Any, shown: dict[str, int], advance: Callable[[int], None]) -> None:

@@ -628,21 +628,15 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False, pass_la
                 "labels already given are kept; to correct them run "
                 f"`wsi-il relabel {project.root} --labels {labels_path}` (the next round trains on the correction)",
             )
-        if pass_later:
-            owed = unfinished_pass(ctx)
-            return RoundResult(
-                session["id"],
-                info.round,
-                session["rounds"],
-                None,
-                None,
-                time.perf_counter() - started,
-                False,
-                f"batch {info.batch_id} was already ingested"
-                + ("; its full pass is unfinished" if owed is not None else "; nothing changed"),
-                owed,
-            )
-        finished = finish_full_pass(ctx)
+        # Run again after a pooled round: the pass it owes is left to the caller (``pass_later``) or run here.
+        owed = unfinished_pass(ctx) if pass_later else None
+        finished = None if pass_later else finish_full_pass(ctx)
+        if owed is not None:
+            news = "; its full pass is unfinished"
+        elif finished is not None:
+            news = "; the full pass it left unfinished is done now"
+        else:
+            news = "; nothing changed"
         return RoundResult(
             session["id"],
             info.round,
@@ -651,8 +645,8 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False, pass_la
             None,
             time.perf_counter() - started,
             finished is not None,
-            f"batch {info.batch_id} was already ingested"
-            + ("; the full pass it left unfinished is done now" if finished is not None else "; nothing changed"),
+            f"batch {info.batch_id} was already ingested{news}",
+            owed,
         )
     if session["state"] != "reviewing" or session["round"] != info.round:
         raise ProjectStateError(
@@ -689,19 +683,7 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False, pass_la
         message = f"{recorded} labels recorded; session {session['id']} is complete ({session['rounds']} rounds)"
     entry["round_seconds"] = round(time.perf_counter() - started, 3)
     project.write_json(project.session_path(session["id"]), session)
-    if pooled and pass_later:
-        return RoundResult(
-            session["id"],
-            session["round"],
-            session["rounds"],
-            batch_out,
-            rule,
-            time.perf_counter() - started,
-            True,
-            message,
-            info.batch_id,
-        )
-    if pooled:
+    if pooled and not pass_later:
         ctx.reporter.info(f"{message}; now updating every patch's predictions (the full pass)")
         entry["pass_seconds"] = round(full_pass(ctx, info.batch_id), 3)
         project.write_json(project.session_path(session["id"]), session)
@@ -714,6 +696,7 @@ def ingest(ctx: Context, labels_path: Path, allow_partial: bool = False, pass_la
         time.perf_counter() - started,
         True,
         message,
+        info.batch_id if pooled and pass_later else None,
     )
 
 
