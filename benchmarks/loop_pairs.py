@@ -1,0 +1,114 @@
+"""Seed-by-seed comparison of two `wsi-il simulate` outputs on the patches that neither labelled.
+
+    python benchmarks/loop_pairs.py BASE_OUT OTHER_OUT --slide A --truth A.truth.geojson \
+        [--strategies cnfp,random] [--json pairs.json]
+
+Each output's `runs/<slide>/<strategy>-seed<n>/` holds the project a run left: its current model's predictions
+and its labels (reviewed patches and the query region). Two runs with different query regions leave different
+patches unlabelled, so `simulate`'s own "unlabelled" scores are taken on different patches; here both runs of a
+seed are scored on the patches that neither of them labelled (reviewed or query), with their final models.
+Prints, per strategy, each seed's balanced accuracy and share called tumour for both runs, and the paired
+difference OTHER − BASE: mean, 95% confidence interval (Student's t over seeds), and on how many seeds OTHER is
+ahead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from wsi_il.events import SilentReporter
+from wsi_il.measure.simulate import TUMOUR, _slide_truth
+from wsi_il.metrics import binary_scores
+from wsi_il.model import current_predictions, open_context
+from wsi_il.project import Project
+
+
+def _labelled(project: Project) -> set[str]:
+    """Every patch a run labelled: the reviewed ones and its sessions' query patches."""
+    from wsi_il.session import list_sessions, reviewed_ids
+
+    seen = set(reviewed_ids(project))
+    for session in list_sessions(project):
+        seen.update(session["query"].get("patch_ids", []))
+    return seen
+
+
+def _final(out: Path, slide: str, strategy: str, seed: int):
+    project = Project(out / "runs" / slide / f"{strategy}-seed{seed}")
+    ctx = open_context(project, "cpu", SilentReporter())
+    called = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
+    return ctx, called, _labelled(project)
+
+
+def _seeds(out: Path, slide: str, strategy: str) -> set[int]:
+    folder = out / "runs" / slide
+    return {int(p.name.rsplit("seed", 1)[1]) for p in folder.glob(f"{strategy}-seed*") if p.is_dir()}
+
+
+def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str) -> dict:
+    rows = []
+    for seed in sorted(_seeds(base, slide, strategy) & _seeds(other, slide, strategy)):
+        ctx, called_a, seen_a = _final(base, slide, strategy, seed)
+        ctx_b, called_b, seen_b = _final(other, slide, strategy, seed)
+        if list(ctx.table.ids) != list(ctx_b.table.ids):
+            raise SystemExit(f"{base} and {other} were not run on the same slide and tiling")
+        truth = _slide_truth(ctx, truth_path)
+        common = np.array([pid not in seen_a and pid not in seen_b for pid in ctx.table.ids])
+        a = binary_scores(called_a[common], truth[common])
+        b = binary_scores(called_b[common], truth[common])
+        rows.append(
+            {
+                "seed": seed,
+                "scored": int(common.sum()),
+                "truth_share": float(truth[common].mean()),
+                "base": {"balanced_accuracy": a.balanced_accuracy, "called": a.called_share, "jaccard": a.jaccard},
+                "other": {"balanced_accuracy": b.balanced_accuracy, "called": b.called_share, "jaccard": b.jaccard},
+            }
+        )
+    diff = np.array([r["other"]["balanced_accuracy"] - r["base"]["balanced_accuracy"] for r in rows])
+    summary = {"strategy": strategy, "seeds": len(rows), "rows": rows}
+    if len(diff) > 1:
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+        summary.update(mean=float(diff.mean()), ci=[float(diff.mean() - half), float(diff.mean() + half)])
+        summary["ahead"] = int((diff > 0).sum())
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path)
+    parser.add_argument("other", type=Path)
+    parser.add_argument("--slide", required=True, help="the slide's name in the runs (its file name's stem)")
+    parser.add_argument("--truth", type=Path, required=True)
+    parser.add_argument("--strategies", default="cnfp,random")
+    parser.add_argument("--json", type=Path, help="write the seeds' scores and the paired differences here")
+    args = parser.parse_args()
+    results = []
+    for strategy in args.strategies.split(","):
+        result = compare(args.base, args.other, args.slide, args.truth, strategy)
+        results.append(result)
+        for r in result["rows"]:
+            print(
+                f"{strategy} seed {r['seed']}: {r['scored']} patches scored ({r['truth_share']:.0%} tumour); "
+                f"balanced accuracy {r['base']['balanced_accuracy']:.3f} → {r['other']['balanced_accuracy']:.3f}, "
+                f"called {r['base']['called']:.0%} → {r['other']['called']:.0%}"
+            )
+        if "mean" in result:
+            low, high = result["ci"]
+            print(
+                f"{strategy}: {args.other.name} − {args.base.name} = {result['mean']:+.3f} "
+                f"[{low:+.3f}, {high:+.3f}], ahead on {result['ahead']} of {result['seeds']} seeds"
+            )
+    if args.json:
+        about = {"base": str(args.base), "other": str(args.other), "slide": args.slide}
+        args.json.write_text(json.dumps({**about, "strategies": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
