@@ -1,7 +1,7 @@
 """Seed-by-seed comparison of two `wsi-il simulate` outputs on the patches that neither labelled.
 
     python benchmarks/loop_pairs.py BASE_OUT OTHER_OUT --slide A --truth A.truth.geojson \
-        [--strategies cnfp,random] [--json pairs.json]
+        [--strategies cnfp,random] [--rounds] [--json pairs.json]
 
 Each output's `runs/<slide>/<strategy>-seed<n>/` holds the project a run left: its current model's predictions
 and its labels (reviewed patches and the query region). Two runs with different query regions leave different
@@ -9,7 +9,8 @@ patches unlabelled, so `simulate`'s own "unlabelled" scores are taken on differe
 seed are scored on the patches that neither of them labelled (reviewed or query), with their final models.
 Prints, per strategy, each seed's balanced accuracy and share called tumour for both runs, and the paired
 difference OTHER − BASE: mean, 95% confidence interval (Student's t over seeds), and on how many seeds OTHER is
-ahead.
+ahead. With `--rounds`, every round's saved model of both runs (`models/<session>-r<n>.pt`) is scored on the
+same patches too, so that one sees in which round two runs part.
 """
 
 from __future__ import annotations
@@ -46,12 +47,33 @@ def _final(out: Path, slide: str, strategy: str, seed: int):
     return ctx, called, _labelled(project)
 
 
+def _round_scores(ctx, truth: np.ndarray, common: np.ndarray) -> list[dict]:
+    """Each saved round model's balanced accuracy and share called tumour on the ``common`` patches."""
+    from wsi_il.heads import embed_and_predict
+    from wsi_il.model import embed_chunk, init_state, load_model
+
+    rows = []
+    for path in sorted(ctx.project.root.joinpath("models").glob("s*-r*.pt"), key=lambda p: _round_key(p.stem)):
+        chunks = ctx.store.chunks(embed_chunk("cpu"))
+        model = load_model(ctx, path.stem)
+        _, probs = embed_and_predict(model, init_state(ctx), len(ctx.classes), chunks, len(ctx.store), "cpu")
+        called = probs.argmax(axis=1) == ctx.class_index(TUMOUR)
+        s = binary_scores(called[common], truth[common])
+        rows.append({"model": path.stem, "balanced_accuracy": s.balanced_accuracy, "called": s.called_share})
+    return rows
+
+
+def _round_key(model_id: str) -> tuple[int, int]:
+    session, round_number = model_id.split("-r")
+    return int(session[1:]), int(round_number)
+
+
 def _seeds(out: Path, slide: str, strategy: str) -> set[int]:
     folder = out / "runs" / slide
     return {int(p.name.rsplit("seed", 1)[1]) for p in folder.glob(f"{strategy}-seed*") if p.is_dir()}
 
 
-def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str) -> dict:
+def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, rounds: bool = False) -> dict:
     rows = []
     for seed in sorted(_seeds(base, slide, strategy) & _seeds(other, slide, strategy)):
         ctx, called_a, seen_a = _final(base, slide, strategy, seed)
@@ -71,6 +93,9 @@ def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str
                 "other": {"balanced_accuracy": b.balanced_accuracy, "called": b.called_share, "jaccard": b.jaccard},
             }
         )
+        if rounds:
+            rows[-1]["base"]["rounds"] = _round_scores(ctx, truth, common)
+            rows[-1]["other"]["rounds"] = _round_scores(ctx_b, truth, common)
     diff = np.array([r["other"]["balanced_accuracy"] - r["base"]["balanced_accuracy"] for r in rows])
     summary = {"strategy": strategy, "seeds": len(rows), "rows": rows}
     if len(diff) > 1:
@@ -87,11 +112,12 @@ def main() -> None:
     parser.add_argument("--slide", required=True, help="the slide's name in the runs (its file name's stem)")
     parser.add_argument("--truth", type=Path, required=True)
     parser.add_argument("--strategies", default="cnfp,random")
+    parser.add_argument("--rounds", action="store_true", help="also score every round's saved model")
     parser.add_argument("--json", type=Path, help="write the seeds' scores and the paired differences here")
     args = parser.parse_args()
     results = []
     for strategy in args.strategies.split(","):
-        result = compare(args.base, args.other, args.slide, args.truth, strategy)
+        result = compare(args.base, args.other, args.slide, args.truth, strategy, args.rounds)
         results.append(result)
         for r in result["rows"]:
             print(
@@ -99,6 +125,9 @@ def main() -> None:
                 f"balanced accuracy {r['base']['balanced_accuracy']:.3f} → {r['other']['balanced_accuracy']:.3f}, "
                 f"called {r['base']['called']:.0%} → {r['other']['called']:.0%}"
             )
+            for side in ("base", "other") if args.rounds else ():
+                each = ", ".join(f"{x['balanced_accuracy']:.3f} ({x['called']:.0%})" for x in r[side]["rounds"])
+                print(f"  {side} by round: {each}")
         if "mean" in result:
             low, high = result["ci"]
             print(

@@ -4,6 +4,7 @@
     LOOP_REGION_FIXED=1 python benchmarks/loop_variants.py simulate ...   # the same region rows every round
     LOOP_QUERY_TEN=1    python benchmarks/loop_variants.py simulate ...   # q from ten of the region's patches
     LOOP_CNFP_TYPICAL=1 python benchmarks/loop_variants.py simulate ...   # one of CNFP's negatives at random
+    LOOP_FIRST_RANDOM=1 python benchmarks/loop_variants.py simulate ...   # the first batch random, not FME
 
 Every variant is off by default, and then the run is `wsi-il simulate`'s own. `LOOP_REGION_ROWS` and
 `LOOP_REGION_FIXED` replace `heads.training_selection` for balanced training: the region's rows are drawn at
@@ -14,6 +15,8 @@ counts as labelled and is left out of the ranked list. With `LOOP_QUERY_TEN=1 LO
 differs from ten patches only in what it takes out of the ranked list. `LOOP_CNFP_TYPICAL` changes the sampling,
 not the region: of CNFP's ceil(K/2) predicted negatives, the last is drawn at random among the predicted negatives
 instead of being the next closest to q, so that typical tissue of the other class is labelled too.
+`LOOP_FIRST_RANDOM` draws the batches made before any classifier exists (CNFP's, hybrid's and entropy's first)
+at random instead of by front-mid-end.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import wsi_il.session as session
 _rows = int(os.environ.get("LOOP_REGION_ROWS", heads.QUERY_GROUP_SIZE))
 _fixed = os.environ.get("LOOP_REGION_FIXED") == "1"
 _selection, _embed, _cnfp = heads.training_selection, session.embed_features, sampling.sample_cnfp
+_sample = sampling.sample
 
 
 def _training_selection(targets, groups, balance, seed=0, query_cap=heads.QUERY_GROUP_SIZE):
@@ -66,12 +70,20 @@ def _cnfp_typical(positive, k):
     return chosen
 
 
+def _first_random(strategy, k, m, rng, probabilities, positive_class):
+    if probabilities is None and strategy in ("cnfp", "hybrid", "entropy"):
+        return sampling.sample_random(m, k, rng), "random"
+    return _sample(strategy, k, m, rng, probabilities, positive_class)
+
+
 if __name__ == "__main__":
     heads.training_selection = _training_selection
     if os.environ.get("LOOP_QUERY_TEN") == "1":
         session.embed_features = _query_of_ten
     if os.environ.get("LOOP_CNFP_TYPICAL") == "1":
         sampling.sample_cnfp = _cnfp_typical
+    if os.environ.get("LOOP_FIRST_RANDOM") == "1":
+        sampling.sample = _first_random
     from wsi_il.cli import main
 
     sys.argv = ["wsi-il", *sys.argv[1:]]
