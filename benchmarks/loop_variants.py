@@ -5,6 +5,12 @@
     LOOP_QUERY_TEN=1    python benchmarks/loop_variants.py simulate ...   # q from ten of the region's patches
     LOOP_CNFP_TYPICAL=1 python benchmarks/loop_variants.py simulate ...   # one of CNFP's negatives at random
     LOOP_FIRST_RANDOM=1 python benchmarks/loop_variants.py simulate ...   # the first batch random, not FME
+    LOOP_COLD=1         python benchmarks/loop_variants.py simulate ...   # every round's training from the start
+    LOOP_REGION_HARD=1  python benchmarks/loop_variants.py simulate ...   # the region's rows it predicts worst
+    LOOP_FIT_ALL=1      python benchmarks/loop_variants.py simulate ...   # the linear layer fitted to all of it
+    LOOP_CNFP_RANDOM=1  python benchmarks/loop_variants.py simulate ...   # one of CNFP's patches at random
+    LOOP_RANK_NEAREST=1 python benchmarks/loop_variants.py simulate ...   # ranked by the nearest query patch
+    LOOP_CNFP_POSITIVES=1 python benchmarks/loop_variants.py simulate ... # CNFP's odd patch a far positive
 
 Every variant is off by default, and then the run is `wsi-il simulate`'s own. `LOOP_REGION_ROWS` and
 `LOOP_REGION_FIXED` replace `heads.training_selection` for balanced training: the region's rows are drawn at
@@ -16,7 +22,17 @@ differs from ten patches only in what it takes out of the ranked list. `LOOP_CNF
 not the region: of CNFP's ceil(K/2) predicted negatives, the last is drawn at random among the predicted negatives
 instead of being the next closest to q, so that typical tissue of the other class is labelled too.
 `LOOP_FIRST_RANDOM` draws the batches made before any classifier exists (CNFP's, hybrid's and entropy's first)
-at random instead of by front-mid-end.
+at random instead of by front-mid-end. `LOOP_COLD` starts every round's training from the pretrained heads, as the
+paper's schedule does, instead of the fast schedule's warm start from the previous round's model.
+`LOOP_REGION_HARD` takes, of a region larger than a round's rows, the rows the current model gives the lowest
+probability of the region's class (at random before any model exists). `LOOP_FIT_ALL` fits the classifier's
+linear layer (before and after the round's training) to every reviewed label and every patch of the region, the
+region's patches together weighing as much as ten labels, while the block still trains on the round's ten rows.
+`LOOP_CNFP_RANDOM` is `LOOP_CNFP_TYPICAL` with the replacement drawn among all unreviewed patches, whatever their
+prediction. `LOOP_RANK_NEAREST` ranks the unreviewed patches (exact rounds) by their distance to the nearest of q and
+the query's patches, in the current embedding, instead of by their distance to q alone. `LOOP_CNFP_POSITIVES` gives
+CNFP's odd patch (K odd) to the predicted positives farthest from q instead of to the closest predicted negatives:
+ceil(K/2) positives, floor(K/2) negatives.
 """
 
 from __future__ import annotations
@@ -34,6 +50,10 @@ _rows = int(os.environ.get("LOOP_REGION_ROWS", heads.QUERY_GROUP_SIZE))
 _fixed = os.environ.get("LOOP_REGION_FIXED") == "1"
 _selection, _embed, _cnfp = heads.training_selection, session.embed_features, sampling.sample_cnfp
 _sample = sampling.sample
+_train, _rows_of = heads.train_heads, session._training_rows
+_hard = os.environ.get("LOOP_REGION_HARD") == "1"
+_context, _all_rows, _batch_session = [], [], []
+_write_batch = session._write_next_batch
 
 
 def _training_selection(targets, groups, balance, seed=0, query_cap=heads.QUERY_GROUP_SIZE):
@@ -43,10 +63,52 @@ def _training_selection(targets, groups, balance, seed=0, query_cap=heads.QUERY_
     keep = [np.flatnonzero(groups < 0)]
     for group in np.unique(groups[groups >= 0]):
         rows = np.flatnonzero(groups == group)
+        if _hard and len(rows) > _rows and _context:
+            worst = _hardest(_context[-1], int(group), _rows)
+            if worst is not None:
+                keep.append(np.sort(rows[worst]))
+                continue
         rng = np.random.default_rng([seed, int(group)] if _fixed else [seed, len(targets)])
         keep.append(np.sort(rng.choice(rows, size=min(len(rows), _rows), replace=False)))
     keep = np.concatenate(keep)
     return keep, heads.training_weights(targets[keep])
+
+
+def _hardest(ctx, number, n):
+    """Positions, within session ``number``'s query, of the n patches the current predictions give the lowest
+    probability of the session's class; None before any prediction exists."""
+    path = ctx.project.predictions_path()
+    if not path.exists():
+        return None
+    found = session.list_sessions(ctx.project)[number]
+    index = ctx.table.index_of()
+    probability = ctx.project.read_array(path)[
+        [index[i] for i in found["query"]["patch_ids"]], ctx.class_index(found["label"])
+    ]
+    return np.argsort(probability, kind="stable")[:n]
+
+
+def _training_rows(ctx):
+    _context[:] = [ctx]
+    found = _rows_of(ctx)
+    _all_rows[:] = [found]
+    return found
+
+
+def _fit_all(*args, **kwargs):
+    if _all_rows and kwargs.get("fit_set") is None:
+        from loop_swap import fit_weights
+
+        features, targets, groups = _all_rows.pop()
+        kwargs["fit_set"] = (features, targets, fit_weights(targets, groups))
+    return _train(*args, **kwargs)
+
+
+def _cold(*args, **kwargs):
+    if len(args) > 6:
+        args = (*args[:6], None, *args[7:])
+    kwargs.pop("start", None)
+    return _train(*args, **kwargs)
 
 
 def _query_of_ten(ctx, features):
@@ -56,18 +118,54 @@ def _query_of_ten(ctx, features):
     return _embed(ctx, features)
 
 
-def _cnfp_typical(positive, k):
+def _cnfp_typical(positive, k, anywhere=False):
     chosen = _cnfp(positive, k)
-    negatives = np.flatnonzero(~positive)
+    pool = np.arange(len(positive)) if anywhere else np.flatnonzero(~positive)
     closest = [int(i) for i in chosen if not positive[i]]
     if len(closest) < 2:
         return chosen
-    others = np.setdiff1d(negatives, chosen)
+    others = np.setdiff1d(pool, chosen)
     if len(others) == 0:
         return chosen
     pick = int(np.random.default_rng(len(positive)).choice(others))
     chosen = np.array([i for i in chosen if i != closest[-1]] + [pick], dtype=np.int64)
     return chosen
+
+
+def _cnfp_random(positive, k):
+    return _cnfp_typical(positive, k, anywhere=True)
+
+
+def _write_next_batch(ctx, found, *args, **kwargs):
+    _context[:] = [ctx]
+    _batch_session[:] = [found]
+    return _write_batch(ctx, found, *args, **kwargs)
+
+
+def _rank_nearest(embeddings, query, candidates):
+    import faiss
+
+    ctx, found = _context[-1], _batch_session[-1]
+    candidates = np.asarray(candidates, dtype=np.int64)
+    index = ctx.table.index_of()
+    rows = [index[i] for i in found["query"]["patch_ids"]]
+    anchors = np.ascontiguousarray(np.vstack([query[None, :], embeddings[rows]]), dtype=np.float32)
+    flat = faiss.IndexFlatL2(anchors.shape[1])
+    flat.add(anchors)
+    squared, _ = flat.search(np.ascontiguousarray(embeddings[candidates], dtype=np.float32), 1)
+    distance = np.sqrt(np.maximum(squared[:, 0], 0.0))
+    order = np.argsort(distance, kind="stable")
+    return candidates[order], distance[order]
+
+
+def _cnfp_positives(positive, k):
+    """``sampling.sample_cnfp`` with the sides' shares swapped: ceil(K/2) far positives, the rest close negatives."""
+    negatives = np.flatnonzero(~positive)
+    positives = np.flatnonzero(positive)[::-1]
+    n_pos = min(-(-k // 2), len(positives))
+    n_neg = min(k - n_pos, len(negatives))
+    n_pos = min(k - n_neg, len(positives))
+    return np.concatenate([negatives[:n_neg], positives[:n_pos]]).astype(np.int64)
 
 
 def _first_random(strategy, k, m, rng, probabilities, positive_class):
@@ -82,8 +180,23 @@ if __name__ == "__main__":
         session.embed_features = _query_of_ten
     if os.environ.get("LOOP_CNFP_TYPICAL") == "1":
         sampling.sample_cnfp = _cnfp_typical
+    if os.environ.get("LOOP_CNFP_RANDOM") == "1":
+        sampling.sample_cnfp = _cnfp_random
+    if os.environ.get("LOOP_CNFP_POSITIVES") == "1":
+        sampling.sample_cnfp = _cnfp_positives
     if os.environ.get("LOOP_FIRST_RANDOM") == "1":
         sampling.sample = _first_random
+    if _hard or os.environ.get("LOOP_FIT_ALL") == "1":
+        session._training_rows = _training_rows
+    if os.environ.get("LOOP_FIT_ALL") == "1":
+        heads.train_heads = _fit_all
+    if os.environ.get("LOOP_COLD") == "1":
+        heads.train_heads = _cold
+    if os.environ.get("LOOP_RANK_NEAREST") == "1":
+        import wsi_il.index
+
+        session._write_next_batch = _write_next_batch
+        wsi_il.index.rank_by_distance = _rank_nearest
     from wsi_il.cli import main
 
     sys.argv = ["wsi-il", *sys.argv[1:]]
