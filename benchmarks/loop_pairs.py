@@ -99,21 +99,39 @@ def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str
     diff = np.array([r["other"]["balanced_accuracy"] - r["base"]["balanced_accuracy"] for r in rows])
     summary = {"strategy": strategy, "seeds": len(rows), "rows": rows}
     if len(diff) > 1:
-        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-        summary.update(mean=float(diff.mean()), ci=[float(diff.mean() - half), float(diff.mean() + half)])
-        summary["ahead"] = int((diff > 0).sum())
+        low, high = paired_ci(diff)
+        summary.update(mean=float(diff.mean()), ci=[low, high], ahead=int((diff > 0).sum()))
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def paired_ci(diff: np.ndarray) -> tuple[float, float]:
+    """The 95% confidence interval of the mean of paired differences (Student's t over seeds)."""
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+    return float(diff.mean() - half), float(diff.mean() + half)
+
+
+def pair_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments both paired benchmarks take: two `simulate` outputs, the slide and its truth."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("base", type=Path)
     parser.add_argument("other", type=Path)
     parser.add_argument("--slide", required=True, help="the slide's name in the runs (its file name's stem)")
     parser.add_argument("--truth", type=Path, required=True)
+    parser.add_argument("--json", type=Path, help="write every seed's scores (and the paired differences) here")
+    return parser
+
+
+def save_json(args: argparse.Namespace, payload: dict) -> None:
+    """Write a paired benchmark's results, with the two outputs and the slide they came from, to ``--json``."""
+    if args.json:
+        about = {"base": str(args.base), "other": str(args.other), "slide": args.slide}
+        args.json.write_text(json.dumps({**about, **payload}, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = pair_parser(__doc__)
     parser.add_argument("--strategies", default="cnfp,random")
     parser.add_argument("--rounds", action="store_true", help="also score every round's saved model")
-    parser.add_argument("--json", type=Path, help="write the seeds' scores and the paired differences here")
     args = parser.parse_args()
     results = []
     for strategy in args.strategies.split(","):
@@ -134,9 +152,7 @@ def main() -> None:
                 f"{strategy}: {args.other.name} − {args.base.name} = {result['mean']:+.3f} "
                 f"[{low:+.3f}, {high:+.3f}], ahead on {result['ahead']} of {result['seeds']} seeds"
             )
-    if args.json:
-        about = {"base": str(args.base), "other": str(args.other), "slide": args.slide}
-        args.json.write_text(json.dumps({**about, "strategies": results}, indent=1) + "\n")
+    save_json(args, {"strategies": results})
 
 
 if __name__ == "__main__":

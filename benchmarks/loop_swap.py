@@ -16,15 +16,11 @@ its fit to a round's rows do with the same labels.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from loop_pairs import _seeds
-from scipy import stats
+from loop_pairs import _seeds, pair_parser, paired_ci, save_json
 
 from wsi_il.config import settings_of
 from wsi_il.events import SilentReporter
@@ -107,19 +103,14 @@ def _paired(rows: list[dict], a: str, b: str) -> str:
     diff = np.array([r[b]["balanced_accuracy"] - r[a]["balanced_accuracy"] for r in rows])
     if len(diff) < 2:
         return f"{diff.mean():+.3f}"
-    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
-    return f"{diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
+    low, high = paired_ci(diff)
+    return f"{diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("base", type=Path)
-    parser.add_argument("other", type=Path)
-    parser.add_argument("--slide", required=True, help="the slide's name in the runs (its file name's stem)")
-    parser.add_argument("--truth", type=Path, required=True)
+    parser = pair_parser(__doc__)
     parser.add_argument("--strategy", default="cnfp")
     parser.add_argument("--blocks", action="store_true", help="also fit on each run's own trained block")
-    parser.add_argument("--json", type=Path, help="write every seed's scores here")
     args = parser.parse_args()
     result = swap(args.base, args.other, args.slide, args.truth, args.strategy, args.blocks)
     rows = result["rows"]
@@ -136,9 +127,7 @@ def main() -> None:
     print(f"the region swapped, other labels: {_paired(rows, pairings[2], pairings[3])}")
     print(f"the labels swapped, base region:  {_paired(rows, pairings[0], pairings[2])}")
     print(f"the labels swapped, other region: {_paired(rows, pairings[1], pairings[3])}")
-    if args.json:
-        about = {"base": str(args.base), "other": str(args.other), "slide": args.slide}
-        args.json.write_text(json.dumps({**about, **result}, indent=1) + "\n")
+    save_json(args, result)
 
 
 if __name__ == "__main__":

@@ -178,14 +178,14 @@ if __name__ == "__main__":
     heads.training_selection = _training_selection
     if os.environ.get("LOOP_QUERY_TEN") == "1":
         session.embed_features = _query_of_ten
-    if os.environ.get("LOOP_CNFP_TYPICAL") == "1":
-        sampling.sample_cnfp = _cnfp_typical
-    if os.environ.get("LOOP_CNFP_RANDOM") == "1":
-        sampling.sample_cnfp = _cnfp_random
-    if os.environ.get("LOOP_CNFP_POSITIVES") == "1":
-        sampling.sample_cnfp = _cnfp_positives
-    if os.environ.get("LOOP_FIRST_RANDOM") == "1":
-        sampling.sample = _first_random
+    for name, attribute, replacement in (
+        ("LOOP_CNFP_TYPICAL", "sample_cnfp", _cnfp_typical),
+        ("LOOP_CNFP_RANDOM", "sample_cnfp", _cnfp_random),
+        ("LOOP_CNFP_POSITIVES", "sample_cnfp", _cnfp_positives),
+        ("LOOP_FIRST_RANDOM", "sample", _first_random),
+    ):
+        if os.environ.get(name) == "1":
+            setattr(sampling, attribute, replacement)
     if _hard or os.environ.get("LOOP_FIT_ALL") == "1":
         session._training_rows = _training_rows
     if os.environ.get("LOOP_FIT_ALL") == "1":
