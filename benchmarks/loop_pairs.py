@@ -47,20 +47,24 @@ def _final(out: Path, slide: str, strategy: str, seed: int):
     return ctx, called, _labelled(project)
 
 
+def score_model(ctx, model: dict, init: dict, truth: np.ndarray, common: np.ndarray) -> dict:
+    """A model's balanced accuracy and share called tumour on the ``common`` patches (every patch predicted)."""
+    from wsi_il.heads import embed_and_predict
+    from wsi_il.model import embed_chunk
+
+    chunks = ctx.store.chunks(embed_chunk("cpu"))
+    _, probs = embed_and_predict(model, init, len(ctx.classes), chunks, len(ctx.store), "cpu")
+    s = binary_scores(probs.argmax(axis=1)[common] == ctx.class_index(TUMOUR), truth[common])
+    return {"balanced_accuracy": s.balanced_accuracy, "called": s.called_share}
+
+
 def _round_scores(ctx, truth: np.ndarray, common: np.ndarray) -> list[dict]:
     """Each saved round model's balanced accuracy and share called tumour on the ``common`` patches."""
-    from wsi_il.heads import embed_and_predict
-    from wsi_il.model import embed_chunk, init_state, load_model
+    from wsi_il.model import init_state, load_model
 
-    rows = []
-    for path in sorted(ctx.project.root.joinpath("models").glob("s*-r*.pt"), key=lambda p: _round_key(p.stem)):
-        chunks = ctx.store.chunks(embed_chunk("cpu"))
-        model = load_model(ctx, path.stem)
-        _, probs = embed_and_predict(model, init_state(ctx), len(ctx.classes), chunks, len(ctx.store), "cpu")
-        called = probs.argmax(axis=1) == ctx.class_index(TUMOUR)
-        s = binary_scores(called[common], truth[common])
-        rows.append({"model": path.stem, "balanced_accuracy": s.balanced_accuracy, "called": s.called_share})
-    return rows
+    paths = sorted(ctx.project.root.joinpath("models").glob("s*-r*.pt"), key=lambda p: _round_key(p.stem))
+    init = init_state(ctx)
+    return [{"model": p.stem, **score_model(ctx, load_model(ctx, p.stem), init, truth, common)} for p in paths]
 
 
 def _round_key(model_id: str) -> tuple[int, int]:

@@ -20,14 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from loop_pairs import _seeds, pair_parser, paired_ci, save_json
+from loop_pairs import _seeds, pair_parser, paired_ci, save_json, score_model
 
 from wsi_il.config import settings_of
 from wsi_il.events import SilentReporter
-from wsi_il.heads import QUERY_GROUP_SIZE, TrainedHeads, embed_and_predict, train_heads
+from wsi_il.heads import QUERY_GROUP_SIZE, TrainedHeads, train_heads
 from wsi_il.measure.simulate import TUMOUR, _slide_truth
-from wsi_il.metrics import binary_scores
-from wsi_il.model import embed_chunk, init_state, load_model, model_state, open_context
+from wsi_il.model import init_state, load_model, model_state, open_context
 from wsi_il.project import Project, current_labels
 from wsi_il.session import list_sessions
 
@@ -55,13 +54,6 @@ def fit_weights(targets: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
-def _score(ctx, model, init, truth, common) -> dict:
-    chunks = ctx.store.chunks(embed_chunk("cpu"))
-    _, probs = embed_and_predict(model, init, len(ctx.classes), chunks, len(ctx.store), "cpu")
-    s = binary_scores(probs.argmax(axis=1)[common] == ctx.class_index(TUMOUR), truth[common])
-    return {"balanced_accuracy": s.balanced_accuracy, "called": s.called_share}
-
-
 def swap(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, blocks: bool = False) -> dict:
     rows = []
     for seed in sorted(_seeds(base, slide, strategy) & _seeds(other, slide, strategy)):
@@ -85,7 +77,9 @@ def swap(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, b
                 features = ctx.store.take(np.array([index[pid] for pid in ids], dtype=np.int64))
                 weights = fit_weights(targets, groups)
                 heads = train_heads(features, targets, init, len(ctx.classes), settings, "cpu", weights=weights)
-                row[f"{labels_from} labels, {region_from} region"] = _score(ctx, heads.model(), init, truth, common)
+                row[f"{labels_from} labels, {region_from} region"] = score_model(
+                    ctx, heads.model(), init, truth, common
+                )
                 if blocks and labels_from == region_from:
                     own = open_context(projects[SIDES.index(labels_from)], "cpu", SilentReporter())
                     final = load_model(own, model_state(own)["model"])
@@ -93,8 +87,8 @@ def swap(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, b
                     heads = train_heads(
                         features, targets, init, len(ctx.classes), settings, "cpu", start, weights=weights
                     )
-                    row[f"{labels_from} run, its trained block"] = _score(ctx, heads.model(), init, truth, common)
-                    row[f"{labels_from} run, its own model"] = _score(own, final, init, truth, common)
+                    row[f"{labels_from} run, its trained block"] = score_model(ctx, heads.model(), init, truth, common)
+                    row[f"{labels_from} run, its own model"] = score_model(own, final, init, truth, common)
         rows.append(row)
     return {"strategy": strategy, "seeds": len(rows), "rows": rows}
 

@@ -159,13 +159,9 @@ def _rank_nearest(embeddings, query, candidates):
 
 
 def _cnfp_positives(positive, k):
-    """``sampling.sample_cnfp`` with the sides' shares swapped: ceil(K/2) far positives, the rest close negatives."""
-    negatives = np.flatnonzero(~positive)
-    positives = np.flatnonzero(positive)[::-1]
-    n_pos = min(-(-k // 2), len(positives))
-    n_neg = min(k - n_pos, len(negatives))
-    n_pos = min(k - n_neg, len(positives))
-    return np.concatenate([negatives[:n_neg], positives[:n_pos]]).astype(np.int64)
+    """``sampling.sample_cnfp`` with the sides' shares swapped (ceil(K/2) far positives, the rest close negatives):
+    CNFP of the mirrored list, whose "closest negatives" are the farthest predicted positives, mapped back."""
+    return len(positive) - 1 - _cnfp(~positive[::-1], k)
 
 
 def _first_random(strategy, k, m, rng, probabilities, positive_class):
