@@ -1,7 +1,7 @@
 """Seed-by-seed comparison of two `wsi-il simulate` outputs on the patches that neither labelled.
 
     python benchmarks/loop_pairs.py BASE_OUT OTHER_OUT --slide A --truth A.truth.geojson \
-        [--strategies cnfp,random] [--rounds] [--json pairs.json]
+        [--strategies cnfp,random] [--rounds] [--retrieval] [--json pairs.json]
 
 Each output's `runs/<slide>/<strategy>-seed<n>/` holds the project a run left: its current model's predictions
 and its labels (reviewed patches and the query region). Two runs with different query regions leave different
@@ -10,7 +10,9 @@ seed are scored on the patches that neither of them labelled (reviewed or query)
 Prints, per strategy, each seed's balanced accuracy and share called tumour for both runs, and the paired
 difference OTHER − BASE: mean, 95% confidence interval (Student's t over seeds), and on how many seeds OTHER is
 ahead. With `--rounds`, every round's saved model of both runs (`models/<session>-r<n>.pt`) is scored on the
-same patches too, so that one sees in which round two runs part.
+same patches too, so that one sees in which round two runs part. With `--retrieval`, each run's search is scored
+too: in its final embedding, the share of true tumour among the `RETRIEVAL_K` patches of the common set nearest to
+its session's query vector q (what the loop ranks by), with the paired differences.
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def score_model(ctx, model: dict, init: dict, truth: np.ndarray, common: np.ndar
     return {"balanced_accuracy": s.balanced_accuracy, "called": s.called_share}
 
 
+RETRIEVAL_K = (10, 50, 100)
+SIDES = ("base", "other")
+
+
+def retrieval_precision(ctx, truth: np.ndarray, common: np.ndarray) -> dict:
+    """The share of true tumour among the k ``common`` patches nearest to the first session's q in the run's
+    current embedding, for each k of ``RETRIEVAL_K``."""
+    from wsi_il.model import current_embeddings
+    from wsi_il.session import list_sessions
+
+    q = np.asarray(list_sessions(ctx.project)[0]["q"], dtype=np.float32)
+    distance = np.linalg.norm(current_embeddings(ctx) - q, axis=1)
+    nearest = np.flatnonzero(common)[np.argsort(distance[common], kind="stable")]
+    return {f"p_at_{k}": float(truth[nearest[:k]].mean()) for k in RETRIEVAL_K}
+
+
 def _round_scores(ctx, truth: np.ndarray, common: np.ndarray) -> list[dict]:
     """Each saved round model's balanced accuracy and share called tumour on the ``common`` patches."""
     from wsi_il.model import init_state, load_model
@@ -77,7 +95,9 @@ def _seeds(out: Path, slide: str, strategy: str) -> set[int]:
     return {int(p.name.rsplit("seed", 1)[1]) for p in folder.glob(f"{strategy}-seed*") if p.is_dir()}
 
 
-def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, rounds: bool = False) -> dict:
+def compare(
+    base: Path, other: Path, slide: str, truth_path: Path, strategy: str, rounds: bool = False, retrieval: bool = False
+) -> dict:
     rows = []
     for seed in sorted(_seeds(base, slide, strategy) & _seeds(other, slide, strategy)):
         ctx, called_a, seen_a = _final(base, slide, strategy, seed)
@@ -100,11 +120,16 @@ def compare(base: Path, other: Path, slide: str, truth_path: Path, strategy: str
         if rounds:
             rows[-1]["base"]["rounds"] = _round_scores(ctx, truth, common)
             rows[-1]["other"]["rounds"] = _round_scores(ctx_b, truth, common)
-    diff = np.array([r["other"]["balanced_accuracy"] - r["base"]["balanced_accuracy"] for r in rows])
+        if retrieval:
+            rows[-1]["base"].update(retrieval_precision(ctx, truth, common))
+            rows[-1]["other"].update(retrieval_precision(ctx_b, truth, common))
     summary = {"strategy": strategy, "seeds": len(rows), "rows": rows}
-    if len(diff) > 1:
-        low, high = paired_ci(diff)
-        summary.update(mean=float(diff.mean()), ci=[low, high], ahead=int((diff > 0).sum()))
+    for metric in ("balanced_accuracy", *(f"p_at_{k}" for k in RETRIEVAL_K if retrieval)):
+        diff = np.array([r["other"][metric] - r["base"][metric] for r in rows])
+        if len(diff) > 1:
+            low, high = paired_ci(diff)
+            paired = {"mean": float(diff.mean()), "ci": [low, high], "ahead": int((diff > 0).sum())}
+            summary.update(paired if metric == "balanced_accuracy" else {metric: paired})
     return summary
 
 
@@ -136,10 +161,11 @@ def main() -> None:
     parser = pair_parser(__doc__)
     parser.add_argument("--strategies", default="cnfp,random")
     parser.add_argument("--rounds", action="store_true", help="also score every round's saved model")
+    parser.add_argument("--retrieval", action="store_true", help="also score each run's search (tumour near q)")
     args = parser.parse_args()
     results = []
     for strategy in args.strategies.split(","):
-        result = compare(args.base, args.other, args.slide, args.truth, strategy, args.rounds)
+        result = compare(args.base, args.other, args.slide, args.truth, strategy, args.rounds, args.retrieval)
         results.append(result)
         for r in result["rows"]:
             print(
@@ -156,6 +182,13 @@ def main() -> None:
                 f"{strategy}: {args.other.name} − {args.base.name} = {result['mean']:+.3f} "
                 f"[{low:+.3f}, {high:+.3f}], ahead on {result['ahead']} of {result['seeds']} seeds"
             )
+        for k in RETRIEVAL_K if args.retrieval else ():
+            base_mean, other_mean = (np.mean([r[side][f"p_at_{k}"] for r in result["rows"]]) for side in SIDES)
+            line = f"{strategy}: tumour among the {k} nearest q {base_mean:.3f} → {other_mean:.3f}"
+            if f"p_at_{k}" in result:
+                paired = result[f"p_at_{k}"]
+                line += f", {paired['mean']:+.3f} [{paired['ci'][0]:+.3f}, {paired['ci'][1]:+.3f}]"
+            print(line)
     save_json(args, {"strategies": results})
 
 

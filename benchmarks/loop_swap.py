@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from loop_pairs import _seeds, pair_parser, paired_ci, save_json, score_model
+from loop_pairs import SIDES, _seeds, pair_parser, paired_ci, save_json, score_model
 
 from wsi_il.config import settings_of
 from wsi_il.events import SilentReporter
@@ -29,8 +29,6 @@ from wsi_il.measure.simulate import TUMOUR, _slide_truth
 from wsi_il.model import init_state, load_model, model_state, open_context
 from wsi_il.project import Project, current_labels
 from wsi_il.session import list_sessions
-
-SIDES = ("base", "other")
 
 
 def _parts(project: Project) -> tuple[dict[str, str], list[str]]:

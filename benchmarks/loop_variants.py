@@ -11,6 +11,8 @@
     LOOP_CNFP_RANDOM=1  python benchmarks/loop_variants.py simulate ...   # one of CNFP's patches at random
     LOOP_RANK_NEAREST=1 python benchmarks/loop_variants.py simulate ...   # ranked by the nearest query patch
     LOOP_CNFP_POSITIVES=1 python benchmarks/loop_variants.py simulate ... # CNFP's odd patch a far positive
+    LOOP_UNWEIGHTED=1   python benchmarks/loop_variants.py simulate ...   # the selected rows unweighted
+    LOOP_PROBE=all      python benchmarks/loop_variants.py simulate ...   # predicted by a probe, pretrained block
 
 Every variant is off by default, and then the run is `wsi-il simulate`'s own. `LOOP_REGION_ROWS` and
 `LOOP_REGION_FIXED` replace `heads.training_selection` for balanced training: the region's rows are drawn at
@@ -32,7 +34,11 @@ region's patches together weighing as much as ten labels, while the block still 
 prediction. `LOOP_RANK_NEAREST` ranks the unreviewed patches (exact rounds) by their distance to the nearest of q and
 the query's patches, in the current embedding, instead of by their distance to q alone. `LOOP_CNFP_POSITIVES` gives
 CNFP's odd patch (K odd) to the predicted positives farthest from q instead of to the closest predicted negatives:
-ceil(K/2) positives, floor(K/2) negatives.
+ceil(K/2) positives, floor(K/2) negatives. `LOOP_PROBE` trains the block as built (warm-started, for the
+embedding that ranks), but predicts with the pretrained block and a linear layer fitted (``heads.fit_linear``) to
+every reviewed label and the region: all of it at the weight of ten labels (`all`, as `LOOP_FIT_ALL`), or the
+round's training rows only (`rows`). `LOOP_UNWEIGHTED` keeps balanced training's choice of rows (every reviewed
+label, ten of the region's) but weighs every row once, so that the classes weigh as the labels fall.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ def _training_selection(targets, groups, balance, seed=0, query_cap=heads.QUERY_
         rng = np.random.default_rng([seed, int(group)] if _fixed else [seed, len(targets)])
         keep.append(np.sort(rng.choice(rows, size=min(len(rows), _rows), replace=False)))
     keep = np.concatenate(keep)
+    if os.environ.get("LOOP_UNWEIGHTED") == "1":
+        return keep, None
     return keep, heads.training_weights(targets[keep])
 
 
@@ -95,13 +103,45 @@ def _training_rows(ctx):
     return found
 
 
+def _whole_region():
+    """The round's every reviewed label and query patch, with ``loop_swap.fit_weights``'s weights (each region
+    together as ten labels)."""
+    from loop_swap import fit_weights
+
+    features, targets, groups = _all_rows.pop()
+    return features, targets, fit_weights(targets, groups)
+
+
 def _fit_all(*args, **kwargs):
     if _all_rows and kwargs.get("fit_set") is None:
-        from loop_swap import fit_weights
-
-        features, targets, groups = _all_rows.pop()
-        kwargs["fit_set"] = (features, targets, fit_weights(targets, groups))
+        kwargs["fit_set"] = _whole_region()
     return _train(*args, **kwargs)
+
+
+def _probe(*args, **kwargs):
+    import torch
+
+    init, n_classes = args[2], args[3]
+    args = list(args)
+    start = args[6] if len(args) > 6 else kwargs.get("start")
+    if start is not None:  # the shared block trains on from the previous round's block, not from the probe's
+        fc = {k: v for k, v in start.classifier.items() if k.startswith("fc.")}
+        start = heads.TrainedHeads(start.retrieval, {**start.retrieval, **fc}, n_classes, {})
+        if len(args) > 6:
+            args[6] = start
+        else:
+            kwargs["start"] = start
+    trained = _train(*args, **kwargs)
+    features, targets, weights = _whole_region()
+    if os.environ["LOOP_PROBE"] == "rows":
+        features, targets, weights = args[0], args[1], kwargs.get("weights")
+    probe = heads.ClassifierHead(init, n_classes)
+    probe.eval()
+    x, y = heads._on_device(features, targets, torch.device("cpu"))
+    heads.fit_linear(probe, x, None, y, heads._weights_on(weights, torch.device("cpu")), n_classes)
+    return heads.TrainedHeads(
+        trained.retrieval, heads._cpu_state(probe), n_classes, trained.losses, shared=False, schedule=trained.schedule
+    )
 
 
 def _cold(*args, **kwargs):
@@ -182,10 +222,12 @@ if __name__ == "__main__":
     ):
         if os.environ.get(name) == "1":
             setattr(sampling, attribute, replacement)
-    if _hard or os.environ.get("LOOP_FIT_ALL") == "1":
+    if _hard or os.environ.get("LOOP_FIT_ALL") == "1" or os.environ.get("LOOP_PROBE"):
         session._training_rows = _training_rows
     if os.environ.get("LOOP_FIT_ALL") == "1":
         heads.train_heads = _fit_all
+    if os.environ.get("LOOP_PROBE"):
+        heads.train_heads = _probe
     if os.environ.get("LOOP_COLD") == "1":
         heads.train_heads = _cold
     if os.environ.get("LOOP_RANK_NEAREST") == "1":
