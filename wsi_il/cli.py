@@ -69,6 +69,15 @@ BalanceOpt = Annotated[
         "session's query as at most 10 labels) or none (each once, the paper)."
     ),
 ]
+MapFromOpt = Annotated[
+    str,
+    typer.Option(
+        help="Where the map (export, the desk's overlay and suggestions) comes "
+        "from: readout (a fit of every label and the query region on the "
+        "pretrained block's embedding each round, docs/quality.md) or heads "
+        "(the trained classifier head, the paper)."
+    ),
+]
 HeadInitOpt = Annotated[
     str,
     typer.Option(
@@ -352,6 +361,7 @@ _INIT_SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fast_frozen_conv1": ("--fast-frozen-conv1", ("train", "fast_frozen_conv1")),
     "balance": ("--balance", ("train", "balance")),
     "head_init": ("--head-init", ("train", "head_init")),
+    "map_from": ("--map-from", ("train", "map_from")),
     "trainable": ("--trainable", ("features", "trainable")),
     "round_mode": ("--round", ("round", "round_mode")),
     "pool_size": ("--pool-size", ("round", "pool_size")),
@@ -384,22 +394,30 @@ def _frozen_conv1(value: bool | None, weights: str, features: Any = None) -> boo
     return frozen_conv1_default(weights) if value is None else value
 
 
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
+    """A setting's value, refused in one line when it is not one of ``choices``."""
+    value = value.strip().lower()
+    if value not in choices:
+        raise InputError(f"{flag} {value!r} is not one of {', '.join(choices)}", "pick one of them")
+    return value
+
+
 def _balance(value: str) -> str:
     from wsi_il.config import BALANCES
 
-    value = value.strip().lower()
-    if value not in BALANCES:
-        raise InputError(f"--balance {value!r} is not one of {', '.join(BALANCES)}", "pick one of them")
-    return value
+    return _choice("--balance", value, BALANCES)
 
 
 def _head_init(value: str) -> str:
     from wsi_il.config import HEAD_INITS
 
-    value = value.strip().lower()
-    if value not in HEAD_INITS:
-        raise InputError(f"--head-init {value!r} is not one of {', '.join(HEAD_INITS)}", "pick one of them")
-    return value
+    return _choice("--head-init", value, HEAD_INITS)
+
+
+def _map_from(value: str) -> str:
+    from wsi_il.config import MAPS_FROM
+
+    return _choice("--map-from", value, MAPS_FROM)
 
 
 def _trainable(value: str) -> str:
@@ -432,7 +450,7 @@ def _check_init_options(typer_ctx: typer.Context, project: Path, manifest: dict[
 def _same_setting(name: str, value: Any, stored: Any, manifest: dict[str, Any]) -> bool:
     import math
 
-    if name in ("trainable", "balance", "head_init", "round_mode"):
+    if name in ("trainable", "balance", "head_init", "map_from", "round_mode"):
         return str(value).strip().lower() == stored
     if name == "classes":
         wanted = [c.strip().casefold() for c in str(value).split(",") if c.strip()]
@@ -543,6 +561,7 @@ def init(
     fast_frozen_conv1: FrozenConv1Opt = None,
     balance: BalanceOpt = "classes",
     head_init: HeadInitOpt = TrainSettings.head_init,
+    map_from: MapFromOpt = TrainSettings.map_from,
     round_mode: RoundOpt = "auto",
     pool_size: PoolSizeOpt = 50_000,
     batch_size: Annotated[int, typer.Option(help="Patches per feature-extraction batch.")] = 32,
@@ -633,6 +652,7 @@ def init(
                     fast_frozen_conv1=_frozen_conv1(fast_frozen_conv1, weights, feature_settings),
                     balance=_balance(balance),
                     head_init=_head_init(head_init),
+                    map_from=_map_from(map_from),
                 ),
                 _round_settings(round_mode, pool_size),
             )
@@ -1214,6 +1234,15 @@ def _print_status(info: dict[str, Any]) -> None:
         out.print(sessions)
     labels = ", ".join(f"{k}: {v}" for k, v in info["labels"].items()) or "none yet"
     out.print(f"labels: {info['n_labels']} ({labels}); model: {info['model'] or 'none (pretrained head)'}")
+    if info["model"]:
+        shown = "the classifier head's predictions (--map-from heads)"
+        if info.get("map_from") == "readout":
+            shown = (
+                "read out of the pretrained block with every label and query region (docs/quality.md)"
+                if info.get("map_of") == info["model"]
+                else "the classifier head's predictions (its labels are of one kind: no read-out yet)"
+            )
+        out.print(f"map: {shown}")
     rounds = info.get("rounds") or {}
     if rounds.get("pooled"):
         out.print(
@@ -1564,6 +1593,7 @@ def simulate(
     reference_epochs: Annotated[int, typer.Option(help="The reference's epochs per fold [default: --epochs].")] = 0,
     balance: BalanceOpt = "classes",
     head_init: HeadInitOpt = TrainSettings.head_init,
+    map_from: MapFromOpt = TrainSettings.map_from,
     round_mode: RoundOpt = "auto",
     pool_size: PoolSizeOpt = 50_000,
     query_patches: Annotated[
@@ -1634,6 +1664,7 @@ def simulate(
             reference_epochs=reference_epochs,
             balance=balance.strip().lower(),
             head_init=_head_init(head_init),
+            map_from=_map_from(map_from),
             query_patches=query_patches,
             query_island_share=query_island_share,
             round=_round_settings(round_mode, pool_size),

@@ -111,6 +111,12 @@ class TrainSettings:
     losses, so the model does not follow the size of the region the expert drew (docs/quality.md); 'none' trains
     on every label and query patch once, as the paper. Projects made before this setting existed read as
     'none'."""
+    map_from: str = "readout"
+    """Where the map (every patch's class probabilities as a person sees them: export, evaluate, the review desk's
+    overlay and suggestions, a batch's suggestions) comes from: 'readout', a logistic regression of every label
+    and query region on the pretrained block's embedding, fitted each round (``wsi_il.readout``; docs/quality.md),
+    while the trained heads steer the search and the sampling; 'heads', the trained classifier head, as the
+    paper. Projects made before this setting existed read as 'heads'."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,7 @@ def to_dict(settings: Any) -> dict[str, Any]:
 SCHEDULES = ("auto", "paper", "fast")
 BALANCES = ("classes", "none")
 HEAD_INITS = ("random", "fit", "refit")
+MAPS_FROM = ("readout", "heads")
 
 FAST_BUDGET_FROZEN = 7500
 """The fast schedule's default pass budget with a frozen first convolution (a pass costs about 40% of one that
@@ -177,7 +184,13 @@ def fast_budget(settings: TrainSettings) -> int:
 
 
 _LEGACY: dict[str, dict[str, Any]] = {
-    "TrainSettings": {"schedule": "paper", "fast_frozen_conv1": False, "balance": "none", "head_init": "random"},
+    "TrainSettings": {
+        "schedule": "paper",
+        "fast_frozen_conv1": False,
+        "balance": "none",
+        "head_init": "random",
+        "map_from": "heads",
+    },
     "TilingSettings": {"normalisation_sample": 0},
 }
 """Values a setting had before it existed: a project written then keeps behaving as it did."""

@@ -13,9 +13,10 @@ from wsi_il import __version__
 from wsi_il.config import settings_of
 from wsi_il.errors import InputError
 from wsi_il.fsutil import atomic_write_bytes, atomic_write_text
-from wsi_il.model import Context, model_state, require_predictions, slides_matching
+from wsi_il.model import Context, model_state, slides_matching
 from wsi_il.overview import Marks, Overview
 from wsi_il.project import SlideRecord
+from wsi_il.readout import require_map
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def export_masks(
     overview: bool = True,
 ) -> list[ExportedSlide]:
     """Write one GeoJSON per slide with one MultiPolygon annotation per predicted class."""
-    predictions = require_predictions(ctx)
+    predictions = require_map(ctx)
     slides = slides_matching(ctx, slide_id)
     if slide_id is not None:
         if not slides:
@@ -248,7 +249,7 @@ def overview_marks(ctx: Context) -> dict[str, Marks]:
 
 def export_table(ctx: Context, out: Path) -> Path:
     """Write every patch's prediction as CSV (for patch-folder databases, or on request)."""
-    predictions = require_predictions(ctx)
+    predictions = require_map(ctx)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["patch_id", "slide", "x", "y", "width", "height", "predicted", *[f"p_{c}" for c in ctx.classes]])

@@ -128,13 +128,16 @@ def block_width(init_state: dict[str, Any]) -> int:
 class RetrievalHead(_torch().nn.Module):
     """layer4[1] + global average pooling, L2-normalised."""
 
-    def __init__(self, init_state: dict[str, Any]) -> None:
+    def __init__(self, init_state: dict[str, Any], normalise: bool = True) -> None:
         super().__init__()
         self.block = make_block(init_state)
+        self.normalise = normalise
+        """False: the pooled output as it is (``pooled_output``)."""
 
     def forward(self, x, stem=None):
         """The embeddings of features ``x``; ``stem``: the block's stem output for them, when known."""
-        return _torch().nn.functional.normalize(_pooled(self.block, x, stem), dim=1)
+        pooled = _pooled(self.block, x, stem)
+        return _torch().nn.functional.normalize(pooled, dim=1) if self.normalise else pooled
 
 
 class ClassifierHead(_torch().nn.Module):
@@ -506,17 +509,28 @@ on exact truth (docs/quality.md): 1e-3 let the fit follow label noise as labels 
 
 def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:
     """Set the classifier's linear layer to the weighted logistic regression of the labels on the block's current
-    pooled output (L-BFGS; linear probing before fine-tuning), so that the round's fine-tuning starts from a
-    classifier that already separates the labels instead of from a random or stale one. "Not class c" rows count
-    as in ``classifier_loss``. With a single kind of target (one label, or labels of one class) there is nothing
-    to separate: the layer is left as it is."""
+    pooled output (``fit_logistic``; linear probing before fine-tuning), so that the round's fine-tuning starts
+    from a classifier that already separates the labels instead of from a random or stale one. With a single kind
+    of target (one label, or labels of one class) there is nothing to separate: the layer is left as it is."""
     torch = _torch()
     if len(torch.unique(y_all)) < 2:
         return
     with torch.no_grad(), autocast(x_all.device):
         pooled = head.pooled(x_all, stem_all).float()
-    mean, scale = pooled.mean(0), pooled.std(0, correction=0) + 1e-6
-    z = (pooled - mean) / scale
+    weight, bias = fit_logistic(pooled, y_all, w_all, n_classes)
+    with torch.no_grad():
+        head.fc.weight.copy_(weight)
+        head.fc.bias.copy_(bias)
+
+
+def fit_logistic(features, y_all, w_all, n_classes: int):
+    """The weighted logistic regression of targets on float32 features (L-BFGS, penalty ``FIT_L2`` on
+    standardised features): (weight (C, D), bias (C,)) on the features' own scale, so that the logits are
+    ``features @ weight.T + bias``. "Not class c" rows count as in ``classifier_loss``; ``w_all``: each row's loss
+    weight, or None."""
+    torch = _torch()
+    mean, scale = features.mean(0), features.std(0, correction=0) + 1e-6
+    z = (features - mean) / scale
     weight = torch.zeros(n_classes, z.shape[1], device=z.device, requires_grad=True)
     bias = torch.zeros(n_classes, device=z.device, requires_grad=True)
     optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
@@ -528,9 +542,8 @@ def fit_linear(head, x_all, stem_all, y_all, w_all, n_classes: int) -> None:
         return loss
 
     optimiser.step(closure)
-    with torch.no_grad():  # fold the standardisation into the layer: fc(p) = W (p - mean) / scale + b
-        head.fc.weight.copy_(weight / scale)
-        head.fc.bias.copy_(bias - (weight / scale) @ mean)
+    with torch.no_grad():  # fold the standardisation in: W (p - mean) / scale + b
+        return weight / scale, bias - (weight / scale) @ mean
 
 
 def _adam(parameters, lr: float, capturable: bool):
@@ -821,6 +834,19 @@ def embed(
     """
     head = _loaded(lambda: RetrievalHead(init_state), retrieval_state)
     return _run(head, chunks, n, block_width(init_state), device, stems)
+
+
+def pooled_output(
+    retrieval_state: dict[str, Any],
+    init_state: dict[str, Any],
+    chunks: Iterable[tuple[int, np.ndarray]],
+    n: int,
+    device: str,
+) -> np.ndarray:
+    """The pooled output of a retrieval head's block, not normalised: float32 (n, width) (``embed`` before the
+    L2 normalisation)."""
+    head = _loaded(lambda: RetrievalHead(init_state, normalise=False), retrieval_state)
+    return _run(head, chunks, n, block_width(init_state), device)
 
 
 def predict(

@@ -240,17 +240,6 @@ def last_pass_predictions(ctx: Context) -> tuple[np.ndarray, str] | None:
     return (cached, str(of)) if len(cached) == len(ctx.store) else None
 
 
-def require_predictions(ctx: Context) -> np.ndarray:
-    """Return the current classifier's predictions, refusing when no classifier exists yet."""
-    predictions = current_predictions(ctx)
-    if predictions is None:
-        raise ProjectStateError(
-            "no classifier has been trained yet",
-            f"review and ingest at least one batch (`wsi-il status {ctx.project.root}`)",
-        )
-    return predictions
-
-
 def slides_matching(ctx: Context, slide_id: str | None) -> list[Any]:
     """Return the project's slides (not patch folders), only the one named by id or file name when given."""
     slides = [s for s in ctx.table.slides if s.kind == "slide"]

@@ -83,39 +83,51 @@ def _frozen_meta(project: Project) -> dict[str, Any]:
 
 def frozen_embeddings(ctx: Context) -> np.ndarray:
     """Every patch's frozen embedding (float16, memory-mapped), computed once and again after the features change
-    (``add-slide``, ``reextract``). It is written under a temporary name and renamed when complete, so a killed
-    computation leaves no half array behind."""
+    (``add-slide``, ``reextract``), with its norm before normalisation (``frozen_norms``). Each is written under a
+    temporary name and renamed when complete, so a killed computation leaves no half array behind."""
     project = ctx.project
     key, path = frozen_key(project, ctx.manifest), project.frozen_embeddings_path()
     meta = _frozen_meta(project)
-    if meta.get("key") == key and path.is_file():
+    if meta.get("key") == key and path.is_file() and project.frozen_norms_path().is_file():
         frozen = np.load(path, mmap_mode="r", allow_pickle=False)
-        if len(frozen) == len(ctx.store) and frozen.dtype == FROZEN_DTYPE:
+        norms = np.load(project.frozen_norms_path(), mmap_mode="r", allow_pickle=False)
+        if len(frozen) == len(norms) == len(ctx.store) and frozen.dtype == FROZEN_DTYPE:
             return frozen
-    _compute_frozen(ctx, path)
+    _compute_frozen(ctx, path, project.frozen_norms_path())
     project.frozen_index_path().unlink(missing_ok=True)
     atomic_write_text(project.frozen_meta_path(), json.dumps({"key": key, "patches": len(ctx.store)}) + "\n")
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def _compute_frozen(ctx: Context, path: Any) -> None:
-    from wsi_il.heads import block_width, embed, pretrained_retrieval
+def frozen_norms(ctx: Context) -> np.ndarray:
+    """Every patch's pooled output's L2 norm under the pretrained block (float32, memory-mapped): the frozen
+    embedding times it is the pooled output itself. Computed with the frozen embedding."""
+    frozen_embeddings(ctx)
+    return np.load(ctx.project.frozen_norms_path(), mmap_mode="r", allow_pickle=False)
+
+
+def _compute_frozen(ctx: Context, path: Any, norms_path: Any) -> None:
+    from wsi_il.heads import block_width, pooled_output, pretrained_retrieval
 
     init = init_state(ctx)
     retrieval = pretrained_retrieval(init)
     n = len(ctx.store)
     partial = path.with_name(f".{path.name}.partial")
+    partial_norms = norms_path.with_name(f".{norms_path.name}.partial")
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = RowWriter(partial, (n, block_width(init)), FROZEN_DTYPE, create=True)
-    advance = ctx.reporter.task("embedding every patch with the pretrained block (once, for pooled rounds)", n)
+    norms = RowWriter(partial_norms, (n,), np.float32, create=True)
+    advance = ctx.reporter.task("embedding every patch with the pretrained block (once per project)", n)
     size = FROZEN_BLOCK * embed_chunk(ctx.device)
     pending: list[tuple[int, np.ndarray]] = []
     first = 0
 
     def flush() -> None:
         count = sum(len(block) for _, block in pending)
-        rows = embed(retrieval, init, pending, count, ctx.device)
-        writer.write(first, rows.astype(FROZEN_DTYPE), durable=False)
+        pooled = pooled_output(retrieval, init, pending, count, ctx.device)
+        norm = np.linalg.norm(pooled, axis=1)
+        writer.write(first, (pooled / np.maximum(norm, 1e-12)[:, None]).astype(FROZEN_DTYPE), durable=False)
+        norms.write(first, norm.astype(np.float32), durable=False)
         advance(count)
         pending.clear()
 
@@ -129,8 +141,11 @@ def _compute_frozen(ctx: Context, path: Any) -> None:
         if pending:
             flush()
         writer.sync()
+        norms.sync()
     finally:
         writer.close()
+        norms.close()
+    os.replace(partial_norms, norms_path)
     os.replace(partial, path)
     fsync_dir(path.parent)
 

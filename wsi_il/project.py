@@ -315,6 +315,10 @@ class Project:
     def predictions_path(self) -> Path:
         return self.root / "state" / "predictions.npy"
 
+    def map_path(self) -> Path:
+        """Every patch's class probabilities as shown and exported (``wsi_il.readout``)."""
+        return self.root / "state" / "map.npy"
+
     def state_path(self) -> Path:
         return self.root / "state" / "state.json"
 
@@ -322,6 +326,11 @@ class Project:
         """Every patch's embedding under the pretrained block, float16: what a pooled round searches
         (``wsi_il.pool``)."""
         return self.root / "state" / "frozen.npy"
+
+    def frozen_norms_path(self) -> Path:
+        """The L2 norm of every patch's pooled output under the pretrained block, float32: the frozen embedding times
+        it is that output (what the map's read-out fits, ``wsi_il.readout``)."""
+        return self.root / "state" / "frozen_norms.npy"
 
     def frozen_meta_path(self) -> Path:
         return self.root / "state" / "frozen.json"

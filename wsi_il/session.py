@@ -305,8 +305,7 @@ def _write_next_batch(ctx: Context, session: dict[str, Any], query_features: np.
     )
     chosen = ranked[positions]
     batch_id = f"{session['id']}-r{session['round']}"
-    suggestions = predictions[chosen] if predictions is not None else None
-    _write_batch_files(ctx, session, batch_id, chosen, positions, suggestions, rule)
+    _write_batch_files(ctx, session, batch_id, chosen, positions, _suggestions(ctx, chosen, predictions), rule)
     session["history"].append(
         {
             "round": session["round"],
@@ -363,8 +362,8 @@ def _write_pooled_batch(
             ctx.class_index(session["label"]),
         )
     batch_id = f"{session['id']}-r{session['round']}"
-    suggestions = probs[positions] if probs is not None else None
-    _write_batch_files(ctx, session, batch_id, ranked[positions], positions, suggestions, rule)
+    chosen = ranked[positions]
+    _write_batch_files(ctx, session, batch_id, chosen, positions, _suggestions(ctx, chosen, probs, positions), rule)
     session["history"].append(
         {
             "round": session["round"],
@@ -456,7 +455,7 @@ def _draw_again(ctx: Context, session: dict[str, Any], batch_id: str, answers: d
     positions = np.array([place.get(int(i), 0) for i in chosen], dtype=np.int64)
     fresh = folder.with_name(f".{batch_id}.redraw")
     shutil.rmtree(fresh, ignore_errors=True)
-    suggestions = predictions[chosen] if predictions is not None else None
+    suggestions = _suggestions(ctx, chosen, predictions)
     _write_batch_files(ctx, session, batch_id, chosen, positions, suggestions, rule, folder=fresh)
     new_info, new_patches = read_batch(fresh)
     write_answers(
@@ -479,6 +478,20 @@ def _finish_swap(folder: Path) -> None:
     if folder.is_dir():
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _suggestions(
+    ctx: Context, chosen: np.ndarray, predictions: np.ndarray | None, rows: np.ndarray | None = None
+) -> np.ndarray | None:
+    """The class probabilities a batch shows for its patches ``chosen``: the map's (``wsi_il.readout``) where the
+    current model has a read-out, else the classifier head's ``predictions`` (at ``rows``, or at ``chosen``: every
+    patch's) where there are any."""
+    from wsi_il.readout import kept_map
+
+    shown = kept_map(ctx)
+    if shown is not None:
+        return np.asarray(shown[chosen])
+    return None if predictions is None else predictions[chosen if rows is None else rows]
 
 
 def _write_batch_files(
@@ -784,6 +797,7 @@ def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[fl
     pass); returns the seconds of each (the heads saved with the training, the results saved with the pass)."""
     from wsi_il.config import resolve_schedule
     from wsi_il.heads import TrainedHeads, planned_epochs, train_heads, training_selection
+    from wsi_il.readout import train_readout, write_map
 
     started = time.perf_counter()
     settings = settings_of(ctx.manifest).train
@@ -813,9 +827,11 @@ def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[fl
         schedule,
         weights=weights,
     )
-    save_model(ctx, model_id, {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets))})
+    readout = train_readout(ctx, features, targets, groups)  # the map's classifier: every row, not only ``rows``
+    model = {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets)), "readout": readout}
+    save_model(ctx, model_id, model)
     # The model is current from here; the cached embeddings and predictions stay those of the model they were
-    # computed with until the pass replaces them.
+    # computed with until the pass replaces them (the map is its read-out's, computed next).
     ctx.project.write_json(
         ctx.project.state_path(),
         {
@@ -826,6 +842,7 @@ def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[fl
             "previous": base,
         },
     )
+    write_map(ctx, model_id, readout)
     trained = time.perf_counter()
     if not full_pass:
         return trained - started, 0.0

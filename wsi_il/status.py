@@ -154,6 +154,8 @@ def project_status(root: Path) -> dict[str, Any]:
         "pretraining": pretraining_run(project),
         "model": state.get("model"),
         "predictions_of": state.get("predictions"),
+        "map_from": settings.train.map_from,
+        "map_of": state.get("map"),
         "full_pass": pass_run(project),
         "next": _next_step(Path(root), manifest, sessions, state.get("model")),
         "versions": (manifest.get("provenance") or {}).get("versions"),

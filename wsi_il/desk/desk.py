@@ -402,7 +402,9 @@ class Desk:
         return known.manifest["classes"][best], round(float(predictions[index, best]), 3)
 
     def _predictions(self) -> np.ndarray | None:
-        path = self.project.predictions_path()
+        from wsi_il.readout import shown_path
+
+        path = shown_path(self.project)
         return self.project.read_array(path) if path.is_file() else None
 
     def patch_at(self, slide_id: str, x: float, y: float) -> str | None:

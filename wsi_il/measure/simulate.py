@@ -3,7 +3,7 @@
 Every run drives the same engine as ``wsi-il query`` / ``wsi-il ingest``: ``session.start_session`` writes a
 real review batch, its labels.csv is filled from the truth, ``session.ingest`` records it, trains both heads
 and writes the next batch. Nothing here ranks, samples or trains the interactive loop itself; the only
-training done here is the full-supervision reference (the same heads on every database label).
+training done here is the full-supervision reference (the runs' map, or heads, on every database label).
 
 Layout of an output folder::
 
@@ -84,9 +84,10 @@ SLIDE_METRICS = ("f1", "jaccard", "f1_unlabelled", "jaccard_unlabelled", "balanc
 SUGGESTION_COLUMNS = ("strategy", "seed", "session", "round", "patch_id", "suggestion", "probability", "truth")
 SUGGESTION_SCORES = ("suggestion_accuracy", "confident_share", "confident_accuracy")
 REFERENCE = "full-supervision"
-"""The strategy name of the reference rows (session 0): on slides, both heads trained on all but one fold of the
-patches with their true labels and scored on the held-out fold, for every fold (cross-validated); on patch
-datasets, trained on every database label and scored on the held-out test set."""
+"""The strategy name of the reference rows (session 0): on slides, the runs' map (the read-out, or both heads:
+``map_from``) trained on all but one fold of the patches with their true labels and scored on the held-out fold,
+for every fold (cross-validated); on patch datasets, trained on every database label and scored on the held-out
+test set."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class SimulationSettings:
     """TrainSettings.balance of the runs: classes (the default) or none (every label once, the paper)."""
     head_init: str = TrainSettings.head_init
     """TrainSettings.head_init of the runs."""
+    map_from: str = TrainSettings.map_from
+    """TrainSettings.map_from of the runs: what their scores (and maps) come from."""
     query_patches: int = 1
     """Slides: each session's query is a connected region of this many tumour patches grown from a random tumour
     patch (1: one random tumour patch, the paper)."""
@@ -194,6 +197,7 @@ class SimulationSettings:
             fast_budget=self.fast_budget,
             balance=self.balance,
             head_init=self.head_init,
+            map_from=self.map_from,
             fast_frozen_conv1=(
                 frozen_conv1_default(self.weights) if self.fast_frozen_conv1 is None else self.fast_frozen_conv1
             ),
@@ -505,10 +509,10 @@ def _slide_truth(ctx: Any, truth: Path) -> np.ndarray:
 
 
 def _slide_scores(ctx: Any, truth: np.ndarray) -> dict[str, Any]:
-    from wsi_il.model import current_predictions
+    from wsi_il.readout import current_map
     from wsi_il.session import reviewed_ids
 
-    predicted = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
+    predicted = current_map(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
     seen = reviewed_ids(ctx.project)
     unlabelled = np.array([pid not in seen for pid in ctx.table.ids])
     return _score_columns(binary_scores(predicted, truth), binary_scores(predicted[unlabelled], truth[unlabelled]))
@@ -532,8 +536,9 @@ def _score_columns(every: Any, rest: Any) -> dict[str, Any]:
 def _slide_reference(
     ctx: Any, truth: np.ndarray, train: TrainSettings, folds: int, epochs: int, reporter: Reporter
 ) -> dict[str, Any]:
-    """Cross-validated full supervision: per fold, both heads trained on every other fold's patches with their
-    true labels, predicting the fold; scored on all patches, each predicted by heads that never saw it."""
+    """Cross-validated full supervision: per fold, the runs' map trained on every other fold's patches with their
+    true labels, predicting the fold; scored on all patches, each predicted by a model that never saw it. The map
+    is the runs' ``map_from``: the read-out of the pretrained block (``wsi_il.readout``), or both heads."""
     from wsi_il.heads import predict
 
     targets = np.where(truth, ctx.class_index(TUMOUR), ctx.class_index(NORMAL)).astype(np.int64)
@@ -541,13 +546,29 @@ def _slide_reference(
     predicted = np.zeros(len(targets), dtype=bool)
     for fold in range(folds):
         reporter.status(f"full-supervision reference, fold {fold + 1} of {folds}")
-        held_out = np.flatnonzero(fold_of == fold)
-        heads, init = _full_supervision(ctx, np.flatnonzero(fold_of != fold), targets, train, epochs)
-        features = ctx.store.take(held_out)
-        probs = predict(heads.classifier, init, len(ctx.classes), [(0, features)], len(held_out), ctx.device)
+        held_out, rows = np.flatnonzero(fold_of == fold), np.flatnonzero(fold_of != fold)
+        if train.map_from == "readout":
+            probs = _readout_reference(ctx, rows, held_out, targets)
+        else:
+            heads, init = _full_supervision(ctx, rows, targets, train, epochs)
+            features = ctx.store.take(held_out)
+            probs = predict(heads.classifier, init, len(ctx.classes), [(0, features)], len(held_out), ctx.device)
         predicted[held_out] = probs.argmax(axis=1) == ctx.class_index(TUMOUR)
     scores = binary_scores(predicted, truth)
     return _score_columns(scores, scores)
+
+
+def _readout_reference(ctx: Any, rows: np.ndarray, held_out: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The read-out fitted to the database patches ``rows`` with their true classes (each a reviewed label), and
+    its class probabilities of the patches ``held_out``."""
+    from wsi_il.model import load_tensors
+    from wsi_il.pool import frozen_embeddings, frozen_norms
+    from wsi_il.readout import fit_readout, map_probabilities
+
+    init = load_tensors(ctx.project.init_model_path())
+    groups = np.full(len(rows), -1)
+    fitted = fit_readout(ctx.store.take(rows), targets[rows], groups, init, len(ctx.classes), ctx.device)
+    return map_probabilities(frozen_embeddings(ctx)[held_out], frozen_norms(ctx)[held_out], fitted)
 
 
 def _full_supervision(
@@ -887,10 +908,17 @@ def _head_scores(
     database_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
+    readout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The test set's accuracy under the map (the read-out where there is one, else the classifier head) and the
+    retrieval head's P@10 against the database."""
     from wsi_il.heads import embed, predict
+    from wsi_il.readout import readout_of_features
 
-    probs = predict(classifier, init, len(ctx.classes), [(0, test_x)], len(test_x), ctx.device)
+    if readout is not None:
+        probs = readout_of_features(readout, test_x, init, ctx.device)
+    else:
+        probs = predict(classifier, init, len(ctx.classes), [(0, test_x)], len(test_x), ctx.device)
     test_embeddings = embed(retrieval, init, [(0, test_x)], len(test_x), ctx.device)
     return {
         "accuracy": accuracy(probs.argmax(axis=1), test_y),
@@ -899,21 +927,31 @@ def _head_scores(
 
 
 def _patch_scores(ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
-    from wsi_il.model import current_embeddings
+    from wsi_il.model import current_embeddings, load_model, model_state
 
     retrieval, classifier, init = _current_heads(ctx)
-    return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y)
+    readout = load_model(ctx, model_state(ctx)["model"]).get("readout")
+    return _head_scores(retrieval, classifier, init, ctx, current_embeddings(ctx), database_y, test_x, test_y, readout)
 
 
 def _patch_reference(
     ctx: Any, database_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, train: TrainSettings
 ) -> dict[str, Any]:
-    """Both heads trained on every database patch with its class (full supervision), scored on the test set."""
+    """Both heads trained on every database patch with its class (full supervision), scored on the test set; the
+    map the runs' ``map_from`` (the read-out of every database patch, or the classifier head)."""
     from wsi_il.heads import embed
+    from wsi_il.readout import fit_readout
 
-    heads, init = _full_supervision(ctx, np.arange(len(database_y)), database_y, train)
+    every = np.arange(len(database_y))
+    heads, init = _full_supervision(ctx, every, database_y, train)
+    readout = None
+    if train.map_from == "readout":
+        groups = np.full(len(every), -1)
+        readout = fit_readout(ctx.store.take(every), database_y, groups, init, len(ctx.classes), ctx.device)
     database_embeddings = embed(heads.retrieval, init, ctx.store.chunks(256), len(ctx.store), ctx.device)
-    return _head_scores(heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x, test_y)
+    return _head_scores(
+        heads.retrieval, heads.classifier, init, ctx, database_embeddings, database_y, test_x, test_y, readout
+    )
 
 
 def simulate_patches(
@@ -1179,12 +1217,13 @@ def evaluate_project(
     exported mask) with the truth polygons.
     """
     from wsi_il.metrics import polygon_iou
-    from wsi_il.model import require_predictions, slides_matching
+    from wsi_il.model import slides_matching
     from wsi_il.qupath import read_region, union_squares
+    from wsi_il.readout import require_map
     from wsi_il.regions import fraction_inside
     from wsi_il.session import reviewed_ids
 
-    predictions = require_predictions(ctx)
+    predictions = require_map(ctx)
     slides = slides_matching(ctx, slide_id)
     if len(slides) != 1:
         known = ", ".join(s.id for s in ctx.table.slides if s.kind == "slide") or "none"
