@@ -1,7 +1,7 @@
 """Seed-by-seed comparison of two `wsi-il simulate` outputs on the patches that neither labelled.
 
     python benchmarks/loop_pairs.py BASE_OUT OTHER_OUT --slide A --truth A.truth.geojson \
-        [--strategies cnfp,random] [--rounds] [--retrieval] [--json pairs.json]
+        [--strategies cnfp,random] [--rounds] [--retrieval] [--readout base|other|both] [--json pairs.json]
 
 Each output's `runs/<slide>/<strategy>-seed<n>/` holds the project a run left: its current model's predictions
 and its labels (reviewed patches and the query region). Two runs with different query regions leave different
@@ -12,7 +12,10 @@ difference OTHER − BASE: mean, 95% confidence interval (Student's t over seeds
 ahead. With `--rounds`, every round's saved model of both runs (`models/<session>-r<n>.pt`) is scored on the
 same patches too, so that one sees in which round two runs part. With `--retrieval`, each run's search is scored
 too: in its final embedding, the share of true tumour among the `RETRIEVAL_K` patches of the common set nearest to
-its session's query vector q (what the loop ranks by), with the paired differences.
+its session's query vector q (what the loop ranks by), with the paired differences. A run's map is what it shows
+(`readout.current_map`); with `--readout base|other|both` that side's map is instead the read-out of its final
+labels (`map_from` 'readout'), so that runs made with the classifier head's map are scored as the read-out would
+show them (`--readout other` on the same output twice: the read-out against the run's own classifier).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from scipy import stats
 from wsi_il.events import SilentReporter
 from wsi_il.measure.simulate import TUMOUR, _slide_truth
 from wsi_il.metrics import binary_scores
-from wsi_il.model import current_predictions, open_context
+from wsi_il.model import open_context
 from wsi_il.project import Project
+from wsi_il.readout import current_map
 
 
 def _labelled(project: Project) -> set[str]:
@@ -42,11 +46,23 @@ def _labelled(project: Project) -> set[str]:
     return seen
 
 
-def _final(out: Path, slide: str, strategy: str, seed: int):
+def _final(out: Path, slide: str, strategy: str, seed: int, readout: bool = False):
     project = Project(out / "runs" / slide / f"{strategy}-seed{seed}")
     ctx = open_context(project, "cpu", SilentReporter())
-    called = current_predictions(ctx).argmax(axis=1) == ctx.class_index(TUMOUR)
-    return ctx, called, _labelled(project)
+    shown = readout_map(ctx) if readout else current_map(ctx)
+    return ctx, shown.argmax(axis=1) == ctx.class_index(TUMOUR), _labelled(project)
+
+
+def readout_map(ctx) -> np.ndarray:
+    """The map the run's final labels give under ``map_from`` 'readout' (``wsi_il.readout``): for a run made before
+    the read-out existed, or with 'heads', what the product now shows for the same labels."""
+    from wsi_il.model import init_state
+    from wsi_il.pool import frozen_embeddings, frozen_norms
+    from wsi_il.readout import fit_readout, map_probabilities
+    from wsi_il.session import _training_rows
+
+    fitted = fit_readout(*_training_rows(ctx), init_state(ctx), len(ctx.classes), "cpu")
+    return map_probabilities(frozen_embeddings(ctx), frozen_norms(ctx), fitted)
 
 
 def score_model(ctx, model: dict, init: dict, truth: np.ndarray, common: np.ndarray) -> dict:
@@ -96,12 +112,19 @@ def _seeds(out: Path, slide: str, strategy: str) -> set[int]:
 
 
 def compare(
-    base: Path, other: Path, slide: str, truth_path: Path, strategy: str, rounds: bool = False, retrieval: bool = False
+    base: Path,
+    other: Path,
+    slide: str,
+    truth_path: Path,
+    strategy: str,
+    rounds: bool = False,
+    retrieval: bool = False,
+    readout: tuple[str, ...] = (),
 ) -> dict:
     rows = []
     for seed in sorted(_seeds(base, slide, strategy) & _seeds(other, slide, strategy)):
-        ctx, called_a, seen_a = _final(base, slide, strategy, seed)
-        ctx_b, called_b, seen_b = _final(other, slide, strategy, seed)
+        ctx, called_a, seen_a = _final(base, slide, strategy, seed, "base" in readout)
+        ctx_b, called_b, seen_b = _final(other, slide, strategy, seed, "other" in readout)
         if list(ctx.table.ids) != list(ctx_b.table.ids):
             raise SystemExit(f"{base} and {other} were not run on the same slide and tiling")
         truth = _slide_truth(ctx, truth_path)
@@ -123,14 +146,31 @@ def compare(
         if retrieval:
             rows[-1]["base"].update(retrieval_precision(ctx, truth, common))
             rows[-1]["other"].update(retrieval_precision(ctx_b, truth, common))
+        for side, side_ctx in zip(SIDES, (ctx, ctx_b), strict=True):
+            if side in readout:  # what the run itself shows, on the same patches
+                own = binary_scores(
+                    current_map(side_ctx).argmax(axis=1)[common] == side_ctx.class_index(TUMOUR), truth[common]
+                )
+                rows[-1][side]["run_map"] = {"balanced_accuracy": own.balanced_accuracy, "called": own.called_share}
     summary = {"strategy": strategy, "seeds": len(rows), "rows": rows}
+    for side in readout:
+        gain = paired_summary([r[side]["balanced_accuracy"] - r[side]["run_map"]["balanced_accuracy"] for r in rows])
+        if gain:
+            summary[f"{side}_readout_gain"] = gain
     for metric in ("balanced_accuracy", *(f"p_at_{k}" for k in RETRIEVAL_K if retrieval)):
-        diff = np.array([r["other"][metric] - r["base"][metric] for r in rows])
-        if len(diff) > 1:
-            low, high = paired_ci(diff)
-            paired = {"mean": float(diff.mean()), "ci": [low, high], "ahead": int((diff > 0).sum())}
+        paired = paired_summary([r["other"][metric] - r["base"][metric] for r in rows])
+        if paired:
             summary.update(paired if metric == "balanced_accuracy" else {metric: paired})
     return summary
+
+
+def paired_summary(differences: list[float]) -> dict | None:
+    """Mean, 95% interval and count ahead of paired differences; None for fewer than two."""
+    diff = np.array(differences)
+    if len(diff) < 2:
+        return None
+    low, high = paired_ci(diff)
+    return {"mean": float(diff.mean()), "ci": [low, high], "ahead": int((diff > 0).sum())}
 
 
 def paired_ci(diff: np.ndarray) -> tuple[float, float]:
@@ -162,10 +202,16 @@ def main() -> None:
     parser.add_argument("--strategies", default="cnfp,random")
     parser.add_argument("--rounds", action="store_true", help="also score every round's saved model")
     parser.add_argument("--retrieval", action="store_true", help="also score each run's search (tumour near q)")
+    parser.add_argument(
+        "--readout",
+        choices=("base", "other", "both"),
+        help="score that side's map as the read-out of its final labels (map_from 'readout'), whatever its run used",
+    )
     args = parser.parse_args()
+    readout = {None: (), "both": SIDES}.get(args.readout, (args.readout,))
     results = []
     for strategy in args.strategies.split(","):
-        result = compare(args.base, args.other, args.slide, args.truth, strategy, args.rounds, args.retrieval)
+        result = compare(args.base, args.other, args.slide, args.truth, strategy, args.rounds, args.retrieval, readout)
         results.append(result)
         for r in result["rows"]:
             print(
@@ -182,6 +228,15 @@ def main() -> None:
                 f"{strategy}: {args.other.name} − {args.base.name} = {result['mean']:+.3f} "
                 f"[{low:+.3f}, {high:+.3f}], ahead on {result['ahead']} of {result['seeds']} seeds"
             )
+        for side in readout:
+            gain = result.get(f"{side}_readout_gain")
+            if gain:
+                own = np.mean([r[side]["run_map"]["balanced_accuracy"] for r in result["rows"]])
+                mine = np.mean([r[side]["balanced_accuracy"] for r in result["rows"]])
+                print(
+                    f"{strategy}: {side}, the read-out {mine:.3f} against the run's own map {own:.3f}: "
+                    f"{gain['mean']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}], ahead on {gain['ahead']}"
+                )
         for k in RETRIEVAL_K if args.retrieval else ():
             base_mean, other_mean = (np.mean([r[side][f"p_at_{k}"] for r in result["rows"]]) for side in SIDES)
             line = f"{strategy}: tumour among the {k} nearest q {base_mean:.3f} → {other_mean:.3f}"

@@ -24,10 +24,11 @@ from loop_pairs import SIDES, _seeds, pair_parser, paired_ci, save_json, score_m
 
 from wsi_il.config import settings_of
 from wsi_il.events import SilentReporter
-from wsi_il.heads import QUERY_GROUP_SIZE, TrainedHeads, train_heads
+from wsi_il.heads import TrainedHeads, train_heads
 from wsi_il.measure.simulate import TUMOUR, _slide_truth
 from wsi_il.model import init_state, load_model, model_state, open_context
 from wsi_il.project import Project, current_labels
+from wsi_il.readout import readout_weights
 from wsi_il.session import list_sessions
 
 
@@ -36,20 +37,6 @@ def _parts(project: Project) -> tuple[dict[str, str], list[str]]:
     reviewed = {e["patch_id"]: e["label"] for e in current_labels(project.read_ledger()).values()}
     region = [pid for session in list_sessions(project) for pid in session["query"].get("patch_ids", [])]
     return {pid: label for pid, label in reviewed.items() if label != "skip"}, region
-
-
-def fit_weights(targets: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Loss weights (mean 1) for fitting to every row: a reviewed label (group -1) weighs 1, each session's query
-    patches (group: the session's number) together as much as ``QUERY_GROUP_SIZE`` labels; then each class is scaled
-    to the same total."""
-    weights = np.ones(len(targets), dtype=np.float64)
-    for group in np.unique(groups[groups >= 0]):
-        rows = groups == group
-        weights[rows] = min(1.0, QUERY_GROUP_SIZE / rows.sum())
-    for value in np.unique(targets):
-        rows = targets == value
-        weights[rows] /= weights[rows].sum()
-    return (weights / weights.mean()).astype(np.float32)
 
 
 def swap(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, blocks: bool = False) -> dict:
@@ -73,7 +60,7 @@ def swap(base: Path, other: Path, slide: str, truth_path: Path, strategy: str, b
                 )
                 groups = np.where(np.arange(len(ids)) >= len(reviewed), 0, -1)
                 features = ctx.store.take(np.array([index[pid] for pid in ids], dtype=np.int64))
-                weights = fit_weights(targets, groups)
+                weights = readout_weights(targets, groups)
                 heads = train_heads(features, targets, init, len(ctx.classes), settings, "cpu", weights=weights)
                 row[f"{labels_from} labels, {region_from} region"] = score_model(
                     ctx, heads.model(), init, truth, common

@@ -104,12 +104,12 @@ def _training_rows(ctx):
 
 
 def _whole_region():
-    """The round's every reviewed label and query patch, with ``loop_swap.fit_weights``'s weights (each region
+    """The round's every reviewed label and query patch, with ``readout.readout_weights``'s weights (each region
     together as ten labels)."""
-    from loop_swap import fit_weights
+    from wsi_il.readout import readout_weights
 
     features, targets, groups = _all_rows.pop()
-    return features, targets, fit_weights(targets, groups)
+    return features, targets, readout_weights(targets, groups)
 
 
 def _fit_all(*args, **kwargs):
