@@ -14,7 +14,9 @@
     LOOP_UNWEIGHTED=1   python benchmarks/loop_variants.py simulate ...   # the selected rows unweighted
     LOOP_PROBE=all      python benchmarks/loop_variants.py simulate ...   # predicted by a probe, pretrained block
 
-Every variant is off by default, and then the run is `wsi-il simulate`'s own. `LOOP_REGION_ROWS` and
+Every variant is off by default, and then the run is `wsi-il simulate`'s own. The runs in docs/quality.md made
+before the read-out map (`--map-from readout`, the default since) were scored on the classifier head's map: add
+`--map-from heads` to rerun them as they were. `LOOP_REGION_ROWS` and
 `LOOP_REGION_FIXED` replace `heads.training_selection` for balanced training: the region's rows are drawn at
 random as there, but up to the given number, and (fixed) seeded by the training seed and the session only, so
 that every round trains on the same ones. `LOOP_QUERY_TEN` computes the session's query vector (at the start and
@@ -122,15 +124,12 @@ def _probe(*args, **kwargs):
     import torch
 
     init, n_classes = args[2], args[3]
-    args = list(args)
     start = args[6] if len(args) > 6 else kwargs.get("start")
     if start is not None:  # the shared block trains on from the previous round's block, not from the probe's
         fc = {k: v for k, v in start.classifier.items() if k.startswith("fc.")}
-        start = heads.TrainedHeads(start.retrieval, {**start.retrieval, **fc}, n_classes, {})
-        if len(args) > 6:
-            args[6] = start
-        else:
-            kwargs["start"] = start
+        args, kwargs = _with_start(
+            args, kwargs, heads.TrainedHeads(start.retrieval, {**start.retrieval, **fc}, n_classes, {})
+        )
     trained = _train(*args, **kwargs)
     features, targets, weights = _whole_region()
     if os.environ["LOOP_PROBE"] == "rows":
@@ -144,10 +143,15 @@ def _probe(*args, **kwargs):
     )
 
 
-def _cold(*args, **kwargs):
+def _with_start(args, kwargs, start):
+    """``train_heads``'s arguments with ``start`` (its seventh, positional or by name) replaced."""
     if len(args) > 6:
-        args = (*args[:6], None, *args[7:])
-    kwargs.pop("start", None)
+        return (*args[:6], start, *args[7:]), kwargs
+    return args, {**kwargs, "start": start}
+
+
+def _cold(*args, **kwargs):
+    args, kwargs = _with_start(args, kwargs, None)
     return _train(*args, **kwargs)
 
 

@@ -72,6 +72,8 @@ def test_the_map_is_the_readout_of_every_label_and_region(example_slide, tmp_pat
     ctx = open_context(project, "cpu", SilentReporter())
     state = model_state(ctx)
     assert state["map"] == state["model"] == "s1-r1" and project.map_path().is_file()
+    # the pretrained block's embedding was computed by init, not in the round the expert waits for
+    assert project.frozen_norms_path().stat().st_mtime_ns < project.model_path("s1-r1").stat().st_mtime_ns
     readout = load_model(ctx, state["model"])["readout"]
     init = init_state(ctx)
     pooled = pooled_output(

@@ -229,17 +229,34 @@ def _build(
     cluster: str | None,
     device: str,
 ) -> dict[str, Any]:
-    """Build the project's feature cache here, or on the cluster ``--cluster`` names."""
+    """Build the project's feature cache here, or on the cluster ``--cluster`` names; then the pretrained block's
+    embedding of every patch, where the project's map or its pooled rounds read it."""
     if cluster is None:
         from wsi_il.extraction import build_database
 
-        return build_database(proj, manifest, reporter, dev, weights)
-    from wsi_il.cluster import build_on_cluster, connect, parse_cluster
+        built = build_database(proj, manifest, reporter, dev, weights)
+    else:
+        from wsi_il.cluster import build_on_cluster, connect, parse_cluster
 
-    spec = parse_cluster(cluster)
-    with connect(spec) as client:
-        reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
-        return build_on_cluster(proj, manifest, reporter, client, device, dev, weights)
+        spec = parse_cluster(cluster)
+        with connect(spec) as client:
+            reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
+            built = build_on_cluster(proj, manifest, reporter, client, device, dev, weights)
+    _frozen_ahead(proj, built, reporter, dev)
+    return built
+
+
+def _frozen_ahead(proj: Any, manifest: dict[str, Any], reporter: RichReporter, dev: str) -> None:
+    """Compute the frozen embedding (``pool.frozen_embeddings``) while the features are made, so that the first
+    round, which the expert waits for, does not: the read-out map and pooled rounds need it."""
+    from wsi_il.config import round_is_pooled
+    from wsi_il.model import open_context
+    from wsi_il.pool import frozen_embeddings
+
+    settings = settings_of(manifest)
+    patches = sum(s["n_patches"] for s in manifest["slides"])
+    if settings.train.map_from == "readout" or round_is_pooled(settings.round, patches):
+        frozen_embeddings(open_context(proj, dev, reporter))
 
 
 def _fail(exc: WsiIlError) -> None:

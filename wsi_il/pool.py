@@ -117,7 +117,7 @@ def _compute_frozen(ctx: Context, path: Any, norms_path: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = RowWriter(partial, (n, block_width(init)), FROZEN_DTYPE, create=True)
     norms = RowWriter(partial_norms, (n,), np.float32, create=True)
-    advance = ctx.reporter.task("embedding every patch with the pretrained block (once per project)", n)
+    advance = ctx.reporter.task("pretrained embedding (once)", n)
     size = FROZEN_BLOCK * embed_chunk(ctx.device)
     pending: list[tuple[int, np.ndarray]] = []
     first = 0
