@@ -56,13 +56,11 @@ def _final(out: Path, slide: str, strategy: str, seed: int, readout: bool = Fals
 def readout_map(ctx) -> np.ndarray:
     """The map the run's final labels give under ``map_from`` 'readout' (``wsi_il.readout``): for a run made before
     the read-out existed, or with 'heads', what the product now shows for the same labels."""
-    from wsi_il.model import init_state
     from wsi_il.pool import frozen_embeddings, frozen_norms
-    from wsi_il.readout import fit_readout, map_probabilities
-    from wsi_il.session import _training_rows
+    from wsi_il.readout import map_probabilities, project_readout
+    from wsi_il.session import training_entries
 
-    fitted = fit_readout(*_training_rows(ctx), init_state(ctx), len(ctx.classes), "cpu")
-    return map_probabilities(frozen_embeddings(ctx), frozen_norms(ctx), fitted)
+    return map_probabilities(frozen_embeddings(ctx), frozen_norms(ctx), project_readout(ctx, *training_entries(ctx)))
 
 
 def score_model(ctx, model: dict, init: dict, truth: np.ndarray, common: np.ndarray) -> dict:

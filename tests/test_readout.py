@@ -82,12 +82,16 @@ def test_the_map_is_the_readout_of_every_label_and_region(example_slide, tmp_pat
     expected = torch.softmax(torch.from_numpy(pooled) @ readout["weight"].T + readout["bias"], dim=1).numpy()
     shown = np.asarray(current_map(ctx))
     assert shown == pytest.approx(expected, abs=5e-3)  # the frozen embedding is kept in float16
-    from wsi_il.session import _training_rows
+    from wsi_il.readout import project_readout
+    from wsi_il.session import training_entries
 
-    features, targets, groups = _training_rows(ctx)
+    features, targets, groups, patches = training_entries(ctx)
     assert (groups == 0).sum() > 0 and (groups == -1).sum() == 8  # the region's patches take part
-    again = fit_readout(features, targets, groups, init, len(ctx.classes), "cpu")
-    assert again["weight"].numpy() == pytest.approx(readout["weight"].numpy(), abs=1e-4)
+    assert (patches >= 0).all() and (ctx.store.take(patches) == features).all()  # each row's patch in the database
+    again = project_readout(ctx, features, targets, groups, patches)
+    assert torch.equal(again["weight"], readout["weight"]) and torch.equal(again["bias"], readout["bias"])
+    fresh = fit_readout(features, targets, groups, init, len(ctx.classes), "cpu")  # the block run on the rows
+    assert fresh["weight"].numpy() == pytest.approx(readout["weight"].numpy(), abs=0.02)
     assert not np.allclose(shown, current_predictions(ctx), atol=1e-3)  # not the classifier head's predictions
 
     index = ctx.table.index_of()

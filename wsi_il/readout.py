@@ -48,11 +48,18 @@ def readout_weights(targets: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def fit_readout(
-    features: np.ndarray, targets: np.ndarray, groups: np.ndarray, init: dict[str, Any], n_classes: int, device: str
+    features: np.ndarray | None,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    init: dict[str, Any],
+    n_classes: int,
+    device: str,
+    pooled: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
     """The read-out of training rows (cached trunk features, their targets and groups as
-    ``session._training_rows``): ``{"weight", "bias"}`` (CPU tensors) on the pretrained block's pooled output, or
-    None with a single kind of target (nothing to separate)."""
+    ``session._training_rows``): ``{"weight", "bias"}`` (CPU tensors) on the pretrained block's pooled output
+    (``pooled``, where it is known already: then ``features`` may be None), or None with a single kind of target
+    (nothing to separate)."""
     import torch
 
     from wsi_il.heads import fit_logistic, pooled_output, pretrained_retrieval
@@ -60,10 +67,33 @@ def fit_readout(
     targets = np.asarray(targets, dtype=np.int64)
     if len(np.unique(targets)) < 2:
         return None
-    pooled = pooled_output(pretrained_retrieval(init), init, [(0, features)], len(features), device)
+    if pooled is None:
+        pooled = pooled_output(pretrained_retrieval(init), init, [(0, features)], len(features), device)
     weights = torch.from_numpy(readout_weights(targets, groups))
-    weight, bias = fit_logistic(torch.from_numpy(pooled), torch.from_numpy(targets), weights, n_classes)
+    x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+    weight, bias = fit_logistic(x, torch.from_numpy(targets), weights, n_classes)
     return {"weight": weight.detach().cpu(), "bias": bias.detach().cpu()}
+
+
+def project_readout(
+    ctx: Context, features: np.ndarray, targets: np.ndarray, groups: np.ndarray, patches: np.ndarray
+) -> dict[str, Any] | None:
+    """The read-out of a project's training rows (``session.training_entries``: ``patches`` holds each row's
+    database index, -1 outside the database). A database patch's pooled output is read from the frozen embedding
+    and its norm, computed once (the map's own input); only a query from outside the database runs the block."""
+    from wsi_il.heads import pooled_output, pretrained_retrieval
+    from wsi_il.pool import frozen_embeddings, frozen_norms
+
+    patches = np.asarray(patches, dtype=np.int64)
+    known = patches >= 0
+    frozen, norms = frozen_embeddings(ctx), frozen_norms(ctx)
+    pooled = np.empty((len(patches), frozen.shape[1]), dtype=np.float32)
+    pooled[known] = np.asarray(frozen[patches[known]], dtype=np.float32) * np.asarray(norms[patches[known]])[:, None]
+    if not known.all():
+        init = init_state(ctx)
+        outside = features[~known]
+        pooled[~known] = pooled_output(pretrained_retrieval(init), init, [(0, outside)], len(outside), ctx.device)
+    return fit_readout(features, targets, groups, init_state(ctx), len(ctx.classes), ctx.device, pooled)
 
 
 def map_probabilities(frozen: np.ndarray, norms: np.ndarray, readout: dict[str, Any]) -> np.ndarray:
@@ -92,14 +122,16 @@ def readout_of_features(readout: dict[str, Any], features: np.ndarray, init: dic
     return map_probabilities(pooled, np.ones(len(pooled), dtype=np.float32), readout)
 
 
-def train_readout(ctx: Context, features: np.ndarray, targets: np.ndarray, groups: np.ndarray) -> dict | None:
-    """A round's read-out of its training rows where the project's map comes from one; None where it does not
-    ('heads') or cannot (labels of one kind)."""
+def train_readout(
+    ctx: Context, features: np.ndarray, targets: np.ndarray, groups: np.ndarray, patches: np.ndarray
+) -> dict | None:
+    """A round's read-out of its training rows (``project_readout``) where the project's map comes from one; None
+    where it does not ('heads') or cannot (labels of one kind)."""
     from wsi_il.config import settings_of
 
     if settings_of(ctx.manifest).train.map_from != "readout":
         return None
-    return fit_readout(features, targets, groups, init_state(ctx), len(ctx.classes), ctx.device)
+    return project_readout(ctx, features, targets, groups, patches)
 
 
 def write_map(ctx: Context, model_id: str, readout: dict[str, Any] | None) -> None:

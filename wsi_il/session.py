@@ -770,20 +770,36 @@ def training_set(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
 def _training_rows(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``training_set`` and each row's group: -1 for a label, the session's number for its query patches."""
+    features, targets, groups, _ = training_entries(ctx)
+    return features, targets, groups
+
+
+def training_entries(ctx: Context) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_training_rows`` and each row's database index (-1 for a query patch from outside the database: a query
+    of images)."""
     from wsi_il.project import current_labels
 
     index = ctx.table.index_of()
     labelled = current_labels(ctx.project.read_ledger()).values()  # a corrected patch counts once, as corrected
     entries = [e for e in labelled if e["label"] != "skip" and e["patch_id"] in index]
     targets = [_target(ctx, e["label"]) for e in entries]
-    features = [ctx.store.take(np.array([index[e["patch_id"]] for e in entries], dtype=np.int64))]
+    rows = [np.array([index[e["patch_id"]] for e in entries], dtype=np.int64)]
+    features = [ctx.store.take(rows[0])]
     groups = [-1] * len(entries)
     for number, session in enumerate(list_sessions(ctx.project)):
         query = ctx.project.read_array(ctx.project.query_features_path(session["id"]))
+        ids = session["query"].get("patch_ids") or []
+        known = len(ids) == len(query) and all(i in index for i in ids)
+        rows.append(np.array([index[i] for i in ids] if known else [-1] * len(query), dtype=np.int64))
         features.append(query)
         targets.extend([ctx.class_index(session["label"])] * len(query))
         groups.extend([number] * len(query))
-    return np.concatenate(features), np.array(targets, dtype=np.int64), np.array(groups, dtype=np.int64)
+    return (
+        np.concatenate(features),
+        np.array(targets, dtype=np.int64),
+        np.array(groups, dtype=np.int64),
+        np.concatenate(rows),
+    )
 
 
 def _target(ctx: Context, label: str) -> int:
@@ -802,7 +818,7 @@ def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[fl
     started = time.perf_counter()
     settings = settings_of(ctx.manifest).train
     schedule = resolve_schedule(settings, ctx.device)
-    features, targets, groups = _training_rows(ctx)
+    features, targets, groups, patches = training_entries(ctx)
     rows, weights = training_selection(targets, groups, settings.balance, settings.seed)
     init = init_state(ctx)
     state = model_state(ctx)
@@ -827,7 +843,7 @@ def train_round(ctx: Context, model_id: str, full_pass: bool = True) -> tuple[fl
         schedule,
         weights=weights,
     )
-    readout = train_readout(ctx, features, targets, groups)  # the map's classifier: every row, not only ``rows``
+    readout = train_readout(ctx, features, targets, groups, patches)  # the map's: every row, not only ``rows``
     model = {**heads.model(), "classes": ctx.classes, "n_labels": int(len(targets)), "readout": readout}
     save_model(ctx, model_id, model)
     # The model is current from here; the cached embeddings and predictions stay those of the model they were

@@ -565,10 +565,12 @@ def _readout_reference(ctx: Any, rows: np.ndarray, held_out: np.ndarray, targets
     from wsi_il.pool import frozen_embeddings, frozen_norms
     from wsi_il.readout import fit_readout, map_probabilities
 
+    frozen, norms = frozen_embeddings(ctx), frozen_norms(ctx)
+    pooled = np.asarray(frozen[rows], dtype=np.float32) * np.asarray(norms[rows])[:, None]
     init = load_tensors(ctx.project.init_model_path())
     groups = np.full(len(rows), -1)
-    fitted = fit_readout(ctx.store.take(rows), targets[rows], groups, init, len(ctx.classes), ctx.device)
-    return map_probabilities(frozen_embeddings(ctx)[held_out], frozen_norms(ctx)[held_out], fitted)
+    fitted = fit_readout(None, targets[rows], groups, init, len(ctx.classes), ctx.device, pooled)
+    return map_probabilities(frozen[held_out], norms[held_out], fitted)
 
 
 def _full_supervision(
