@@ -229,8 +229,12 @@ def _build(
     cluster: str | None,
     device: str,
 ) -> dict[str, Any]:
-    """Build the project's feature cache here, or on the cluster ``--cluster`` names; then the pretrained block's
-    embedding of every patch, where the project's map or its pooled rounds read it."""
+    """Build the project's feature cache here, or on the cluster ``--cluster`` names; then, where features were
+    computed, the pretrained block's embedding of every patch, where the project's map or its pooled rounds read
+    it."""
+    from wsi_il.pool import frozen_key
+
+    features_before = frozen_key(proj, manifest)
     if cluster is None:
         from wsi_il.extraction import build_database
 
@@ -242,7 +246,8 @@ def _build(
         with connect(spec) as client:
             reporter.info(f"cluster: {client.scheduler.address}, {len(client.nthreads())} worker(s)")
             built = build_on_cluster(proj, manifest, reporter, client, device, dev, weights)
-    _frozen_ahead(proj, built, reporter, dev)
+    if frozen_key(proj, built) != features_before:  # a resumed init that computed nothing changes nothing
+        _frozen_ahead(proj, built, reporter, dev)
     return built
 
 
