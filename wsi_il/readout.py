@@ -76,24 +76,25 @@ def fit_readout(
 
 
 def project_readout(
-    ctx: Context, features: np.ndarray, targets: np.ndarray, groups: np.ndarray, patches: np.ndarray
+    ctx: Context, features: np.ndarray | None, targets: np.ndarray, groups: np.ndarray, patches: np.ndarray
 ) -> dict[str, Any] | None:
     """The read-out of a project's training rows (``session.training_entries``: ``patches`` holds each row's
-    database index, -1 outside the database). A database patch's pooled output is read from the frozen embedding
-    and its norm, computed once (the map's own input); only a query from outside the database runs the block."""
+    database index, -1 outside the database; ``features`` may be None when every row is a database patch). A
+    database patch's pooled output is read from the frozen embedding and its norm, computed once (the map's own
+    input); only a query from outside the database runs the block."""
     from wsi_il.heads import pooled_output, pretrained_retrieval
     from wsi_il.pool import frozen_embeddings, frozen_norms
 
     patches = np.asarray(patches, dtype=np.int64)
     known = patches >= 0
+    init = init_state(ctx)
     frozen, norms = frozen_embeddings(ctx), frozen_norms(ctx)
     pooled = np.empty((len(patches), frozen.shape[1]), dtype=np.float32)
     pooled[known] = np.asarray(frozen[patches[known]], dtype=np.float32) * np.asarray(norms[patches[known]])[:, None]
     if not known.all():
-        init = init_state(ctx)
         outside = features[~known]
         pooled[~known] = pooled_output(pretrained_retrieval(init), init, [(0, outside)], len(outside), ctx.device)
-    return fit_readout(features, targets, groups, init_state(ctx), len(ctx.classes), ctx.device, pooled)
+    return fit_readout(features, targets, groups, init, len(ctx.classes), ctx.device, pooled)
 
 
 def map_probabilities(frozen: np.ndarray, norms: np.ndarray, readout: dict[str, Any]) -> np.ndarray:

@@ -561,16 +561,11 @@ def _slide_reference(
 def _readout_reference(ctx: Any, rows: np.ndarray, held_out: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """The read-out fitted to the database patches ``rows`` with their true classes (each a reviewed label), and
     its class probabilities of the patches ``held_out``."""
-    from wsi_il.model import load_tensors
     from wsi_il.pool import frozen_embeddings, frozen_norms
-    from wsi_il.readout import fit_readout, map_probabilities
+    from wsi_il.readout import map_probabilities, project_readout
 
-    frozen, norms = frozen_embeddings(ctx), frozen_norms(ctx)
-    pooled = np.asarray(frozen[rows], dtype=np.float32) * np.asarray(norms[rows])[:, None]
-    init = load_tensors(ctx.project.init_model_path())
-    groups = np.full(len(rows), -1)
-    fitted = fit_readout(None, targets[rows], groups, init, len(ctx.classes), ctx.device, pooled)
-    return map_probabilities(frozen[held_out], norms[held_out], fitted)
+    fitted = project_readout(ctx, None, targets[rows], np.full(len(rows), -1), rows)
+    return map_probabilities(frozen_embeddings(ctx)[held_out], frozen_norms(ctx)[held_out], fitted)
 
 
 def _full_supervision(
